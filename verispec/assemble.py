@@ -1,0 +1,58 @@
+"""Settings in, a ready engine out: resolve defaults, load models, refuse bad pairs."""
+
+from __future__ import annotations
+
+import logging
+
+from verispec.config import ModelSettings, Settings, SpeculationSettings
+from verispec.engine import SpeculativeEngine
+from verispec.errors import UserError
+from verispec.models import (
+    check_compatible,
+    load_model,
+    load_tokenizer,
+    reference_pair,
+    resolve_device,
+    resolve_dtype,
+)
+from verispec.proposers import ProposerInputs, build_proposer
+
+log = logging.getLogger(__name__)
+
+
+def resolve_models(models: ModelSettings) -> ModelSettings:
+    """Fill in the reference pair when no target is named, and pick the proposer for 'auto'."""
+    target, draft = models.target, models.draft
+    if target is None:
+        pair = reference_pair()
+        if pair is None:
+            raise UserError(
+                "no --target given and no reference pair found at ../shared/models; "
+                "pass --target PATH and either --draft PATH or --proposer ngram"
+            )
+        target = pair[0]
+        if draft is None and models.proposer in ("auto", "draft"):
+            draft = pair[1]
+    proposer = models.proposer
+    if proposer == "auto":
+        proposer = "draft" if draft else "ngram"
+    if proposer == "draft" and not draft:
+        raise UserError("--proposer draft needs a draft model: pass --draft PATH (or use --proposer ngram)")
+    if proposer != "draft" and draft and models.draft:
+        log.warning("ignoring --draft %s: the proposer is %s", draft, proposer)
+    return models.model_copy(update={"target": target, "draft": draft if proposer == "draft" else None, "proposer": proposer})
+
+
+def build_engine(settings: Settings) -> SpeculativeEngine:
+    models = resolve_models(settings.part(ModelSettings))
+    speculation = settings.part(SpeculationSettings)
+    device, dtype = resolve_device(models.device), resolve_dtype(models.dtype)
+
+    tokenizer = load_tokenizer(models.target, role="target")
+    draft_lm = None
+    if models.draft:
+        check_compatible(tokenizer, load_tokenizer(models.draft, role="draft"))
+        draft_lm = load_model(models.draft, device, dtype, role="draft")
+    target_lm = load_model(models.target, device, dtype, role="target")
+    proposer = build_proposer(models.proposer, ProposerInputs(target=target_lm, draft=draft_lm, speculation=speculation))
+    return SpeculativeEngine(target_lm, tokenizer, proposer, speculation)

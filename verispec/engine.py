@@ -1,0 +1,252 @@
+"""The speculative decoding loop: propose, score, accept.
+
+State of one request between rounds: `tokens` holds the prompt and every verified token; the
+verifier's KV cache holds all positions but the last, whose logits the next round needs. A round
+
+1. proposes up to k draft tokens (`_propose`; any proposer failure falls back to k = 0),
+2. scores `[last] + drafts` with ONE verifier pass, giving k+1 rows of logits (`_score`),
+3. accepts the longest valid prefix and adds the recovered or bonus token (`_accept`),
+4. rolls the verifier's cache back past the rejected drafts and emits the new tokens.
+
+With k = 0 a round is a plain verifier-only decoding step, so depth 0 is the reference decoding
+the speculative output is checked against.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from verispec.config import SamplingParams, SpeculationSettings
+from verispec.depth import depth_policy
+from verispec.errors import ProposerError, UserError
+from verispec.models.backend import CausalLM, KVSession
+from verispec.proposers.base import DraftPolicy, Proposal, Proposer, ProposerSession
+from verispec.sampling import request_generator, warp
+from verispec.stats import RequestStats
+from verispec.text import TextStream
+from verispec.verify import Verdict, accept_greedy, accept_stochastic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one round adds to a request's output; only verified tokens, ever."""
+
+    token_ids: list[int]
+    text: str  # final text these tokens complete (may lag the tokens, see TextStream)
+    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length" on the last delta
+    stats: RequestStats | None = None  # on the last delta
+
+
+@dataclass(frozen=True)
+class Completion:
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    stats: RequestStats
+
+
+@dataclass
+class _Request:
+    """Mutable state of one request in flight."""
+
+    params: SamplingParams
+    tokens: list[int]  # prompt + verified tokens
+    prompt_len: int
+    verifier: KVSession
+    proposer: ProposerSession | None
+    draft_policy: DraftPolicy
+    text: TextStream
+    stats: RequestStats
+    consecutive_failures: int = 0
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+class SpeculativeEngine:
+    def __init__(
+        self,
+        target: CausalLM,
+        tokenizer: PreTrainedTokenizerBase,
+        proposer: Proposer | None,
+        speculation: SpeculationSettings | None = None,
+    ):
+        self.target = target
+        self.tokenizer = tokenizer
+        self.proposer = proposer
+        self.speculation = speculation or SpeculationSettings()
+        self.eos_ids = _eos_ids(target, tokenizer)
+
+    # -- public API -------------------------------------------------------------------------
+
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Completion:
+        token_ids: list[int] = []
+        text = []
+        for delta in self.stream(prompt, params):
+            token_ids += delta.token_ids
+            text.append(delta.text)
+        assert delta.finish_reason is not None and delta.stats is not None
+        return Completion(token_ids, "".join(text), delta.finish_reason, delta.stats)
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[Delta]:
+        """Yield verified tokens round by round. Closing the iterator early cancels the request
+        and frees its caches."""
+        started = time.perf_counter()
+        params = params or SamplingParams()
+        request = self._start(self.encode(prompt), params)
+        policy = depth_policy(self.speculation)
+        while True:
+            remaining = params.max_new_tokens - request.generated
+            depth = min(policy.depth(), remaining - 1)  # a round emits up to depth + 1 tokens
+            proposal = self._propose(request, depth)
+            target_logits = self._score(request, proposal)
+            verdict = self._accept(request, proposal, target_logits)
+
+            accepted = int(verdict.accepted[0])
+            request.verifier.rollback(len(request.tokens) + accepted)
+            request.stats.record_round(depth, len(proposal.tokens), accepted)
+            policy.update(len(proposal.tokens), accepted)
+            delta = self._emit(request, proposal.tokens[:accepted] + [int(verdict.next_token[0])])
+            if delta.finish_reason:
+                request.stats.total_s = time.perf_counter() - started
+                yield delta
+                return
+            yield delta
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise UserError("the prompt is empty; give some text to continue")
+        return ids
+
+    # -- the round ----------------------------------------------------------------------------
+
+    def _start(self, prompt_ids: list[int], params: SamplingParams) -> _Request:
+        window = self.target.max_positions
+        if window is not None and len(prompt_ids) + params.max_new_tokens > window:
+            raise UserError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds "
+                f"the target's context window of {window} tokens; shorten the prompt or lower max_new_tokens"
+            )
+        seed = None if params.greedy else (params.seed if params.seed is not None else secrets.randbits(63))
+        generator = None if seed is None else request_generator(seed, self.target.device)
+        stats = RequestStats(prompt_tokens=len(prompt_ids), seed=seed)
+        verifier = self.target.session()
+        t0 = time.perf_counter()
+        if len(prompt_ids) > 1:
+            verifier.extend(prompt_ids[:-1], last_only=True)  # the last prompt token opens round one
+        stats.prefill_s = time.perf_counter() - t0
+        auto = self.speculation.depth == "auto"
+        return _Request(
+            params=params,
+            tokens=list(prompt_ids),
+            prompt_len=len(prompt_ids),
+            verifier=verifier,
+            proposer=self.proposer.session() if self.proposer else None,
+            draft_policy=DraftPolicy(
+                sampling=params,
+                generator=generator,
+                min_confidence=self.speculation.draft_confidence if auto else 0.0,
+                time_budget_s=self.speculation.proposer_timeout_s,
+            ),
+            text=TextStream(self.tokenizer, params.stop),
+            stats=stats,
+        )
+
+    def _propose(self, request: _Request, depth: int) -> Proposal:
+        """Up to `depth` draft tokens; an empty proposal whenever the proposer cannot help."""
+        session = request.proposer
+        if session is None or depth <= 0 or request.consecutive_failures >= self.speculation.max_proposer_failures:
+            return Proposal.empty()
+        t0 = time.perf_counter()
+        try:
+            proposal = session.propose(request.tokens, depth, request.draft_policy)
+            _validate(proposal, depth, self.target.vocab_size)
+        except Exception as exc:  # a proposer bug must never cost the request its exact output
+            return self._fall_back(request, f"proposer failed: {exc!r}", timeout=False)
+        finally:
+            elapsed = time.perf_counter() - t0
+            request.stats.propose_s += elapsed
+        if elapsed > self.speculation.proposer_timeout_s:
+            return self._fall_back(request, f"proposal took {elapsed:.3f}s", timeout=True)
+        request.consecutive_failures = 0
+        return proposal
+
+    def _fall_back(self, request: _Request, why: str, timeout: bool) -> Proposal:
+        stats = request.stats
+        stats.fallback_rounds += 1
+        if timeout:
+            stats.proposer_timeouts += 1
+        else:
+            stats.proposer_failures += 1
+            request.proposer.reset()  # its state may be half-updated
+        request.consecutive_failures += 1
+        log.warning("%s; this round runs verifier-only", why)
+        if request.consecutive_failures == self.speculation.max_proposer_failures:
+            log.warning("%d proposer failures in a row; the request continues verifier-only", request.consecutive_failures)
+        return Proposal.empty()
+
+    def _score(self, request: _Request, proposal: Proposal) -> torch.Tensor:
+        """One verifier pass over the last verified token and the drafts: (k+1, V) logits."""
+        t0 = time.perf_counter()
+        logits = request.verifier.extend([request.tokens[-1], *proposal.tokens])
+        request.stats.verify_s += time.perf_counter() - t0
+        return logits
+
+    def _accept(self, request: _Request, proposal: Proposal, target_logits: torch.Tensor) -> Verdict:
+        drafts = torch.tensor([proposal.tokens], dtype=torch.long, device=target_logits.device)  # (1, k)
+        params = request.params
+        if params.greedy:
+            return accept_greedy(drafts, target_logits[None])
+        draft_probs = None if proposal.probs is None else proposal.probs.to(target_logits.device)[None]
+        return accept_stochastic(drafts, draft_probs, warp(target_logits, params)[None], request.draft_policy.generator)
+
+    def _emit(self, request: _Request, new_tokens: list[int]) -> Delta:
+        """Append verified tokens up to EOS, a stop string or the length limit."""
+        emitted: list[int] = []
+        text = []
+        finish = None
+        for token in new_tokens:
+            request.tokens.append(token)
+            emitted.append(token)
+            text.append(request.text.push(token))
+            if token in self.eos_ids or request.text.stopped:
+                finish = "stop"
+            elif request.generated >= request.params.max_new_tokens:
+                finish = "length"
+            if finish:
+                text.append(request.text.flush())
+                break
+        request.stats.generated_tokens += len(emitted)
+        return Delta(emitted, "".join(text), finish, request.stats if finish else None)
+
+
+def _validate(proposal: Proposal, depth: int, vocab_size: int) -> None:
+    n = len(proposal.tokens)
+    if n > depth:
+        raise ProposerError(f"proposed {n} tokens for depth {depth}")
+    if any(not 0 <= t < vocab_size for t in proposal.tokens):
+        raise ProposerError("proposed a token id outside the vocabulary")
+    if proposal.probs is not None and tuple(proposal.probs.shape) != (n, vocab_size):
+        raise ProposerError(f"draft probabilities of shape {tuple(proposal.probs.shape)}, expected {(n, vocab_size)}")
+
+
+def _eos_ids(target: CausalLM, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    ids = set()
+    generation_eos = getattr(target.model.generation_config, "eos_token_id", None)
+    for eos in (tokenizer.eos_token_id, generation_eos):
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(eos)
+    return frozenset(ids)

@@ -1,0 +1,22 @@
+"""Models: loading, tokenizer compatibility, and backends that own the KV cache and its rollback."""
+
+from verispec.models.backend import CausalLM, KVSession
+from verispec.models.loading import (
+    check_compatible,
+    load_model,
+    load_tokenizer,
+    reference_pair,
+    resolve_device,
+    resolve_dtype,
+)
+
+__all__ = [
+    "CausalLM",
+    "KVSession",
+    "check_compatible",
+    "load_model",
+    "load_tokenizer",
+    "reference_pair",
+    "resolve_device",
+    "resolve_dtype",
+]

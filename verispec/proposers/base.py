@@ -1,0 +1,54 @@
+"""The proposer protocol.
+
+A proposer drafts up to k tokens that continue a context. It may return the distribution each
+draft token was drawn from (a draft model does); None means a point mass (an n-gram table does
+not have one). A proposer owns whatever state it keeps (a draft model's KV cache) and never
+touches the verifier's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from verispec.config import SamplingParams
+
+
+@dataclass(frozen=True)
+class Proposal:
+    tokens: list[int]  # (n,) draft tokens, n <= depth
+    probs: torch.Tensor | None = None  # (n, V) warped draft distributions, None = point mass
+
+    @classmethod
+    def empty(cls) -> Proposal:
+        return cls([])
+
+
+@dataclass(frozen=True)
+class DraftPolicy:
+    """How one request wants its drafts made; fixed for the request's lifetime."""
+
+    sampling: SamplingParams
+    generator: torch.Generator | None  # the request's generator (draft sampling draws from it)
+    min_confidence: float = 0.0  # stop drafting once the draft's top probability falls below this
+    time_budget_s: float = float("inf")  # stop drafting once a proposal has taken this long
+
+
+class ProposerSession(Protocol):
+    """Per-request proposer state. Contexts passed in one session only grow at the end,
+    except for drafts the verifier rejected."""
+
+    def propose(self, context: Sequence[int], depth: int, policy: DraftPolicy) -> Proposal: ...
+
+    def reset(self) -> None:
+        """Forget all state, e.g. after a failed proposal left it half-updated."""
+        ...
+
+
+class Proposer(Protocol):
+    name: str
+
+    def session(self) -> ProposerSession: ...

@@ -1,0 +1,63 @@
+"""Verified token ids in, text out.
+
+Text is held back while it ends in an incomplete UTF-8 sequence, or while its tail could be the
+start of a stop string, so a caller never receives text that a later token would change or that
+belongs to a stop string.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+
+class TextStream:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.text = ""  # decoded so far (cut at a stop string once one is found)
+        self.emitted = 0  # characters of `text` already handed out
+        self.stopped = False  # a stop string was found
+        # Decode a short window of tokens at a time (vLLM's prefix/read offsets), not the whole output.
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        """Add one verified token; return the text that became final."""
+        self.ids.append(token_id)
+        self.text += self._decode_new(final=False)
+        if self.stop:
+            found = [i for i in (self.text.find(s, self.emitted) for s in self.stop) if i >= 0]
+            if found:
+                self.text = self.text[: min(found)]
+                self.stopped = True
+                return self._emit(len(self.text))
+        return self._emit(len(self.text) - self._stop_prefix_len())
+
+    def flush(self) -> str:
+        """The rest of the text, at the end of the request."""
+        if not self.stopped:
+            self.text += self._decode_new(final=True)
+        return self._emit(len(self.text))
+
+    def _emit(self, end: int) -> str:
+        delta = self.text[self.emitted : end]
+        self.emitted = max(self.emitted, end)
+        return delta
+
+    def _stop_prefix_len(self) -> int:
+        """Length of the longest unemitted tail that is a proper prefix of a stop string."""
+        tail = self.text[self.emitted :]
+        for n in range(min(len(tail), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
+            if any(s.startswith(tail[-n:]) for s in self.stop):
+                return n
+        return 0
+
+    def _decode_new(self, final: bool) -> str:
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
+        full = decode(self.ids[self._prefix_offset :], skip_special_tokens=True)
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+            self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+            return full[len(prefix) :]
+        return ""
