@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from verispec.config import SamplingParams, SpeculationSettings
+from verispec.config import Depth, SamplingParams, SpeculationSettings
 from verispec.depth import depth_policy
 from verispec.errors import ProposerError, UserError
 from verispec.models.backend import CausalLM, KVSession
@@ -89,22 +89,29 @@ class SpeculativeEngine:
 
     # -- public API -------------------------------------------------------------------------
 
-    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Completion:
+    def generate(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, depth: Depth | None = None
+    ) -> Completion:
         token_ids: list[int] = []
         text = []
-        for delta in self.stream(prompt, params):
+        for delta in self.stream(prompt, params, depth):
             token_ids += delta.token_ids
             text.append(delta.text)
         assert delta.finish_reason is not None and delta.stats is not None
         return Completion(token_ids, "".join(text), delta.finish_reason, delta.stats)
 
-    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[Delta]:
-        """Yield verified tokens round by round. Closing the iterator early cancels the request
-        and frees its caches."""
+    def stream(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, depth: Depth | None = None
+    ) -> Iterator[Delta]:
+        """Yield verified tokens round by round. `depth` overrides the configured depth for this
+        request. Closing the iterator early cancels the request and frees its caches."""
         started = time.perf_counter()
         params = params or SamplingParams()
-        request = self._start(self.encode(prompt), params)
-        policy = depth_policy(self.speculation)
+        speculation = self.speculation
+        if depth is not None:
+            speculation = SpeculationSettings.model_validate({**speculation.model_dump(), "depth": depth})
+        request = self._start(self.encode(prompt), params, speculation)
+        policy = depth_policy(speculation)
         while True:
             remaining = params.max_new_tokens - request.generated
             depth = min(policy.depth(), remaining - 1)  # a round emits up to depth + 1 tokens
@@ -131,7 +138,7 @@ class SpeculativeEngine:
 
     # -- the round ----------------------------------------------------------------------------
 
-    def _start(self, prompt_ids: list[int], params: SamplingParams) -> _Request:
+    def _start(self, prompt_ids: list[int], params: SamplingParams, speculation: SpeculationSettings) -> _Request:
         window = self.target.max_positions
         if window is not None and len(prompt_ids) + params.max_new_tokens > window:
             raise UserError(
@@ -146,7 +153,7 @@ class SpeculativeEngine:
         if len(prompt_ids) > 1:
             verifier.extend(prompt_ids[:-1], last_only=True)  # the last prompt token opens round one
         stats.prefill_s = time.perf_counter() - t0
-        auto = self.speculation.depth == "auto"
+        auto = speculation.depth == "auto"
         return _Request(
             params=params,
             tokens=list(prompt_ids),
@@ -156,8 +163,8 @@ class SpeculativeEngine:
             draft_policy=DraftPolicy(
                 sampling=params,
                 generator=generator,
-                min_confidence=self.speculation.draft_confidence if auto else 0.0,
-                time_budget_s=self.speculation.proposer_timeout_s,
+                min_confidence=speculation.draft_confidence if auto else 0.0,
+                time_budget_s=speculation.proposer_timeout_s,
             ),
             text=TextStream(self.tokenizer, params.stop),
             stats=stats,

@@ -1,0 +1,186 @@
+"""`verispec check`: is the speculative output the verifier's own, prompt by prompt?
+
+Every prompt is greedy-decoded verifier-only (depth 0) and then at each depth under test, one
+after the other, so machine drift hits all configurations alike. Any difference fails the check
+and is shown with the verifier's top-2 logit gap at that position: a gap near zero means a
+near-tie that floating-point noise can flip; a large gap means a real bug.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from verispec.assemble import build_engine
+from verispec.config import Depth, SamplingParams, Settings, SpeculationSettings, describe_validation_error
+from verispec.engine import SpeculativeEngine
+from verispec.errors import UserError
+from verispec.prompts import Prompt, load_prompts
+from verispec.stats import RequestStats
+
+
+@dataclass
+class Mismatch:
+    prompt_id: str
+    position: int  # index into the generated tokens
+    verifier_token: int | None  # None: the output ended here
+    speculative_token: int | None
+    verifier_top2_gap: float | None  # logit gap of the verifier's top two tokens at that position
+
+
+@dataclass
+class DepthResult:
+    depth: Depth
+    identical: int = 0
+    mismatches: list[Mismatch] = field(default_factory=list)
+    stats: RequestStats = field(default_factory=RequestStats)
+    tokens_per_s: list[float] = field(default_factory=list)
+    speedups: list[float] = field(default_factory=list)  # per prompt, over verifier-only
+
+    def summary(self) -> dict:
+        return {
+            "depth": self.depth,
+            "identical": self.identical,
+            "mismatches": [m.__dict__ for m in self.mismatches],
+            "acceptance_rate": self.stats.acceptance_rate,
+            "tokens_per_verifier_call": self.stats.tokens_per_verifier_call,
+            "median_tokens_per_s": statistics.median(self.tokens_per_s),
+            "median_speedup": statistics.median(self.speedups),
+            "stats": self.stats.summary(),
+        }
+
+
+def parse_depths(raw: list[str]) -> list[Depth]:
+    try:
+        return [SpeculationSettings(depth=d).depth for d in raw]
+    except ValidationError as exc:
+        raise UserError(describe_validation_error(exc)) from None
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def top2_gap(engine: SpeculativeEngine, context: list[int]) -> float:
+    """Verifier's top-1 minus top-2 logit after `context`, from one fresh prefill."""
+    logits = engine.target.session().extend(context, last_only=True)[-1]
+    top = torch.topk(logits, 2).values
+    return float(top[0] - top[1])
+
+
+def run_check(
+    settings: Settings,
+    prompts_path: Path,
+    depths: list[str] | None = None,
+    limit: int | None = None,
+    report: Path | None = None,
+) -> int:
+    prompts = load_prompts(prompts_path, limit)
+    depths_under_test = parse_depths(depths) if depths else [settings.depth]
+    engine = build_engine(settings)
+    console = Console(stderr=True)
+    if engine.proposer is None:
+        console.print("[yellow]proposer is 'none': every depth decodes verifier-only[/]")
+    params = SamplingParams(max_new_tokens=settings.max_new_tokens)
+
+    for depth in [0, *depths_under_test]:  # warm-up, excluded from timing
+        engine.generate(prompts[0].text, SamplingParams(max_new_tokens=8), depth=depth)
+
+    baseline = DepthResult(depth=0)
+    results = [DepthResult(depth=d) for d in depths_under_test]
+    for prompt in tqdm(prompts, desc="checking", unit="prompt", file=sys.stderr):
+        _check_prompt(engine, prompt, params, baseline, results)
+
+    _print(console, prompts, baseline, results, engine)
+    if report:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(
+            json.dumps(
+                {
+                    "settings": settings.model_dump(mode="json"),
+                    "prompts": str(prompts_path),
+                    "prompt_count": len(prompts),
+                    "verifier_only": {"median_tokens_per_s": statistics.median(baseline.tokens_per_s)},
+                    "depths": [r.summary() for r in results],
+                },
+                indent=2,
+            )
+        )
+    return 1 if any(r.mismatches for r in results) else 0
+
+
+def _check_prompt(
+    engine: SpeculativeEngine, prompt: Prompt, params: SamplingParams, baseline: DepthResult, results: list[DepthResult]
+) -> None:
+    reference = engine.generate(prompt.text, params, depth=0)
+    reference_rate = reference.stats.tokens_per_s or 0.0
+    baseline.tokens_per_s.append(reference_rate)
+    for result in results:
+        candidate = engine.generate(prompt.text, params, depth=result.depth)
+        result.stats = result.stats.merge(candidate.stats)
+        rate = candidate.stats.tokens_per_s or 0.0
+        result.tokens_per_s.append(rate)
+        result.speedups.append(rate / reference_rate if reference_rate else 0.0)
+        position = first_difference(reference.token_ids, candidate.token_ids)
+        if position is None:
+            result.identical += 1
+            continue
+        context = engine.encode(prompt.text) + reference.token_ids[:position]
+        result.mismatches.append(
+            Mismatch(
+                prompt_id=prompt.id,
+                position=position,
+                verifier_token=reference.token_ids[position] if position < len(reference.token_ids) else None,
+                speculative_token=candidate.token_ids[position] if position < len(candidate.token_ids) else None,
+                verifier_top2_gap=top2_gap(engine, context),
+            )
+        )
+
+
+def _print(
+    console: Console, prompts: list[Prompt], baseline: DepthResult, results: list[DepthResult], engine: SpeculativeEngine
+) -> None:
+    proposer = engine.proposer.name if engine.proposer else "none"
+    table = Table(title=f"verispec check: {len(prompts)} prompts, target {engine.target.name}, proposer {proposer}")
+    for column in ("depth", "identical", "acceptance", "tokens/verifier call", "tokens/s (median)", "speedup (median)"):
+        table.add_column(column, justify="right")
+    table.add_row("0 (verifier-only)", "-", "-", "1.00", f"{statistics.median(baseline.tokens_per_s):.1f}", "1.00x")
+    for r in results:
+        acceptance = r.stats.acceptance_rate
+        table.add_row(
+            str(r.depth),
+            f"{r.identical}/{len(prompts)}",
+            "-" if acceptance is None else f"{acceptance:.3f}",
+            f"{r.stats.tokens_per_verifier_call or 0:.2f}",
+            f"{statistics.median(r.tokens_per_s):.1f}",
+            f"{statistics.median(r.speedups):.2f}x",
+        )
+    Console().print(table)
+    decode = engine.tokenizer.decode
+    for r in results:
+        for m in r.mismatches:
+            verifier = "end of output" if m.verifier_token is None else f"{decode([m.verifier_token])!r} (id {m.verifier_token})"
+            speculative = (
+                "end of output" if m.speculative_token is None else f"{decode([m.speculative_token])!r} (id {m.speculative_token})"
+            )
+            console.print(
+                f"[red]MISMATCH[/] prompt {m.prompt_id}, depth {r.depth}: first difference at new token {m.position}: "
+                f"verifier-only {verifier}, speculative {speculative}; verifier top-2 logit gap {m.verifier_top2_gap:.2e}"
+            )
+    failed = sum(len(r.mismatches) for r in results)
+    if failed:
+        console.print(f"[red]{failed} mismatching output(s)[/]")
+    else:
+        console.print(f"[green]all {len(prompts)} prompts identical at every depth checked[/]")

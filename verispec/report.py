@@ -1,0 +1,40 @@
+"""Human-readable views of statistics (rich tables)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from verispec.stats import RequestStats
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def stats_table(stats: RequestStats, title: str | None = None) -> Table:
+    table = Table(title=title, show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [
+        ("prompt tokens", str(stats.prompt_tokens)),
+        ("generated tokens", str(stats.generated_tokens)),
+        ("rounds (verifier calls)", str(stats.rounds)),
+        ("proposed", str(stats.proposed)),
+        ("accepted", str(stats.accepted)),
+        ("rejected", str(stats.rejected)),
+        ("recovered", str(stats.recovered)),
+        ("bonus", str(stats.bonus)),
+        ("verifier-only rounds", str(stats.verifier_only)),
+        ("acceptance rate", _fmt(stats.acceptance_rate, 3)),
+        ("tokens per verifier call", _fmt(stats.tokens_per_verifier_call)),
+        ("mean depth", _fmt(sum(stats.depths) / len(stats.depths) if stats.depths else None)),
+        ("acceptance by position", " ".join(f"{a:.2f}" for a in stats.acceptance_by_position) or "-"),
+        ("proposer failures / timeouts", f"{stats.proposer_failures} / {stats.proposer_timeouts}"),
+        ("time prefill / propose / verify / total", f"{stats.prefill_s:.3f} / {stats.propose_s:.3f} / {stats.verify_s:.3f} / {stats.total_s:.3f} s"),
+        ("tokens/s", _fmt(stats.tokens_per_s, 1)),
+    ]
+    if stats.seed is not None:
+        rows.append(("seed", str(stats.seed)))
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
