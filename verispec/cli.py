@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--prompts", type=Path, required=True, help="JSONL file, one object with a 'prompt' field per line")
     check.add_argument("--limit", type=int, default=None, help="check only the first N prompts")
     check.add_argument(
-        "--depth", default=None, metavar="DEPTHS", help="comma-separated depths to check, e.g. 2,4,auto (default: the configured depth)"
+        "--depth", dest="depths", default=None, metavar="DEPTHS", help="comma-separated depths to check, e.g. 2,4,auto (default: the configured depth)"
     )
     check.add_argument("--report", type=Path, default=None, help="also write the results as JSON to this file")
     _add_settings_flags(check, ModelSettings)
@@ -103,8 +103,8 @@ def _run_check(args: argparse.Namespace) -> int:
     from verispec.check import run_check
 
     depths = None
-    if args.depth is not None:
-        depths = [d.strip() for d in args.depth.split(",") if d.strip()]
+    if args.depths is not None:
+        depths = [d.strip() for d in args.depths.split(",") if d.strip()]
         if not depths:
             raise UserError("--depth needs at least one depth, e.g. --depth 4 or --depth 2,4,auto")
     return run_check(settings_from(args), args.prompts, depths=depths, limit=args.limit, report=args.report)

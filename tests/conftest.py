@@ -1,0 +1,95 @@
+"""Tiny random models, built and saved by the tests, loaded back through the normal loading code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from verispec.config import SpeculationSettings
+from verispec.engine import SpeculativeEngine
+from verispec.models import load_model, load_tokenizer
+from verispec.proposers import DraftModelProposer, NgramProposer
+
+SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "prompts" / "code-completion.jsonl"
+EOS = 0
+
+
+def save_tokenizer(path: Path, vocab_size: int) -> None:
+    """Word-level tokenizer: '<|endoftext|>' (id 0, BOS and EOS) then words t1 .. t{V-1}."""
+    vocab = {"<|endoftext|>": 0, **{f"t{i}": i for i in range(1, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
+    tokenizer.save_pretrained(path)
+
+
+def llama(vocab_size: int, layers: int, seed: int, hidden: int = 32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention
+        max_position_embeddings=512,
+        initializer_range=0.2,  # peaked distributions, like a trained model's
+        bos_token_id=EOS,
+        eos_token_id=EOS,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def gpt2(vocab_size: int, layers: int, seed: int) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=512, n_embd=32, n_layer=layers, n_head=2,
+        initializer_range=0.2, bos_token_id=EOS, eos_token_id=EOS,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def save(model, path: Path, vocab_size: int) -> str:
+    model.save_pretrained(path)
+    save_tokenizer(path, vocab_size)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """Paths of tiny random models sharing one 64-token vocabulary."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    vocab = 64
+    return {
+        "llama": save(llama(vocab, layers=3, seed=1), root / "llama", vocab),
+        "llama-draft": save(llama(vocab, layers=1, seed=2), root / "llama-draft", vocab),
+        "gpt2": save(gpt2(vocab, layers=2, seed=3), root / "gpt2", vocab),
+    }
+
+
+def make_engine(target: str, draft: str | None = None, proposer: str = "draft", **speculation) -> SpeculativeEngine:
+    device, dtype = torch.device("cpu"), torch.float32
+    target_lm = load_model(target, device, dtype)
+    if proposer == "draft":
+        draft_lm = target_lm if draft == target else load_model(draft, device, dtype, role="draft")
+        prop = DraftModelProposer(draft_lm, target_vocab_size=target_lm.vocab_size)
+    elif proposer == "ngram":
+        prop = NgramProposer()
+    else:
+        prop = None
+    return SpeculativeEngine(target_lm, load_tokenizer(target), prop, SpeculationSettings(**speculation))
+
+
+def random_prompts(count: int, vocab: int, seed: int, min_len: int = 1, max_len: int = 24) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (count,), generator=g)
+    # Ids from 1: keep EOS out of prompts.
+    return [torch.randint(1, vocab, (int(n),), generator=g).tolist() for n in lengths]

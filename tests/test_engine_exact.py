@@ -1,0 +1,112 @@
+"""Greedy speculative decoding is token-identical to verifier-only decoding."""
+
+import pytest
+import torch
+
+from verispec.config import SamplingParams
+from tests.conftest import EOS, make_engine, random_prompts
+
+VOCAB = 64
+DEPTHS = [1, 2, 3, 5, 8, "auto"]
+
+
+def greedy(max_new_tokens: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens)
+
+
+@pytest.fixture(scope="module")
+def llama_engines(tiny_models):
+    return {
+        "draft": make_engine(tiny_models["llama"], tiny_models["llama-draft"]),
+        "self-draft": make_engine(tiny_models["llama"], tiny_models["llama"]),  # accepts (almost) everything
+        "ngram": make_engine(tiny_models["llama"], proposer="ngram"),
+    }
+
+
+def test_verifier_only_is_the_models_own_greedy_decoding(tiny_models):
+    """Depth 0 (the reference every check compares against) equals transformers' generate()."""
+    engine = make_engine(tiny_models["llama"], proposer="none")
+    for prompt in random_prompts(6, VOCAB, seed=10):
+        ours = engine.generate(prompt, greedy(20), depth=0).token_ids
+        theirs = engine.target.model.generate(
+            torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=EOS
+        )[0, len(prompt):].tolist()
+        stop = theirs.index(EOS) + 1 if EOS in theirs else len(theirs)
+        assert ours == theirs[:stop]
+
+
+@pytest.mark.parametrize("proposer", ["draft", "self-draft", "ngram"])
+def test_llama_speculative_equals_verifier_only(llama_engines, proposer):
+    engine = llama_engines[proposer]
+    accepted = 0
+    for prompt in random_prompts(12, VOCAB, seed=11):
+        reference = engine.generate(prompt, greedy(40), depth=0)
+        for depth in DEPTHS:
+            out = engine.generate(prompt, greedy(40), depth=depth)
+            assert out.token_ids == reference.token_ids, (prompt, depth)
+            assert out.finish_reason == reference.finish_reason
+            accepted += out.stats.accepted
+    assert accepted > 0  # the accept path was exercised, not only recoveries
+
+
+def test_gpt2_target_with_llama_draft(tiny_models):
+    """Two architectures in one pair: all that matters is the shared tokenizer."""
+    engine = make_engine(tiny_models["gpt2"], tiny_models["llama-draft"])
+    self_engine = make_engine(tiny_models["gpt2"], tiny_models["gpt2"])
+    for prompt in random_prompts(10, VOCAB, seed=12):
+        reference = engine.generate(prompt, greedy(30), depth=0).token_ids
+        for depth in DEPTHS:
+            assert engine.generate(prompt, greedy(30), depth=depth).token_ids == reference
+            assert self_engine.generate(prompt, greedy(30), depth=depth).token_ids == reference
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 3])
+def test_depth_beyond_the_remaining_budget(llama_engines, max_new_tokens):
+    engine = llama_engines["self-draft"]
+    for prompt in random_prompts(5, VOCAB, seed=13):
+        reference = engine.generate(prompt, greedy(max_new_tokens), depth=0)
+        out = engine.generate(prompt, greedy(max_new_tokens), depth=8)
+        assert out.token_ids == reference.token_ids
+        assert len(out.token_ids) <= max_new_tokens
+        assert max(out.stats.depths) <= max_new_tokens - 1
+
+
+def test_prompts_hitting_eos(tiny_models):
+    """Make a token the model emits often the EOS: outputs must end exactly where verifier-only ends."""
+    engine = make_engine(tiny_models["llama"], tiny_models["llama"])
+    prompts = random_prompts(20, VOCAB, seed=14)
+    counts = torch.bincount(
+        torch.tensor([t for p in prompts for t in engine.generate(p, greedy(20), depth=0).token_ids]), minlength=VOCAB
+    )
+    engine.eos_ids = frozenset({int(counts.argmax())})
+    stopped_early = 0
+    for prompt in prompts:
+        reference = engine.generate(prompt, greedy(20), depth=0)
+        stopped_early += reference.finish_reason == "stop"
+        for depth in DEPTHS:
+            out = engine.generate(prompt, greedy(20), depth=depth)
+            assert out.token_ids == reference.token_ids
+            assert out.finish_reason == reference.finish_reason
+    assert stopped_early >= 5
+
+
+def test_stats_add_up(llama_engines):
+    out = llama_engines["draft"].generate(random_prompts(1, VOCAB, seed=15)[0], greedy(60), depth=4)
+    s = out.stats
+    assert s.generated_tokens == len(out.token_ids) == 60
+    assert s.rounds == s.verifier_calls == len(s.depths)
+    assert s.recovered + s.bonus + s.verifier_only == s.rounds
+    assert s.accepted + s.rejected == s.proposed
+    assert sum(s.accepted_by_position) == s.accepted and sum(s.proposed_by_position) == s.proposed
+    # Every round emits its accepted drafts plus one verifier token (the last round may be cut short).
+    assert s.generated_tokens <= s.accepted + s.rounds
+    assert s.total_s > 0 and s.verify_s > 0 and s.propose_s > 0
+
+
+def test_cancelling_a_stream_stops_generation(llama_engines):
+    stream = llama_engines["draft"].stream([1, 2, 3], greedy(100), depth=3)
+    first = next(stream)
+    assert first.token_ids and first.finish_reason is None
+    stream.close()
+    with pytest.raises(StopIteration):
+        next(stream)
