@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from verispec.config import SamplingParams
 from tests.conftest import EOS, make_engine, random_prompts
+from verispec.config import SamplingParams
 
 VOCAB = 64
 DEPTHS = [1, 2, 3, 5, 8, "auto"]

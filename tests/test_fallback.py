@@ -4,10 +4,10 @@ import time
 
 import pytest
 
+from tests.conftest import make_engine, random_prompts
 from verispec.config import SamplingParams, SpeculationSettings
 from verispec.engine import SpeculativeEngine
 from verispec.proposers.base import Proposal
-from tests.conftest import make_engine, random_prompts
 
 VOCAB = 64
 

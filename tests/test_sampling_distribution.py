@@ -4,16 +4,15 @@ A chi-square goodness-of-fit test against the exact target distribution; each te
 that the same test rejects a plausibly wrong rule, so it can fail.
 """
 
-import itertools
 
 import pytest
 import torch
 from scipy.stats import chisquare
 
+from tests.conftest import llama, make_engine, save
 from verispec.config import SamplingParams
 from verispec.sampling import sample, warp
 from verispec.verify import accept_stochastic
-from tests.conftest import llama, make_engine, save
 
 ALPHA = 1e-4  # false-alarm rate per test
 

@@ -1,0 +1,63 @@
+"""One configuration source: defaults < config file < VERISPEC_* env < flags."""
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from verispec.config import SamplingParams, Settings, SpeculationSettings, load_settings
+from verispec.errors import UserError
+
+
+def test_precedence(tmp_path, monkeypatch):
+    config = tmp_path / "verispec.toml"
+    config.write_text('depth = 5\ntemperature = 0.5\nmax-new-tokens = 64\nproposer = "ngram"\n')
+    monkeypatch.setenv("VERISPEC_TEMPERATURE", "0.7")
+    monkeypatch.setenv("VERISPEC_TOP_P", "0.9")
+    settings = load_settings({"top_p": "0.8"}, config)
+    assert settings.depth == 5  # file
+    assert settings.max_new_tokens == 64  # file
+    assert settings.temperature == 0.7  # env beats file
+    assert settings.top_p == 0.8  # flag beats env
+    assert settings.proposer == "ngram"
+    assert settings.top_k == 0  # default
+    assert settings.part(SamplingParams).temperature == 0.7
+    assert settings.part(SpeculationSettings).depth == 5
+
+
+def test_json_config_and_auto_depth(tmp_path):
+    config = tmp_path / "verispec.json"
+    config.write_text(json.dumps({"depth": "auto", "stop": ["\n\n"]}))
+    settings = load_settings({}, config)
+    assert settings.depth == "auto" and settings.stop == ("\n\n",)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"depth": "-2"}, "--depth"),
+        ({"depth": "deep"}, "--depth"),
+        ({"top_p": "0"}, "--top-p"),
+        ({"temperature": "-1"}, "--temperature"),
+        ({"proposer": "oracle"}, "--proposer"),
+        ({"max_new_tokens": "0"}, "--max-new-tokens"),
+    ],
+)
+def test_bad_values_name_the_flag(flags, message):
+    with pytest.raises(UserError, match=message):
+        load_settings(flags)
+
+
+def test_missing_or_broken_config_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_settings({}, tmp_path / "nope.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("depth = = 3")
+    with pytest.raises(UserError, match="not valid TOML"):
+        load_settings({}, broken)
+
+
+def test_settings_are_frozen():
+    settings = Settings()
+    with pytest.raises(ValidationError):
+        settings.depth = 3  # type: ignore[misc]
