@@ -67,6 +67,8 @@ class _Request:
     text: TextStream
     stats: RequestStats
     consecutive_failures: int = 0
+    last_propose_s: float = 0.0  # timings of the current round, for the depth policy
+    last_verify_s: float = 0.0
 
     @property
     def generated(self) -> int:
@@ -122,7 +124,7 @@ class SpeculativeEngine:
             accepted = int(verdict.accepted[0])
             request.verifier.rollback(len(request.tokens) + accepted)
             request.stats.record_round(depth, len(proposal.tokens), accepted)
-            policy.update(len(proposal.tokens), accepted)
+            policy.update(len(proposal.tokens), accepted, request.last_propose_s, request.last_verify_s)
             delta = self._emit(request, proposal.tokens[:accepted] + [int(verdict.next_token[0])])
             if delta.finish_reason:
                 request.stats.total_s = time.perf_counter() - started
@@ -173,6 +175,7 @@ class SpeculativeEngine:
     def _propose(self, request: _Request, depth: int) -> Proposal:
         """Up to `depth` draft tokens; an empty proposal whenever the proposer cannot help."""
         session = request.proposer
+        request.last_propose_s = 0.0
         if session is None or depth <= 0 or request.consecutive_failures >= self.speculation.max_proposer_failures:
             return Proposal.empty()
         t0 = time.perf_counter()
@@ -184,6 +187,7 @@ class SpeculativeEngine:
         finally:
             elapsed = time.perf_counter() - t0
             request.stats.propose_s += elapsed
+            request.last_propose_s = elapsed
         if elapsed > self.speculation.proposer_timeout_s:
             return self._fall_back(request, f"proposal took {elapsed:.3f}s", timeout=True)
         request.consecutive_failures = 0
@@ -207,7 +211,8 @@ class SpeculativeEngine:
         """One verifier pass over the last verified token and the drafts: (k+1, V) logits."""
         t0 = time.perf_counter()
         logits = request.verifier.extend([request.tokens[-1], *proposal.tokens])
-        request.stats.verify_s += time.perf_counter() - t0
+        request.last_verify_s = time.perf_counter() - t0
+        request.stats.verify_s += request.last_verify_s
         return logits
 
     def _accept(self, request: _Request, proposal: Proposal, target_logits: torch.Tensor) -> Verdict:
