@@ -5,6 +5,7 @@ import torch
 
 from tests.conftest import EOS, make_engine, random_prompts
 from verispec.config import SamplingParams
+from verispec.depth import StepCosts
 
 VOCAB = 64
 DEPTHS = [1, 2, 3, 5, 8, "auto"]
@@ -110,3 +111,15 @@ def test_cancelling_a_stream_stops_generation(llama_engines):
     stream.close()
     with pytest.raises(StopIteration):
         next(stream)
+
+
+def test_draft_confidence_cuts_proposals_but_not_exactness(tiny_models):
+    engine = make_engine(tiny_models["llama"], tiny_models["llama-draft"], draft_confidence=0.5)
+    engine._costs = StepCosts(verify_s=(1.0,) * 9, draft_s=0.01)  # drafting priced as cheap: depth grows
+    cut = 0
+    for prompt in random_prompts(6, VOCAB, seed=16):
+        reference = engine.generate(prompt, greedy(40), depth=0)
+        out = engine.generate(prompt, greedy(40), depth="auto")
+        assert out.token_ids == reference.token_ids
+        cut += sum(out.stats.depths) - out.stats.proposed
+    assert cut > 0  # the unsure draft gave fewer drafts than the rounds asked for

@@ -167,7 +167,7 @@ def _print(
             f"{statistics.median(r.tokens_per_s):.1f}",
             f"{statistics.median(r.speedups):.2f}x",
         )
-    Console().print(table)
+    Console(width=max(Console().width, 120)).print(table)  # keep the table readable in CI logs
     decode = engine.tokenizer.decode
     for r in results:
         for m in r.mismatches:

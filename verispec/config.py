@@ -47,7 +47,10 @@ class SpeculationSettings(BaseModel):
     depth: Depth = Field("auto", description="draft tokens per round: an integer (0 = verifier only) or auto")
     max_depth: int = Field(8, ge=1, le=64, description="upper bound for --depth auto")
     draft_confidence: float = Field(
-        0.1, ge=0.0, le=1.0, description="with --depth auto, stop drafting when the draft's top probability falls below this"
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="with --depth auto, stop drafting when the draft's top probability falls below this (0 = off)",
     )
     proposer_timeout_s: float = Field(
         1.0, gt=0.0, description="a proposal slower than this is dropped and the round runs verifier-only"

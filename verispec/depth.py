@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from verispec.config import SpeculationSettings
 
 
+@dataclass(frozen=True)
+class StepCosts:
+    """Measured cost of the two halves of a round on this machine (see SpeculativeEngine.calibrate)."""
+
+    verify_s: tuple[float, ...]  # [T-1]: one verifier pass over T tokens, T = 1 .. max_depth+1
+    draft_s: float  # one draft token
+
+
 class DepthPolicy(Protocol):
     def depth(self) -> int: ...
 
-    def update(self, proposed: int, accepted: int, propose_s: float, verify_s: float) -> None:
-        """Learn from a finished round: its draft count, accepted count and timings."""
-        ...
+    def update(self, proposed: int, accepted: int) -> None: ...
 
 
 class FixedDepth:
@@ -22,7 +29,7 @@ class FixedDepth:
     def depth(self) -> int:
         return self._depth
 
-    def update(self, proposed: int, accepted: int, propose_s: float, verify_s: float) -> None:
+    def update(self, proposed: int, accepted: int) -> None:
         pass
 
 
@@ -32,57 +39,54 @@ def expected_tokens(alpha: float, k: int) -> float:
 
 
 class AdaptiveDepth:
-    """Per-request depth that follows the observed acceptance and the measured costs.
+    """Per-request depth that follows the observed acceptance, priced by measured step costs.
 
     It keeps a decaying estimate of alpha, the chance that a draft token is accepted given that
-    the ones before it were, and of the time a draft token and a verifier pass take. Each round
-    it picks the k that maximises expected tokens per second, (1 - a^(k+1)) / (1 - a) divided by
-    (verify + k * draft). A wholly accepted round raises alpha, so the depth grows; an early
-    rejection lowers it, so the depth shrinks, down to 0 (verifier only) when drafting does not
-    pays least (never below 1: a request keeps probing; turning speculation off altogether is a
-    server-level decision). Within a round the draft model also stops once its confidence drops
-    (DraftPolicy).
+    the ones before it were, and each round picks the k that maximises expected tokens per second,
+    (1 - a^(k+1)) / (1 - a) / (verify(k+1) + k * draft), using the verifier's measured cost for
+    each pass width (which on real hardware is far from flat). A wholly accepted round raises
+    alpha, so the depth grows; an early rejection lowers it, so the depth shrinks, down to 0
+    (verifier only) when drafting does not pay. At depth 0 it still probes with one draft token
+    every `probe_every` rounds, so that a request whose text turns predictable gets speculation back.
+    Within a round the draft model also stops once its own confidence drops (DraftPolicy).
     """
 
-    def __init__(self, max_depth: int = 8, start: int = 3, prior_alpha: float = 0.6, memory: float = 0.9):
-        self.max_depth = max_depth
-        self.memory = memory  # weight of the past per round; about the last 10 rounds count
-        # Pseudo-counts for alpha: a weak prior worth a couple of draft positions.
-        self._hits, self._trials = 2.0 * prior_alpha, 2.0
-        self._draft_s: float | None = None  # per draft token
-        self._verify_s: float | None = None  # per verifier pass
-        self._depth = min(start, max_depth)
+    def __init__(
+        self, costs: StepCosts, max_depth: int = 8, prior_alpha: float = 0.6, memory: float = 0.9, probe_every: int = 8
+    ):
+        self.costs = costs
+        self.max_depth = min(max_depth, len(costs.verify_s) - 1)
+        self.memory = memory  # weight of the past per round: about the last ten rounds count
+        self.probe_every = probe_every
+        self._hits, self._trials = 2.0 * prior_alpha, 2.0  # a weak prior worth two draft positions
+        self._rounds_off = 0
+        self._best = self._choose()
 
     @property
     def alpha(self) -> float:
         return self._hits / self._trials
 
     def depth(self) -> int:
-        return self._depth
+        if self._best == 0 and self._rounds_off % self.probe_every == self.probe_every - 1:
+            return 1
+        return self._best
 
-    def update(self, proposed: int, accepted: int, propose_s: float, verify_s: float) -> None:
-        self._verify_s = _blend(self._verify_s, verify_s, self.memory)
+    def update(self, proposed: int, accepted: int) -> None:
         if proposed:
-            # Positions 1..accepted were hits; the first rejected position (if any) was a miss;
-            # positions after it were never tested.
+            # Positions 1..accepted were hits, the first rejected one (if any) a miss; later
+            # positions were never tested.
             self._hits = self.memory * self._hits + accepted
             self._trials = self.memory * self._trials + accepted + (accepted < proposed)
-        if proposed and proposed == self._depth:
-            # A full-depth proposal took exactly `proposed` draft passes; a shorter one (the draft
-            # lost confidence) took one more than it returned, so it would overstate the cost.
-            self._draft_s = _blend(self._draft_s, propose_s / proposed, self.memory)
-        if self._draft_s is None:  # no timing yet: keep the starting depth
-            return
-        self._depth = max(
-            range(1, self.max_depth + 1), key=lambda k: expected_tokens(self.alpha, k) / (self._verify_s + k * self._draft_s)
-        )
+        self._best = self._choose()
+        self._rounds_off = self._rounds_off + 1 if self._best == 0 else 0
+
+    def _choose(self) -> int:
+        alpha, verify, draft = self.alpha, self.costs.verify_s, self.costs.draft_s
+        return max(range(self.max_depth + 1), key=lambda k: expected_tokens(alpha, k) / (verify[k] + k * draft))
 
 
-def _blend(old: float | None, new: float, memory: float) -> float:
-    return new if old is None else memory * old + (1.0 - memory) * new
-
-
-def depth_policy(settings: SpeculationSettings) -> DepthPolicy:
+def depth_policy(settings: SpeculationSettings, costs: StepCosts | None) -> DepthPolicy:
     if settings.depth == "auto":
-        return AdaptiveDepth(max_depth=settings.max_depth)
+        assert costs is not None, "adaptive depth needs measured step costs"
+        return AdaptiveDepth(costs, max_depth=settings.max_depth)
     return FixedDepth(settings.depth)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import statistics
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from verispec.config import Depth, SamplingParams, SpeculationSettings
-from verispec.depth import depth_policy
+from verispec.depth import StepCosts, depth_policy
 from verispec.errors import ProposerError, UserError
 from verispec.models.backend import CausalLM, KVSession
 from verispec.proposers.base import DraftPolicy, Proposal, Proposer, ProposerSession
@@ -67,8 +68,6 @@ class _Request:
     text: TextStream
     stats: RequestStats
     consecutive_failures: int = 0
-    last_propose_s: float = 0.0  # timings of the current round, for the depth policy
-    last_verify_s: float = 0.0
 
     @property
     def generated(self) -> int:
@@ -82,12 +81,57 @@ class SpeculativeEngine:
         tokenizer: PreTrainedTokenizerBase,
         proposer: Proposer | None,
         speculation: SpeculationSettings | None = None,
+        costs: StepCosts | None = None,
     ):
         self.target = target
         self.tokenizer = tokenizer
         self.proposer = proposer
         self.speculation = speculation or SpeculationSettings()
         self.eos_ids = _eos_ids(target, tokenizer)
+        self._costs = costs  # measured on first use of depth auto unless given
+
+    def costs(self) -> StepCosts:
+        """Step costs for the adaptive depth policy, measured on first use."""
+        if self._costs is None:
+            self._costs = self.calibrate()
+        return self._costs
+
+    def calibrate(self, context_len: int = 256, repeats: int = 5) -> StepCosts:
+        """Time verifier passes of every width up to max_depth+1, and draft tokens, on this machine.
+
+        Medians of a few repeats over a synthetic context; a pass's cost depends on its width in
+        ways no formula captures (kernel choice for small matrices), so it is measured, not assumed.
+        """
+        widths = self.speculation.max_depth + 1
+        context_len = min(context_len, (self.target.max_positions or context_len + widths) - 2 * widths - 1)
+        context = [i % self.target.vocab_size for i in range(1, context_len + 1)]
+        session = self.target.session()
+        session.extend(context, last_only=True)
+        verify = []
+        for width in range(1, widths + 1):
+            samples = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                session.extend(context[:width])
+                samples.append(time.perf_counter() - t0)
+                session.rollback(context_len)
+            verify.append(statistics.median(samples))
+        draft = 0.0
+        if self.proposer is not None:
+            proposer = self.proposer.session()
+            policy = DraftPolicy(sampling=SamplingParams())
+            proposer.propose(context, 1, policy)  # prefill, not timed
+            samples = []
+            for i in range(repeats):
+                grown = context + context[: i + 1]
+                t0 = time.perf_counter()
+                proposal = proposer.propose(grown, widths - 1, policy)
+                samples.append((time.perf_counter() - t0) / max(len(proposal.tokens), 1))
+            draft = statistics.median(samples)
+        costs = StepCosts(tuple(verify), draft)
+        log.info("step costs: verify %s ms by width, draft %.2f ms per token",
+                 [round(v * 1e3, 2) for v in verify], draft * 1e3)
+        return costs
 
     # -- public API -------------------------------------------------------------------------
 
@@ -113,7 +157,7 @@ class SpeculativeEngine:
         if depth is not None:
             speculation = SpeculationSettings.model_validate({**speculation.model_dump(), "depth": depth})
         request = self._start(self.encode(prompt), params, speculation)
-        policy = depth_policy(speculation)
+        policy = depth_policy(speculation, self.costs() if speculation.depth == "auto" else None)
         while True:
             remaining = params.max_new_tokens - request.generated
             depth = min(policy.depth(), remaining - 1)  # a round emits up to depth + 1 tokens
@@ -124,7 +168,7 @@ class SpeculativeEngine:
             accepted = int(verdict.accepted[0])
             request.verifier.rollback(len(request.tokens) + accepted)
             request.stats.record_round(depth, len(proposal.tokens), accepted)
-            policy.update(len(proposal.tokens), accepted, request.last_propose_s, request.last_verify_s)
+            policy.update(len(proposal.tokens), accepted)
             delta = self._emit(request, proposal.tokens[:accepted] + [int(verdict.next_token[0])])
             if delta.finish_reason:
                 request.stats.total_s = time.perf_counter() - started
@@ -175,7 +219,6 @@ class SpeculativeEngine:
     def _propose(self, request: _Request, depth: int) -> Proposal:
         """Up to `depth` draft tokens; an empty proposal whenever the proposer cannot help."""
         session = request.proposer
-        request.last_propose_s = 0.0
         if session is None or depth <= 0 or request.consecutive_failures >= self.speculation.max_proposer_failures:
             return Proposal.empty()
         t0 = time.perf_counter()
@@ -187,7 +230,6 @@ class SpeculativeEngine:
         finally:
             elapsed = time.perf_counter() - t0
             request.stats.propose_s += elapsed
-            request.last_propose_s = elapsed
         if elapsed > self.speculation.proposer_timeout_s:
             return self._fall_back(request, f"proposal took {elapsed:.3f}s", timeout=True)
         request.consecutive_failures = 0
@@ -211,8 +253,7 @@ class SpeculativeEngine:
         """One verifier pass over the last verified token and the drafts: (k+1, V) logits."""
         t0 = time.perf_counter()
         logits = request.verifier.extend([request.tokens[-1], *proposal.tokens])
-        request.last_verify_s = time.perf_counter() - t0
-        request.stats.verify_s += request.last_verify_s
+        request.stats.verify_s += time.perf_counter() - t0
         return logits
 
     def _accept(self, request: _Request, proposal: Proposal, target_logits: torch.Tensor) -> Verdict:

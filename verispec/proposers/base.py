@@ -32,7 +32,7 @@ class DraftPolicy:
     """How one request wants its drafts made; fixed for the request's lifetime."""
 
     sampling: SamplingParams
-    generator: torch.Generator | None  # the request's generator (draft sampling draws from it)
+    generator: torch.Generator | None = None  # the request's generator (draft sampling draws from it)
     min_confidence: float = 0.0  # stop drafting once the draft's top probability falls below this
     time_budget_s: float = float("inf")  # stop drafting once a proposal has taken this long
 
