@@ -75,11 +75,13 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     }
 
 
-def make_engine(target: str, draft: str | None = None, proposer: str = "draft", **speculation) -> SpeculativeEngine:
+def make_engine(
+    target: str, draft: str | None = None, proposer: str = "draft", backend: str = "auto", **speculation
+) -> SpeculativeEngine:
     device, dtype = torch.device("cpu"), torch.float32
-    target_lm = load_model(target, device, dtype)
+    target_lm = load_model(target, device, dtype, backend=backend)
     if proposer == "draft":
-        draft_lm = target_lm if draft == target else load_model(draft, device, dtype, role="draft")
+        draft_lm = target_lm if draft == target else load_model(draft, device, dtype, role="draft", backend=backend)
         prop = DraftModelProposer(draft_lm, target_vocab_size=target_lm.vocab_size)
     elif proposer == "ngram":
         prop = NgramProposer()

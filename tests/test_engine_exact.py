@@ -26,7 +26,7 @@ def llama_engines(tiny_models):
 
 def test_verifier_only_is_the_models_own_greedy_decoding(tiny_models):
     """Depth 0 (the reference every check compares against) equals transformers' generate()."""
-    engine = make_engine(tiny_models["llama"], proposer="none")
+    engine = make_engine(tiny_models["llama"], proposer="none", backend="transformers")
     for prompt in random_prompts(6, VOCAB, seed=10):
         ours = engine.generate(prompt, greedy(20), depth=0).token_ids
         theirs = engine.target.model.generate(

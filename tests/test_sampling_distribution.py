@@ -86,14 +86,14 @@ def small_vocab_pair(tmp_path_factory):
 
 def exact_two_token_distribution(engine) -> torch.Tensor:
     """P(x1, x2 | PROMPT) under the warped target, over all VOCAB**2 pairs, flattened x1 * VOCAB + x2."""
-    model = engine.target.model
-    with torch.inference_mode():
-        first = warp(model(torch.tensor([PROMPT])).logits[0, -1], PARAMS)
-        joint = torch.zeros(VOCAB, VOCAB)
-        for x1 in range(VOCAB):
-            if first[x1] > 0:
-                second = warp(model(torch.tensor([PROMPT + [x1]])).logits[0, -1], PARAMS)
-                joint[x1] = first[x1] * second
+    def next_dist(context):
+        return warp(engine.target.session().extend(context, last_only=True)[-1], PARAMS)
+
+    first = next_dist(PROMPT)
+    joint = torch.zeros(VOCAB, VOCAB)
+    for x1 in range(VOCAB):
+        if first[x1] > 0:
+            joint[x1] = first[x1] * next_dist(PROMPT + [x1])
     return joint.flatten()
 
 

@@ -52,7 +52,7 @@ def build_engine(settings: Settings) -> SpeculativeEngine:
     draft_lm = None
     if models.draft:
         check_compatible(tokenizer, load_tokenizer(models.draft, role="draft"))
-        draft_lm = load_model(models.draft, device, dtype, role="draft")
-    target_lm = load_model(models.target, device, dtype, role="target")
+        draft_lm = load_model(models.draft, device, dtype, role="draft", backend=models.backend)
+    target_lm = load_model(models.target, device, dtype, role="target", backend=models.backend)
     proposer = build_proposer(models.proposer, ProposerInputs(target=target_lm, draft=draft_lm, speculation=speculation))
     return SpeculativeEngine(target_lm, tokenizer, proposer, speculation)

@@ -34,6 +34,9 @@ class ModelSettings(BaseModel):
         "auto", description="proposer: draft model, ngram (prompt lookup), none (verifier only); auto = draft if --draft is given, else ngram"
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    backend: Literal["auto", "lean", "transformers"] = Field(
+        "auto", description="forward pass: lean (own Llama-family implementation) where supported, else transformers"
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="weights dtype; auto = float32 (exact greedy, see README for reduced precision)"
     )

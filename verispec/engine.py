@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import statistics
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from verispec.calibrate import measure_step_costs
 from verispec.config import Depth, SamplingParams, SpeculationSettings
 from verispec.depth import StepCosts, depth_policy
 from verispec.errors import ProposerError, UserError
@@ -93,45 +93,8 @@ class SpeculativeEngine:
     def costs(self) -> StepCosts:
         """Step costs for the adaptive depth policy, measured on first use."""
         if self._costs is None:
-            self._costs = self.calibrate()
+            self._costs = measure_step_costs(self.target, self.proposer, self.speculation.max_depth)
         return self._costs
-
-    def calibrate(self, context_len: int = 256, repeats: int = 5) -> StepCosts:
-        """Time verifier passes of every width up to max_depth+1, and draft tokens, on this machine.
-
-        Medians of a few repeats over a synthetic context; a pass's cost depends on its width in
-        ways no formula captures (kernel choice for small matrices), so it is measured, not assumed.
-        """
-        widths = self.speculation.max_depth + 1
-        context_len = min(context_len, (self.target.max_positions or context_len + widths) - 2 * widths - 1)
-        context = [i % self.target.vocab_size for i in range(1, context_len + 1)]
-        session = self.target.session()
-        session.extend(context, last_only=True)
-        verify = []
-        for width in range(1, widths + 1):
-            samples = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                session.extend(context[:width])
-                samples.append(time.perf_counter() - t0)
-                session.rollback(context_len)
-            verify.append(statistics.median(samples))
-        draft = 0.0
-        if self.proposer is not None:
-            proposer = self.proposer.session()
-            policy = DraftPolicy(sampling=SamplingParams())
-            proposer.propose(context, 1, policy)  # prefill, not timed
-            samples = []
-            for i in range(repeats):
-                grown = context + context[: i + 1]
-                t0 = time.perf_counter()
-                proposal = proposer.propose(grown, widths - 1, policy)
-                samples.append((time.perf_counter() - t0) / max(len(proposal.tokens), 1))
-            draft = statistics.median(samples)
-        costs = StepCosts(tuple(verify), draft)
-        log.info("step costs: verify %s ms by width, draft %.2f ms per token",
-                 [round(v * 1e3, 2) for v in verify], draft * 1e3)
-        return costs
 
     # -- public API -------------------------------------------------------------------------
 
@@ -295,11 +258,5 @@ def _validate(proposal: Proposal, depth: int, vocab_size: int) -> None:
 
 
 def _eos_ids(target: CausalLM, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
-    ids = set()
-    generation_eos = getattr(target.model.generation_config, "eos_token_id", None)
-    for eos in (tokenizer.eos_token_id, generation_eos):
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif eos:
-            ids.update(eos)
-    return frozenset(ids)
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    return frozenset(eos | target.eos_token_ids)

@@ -1,6 +1,7 @@
 """Models: loading, tokenizer compatibility, and backends that own the KV cache and its rollback."""
 
-from verispec.models.backend import CausalLM, KVSession
+from verispec.models.backend import CausalLM, KVSession, TransformersLM
+from verispec.models.lean import LeanLM
 from verispec.models.loading import (
     check_compatible,
     load_model,
@@ -13,6 +14,8 @@ from verispec.models.loading import (
 __all__ = [
     "CausalLM",
     "KVSession",
+    "LeanLM",
+    "TransformersLM",
     "check_compatible",
     "load_model",
     "load_tokenizer",

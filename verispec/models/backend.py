@@ -1,21 +1,62 @@
-"""The transformers backend: a causal LM and the KV cache it owns.
+"""Backends: a causal LM and the KV cache it owns.
 
 The engine and the proposers see two things only: `CausalLM.session()` opens a KV cache for one
 sequence, and a `KVSession` extends it by tokens (returning their logits) or rolls it back to a
-shorter length. Rolling back never recomputes the kept prefix.
+shorter length. Rolling back never recomputes the kept prefix. Two backends implement this:
+`TransformersLM` here (any Hugging Face causal LM) and `LeanLM` in `lean.py` (Llama family, own
+forward pass, preallocated cache).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
 
-class CausalLM:
+class KVSession(Protocol):
+    """One sequence's KV cache. `length` is the number of positions it holds."""
+
+    length: int
+
+    def extend(self, token_ids: Sequence[int], last_only: bool = False) -> torch.Tensor:
+        """Append tokens at positions length.. and return their logits, (T, V) float32,
+        or (1, V) for the last token only."""
+        ...
+
+    def rollback(self, length: int) -> None:
+        """Forget positions >= length (rejected drafts)."""
+        ...
+
+
+class CausalLM(Protocol):
+    name: str
+    backend: str  # "transformers" or "lean"
+    device: torch.device
+    dtype: torch.dtype
+    vocab_size: int  # width of the logits
+    max_positions: int | None
+    eos_token_ids: frozenset[int]  # from the model's generation config
+
+    def session(self, capacity: int | None = None) -> KVSession:
+        """A new, empty KV cache; `capacity` is a hint of the most positions it will hold."""
+        ...
+
+
+def generation_eos(config) -> frozenset[int]:
+    eos = getattr(config, "eos_token_id", None) if config is not None else None
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+class TransformersLM:
     """A loaded Hugging Face causal LM behind the narrow interface the engine needs."""
+
+    backend = "transformers"
 
     def __init__(self, model: PreTrainedModel, name: str):
         self.model = model.eval()
@@ -31,23 +72,22 @@ class CausalLM:
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None) or getattr(
             config, "n_positions", None
         )
+        self.eos_token_ids = generation_eos(model.generation_config)
 
-    def session(self) -> KVSession:
-        return KVSession(self)
+    def session(self, capacity: int | None = None) -> TransformersSession:
+        return TransformersSession(self)
 
 
-class KVSession:
-    """One sequence's KV cache. `length` is the number of positions it holds."""
+class TransformersSession:
+    """A transformers DynamicCache; rollback crops it."""
 
-    def __init__(self, lm: CausalLM):
+    def __init__(self, lm: TransformersLM):
         self.lm = lm
         self.cache = DynamicCache(config=lm.model.config)
         self.length = 0
 
     @torch.inference_mode()
     def extend(self, token_ids: Sequence[int], last_only: bool = False) -> torch.Tensor:
-        """Append tokens at positions length.. and return their logits, (T, V) float32,
-        or (1, V) for the last token only (the LM head then runs on one position)."""
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.lm.device)  # (1, T)
         cache = {self.lm.cache_argument: self.cache}
         out = self.lm.model(input_ids=ids, use_cache=True, logits_to_keep=1 if last_only else 0, **cache)
@@ -55,7 +95,6 @@ class KVSession:
         return out.logits[0].float()
 
     def rollback(self, length: int) -> None:
-        """Forget positions >= length (rejected drafts)."""
         if length < self.length:
             self.cache.crop(length - self.length)
             self.length = length

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from verispec.errors import UserError
-from verispec.models.backend import CausalLM
+from verispec.models.backend import CausalLM, TransformersLM
+from verispec.models.lean import LeanLM, lean_support
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,19 @@ def load_tokenizer(ref: str, role: str = "target") -> PreTrainedTokenizerBase:
         ) from None
 
 
-def load_model(ref: str, device: torch.device, dtype: torch.dtype, role: str = "target") -> CausalLM:
+def load_model(
+    ref: str, device: torch.device, dtype: torch.dtype, role: str = "target", backend: str = "auto"
+) -> CausalLM:
+    """Load with the lean backend where it supports the checkpoint (backend 'auto' or 'lean'),
+    else with transformers."""
     ref = _check_reference(ref, role)
+    if backend in ("auto", "lean"):
+        unsupported = lean_support(ref)
+        if unsupported is None:
+            return LeanLM(ref, device, dtype)
+        if backend == "lean":
+            raise UserError(f"the lean backend cannot run the {role} model {ref}: {unsupported}; use --backend transformers")
+        log.info("%s model %s runs on transformers: lean backend does not support %s", role, ref, unsupported)
     try:
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
     except (OSError, ValueError) as exc:
@@ -69,7 +81,7 @@ def load_model(ref: str, device: torch.device, dtype: torch.dtype, role: str = "
             f"could not load the {role} model from {ref!r}: {str(exc).splitlines()[0]}; "
             "pass a local model folder (hub ids need network access)"
         ) from None
-    return CausalLM(model.to(device), name=ref)
+    return TransformersLM(model.to(device), name=ref)
 
 
 def check_compatible(target: PreTrainedTokenizerBase, draft: PreTrainedTokenizerBase) -> None:

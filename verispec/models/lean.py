@@ -1,0 +1,199 @@
+"""The lean backend: our own Llama-family forward pass over a preallocated KV cache.
+
+On small and mid-size models a transformers forward spends a large share of its time outside
+the matrix products (module calls, cache objects, mask building, a concatenation per layer per
+step). Here a layer is eight tensor operations: one fused QKV projection, rotary embedding, a
+write into the cache at the current position, attention over the cache, the output projection,
+one fused gate/up projection, SwiGLU and the down projection. The cache is allocated once per
+sequence and addressed by position, so rolling back rejected drafts is rewinding `length`.
+
+Supports Llama, Mistral and Qwen2 checkpoints (RMSNorm, default rotary embeddings, grouped-query
+attention, SwiGLU, optional QKV bias, tied or untied embeddings) stored as safetensors.
+Anything else (other rotary scalings, sliding windows shorter than the context) is refused by
+`lean_support`, and the transformers backend is used instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoConfig, GenerationConfig
+
+from verispec.models.backend import generation_eos
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+def lean_support(path: str) -> str | None:
+    """None if the lean backend can run the checkpoint at `path`, else why not."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return "not a local folder"
+    if not any(folder.glob("*.safetensors")):
+        return "no safetensors weights"
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type not in ARCHITECTURES:
+        return f"architecture {config.model_type!r} (lean supports {', '.join(ARCHITECTURES)})"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        return f"rotary scaling {rope.get('rope_type', rope.get('type'))!r}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    return None
+
+
+@dataclass
+class _Layer:
+    """Projection weights are stored transposed, (in, out), and applied as `x @ w`: for the few
+    rows of a decode or verify pass this layout streams the weights through the CPU about 1.5x
+    faster than `F.linear` on the checkpoint's (out, in) layout (measured: 6.8 vs 10.7 ms per
+    token for the reference target's 29M weights on 2 cores)."""
+
+    attn_norm: torch.Tensor  # (D,)
+    qkv: torch.Tensor  # (D, (H + 2 Hkv) hd): q, k and v projections side by side
+    qkv_bias: torch.Tensor | None  # ((H + 2 Hkv) hd,) Qwen2
+    o: torch.Tensor  # (H hd, D)
+    mlp_norm: torch.Tensor  # (D,)
+    gate_up: torch.Tensor  # (D, 2 F): gate and up projections side by side
+    down: torch.Tensor  # (F, D)
+
+
+class LeanLM:
+    backend = "lean"
+
+    def __init__(self, path: str, device: torch.device, dtype: torch.dtype):
+        folder = Path(path)
+        config = AutoConfig.from_pretrained(folder)
+        self.name = path
+        self.device = device
+        self.dtype = dtype
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        self.max_positions = min(config.max_position_embeddings, window or config.max_position_embeddings)
+        try:
+            self.eos_token_ids = generation_eos(GenerationConfig.from_pretrained(folder))
+        except OSError:
+            self.eos_token_ids = generation_eos(config)
+
+        weights = _load_weights(folder)
+
+        def take(name: str) -> torch.Tensor:
+            return weights.pop(name).to(device=device, dtype=dtype)
+
+        def projection(*names: str) -> torch.Tensor:
+            return torch.cat([take(n) for n in names]).t().contiguous()  # (in, out)
+
+        self.embed = take("model.embed_tokens.weight")  # (V, D)
+        self.layers = []
+        for i in range(config.num_hidden_layers):
+            p = f"model.layers.{i}."
+            bias = [weights.pop(f"{p}self_attn.{n}_proj.bias", None) for n in "qkv"]
+            self.layers.append(
+                _Layer(
+                    attn_norm=take(p + "input_layernorm.weight"),
+                    qkv=projection(*(f"{p}self_attn.{n}_proj.weight" for n in "qkv")),
+                    qkv_bias=None if bias[0] is None else torch.cat(bias).to(device=device, dtype=dtype),
+                    o=projection(p + "self_attn.o_proj.weight"),
+                    mlp_norm=take(p + "post_attention_layernorm.weight"),
+                    gate_up=projection(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                    down=projection(p + "mlp.down_proj.weight"),
+                )
+            )
+        self.norm = take("model.norm.weight")
+        # Tied embeddings: the checkpoint may omit lm_head or repeat the embedding matrix.
+        head = take("lm_head.weight") if "lm_head.weight" in weights else self.embed
+        self.lm_head = head.t().contiguous()  # (D, V)
+        self.vocab_size = self.lm_head.shape[1]
+
+        rope = getattr(config, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        inv_freq = 1.0 / theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq)  # (P, hd/2)
+        angles = torch.cat([freqs, freqs], dim=-1)  # (P, hd), the rotate-half layout of HF checkpoints
+        self.cos = angles.cos().to(device=device, dtype=dtype)
+        self.sin = angles.sin().to(device=device, dtype=dtype)
+
+    def session(self, capacity: int | None = None) -> LeanSession:
+        return LeanSession(self, min(capacity or self.max_positions, self.max_positions))
+
+    def forward(self, session: LeanSession, ids: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """ids (T,) at positions session.length.. -> logits (T or 1, V); writes the cache."""
+        T = ids.shape[0]
+        start, end = session.length, session.length + T
+        H, Hkv, hd = self.heads, self.kv_heads, self.head_dim
+        cos, sin = self.cos[start:end], self.sin[start:end]  # (T, hd)
+        # Query i sits at position start+i and sees keys 0..start+i.
+        mask = None if T == 1 else session.causal_mask(start, end)
+        x = F.embedding(ids, self.embed)  # (T, D)
+        for layer, keys, values in zip(self.layers, session.keys, session.values, strict=True):
+            h = F.rms_norm(x, (x.shape[-1],), layer.attn_norm, self.eps)
+            qkv = h @ layer.qkv if layer.qkv_bias is None else torch.addmm(layer.qkv_bias, h, layer.qkv)
+            q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+            q = _rotate(q.view(T, H, hd).transpose(0, 1), cos, sin)  # (H, T, hd)
+            keys[:, start:end] = _rotate(k.view(T, Hkv, hd).transpose(0, 1), cos, sin)
+            values[:, start:end] = v.view(T, Hkv, hd).transpose(0, 1)
+            attn = F.scaled_dot_product_attention(
+                q, keys[:, :end], values[:, :end], attn_mask=mask, enable_gqa=Hkv != H
+            )  # (H, T, hd)
+            x = x + attn.transpose(0, 1).reshape(T, H * hd) @ layer.o
+            h = F.rms_norm(x, (x.shape[-1],), layer.mlp_norm, self.eps)
+            gate, up = (h @ layer.gate_up).chunk(2, dim=-1)
+            x = x + (F.silu(gate) * up) @ layer.down
+        if last_only:
+            x = x[-1:]
+        return F.rms_norm(x, (x.shape[-1],), self.norm, self.eps) @ self.lm_head
+
+
+class LeanSession:
+    """A KV cache preallocated for `capacity` positions; rollback rewinds `length`."""
+
+    def __init__(self, lm: LeanLM, capacity: int):
+        self.lm = lm
+        self.capacity = capacity
+        shape = (lm.kv_heads, capacity, lm.head_dim)  # per layer: (Hkv, P, hd)
+        self.keys = [torch.empty(shape, device=lm.device, dtype=lm.dtype) for _ in lm.layers]
+        self.values = [torch.empty(shape, device=lm.device, dtype=lm.dtype) for _ in lm.layers]
+        self.length = 0
+
+    @torch.inference_mode()
+    def extend(self, token_ids: Sequence[int], last_only: bool = False) -> torch.Tensor:
+        if self.length + len(token_ids) > self.capacity:
+            raise ValueError(f"KV cache of {self.capacity} positions is full")
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.lm.device)
+        logits = self.lm.forward(self, ids, last_only)
+        self.length += len(token_ids)
+        return logits.float()
+
+    def rollback(self, length: int) -> None:
+        # Stale entries past `length` are never attended (attention stops at the current end)
+        # and are overwritten by the next extend.
+        self.length = min(self.length, length)
+
+    def causal_mask(self, start: int, end: int) -> torch.Tensor:
+        positions = torch.arange(end, device=self.lm.device)
+        return positions[None, :] <= positions[start:end, None]  # (T, end) True = may attend
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half form: x * cos + rotate_half(x) * sin. x (H, T, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    weights: dict[str, torch.Tensor] = {}
+    for name in files:
+        weights.update(load_file(folder / name))
+    return weights
