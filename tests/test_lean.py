@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from tests.conftest import SHARED_MODELS, SHARED_PROMPTS, llama, make_engine, random_prompts, save
 from verispec.config import SamplingParams
 from verispec.errors import UserError
 from verispec.models import LeanLM, TransformersLM, load_model
 from verispec.prompts import load_prompts
-from tests.conftest import SHARED_MODELS, SHARED_PROMPTS, llama, make_engine, random_prompts, save
 
 VOCAB = 64
 CPU, F32 = torch.device("cpu"), torch.float32
@@ -108,3 +108,17 @@ def test_reference_pair_greedy_identical_across_backends():
         expected = hf.generate(prompt.text, params, depth=0).token_ids
         assert lean.generate(prompt.text, params, depth=0).token_ids == expected
         assert lean.generate(prompt.text, params, depth=3).token_ids == expected
+
+
+def test_compiled_step_matches_eager(tiny_models):
+    eager = load_model(tiny_models["llama"], CPU, F32, backend="lean")
+    compiled = load_model(tiny_models["llama"], CPU, F32, backend="lean")
+    compiled.compile()
+    a, b = eager.session(), compiled.session()
+    prompt = random_prompts(1, VOCAB, seed=55, min_len=12, max_len=12)[0]
+    torch.testing.assert_close(a.extend(prompt), b.extend(prompt), atol=ATOL, rtol=0)
+    for step in ([7], [3, 9, 11, 2], [5], [1, 2, 3, 4]):  # several positions and widths, one graph
+        torch.testing.assert_close(a.extend(step), b.extend(step), atol=ATOL, rtol=0)
+    a.rollback(14)
+    b.rollback(14)
+    torch.testing.assert_close(a.extend([6]), b.extend([6]), atol=ATOL, rtol=0)

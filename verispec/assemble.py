@@ -54,5 +54,12 @@ def build_engine(settings: Settings) -> SpeculativeEngine:
         check_compatible(tokenizer, load_tokenizer(models.draft, role="draft"))
         draft_lm = load_model(models.draft, device, dtype, role="draft", backend=models.backend)
     target_lm = load_model(models.target, device, dtype, role="target", backend=models.backend)
+    if models.compile:
+        for lm in (target_lm, draft_lm):
+            if lm is None:
+                continue
+            if lm.backend != "lean":
+                raise UserError(f"--compile needs the lean backend, but {lm.name} runs on {lm.backend}")
+            lm.compile()
     proposer = build_proposer(models.proposer, ProposerInputs(target=target_lm, draft=draft_lm, speculation=speculation))
     return SpeculativeEngine(target_lm, tokenizer, proposer, speculation)

@@ -1,4 +1,4 @@
-"""`verispec` command line: generate, check.
+"""`verispec` command line: generate, check, bench.
 
 Flags are generated from the pydantic settings (config.py), so each default lives in one place.
 Errors a user can cause print one line and exit 2.
@@ -33,6 +33,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if name == "stop":
             kwargs.update(action="append", metavar="TEXT")
+        elif field.annotation is bool:
+            kwargs.update(action="store_const", const=True)
         else:
             kwargs.update(metavar=name.upper())
         parser.add_argument("--" + name.replace("_", "-"), **kwargs)
@@ -70,6 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(check, SamplingParams, skip=("temperature", "top_k", "top_p", "seed", "stop"))
     _common_flags(check)
     check.set_defaults(run=_run_check)
+
+    bench = commands.add_parser(
+        "bench", help="time verispec (verifier-only, draft at each depth, n-gram) and transformers on the same prompts"
+    )
+    bench.add_argument("--prompts", type=Path, required=True, help="JSONL file, one object with a 'prompt' field per line")
+    bench.add_argument("--limit", type=int, default=None, help="bench only the first N prompts")
+    # Defaults of the bench's own options live in run_bench's signature: SUPPRESS passes only what was given.
+    bench.add_argument(
+        "--depths", dest="depths", default=argparse.SUPPRESS, metavar="DEPTHS",
+        help="comma-separated draft-model depths to bench (default: 1,2,4,6,8,auto)",
+    )
+    bench.add_argument("--repeats", type=int, default=argparse.SUPPRESS, help="passes over the prompts (default: 1)")
+    bench.add_argument("--out", type=Path, default=argparse.SUPPRESS, help="output folder (default: bench-out)")
+    bench.add_argument(
+        "--no-peers", dest="peers", action="store_false", default=argparse.SUPPRESS, help="skip the transformers generate() peers"
+    )
+    _add_settings_flags(bench, ModelSettings)
+    _add_settings_flags(bench, SpeculationSettings, skip=("depth",))
+    _add_settings_flags(bench, SamplingParams, skip=("temperature", "top_k", "top_p", "seed", "stop"))
+    _common_flags(bench)
+    bench.set_defaults(run=_run_bench)
     return parser
 
 
@@ -108,6 +131,20 @@ def _run_check(args: argparse.Namespace) -> int:
         if not depths:
             raise UserError("--depth needs at least one depth, e.g. --depth 4 or --depth 2,4,auto")
     return run_check(settings_from(args), args.prompts, depths=depths, limit=args.limit, report=args.report)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from verispec.bench import run_bench
+
+    options = {name: getattr(args, name) for name in ("repeats", "out", "peers") if hasattr(args, name)}
+    if hasattr(args, "depths"):
+        options["depths"] = [d.strip() for d in args.depths.split(",") if d.strip()]
+        if not options["depths"]:
+            raise UserError("--depths needs at least one depth, e.g. --depths 4 or --depths 1,2,4,auto")
+    command = shlex.join(["verispec", *sys.argv[1:]])
+    return run_bench(settings_from(args), args.prompts, limit=args.limit, command=command, **options)
 
 
 def _quiet_libraries() -> None:

@@ -37,6 +37,7 @@ class ModelSettings(BaseModel):
     backend: Literal["auto", "lean", "transformers"] = Field(
         "auto", description="forward pass: lean (own Llama-family implementation) where supported, else transformers"
     )
+    compile: bool = Field(False, description="compile the lean backend's decode/verify step with torch.compile")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="weights dtype; auto = float32 (exact greedy, see README for reduced precision)"
     )

@@ -127,22 +127,37 @@ class LeanLM:
 
     def forward(self, session: LeanSession, ids: torch.Tensor, last_only: bool) -> torch.Tensor:
         """ids (T,) at positions session.length.. -> logits (T or 1, V); writes the cache."""
+        return self._step(ids, session.length, session.keys, session.values, last_only)
+
+    def compile(self) -> None:
+        """Compile the decode and verify step with torch.compile (inductor; CPU or CUDA).
+
+        Shapes are marked dynamic, so one graph serves every position and pass width instead of
+        one compilation per (position, width)."""
+        self._step = torch.compile(self._eager_step, dynamic=True)
+
+    def _step(self, ids, start, keys, values, last_only):
+        return self._eager_step(ids, start, keys, values, last_only)
+
+    def _eager_step(
+        self, ids: torch.Tensor, start: int, keys: list[torch.Tensor], values: list[torch.Tensor], last_only: bool
+    ) -> torch.Tensor:
         T = ids.shape[0]
-        start, end = session.length, session.length + T
+        end = start + T
         H, Hkv, hd = self.heads, self.kv_heads, self.head_dim
         cos, sin = self.cos[start:end], self.sin[start:end]  # (T, hd)
         # Query i sits at position start+i and sees keys 0..start+i.
-        mask = None if T == 1 else session.causal_mask(start, end)
+        mask = None if T == 1 else _causal_mask(start, end, ids.device)
         x = F.embedding(ids, self.embed)  # (T, D)
-        for layer, keys, values in zip(self.layers, session.keys, session.values, strict=True):
+        for layer, layer_keys, layer_values in zip(self.layers, keys, values, strict=True):
             h = F.rms_norm(x, (x.shape[-1],), layer.attn_norm, self.eps)
             qkv = h @ layer.qkv if layer.qkv_bias is None else torch.addmm(layer.qkv_bias, h, layer.qkv)
             q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
             q = _rotate(q.view(T, H, hd).transpose(0, 1), cos, sin)  # (H, T, hd)
-            keys[:, start:end] = _rotate(k.view(T, Hkv, hd).transpose(0, 1), cos, sin)
-            values[:, start:end] = v.view(T, Hkv, hd).transpose(0, 1)
+            layer_keys[:, start:end] = _rotate(k.view(T, Hkv, hd).transpose(0, 1), cos, sin)
+            layer_values[:, start:end] = v.view(T, Hkv, hd).transpose(0, 1)
             attn = F.scaled_dot_product_attention(
-                q, keys[:, :end], values[:, :end], attn_mask=mask, enable_gqa=Hkv != H
+                q, layer_keys[:, :end], layer_values[:, :end], attn_mask=mask, enable_gqa=Hkv != H
             )  # (H, T, hd)
             x = x + attn.transpose(0, 1).reshape(T, H * hd) @ layer.o
             h = F.rms_norm(x, (x.shape[-1],), layer.mlp_norm, self.eps)
@@ -178,9 +193,11 @@ class LeanSession:
         # and are overwritten by the next extend.
         self.length = min(self.length, length)
 
-    def causal_mask(self, start: int, end: int) -> torch.Tensor:
-        positions = torch.arange(end, device=self.lm.device)
-        return positions[None, :] <= positions[start:end, None]  # (T, end) True = may attend
+
+
+def _causal_mask(start: int, end: int, device: torch.device) -> torch.Tensor:
+    positions = torch.arange(end, device=device)
+    return positions[None, :] <= positions[start:end, None]  # (T, end) True = may attend
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
