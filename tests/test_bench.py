@@ -105,15 +105,18 @@ def test_parse_depths_drops_zero_and_duplicates():
 
 
 @pytest.mark.parametrize(
-    "accepted, recovered, depths, expected",
+    "accepted, recovered, proposed_by_position, expected",
     [
-        (0, 0, [0, 0], 1.0),  # verifier-only: one token per verifier step
-        (4, 0, [2, 2], 3.0),  # all accepted: k + 1
-        (2, 2, [2, 2], (1 - 0.5**3) / 0.5),  # a = 1/2
+        (0, 0, [], 1.0),  # verifier-only: one token per verifier step
+        (4, 0, [2, 2], 3.0),  # all accepted at k = 2: k + 1
+        (2, 2, [2, 2], (1 - 0.5**3) / 0.5),  # a = 1/2, k = 2: the closed form
+        (2, 2, [1, 1], 1 + 0.5 * 0.5 + 0.5 * 0.25),  # a = 1/2, one round of 2 drafts, one with none
     ],
 )
-def test_analytic_bound(accepted, recovered, depths, expected):
+def test_analytic_bound(accepted, recovered, proposed_by_position, expected):
     # Round cost equal to one verifier-only step, so the bound is E itself.
-    stats = RequestStats(rounds=2, accepted=accepted, recovered=recovered, depths=depths, verify_s=2.0)
+    stats = RequestStats(
+        rounds=2, accepted=accepted, recovered=recovered, proposed_by_position=proposed_by_position, verify_s=2.0
+    )
     baseline = RequestStats(rounds=4, verify_s=4.0)
     assert analytic_bound(stats, baseline) == pytest.approx(expected)

@@ -1,0 +1,65 @@
+"""Where the time of one speculative round goes: profile a decode step (width 1) and a verify
+step (width k+1) of the verifier, and a draft step, on the chosen backend.
+
+    python scripts/profile_step.py [--target T] [--draft D] [--backend lean|transformers] [--width 4]
+
+Prints torch.profiler's operator table for each, and the weight bytes each step has to stream,
+which on a CPU bounds a step from below: bytes / memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from verispec.models import load_model, reference_pair
+
+
+def weight_bytes(lm) -> int:
+    model = getattr(lm, "model", None)
+    tensors = model.parameters() if model is not None else [
+        t for layer in lm.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)
+    ] + [lm.embed, lm.norm] + ([] if lm.lm_head.data_ptr() == lm.embed.data_ptr() else [lm.lm_head])
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def profile_step(lm, label: str, width: int, context: int = 400, steps: int = 20) -> None:
+    session = lm.session()
+    session.extend(list(range(1, context + 1)))
+    tokens = list(range(5, 5 + width))
+    for _ in range(5):  # warm-up
+        session.extend(tokens)
+        session.rollback(context)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            session.extend(tokens)
+            session.rollback(context)
+    per_step = (time.perf_counter() - t0) / steps
+    gb = weight_bytes(lm) / 1e9
+    print(f"\n== {label}: width {width}, context {context}: {per_step * 1e3:.2f} ms per step (profiled); "
+          f"weights {gb * 1e3:.0f} MB -> {gb / per_step:.1f} GB/s if weight-streaming bound")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    pair = reference_pair()
+    parser.add_argument("--target", default=pair[0] if pair else None)
+    parser.add_argument("--draft", default=pair[1] if pair else None)
+    parser.add_argument("--backend", default="lean")
+    parser.add_argument("--width", type=int, default=4, help="verify pass width (depth + 1)")
+    args = parser.parse_args()
+    cpu, f32 = torch.device("cpu"), torch.float32
+    target = load_model(args.target, cpu, f32, backend=args.backend)
+    profile_step(target, "verifier decode", 1)
+    profile_step(target, "verifier verify", args.width)
+    if args.draft:
+        profile_step(load_model(args.draft, cpu, f32, role="draft", backend=args.backend), "draft step", 1)
+
+
+if __name__ == "__main__":
+    main()
