@@ -246,17 +246,17 @@ def _time_split(stats: RequestStats) -> dict[str, float]:
     return {name: seconds * per_token for name, seconds in parts.items()}
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else format(value, spec) + suffix
 
 
 def table_rows(results: list[Result], prompt_count: int) -> tuple[list[str], list[list[str]]]:
     header = ["configuration", "depth", "tokens/s", "speedup", "acceptance", "tokens/verifier call", "decode speedup", "bound", "of bound", "identical"]
     rows = [
         [
-            r.name, "-" if r.depth is None else str(r.depth), f"{r.tokens_per_s:.1f}", _fmt(r.speedup_vs_verifier_only, ".2f") + "x",
-            _fmt(r.acceptance_rate, ".3f"), _fmt(r.mean_accepted_tokens, ".2f"), _fmt(r.decode_speedup, ".2f") + "x",
-            _fmt(r.bound_speedup, ".2f") + "x",
+            r.name, "-" if r.depth is None else str(r.depth), f"{r.tokens_per_s:.1f}", _fmt(r.speedup_vs_verifier_only, ".2f", "x"),
+            _fmt(r.acceptance_rate, ".3f"), _fmt(r.mean_accepted_tokens, ".2f"), _fmt(r.decode_speedup, ".2f", "x"),
+            _fmt(r.bound_speedup, ".2f", "x"),
             _fmt(r.fraction_of_bound, ".0%"), f"{r.identical_count}/{prompt_count}",
         ]
         for r in results
@@ -308,7 +308,7 @@ def plot(path: Path, results: list[Result]) -> None:
         ax.axhline(r.speedup_vs_verifier_only or 0, color=f"C{i + 2}", linestyle="--", label=r.name)
     ax.set_xlabel("depth (draft tokens per round)")
     ax.set_ylabel("speedup over verispec verifier-only")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: never hides a point
     ax.grid(alpha=0.3)
     figure.savefig(path, dpi=120, bbox_inches="tight")
 
