@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,3 +98,17 @@ def random_prompts(count: int, vocab: int, seed: int, min_len: int = 1, max_len:
     lengths = torch.randint(min_len, max_len + 1, (count,), generator=g)
     # Ids from 1: keep EOS out of prompts.
     return [torch.randint(1, vocab, (int(n),), generator=g).tolist() for n in lengths]
+
+
+def run_verispec(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """The `verispec` command as a user runs it: a separate process."""
+    return subprocess.run(
+        [sys.executable, "-m", "verispec.cli", *args], capture_output=True, text=True, input=stdin, timeout=300
+    )
+
+
+def write_prompts(path: Path, count: int) -> Path:
+    """A JSONL prompt set in the tiny tokenizer's words."""
+    lines = [{"id": f"p{i}", "prompt": " ".join(f"t{(i * 7 + j * 3) % 60 + 1}" for j in range(12))} for i in range(count)]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return path

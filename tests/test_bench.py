@@ -1,11 +1,10 @@
 """`verispec bench` on the tiny models: the shape of its results, exactness, its files."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
+from tests.conftest import run_verispec, write_prompts
 from verispec.bench import analytic_bound, parse_depths, run_bench
 from verispec.config import load_settings
 from verispec.errors import UserError
@@ -17,16 +16,12 @@ REQUIRED = (
 )
 
 
-def verispec(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "verispec.cli", *args], capture_output=True, text=True, timeout=300)
+verispec = run_verispec
 
 
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    lines = [{"id": f"p{i}", "prompt": " ".join(f"t{(i * 7 + j * 3) % 60 + 1}" for j in range(12))} for i in range(3)]
-    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    return path
+    return write_prompts(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", 3)
 
 
 @pytest.fixture(scope="module")

@@ -1,29 +1,20 @@
 """The `verispec` command, run as users run it: a real process, real files."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import SHARED_MODELS, llama, save
+from tests.conftest import SHARED_MODELS, llama, run_verispec, save, write_prompts
 from verispec.check import first_difference, run_check
 from verispec.config import load_settings
 from verispec.engine import Completion, SpeculativeEngine
 
-
-def verispec(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "verispec.cli", *args], capture_output=True, text=True, input=stdin, timeout=300
-    )
+verispec = run_verispec
 
 
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    lines = [{"id": f"p{i}", "prompt": " ".join(f"t{(i * 7 + j * 3) % 60 + 1}" for j in range(12))} for i in range(4)]
-    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    return path
+    return write_prompts(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", 4)
 
 
 def test_generate_streams_text_and_stats(tiny_models):

@@ -45,6 +45,29 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
 
 
+def _prompt_set_command(commands, name: str, help_text: str, depth_flag: str, depth_help: str) -> argparse.ArgumentParser:
+    """A greedy run over a JSONL prompt set at a list of depths (check, bench)."""
+    command = commands.add_parser(name, help=help_text)
+    command.add_argument("--prompts", type=Path, required=True, help="JSONL file, one object with a 'prompt' field per line")
+    command.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    # dest 'depths': the list must not collide with the settings field `depth`.
+    command.add_argument(depth_flag, dest="depths", default=argparse.SUPPRESS, metavar="DEPTHS", help=depth_help)
+    _add_settings_flags(command, ModelSettings)
+    _add_settings_flags(command, SpeculationSettings, skip=("depth",))
+    _add_settings_flags(command, SamplingParams, skip=("temperature", "top_k", "top_p", "seed", "stop"))
+    _common_flags(command)
+    return command
+
+
+def _depth_list(args: argparse.Namespace, flag: str) -> list[str] | None:
+    if not hasattr(args, "depths"):
+        return None
+    depths = [d.strip() for d in args.depths.split(",") if d.strip()]
+    if not depths:
+        raise UserError(f"{flag} needs at least one depth, e.g. {flag} 4 or {flag} 2,4,auto")
+    return depths
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="verispec", description="Exact speculative decoding for Hugging Face causal LMs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -58,40 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     _common_flags(generate)
     generate.set_defaults(run=_run_generate)
 
-    check = commands.add_parser(
-        "check", help="greedy-decode every prompt verifier-only and speculatively; exit 1 on any difference"
-    )
-    check.add_argument("--prompts", type=Path, required=True, help="JSONL file, one object with a 'prompt' field per line")
-    check.add_argument("--limit", type=int, default=None, help="check only the first N prompts")
-    check.add_argument(
-        "--depth", dest="depths", default=None, metavar="DEPTHS", help="comma-separated depths to check, e.g. 2,4,auto (default: the configured depth)"
+    check = _prompt_set_command(
+        commands, "check", "greedy-decode every prompt verifier-only and speculatively; exit 1 on any difference",
+        depth_flag="--depth", depth_help="comma-separated depths to check, e.g. 2,4,auto (default: the configured depth)",
     )
     check.add_argument("--report", type=Path, default=None, help="also write the results as JSON to this file")
-    _add_settings_flags(check, ModelSettings)
-    _add_settings_flags(check, SpeculationSettings, skip=("depth",))
-    _add_settings_flags(check, SamplingParams, skip=("temperature", "top_k", "top_p", "seed", "stop"))
-    _common_flags(check)
     check.set_defaults(run=_run_check)
 
-    bench = commands.add_parser(
-        "bench", help="time verispec (verifier-only, draft at each depth, n-gram) and transformers on the same prompts"
+    bench = _prompt_set_command(
+        commands, "bench", "time verispec (verifier-only, draft at each depth, n-gram) and transformers on the same prompts",
+        depth_flag="--depths", depth_help="comma-separated draft-model depths to bench (default: 1,2,4,6,8,auto)",
     )
-    bench.add_argument("--prompts", type=Path, required=True, help="JSONL file, one object with a 'prompt' field per line")
-    bench.add_argument("--limit", type=int, default=None, help="bench only the first N prompts")
     # Defaults of the bench's own options live in run_bench's signature: SUPPRESS passes only what was given.
-    bench.add_argument(
-        "--depths", dest="depths", default=argparse.SUPPRESS, metavar="DEPTHS",
-        help="comma-separated draft-model depths to bench (default: 1,2,4,6,8,auto)",
-    )
     bench.add_argument("--repeats", type=int, default=argparse.SUPPRESS, help="passes over the prompts (default: 1)")
     bench.add_argument("--out", type=Path, default=argparse.SUPPRESS, help="output folder (default: bench-out)")
     bench.add_argument(
         "--no-peers", dest="peers", action="store_false", default=argparse.SUPPRESS, help="skip the transformers generate() peers"
     )
-    _add_settings_flags(bench, ModelSettings)
-    _add_settings_flags(bench, SpeculationSettings, skip=("depth",))
-    _add_settings_flags(bench, SamplingParams, skip=("temperature", "top_k", "top_p", "seed", "stop"))
-    _common_flags(bench)
     bench.set_defaults(run=_run_bench)
     return parser
 
@@ -125,11 +131,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 def _run_check(args: argparse.Namespace) -> int:
     from verispec.check import run_check
 
-    depths = None
-    if args.depths is not None:
-        depths = [d.strip() for d in args.depths.split(",") if d.strip()]
-        if not depths:
-            raise UserError("--depth needs at least one depth, e.g. --depth 4 or --depth 2,4,auto")
+    depths = _depth_list(args, "--depth")
     return run_check(settings_from(args), args.prompts, depths=depths, limit=args.limit, report=args.report)
 
 
@@ -139,10 +141,9 @@ def _run_bench(args: argparse.Namespace) -> int:
     from verispec.bench import run_bench
 
     options = {name: getattr(args, name) for name in ("repeats", "out", "peers") if hasattr(args, name)}
-    if hasattr(args, "depths"):
-        options["depths"] = [d.strip() for d in args.depths.split(",") if d.strip()]
-        if not options["depths"]:
-            raise UserError("--depths needs at least one depth, e.g. --depths 4 or --depths 1,2,4,auto")
+    depths = _depth_list(args, "--depths")
+    if depths is not None:
+        options["depths"] = depths
     command = shlex.join(["verispec", *sys.argv[1:]])
     return run_bench(settings_from(args), args.prompts, limit=args.limit, command=command, **options)
 
