@@ -114,13 +114,14 @@ class SpeculativeEngine:
     ) -> Iterator[Delta]:
         """Yield verified tokens round by round. `depth` overrides the configured depth for this
         request. Closing the iterator early cancels the request and frees its caches."""
-        started = time.perf_counter()
         params = params or SamplingParams()
         speculation = self.speculation
         if depth is not None:
             speculation = SpeculationSettings.model_validate({**speculation.model_dump(), "depth": depth})
-        request = self._start(self.encode(prompt), params, speculation)
+        # The step costs are measured once per engine, on first use: not this request's time.
         policy = depth_policy(speculation, self.costs() if speculation.depth == "auto" else None)
+        started = time.perf_counter()
+        request = self._start(self.encode(prompt), params, speculation)
         while True:
             remaining = params.max_new_tokens - request.generated
             depth = min(policy.depth(), remaining - 1)  # a round emits up to depth + 1 tokens
