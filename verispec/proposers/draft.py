@@ -53,12 +53,19 @@ class DraftModelSession:
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
         for i in range(depth):
-            dist = torch.softmax(logits, dim=-1) if greedy else warp(logits, policy.sampling)  # (V,)
-            if i > 0 and float(dist.max()) < policy.min_confidence:
+            if greedy:
+                token = int(logits.argmax())
+                # Greedy acceptance needs no draft distribution: build it only to test confidence.
+                confidence = float(torch.softmax(logits, dim=-1)[token]) if policy.min_confidence > 0 else 1.0
+            else:
+                dist = warp(logits, policy.sampling)  # (V,)
+                confidence = float(dist.max())
+            if i > 0 and confidence < policy.min_confidence:
                 break  # the draft is unsure; further tokens would mostly be rejected
-            token = int(dist.argmax()) if greedy else int(sample(dist, policy.generator))
+            if not greedy:
+                token = int(sample(dist, policy.generator))
+                probs.append(dist)
             tokens.append(token)
-            probs.append(dist)
             if i == depth - 1 or time.perf_counter() - started > policy.time_budget_s:
                 break
             logits = self._feed([token])
