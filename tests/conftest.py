@@ -82,15 +82,16 @@ def make_engine(
     target: str, draft: str | None = None, proposer: str = "draft", backend: str = "auto", **speculation
 ) -> SpeculativeEngine:
     device, dtype = torch.device("cpu"), torch.float32
+    settings = SpeculationSettings(**speculation)
     target_lm = load_model(target, device, dtype, backend=backend)
     if proposer == "draft":
         draft_lm = target_lm if draft == target else load_model(draft, device, dtype, role="draft", backend=backend)
         prop = DraftModelProposer(draft_lm, target_vocab_size=target_lm.vocab_size)
     elif proposer == "ngram":
-        prop = NgramProposer()
+        prop = NgramProposer(settings.ngram_max, settings.ngram_min)
     else:
         prop = None
-    return SpeculativeEngine(target_lm, load_tokenizer(target), prop, SpeculationSettings(**speculation))
+    return SpeculativeEngine(target_lm, load_tokenizer(target), prop, settings)
 
 
 def random_prompts(count: int, vocab: int, seed: int, min_len: int = 1, max_len: int = 24) -> list[list[int]]:

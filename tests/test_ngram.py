@@ -25,7 +25,7 @@ def test_lookup(context, depth, max_n, min_n, expected):
 
 
 def test_proposals_are_point_masses_bounded_by_depth():
-    proposal = NgramProposer(max_ngram=2).session().propose([1, 2, 3, 1, 2, 3, 1, 2], depth=3)
+    proposal = NgramProposer(max_ngram=2, min_ngram=1).session().propose([1, 2, 3, 1, 2, 3, 1, 2], depth=3)
     assert proposal.tokens == [3, 1, 2]
     assert proposal.probs is None
 

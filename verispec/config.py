@@ -62,8 +62,10 @@ class SpeculationSettings(BaseModel):
     max_proposer_failures: int = Field(
         3, ge=1, description="consecutive proposer failures after which a request continues verifier-only"
     )
-    ngram_max: int = Field(3, ge=1, description="longest context suffix the n-gram proposer matches")
-    ngram_min: int = Field(1, ge=1, description="shortest context suffix the n-gram proposer matches")
+    ngram_max: int = Field(5, ge=1, description="longest context suffix the n-gram proposer matches")
+    ngram_min: int = Field(
+        2, ge=1, description="shortest context suffix the n-gram proposer matches (a single shared token predicts little)"
+    )
 
     @field_validator("depth", mode="before")
     @classmethod

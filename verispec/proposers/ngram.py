@@ -17,7 +17,7 @@ from verispec.proposers.base import DraftPolicy, Proposal
 class NgramProposer:
     name = "ngram"
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, max_ngram: int, min_ngram: int):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {min_ngram} and {max_ngram}")
         self.max_ngram = max_ngram
