@@ -158,7 +158,9 @@ class SpeculativeEngine:
         seed = None if params.greedy else (params.seed if params.seed is not None else secrets.randbits(63))
         generator = None if seed is None else request_generator(seed, self.target.device)
         stats = RequestStats(prompt_tokens=len(prompt_ids), seed=seed)
-        verifier = self.target.session()
+        # A round never holds more than prompt + max_new_tokens - 1 positions (depth is capped by
+        # the remaining budget), so the cache can be sized exactly.
+        verifier = self.target.session(capacity=len(prompt_ids) + params.max_new_tokens)
         t0 = time.perf_counter()
         if len(prompt_ids) > 1:
             verifier.extend(prompt_ids[:-1], last_only=True)  # the last prompt token opens round one
