@@ -44,14 +44,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markdown import Markdown
 from tqdm import tqdm
 
 import verispec
+from verispec import check
 from verispec.assemble import build_engine, resolve_models
-from verispec.config import Depth, ModelSettings, SamplingParams, Settings, SpeculationSettings
+from verispec.config import Depth, ModelSettings, SamplingParams, Settings
 from verispec.engine import SpeculativeEngine
 from verispec.errors import UserError
 from verispec.models import resolve_device, resolve_dtype
@@ -107,15 +107,7 @@ class Result:
 
 def parse_depths(raw: Sequence[str]) -> list[Depth]:
     """Depths to bench with the draft model, deduplicated; 0 is verifier-only, always run."""
-    depths: list[Depth] = []
-    for item in raw:
-        try:
-            depth = SpeculationSettings(depth=item).depth
-        except ValidationError:
-            raise UserError(f"--depths: {item!r} is not a depth; use integers >= 0 or auto, e.g. --depths 1,2,4,auto") from None
-        if depth != 0 and depth not in depths:
-            depths.append(depth)
-    return depths
+    return [depth for depth in dict.fromkeys(check.parse_depths(list(raw), flag="--depths")) if depth != 0]
 
 
 def verispec_configurations(engine: SpeculativeEngine, settings: Settings, depths: list[Depth], has_draft: bool) -> list[Configuration]:

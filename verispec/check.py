@@ -21,7 +21,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from verispec.assemble import build_engine
-from verispec.config import Depth, SamplingParams, Settings, SpeculationSettings, describe_validation_error
+from verispec.config import Depth, SamplingParams, Settings, SpeculationSettings
 from verispec.engine import SpeculativeEngine
 from verispec.errors import UserError
 from verispec.prompts import Prompt, load_prompts
@@ -59,11 +59,14 @@ class DepthResult:
         }
 
 
-def parse_depths(raw: list[str]) -> list[Depth]:
-    try:
-        return [SpeculationSettings(depth=d).depth for d in raw]
-    except ValidationError as exc:
-        raise UserError(describe_validation_error(exc)) from None
+def parse_depths(raw: list[str], flag: str = "--depth") -> list[Depth]:
+    depths: list[Depth] = []
+    for item in raw:
+        try:
+            depths.append(SpeculationSettings(depth=item).depth)
+        except ValidationError:
+            raise UserError(f"{flag}: {item!r} is not a depth; use integers >= 0 or auto, e.g. {flag} 2,4,auto") from None
+    return depths
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
