@@ -1,7 +1,7 @@
 """One typed configuration source.
 
 Each concern is a small frozen pydantic model; `Settings` combines them and reads, in rising
-precedence, built-in defaults, a config file (TOML or JSON), `VERISPEC_*` environment variables
+precedence, built-in defaults, a config file (TOML, YAML or JSON), `VERISPEC_*` environment variables
 and CLI flags. The CLI's flags are generated from these fields (see `cli.py`), so a default is
 written once, here.
 """
@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import tomllib
+
+import yaml
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
 from verispec.errors import UserError
@@ -103,10 +105,55 @@ class SamplingParams(BaseModel):
         return tuple(value)
 
 
+class ServerSettings(BaseModel):
+    """`verispec serve`: where it listens, whom it admits, how it protects the verifier."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for all interfaces)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
+    served_model_name: str | None = Field(None, description="model name clients send; default: the target's folder name")
+    api_keys: SecretStr | None = Field(
+        None, description="comma-separated API keys, each 'KEY' or 'ID:KEY'; none = no authentication (env: VERISPEC_API_KEYS)"
+    )
+    api_keys_file: Path | None = Field(None, description="file of API keys, one 'KEY' or 'ID:KEY' per line")
+    max_running: int = Field(4, ge=1, description="requests generating at once (their rounds interleave)")
+    max_waiting: int = Field(16, ge=0, description="requests queued beyond --max-running; past it: 503 at once")
+    deadline_s: float = Field(300.0, ge=0.0, description="longest a request may take, queue included (0 = none); 504 past it")
+    rate_limit_rpm: int = Field(0, ge=0, description="requests per minute per API key (0 = unlimited)")
+    rate_limit_tpm: int = Field(0, ge=0, description="prompt + max tokens per minute per API key (0 = unlimited)")
+    speculation_stats: bool = Field(False, description="add speculation statistics to every response (else opt-in per request)")
+    breaker_min_acceptance: float = Field(
+        0.1, ge=0.0, le=1.0, description="circuit breaker: turn speculation off when the rolling acceptance rate falls below this"
+    )
+    breaker_window: int = Field(256, ge=8, description="circuit breaker: draft tokens the rolling acceptance rate covers")
+    breaker_max_failures: int = Field(
+        5, ge=1, description="circuit breaker: proposer failures or timeouts within the last 64 rounds that turn speculation off"
+    )
+    breaker_cooldown_s: float = Field(30.0, gt=0.0, description="circuit breaker: seconds off before speculation is probed again")
+    load_depth_from: float = Field(
+        0.5, ge=0.0, le=1.0, description="load (queued + running over capacity) from which speculation depth shrinks"
+    )
+    load_depth_off: float = Field(1.0, ge=0.0, le=1.0, description="load at which speculation turns off")
+    grace_s: float = Field(30.0, ge=0.0, description="on shutdown, time in-flight requests get to finish before they are cancelled")
+    slo_ttft_s: float = Field(0.5, gt=0.0, description="time-to-first-token objective: a histogram bucket bound")
+    slo_itl_s: float = Field(0.05, gt=0.0, description="inter-token latency objective: a histogram bucket bound")
+    slo_e2e_s: float = Field(10.0, gt=0.0, description="end-to-end latency objective: a histogram bucket bound")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="server log level")
+
+    @field_validator("load_depth_off")
+    @classmethod
+    def _off_after_start(cls, value: float, info: Any) -> float:
+        start = info.data.get("load_depth_from")
+        if start is not None and value < start:
+            raise ValueError(f"must be at least --load-depth-from ({start})")
+        return value
+
+
 Part = TypeVar("Part", bound=BaseModel)
 
 
-class Settings(ModelSettings, SpeculationSettings, SamplingParams, BaseSettings):
+class Settings(ModelSettings, SpeculationSettings, SamplingParams, ServerSettings, BaseSettings):
     """Everything a `verispec` command reads, flat so that flags and env vars stay short."""
 
     model_config = SettingsConfigDict(env_prefix="VERISPEC_", frozen=True, extra="forbid")
@@ -142,14 +189,23 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+_CONFIG_FORMATS = {
+    ".toml": ("TOML", tomllib.loads),
+    ".yaml": ("YAML", yaml.safe_load),
+    ".yml": ("YAML", yaml.safe_load),
+    ".json": ("JSON", json.loads),
+}
+
+
 def _read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
     text = path.read_text()
+    kind, parse = _CONFIG_FORMATS.get(path.suffix.lower(), ("JSON", json.loads))
     try:
-        values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}") from None
+        values = parse(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise UserError(f"config file {path} is not valid {kind}: {exc}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a table of settings")
     return {key.replace("-", "_"): value for key, value in values.items()}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +38,18 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Round:
+    """What one round did, for whoever watches the engine live (server metrics, circuit breaker)."""
+
+    depth: int  # drafts asked for
+    proposed: int
+    accepted: int
+    propose_s: float
+    verify_s: float
+    proposer_failed: bool = False  # the proposer raised, returned junk or ran out of time: verifier-only round
+
+
+@dataclass(frozen=True)
 class Delta:
     """What one round adds to a request's output; only verified tokens, ever."""
 
@@ -45,6 +57,7 @@ class Delta:
     text: str  # final text these tokens complete (may lag the tokens, see TextStream)
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length" on the last delta
     stats: RequestStats | None = None  # on the last delta
+    round: Round | None = None
 
 
 @dataclass(frozen=True)
@@ -110,10 +123,15 @@ class SpeculativeEngine:
         return Completion(token_ids, "".join(text), delta.finish_reason, delta.stats)
 
     def stream(
-        self, prompt: str | Sequence[int], params: SamplingParams | None = None, depth: Depth | None = None
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        depth: Depth | None = None,
+        depth_limit: Callable[[], int] | None = None,
     ) -> Iterator[Delta]:
         """Yield verified tokens round by round. `depth` overrides the configured depth for this
-        request. Closing the iterator early cancels the request and frees its caches."""
+        request; `depth_limit`, asked before every round, caps it (a server shrinks speculation
+        under load). Closing the iterator early cancels the request and frees its caches."""
         params = params or SamplingParams()
         speculation = self.speculation
         if depth is not None:
@@ -125,15 +143,23 @@ class SpeculativeEngine:
         while True:
             remaining = params.max_new_tokens - request.generated
             depth = min(policy.depth(), remaining - 1)  # a round emits up to depth + 1 tokens
+            if depth_limit is not None:
+                depth = max(0, min(depth, depth_limit()))
+            stats, before = request.stats, (request.stats.propose_s, request.stats.verify_s, request.stats.fallback_rounds)
             proposal = self._propose(request, depth)
             target_logits = self._score(request, proposal)
             verdict = self._accept(request, proposal, target_logits)
 
             accepted = int(verdict.accepted[0])
             request.verifier.rollback(len(request.tokens) + accepted)
-            request.stats.record_round(depth, len(proposal.tokens), accepted)
+            stats.record_round(depth, len(proposal.tokens), accepted)
             policy.update(len(proposal.tokens), accepted)
-            delta = self._emit(request, proposal.tokens[:accepted] + [int(verdict.next_token[0])])
+            round_ = Round(
+                depth, len(proposal.tokens), accepted,
+                propose_s=stats.propose_s - before[0], verify_s=stats.verify_s - before[1],
+                proposer_failed=stats.fallback_rounds > before[2],
+            )
+            delta = self._emit(request, proposal.tokens[:accepted] + [int(verdict.next_token[0])], round_)
             if delta.finish_reason:
                 request.stats.total_s = time.perf_counter() - started
                 yield delta
@@ -230,7 +256,7 @@ class SpeculativeEngine:
         draft_probs = None if proposal.probs is None else proposal.probs.to(target_logits.device)[None]
         return accept_stochastic(drafts, draft_probs, warp(target_logits, params)[None], request.draft_policy.generator)
 
-    def _emit(self, request: _Request, new_tokens: list[int]) -> Delta:
+    def _emit(self, request: _Request, new_tokens: list[int], round_: Round) -> Delta:
         """Append verified tokens up to EOS, a stop string or the length limit."""
         emitted: list[int] = []
         text = []
@@ -247,7 +273,7 @@ class SpeculativeEngine:
                 text.append(request.text.flush())
                 break
         request.stats.generated_tokens += len(emitted)
-        return Delta(emitted, "".join(text), finish, request.stats if finish else None)
+        return Delta(emitted, "".join(text), finish, request.stats if finish else None, round_)
 
 
 def _validate(proposal: Proposal, depth: int, vocab_size: int) -> None:
