@@ -1,4 +1,4 @@
-"""`verispec` command line: generate, check, bench.
+"""`verispec` command line: generate, check, bench, serve, loadtest.
 
 Flags are generated from the pydantic settings (config.py), so each default lives in one place.
 Errors a user can cause print one line and exit 2.
@@ -15,7 +15,14 @@ from typing import Any, NoReturn
 
 from pydantic import BaseModel
 
-from verispec.config import ModelSettings, SamplingParams, Settings, SpeculationSettings, load_settings
+from verispec.config import (
+    ModelSettings,
+    SamplingParams,
+    ServerSettings,
+    Settings,
+    SpeculationSettings,
+    load_settings,
+)
 from verispec.errors import UserError
 
 
@@ -41,7 +48,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
 
 
 def _common_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None, help="TOML or JSON file of settings (flags and VERISPEC_* env vars override it)")
+    parser.add_argument(
+        "--config", type=Path, default=None, help="TOML, YAML or JSON file of settings (flags and VERISPEC_* env vars override it)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
 
 
@@ -99,6 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-peers", dest="peers", action="store_false", default=argparse.SUPPRESS, help="skip the transformers generate() peers"
     )
     bench.set_defaults(run=_run_bench)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI API (completions, chat completions) over HTTP")
+    _add_settings_flags(serve, ModelSettings)
+    _add_settings_flags(serve, SpeculationSettings)
+    _add_settings_flags(serve, ServerSettings)
+    serve.add_argument(
+        "--max-new-tokens", dest="max_new_tokens", type=int, default=argparse.SUPPRESS, metavar="N",
+        help=f"max_tokens for requests that send none (default: {SamplingParams.model_fields['max_new_tokens'].default})",
+    )
+    _common_flags(serve)
+    serve.set_defaults(run=_run_serve)
+
+    from verispec.loadtest import add_loadtest_command
+
+    add_loadtest_command(commands)
     return parser
 
 
@@ -148,6 +172,12 @@ def _run_bench(args: argparse.Namespace) -> int:
     return run_bench(settings_from(args), args.prompts, limit=args.limit, command=command, **options)
 
 
+def _run_serve(args: argparse.Namespace) -> int:
+    from verispec.server.serve import serve
+
+    return serve(settings_from(args))
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
@@ -158,8 +188,10 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    server_like = args.command == "serve"
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="verispec: %(levelname)s: %(message)s"
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if server_like else "verispec: %(levelname)s: %(message)s",
     )
     try:
         _quiet_libraries()

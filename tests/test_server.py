@@ -1,0 +1,382 @@
+"""`verispec serve` over real HTTP: real server processes on loopback, tiny random models.
+
+Three servers: a well-behaved one (API keys, a chat template), one whose proposer is slow (to
+fill the queue, pass deadlines and disconnect mid-stream), and one whose proposer always fails
+(exact output anyway, circuit breaker, rate limits).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import shutil
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from tests.conftest import run_verispec
+from tests.serving import ServerProcess, metric
+
+# Greedy continuations of this prompt on the tiny llama run to the length limit (no early EOS),
+# so a request with it lasts as many rounds as asked for.
+LONG_PROMPT = "t4 t7 t10 t13 t16"
+PROMPTS = [LONG_PROMPT, "t5 t9 t13 t17 t21", "t3 t5 t7 t9 t11"]
+KEY = "sk-alice-0123456789"
+
+
+@pytest.fixture(scope="module")
+def chat_target(tiny_models, tmp_path_factory) -> str:
+    """The tiny llama with a chat template; the folder name is the served model name."""
+    path = tmp_path_factory.mktemp("chat") / "chat-llama"
+    shutil.copytree(tiny_models["llama"], path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}t9{% endif %}"
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def server(chat_target, tiny_models, tmp_path_factory):
+    proc = ServerProcess(
+        ["--target", chat_target, "--draft", tiny_models["llama-draft"], "--max-new-tokens", "16", "--log-level", "info"],
+        log_dir=tmp_path_factory.mktemp("logs"),
+        env={"VERISPEC_API_KEYS": f"alice:{KEY},sk-other"},
+    ).wait_ready()
+    yield proc
+    proc.stop_gracefully()
+
+
+@pytest.fixture(scope="module")
+def slow_server(tiny_models, tmp_path_factory):
+    """Every proposal sleeps 0.25 s: a round takes that long, whatever the machine."""
+    proc = ServerProcess(
+        ["slow:0.25", "--target", tiny_models["llama"], "--draft", tiny_models["llama-draft"], "--depth", "2",
+         "--max-running", "1", "--max-waiting", "1", "--deadline-s", "4"],
+        module="tests.faulty_server", log_dir=tmp_path_factory.mktemp("logs"),
+    ).wait_ready()
+    yield proc
+    proc.stop_gracefully()
+
+
+@pytest.fixture(scope="module")
+def failing_server(tiny_models, tmp_path_factory):
+    proc = ServerProcess(
+        ["fail", "--target", tiny_models["llama"], "--draft", tiny_models["llama-draft"], "--depth", "3",
+         "--breaker-max-failures", "3", "--breaker-cooldown-s", "600", "--rate-limit-rpm", "3",
+         "--api-keys", "bob:sk-bob,carol:sk-carol,dave:sk-dave"],
+        module="tests.faulty_server", log_dir=tmp_path_factory.mktemp("logs"),
+    ).wait_ready()
+    yield proc
+    proc.stop_gracefully()
+
+
+def post(server: ServerProcess, path: str, body: dict | str, key: str | None = KEY, **headers) -> httpx.Response:
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    content = body if isinstance(body, str) else json.dumps(body)
+    return httpx.post(server.url + path, content=content, headers={"content-type": "application/json", **headers}, timeout=60)
+
+
+def stream_events(server: ServerProcess, body: dict, key: str | None = KEY) -> list:
+    """The SSE data payloads of a streaming request, decoded ([DONE] as the string)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    events = []
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, headers=headers, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append("[DONE]" if line == "data: [DONE]" else json.loads(line[6:]))
+    return events
+
+
+def cli_generate(target: str, draft: str, prompt: str, max_new_tokens: int, *extra: str) -> str:
+    result = run_verispec("generate", "--target", target, "--draft", draft, "--max-new-tokens", str(max_new_tokens), *extra, prompt)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.removesuffix("\n")
+
+
+# -- exactness ------------------------------------------------------------------------------------
+
+
+def test_greedy_results_equal_verispec_generate(server, chat_target, tiny_models):
+    for prompt in PROMPTS:
+        expected = cli_generate(chat_target, tiny_models["llama-draft"], prompt, 24)
+        assert expected == cli_generate(chat_target, tiny_models["llama-draft"], prompt, 24, "--depth", "0")
+        body = {"model": "chat-llama", "prompt": prompt, "max_tokens": 24, "temperature": 0}
+
+        response = post(server, "/v1/completions", body)
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        assert choice["text"] == expected
+
+        events = stream_events(server, {**body, "stream_options": {"include_usage": True}})
+        assert events[-1] == "[DONE]"
+        chunks = events[:-1]
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == expected
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == choice["finish_reason"]
+        assert chunks[-1]["usage"] == response.json()["usage"]
+
+
+def test_sampling_with_a_seed_reproduces(server):
+    body = {"model": "chat-llama", "prompt": LONG_PROMPT, "max_tokens": 16, "temperature": 0.9, "top_p": 0.95, "top_k": 20, "seed": 11}
+    first, second = post(server, "/v1/completions", body).json(), post(server, "/v1/completions", body).json()
+    assert first["choices"][0]["text"] == second["choices"][0]["text"]
+
+
+# -- the openai client -------------------------------------------------------------------------------
+
+
+def test_the_openai_client_works_unchanged(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY)
+    assert [m.id for m in client.models.list()] == ["chat-llama"]
+
+    completion = client.completions.create(model="chat-llama", prompt=LONG_PROMPT, max_tokens=8, temperature=0)
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage.completion_tokens == 8 and completion.usage.prompt_tokens == 5
+
+    streamed = client.completions.create(
+        model="chat-llama", prompt=LONG_PROMPT, max_tokens=8, temperature=0, stream=True,
+        extra_body={"speculation_stats": True},
+    )
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == completion.choices[0].text
+    stats = chunks[-1].model_extra["speculation_stats"]
+    assert stats["verifier_calls"] >= 1 and stats["accepted"] <= stats["proposed"]
+
+    chat = client.chat.completions.create(
+        model="chat-llama", messages=[{"role": "user", "content": "t1 t2"}], max_tokens=6, temperature=0
+    )
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content
+    chat_stream = client.chat.completions.create(
+        model="chat-llama", messages=[{"role": "user", "content": "t1 t2"}], max_tokens=6, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chat_stream) == chat.choices[0].message.content
+
+
+def test_the_openai_client_sees_api_errors(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="unknown model"):
+        client.completions.create(model="gpt-4", prompt="t1", max_tokens=2)
+
+
+# -- errors -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, message", [(None, "missing API key"), ("sk-wrong", "invalid API key")])
+def test_missing_or_wrong_key_is_401(server, key, message):
+    response = post(server, "/v1/completions", {"model": "chat-llama", "prompt": "t1"}, key=key)
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert message in error["message"] and error["code"] == "invalid_api_key"
+    assert response.headers["x-request-id"]
+
+
+def test_a_key_given_with_no_id_works(server):
+    assert post(server, "/v1/completions", {"model": "chat-llama", "prompt": "t1", "max_tokens": 1}, key="sk-other").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, param, message",
+    [
+        ({"model": "nope", "prompt": "t1"}, "model", "unknown model 'nope'"),
+        ({"prompt": "t1"}, "model", "'model' is required"),
+        ({"model": "chat-llama", "prompt": "t1", "temperature": 3}, "temperature", "less than or equal to 2"),
+        ({"model": "chat-llama", "prompt": "t1", "top_p": 0}, "top_p", "greater than 0"),
+        ({"model": "chat-llama", "prompt": "t1", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+        ({"model": "chat-llama", "prompt": "t1", "n": 2}, "n", "only n=1"),
+        ({"model": "chat-llama", "prompt": "t1", "logprobs": 2}, "logprobs", "logprobs"),
+        ({"model": "chat-llama", "prompt": "t1", "frequency_penalty": 0.5}, "presence_penalty", "not supported"),
+        ({"model": "chat-llama", "prompt": "t1", "stop": [""]}, "stop", "must not be empty"),
+        ({"model": "chat-llama", "prompt": ["t1", "t2"]}, "prompt", "one prompt per request"),
+        ({"model": "chat-llama", "prompt": ""}, "prompt", "empty"),
+        ({"model": "chat-llama", "prompt": [1, 2, 999]}, "prompt", "token ids"),
+        ({"model": "chat-llama", "prompt": "t1", "max_tokens": 600}, "max_tokens", "maximum context length is 512"),
+        ({"model": "chat-llama", "prompt": " ".join(["t1"] * 600)}, "prompt", "maximum context length is 512"),
+        ({"model": "chat-llama", "prompt": "t1", "depth": -1}, "depth", "depth must be 0 or more"),
+        ("{not json", None, "not valid JSON"),
+    ],
+)
+def test_bad_input_is_400_in_openai_format(server, body, param, message):
+    response = post(server, "/v1/completions", body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert message in error["message"]
+    assert error["param"] == param
+
+
+def test_chat_needs_messages(server):
+    response = post(server, "/v1/chat/completions", {"model": "chat-llama", "messages": []})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+
+
+def test_unknown_route_and_method(server):
+    assert httpx.get(server.url + "/v1/nothing").status_code == 404
+    response = httpx.get(server.url + "/v1/completions")
+    assert response.status_code == 405 and "error" in response.json()
+
+
+def test_request_ids(server):
+    given = post(server, "/v1/completions", {"model": "chat-llama", "prompt": "t1", "max_tokens": 1}, **{"x-request-id": "trace-42"})
+    assert given.headers["x-request-id"] == "trace-42"
+    assert given.json()["id"] == "cmpl-trace-42"
+    made = httpx.get(server.url + "/healthz")
+    assert len(made.headers["x-request-id"]) == 32
+    assert made.json() == {"status": "ok"}
+    assert httpx.get(server.url + "/readyz").json()["status"] == "ready"
+
+
+# -- metrics ------------------------------------------------------------------------------------------
+
+
+def test_metrics_follow_the_requests(server):
+    before = server.metrics()
+    body = {"model": "chat-llama", "prompt": LONG_PROMPT, "max_tokens": 12, "temperature": 0, "speculation_stats": True}
+    response = post(server, "/v1/completions", body).json()
+    after = server.metrics()
+
+    def delta(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    stats = response["speculation_stats"]
+    assert delta("verispec:generation_tokens_total") == response["usage"]["completion_tokens"] == 12
+    assert delta("verispec:prompt_tokens_total") == response["usage"]["prompt_tokens"]
+    assert delta("verispec:request_success_total", finished_reason="length") == 1
+    assert delta("verispec:requests_total", endpoint="/v1/completions", status="200") == 1
+    assert delta("verispec:spec_decode_num_draft_tokens_total") == stats["proposed"]
+    assert delta("verispec:spec_decode_num_accepted_tokens_total") == stats["accepted"]
+    assert delta("verispec:spec_decode_num_accepted_tokens_per_pos_total") == stats["accepted"]
+    assert delta("verispec:spec_recovered_tokens_total") == stats["recovered"]
+    assert delta("verispec:spec_bonus_tokens_total") == stats["bonus"]
+    assert delta("verispec:verifier_calls_total") == stats["verifier_calls"]
+    assert delta("verispec:e2e_request_latency_seconds_count") == 1
+    assert delta("verispec:time_to_first_token_seconds_count") == 1
+    assert delta("verispec:inter_token_latency_seconds_count") == 11
+    assert metric(after, "verispec:num_requests_running") == 0
+    # SLO thresholds are bucket bounds, so `le` hits them exactly.
+    assert 'verispec:time_to_first_token_seconds_bucket{le="0.5",model_name="chat-llama"}' in after
+
+
+# -- admission control, deadlines, disconnects ----------------------------------------------------------
+
+
+def test_a_flood_beyond_the_queue_gets_503_with_retry_after(slow_server):
+    body = {"model": "llama", "prompt": LONG_PROMPT, "max_tokens": 4, "temperature": 0}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda _: post(slow_server, "/v1/completions", body, key=None), range(8)))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(503) >= 5 and statuses.count(200) >= 1, statuses
+    for r in responses:
+        if r.status_code == 503:
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"]["code"] == "overloaded"
+
+
+def test_past_the_deadline_is_504(slow_server):
+    started = time.monotonic()
+    response = post(slow_server, "/v1/completions", {"model": "llama", "prompt": LONG_PROMPT, "max_tokens": 100}, key=None)
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "deadline_exceeded"
+    assert time.monotonic() - started < 8
+
+
+def test_a_stream_past_its_deadline_ends_with_an_error_event(slow_server):
+    events = stream_events(slow_server, {"model": "llama", "prompt": LONG_PROMPT, "max_tokens": 100}, key=None)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == "deadline_exceeded", events[-3:]
+
+
+def test_disconnect_mid_stream_frees_the_slot(slow_server):
+    before = slow_server.metrics()
+    body = {"model": "llama", "prompt": LONG_PROMPT, "max_tokens": 100, "stream": True}
+    with httpx.stream("POST", slow_server.url + "/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the first verified tokens arrived; now hang up
+    hung_up = time.monotonic()
+    while metric(slow_server.metrics(), "verispec:num_requests_running") != 0:
+        assert time.monotonic() - hung_up < 2.5, "the abandoned request still holds its slot"
+        time.sleep(0.05)
+    after = slow_server.metrics()
+    assert metric(after, "verispec:request_outcomes_total", outcome="cancelled") == metric(before, "verispec:request_outcomes_total", outcome="cancelled") + 1
+    assert post(slow_server, "/v1/completions", {"model": "llama", "prompt": "t1", "max_tokens": 2}, key=None).status_code == 200
+
+
+def test_a_model_without_a_chat_template_gets_400(slow_server):
+    response = post(slow_server, "/v1/chat/completions", {"model": "llama", "messages": [{"role": "user", "content": "t1"}]}, key=None)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "no_chat_template"
+
+
+# -- proposer failure and the circuit breaker ------------------------------------------------------------
+
+
+def test_a_failing_proposer_still_gives_exact_output_and_trips_the_breaker(failing_server, tiny_models):
+    expected = cli_generate(tiny_models["llama"], tiny_models["llama-draft"], LONG_PROMPT, 24, "--depth", "0")
+    body = {"model": "llama", "prompt": LONG_PROMPT, "max_tokens": 24, "temperature": 0, "speculation_stats": True}
+    first = post(failing_server, "/v1/completions", body, key="sk-carol").json()
+    assert first["choices"][0]["text"] == expected
+    assert first["speculation_stats"]["proposer_failures"] >= 3
+    assert first["speculation_stats"]["fallback_rounds"] >= 3
+
+    samples = failing_server.metrics()
+    assert metric(samples, "verispec:breaker_state") == 1  # open: verifier only
+    assert metric(samples, "verispec:breaker_transitions_total", state="open") == 1
+    assert metric(samples, "verispec:proposer_failures_total") >= 3
+    assert "speculation circuit breaker open" in failing_server.log()
+
+    second = post(failing_server, "/v1/completions", body, key="sk-carol").json()
+    assert second["choices"][0]["text"] == expected
+    assert second["speculation_stats"]["proposer_failures"] == 0  # speculation is off for new work
+    assert second["speculation_stats"]["proposed"] == 0
+    assert httpx.get(failing_server.url + "/readyz").json()["breaker"] == "open"
+
+
+def test_per_key_rate_limit_is_429(failing_server):
+    body = {"model": "llama", "prompt": "t1", "max_tokens": 1}
+    for remaining in (2, 1, 0):
+        response = post(failing_server, "/v1/completions", body, key="sk-bob")
+        assert response.status_code == 200
+        assert response.headers["x-ratelimit-limit-requests"] == "3"
+        assert response.headers["x-ratelimit-remaining-requests"] == str(remaining)
+    limited = post(failing_server, "/v1/completions", body, key="sk-bob")
+    assert limited.status_code == 429
+    assert 1 <= int(limited.headers["retry-after"]) <= 60
+    assert limited.headers["x-ratelimit-remaining-requests"] == "0"
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert post(failing_server, "/v1/completions", body, key="sk-dave").status_code == 200  # other keys unaffected
+
+
+# -- shutdown -------------------------------------------------------------------------------------------
+
+
+def test_graceful_shutdown_finishes_the_stream_in_flight(tiny_models, tmp_path):
+    proc = ServerProcess(
+        ["slow:0.2", "--target", tiny_models["llama"], "--draft", tiny_models["llama-draft"], "--depth", "1"],
+        module="tests.faulty_server", log_dir=tmp_path,
+    ).wait_ready()
+    body = {"model": "llama", "prompt": LONG_PROMPT, "max_tokens": 10, "stream": True, "temperature": 0}
+    lines = []
+    try:
+        with httpx.stream("POST", proc.url + "/v1/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if not lines:
+                    proc.process.send_signal(signal.SIGTERM)  # mid-stream
+                lines.append(line)
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(proc.url + "/healthz")  # no longer admitting
+    finally:
+        proc.stop_gracefully()
+    events = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+    assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
+    assert events[-1]["choices"][0]["finish_reason"] == "length"

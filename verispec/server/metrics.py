@@ -1,0 +1,145 @@
+"""Prometheus metrics for `GET /metrics`.
+
+Names follow vLLM's (`vllm:` becomes `verispec:`), so dashboards, alerts and routers built for
+vLLM work with a prefix swap; the rest are verispec's own. The engine counts, PromQL derives the
+rates (written out in the README):
+
+    acceptance rate         rate(verispec:spec_decode_num_accepted_tokens_total[5m])
+                              / rate(verispec:spec_decode_num_draft_tokens_total[5m])
+    correction rate         rate(verispec:spec_recovered_tokens_total[5m])
+                              / rate(verispec:spec_decode_num_drafts_total[5m])
+    verifier calls/request  rate(verispec:verifier_calls_total[5m])
+                              / rate(verispec:e2e_request_latency_seconds_count[5m])
+    mean accepted length    rate(verispec:spec_decode_num_accepted_tokens_total[5m])
+                              / rate(verispec:spec_decode_num_drafts_total[5m])
+
+Labels carry nothing per request or per user: only the model name and small fixed sets.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from verispec.config import ServerSettings
+from verispec.engine import Round
+from verispec.server.breaker import BreakerState
+from verispec.stats import RequestStats
+
+P = "verispec:"
+
+disable_created_metrics()  # no `_created` series: dashboards never read them, they double the scrape
+
+# vLLM's buckets, with our SLO thresholds added so that `le` hits them exactly.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0)
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+
+def _with(buckets: tuple[float, ...], *thresholds: float) -> list[float]:
+    return sorted(set(buckets) | set(thresholds))
+
+
+class ServerMetrics:
+    """All the server's metrics, in a registry of their own (several apps can share a process)."""
+
+    def __init__(self, model_name: str, server: ServerSettings, max_depth: int):
+        self.registry = registry = CollectorRegistry()
+        self.max_depth = max_depth
+        m = ["model_name"]
+
+        def counter(name, doc, labels=()):
+            return Counter(P + name, doc, m + list(labels), registry=registry)
+
+        def histogram(name, doc, buckets):
+            return Histogram(P + name, doc, m, buckets=buckets, registry=registry).labels(model_name)
+
+        def gauge(name, doc):
+            return Gauge(P + name, doc, m, registry=registry).labels(model_name)
+
+        # -- vLLM's names --------------------------------------------------------------------
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", _with(TTFT_BUCKETS, server.slo_ttft_s))
+        self.itl = histogram("inter_token_latency_seconds", "Time between output tokens.", _with(ITL_BUCKETS, server.slo_itl_s))
+        self.tpot = histogram(
+            "request_time_per_output_token_seconds", "Mean time per output token of a request after the first.",
+            _with(ITL_BUCKETS, server.slo_itl_s),
+        )
+        self.e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency.", _with(E2E_BUCKETS, server.slo_e2e_s))
+        self.queue_time = histogram("request_queue_time_seconds", "Time a request waited for a slot.", _with(TTFT_BUCKETS))
+        self.prompt_len = histogram("request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
+        self.output_len = histogram("request_generation_tokens", "Generated tokens per request.", TOKEN_BUCKETS)
+        self.running = gauge("num_requests_running", "Requests generating now.")
+        self.waiting = gauge("num_requests_waiting", "Requests queued for a slot.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.").labels(model_name)
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.").labels(model_name)
+        self._success = counter("request_success", "Requests finished, by finish reason.", ["finished_reason"])
+        self.success = lambda reason: self._success.labels(model_name, reason)
+        self.drafts = counter("spec_decode_num_drafts", "Rounds that proposed at least one draft token.").labels(model_name)
+        self.draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens proposed.").labels(model_name)
+        self.accepted_tokens = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.").labels(model_name)
+        per_pos = counter(
+            "spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted, by draft position (0 = first).", ["position"]
+        )
+        self.accepted_per_pos = [per_pos.labels(model_name, str(i)) for i in range(max_depth)]
+
+        # -- verispec's own --------------------------------------------------------------------
+        self._requests = counter("requests", "HTTP requests to the API, by endpoint and status code.", ["endpoint", "status"])
+        self.requests = lambda endpoint, status: self._requests.labels(model_name, endpoint, str(status))
+        self._outcomes = counter(
+            "request_outcomes", "Generation requests by outcome: ok, cancelled, deadline, error, rejected.", ["outcome"]
+        )
+        self.outcome = lambda outcome: self._outcomes.labels(model_name, outcome)
+        self.proposed = counter("spec_proposed_tokens", "Draft tokens proposed (same as spec_decode_num_draft_tokens).").labels(model_name)
+        self.rejected = counter("spec_rejected_tokens", "Draft tokens the verifier rejected.").labels(model_name)
+        self.recovered = counter("spec_recovered_tokens", "Verifier corrections at a rejected draft position.").labels(model_name)
+        self.bonus = counter("spec_bonus_tokens", "Verifier tokens after a fully accepted proposal.").labels(model_name)
+        proposed_per_pos = counter("spec_draft_tokens_per_pos", "Draft tokens proposed, by draft position (0 = first).", ["position"])
+        self.proposed_per_pos = [proposed_per_pos.labels(model_name, str(i)) for i in range(max_depth)]
+        self.verifier_calls = counter("verifier_calls", "Verifier forward passes (one per round).").labels(model_name)
+        self.verifier_only_rounds = counter("verifier_only_rounds", "Rounds run without draft tokens.").labels(model_name)
+        self.proposer_failures = counter(
+            "proposer_failures", "Proposals that failed (raised, returned junk or ran out of time)."
+        ).labels(model_name)
+        self.fallbacks = counter("fallback_rounds", "Rounds run verifier-only because the proposer failed.").labels(model_name)
+        self.breaker_state = gauge("breaker_state", "Speculation circuit breaker: 0 closed, 1 open (verifier only), 2 half-open.")
+        self._breaker_moves = counter("breaker_transitions", "Circuit breaker state changes, by new state.", ["state"])
+        self.breaker_moves = lambda state: self._breaker_moves.labels(model_name, state)
+        self.depth = histogram("spec_depth", "Draft tokens asked for per round.", [float(d) for d in range(max_depth + 1)])
+        self.depth_cap = gauge("spec_depth_cap", "Load-aware cap on speculation depth now (max when idle, 0 when saturated).")
+        self.propose_time = histogram("propose_seconds", "Proposer time per round.", STEP_BUCKETS)
+        self.verify_time = histogram("verify_seconds", "Verifier time per round.", STEP_BUCKETS)
+        self.ready = gauge("ready", "1 when the models are loaded and warmed.")
+
+    def observe_round(self, round_: Round) -> None:
+        self.verifier_calls.inc()
+        self.depth.observe(round_.depth)
+        self.propose_time.observe(round_.propose_s)
+        self.verify_time.observe(round_.verify_s)
+        if round_.proposer_failed:
+            self.proposer_failures.inc()
+            self.fallbacks.inc()
+        if not round_.proposed:
+            self.verifier_only_rounds.inc()
+            return
+        self.drafts.inc()
+        self.draft_tokens.inc(round_.proposed)
+        self.proposed.inc(round_.proposed)
+        self.accepted_tokens.inc(round_.accepted)
+        self.rejected.inc(round_.proposed - round_.accepted)
+        (self.bonus if round_.accepted == round_.proposed else self.recovered).inc()
+        for i in range(min(round_.proposed, self.max_depth)):
+            self.proposed_per_pos[i].inc()
+            if i < round_.accepted:
+                self.accepted_per_pos[i].inc()
+
+    def observe_finished(self, stats: RequestStats, finish_reason: str) -> None:
+        self.success(finish_reason).inc()
+        self.prompt_tokens.inc(stats.prompt_tokens)
+        self.generation_tokens.inc(stats.generated_tokens)
+        self.prompt_len.observe(stats.prompt_tokens)
+        self.output_len.observe(stats.generated_tokens)
+
+    def observe_breaker(self, state: BreakerState) -> None:
+        self.breaker_state.set(int(state))
+        self.breaker_moves(state.name.lower()).inc()

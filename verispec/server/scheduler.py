@@ -1,0 +1,268 @@
+"""Admission control and the engine thread.
+
+Requests wait in a bounded queue for one of `max_running` slots; past the queue's bound they are
+refused at once (the server answers 503), so overload never builds an unbounded backlog. One
+thread owns the engine and interleaves the running requests round by round: each gets one
+speculative round (propose, score, accept) in turn, so a long request never stalls the others'
+streams. Verified tokens go back to the request's asyncio queue as they are accepted.
+
+Every round asks the job's depth limit first: 0 when the circuit breaker is open or the job was
+admitted without speculation, else the load-aware cap, which shrinks from the configured maximum
+to 0 as the server fills (`load_depth_from` .. `load_depth_off`, over the share of capacity
+taken by the other requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from verispec.config import Depth, SamplingParams, ServerSettings
+from verispec.engine import Delta, SpeculativeEngine
+from verispec.errors import UserError
+from verispec.server.breaker import CircuitBreaker
+from verispec.server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The queue is full or the server is shutting down: come back later (503 + Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(Exception):
+    """The request ran past its deadline (504)."""
+
+
+class Finished:
+    """The last event of a job that was cancelled on its behalf (client gone, shutdown)."""
+
+
+@dataclass(eq=False)
+class Job:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    depth: Depth | None  # per-request override of the configured depth
+    deadline: float | None  # time.monotonic() value; None = no deadline
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # Delta | Exception | Finished
+    arrived: float = field(default_factory=time.monotonic)
+    admitted: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    generated: int = 0
+    speculate: bool = True  # decided at admission by the circuit breaker
+    stream: Iterator[Delta] | None = None
+    cancelled: bool = False
+    outcome: str | None = None  # ok, cancelled, deadline, error
+
+    def cancel(self) -> None:
+        """Ask the engine thread to drop this job (the client went away)."""
+        self.cancelled = True
+
+    def _push(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            pass
+
+
+class Scheduler:
+    def __init__(
+        self, engine: SpeculativeEngine, server: ServerSettings, breaker: CircuitBreaker, metrics: ServerMetrics
+    ):
+        self.engine = engine
+        self.server = server
+        self.breaker = breaker
+        self.metrics = metrics
+        self.max_depth = engine.speculation.max_depth if engine.speculation.depth == "auto" else int(engine.speculation.depth)
+        self._waiting: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._cv = threading.Condition()
+        self._draining = False
+        self._stopped = False
+        self._typical_s: float | None = None  # moving average of end-to-end latency, for Retry-After
+        self._thread = threading.Thread(target=self._loop, name="verispec-engine", daemon=True)
+
+    # -- the asyncio side ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job or refuse it at once."""
+        with self._cv:
+            if self._draining:
+                raise Overloaded("the server is shutting down; retry on another replica", retry_after_s=5)
+            if len(self._running) >= self.server.max_running and len(self._waiting) >= self.server.max_waiting:
+                raise Overloaded(
+                    f"the server is at capacity ({self.server.max_running} running, {self.server.max_waiting} queued); retry shortly",
+                    retry_after_s=self._retry_after(),
+                )
+            self._waiting.append(job)
+            self._publish_load()
+            self._cv.notify()
+
+    @property
+    def busy(self) -> int:
+        return len(self._running) + len(self._waiting)
+
+    def drain(self, grace_s: float) -> None:
+        """Stop admitting; let in-flight work finish for up to `grace_s`, then cancel the rest."""
+        with self._cv:
+            self._draining = True
+            end = time.monotonic() + grace_s
+            while self._running or self._waiting:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(timeout=min(left, 0.1))
+            for job in [*self._running, *self._waiting]:
+                log.warning("request %s cancelled: shutdown grace period of %gs is over", job.request_id, grace_s)
+                job.cancel()
+            self._stopped = True
+            self._cv.notify_all()
+        self._thread.join(timeout=10)
+
+    # -- the engine thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._running and not self._waiting and not self._stopped:
+                    self._cv.wait()
+                if self._stopped and not self._running and not self._waiting:
+                    return
+                self._expire_waiting()
+                self._admit()
+                running = list(self._running)
+            for job in running:
+                self._step(job)
+            if self._stopped:
+                with self._cv:
+                    for job in [*self._running, *self._waiting]:
+                        self._finish(job, "cancelled", Finished())
+                return
+
+    def _expire_waiting(self) -> None:
+        now = time.monotonic()
+        for job in list(self._waiting):
+            if job.cancelled or self._stopped:
+                self._finish(job, "cancelled", Finished())
+            elif job.deadline is not None and now >= job.deadline:
+                self._finish(job, "deadline", DeadlineExceeded("the request's deadline passed while it waited in the queue"))
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.server.max_running:
+            job = self._waiting.popleft()
+            job.admitted = time.monotonic()
+            job.speculate = self.breaker.speculating()
+            job.stream = self.engine.stream(job.prompt_ids, job.params, depth=job.depth, depth_limit=lambda job=job: self._depth_limit(job))
+            self._running.append(job)
+            self.metrics.queue_time.observe(job.admitted - job.arrived)
+        self._publish_load()
+
+    def _step(self, job: Job) -> None:
+        """One round of one job."""
+        if job.cancelled:
+            self._finish(job, "cancelled", Finished())
+            return
+        if job.deadline is not None and time.monotonic() >= job.deadline:
+            self._finish(job, "deadline", DeadlineExceeded("the request ran past its deadline"))
+            return
+        try:
+            delta = next(job.stream)
+        except UserError as exc:  # bad input the handler could not see before the engine ran
+            self._finish(job, "error", exc)
+            return
+        except Exception as exc:
+            log.exception("request %s failed in the engine", job.request_id)
+            self._finish(job, "error", exc)
+            return
+        now = time.monotonic()
+        self._observe(job, delta, now)
+        job._push(delta)
+        if delta.finish_reason is not None:
+            self.metrics.observe_finished(delta.stats, delta.finish_reason)
+            self._finish(job, "ok", None)
+
+    def _observe(self, job: Job, delta: Delta, now: float) -> None:
+        if delta.round is not None:
+            self.metrics.observe_round(delta.round)
+            if job.speculate:
+                self.breaker.record(delta.round)
+        if not delta.token_ids:
+            return
+        job.generated += len(delta.token_ids)
+        if job.first_token is None:
+            job.first_token = now
+            self.metrics.ttft.observe(now - job.arrived)
+        else:
+            gap = (now - job.last_token) / len(delta.token_ids)  # tokens of one round arrive together
+            for _ in delta.token_ids:
+                self.metrics.itl.observe(gap)
+        job.last_token = now
+
+    def _finish(self, job: Job, outcome: str, event) -> None:
+        if job.outcome is not None:
+            return
+        job.outcome = outcome
+        if job.stream is not None:
+            job.stream.close()  # frees the request's KV caches
+        if event is not None:
+            job._push(event)
+        end = time.monotonic()
+        self.metrics.outcome(outcome).inc()
+        if outcome == "ok":
+            latency = end - job.arrived
+            self.metrics.e2e.observe(latency)
+            self._typical_s = latency if self._typical_s is None else 0.8 * self._typical_s + 0.2 * latency
+            if job.generated > 1:
+                self.metrics.tpot.observe((job.last_token - job.first_token) / (job.generated - 1))
+        with self._cv:
+            if job in self._running:
+                self._running.remove(job)
+            elif job in self._waiting:
+                self._waiting.remove(job)
+            self._publish_load()
+            self._cv.notify_all()
+
+    # -- load ----------------------------------------------------------------------------------
+
+    def load(self) -> float:
+        """Share of the server's capacity taken by requests beyond the first (0 idle or alone, 1 full)."""
+        capacity = self.server.max_running + self.server.max_waiting
+        return max(0, self.busy - 1) / max(1, capacity - 1)
+
+    def depth_cap(self) -> int:
+        load, start, off = self.load(), self.server.load_depth_from, self.server.load_depth_off
+        if load <= start:
+            return self.max_depth
+        if load >= off:
+            return 0
+        return round(self.max_depth * (off - load) / (off - start))
+
+    def _depth_limit(self, job: Job) -> int:
+        if not job.speculate or not self.breaker.speculating():
+            return 0
+        return self.depth_cap()
+
+    def _publish_load(self) -> None:
+        self.metrics.running.set(len(self._running))
+        self.metrics.waiting.set(len(self._waiting))
+        self.metrics.depth_cap.set(self.depth_cap())
+
+    def _retry_after(self) -> float:
+        """A rough time until a slot frees: the queue ahead times a typical request's latency."""
+        typical = self._typical_s if self._typical_s is not None else 5.0
+        return max(1.0, typical * (len(self._waiting) + 1) / self.server.max_running)

@@ -1,0 +1,43 @@
+"""`verispec serve`: settings in, a listening server out."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from verispec.assemble import build_engine
+from verispec.config import Settings
+from verispec.errors import UserError
+from verispec.server.app import EngineFactory, create_app
+
+log = logging.getLogger("verispec.server")
+
+
+def describe(settings: Settings) -> list[str]:
+    """The resolved settings, one per line, secrets masked (pydantic prints SecretStr as stars)."""
+    return [f"  {name} = {value}" for name, value in settings.model_dump().items()]
+
+
+def serve(settings: Settings, engine_factory: EngineFactory = build_engine) -> int:
+    logging.getLogger().setLevel(settings.log_level.upper())
+    app = create_app(settings, engine_factory)
+    state = app.state.verispec
+    log.info("settings:\n%s", "\n".join(describe(settings)))
+    if not state.keys.enabled:
+        log.warning("no API keys configured: anyone who can reach %s:%d may use this server", settings.host, settings.port)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # keep verispec's logging set-up
+        log_level=settings.log_level,
+        access_log=False,  # RequestContext logs each API call with its request ID
+        timeout_graceful_shutdown=settings.grace_s,
+    )
+    server = uvicorn.Server(config)
+    state.on_fatal = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if state.load_error:
+        raise UserError(state.load_error)
+    return 0
