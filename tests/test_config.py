@@ -61,3 +61,22 @@ def test_settings_are_frozen():
     settings = Settings()
     with pytest.raises(ValidationError):
         settings.depth = 3  # type: ignore[misc]
+
+
+def test_yaml_server_config_with_a_secret_from_env(tmp_path, monkeypatch):
+    from verispec.config import ServerSettings
+    from verispec.server.serve import describe
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("port: 9000\nmax-running: 2\nrate-limit-rpm: 60\nbreaker-min-acceptance: 0.25\n")
+    monkeypatch.setenv("VERISPEC_API_KEYS", "ops:sk-very-secret")
+    settings = load_settings({"max_waiting": "3"}, config)
+    server = settings.part(ServerSettings)
+    assert (server.port, server.max_running, server.max_waiting, server.rate_limit_rpm) == (9000, 2, 3, 60)
+    assert server.api_keys.get_secret_value() == "ops:sk-very-secret"
+    printed = "\n".join(describe(settings))
+    assert "sk-very-secret" not in printed and "api_keys = **********" in printed
+    broken = tmp_path / "broken.yml"
+    broken.write_text("port: [\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_settings({}, broken)

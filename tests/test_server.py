@@ -55,7 +55,8 @@ def slow_server(tiny_models, tmp_path_factory):
     """Every proposal sleeps 0.25 s: a round takes that long, whatever the machine."""
     proc = ServerProcess(
         ["slow:0.25", "--target", tiny_models["llama"], "--draft", tiny_models["llama-draft"], "--depth", "2",
-         "--max-running", "1", "--max-waiting", "1", "--deadline-s", "4"],
+         "--max-running", "1", "--max-waiting", "1", "--deadline-s", "4",
+         "--breaker-min-acceptance", "0"],
         module="tests.faulty_server", log_dir=tmp_path_factory.mktemp("logs"),
     ).wait_ready()
     yield proc
@@ -284,21 +285,21 @@ def test_a_flood_beyond_the_queue_gets_503_with_retry_after(slow_server):
 
 def test_past_the_deadline_is_504(slow_server):
     started = time.monotonic()
-    response = post(slow_server, "/v1/completions", {"model": "llama", "prompt": LONG_PROMPT, "max_tokens": 100}, key=None)
+    response = post(slow_server, "/v1/completions", {"model": "llama", "prompt": LONG_PROMPT, "max_tokens": 100, "temperature": 0}, key=None)
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "deadline_exceeded"
     assert time.monotonic() - started < 8
 
 
 def test_a_stream_past_its_deadline_ends_with_an_error_event(slow_server):
-    events = stream_events(slow_server, {"model": "llama", "prompt": LONG_PROMPT, "max_tokens": 100}, key=None)
+    events = stream_events(slow_server, {"model": "llama", "prompt": LONG_PROMPT, "max_tokens": 100, "temperature": 0}, key=None)
     assert events[-1] == "[DONE]"
     assert events[-2]["error"]["code"] == "deadline_exceeded", events[-3:]
 
 
 def test_disconnect_mid_stream_frees_the_slot(slow_server):
     before = slow_server.metrics()
-    body = {"model": "llama", "prompt": LONG_PROMPT, "max_tokens": 100, "stream": True}
+    body = {"model": "llama", "prompt": LONG_PROMPT, "max_tokens": 100, "stream": True, "temperature": 0}
     with httpx.stream("POST", slow_server.url + "/v1/completions", json=body, timeout=30) as r:
         assert r.status_code == 200
         next(r.iter_lines())  # the first verified tokens arrived; now hang up
@@ -380,3 +381,53 @@ def test_graceful_shutdown_finishes_the_stream_in_flight(tiny_models, tmp_path):
     events = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
     assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
     assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_shutdown_cancels_what_outlives_the_grace_period(tiny_models, tmp_path):
+    proc = ServerProcess(
+        ["slow:0.2", "--target", tiny_models["llama"], "--draft", tiny_models["llama-draft"], "--depth", "1", "--grace-s", "0.5"],
+        module="tests.faulty_server", log_dir=tmp_path,
+    ).wait_ready()
+    body = {"model": "llama", "prompt": LONG_PROMPT, "max_tokens": 200, "stream": True, "temperature": 0}
+    lines = []
+    try:
+        with pytest.raises(httpx.RemoteProtocolError):  # the server closes the connection mid-stream
+            with httpx.stream("POST", proc.url + "/v1/completions", json=body, timeout=30) as r:
+                for line in r.iter_lines():
+                    if not lines:
+                        signalled = time.monotonic()
+                        proc.process.send_signal(signal.SIGTERM)
+                    lines.append(line)
+        proc.process.wait(15)
+        assert time.monotonic() - signalled < 10  # 200 tokens at 0.2 s a round would take 20 s
+    finally:
+        proc.stop_gracefully()
+    assert "data: [DONE]" not in lines  # cut off, not finished
+
+
+# -- load test ------------------------------------------------------------------------------------------
+
+
+def test_loadtest_reports_both_configurations(server, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n")
+    out = tmp_path / "load.json"
+    result = run_verispec(
+        "loadtest", "--url", server.url, "--api-key", KEY, "--prompts", str(prompts), "--concurrency", "2",
+        "--requests", "4", "--max-tokens", "6", "--compare-speculation", "--rounds", "2", "--warmup", "1", "--out", str(out),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert [r["name"] for r in report["results"]] == ["speculative", "verifier-only"]
+    for r in report["results"]:
+        assert r["requests"] == r["ok"] == 4 and r["status_counts"] == {"200": 4}
+        assert r["generated_tokens"] == 4 * 6
+        assert 0 < r["latency_p50_s"] <= r["latency_p95_s"] <= r["latency_p99_s"]
+        assert r["tokens_per_s"] > 0
+    assert "speculative / verifier-only" in result.stdout
+
+
+def test_loadtest_against_no_server_is_a_clear_error():
+    result = run_verispec("loadtest", "--url", "http://127.0.0.1:9", "--requests", "1", "--wait-s", "1")
+    assert result.returncode == 2
+    assert "did not become ready" in result.stderr or "cannot reach" in result.stderr

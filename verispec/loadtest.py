@@ -137,7 +137,10 @@ async def _wait_ready(client: httpx.AsyncClient, timeout_s: float) -> None:
         except httpx.HTTPError:
             pass
         if time.monotonic() > end:
-            raise UserError(f"the server at {client.base_url} did not become ready within {timeout_s:g}s")
+            raise UserError(
+                f"the server at {client.base_url} did not become ready within {timeout_s:g}s; "
+                "is `verispec serve` running there? (--wait-s waits longer)"
+            )
         await asyncio.sleep(0.5)
 
 
@@ -151,12 +154,13 @@ async def loadtest(
     compare: bool,
     rounds: int,
     warmup: int,
+    wait_s: float = 60.0,
 ) -> dict:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     timeout = httpx.Timeout(600.0, connect=10.0)
     limits = httpx.Limits(max_connections=concurrency + 2)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits) as client:
-        await _wait_ready(client, 120.0)
+        await _wait_ready(client, wait_s)
         model = await _model_name(client)
 
         def bodies(texts: list[str], extra: dict) -> list[dict]:
@@ -204,11 +208,12 @@ def print_report(report: dict) -> None:
         statuses = " ".join(f"{k}x{v}" for k, v in r["status_counts"].items())
         table.add_row(r["name"], str(r["ok"]), statuses, f(r["latency_p50_s"]), f(r["latency_p95_s"]), f(r["latency_p99_s"]),
                       f(r["ttft_p50_s"]), f(r["ttft_p95_s"]), f(r["tokens_per_s"], 1), f(r["requests_per_s"], 2))
-    Console().print(table)
+    console = Console(width=max(Console().width, 140))
+    console.print(table)
     if len(report["results"]) == 2:
         a, b = report["results"]
         if a["tokens_per_s"] and b["tokens_per_s"]:
-            Console().print(f"{a['name']} / {b['name']}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
+            console.print(f"{a['name']} / {b['name']}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
                             f"p50 latency {b['latency_p50_s'] / a['latency_p50_s']:.2f}x lower" if a["latency_p50_s"] else "")
 
 
@@ -223,6 +228,7 @@ def add_loadtest_command(commands) -> None:
     command.add_argument("--compare-speculation", action="store_true", help="alternate speculative and verifier-only phases")
     command.add_argument("--rounds", type=int, default=2, help="with --compare-speculation: A/B alternations (default: %(default)s)")
     command.add_argument("--warmup", type=int, default=2, help="requests per configuration before timing (default: %(default)s)")
+    command.add_argument("--wait-s", type=float, default=60.0, help="wait this long for the server to be ready (default: %(default)s)")
     command.add_argument("--out", type=Path, default=None, help="also write the report as JSON to this file")
     command.add_argument("-v", "--verbose", action="store_true", help="log more")
     command.set_defaults(run=_run)
@@ -240,7 +246,7 @@ def _run(args: argparse.Namespace) -> int:
     rounds = args.rounds if args.compare_speculation else 1
     report = asyncio.run(loadtest(
         args.url.rstrip("/"), prompts, args.concurrency, args.requests, args.max_tokens,
-        args.api_key or os.environ.get("VERISPEC_API_KEY"), args.compare_speculation, rounds, args.warmup,
+        args.api_key or os.environ.get("VERISPEC_API_KEY"), args.compare_speculation, rounds, args.warmup, args.wait_s,
     ))
     print_report(report)
     if args.out:

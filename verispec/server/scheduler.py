@@ -31,6 +31,23 @@ from verispec.server.metrics import ServerMetrics
 log = logging.getLogger(__name__)
 
 
+def load_depth_cap(busy: int, server: ServerSettings, max_depth: int) -> int:
+    """Speculation depth allowed with `busy` requests running or queued.
+
+    The load is the share of the server's capacity taken by requests beyond the first, so a lone
+    request always gets the full depth; from `load_depth_from` the cap falls linearly to 0 at
+    `load_depth_off`.
+    """
+    capacity = server.max_running + server.max_waiting
+    load = max(0, busy - 1) / max(1, capacity - 1)
+    start, off = server.load_depth_from, server.load_depth_off
+    if load <= start:
+        return max_depth
+    if load >= off:
+        return 0
+    return round(max_depth * (off - load) / (off - start))
+
+
 class Overloaded(Exception):
     """The queue is full or the server is shutting down: come back later (503 + Retry-After)."""
 
@@ -239,18 +256,8 @@ class Scheduler:
 
     # -- load ----------------------------------------------------------------------------------
 
-    def load(self) -> float:
-        """Share of the server's capacity taken by requests beyond the first (0 idle or alone, 1 full)."""
-        capacity = self.server.max_running + self.server.max_waiting
-        return max(0, self.busy - 1) / max(1, capacity - 1)
-
     def depth_cap(self) -> int:
-        load, start, off = self.load(), self.server.load_depth_from, self.server.load_depth_off
-        if load <= start:
-            return self.max_depth
-        if load >= off:
-            return 0
-        return round(self.max_depth * (off - load) / (off - start))
+        return load_depth_cap(self.busy, self.server, self.max_depth)
 
     def _depth_limit(self, job: Job) -> int:
         if not job.speculate or not self.breaker.speculating():

@@ -7,7 +7,7 @@ import logging
 import uvicorn
 
 from verispec.assemble import build_engine
-from verispec.config import Settings
+from verispec.config import ModelSettings, ServerSettings, Settings, SpeculationSettings
 from verispec.errors import UserError
 from verispec.server.app import EngineFactory, create_app
 
@@ -15,8 +15,9 @@ log = logging.getLogger("verispec.server")
 
 
 def describe(settings: Settings) -> list[str]:
-    """The resolved settings, one per line, secrets masked (pydantic prints SecretStr as stars)."""
-    return [f"  {name} = {value}" for name, value in settings.model_dump().items()]
+    """The settings the server uses, one per line, secrets masked (pydantic prints SecretStr as stars)."""
+    used = {"max_new_tokens", *ModelSettings.model_fields, *SpeculationSettings.model_fields, *ServerSettings.model_fields}
+    return [f"  {name} = {value}" for name, value in settings.model_dump(include=used).items()]
 
 
 def serve(settings: Settings, engine_factory: EngineFactory = build_engine) -> int:
