@@ -139,3 +139,32 @@ def test_token_buckets_refill_over_a_minute():
     assert limiter.check("k", 10).allowed
     too_big = limiter.check("k", 500)
     assert not too_big.allowed and "lower max_tokens" in too_big.reason
+
+
+def test_the_queue_bound_holds_while_a_slot_is_briefly_free():
+    """Between a job's end and the next admission the running list is short by one; the queue
+    must not grow past its bound meanwhile (a load test found it did)."""
+    import asyncio
+    import types
+
+    from verispec.config import SamplingParams, SpeculationSettings
+    from verispec.server.metrics import ServerMetrics
+    from verispec.server.scheduler import Job, Overloaded, Scheduler
+
+    server = ServerSettings(max_running=2, max_waiting=2)
+    engine = types.SimpleNamespace(speculation=SpeculationSettings(depth=2))
+    scheduler = Scheduler(engine, server, breaker(Clock(), []), ServerMetrics("m", server, max_depth=2))
+    loop = asyncio.new_event_loop()
+
+    def job() -> Job:
+        return Job("r", [1], SamplingParams(), None, None, loop, events=None)
+
+    scheduler._running = [job()]  # one slot just freed, not yet refilled
+    scheduler.submit(job())
+    scheduler.submit(job())
+    scheduler.submit(job())
+    with pytest.raises(Overloaded) as refused:
+        scheduler.submit(job())
+    assert refused.value.retry_after_s >= 1
+    assert scheduler.busy == 4
+    loop.close()

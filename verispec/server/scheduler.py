@@ -121,7 +121,9 @@ class Scheduler:
         with self._cv:
             if self._draining:
                 raise Overloaded("the server is shutting down; retry on another replica", retry_after_s=5)
-            if len(self._running) >= self.server.max_running and len(self._waiting) >= self.server.max_waiting:
+            # Bound the total, not each list: between a job's end and the next admission the running
+            # list is briefly short, and the queue must not grow past its bound meanwhile.
+            if self.busy >= self.server.max_running + self.server.max_waiting:
                 raise Overloaded(
                     f"the server is at capacity ({self.server.max_running} running, {self.server.max_waiting} queued); retry shortly",
                     retry_after_s=self._retry_after(),
