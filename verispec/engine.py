@@ -27,6 +27,7 @@ from verispec.calibrate import measure_step_costs
 from verispec.config import Depth, SamplingParams, SpeculationSettings
 from verispec.depth import StepCosts, depth_policy
 from verispec.errors import ProposerError, UserError
+from verispec.inspect import Inspection, inspect_round
 from verispec.models.backend import CausalLM, KVSession
 from verispec.proposers.base import DraftPolicy, Proposal, Proposer, ProposerSession
 from verispec.sampling import request_generator, warp
@@ -47,6 +48,9 @@ class Round:
     propose_s: float
     verify_s: float
     proposer_failed: bool = False  # the proposer raised, returned junk or ran out of time: verifier-only round
+    started_ns: int = 0  # wall clock (time.time_ns), for trace spans
+    ended_ns: int = 0
+    inspection: Inspection | None = None  # inspected requests only, rounds with drafts only
 
 
 @dataclass(frozen=True)
@@ -128,10 +132,12 @@ class SpeculativeEngine:
         params: SamplingParams | None = None,
         depth: Depth | None = None,
         depth_limit: Callable[[], int] | None = None,
+        inspect: bool = False,
     ) -> Iterator[Delta]:
         """Yield verified tokens round by round. `depth` overrides the configured depth for this
         request; `depth_limit`, asked before every round, caps it (a server shrinks speculation
-        under load). Closing the iterator early cancels the request and frees its caches."""
+        under load); `inspect` adds drift and mismatch figures to each round (see inspect.py).
+        Closing the iterator early cancels the request and frees its caches."""
         params = params or SamplingParams()
         speculation = self.speculation
         if depth is not None:
@@ -139,13 +145,14 @@ class SpeculativeEngine:
         # The step costs are measured once per engine, on first use: not this request's time.
         policy = depth_policy(speculation, self.costs() if speculation.depth == "auto" else None)
         started = time.perf_counter()
-        request = self._start(self.encode(prompt), params, speculation)
+        request = self._start(self.encode(prompt), params, speculation, inspect)
         while True:
             remaining = params.max_new_tokens - request.generated
             depth = min(policy.depth(), remaining - 1)  # a round emits up to depth + 1 tokens
             if depth_limit is not None:
                 depth = max(0, min(depth, depth_limit()))
             stats, before = request.stats, (request.stats.propose_s, request.stats.verify_s, request.stats.fallback_rounds)
+            started_ns = time.time_ns()
             proposal = self._propose(request, depth)
             target_logits = self._score(request, proposal)
             verdict = self._accept(request, proposal, target_logits)
@@ -158,6 +165,8 @@ class SpeculativeEngine:
                 depth, len(proposal.tokens), accepted,
                 propose_s=stats.propose_s - before[0], verify_s=stats.verify_s - before[1],
                 proposer_failed=stats.fallback_rounds > before[2],
+                started_ns=started_ns, ended_ns=time.time_ns(),
+                inspection=self._inspect(request, proposal, target_logits, verdict) if inspect and proposal.tokens else None,
             )
             delta = self._emit(request, proposal.tokens[:accepted] + [int(verdict.next_token[0])], round_)
             if delta.finish_reason:
@@ -174,7 +183,9 @@ class SpeculativeEngine:
 
     # -- the round ----------------------------------------------------------------------------
 
-    def _start(self, prompt_ids: list[int], params: SamplingParams, speculation: SpeculationSettings) -> _Request:
+    def _start(
+        self, prompt_ids: list[int], params: SamplingParams, speculation: SpeculationSettings, inspect: bool = False
+    ) -> _Request:
         window = self.target.max_positions
         if window is not None and len(prompt_ids) + params.max_new_tokens > window:
             raise UserError(
@@ -203,6 +214,7 @@ class SpeculativeEngine:
                 generator=generator,
                 min_confidence=speculation.draft_confidence if auto else 0.0,
                 time_budget_s=speculation.proposer_timeout_s,
+                want_probs=inspect,
             ),
             text=TextStream(self.tokenizer, params.stop),
             stats=stats,
@@ -255,6 +267,15 @@ class SpeculativeEngine:
             return accept_greedy(drafts, target_logits[None])
         draft_probs = None if proposal.probs is None else proposal.probs.to(target_logits.device)[None]
         return accept_stochastic(drafts, draft_probs, warp(target_logits, params)[None], request.draft_policy.generator)
+
+    def _inspect(self, request: _Request, proposal: Proposal, target_logits: torch.Tensor, verdict: Verdict) -> Inspection:
+        """Drift and the first mismatch of this round (before its tokens are emitted)."""
+        params = request.params
+        target_probs = torch.softmax(target_logits.float(), dim=-1) if params.greedy else warp(target_logits, params)
+        return inspect_round(
+            proposal.tokens, proposal.probs, target_probs, int(verdict.accepted[0]), int(verdict.next_token[0]),
+            first_position=request.generated,
+        )
 
     def _emit(self, request: _Request, new_tokens: list[int], round_: Round) -> Delta:
         """Append verified tokens up to EOS, a stop string or the length limit."""

@@ -35,6 +35,7 @@ class DraftPolicy:
     generator: torch.Generator | None = None  # the request's generator (draft sampling draws from it)
     min_confidence: float = 0.0  # stop drafting once the draft's top probability falls below this
     time_budget_s: float = float("inf")  # stop drafting once a proposal has taken this long
+    want_probs: bool = False  # return draft distributions even when greedy (inspected requests)
 
 
 class ProposerSession(Protocol):

@@ -55,8 +55,10 @@ class DraftModelSession:
         for i in range(depth):
             if greedy:
                 token = int(logits.argmax())
-                # Greedy acceptance needs no draft distribution: build it only to test confidence.
-                confidence = float(torch.softmax(logits, dim=-1)[token]) if policy.min_confidence > 0 else 1.0
+                # Greedy acceptance needs no draft distribution: build it only to test confidence
+                # or when the request is inspected.
+                dist = torch.softmax(logits.float(), dim=-1) if policy.min_confidence > 0 or policy.want_probs else None
+                confidence = float(dist[token]) if dist is not None else 1.0
             else:
                 dist = warp(logits, policy.sampling)  # (V,)
                 confidence = float(dist.max())
@@ -64,12 +66,13 @@ class DraftModelSession:
                 break  # the draft is unsure; further tokens would mostly be rejected
             if not greedy:
                 token = int(sample(dist, policy.generator))
+            if not greedy or policy.want_probs:
                 probs.append(dist)
             tokens.append(token)
             if i == depth - 1 or time.perf_counter() - started > policy.time_budget_s:
                 break
             logits = self._feed([token])
-        return Proposal(tokens, None if greedy or not tokens else torch.stack(probs))
+        return Proposal(tokens, torch.stack(probs) if probs else None)
 
     def _catch_up(self, context: Sequence[int]) -> torch.Tensor:
         limit = min(len(self.cached), len(context) - 1)  # feed at least the last context token

@@ -35,6 +35,8 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0)
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+DRIFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+KL_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def _with(buckets: tuple[float, ...], *thresholds: float) -> list[float]:
@@ -110,6 +112,30 @@ class ServerMetrics:
         self.propose_time = histogram("propose_seconds", "Proposer time per round.", STEP_BUCKETS)
         self.verify_time = histogram("verify_seconds", "Verifier time per round.", STEP_BUCKETS)
         self.ready = gauge("ready", "1 when the models are loaded and warmed.")
+
+        # -- drift, busy time, cost ------------------------------------------------------------
+        self.drift_tv = histogram(
+            "drift_total_variation",
+            "Total variation distance between proposer and verifier next-token distributions at verified draft positions (sampled requests).",
+            DRIFT_BUCKETS,
+        )
+        self.drift_kl = histogram(
+            "drift_kl_divergence",
+            "KL(proposer || verifier) in nats at verified draft positions (sampled requests).",
+            KL_BUCKETS,
+        )
+        self.drift_index = gauge("drift_index", "Moving average of drift_total_variation over recent sampled positions (0 = identical).")
+        self.verifier_busy = counter("verifier_busy_seconds", "Seconds the verifier spent in forward passes (prefill included).").labels(model_name)
+        self.proposer_busy = counter("proposer_busy_seconds", "Seconds the proposer spent drafting.").labels(model_name)
+        self.cost = counter(
+            "cost_dollars", "Hardware cost of the work done: busy seconds times the configured cost per hour."
+        ).labels(model_name)
+        self.cost_verifier_only = counter(
+            "cost_verifier_only_dollars",
+            "What the same tokens would have cost verifier-only, at the measured one-token verifier step time.",
+        ).labels(model_name)
+        cost_rate = Gauge(P + "cost_per_hour_dollars", "Configured hardware cost per hour.", m + ["component"], registry=registry)
+        self.cost_rate = lambda component: cost_rate.labels(model_name, component)
 
     def observe_round(self, round_: Round) -> None:
         self.verifier_calls.inc()
