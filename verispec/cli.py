@@ -16,11 +16,13 @@ from typing import Any, NoReturn
 from pydantic import BaseModel
 
 from verispec.config import (
+    AuditSettings,
     ModelSettings,
     SamplingParams,
     ServerSettings,
     Settings,
     SpeculationSettings,
+    TelemetrySettings,
     load_settings,
 )
 from verispec.errors import UserError
@@ -38,7 +40,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
         default = field.default if field.default not in (None, ()) else None
         help_text = (field.description or "") + (f" (default: {default})" if default is not None else "")
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        if name == "stop":
+        if field.annotation == tuple[str, ...]:  # repeatable: --stop A --stop B
             kwargs.update(action="append", metavar="TEXT")
         elif field.annotation is bool:
             kwargs.update(action="store_const", const=True)
@@ -113,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(serve, ModelSettings)
     _add_settings_flags(serve, SpeculationSettings)
     _add_settings_flags(serve, ServerSettings)
+    _add_settings_flags(serve, AuditSettings)
+    _add_settings_flags(serve, TelemetrySettings)
     serve.add_argument(
         "--max-new-tokens", dest="max_new_tokens", type=int, default=argparse.SUPPRESS, metavar="N",
         help=f"max_tokens for requests that send none (default: {SamplingParams.model_fields['max_new_tokens'].default})",
@@ -123,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     from verispec.loadtest import add_loadtest_command
 
     add_loadtest_command(commands)
+
+    from verispec.audit.query import add_audit_command
+
+    add_audit_command(commands)
     return parser
 
 

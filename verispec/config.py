@@ -149,10 +149,62 @@ class ServerSettings(BaseModel):
         return value
 
 
+class AuditSettings(BaseModel):
+    """The audit trail: one record per request, redacted before it reaches any sink."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    audit_url: str = Field(
+        "sqlite:///verispec-audit.sqlite3",
+        description="where audit records go: sqlite:///PATH (embedded), postgresql://HOST/DB, or none",
+    )
+    audit_content: bool = Field(False, description="also store prompts and outputs (redacted); default: metadata only")
+    audit_redaction: Literal["redact", "hash"] = Field(
+        "redact", description="stored content: PII and secrets replaced by placeholders, or a keyed hash only"
+    )
+    redact_patterns: tuple[str, ...] = Field((), description="extra regular expressions to redact (repeatable)")
+    audit_retention_days: float = Field(30.0, ge=0.0, description="delete records older than this (0 = keep forever)")
+    audit_queue: int = Field(1024, ge=1, description="records buffered for the background writer")
+    mismatch_sample_rate: float = Field(
+        0.05, ge=0.0, le=1.0, description="share of requests inspected: drift metrics and proposer/verifier mismatch samples"
+    )
+
+    @field_validator("redact_patterns", mode="before")
+    @classmethod
+    def _patterns(cls, value: Any) -> Any:
+        import re
+
+        value = (value,) if isinstance(value, str) else tuple(value)
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {pattern!r} ({exc})") from None
+        return value
+
+
+class TelemetrySettings(BaseModel):
+    """Traces, logs and the cost model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP collector base URL for traces and metrics, e.g. http://127.0.0.1:4318; none = no export"
+    )
+    log_format: Literal["json", "text"] = Field("json", description="server logs: JSON lines with request IDs, or text")
+    log_content: bool = Field(False, description="put prompts and outputs (redacted) into logs and traces")
+    cost_verifier_per_hour: float = Field(1.0, ge=0.0, description="cost of the verifier's hardware per hour, in dollars")
+    cost_proposer_per_hour: float = Field(
+        0.0, ge=0.0, description="cost of the proposer's hardware per hour (0 when it shares the verifier's)"
+    )
+
+
 Part = TypeVar("Part", bound=BaseModel)
 
 
-class Settings(ModelSettings, SpeculationSettings, SamplingParams, ServerSettings, BaseSettings):
+class Settings(
+    ModelSettings, SpeculationSettings, SamplingParams, ServerSettings, AuditSettings, TelemetrySettings, BaseSettings
+):
     """Everything a `verispec` command reads, flat so that flags and env vars stay short."""
 
     model_config = SettingsConfigDict(env_prefix="VERISPEC_", frozen=True, extra="forbid")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -109,3 +110,18 @@ def reference_pair() -> tuple[str, str] | None:
         if (models / REFERENCE_TARGET / "config.json").is_file():
             return str(models / REFERENCE_TARGET), str(models / REFERENCE_DRAFT)
     return None
+
+
+def weights_digest(ref: str) -> str:
+    """Content hash of a model's weights (sha256 over its weight files, in name order), so that a
+    record or a metric says which weights produced it, not only which folder name."""
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        return f"hub:{ref}"  # loaded by id; the hub's revision is not known here
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with file.open("rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return "sha256:" + digest.hexdigest()[:16]

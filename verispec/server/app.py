@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import re
 import threading
 import time
@@ -27,16 +28,30 @@ from starlette.datastructures import MutableHeaders
 from transformers import PreTrainedTokenizerBase
 
 from verispec.assemble import build_engine, resolve_models
-from verispec.config import ModelSettings, SamplingParams, ServerSettings, Settings
+from verispec.audit.records import Auditor, Finished, Identity, utc_now
+from verispec.audit.redact import Redactor
+from verispec.audit.store import AuditStore
+from verispec.audit.writer import AuditWriter
+from verispec.config import (
+    AuditSettings,
+    ModelSettings,
+    SamplingParams,
+    ServerSettings,
+    Settings,
+    TelemetrySettings,
+)
 from verispec.engine import Delta, SpeculativeEngine
 from verispec.errors import UserError
+from verispec.models.loading import weights_digest
 from verispec.server import errors
 from verispec.server.auth import KeyRing, RateLimiter
 from verispec.server.breaker import CircuitBreaker
 from verispec.server.errors import APIError, bad_request, retry_later
+from verispec.server.logs import request_id_var
 from verispec.server.metrics import ServerMetrics
 from verispec.server.protocol import ChatCompletionRequest, CompletionRequest, Shape, speculation_stats
-from verispec.server.scheduler import DeadlineExceeded, Finished, Job, Overloaded, Scheduler
+from verispec.server.scheduler import Cancelled, CostModel, DeadlineExceeded, Job, Overloaded, Scheduler
+from verispec.server.telemetry import Telemetry
 
 log = logging.getLogger("verispec.server")
 
@@ -77,6 +92,21 @@ class State:
             self.server.breaker_cooldown_s,
             on_change=lambda state, why: self.metrics.observe_breaker(state),
         )
+        self.audit = settings.part(AuditSettings)
+        self.telemetry_settings = settings.part(TelemetrySettings)
+        self.redactor = Redactor(mode=self.audit.audit_redaction, extra_patterns=self.audit.redact_patterns)
+        self.writer: AuditWriter | None = None
+        if self.audit.audit_url.lower() != "none":
+            store = AuditStore(self.audit.audit_url)  # fails fast on a bad URL or an unreachable database
+            self.writer = AuditWriter(
+                store, self.audit.audit_queue, self.audit.audit_retention_days, on_error=self.metrics.audit_failures.inc
+            )
+        # Until the models are loaded their versions are unknown; records of refused requests still go in.
+        self.auditor = Auditor(self.audit, self.redactor, self.writer, Identity(self.model_name, "loading", "loading", "loading"))
+        self.telemetry = Telemetry(self.telemetry_settings, self.model_name)
+        self._background: set[asyncio.Task] = set()
+        self.metrics.cost_rate("verifier").set(self.telemetry_settings.cost_verifier_per_hour)
+        self.metrics.cost_rate("proposer").set(self.telemetry_settings.cost_proposer_per_hour)
         self.service: Service | None = None
         self.load_error: str | None = None
         self.draining = False
@@ -87,19 +117,60 @@ class State:
         try:
             started = time.perf_counter()
             engine = self.engine_factory(self.settings)
-            if engine.proposer is not None and engine.speculation.depth == "auto":
-                engine.costs()  # measure step costs now, not during the first request
+            # Step costs, measured now rather than during the first request: depth auto needs them,
+            # and the cost model prices the verifier-only counterfactual with the one-token step.
+            token_s = engine.costs().verify_s[0] if engine.proposer is not None else None
             warm_prompt = engine.tokenizer("def main():").input_ids or [0]
             engine.generate(warm_prompt, SamplingParams(max_new_tokens=4))
-            scheduler = Scheduler(engine, self.server, self.breaker, self.metrics)
+            models = resolve_models(self.settings.part(ModelSettings))
+            proposer = engine.proposer.name if engine.proposer is not None else "none"
+            if models.draft:
+                proposer_version = weights_digest(models.draft)
+            elif proposer.startswith("ngram"):
+                proposer_version = f"ngram:{self.settings.ngram_min}-{self.settings.ngram_max}"
+            else:
+                proposer_version = proposer
+            identity = Identity(self.model_name, weights_digest(models.target), proposer, proposer_version)
+            self.auditor = Auditor(self.audit, self.redactor, self.writer, identity, engine.tokenizer)
+            cost = CostModel(self.telemetry_settings.cost_verifier_per_hour, self.telemetry_settings.cost_proposer_per_hour, token_s)
+            scheduler = Scheduler(engine, self.server, self.breaker, self.metrics, cost)
             scheduler.start()
             self.service = Service(engine, scheduler)
             self.metrics.ready.set(1)
-            log.info("ready: %s loaded and warmed in %.1fs", self.model_name, time.perf_counter() - started)
+            log.info(
+                "ready: %s loaded and warmed in %.1fs", self.model_name, time.perf_counter() - started,
+                extra={"model_version": identity.model_version, "proposer": proposer, "proposer_version": proposer_version},
+            )
         except Exception as exc:
             self.load_error = str(exc) if isinstance(exc, UserError) else f"loading the models failed: {exc!r}"
             log.error("%s", self.load_error)
             self.on_fatal()
+
+    def spawn(self, coroutine) -> None:
+        """A background task the event loop keeps a reference to until it is done."""
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def audit_record(self, done: Finished, wait: bool) -> None:
+        """Queue a request's record; with `wait`, return only once it is committed (the client's
+        acknowledgement waits for it; its tokens never did)."""
+        auditor = self.auditor
+        if auditor is None or not auditor.enabled:
+            return
+        give_up = time.monotonic() + 5.0
+        while (future := auditor.submit(done)) is None:  # queue full: back-pressure on the ack only
+            if time.monotonic() > give_up:
+                log.error("audit queue full for 5s; record %s dropped", done.request_id)
+                self.metrics.audit_failures.inc()
+                return
+            await asyncio.sleep(0.01)
+        self.metrics.audit_records.inc()
+        if wait:
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(future), timeout=30.0)
+            except Exception as exc:
+                log.error("audit record %s not committed: %s", done.request_id, exc)
 
     def ready(self) -> Service:
         if self.draining:
@@ -114,6 +185,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state.writer is not None:
+            state.writer.start()
         threading.Thread(target=state.load, name="verispec-load", daemon=True).start()
         yield
         state.draining = True
@@ -121,6 +194,11 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
         if state.service is not None:
             # uvicorn has already given open requests the grace period; cancel what is left.
             await asyncio.to_thread(state.service.scheduler.drain, 0.0)
+        if state._background:
+            await asyncio.wait(state._background, timeout=5.0)
+        if state.writer is not None:
+            await asyncio.to_thread(state.writer.close)
+        state.telemetry.shutdown()
 
     app = FastAPI(title="verispec", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.verispec = state
@@ -130,6 +208,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
     async def authorize(request: Request) -> str:
         """The caller's API key ID ('anonymous' when the server has no keys)."""
         if not state.keys.enabled:
+            request.state.key_id = "anonymous"
             return "anonymous"
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -178,7 +257,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             if any(not 0 <= t < vocab for t in prompt):
                 raise bad_request(f"prompt token ids must lie in [0, {vocab})", param="prompt")
             prompt_ids = list(prompt)
-        return await _generate(request, service, body, prompt_ids, body.max_tokens, key_id, chat=False)
+        text = prompt if isinstance(prompt, str) else service.tokenizer.decode(prompt_ids)
+        return await _generate(request, service, body, prompt_ids, text, body.max_tokens, key_id, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request, key_id: str = Depends(authorize)) -> Response:
@@ -197,13 +277,16 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
         except Exception as exc:  # templates raise on conversations they do not support
             raise bad_request(f"the model's chat template refused these messages: {exc}", param="messages") from None
         prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
-        return await _generate(request, service, body, prompt_ids, body.token_limit, key_id, chat=True)
+        return await _generate(request, service, body, prompt_ids, text, body.token_limit, key_id, chat=True)
 
     def _check_common(body: CompletionRequest | ChatCompletionRequest) -> None:
         if body.model != state.model_name:
             raise bad_request(f"unknown model '{body.model}'; this server serves '{state.model_name}'", param="model", code="model_not_found")
 
-    async def _generate(request: Request, service: Service, body, prompt_ids: list[int], max_tokens: int | None, key_id: str, chat: bool) -> Response:
+    async def _generate(
+        request: Request, service: Service, body, prompt_ids: list[int], prompt_text: str, max_tokens: int | None,
+        key_id: str, chat: bool,
+    ) -> Response:
         if not prompt_ids:
             raise bad_request("the prompt is empty", param="prompt")
         max_new = _max_new_tokens(service.engine, len(prompt_ids), max_tokens, state.settings.max_new_tokens)
@@ -216,37 +299,113 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             request.state.extra_headers = limits.headers
             if not limits.allowed:
                 raise retry_later(429, limits.reason, limits.retry_after_s, code="rate_limit_exceeded", headers=limits.headers)
+        request_id = request.state.request_id
         deadline = time.monotonic() + state.server.deadline_s if state.server.deadline_s else None
-        job = Job(request.state.request_id, prompt_ids, params, body.depth, deadline, asyncio.get_running_loop())
+        job = Job(request_id, prompt_ids, params, body.depth, deadline, asyncio.get_running_loop())
+        job.inspect = random.random() < state.audit.mismatch_sample_rate
+        job.keep_rounds = state.telemetry.enabled
+        operation = "chat" if chat else "text_completion"
+        span = state.telemetry.start_request(operation, request.headers, {
+            "gen_ai.request.max_tokens": max_new, "gen_ai.request.temperature": params.temperature,
+            "gen_ai.request.top_p": params.top_p, "gen_ai.request.top_k": params.top_k or None,
+            "gen_ai.request.seed": params.seed, "gen_ai.request.stop_sequences": list(params.stop) or None,
+            "gen_ai.response.id": request_id, "verispec.request_id": request_id, "verispec.api_key_id": key_id,
+            "verispec.inspected": job.inspect,
+        })
+        arrived = utc_now()
+        request.state.audited = True  # the record is this handler's from here on
+
+        async def conclude(outcome: str, status: int, delta: Delta | None = None, text: str = "", error: str | None = None, wait: bool = False) -> None:
+            """Metrics aside (the scheduler counts), everything a finished request leaves behind: its
+            span, its log line and its audit record."""
+            stats = delta.stats if delta is not None else job.stats
+            if outcome == "ok" and stats is not None and stats.fallback_rounds:
+                outcome = "fallback"
+            latency = time.monotonic() - job.arrived
+            ttft = None if job.first_token is None else job.first_token - job.arrived
+            tpot = None
+            if job.first_token is not None and job.last_token is not None and job.generated > 1:
+                tpot = (job.last_token - job.first_token) / (job.generated - 1)
+            identity = state.auditor.identity if state.auditor else None
+            attributes = {
+                "gen_ai.response.model": state.model_name,
+                "gen_ai.response.finish_reasons": [delta.finish_reason] if delta is not None and delta.finish_reason else None,
+                "gen_ai.usage.input_tokens": len(prompt_ids),
+                "gen_ai.usage.output_tokens": job.generated,
+                "verispec.outcome": outcome,
+                "verispec.proposer.name": identity.proposer if identity else None,
+                "verispec.proposer.version": identity.proposer_version if identity else None,
+                "verispec.model.version": identity.model_version if identity else None,
+            }
+            if stats is not None:
+                attributes.update({
+                    "verispec.proposed": stats.proposed, "verispec.accepted": stats.accepted, "verispec.rejected": stats.rejected,
+                    "verispec.recovered": stats.recovered, "verispec.bonus": stats.bonus, "verispec.verifier_calls": stats.verifier_calls,
+                    "verispec.acceptance_rate": stats.acceptance_rate, "verispec.mean_depth": (sum(stats.depths) / len(stats.depths)) if stats.depths else None,
+                    "verispec.fallback_rounds": stats.fallback_rounds,
+                })
+            if state.telemetry_settings.log_content:
+                attributes["verispec.prompt"] = state.redactor.redact(prompt_text)
+                attributes["verispec.output"] = state.redactor.redact(text)
+            state.telemetry.end_request(span, job.rounds, attributes, error, operation, latency, ttft if outcome in ("ok", "fallback") else None, tpot)
+            fields = {"key_id": key_id, "outcome": outcome, "status": status, "prompt_tokens": len(prompt_ids),
+                      "completion_tokens": job.generated, "latency_s": round(latency, 4),
+                      "ttft_s": None if ttft is None else round(ttft, 4),
+                      "acceptance_rate": stats.acceptance_rate if stats is not None else None}
+            if state.telemetry_settings.log_content:
+                fields.update(prompt=state.redactor.redact(prompt_text), output=state.redactor.redact(text))
+            log.info("%s %s", operation, outcome, extra=fields)
+            done = Finished(
+                request_id=request_id, arrived=arrived, key_id=key_id, endpoint=request.url.path, outcome=outcome,
+                status=status, params=params, prompt=prompt_text, output=text, stats=stats,
+                finish_reason=delta.finish_reason if delta is not None else None, latency_s=latency, ttft_s=ttft,
+                error=error, mismatches=tuple(job.mismatches),
+            )
+            if wait:
+                await state.audit_record(done, wait=True)
+            else:
+                state.spawn(state.audit_record(done, wait=False))
+
         try:
             service.scheduler.submit(job)
         except Overloaded as exc:
             state.metrics.outcome("rejected").inc()
+            await conclude("rejected", 503, error=str(exc))
             raise retry_later(503, str(exc), exc.retry_after_s, code="overloaded") from None
         request.state.job = job
-        shape = Shape(chat, "cmpl-" + request.state.request_id if not chat else "chatcmpl-" + request.state.request_id, state.model_name)
+        shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + request_id, state.model_name)
         with_stats = body.speculation_stats if body.speculation_stats is not None else state.server.speculation_stats
         headers = getattr(request.state, "extra_headers", {})
         try:
             first = await _next_event(job, request)  # errors before the first token keep their status
         except ClientGone:
+            await conclude("cancelled", 499, error="client disconnected")
             return Response(status_code=499)  # nobody reads it; the log and metrics record the departure
+        except APIError as exc:
+            job.cancel()
+            await conclude(_outcome_of(exc), exc.status, error=exc.message)
+            raise
         except BaseException:
             job.cancel()
             raise
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            events = _sse(job, request, shape, first, with_stats, include_usage)
+            events = _sse(job, request, shape, first, with_stats, include_usage, conclude)
             return StreamingResponse(events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+        text, delta = [first.text], first
         try:
-            text, delta = [first.text], first
             while delta.finish_reason is None:
                 delta = await _next_event(job, request)
                 text.append(delta.text)
         except ClientGone:
+            await conclude("cancelled", 499, text="".join(text), error="client disconnected")
             return Response(status_code=499)
+        except APIError as exc:
+            await conclude(_outcome_of(exc), exc.status, text="".join(text), error=exc.message)
+            raise
         finally:
             job.cancel()  # a no-op once finished; frees the slot if the client left
+        await conclude("ok", 200, delta, "".join(text), wait=True)  # acknowledged only once recorded
         return JSONResponse(shape.full("".join(text), delta.finish_reason, delta.stats, with_stats), headers=headers)
 
     return app
@@ -285,7 +444,7 @@ async def _next_event(job: Job, request: Request) -> Delta:
             return item
         if isinstance(item, DeadlineExceeded):
             raise APIError(504, f"{item}; the server's deadline is set by --deadline-s", code="deadline_exceeded")
-        if isinstance(item, Finished):
+        if isinstance(item, Cancelled):
             raise retry_later(503, "the request was cancelled because the server is shutting down", 5, code="shutting_down")
         if isinstance(item, UserError):
             raise bad_request(str(item))
@@ -296,24 +455,31 @@ class ClientGone(Exception):
     """The client disconnected; nobody is left to answer."""
 
 
-async def _sse(job: Job, request: Request, shape: Shape, first: Delta, with_stats: bool, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(
+    job: Job, request: Request, shape: Shape, first: Delta, with_stats: bool, include_usage: bool, conclude
+) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format; only verified tokens, then `data: [DONE]`."""
 
     def event(body: dict) -> str:
         return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
+    text: list[str] = []
+    concluded = False
     try:
         delta = first
         if shape.chat:
             yield event(shape.chunk(None, role=True))
         while True:
             if delta.text:
+                text.append(delta.text)
                 yield event(shape.chunk(delta.text))
             if delta.finish_reason is not None:
                 break
             try:
                 delta = await _next_event(job, request)
             except APIError as exc:  # the stream has begun: the error goes in-band
+                concluded = True
+                await conclude(_outcome_of(exc), exc.status, text="".join(text), error=exc.message)
                 yield event(exc.body())
                 yield "data: [DONE]\n\n"
                 return
@@ -325,9 +491,17 @@ async def _sse(job: Job, request: Request, shape: Shape, first: Delta, with_stat
         yield event(final)
         if include_usage:
             yield event(shape.usage_chunk(delta.stats))
+        concluded = True
+        await conclude("ok", 200, delta, "".join(text), wait=True)  # [DONE] acknowledges: recorded first
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()  # client gone or done: the engine thread drops the job at its next round
+        if not concluded:  # the client left mid-stream
+            await asyncio.shield(conclude("cancelled", 499, text="".join(text), error="client disconnected"))
+
+
+def _outcome_of(exc: APIError) -> str:
+    return {504: "deadline", 503: "cancelled"}.get(exc.status, "error")
 
 
 class RequestContext:
@@ -344,6 +518,7 @@ class RequestContext:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
         status: int | None = None
         started = time.perf_counter()
 
@@ -363,7 +538,15 @@ class RequestContext:
         finally:
             path = scope["path"]
             if path in API_PATHS:
+                elapsed = time.perf_counter() - started
                 self.state.metrics.requests(path, status or 499).inc()
-                log.info(
-                    "%s %s %s %d %.3fs", request_id, scope["method"], path, status or 499, time.perf_counter() - started
-                )
+                log.info("%s %s %d", scope["method"], path, status or 499, extra={"status": status or 499, "duration_s": round(elapsed, 4)})
+                request_state = scope["state"]
+                if path != "/v1/models" and not request_state.get("audited"):
+                    # Refused before generation (bad input, key, rate limit, not ready): metadata only.
+                    done = Finished(
+                        request_id=request_id, arrived=utc_now(), key_id=request_state.get("key_id"), endpoint=path,
+                        outcome="rejected", status=status or 499, latency_s=elapsed, error=request_state.get("error"),
+                    )
+                    self.state.spawn(self.state.audit_record(done, wait=False))
+            request_id_var.reset(token)

@@ -57,6 +57,7 @@ def retry_later(status: int, message: str, retry_after_s: float, code: str, head
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        request.state.error = exc.message  # for the audit record of a refused request
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
@@ -73,7 +74,9 @@ def install(app: FastAPI) -> None:
                 problems.append(f"'{where}' is required")
             else:
                 problems.append(f"'{where}': {error['msg']}" if where else error["msg"])
-        return bad_request("; ".join(problems) or "invalid request", param=param).response()
+        error = bad_request("; ".join(problems) or "invalid request", param=param)
+        request.state.error = error.message
+        return error.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 from verispec.config import ServerSettings
 from verispec.engine import Round
+from verispec.inspect import Inspection
 from verispec.server.breaker import BreakerState
 from verispec.stats import RequestStats
 
@@ -48,6 +49,7 @@ class ServerMetrics:
 
     def __init__(self, model_name: str, server: ServerSettings, max_depth: int):
         self.registry = registry = CollectorRegistry()
+        self._drift: float | None = None
         self.max_depth = max_depth
         m = ["model_name"]
 
@@ -134,6 +136,8 @@ class ServerMetrics:
             "cost_verifier_only_dollars",
             "What the same tokens would have cost verifier-only, at the measured one-token verifier step time.",
         ).labels(model_name)
+        self.audit_failures = counter("audit_write_failures", "Audit records that could not be committed.").labels(model_name)
+        self.audit_records = counter("audit_records", "Audit records committed or queued.").labels(model_name)
         cost_rate = Gauge(P + "cost_per_hour_dollars", "Configured hardware cost per hour.", m + ["component"], registry=registry)
         self.cost_rate = lambda component: cost_rate.labels(model_name, component)
 
@@ -158,6 +162,15 @@ class ServerMetrics:
             self.proposed_per_pos[i].inc()
             if i < round_.accepted:
                 self.accepted_per_pos[i].inc()
+
+    def observe_drift(self, inspection: Inspection) -> None:
+        for tv in inspection.total_variation:
+            self.drift_tv.observe(tv)
+            self._drift = tv if self._drift is None else 0.98 * self._drift + 0.02 * tv  # about the last 50 positions
+        for kl in inspection.kl_divergence:
+            self.drift_kl.observe(kl)
+        if self._drift is not None:
+            self.drift_index.set(self._drift)
 
     def observe_finished(self, stats: RequestStats, finish_reason: str) -> None:
         self.success(finish_reason).inc()

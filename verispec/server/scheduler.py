@@ -60,7 +60,7 @@ class DeadlineExceeded(Exception):
     """The request ran past its deadline (504)."""
 
 
-class Finished:
+class Cancelled:
     """The last event of a job that was cancelled on its behalf (client gone, shutdown)."""
 
 
@@ -79,6 +79,11 @@ class Job:
     last_token: float | None = None
     generated: int = 0
     speculate: bool = True  # decided at admission by the circuit breaker
+    inspect: bool = False  # sampled for drift and mismatch figures
+    keep_rounds: bool = False  # for trace spans
+    rounds: list = field(default_factory=list)  # Round, when keep_rounds
+    mismatches: list = field(default_factory=list)  # inspect.Mismatch, when inspect
+    stats: object = None  # RequestStats, once finished
     stream: Iterator[Delta] | None = None
     cancelled: bool = False
     outcome: str | None = None  # ok, cancelled, deadline, error
@@ -94,11 +99,29 @@ class Job:
             pass
 
 
+@dataclass(frozen=True)
+class CostModel:
+    """Dollars per hour of busy hardware, and what a token costs verifier-only."""
+
+    verifier_per_hour: float = 0.0
+    proposer_per_hour: float = 0.0
+    verifier_token_s: float | None = None  # measured one-token verifier step; None: no counterfactual to price
+
+    def of(self, verify_s: float, propose_s: float) -> float:
+        return (verify_s * self.verifier_per_hour + propose_s * self.proposer_per_hour) / 3600.0
+
+
 class Scheduler:
     def __init__(
-        self, engine: SpeculativeEngine, server: ServerSettings, breaker: CircuitBreaker, metrics: ServerMetrics
+        self,
+        engine: SpeculativeEngine,
+        server: ServerSettings,
+        breaker: CircuitBreaker,
+        metrics: ServerMetrics,
+        cost: CostModel | None = None,
     ):
         self.engine = engine
+        self.cost = cost or CostModel()
         self.server = server
         self.breaker = breaker
         self.metrics = metrics
@@ -170,14 +193,14 @@ class Scheduler:
             if self._stopped:
                 with self._cv:
                     for job in [*self._running, *self._waiting]:
-                        self._finish(job, "cancelled", Finished())
+                        self._finish(job, "cancelled", Cancelled())
                 return
 
     def _expire_waiting(self) -> None:
         now = time.monotonic()
         for job in list(self._waiting):
             if job.cancelled or self._stopped:
-                self._finish(job, "cancelled", Finished())
+                self._finish(job, "cancelled", Cancelled())
             elif job.deadline is not None and now >= job.deadline:
                 self._finish(job, "deadline", DeadlineExceeded("the request's deadline passed while it waited in the queue"))
 
@@ -186,7 +209,9 @@ class Scheduler:
             job = self._waiting.popleft()
             job.admitted = time.monotonic()
             job.speculate = self.breaker.speculating()
-            job.stream = self.engine.stream(job.prompt_ids, job.params, depth=job.depth, depth_limit=lambda job=job: self._depth_limit(job))
+            job.stream = self.engine.stream(
+                job.prompt_ids, job.params, depth=job.depth, depth_limit=lambda job=job: self._depth_limit(job), inspect=job.inspect
+            )
             self._running.append(job)
             self.metrics.queue_time.observe(job.admitted - job.arrived)
         self._publish_load()
@@ -194,7 +219,7 @@ class Scheduler:
     def _step(self, job: Job) -> None:
         """One round of one job."""
         if job.cancelled:
-            self._finish(job, "cancelled", Finished())
+            self._finish(job, "cancelled", Cancelled())
             return
         if job.deadline is not None and time.monotonic() >= job.deadline:
             self._finish(job, "deadline", DeadlineExceeded("the request ran past its deadline"))
@@ -212,14 +237,26 @@ class Scheduler:
         self._observe(job, delta, now)
         job._push(delta)
         if delta.finish_reason is not None:
+            job.stats = delta.stats
             self.metrics.observe_finished(delta.stats, delta.finish_reason)
+            self._account(delta.stats)
             self._finish(job, "ok", None)
 
     def _observe(self, job: Job, delta: Delta, now: float) -> None:
-        if delta.round is not None:
-            self.metrics.observe_round(delta.round)
+        round_ = delta.round
+        if round_ is not None:
+            self.metrics.observe_round(round_)
+            self.metrics.verifier_busy.inc(round_.verify_s)
+            self.metrics.proposer_busy.inc(round_.propose_s)
+            self.metrics.cost.inc(self.cost.of(round_.verify_s, round_.propose_s))
             if job.speculate:
-                self.breaker.record(delta.round)
+                self.breaker.record(round_)
+            if job.keep_rounds:
+                job.rounds.append(round_)
+            if round_.inspection is not None:
+                self.metrics.observe_drift(round_.inspection)
+                if round_.inspection.mismatch is not None:
+                    job.mismatches.append(round_.inspection.mismatch)
         if not delta.token_ids:
             return
         job.generated += len(delta.token_ids)
@@ -231,6 +268,16 @@ class Scheduler:
             for _ in delta.token_ids:
                 self.metrics.itl.observe(gap)
         job.last_token = now
+
+    def _account(self, stats) -> None:
+        """A finished request's prefill, and what its tokens would have cost verifier-only."""
+        self.metrics.verifier_busy.inc(stats.prefill_s)
+        self.metrics.cost.inc(self.cost.of(stats.prefill_s, 0.0))
+        if self.cost.verifier_token_s is None:
+            counterfactual = self.cost.of(stats.prefill_s + stats.verify_s, stats.propose_s)
+        else:
+            counterfactual = self.cost.of(stats.prefill_s + stats.generated_tokens * self.cost.verifier_token_s, 0.0)
+        self.metrics.cost_verifier_only.inc(counterfactual)
 
     def _finish(self, job: Job, outcome: str, event) -> None:
         if job.outcome is not None:

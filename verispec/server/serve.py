@@ -7,7 +7,14 @@ import logging
 import uvicorn
 
 from verispec.assemble import build_engine
-from verispec.config import ModelSettings, ServerSettings, Settings, SpeculationSettings
+from verispec.config import (
+    AuditSettings,
+    ModelSettings,
+    ServerSettings,
+    Settings,
+    SpeculationSettings,
+    TelemetrySettings,
+)
 from verispec.errors import UserError
 from verispec.server.app import EngineFactory, create_app
 
@@ -16,12 +23,16 @@ log = logging.getLogger("verispec.server")
 
 def describe(settings: Settings) -> list[str]:
     """The settings the server uses, one per line, secrets masked (pydantic prints SecretStr as stars)."""
-    used = {"max_new_tokens", *ModelSettings.model_fields, *SpeculationSettings.model_fields, *ServerSettings.model_fields}
+    used = {"max_new_tokens"}
+    for part in (ModelSettings, SpeculationSettings, ServerSettings, AuditSettings, TelemetrySettings):
+        used |= set(part.model_fields)
     return [f"  {name} = {value}" for name, value in settings.model_dump(include=used).items()]
 
 
 def serve(settings: Settings, engine_factory: EngineFactory = build_engine) -> int:
-    logging.getLogger().setLevel(settings.log_level.upper())
+    from verispec.server.logs import configure
+
+    configure(settings.log_format, settings.log_level)
     app = create_app(settings, engine_factory)
     state = app.state.verispec
     log.info("settings:\n%s", "\n".join(describe(settings)))

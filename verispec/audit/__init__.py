@@ -1,0 +1,1 @@
+"""Audit trail: records of every request, redacted before any sink."""

@@ -1,0 +1,129 @@
+"""Finished requests in, redacted audit records out: the one choke point before any sink.
+
+Prompt and output text reach the database only when the operator opts in (`--audit-content`),
+and then only through the Redactor (placeholders for PII and secrets, or a keyed hash). The same
+Redactor serves logs and traces (`--log-content`), so there is one definition of what is safe.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from verispec.audit.redact import Redactor
+from verispec.audit.writer import AuditWriter
+from verispec.config import AuditSettings, SamplingParams
+from verispec.inspect import Mismatch
+from verispec.server.protocol import speculation_stats
+from verispec.stats import RequestStats
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Which models produced a record: names and content hashes of their weights."""
+
+    model: str
+    model_version: str
+    proposer: str
+    proposer_version: str
+
+
+@dataclass
+class Finished:
+    """What the server knows about a request when it ends."""
+
+    request_id: str
+    arrived: datetime  # UTC
+    key_id: str | None
+    endpoint: str
+    outcome: str  # ok, fallback, error, cancelled, deadline, rejected
+    status: int
+    params: SamplingParams | None = None
+    prompt: str | None = None
+    output: str | None = None
+    stats: RequestStats | None = None
+    finish_reason: str | None = None
+    latency_s: float | None = None
+    ttft_s: float | None = None
+    error: str | None = None
+    mismatches: tuple[Mismatch, ...] = ()
+
+
+class Auditor:
+    def __init__(self, settings: AuditSettings, redactor: Redactor, writer: AuditWriter | None, identity: Identity, tokenizer=None):
+        self.settings = settings
+        self.redactor = redactor
+        self.writer = writer
+        self.identity = identity
+        self.tokenizer = tokenizer
+
+    @property
+    def enabled(self) -> bool:
+        return self.writer is not None
+
+    def content(self, text: str | None) -> str | None:
+        """Text as it may be stored: redacted (or hashed), or nothing without the opt-in."""
+        return self.redactor.redact(text) if self.settings.audit_content else None
+
+    def submit(self, done: Finished) -> Future | None:
+        """Queue the record; the future resolves when it is committed (None: not audited or queue full)."""
+        if self.writer is None:
+            return None
+        return self.writer.submit(self.record(done), self.samples(done))
+
+    def record(self, done: Finished) -> dict[str, Any]:
+        stats = done.stats
+        sampling = None
+        if done.params is not None:
+            sampling = done.params.model_dump(mode="json")
+            sampling["seed"] = stats.seed if stats is not None and stats.seed is not None else done.params.seed
+        return {
+            "request_id": done.request_id,
+            "created_at": done.arrived,
+            "key_id": done.key_id,
+            "endpoint": done.endpoint,
+            "model": self.identity.model,
+            "model_version": self.identity.model_version,
+            "proposer": self.identity.proposer,
+            "proposer_version": self.identity.proposer_version,
+            "sampling": sampling,
+            "prompt": self.content(done.prompt),
+            "output": self.content(done.output),
+            "prompt_tokens": stats.prompt_tokens if stats else None,
+            "completion_tokens": stats.generated_tokens if stats else None,
+            "speculation": speculation_stats(stats) if stats else None,
+            "latency_s": done.latency_s,
+            "ttft_s": done.ttft_s,
+            "outcome": done.outcome,
+            "finish_reason": done.finish_reason,
+            "status": done.status,
+            "error": self.redactor.redact(done.error) if done.error else None,
+        }
+
+    def samples(self, done: Finished) -> list[dict[str, Any]]:
+        rows = []
+        for m in done.mismatches:
+            rows.append({
+                "request_id": done.request_id,
+                "created_at": done.arrived,
+                "position": m.position,
+                "draft_token": m.draft_token,
+                "verifier_token": m.verifier_token,
+                "draft_prob": m.draft_prob,
+                "verifier_prob": m.verifier_prob,
+                "verifier_token_prob": m.verifier_token_prob,
+                "draft_text": self._token_text(m.draft_token),
+                "verifier_text": self._token_text(m.verifier_token),
+            })
+        return rows
+
+    def _token_text(self, token: int) -> str | None:
+        if not self.settings.audit_content or self.tokenizer is None:
+            return None
+        return self.redactor.redact(self.tokenizer.decode([token]))
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
