@@ -17,7 +17,7 @@ Recognized (each finding becomes a placeholder in "redact" mode):
 - IP_ADDRESS: IPv4 and IPv6, each candidate validated by `ipaddress`.
 - SECRET: provider keys by their prefix (OpenAI/Anthropic `sk-`, Stripe `sk_live_`, AWS
   `AKIA`/`ASIA`, GitHub `ghp_`/`github_pat_`, Slack `xox?-`, Hugging Face `hf_`, Google `AIza`),
-  JWTs, PEM private key blocks, `Bearer <token>`, passwords in URLs (`scheme://user:PASS@host`) and
+  JWTs, PEM private key blocks, `Bearer <token>`, credentials in URLs (`scheme://USER:PASS@host`) and
   the value of `password=`, `api_key:`, `secret=`, `token=`-style assignments (code, env, JSON, YAML).
 - CUSTOM: the operator's own regular expressions (employee IDs, ticket numbers, ...).
 
@@ -65,7 +65,7 @@ _RANK = {kind: i for i, kind in enumerate(KINDS)}
 # --- e-mail -----------------------------------------------------------------------------------
 # The lookbehind makes each run of local-part characters start once, so the scan stays linear.
 _EMAIL = re.compile(r"(?<![\w.%+-])[\w.%+-]+@(?:[^\W_](?:[\w-]{0,61}[^\W_])?\.)+[^\W\d_]{2,63}(?![\w-])")
-_USERINFO = re.compile(r"//[^\s/@]*:\Z")  # "scheme://user:" before "pass@host": a password, not a mailbox
+_USERINFO = re.compile(r"//[^\s/@]*\Z")  # "scheme://user:pass@host": credentials (a secret), not a mailbox
 
 
 def _emails(text: str) -> Iterator[Finding]:
@@ -184,60 +184,68 @@ def _ips(text: str) -> Iterator[Finding]:
 
 
 # --- secrets ----------------------------------------------------------------------------------
-# Each pattern's group "v" is what is redacted when it has one (the key name stays readable),
-# else the whole match.
-_SECRETS = [
-    re.compile(r"(?<![\w-])sk-[A-Za-z0-9_-]{20,}"),  # OpenAI (sk-, sk-proj-), Anthropic (sk-ant-)
-    re.compile(r"(?<!\w)[rs]k_(?:live|test)_[A-Za-z0-9]{16,}"),  # Stripe
-    re.compile(r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[0-9A-Z]{16}(?![A-Za-z0-9])"),  # AWS access key ID
-    re.compile(r"(?<!\w)gh[pousr]_[A-Za-z0-9]{20,}"),  # GitHub classic tokens
-    re.compile(r"(?<!\w)github_pat_[A-Za-z0-9_]{20,}"),  # GitHub fine-grained tokens
-    re.compile(r"(?<![\w-])xox[baprs]-[A-Za-z0-9-]{10,}"),  # Slack
-    re.compile(r"(?<!\w)hf_[A-Za-z0-9]{30,}"),  # Hugging Face
-    re.compile(r"(?<![\w-])AIza[0-9A-Za-z_-]{35}"),  # Google API key
-    # JWT: base64url of '{"' is "eyJ"; header, payload, signature (empty when alg is none).
-    re.compile(r"(?<![\w-])eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"),
-    # PEM private key, to its END line or, truncated, to the end of the text.
-    re.compile(
-        r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----.*?(?:-----END[A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----|\Z)",
-        re.S,
-    ),
-    # Bearer token: one digit at least, so that "Bearer authentication" in prose stays.
-    re.compile(r"(?i)\bbearer\s+(?P<v>(?=[A-Za-z._~+/-]*[0-9])[A-Za-z0-9._~+/-]{8,}=*)"),
-    re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s/:@]+:(?P<v>[^\s/@]+)@"),  # scheme://user:PASS@host
-]
-
-# `name = value`, `"name": "value"`, `NAME=value`, `--name=value`, `name: value`. The name may carry
-# a prefix (db_password, OPENAI_API_KEY, x-api-key) but must end at the keyword: max_tokens,
-# token_count and password_hash are not secrets.
-_ASSIGNMENT = re.compile(
-    r"""(?ix)
-    (?<![\w-])
-    (?:[\w-]*[_-])?
-    (?P<name>password|passwd|passphrase|pwd|secret|token|api[_-]?key|apikey|access[_-]?key|secret[_-]?key
-       |private[_-]?key|credentials?|authorization)
-    (?![\w-])
-    ["']?\s*(?:=>|:=|=|:)\s*
-    (?:(?:bearer|basic|token)\s+)?
-    (?:"(?P<dq>(?:[^"\\\n]|\\.)+)"|'(?P<sq>(?:[^'\\\n]|\\.)+)'|(?P<bare>[^\s"',;&)}\]]+))
+# Keys that announce themselves, redacted whole. One alternation: one pass over the text.
+_TOKEN = re.compile(
+    r"""(?x)
+      (?<![\w-])sk-[A-Za-z0-9_-]{20,}                         # OpenAI (sk-, sk-proj-), Anthropic (sk-ant-)
+    | (?<!\w)[rs]k_(?:live|test)_[A-Za-z0-9]{16,}             # Stripe
+    | (?<![A-Za-z0-9])(?:AKIA|ASIA)[0-9A-Z]{16}(?![A-Za-z0-9])  # AWS access key ID
+    | (?<!\w)gh[pousr]_[A-Za-z0-9]{20,}                       # GitHub classic
+    | (?<!\w)github_pat_[A-Za-z0-9_]{20,}                     # GitHub fine-grained
+    | (?<![\w-])xox[baprs]-[A-Za-z0-9-]{10,}                  # Slack
+    | (?<!\w)hf_[A-Za-z0-9]{30,}                              # Hugging Face
+    | (?<![\w-])AIza[0-9A-Za-z_-]{35}                         # Google API key
+      # JWT: base64url of '{"' is "eyJ"; header, payload, signature (empty when alg is none).
+    | (?<![\w-])eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*
+      # PEM private key: base64 lines and headers (Proc-Type: ...) up to the END line, or, cut off,
+      # up to the first character that base64 does not use.
+    | -----BEGIN[A-Z0-9\ ]*PRIVATE\ KEY[A-Z\ ]*-----
+      (?:[A-Za-z0-9+/=]++|[\w-]+:[^\n]*+|\s++)*+
+      (?:-----END[A-Z0-9\ ]*PRIVATE\ KEY[A-Z\ ]*-----)?
     """
 )
+# Credentials after a marker: only the group "v" is redacted, the marker keeps the record readable.
+_MARKED = [
+    # Bearer token: one digit at least, so that "Bearer authentication" in prose stays.
+    re.compile(r"(?i)\bbearer\s+(?P<v>(?=[A-Za-z._~+/-]*[0-9])[A-Za-z0-9._~+/-]{8,}=*)"),
+    # URL userinfo, scheme://USER:PASS@host or scheme://TOKEN@host: credentials either way.
+    re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://(?P<v>[^\s/@]+)@"),
+]
+# `name = value`, `"name": "value"`, `NAME=value`, `--name=value`, `name: value`, and JSON inside a
+# JSON string (`\"name\": \"value\"`). The name may carry a prefix (db_password, OPENAI_API_KEY,
+# x-api-key) but must end at the keyword: max_tokens, token_count and password_hash are not secrets.
+_ASSIGNMENT = re.compile(
+    r"""(?ix)
+    (?<![^\W_])  # the keyword starts the name, or follows its prefix's _ or -
+    (?P<name>password|passwd|passphrase|pwd|secret|token|api[_-]?key|apikey|access[_-]?key
+       |secret[_-]?key|private[_-]?key|credentials?|authorization)
+    (?![\w-])
+    (?:\\?["'])?\s*(?:=>|:=|=|:)\s*
+    (?:(?:bearer|basic|token)\s+)?  # an Authorization header's scheme
+    (?: \\"(?P<escaped>(?:[^"\\\n]|\\[^"\n])+)\\"
+      | "(?P<double>(?:[^"\\\n]|\\.)+)"
+      | '(?P<single>(?:[^'\\\n]|\\.)+)'
+      | (?P<bare>[^\s"',;&)}\]\\]+)
+    )
+    """
+)
+_VALUE_GROUPS = ("escaped", "double", "single", "bare")
 _NOT_A_VALUE = {"null", "none", "true", "false", "nil", "undefined"}
 
 
 def _secrets(text: str) -> Iterator[Finding]:
-    for pattern in _SECRETS:
+    for m in _TOKEN.finditer(text):
+        yield Finding("SECRET", m.start(), m.end())
+    for pattern in _MARKED:
         for m in pattern.finditer(text):
-            group = "v" if "v" in pattern.groupindex else 0
-            yield Finding("SECRET", m.start(group), m.end(group))
+            yield Finding("SECRET", m.start("v"), m.end("v"))
     for m in _ASSIGNMENT.finditer(text):
-        group = next(g for g in ("dq", "sq", "bare") if m.group(g) is not None)
+        group = next(g for g in _VALUE_GROUPS if m.group(g) is not None)
         value = m.group(group)
         if value.lower() in _NOT_A_VALUE:
             continue
-        # In an inference server's text, token=50256 is a token id.
         if m.group("name").lower() == "token" and value.isdigit():
-            continue
+            continue  # in an inference server's text, token=50256 is a token id
         yield Finding("SECRET", m.start(group), m.end(group))
 
 
@@ -286,7 +294,7 @@ class Redactor:
     def findings(self, text: str) -> list[Finding]:
         """What would be redacted: non-overlapping spans, in order."""
         found = [*_secrets(text), *_cards(text), *_ips(text), *_emails(text)]
-        found += _phones(text, found)
+        found += list(_phones(text, taken=found))  # last: it skips what the others took
         for pattern in self.extra:
             found += [
                 Finding("CUSTOM", m.start(), m.end()) for m in pattern.finditer(text) if m.end() > m.start()
