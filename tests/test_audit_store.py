@@ -135,7 +135,7 @@ def test_verispec_audit_queries_and_exports_jsonl(tmp_path):
     assert "q-web" in table.stdout and "q-batch" in table.stdout and "q-old" not in table.stdout
 
     out = tmp_path / "export.jsonl"
-    exported = run_verispec("audit", "--audit-url", url, "--key", "web", "--mismatches", "--out", str(out))
+    exported = run_verispec("audit", "--audit-url", url, "--key", "web", "--since", "1d", "--mismatches", "--out", str(out))
     assert exported.returncode == 0, exported.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [x["request_id"] for x in lines] == ["q-web"]
