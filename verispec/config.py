@@ -162,6 +162,9 @@ class AuditSettings(BaseModel):
     audit_redaction: Literal["redact", "hash"] = Field(
         "redact", description="stored content: PII and secrets replaced by placeholders, or a keyed hash only"
     )
+    audit_hash_key: SecretStr | None = Field(
+        None, description="key of the HMAC that --audit-redaction hash stores (env: VERISPEC_AUDIT_HASH_KEY); unset: plain sha256"
+    )
     redact_patterns: tuple[str, ...] = Field((), description="extra regular expressions to redact (repeatable)")
     audit_retention_days: float = Field(30.0, ge=0.0, description="delete records older than this (0 = keep forever)")
     audit_queue: int = Field(1024, ge=1, description="records buffered for the background writer")

@@ -94,7 +94,8 @@ class State:
         )
         self.audit = settings.part(AuditSettings)
         self.telemetry_settings = settings.part(TelemetrySettings)
-        self.redactor = Redactor(mode=self.audit.audit_redaction, extra_patterns=self.audit.redact_patterns)
+        hash_key = self.audit.audit_hash_key.get_secret_value().encode() if self.audit.audit_hash_key else None
+        self.redactor = Redactor(mode=self.audit.audit_redaction, extra_patterns=self.audit.redact_patterns, hash_key=hash_key)
         self.writer: AuditWriter | None = None
         if self.audit.audit_url.lower() != "none":
             store = AuditStore(self.audit.audit_url)  # fails fast on a bad URL or an unreachable database
