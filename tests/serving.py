@@ -27,6 +27,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", module, *(["serve"] if module == "verispec.cli" else []), *args, "--port", str(self.port)]
         self.log_path = (log_dir or Path("/tmp")) / f"verispec-serve-{self.port}.log"
+        # Each server its own audit database beside its log, unless the test names one (flags beat env).
+        env = {"VERISPEC_AUDIT_URL": f"sqlite:///{self.log_path.with_suffix('.sqlite3')}", **(env or {})}
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen(
             command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
