@@ -23,16 +23,25 @@ JWT = (
     + ".eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ"
     + ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"
 )
-PEM_BODY = ("MIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun", "VTLw7onLRnrq0/IzW7yWR7QkrmBL7jTKEn5u+qKhbwKfBstIs+bMY2Zkp18gnTxK")
+PEM_BODY = (
+    "MIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun",
+    "VTLw7onLRnrq0/IzW7yWR7QkrmBL7jTKEn5u+qKhbwKfBstIs+bMY2Zkp18gnTxK",
+)
 PEM = "-----BEGIN RSA " + "PRIVATE KEY-----\n" + "\n".join(PEM_BODY) + "\n-----END RSA " + "PRIVATE KEY-----"
 
 # (text, the planted values that must not survive, the placeholder that must appear)
 PLANTED = {
     "email": [
         ("# TODO(jane.doe@example.com): drop this retry once the proxy is fixed", ["jane.doe@example.com"]),
-        ('{"user": {"id": 17, "email": "j.smith+billing@mail.example.co.uk"}}', ["j.smith+billing@mail.example.co.uk"]),
+        (
+            '{"user": {"id": 17, "email": "j.smith+billing@mail.example.co.uk"}}',
+            ["j.smith+billing@mail.example.co.uk"],
+        ),
         ("2024-05-01T12:00:03Z INFO login ok user=ops-team@corp.example.org", ["ops-team@corp.example.org"]),
-        ("Write a polite reply to jürgen.müller@beispiel.de about the late invoice.", ["jürgen.müller@beispiel.de"]),
+        (
+            "Write a polite reply to jürgen.müller@beispiel.de about the late invoice.",
+            ["jürgen.müller@beispiel.de"],
+        ),
         ('<a href="mailto:support@example.io">support</a>', ["support@example.io"]),
     ],
     "phone": [
@@ -57,7 +66,10 @@ PLANTED = {
         ('{"client_ip": "192.168.1.20", "status": 200}', ["192.168.1.20"]),
         ("The server listens on 2001:db8:85a3::8a2e:370:7334 now.", ["2001:db8:85a3::8a2e:370:7334"]),
         ('BASE_URL = "http://[2001:db8::1]:8080/v1"  # staging', ["2001:db8::1"]),
-        ("link-local fe80::1ff:fe23:4567:890a%eth0, mapped ::ffff:192.0.2.128", ["fe80::1ff:fe23:4567:890a", "192.0.2.128"]),
+        (
+            "link-local fe80::1ff:fe23:4567:890a%eth0, mapped ::ffff:192.0.2.128",
+            ["fe80::1ff:fe23:4567:890a", "192.0.2.128"],
+        ),
         ("Why does ping to 203.0.113.7 time out?", ["203.0.113.7"]),
     ],
     "secret": [
@@ -69,7 +81,10 @@ PLANTED = {
         (f"GH_TOKEN: {GITHUB_PAT}", [GITHUB_PAT]),
         (f'slack = WebClient(token="{SLACK_TOKEN}")', [SLACK_TOKEN]),
         (f"huggingface-cli login --token {HF_TOKEN}", [HF_TOKEN]),
-        ('curl -H "Authorization: Bearer abc123def456ghi789jkl" https://api.example.com', ["abc123def456ghi789jkl"]),
+        (
+            'curl -H "Authorization: Bearer abc123def456ghi789jkl" https://api.example.com',
+            ["abc123def456ghi789jkl"],
+        ),
         (f"2024-05-01 DEBUG auth header={JWT[:20]}... full: {JWT}", [JWT, JWT.split(".")[1]]),
         (f"Can you tell what is wrong with this key?\n{PEM}\nThanks!", list(PEM_BODY)),
         (f"-----BEGIN OPENSSH PRIVATE KEY-----\n{PEM_BODY[0]}\n(cut off)", [PEM_BODY[0]]),
@@ -245,7 +260,16 @@ def test_empty_text(redactor):
         "-----BEGIN RSA PRIVATE KEY-----" * 500,
         "x_" * 10_000,
     ],
-    ids=["local-part", "domain", "digit-wall", "dotted", "colons", "assignments", "pem-headers", "underscores"],
+    ids=[
+        "local-part",
+        "domain",
+        "digit-wall",
+        "dotted",
+        "colons",
+        "assignments",
+        "pem-headers",
+        "underscores",
+    ],
 )
 def test_pathological_inputs_finish_quickly(redactor, text):
     # A regular expression that backtracks would take seconds to minutes on these.
