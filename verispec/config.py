@@ -149,6 +149,39 @@ class ServerSettings(BaseModel):
         return value
 
 
+class RoutingSettings(BaseModel):
+    """Several proposers behind one verifier: per-request choice and canary rollouts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    proposers: tuple[str, ...] = Field(
+        (), description="choose per request among these proposers (draft, ngram, none; repeatable) by observed throughput"
+    )
+    route_key: Literal["none", "user", "task"] = Field(
+        "none", description="keep the per-request choice's figures per value of this request field (user, or the task extension)"
+    )
+    canary_draft: str | None = Field(None, description="candidate draft model to canary beside the current proposer")
+    canary_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of requests the canary candidate serves")
+    canary_min_requests: int = Field(30, ge=5, description="requests per side before the canary is judged")
+    canary_alpha: float = Field(0.05, gt=0.0, lt=0.5, description="significance level of the canary's tests")
+    canary_margin: float = Field(
+        0.05, ge=0.0, le=1.0, description="roll back only when the candidate's median acceptance is lower by more than this"
+    )
+
+    @field_validator("proposers", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        value = tuple(value)
+        unknown = [v for v in value if v not in ("draft", "ngram", "none")]
+        if unknown:
+            raise ValueError(f"unknown proposer {unknown[0]!r}; choose among draft, ngram, none")
+        if len(set(value)) != len(value):
+            raise ValueError("each proposer once")
+        return value
+
+
 class AuditSettings(BaseModel):
     """The audit trail: one record per request, redacted before it reaches any sink."""
 
@@ -206,7 +239,14 @@ Part = TypeVar("Part", bound=BaseModel)
 
 
 class Settings(
-    ModelSettings, SpeculationSettings, SamplingParams, ServerSettings, AuditSettings, TelemetrySettings, BaseSettings
+    ModelSettings,
+    SpeculationSettings,
+    SamplingParams,
+    ServerSettings,
+    RoutingSettings,
+    AuditSettings,
+    TelemetrySettings,
+    BaseSettings,
 ):
     """Everything a `verispec` command reads, flat so that flags and env vars stay short."""
 

@@ -106,6 +106,7 @@ class State:
         self.auditor = Auditor(self.audit, self.redactor, self.writer, Identity(self.model_name, "loading", "loading", "loading"))
         self.telemetry = Telemetry(self.telemetry_settings, self.model_name)
         self._background: set[asyncio.Task] = set()
+        self.metrics.precreate(API_PATHS[:2])
         self.metrics.cost_rate("verifier").set(self.telemetry_settings.cost_verifier_per_hour)
         self.metrics.cost_rate("proposer").set(self.telemetry_settings.cost_proposer_per_hour)
         self.service: Service | None = None

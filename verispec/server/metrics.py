@@ -163,6 +163,19 @@ class ServerMetrics:
             if i < round_.accepted:
                 self.accepted_per_pos[i].inc()
 
+    def precreate(self, endpoints: tuple[str, ...]) -> None:
+        """Create labelled series at 0 before their first event: Prometheus cannot see the jump of
+        a series it has never scraped, so a first burst of 503s would never show in rate()."""
+        for endpoint in endpoints:
+            for status in (200, 400, 401, 404, 429, 499, 500, 503, 504):
+                self.requests(endpoint, status)
+        for outcome in ("ok", "cancelled", "deadline", "error", "rejected"):
+            self.outcome(outcome)
+        for reason in ("stop", "length"):
+            self.success(reason)
+        for state in BreakerState:
+            self.breaker_moves(state.name.lower())
+
     def observe_drift(self, inspection: Inspection) -> None:
         for tv in inspection.total_variation:
             self.drift_tv.observe(tv)
@@ -174,8 +187,6 @@ class ServerMetrics:
 
     def observe_finished(self, stats: RequestStats, finish_reason: str) -> None:
         self.success(finish_reason).inc()
-        self.prompt_tokens.inc(stats.prompt_tokens)
-        self.generation_tokens.inc(stats.generated_tokens)
         self.prompt_len.observe(stats.prompt_tokens)
         self.output_len.observe(stats.generated_tokens)
 

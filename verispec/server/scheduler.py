@@ -209,6 +209,7 @@ class Scheduler:
             job = self._waiting.popleft()
             job.admitted = time.monotonic()
             job.speculate = self.breaker.speculating()
+            self.metrics.prompt_tokens.inc(len(job.prompt_ids))
             job.stream = self.engine.stream(
                 job.prompt_ids, job.params, depth=job.depth, depth_limit=lambda job=job: self._depth_limit(job), inspect=job.inspect
             )
@@ -259,6 +260,13 @@ class Scheduler:
                     job.mismatches.append(round_.inspection.mismatch)
         if not delta.token_ids:
             return
+        # Tokens count as they are emitted, as vLLM counts them, cancelled requests included, so
+        # that cost per token divides like by like.
+        self.metrics.generation_tokens.inc(len(delta.token_ids))
+        if self.cost.verifier_token_s is not None:
+            self.metrics.cost_verifier_only.inc(self.cost.of(len(delta.token_ids) * self.cost.verifier_token_s, 0.0))
+        elif round_ is not None:
+            self.metrics.cost_verifier_only.inc(self.cost.of(round_.verify_s, round_.propose_s))
         job.generated += len(delta.token_ids)
         if job.first_token is None:
             job.first_token = now
@@ -270,14 +278,10 @@ class Scheduler:
         job.last_token = now
 
     def _account(self, stats) -> None:
-        """A finished request's prefill, and what its tokens would have cost verifier-only."""
+        """A finished request's prefill, in the actual and in the verifier-only cost alike."""
         self.metrics.verifier_busy.inc(stats.prefill_s)
         self.metrics.cost.inc(self.cost.of(stats.prefill_s, 0.0))
-        if self.cost.verifier_token_s is None:
-            counterfactual = self.cost.of(stats.prefill_s + stats.verify_s, stats.propose_s)
-        else:
-            counterfactual = self.cost.of(stats.prefill_s + stats.generated_tokens * self.cost.verifier_token_s, 0.0)
-        self.metrics.cost_verifier_only.inc(counterfactual)
+        self.metrics.cost_verifier_only.inc(self.cost.of(stats.prefill_s, 0.0))
 
     def _finish(self, job: Job, outcome: str, event) -> None:
         if job.outcome is not None:

@@ -1,0 +1,180 @@
+"""`verispec distill` on tiny random models: the loss falls, agreement rises, a run resumes, the
+result loads, bad input is refused."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import llama, save, write_prompts
+from verispec.distill import DistillConfig, add_distill_command, distill, kd_loss, stdlib_windows
+from verispec.errors import UserError
+from verispec.models import load_model
+
+QUIET = lambda line: None  # noqa: E731
+
+
+def config(models: dict[str, str], out: Path, prompts: Path, **overrides) -> DistillConfig:
+    fields = dict(
+        target=models["llama"],
+        draft=models["llama-draft"],
+        out=out,
+        prompts=prompts,
+        eval_prompts=None,
+        steps=24,
+        batch_size=8,
+        seq_len=48,
+        max_new_tokens=16,
+        lr=3e-3,
+        checkpoint_every=8,
+        eval_new_tokens=16,
+    )
+    return DistillConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_models, tmp_path_factory) -> dict:
+    """One short on-policy run, evaluated on its own training prompts (a copy, so no split)."""
+    root = tmp_path_factory.mktemp("distill")
+    train = write_prompts(root / "train.jsonl", 16)
+    evaluation = root / "eval.jsonl"
+    evaluation.write_text(train.read_text())
+    return distill(config(tiny_models, root / "out", train, eval_prompts=evaluation), log=QUIET)
+
+
+def test_distillation_lowers_the_loss_and_raises_agreement(distilled):
+    training = distilled["training"]
+    assert training["steps"] == 24
+    assert training["last_loss"] < 0.8 * training["first_loss"]
+    assert distilled["teacher"]["mode"] == "on-policy"
+    assert distilled["after"]["agreement"] > distilled["before"]["agreement"] + 0.05
+    written = json.loads((Path(distilled["final"]).parent / "eval.json").read_text())
+    assert written["after"]["agreement"] == distilled["after"]["agreement"]
+    assert written["cpu_s"] > 0
+
+
+def test_final_folder_loads_as_a_draft(distilled, tiny_models):
+    final = Path(distilled["final"])
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (final / name).is_file()
+    assert all(t.dtype == torch.float32 for t in load_file(final / "model.safetensors").values())
+    draft = load_model(str(final), torch.device("cpu"), torch.float32, role="draft")
+    logits = draft.session().extend([1, 2, 3])
+    assert logits.shape == (3, 64)
+
+
+def test_resume_after_an_interruption_reaches_the_same_step_and_weights(tiny_models, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", 8)
+    whole = distill(
+        config(tiny_models, tmp_path / "whole", prompts, steps=6, checkpoint_every=2, batch_size=4), log=QUIET
+    )
+
+    def interrupt(step: int) -> None:
+        if step == 3:  # one step past the checkpoint at 2: that step is lost and redone
+            raise KeyboardInterrupt
+
+    cut = config(tiny_models, tmp_path / "cut", prompts, steps=6, checkpoint_every=2, batch_size=4)
+    with pytest.raises(KeyboardInterrupt):
+        distill(cut, log=QUIET, on_step=interrupt)
+    assert (tmp_path / "cut" / "checkpoints" / "step-000002" / "trainer.pt").is_file()
+    with pytest.raises(UserError, match="--resume"):
+        distill(cut, log=QUIET)
+    resumed = distill(DistillConfig(**{**cut.__dict__, "resume": True}), log=QUIET)
+    assert resumed["training"]["steps"] == whole["training"]["steps"] == 6
+    a, b = (
+        load_file(Path(whole["final"]) / "model.safetensors"),
+        load_file(Path(resumed["final"]) / "model.safetensors"),
+    )
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    with pytest.raises(UserError, match="lr"):  # a resumed run must be the same run
+        distill(DistillConfig(**{**cut.__dict__, "resume": True, "lr": 1e-2}), log=QUIET)
+
+
+def test_shared_prompt_file_holds_out_the_last_prompts(tiny_models, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", 10)
+    report = distill(
+        config(tiny_models, tmp_path / "out", prompts, eval_prompts=prompts, eval_limit=3, steps=2), log=QUIET
+    )
+    assert "last 3 prompts are held out" in report["data"]
+    assert report["before"]["prompts"] == 3
+    assert report["teacher"]["examples"] == 7
+
+
+def test_text_mode_distils_on_given_text(tiny_models, tmp_path):
+    data = tmp_path / "text.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"text": " ".join(f"t{(i * j) % 63 + 1}" for j in range(40))}) + "\n" for i in range(6)
+        )
+    )
+    report = distill(
+        config(tiny_models, tmp_path / "out", None, data=(str(data),), steps=4, seq_len=16), log=QUIET
+    )
+    assert report["teacher"]["mode"] == "text"
+    assert report["teacher"]["positions"] == report["teacher"]["examples"] * 16
+
+
+def test_kd_loss_is_zero_at_the_teacher_and_tvd_is_bounded():
+    torch.manual_seed(0)
+    teacher = torch.randn(5, 10)
+    logp = torch.log_softmax(teacher, -1)
+    top_logp, top_ids = torch.topk(logp, 4)
+    assert kd_loss(teacher, top_ids, top_logp).abs().max() < 1e-5
+    other = torch.randn(5, 10)
+    assert (kd_loss(other, top_ids, top_logp) > 0).all()
+    tvd = kd_loss(other, top_ids, top_logp, kind="tvd")
+    assert ((tvd >= 0) & (tvd <= 1)).all()
+    assert (kd_loss(other, top_ids, top_logp, ce_weight=1.0) > kd_loss(other, top_ids, top_logp)).all()
+
+
+def test_stdlib_windows_leave_out_held_out_modules(tmp_path):
+    body = "".join(f"value_{i} = {i} * 2  # a line of code long enough\n" for i in range(200))
+    for name in (
+        "alpha.py",
+        "sched.py",
+        "queue.py",
+        "resources/beta.py",
+        "test/gamma.py",
+        "idlelib/delta.py",
+        "email/shlex.py",
+    ):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(body)
+    windows = stdlib_windows(4, root=tmp_path)
+    assert {w.id.split(":")[0] for w in windows} == {"alpha.py"}
+    assert all(w.text.count("\n") == 40 for w in windows)
+    with pytest.raises(UserError, match="only"):
+        stdlib_windows(50, root=tmp_path)
+
+
+def test_bad_input_is_a_user_error(tiny_models, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", 4)
+    with pytest.raises(UserError, match="does not exist"):
+        distill(config(tiny_models, tmp_path / "o1", prompts, target=str(tmp_path / "missing")), log=QUIET)
+    with pytest.raises(UserError, match="one training source"):
+        distill(config(tiny_models, tmp_path / "o2", None), log=QUIET)
+    with pytest.raises(UserError, match="--data"):
+        distill(config(tiny_models, tmp_path / "o3", None, data=(str(tmp_path / "nothing-*.py"),)), log=QUIET)
+    with pytest.raises(UserError, match="--steps"):
+        distill(config(tiny_models, tmp_path / "o4", prompts, steps=0), log=QUIET)
+    other = save(llama(80, layers=1, seed=5), tmp_path / "other-vocab", 80)
+    with pytest.raises(UserError, match="tokenizers differ"):
+        distill(config(tiny_models, tmp_path / "o5", prompts, draft=other), log=QUIET)
+
+
+def test_command_line_flags():
+    parser = argparse.ArgumentParser()
+    add_distill_command(parser.add_subparsers())
+    args = parser.parse_args(
+        ["distill", "--target", "t", "--draft", "d", "--out", "o", "--stdlib-prompts", "8", "--steps", "5"]
+    )
+    assert (args.stdlib_prompts, args.steps, args.prompts, args.resume) == (8, 5, None, False)
+    with pytest.raises(SystemExit):  # one source only
+        parser.parse_args(
+            ["distill", "--target", "t", "--draft", "d", "--out", "o", "--stdlib-prompts", "8", "--data", "x"]
+        )
