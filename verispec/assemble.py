@@ -63,3 +63,39 @@ def build_engine(settings: Settings) -> SpeculativeEngine:
             lm.compile()
     proposer = build_proposer(models.proposer, ProposerInputs(target=target_lm, draft=draft_lm, speculation=speculation))
     return SpeculativeEngine(target_lm, tokenizer, proposer, speculation)
+
+
+def proposer_engines(engine: SpeculativeEngine, settings: Settings) -> dict[str, SpeculativeEngine]:
+    """Engines sharing `engine`'s verifier, one per proposer named in --proposers, plus 'canary'
+    for --canary-draft. Each keeps its own step costs (a draft's cost differs from an n-gram's)."""
+    from verispec.config import RoutingSettings
+
+    routing = settings.part(RoutingSettings)
+    models = resolve_models(settings.part(ModelSettings))
+    speculation = settings.part(SpeculationSettings)
+    device, dtype = engine.target.device, resolve_dtype(models.dtype)
+    drafts: dict[str, object] = {}
+
+    def draft_lm(ref: str, role: str):
+        if ref not in drafts:
+            check_compatible(engine.tokenizer, load_tokenizer(ref, role=role))
+            drafts[ref] = load_model(ref, device, dtype, role=role, backend=models.backend)
+        return drafts[ref]
+
+    engines: dict[str, SpeculativeEngine] = {}
+    for name in routing.proposers:
+        if name == models.proposer:
+            engines[name] = engine  # the configured one, already built
+            continue
+        draft = None
+        if name == "draft":
+            ref = models.draft or (reference_pair() or (None, None))[1]
+            if ref is None:
+                raise UserError("--proposers draft needs a draft model: pass --draft PATH")
+            draft = draft_lm(ref, "draft")
+        inputs = ProposerInputs(target=engine.target, draft=draft, speculation=speculation)
+        engines[name] = SpeculativeEngine(engine.target, engine.tokenizer, build_proposer(name, inputs), speculation)
+    if routing.canary_draft:
+        inputs = ProposerInputs(target=engine.target, draft=draft_lm(routing.canary_draft, "canary draft"), speculation=speculation)
+        engines["canary"] = SpeculativeEngine(engine.target, engine.tokenizer, build_proposer("draft", inputs), speculation)
+    return engines

@@ -39,14 +39,25 @@ def measure_step_costs(
         verify.append(statistics.median(samples))
     draft = 0.0
     if proposer is not None:
-        drafting = proposer.session()
-        policy = DraftPolicy(sampling=SamplingParams())
-        drafting.propose(context, 1, policy)  # prefill, not timed
-        samples = []
-        for i in range(repeats):
-            t0 = time.perf_counter()
-            proposal = drafting.propose(context + context[: i + 1], max_depth, policy)
-            samples.append((time.perf_counter() - t0) / max(len(proposal.tokens), 1))
-        draft = statistics.median(samples)
+        try:
+            draft = _draft_cost(proposer, context, max_depth, repeats)
+        except Exception as exc:  # a broken proposer must not take the server down with it
+            log.warning("the proposer failed while its cost was measured (%r); depth auto will keep it off but probe it", exc)
+            draft = UNUSABLE_DRAFT_S
     log.info("step costs: verify %s ms by pass width, draft %.2f ms per token", [round(v * 1e3, 2) for v in verify], draft * 1e3)
     return StepCosts(tuple(verify), draft)
+
+
+UNUSABLE_DRAFT_S = 3600.0  # finite, so that k * cost stays a number at k = 0
+
+
+def _draft_cost(proposer: Proposer, context: list[int], max_depth: int, repeats: int) -> float:
+    drafting = proposer.session()
+    policy = DraftPolicy(sampling=SamplingParams())
+    drafting.propose(context, 1, policy)  # prefill, not timed
+    samples = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        proposal = drafting.propose(context + context[: i + 1], max_depth, policy)
+        samples.append((time.perf_counter() - t0) / max(len(proposal.tokens), 1))
+    return statistics.median(samples)

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from verispec.config import (
     AuditSettings,
     ModelSettings,
+    RoutingSettings,
     SamplingParams,
     ServerSettings,
     Settings,
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(serve, ModelSettings)
     _add_settings_flags(serve, SpeculationSettings)
     _add_settings_flags(serve, ServerSettings)
+    _add_settings_flags(serve, RoutingSettings)
     _add_settings_flags(serve, AuditSettings)
     _add_settings_flags(serve, TelemetrySettings)
     serve.add_argument(

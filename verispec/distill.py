@@ -43,6 +43,7 @@ agreement, CPU and wall time).
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import hashlib
 import inspect
@@ -74,17 +75,10 @@ from verispec.prompts import Prompt, load_prompts
 
 DEFAULT_EVAL_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "prompts" / "code-completion.jsonl"
 HELD_OUT_INITIALS = ("q", "r", "s")  # the shared prompts are cut from stdlib modules named so
-STDLIB_SKIPPED = {
-    "test",
-    "tests",
-    "idlelib",
-    "lib2to3",
-    "tkinter",
-    "turtledemo",
-    "ensurepip",
-    "site-packages",
-    "__pycache__",
-}
+# Left out of the reference pair's training corpus, or not Python code (site-packages: other
+# projects; pydoc_data and encodings: text and codec tables).
+STDLIB_SKIPPED = {"test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip", "site-packages",
+                  "__pycache__", "pydoc_data", "encodings"}  # fmt: skip
 SPLIT_EVAL_LIMIT = 16  # held out when training and evaluation prompts share a file
 
 
@@ -219,39 +213,44 @@ def _same_file(a: Path | str | None, b: Path | None) -> bool:
 
 
 def split_prompts(config: DistillConfig) -> tuple[list[Prompt], list[Prompt], str]:
-    """Training prompts (empty in --data mode), evaluation prompts, and a line saying how they were split."""
+    """Training prompts (empty in --data mode), held-out evaluation prompts, and a line saying how
+    they were split. A training prompt whose text is an evaluation prompt's is always dropped."""
     evaluation = load_prompts(config.eval_prompts) if config.eval_prompts is not None else []
-    shared = _same_file(config.prompts, config.eval_prompts) or any(
-        _same_file(d, config.eval_prompts) for d in config.data
-    )
     if config.prompts is not None:
         training = load_prompts(config.prompts)
     elif config.stdlib_prompts:
         training = stdlib_windows(config.stdlib_prompts, config.seed)
     else:
         training = []
-    if shared:
+    if _same_file(config.prompts, config.eval_prompts) or any(
+        _same_file(d, config.eval_prompts) for d in config.data
+    ):
         held = config.eval_limit or SPLIT_EVAL_LIMIT
         if held >= len(evaluation):
             raise UserError(
                 f"training and evaluation prompts share {config.eval_prompts}: --eval-limit {held} "
                 f"leaves no training prompt of {len(evaluation)}"
             )
-        evaluation = evaluation[-held:]
-        training = training[:-held]
+        evaluation, training = evaluation[-held:], training[:-held]
         note = f"training and evaluation share {config.eval_prompts}: the last {held} prompts are held out for evaluation"
     else:
         evaluation = evaluation[: config.eval_limit] if config.eval_limit else evaluation
-        source = (
+        note = (
             f"{config.stdlib_prompts} stdlib windows (q/r/s modules left out)"
             if config.stdlib_prompts
             else "training data"
         )
-        note = (
-            f"{source}; evaluation on {len(evaluation)} prompts of {config.eval_prompts}"
-            if evaluation
-            else source
-        )
+        if evaluation:
+            note += f"; evaluation on {len(evaluation)} prompts of {config.eval_prompts}"
+    held_out = {p.text for p in evaluation}
+    copies = sum(p.text in held_out for p in training)
+    if copies:
+        training = [p for p in training if p.text not in held_out]
+        note += f"; {copies} training prompts identical to evaluation prompts left out"
+        if not training:
+            raise UserError(
+                "every training prompt is also an evaluation prompt; give other --prompts or --eval-prompts"
+            )
     return training, evaluation, note
 
 
@@ -500,18 +499,20 @@ def batch_loss(
 # -- training -------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_order(count: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(
+        torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    )
+
+
 def _batch_indices(step: int, batch_size: int, count: int, seed: int) -> list[int]:
     """The examples of a step: a pure function of (seed, step), so a resumed run sees what an
     uninterrupted one would. Each epoch is a fresh seeded permutation."""
-    indices = []
-    for g in range(step * batch_size, (step + 1) * batch_size):
-        epoch, offset = divmod(g, count)
-        indices.append(
-            torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))[
-                offset
-            ].item()
-        )
-    return indices
+    return [
+        _epoch_order(count, seed, g // count)[g % count]
+        for g in range(step * batch_size, (step + 1) * batch_size)
+    ]
 
 
 def _schedule(step: int, steps: int, warmup: int) -> float:
@@ -532,7 +533,7 @@ def _save_checkpoint(
     out: Path, step: int, model: PreTrainedModel, optimizer, history: dict, keep: int = 2
 ) -> None:
     folder = out / "checkpoints" / f"step-{step:06d}"
-    partial = folder.with_name(folder.name + ".partial")
+    partial = folder.with_name(f".{folder.name}.partial")  # not matched by step-*
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     torch.save(
@@ -884,14 +885,14 @@ def add_distill_command(commands) -> None:
         ("--seq-len", int, "tokens per training sequence (on-policy: prompt left-trimmed to fit)"),
         ("--max-new-tokens", int, "on-policy continuation length"),
         ("--lr", float, "peak learning rate"),
-        ("--warmup", int, "warm-up steps (default: 5%% of steps)"),
+        ("--warmup", int, "warm-up steps (default: 5%% of --steps)"),
         ("--weight-decay", float, "AdamW weight decay"),
         ("--clip", float, "gradient norm clip"),
         ("--ce-weight", float, "weight of cross-entropy on the verifier's argmax"),
         ("--top-k", int, "verifier log-probs kept per position"),
         ("--gen-batch-size", int, "prompts decoded together by the verifier"),
         ("--checkpoint-every", int, "steps between checkpoints"),
-        ("--eval-limit", int, "evaluation prompts (shared file: the last N held out, default 16)"),
+        ("--eval-limit", int, "evaluation prompts (default: all; the last 16 when --prompts is the same file)"),
         ("--eval-new-tokens", int, "verifier tokens per evaluation prompt"),
         ("--seed", int, "seed of data order and windows"),
     ):
@@ -901,7 +902,7 @@ def add_distill_command(commands) -> None:
             flag,
             type=kind,
             default=default,
-            help=f"{text} (default: {'auto' if default is None else default})",
+            help=text if default is None else f"{text} (default: {default})",
         )
     command.add_argument(
         "--loss", choices=("fkl", "tvd"), default=defaults.loss, help="divergence (default: %(default)s)"

@@ -49,6 +49,7 @@ class Finished:
     ttft_s: float | None = None
     error: str | None = None
     mismatches: tuple[Mismatch, ...] = ()
+    identity: Identity | None = None  # the models that served it, when not the server's default
 
 
 class Auditor:
@@ -75,6 +76,7 @@ class Auditor:
 
     def record(self, done: Finished) -> dict[str, Any]:
         stats = done.stats
+        identity = done.identity or self.identity
         sampling = None
         if done.params is not None:
             sampling = done.params.model_dump(mode="json")
@@ -84,10 +86,10 @@ class Auditor:
             "created_at": done.arrived,
             "key_id": done.key_id,
             "endpoint": done.endpoint,
-            "model": self.identity.model,
-            "model_version": self.identity.model_version,
-            "proposer": self.identity.proposer,
-            "proposer_version": self.identity.proposer_version,
+            "model": identity.model,
+            "model_version": identity.model_version,
+            "proposer": identity.proposer,
+            "proposer_version": identity.proposer_version,
             "sampling": sampling,
             "prompt": self.content(done.prompt),
             "output": self.content(done.output),

@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import MutableHeaders
 from transformers import PreTrainedTokenizerBase
 
-from verispec.assemble import build_engine, resolve_models
+from verispec.assemble import build_engine, proposer_engines, resolve_models
 from verispec.audit.records import Auditor, Finished, Identity, utc_now
 from verispec.audit.redact import Redactor
 from verispec.audit.store import AuditStore
@@ -35,6 +35,7 @@ from verispec.audit.writer import AuditWriter
 from verispec.config import (
     AuditSettings,
     ModelSettings,
+    RoutingSettings,
     SamplingParams,
     ServerSettings,
     Settings,
@@ -50,6 +51,7 @@ from verispec.server.errors import APIError, bad_request, retry_later
 from verispec.server.logs import request_id_var
 from verispec.server.metrics import ServerMetrics
 from verispec.server.protocol import ChatCompletionRequest, CompletionRequest, Shape, speculation_stats
+from verispec.server.routing import Canary, Decision, ProposerBandit, Router
 from verispec.server.scheduler import Cancelled, CostModel, DeadlineExceeded, Job, Overloaded, Scheduler
 from verispec.server.telemetry import Telemetry
 
@@ -109,6 +111,8 @@ class State:
         self.metrics.precreate(API_PATHS[:2])
         self.metrics.cost_rate("verifier").set(self.telemetry_settings.cost_verifier_per_hour)
         self.metrics.cost_rate("proposer").set(self.telemetry_settings.cost_proposer_per_hour)
+        self.router: Router | None = None
+        self.identities: dict[str, Identity] = {}
         self.service: Service | None = None
         self.load_error: str | None = None
         self.draining = False
@@ -132,10 +136,14 @@ class State:
                 proposer_version = f"ngram:{self.settings.ngram_min}-{self.settings.ngram_max}"
             else:
                 proposer_version = proposer
-            identity = Identity(self.model_name, weights_digest(models.target), proposer, proposer_version)
+            model_version = weights_digest(models.target)
+            identity = Identity(self.model_name, model_version, proposer, proposer_version)
             self.auditor = Auditor(self.audit, self.redactor, self.writer, identity, engine.tokenizer)
+            self.router = self._router(engine, models.proposer)
+            self.identities = {name: self._identity(name, e, model_version) for name, e in self.router.engines.items()}
             cost = CostModel(self.telemetry_settings.cost_verifier_per_hour, self.telemetry_settings.cost_proposer_per_hour, token_s)
             scheduler = Scheduler(engine, self.server, self.breaker, self.metrics, cost)
+            scheduler.on_finished = self._routed
             scheduler.start()
             self.service = Service(engine, scheduler)
             self.metrics.ready.set(1)
@@ -147,6 +155,54 @@ class State:
             self.load_error = str(exc) if isinstance(exc, UserError) else f"loading the models failed: {exc!r}"
             log.error("%s", self.load_error)
             self.on_fatal()
+
+    def _router(self, engine: SpeculativeEngine, configured: str) -> Router:
+        routing = self.settings.part(RoutingSettings)
+        engines = {configured: engine, **proposer_engines(engine, self.settings)}
+        for name, e in engines.items():
+            if e is not engine and e.proposer is not None and e.speculation.depth == "auto":
+                e.costs()
+            self.metrics.proposer_requests(name)
+        bandit = ProposerBandit(list(routing.proposers)) if len(routing.proposers) > 1 else None
+        canary = None
+        if routing.canary_draft:
+            canary = Canary(
+                routing.canary_fraction, routing.canary_min_requests, routing.canary_alpha, routing.canary_margin,
+                on_decision=self._canary_decided,
+            )
+            self.metrics.canary_state.set(1)
+            for verdict in ("promote", "rollback"):
+                self.metrics.canary_decisions(verdict)
+        default = configured if bandit is None else routing.proposers[0]
+        return Router(engines, default, bandit, canary, "canary" if canary else None)
+
+    def _identity(self, name: str, engine: SpeculativeEngine, model_version: str) -> Identity:
+        proposer = engine.proposer.name if engine.proposer is not None else "none"
+        if proposer.startswith("draft:"):
+            version = weights_digest(proposer.removeprefix("draft:"))
+        elif proposer.startswith("ngram"):
+            version = f"ngram:{self.settings.ngram_min}-{self.settings.ngram_max}"
+        else:
+            version = proposer
+        return Identity(self.model_name, model_version, proposer, version)
+
+    def _routed(self, job: Job) -> None:
+        """Feedback from a finished request to the per-request choice and the canary (engine thread)."""
+        stats = job.stats
+        busy = stats.propose_s + stats.verify_s
+        self.router.finished(job.proposer, job.route_key, stats.proposed, stats.accepted, stats.generated_tokens, busy)
+        if self.router.bandit is not None:
+            for name, mean in self.router.bandit.means().items():
+                self.metrics.proposer_throughput(name).set(mean)
+        canary = self.router.canary
+        if canary is not None:
+            for arm, figures in canary.arms.items():
+                if figures.acceptance:
+                    self.metrics.canary_acceptance(arm).set(sum(figures.acceptance) / len(figures.acceptance))
+
+    def _canary_decided(self, decision: Decision) -> None:
+        self.metrics.canary_decisions(decision.verdict).inc()
+        self.metrics.canary_state.set(2 if decision.verdict == "promote" else 3)
 
     def spawn(self, coroutine) -> None:
         """A background task the event loop keeps a reference to until it is done."""
@@ -304,6 +360,10 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
         request_id = request.state.request_id
         deadline = time.monotonic() + state.server.deadline_s if state.server.deadline_s else None
         job = Job(request_id, prompt_ids, params, body.depth, deadline, asyncio.get_running_loop())
+        routing_key = {"user": body.user, "task": body.task}.get(state.settings.route_key)
+        job.proposer = state.router.choose(routing_key)
+        job.engine, job.route_key = state.router.engines[job.proposer], routing_key
+        state.metrics.proposer_requests(job.proposer).inc()
         job.inspect = random.random() < state.audit.mismatch_sample_rate
         job.keep_rounds = state.telemetry.enabled
         operation = "chat" if chat else "text_completion"
@@ -328,7 +388,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             tpot = None
             if job.first_token is not None and job.last_token is not None and job.generated > 1:
                 tpot = (job.last_token - job.first_token) / (job.generated - 1)
-            identity = state.auditor.identity if state.auditor else None
+            identity = state.identities.get(job.proposer) or (state.auditor.identity if state.auditor else None)
             attributes = {
                 "gen_ai.response.model": state.model_name,
                 "gen_ai.response.finish_reasons": [delta.finish_reason] if delta is not None and delta.finish_reason else None,
@@ -361,7 +421,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
                 request_id=request_id, arrived=arrived, key_id=key_id, endpoint=request.url.path, outcome=outcome,
                 status=status, params=params, prompt=prompt_text, output=text, stats=stats,
                 finish_reason=delta.finish_reason if delta is not None else None, latency_s=latency, ttft_s=ttft,
-                error=error, mismatches=tuple(job.mismatches),
+                error=error, mismatches=tuple(job.mismatches), identity=identity,
             )
             if wait:
                 await state.audit_record(done, wait=True)

@@ -138,6 +138,20 @@ class ServerMetrics:
         ).labels(model_name)
         self.audit_failures = counter("audit_write_failures", "Audit records that could not be committed.").labels(model_name)
         self.audit_records = counter("audit_records", "Audit records committed or queued.").labels(model_name)
+        proposer_requests = counter("proposer_requests", "Requests by the proposer that served them.", ["proposer"])
+        self.proposer_requests = lambda name: proposer_requests.labels(model_name, name)
+        self.canary_state = gauge("canary_state", "Canary: 0 none, 1 running, 2 candidate promoted, 3 rolled back.")
+        canary_decisions = counter("canary_decisions", "Canary decisions, by verdict.", ["decision"])
+        self.canary_decisions = lambda verdict: canary_decisions.labels(model_name, verdict)
+        canary_acceptance = Gauge(
+            P + "canary_acceptance_rate", "Mean per-request acceptance rate of each canary arm.", m + ["arm"], registry=registry
+        )
+        self.canary_acceptance = lambda arm: canary_acceptance.labels(model_name, arm)
+        proposer_throughput = Gauge(
+            P + "proposer_throughput_tokens_per_second",
+            "Per-request choice: mean tokens per busy second observed for each proposer.", m + ["proposer"], registry=registry,
+        )
+        self.proposer_throughput = lambda name: proposer_throughput.labels(model_name, name)
         cost_rate = Gauge(P + "cost_per_hour_dollars", "Configured hardware cost per hour.", m + ["component"], registry=registry)
         self.cost_rate = lambda component: cost_rate.labels(model_name, component)
 

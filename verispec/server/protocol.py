@@ -10,7 +10,8 @@ Extensions (send them with the openai client's `extra_body`):
 - `top_k`: keep the k most likely tokens (0 = off);
 - `depth`: speculation depth for this request, an integer (0 = verifier only) or "auto";
 - `speculation_stats`: add a `speculation_stats` object to the response (the final chunk when
-  streaming).
+  streaming);
+- `task`: a tag (e.g. "code", "chat") the per-request proposer choice can keep its figures by.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class _Request(BaseModel):
     # extensions
     depth: Depth | None = None
     speculation_stats: bool | None = None
+    task: str | None = Field(None, max_length=64)  # a tag the per-request proposer choice may key on
 
     @field_validator("stop")
     @classmethod

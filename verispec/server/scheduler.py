@@ -84,6 +84,9 @@ class Job:
     rounds: list = field(default_factory=list)  # Round, when keep_rounds
     mismatches: list = field(default_factory=list)  # inspect.Mismatch, when inspect
     stats: object = None  # RequestStats, once finished
+    engine: SpeculativeEngine | None = None  # the chosen proposer's engine; None = the scheduler's
+    proposer: str | None = None  # its name, for routing feedback
+    route_key: str | None = None
     stream: Iterator[Delta] | None = None
     cancelled: bool = False
     outcome: str | None = None  # ok, cancelled, deadline, error
@@ -122,6 +125,7 @@ class Scheduler:
     ):
         self.engine = engine
         self.cost = cost or CostModel()
+        self.on_finished = None  # called on the engine thread with each job that finished ok
         self.server = server
         self.breaker = breaker
         self.metrics = metrics
@@ -210,7 +214,7 @@ class Scheduler:
             job.admitted = time.monotonic()
             job.speculate = self.breaker.speculating()
             self.metrics.prompt_tokens.inc(len(job.prompt_ids))
-            job.stream = self.engine.stream(
+            job.stream = (job.engine or self.engine).stream(
                 job.prompt_ids, job.params, depth=job.depth, depth_limit=lambda job=job: self._depth_limit(job), inspect=job.inspect
             )
             self._running.append(job)
@@ -242,6 +246,8 @@ class Scheduler:
             self.metrics.observe_finished(delta.stats, delta.finish_reason)
             self._account(delta.stats)
             self._finish(job, "ok", None)
+            if self.on_finished is not None:
+                self.on_finished(job)
 
     def _observe(self, job: Job, delta: Delta, now: float) -> None:
         round_ = delta.round

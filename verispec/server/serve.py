@@ -10,6 +10,7 @@ from verispec.assemble import build_engine
 from verispec.config import (
     AuditSettings,
     ModelSettings,
+    RoutingSettings,
     ServerSettings,
     Settings,
     SpeculationSettings,
@@ -24,7 +25,7 @@ log = logging.getLogger("verispec.server")
 def describe(settings: Settings) -> list[str]:
     """The settings the server uses, one per line, secrets masked (pydantic prints SecretStr as stars)."""
     used = {"max_new_tokens"}
-    for part in (ModelSettings, SpeculationSettings, ServerSettings, AuditSettings, TelemetrySettings):
+    for part in (ModelSettings, SpeculationSettings, ServerSettings, RoutingSettings, AuditSettings, TelemetrySettings):
         used |= set(part.model_fields)
     return [f"  {name} = {value}" for name, value in settings.model_dump(include=used).items()]
 
