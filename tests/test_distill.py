@@ -10,11 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from tests.conftest import llama, save, write_prompts
-from verispec.distill import DistillConfig, add_distill_command, distill, kd_loss, stdlib_windows
+from verispec.distill import (
+    DistillConfig,
+    add_distill_command,
+    agreement,
+    distill,
+    greedy_padded,
+    kd_loss,
+    split_prompts,
+    stdlib_windows,
+)
 from verispec.errors import UserError
-from verispec.models import load_model
+from verispec.models import load_model, load_tokenizer
+from verispec.prompts import load_prompts
 
 QUIET = lambda line: None  # noqa: E731
 
@@ -39,12 +50,20 @@ def config(models: dict[str, str], out: Path, prompts: Path, **overrides) -> Dis
 
 @pytest.fixture(scope="module")
 def distilled(tiny_models, tmp_path_factory) -> dict:
-    """One short on-policy run, evaluated on its own training prompts (a copy, so no split)."""
+    """One short on-policy run on prompts whose last 4 are held out for its evaluation, then
+    agreement measured on its training prompts too, before and after."""
     root = tmp_path_factory.mktemp("distill")
-    train = write_prompts(root / "train.jsonl", 16)
-    evaluation = root / "eval.jsonl"
-    evaluation.write_text(train.read_text())
-    return distill(config(tiny_models, root / "out", train, eval_prompts=evaluation), log=QUIET)
+    prompts = write_prompts(root / "prompts.jsonl", 20)
+    report = distill(
+        config(tiny_models, root / "out", prompts, eval_prompts=prompts, eval_limit=4), log=QUIET
+    )
+    tokenizer = load_tokenizer(tiny_models["llama"])
+    train_ids = [tokenizer(p.text).input_ids for p in load_prompts(prompts)[:-4]]
+    verifier = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    continuations = greedy_padded(verifier, train_ids, 16, eos={0})
+    for name, draft in (("train_before", tiny_models["llama-draft"]), ("train_after", report["final"])):
+        report[name] = agreement(draft, train_ids, continuations, torch.device("cpu"))["agreement"]
+    return report
 
 
 def test_distillation_lowers_the_loss_and_raises_agreement(distilled):
@@ -52,7 +71,10 @@ def test_distillation_lowers_the_loss_and_raises_agreement(distilled):
     assert training["steps"] == 24
     assert training["last_loss"] < 0.8 * training["first_loss"]
     assert distilled["teacher"]["mode"] == "on-policy"
-    assert distilled["after"]["agreement"] > distilled["before"]["agreement"] + 0.05
+    assert distilled["train_after"] > distilled["train_before"] + 0.1
+    assert "last 4 prompts are held out" in distilled["data"]
+    assert distilled["before"]["prompts"] == distilled["after"]["prompts"] == 4
+    assert distilled["teacher"]["examples"] == 16
     written = json.loads((Path(distilled["final"]).parent / "eval.json").read_text())
     assert written["after"]["agreement"] == distilled["after"]["agreement"]
     assert written["cpu_s"] > 0
@@ -95,14 +117,20 @@ def test_resume_after_an_interruption_reaches_the_same_step_and_weights(tiny_mod
         distill(DistillConfig(**{**cut.__dict__, "resume": True, "lr": 1e-2}), log=QUIET)
 
 
-def test_shared_prompt_file_holds_out_the_last_prompts(tiny_models, tmp_path):
-    prompts = write_prompts(tmp_path / "p.jsonl", 10)
-    report = distill(
-        config(tiny_models, tmp_path / "out", prompts, eval_prompts=prompts, eval_limit=3, steps=2), log=QUIET
-    )
-    assert "last 3 prompts are held out" in report["data"]
-    assert report["before"]["prompts"] == 3
-    assert report["teacher"]["examples"] == 7
+def test_training_prompts_equal_to_evaluation_prompts_are_left_out(tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", 6)
+    evaluation = tmp_path / "e.jsonl"
+    evaluation.write_text("".join(prompts.read_text().splitlines(keepends=True)[4:]))
+    cfg = DistillConfig(target="t", draft="d", out=tmp_path, prompts=prompts, eval_prompts=evaluation)
+    training, held_out, note = split_prompts(cfg)
+    assert (len(training), len(held_out)) == (4, 2)
+    assert "2 training prompts identical to evaluation prompts left out" in note
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text(evaluation.read_text())
+    with pytest.raises(UserError, match="every training prompt"):
+        split_prompts(
+            DistillConfig(target="t", draft="d", out=tmp_path, prompts=copy, eval_prompts=evaluation)
+        )
 
 
 def test_text_mode_distils_on_given_text(tiny_models, tmp_path):

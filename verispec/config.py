@@ -171,9 +171,8 @@ class RoutingSettings(BaseModel):
     @field_validator("proposers", mode="before")
     @classmethod
     def _names(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        value = tuple(value)
+        items = [value] if isinstance(value, str) else list(value)
+        value = tuple(v.strip() for item in items for v in item.split(",") if v.strip())  # --proposers a,b or repeated
         unknown = [v for v in value if v not in ("draft", "ngram", "none")]
         if unknown:
             raise ValueError(f"unknown proposer {unknown[0]!r}; choose among draft, ngram, none")
