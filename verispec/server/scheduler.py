@@ -126,6 +126,7 @@ class Scheduler:
         self.engine = engine
         self.cost = cost or CostModel()
         self.on_finished = None  # called on the engine thread with each job that finished ok
+        self._token_s: float | None = None  # moving average of a verifier-only round's time
         self.server = server
         self.breaker = breaker
         self.metrics = metrics
@@ -269,8 +270,13 @@ class Scheduler:
         # Tokens count as they are emitted, as vLLM counts them, cancelled requests included, so
         # that cost per token divides like by like.
         self.metrics.generation_tokens.inc(len(delta.token_ids))
-        if self.cost.verifier_token_s is not None:
-            self.metrics.cost_verifier_only.inc(self.cost.of(len(delta.token_ids) * self.cost.verifier_token_s, 0.0))
+        if round_ is not None and round_.proposed == 0 and round_.verify_s > 0:
+            # A round without drafts is a verifier-only step: price the counterfactual with live
+            # figures, not only with the start-up calibration (which a busy machine inflates).
+            self._token_s = round_.verify_s if self._token_s is None else 0.95 * self._token_s + 0.05 * round_.verify_s
+        token_s = self._token_s if self._token_s is not None else self.cost.verifier_token_s
+        if token_s is not None:
+            self.metrics.cost_verifier_only.inc(self.cost.of(len(delta.token_ids) * token_s, 0.0))
         elif round_ is not None:
             self.metrics.cost_verifier_only.inc(self.cost.of(round_.verify_s, round_.propose_s))
         job.generated += len(delta.token_ids)
