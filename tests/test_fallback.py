@@ -25,6 +25,9 @@ class Flaky:
         return FlakySession(self, self.inner.session())
 
 
+SLOW_S = 2.0  # a "slow" proposal
+
+
 class FlakySession:
     def __init__(self, owner, inner):
         self.owner, self.inner = owner, inner
@@ -36,7 +39,7 @@ class FlakySession:
                 self.inner.propose(context, depth, policy)  # leave its cache mid-update
                 raise RuntimeError("proposer crashed")
             if self.owner.how == "slow":
-                time.sleep(0.06)
+                time.sleep(SLOW_S)
             if self.owner.how == "garbage":
                 return Proposal([VOCAB + 5] * depth)
         return self.inner.propose(context, depth, policy)
@@ -50,7 +53,9 @@ class FlakySession:
 def test_misbehaving_proposer_keeps_output_exact(tiny_models, how, params):
     base = make_engine(tiny_models["llama"], tiny_models["llama"])
     flaky = Flaky(base.proposer, every=3, how=how)
-    settings = SpeculationSettings(depth=3, proposer_timeout_s=0.05, max_proposer_failures=100)
+    # The budget sits far from both a normal proposal (a few ms) and a slow one, so that a busy
+    # machine cannot turn a normal proposal into a timeout.
+    settings = SpeculationSettings(depth=3, proposer_timeout_s=SLOW_S / 4, max_proposer_failures=100)
     engine = SpeculativeEngine(base.target, base.tokenizer, flaky, settings)
     for prompt in random_prompts(4, VOCAB, seed=20):
         reference = base.generate(prompt, SamplingParams(max_new_tokens=30), depth=0)

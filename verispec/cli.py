@@ -131,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_loadtest_command(commands)
 
     from verispec.audit.query import add_audit_command
+    from verispec.distill import add_distill_command
 
     add_audit_command(commands)
+    add_distill_command(commands)
     return parser
 
 

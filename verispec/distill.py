@@ -26,6 +26,10 @@ mode-covering, so the draft puts mass on the verifier's top choice even where it
 is what greedy agreement rewards. The argmax cross-entropy is the greedy decision itself, as a
 sharper extra term. `--loss tvd` trains on TVD of the same buckets directly.
 
+Measured on the reference pair (2 shared CPU cores, `--threads 1`): 640 stdlib windows on-policy,
+400 steps of 16 sequences, 17 minutes wall in all, raised agreement on the 64 shared prompts
+from 0.634 to 0.853 (96 windows and 80 steps, 4 minutes: 0.787).
+
 Held-out evaluation: agreement is measured on `--eval-prompts` (default: the shared prompt set),
 teacher-forced along the verifier's greedy continuation (the fraction of its tokens that are also
 the draft's argmax given the same prefix). When training prompts come from the same file as the
@@ -733,6 +737,8 @@ def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folde
     model.to(weights).save_pretrained(folder)
     model.to(torch.float32)
     tokenizer.save_pretrained(folder)
+    for file in folder.iterdir():  # safetensors writes 0600; a server under another user must read it
+        file.chmod(0o644)
 
 
 def _check_inputs(config: DistillConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
@@ -805,8 +811,10 @@ def distill(
     window = getattr(verifier.config, "max_position_embeddings", None)
     longest = max(map(len, eval_ids), default=0) + config.eval_new_tokens
     if window is not None and longest > window:
-        raise UserError(f"an evaluation prompt plus --eval-new-tokens is {longest} tokens, beyond the verifier's "
-                        f"context window of {window}; lower --eval-new-tokens or use shorter --eval-prompts")
+        raise UserError(
+            f"an evaluation prompt plus --eval-new-tokens is {longest} tokens, beyond the verifier's "
+            f"context window of {window}; lower --eval-new-tokens or use shorter --eval-prompts"
+        )
     continuations: list[list[int]] = []
     if evaluation:
         eval_started = time.process_time()
@@ -897,7 +905,11 @@ def add_distill_command(commands) -> None:
         ("--top-k", int, "verifier log-probs kept per position"),
         ("--gen-batch-size", int, "prompts decoded together by the verifier"),
         ("--checkpoint-every", int, "steps between checkpoints"),
-        ("--eval-limit", int, "evaluation prompts (default: all; the last 16 when --prompts is the same file)"),
+        (
+            "--eval-limit",
+            int,
+            "evaluation prompts (default: all; the last 16 when --prompts is the same file)",
+        ),
         ("--eval-new-tokens", int, "verifier tokens per evaluation prompt"),
         ("--seed", int, "seed of data order and windows"),
     ):
