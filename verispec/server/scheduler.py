@@ -72,7 +72,7 @@ class Job:
     depth: Depth | None  # per-request override of the configured depth
     deadline: float | None  # time.monotonic() value; None = no deadline
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # Delta | Exception | Finished
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # Delta | Exception | Cancelled
     arrived: float = field(default_factory=time.monotonic)
     admitted: float | None = None
     first_token: float | None = None
