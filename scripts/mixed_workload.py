@@ -1,7 +1,8 @@
 """Mixed workload: per-request proposer choice against each fixed proposer, on the same requests.
 
-Half the requests are greedy (task "code-greedy"), half sampled at temperature 1 (task
-"code-sampled"), over the first 24 shared prompts. Each configuration gets its own server, one
+Three tasks over the first 16 shared prompts: greedy completion ("code-greedy"), sampled at
+temperature 1 ("code-sampled"), and greedy copying ("copy": the prompt followed by its own first
+half, so that the continuation repeats text already in the context, where prompt lookup shines). Each configuration gets its own server, one
 after the other; a first pass lets the bandit learn, the second pass is measured.
 
     python scripts/mixed_workload.py DRAFT_FOLDER
@@ -20,7 +21,7 @@ import httpx
 
 from verispec.prompts import load_prompts
 
-PROMPTS = load_prompts(Path(__file__).resolve().parents[2] / "shared" / "prompts" / "code-completion.jsonl", limit=24)
+PROMPTS = load_prompts(Path(__file__).resolve().parents[2] / "shared" / "prompts" / "code-completion.jsonl", limit=16)
 CONFIGS = {
     "draft": ["--proposer", "draft"],
     "ngram": ["--proposer", "ngram"],
@@ -34,6 +35,8 @@ def workload() -> list[dict]:
     for i, p in enumerate(PROMPTS):
         out.append({"prompt": p.text, "max_tokens": 64, "temperature": 0, "task": "code-greedy"})
         out.append({"prompt": p.text, "max_tokens": 64, "temperature": 1.0, "seed": i, "task": "code-sampled"})
+        copy = p.text + "\n\n" + p.text[: len(p.text) // 2]
+        out.append({"prompt": copy, "max_tokens": 64, "temperature": 0, "task": "copy"})
     return out
 
 
