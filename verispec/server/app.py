@@ -129,18 +129,11 @@ class State:
             warm_prompt = engine.tokenizer("def main():").input_ids or [0]
             engine.generate(warm_prompt, SamplingParams(max_new_tokens=4))
             models = resolve_models(self.settings.part(ModelSettings))
-            proposer = engine.proposer.name if engine.proposer is not None else "none"
-            if models.draft:
-                proposer_version = weights_digest(models.draft)
-            elif proposer.startswith("ngram"):
-                proposer_version = f"ngram:{self.settings.ngram_min}-{self.settings.ngram_max}"
-            else:
-                proposer_version = proposer
             model_version = weights_digest(models.target)
-            identity = Identity(self.model_name, model_version, proposer, proposer_version)
+            identity = self._identity(engine, model_version)
             self.auditor = Auditor(self.audit, self.redactor, self.writer, identity, engine.tokenizer)
             self.router = self._router(engine, models.proposer)
-            self.identities = {name: self._identity(name, e, model_version) for name, e in self.router.engines.items()}
+            self.identities = {name: self._identity(e, model_version) for name, e in self.router.engines.items()}
             cost = CostModel(self.telemetry_settings.cost_verifier_per_hour, self.telemetry_settings.cost_proposer_per_hour, token_s)
             scheduler = Scheduler(engine, self.server, self.breaker, self.metrics, cost)
             scheduler.on_finished = self._routed
@@ -149,7 +142,7 @@ class State:
             self.metrics.ready.set(1)
             log.info(
                 "ready: %s loaded and warmed in %.1fs", self.model_name, time.perf_counter() - started,
-                extra={"model_version": identity.model_version, "proposer": proposer, "proposer_version": proposer_version},
+                extra={"model_version": identity.model_version, "proposer": identity.proposer, "proposer_version": identity.proposer_version},
             )
         except Exception as exc:
             self.load_error = str(exc) if isinstance(exc, UserError) else f"loading the models failed: {exc!r}"
@@ -176,7 +169,8 @@ class State:
         default = configured if bandit is None else routing.proposers[0]
         return Router(engines, default, bandit, canary, "canary" if canary else None)
 
-    def _identity(self, name: str, engine: SpeculativeEngine, model_version: str) -> Identity:
+    def _identity(self, engine: SpeculativeEngine, model_version: str) -> Identity:
+        """Names and versions of the models behind an engine: weights hashes, or the n-gram settings."""
         proposer = engine.proposer.name if engine.proposer is not None else "none"
         if proposer.startswith("draft:"):
             version = weights_digest(proposer.removeprefix("draft:"))
