@@ -102,3 +102,19 @@ def test_the_router_moves_all_traffic_to_a_promoted_candidate():
             break
     assert canary.state == Canary.PROMOTED
     assert {router.choose(None) for _ in range(50)} == {"canary"}
+
+
+def test_a_candidate_whose_proposals_fail_is_rolled_back():
+    # Every proposal of the candidate fails (raises or times out): no draft token is ever proposed,
+    # and that must count as acceptance 0, not as a request that says nothing.
+    canary = Canary(fraction=0.5, min_requests=10, rng=random.Random(0))
+    router = Router({"draft": "E1", "canary": "E2"}, "draft", canary=canary, candidate="canary")
+    assert router.on_trial("canary") and not router.on_trial("draft")
+    rng = random.Random(8)
+    for _ in range(30):
+        router.finished("draft", None, 40, round(rng.gauss(0.6, 0.05) * 40), 64, 0.5)
+        router.finished("canary", None, 0, 0, 64, 0.6, failures=3)
+    assert canary.state == Canary.ROLLED_BACK
+    assert not router.on_trial("canary")  # the breaker guards whatever still runs on it
+    # A request that never tried to speculate (depth 0) is no evidence either way.
+    assert Canary(fraction=0.5, min_requests=1).record("candidate", 0, 0, 64, 0.5) is None

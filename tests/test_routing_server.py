@@ -36,10 +36,13 @@ def test_every_proposer_gets_tried_and_output_stays_exact(routed, tiny_models):
 
 def test_a_bad_canary_is_rolled_back(tiny_models, tmp_path):
     # Current: the target drafting for itself (every draft accepted). Candidate: a GPT-2 of the same
-    # vocabulary that knows nothing of the target (drafts almost never accepted).
+    # vocabulary that knows nothing of the target (drafts almost never accepted). The breaker is set
+    # to trip on a few bad rounds: the candidate is the canary's to judge, so its rounds must neither
+    # trip the breaker for the proposer in service nor be turned off by it before the verdict.
     proc = ServerProcess(
         ["--target", tiny_models["llama"], "--draft", tiny_models["llama"], "--canary-draft", tiny_models["gpt2"],
-         "--canary-fraction", "0.5", "--canary-min-requests", "6", "--depth", "3"],
+         "--canary-fraction", "0.5", "--canary-min-requests", "6", "--depth", "3",
+         "--breaker-window", "8", "--breaker-min-acceptance", "0.5"],
         log_dir=tmp_path,
     ).wait_ready()
     try:
@@ -50,6 +53,7 @@ def test_a_bad_canary_is_rolled_back(tiny_models, tmp_path):
                 break
         samples = proc.metrics()
         assert metric(samples, "verispec:canary_state") == 3  # rolled back
+        assert metric(samples, "verispec:breaker_state") == 0  # closed all along
         assert metric(samples, "verispec:canary_decisions_total", decision="rollback") == 1
         assert metric(samples, "verispec:canary_acceptance_rate", arm="current") > metric(samples, "verispec:canary_acceptance_rate", arm="candidate")
         assert "canary rollback" in proc.log()

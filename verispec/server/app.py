@@ -184,7 +184,8 @@ class State:
         """Feedback from a finished request to the per-request choice and the canary (engine thread)."""
         stats = job.stats
         busy = stats.propose_s + stats.verify_s
-        self.router.finished(job.proposer, job.route_key, stats.proposed, stats.accepted, stats.generated_tokens, busy)
+        failures = stats.proposer_failures + stats.proposer_timeouts
+        self.router.finished(job.proposer, job.route_key, stats.proposed, stats.accepted, stats.generated_tokens, busy, failures)
         if self.router.bandit is not None:
             for name, mean in self.router.bandit.means().items():
                 self.metrics.proposer_throughput(name).set(mean)
@@ -357,6 +358,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
         routing_key = {"user": body.user, "task": body.task}.get(state.settings.route_key)
         job.proposer = state.router.choose(routing_key)
         job.engine, job.route_key = state.router.engines[job.proposer], routing_key
+        job.guarded = not state.router.on_trial(job.proposer)
         state.metrics.proposer_requests(job.proposer).inc()
         job.inspect = random.random() < state.audit.mismatch_sample_rate
         job.keep_rounds = state.telemetry.enabled

@@ -175,13 +175,15 @@ class Canary:
             return "candidate"
         return "current"
 
-    def record(self, arm: str, proposed: int, accepted: int, tokens: int, busy_s: float) -> Decision | None:
-        if proposed == 0 or busy_s <= 0:
-            return None  # a request that never speculated says nothing about the proposer
+    def record(self, arm: str, proposed: int, accepted: int, tokens: int, busy_s: float, failures: int = 0) -> Decision | None:
+        """One finished request. A request whose proposals all failed counts as acceptance 0; one that
+        never tried to speculate (depth 0, or too short) says nothing about the proposer."""
+        if (proposed == 0 and failures == 0) or busy_s <= 0:
+            return None
         with self._lock:
             if self.state != self.RUNNING:
                 return None
-            self.arms[arm].acceptance.append(accepted / proposed)
+            self.arms[arm].acceptance.append(accepted / proposed if proposed else 0.0)
             self.arms[arm].throughput.append(tokens / busy_s)
             decision = self._judge()
             if decision is not None:
@@ -230,14 +232,22 @@ class Router:
             return self.bandit.choose(key)
         return self.current
 
-    def finished(self, name: str, key: str | None, proposed: int, accepted: int, tokens: int, busy_s: float) -> Decision | None:
+    def on_trial(self, name: str) -> bool:
+        """Whether requests on this proposer are the canary's candidate slice, judged by the canary
+        rather than by the circuit breaker that guards the proposer in service."""
+        return self.canary is not None and self.canary.state == Canary.RUNNING and name == self.candidate
+
+    def finished(
+        self, name: str, key: str | None, proposed: int, accepted: int, tokens: int, busy_s: float, failures: int = 0
+    ) -> Decision | None:
         if self.bandit is not None and name in self.bandit.arms:
             self.bandit.update(key, name, tokens, busy_s)
         if self.canary is None or self.canary.state != Canary.RUNNING:
             return None
         if name not in (self.current, self.candidate):
             return None
-        decision = self.canary.record("candidate" if name == self.candidate else "current", proposed, accepted, tokens, busy_s)
+        arm = "candidate" if name == self.candidate else "current"
+        decision = self.canary.record(arm, proposed, accepted, tokens, busy_s, failures)
         if decision is not None and decision.verdict == "promote":
             self.current = self.candidate  # all traffic to the candidate from now on
             if self.bandit is not None:

@@ -79,6 +79,7 @@ class Job:
     last_token: float | None = None
     generated: int = 0
     speculate: bool = True  # decided at admission by the circuit breaker
+    guarded: bool = True  # the breaker governs this job; a canary candidate is judged by the canary instead
     inspect: bool = False  # sampled for drift and mismatch figures
     keep_rounds: bool = False  # for trace spans
     rounds: list = field(default_factory=list)  # Round, when keep_rounds
@@ -213,7 +214,7 @@ class Scheduler:
         while self._waiting and len(self._running) < self.server.max_running:
             job = self._waiting.popleft()
             job.admitted = time.monotonic()
-            job.speculate = self.breaker.speculating()
+            job.speculate = self.breaker.speculating() or not job.guarded
             self.metrics.prompt_tokens.inc(len(job.prompt_ids))
             job.stream = (job.engine or self.engine).stream(
                 job.prompt_ids, job.params, depth=job.depth, depth_limit=lambda job=job: self._depth_limit(job), inspect=job.inspect
@@ -257,7 +258,7 @@ class Scheduler:
             self.metrics.verifier_busy.inc(round_.verify_s)
             self.metrics.proposer_busy.inc(round_.propose_s)
             self.metrics.cost.inc(self.cost.of(round_.verify_s, round_.propose_s))
-            if job.speculate:
+            if job.speculate and job.guarded:
                 self.breaker.record(round_)
             if job.keep_rounds:
                 job.rounds.append(round_)
@@ -325,7 +326,7 @@ class Scheduler:
         return load_depth_cap(self.busy, self.server, self.max_depth)
 
     def _depth_limit(self, job: Job) -> int:
-        if not job.speculate or not self.breaker.speculating():
+        if not job.speculate or (job.guarded and not self.breaker.speculating()):
             return 0
         return self.depth_cap()
 
