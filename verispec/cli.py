@@ -132,9 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from verispec.audit.query import add_audit_command
     from verispec.distill import add_distill_command
+    from verispec.train import add_train_command
 
     add_audit_command(commands)
     add_distill_command(commands)
+    add_train_command(commands)
     return parser
 
 

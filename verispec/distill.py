@@ -47,16 +47,12 @@ agreement, CPU and wall time).
 from __future__ import annotations
 
 import argparse
-import functools
-import glob
 import hashlib
 import inspect
 import json
-import math
 import random
 import shutil
 import sys
-import sysconfig
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -66,6 +62,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from verispec.corpus import stdlib_files, stdlib_root, text_documents
 from verispec.errors import UserError
 from verispec.models.backend import generation_eos
 from verispec.models.loading import (
@@ -76,13 +73,9 @@ from verispec.models.loading import (
     weights_digest,
 )
 from verispec.prompts import Prompt, load_prompts
+from verispec.training import Schedule, StepResult, batch_indices, checkpoints, fit, mean, save_final
 
 DEFAULT_EVAL_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "prompts" / "code-completion.jsonl"
-HELD_OUT_INITIALS = ("q", "r", "s")  # the shared prompts are cut from stdlib modules named so
-# Left out of the reference pair's training corpus, or not Python code (site-packages: other
-# projects; pydoc_data and encodings: text and codec tables).
-STDLIB_SKIPPED = {"test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip", "site-packages",
-                  "__pycache__", "pydoc_data", "encodings"}  # fmt: skip
 SPLIT_EVAL_LIMIT = 16  # held out when training and evaluation prompts share a file
 
 
@@ -153,18 +146,10 @@ class Example:
 
 def stdlib_windows(count: int, seed: int = 0, lines: int = 40, root: Path | None = None) -> list[Prompt]:
     """`count` windows of `lines` lines from the standard library, none from a held-out module."""
-    root = root or Path(sysconfig.get_paths()["stdlib"])
+    root = root or stdlib_root()
     candidates: list[tuple[Path, int]] = []
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root).parts
-        if any(p in STDLIB_SKIPPED or p.lower().startswith(HELD_OUT_INITIALS) for p in parts):
-            continue
-        if any(p.startswith("config-") for p in parts):  # build-configuration scripts
-            continue
-        try:
-            length = len(path.read_text(encoding="utf-8").splitlines())
-        except (UnicodeDecodeError, OSError):
-            continue
+    for path in stdlib_files(root):
+        length = len(path.read_text(encoding="utf-8").splitlines())
         candidates.extend((path, start) for start in range(0, max(1, length - lines // 2), lines))
     rng = random.Random(seed)
     rng.shuffle(candidates)
@@ -181,33 +166,6 @@ def stdlib_windows(count: int, seed: int = 0, lines: int = 40, root: Path | None
             f"--stdlib-prompts {count}: the standard library under {root} gives only {len(windows)} windows"
         )
     return windows
-
-
-def text_documents(sources: tuple[str, ...]) -> list[str]:
-    """Texts of `--data`: JSONL files ('text' or 'prompt' fields), folders of .py files, globs."""
-    documents = []
-    for source in sources:
-        path = Path(source).expanduser()
-        if path.is_dir():
-            files = sorted(path.rglob("*.py"))
-        elif path.is_file():
-            files = [path]
-        else:
-            files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-        if not files:
-            raise UserError(f"--data {source}: no such file, folder or matching files")
-        for file in files:
-            if file.suffix == ".jsonl":
-                documents.extend(p.text for p in load_prompts(file))
-            else:
-                try:
-                    documents.append(file.read_text(encoding="utf-8"))
-                except UnicodeDecodeError:
-                    raise UserError(f"--data {file}: not UTF-8 text") from None
-    documents = [d for d in documents if d.strip()]
-    if not documents:
-        raise UserError(f"--data {' '.join(sources)}: all documents are empty")
-    return documents
 
 
 def _same_file(a: Path | str | None, b: Path | None) -> bool:
@@ -503,59 +461,6 @@ def batch_loss(
 # -- training -------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_order(count: int, seed: int, epoch: int) -> tuple[int, ...]:
-    return tuple(
-        torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    )
-
-
-def _batch_indices(step: int, batch_size: int, count: int, seed: int) -> list[int]:
-    """The examples of a step: a pure function of (seed, step), so a resumed run sees what an
-    uninterrupted one would. Each epoch is a fresh seeded permutation."""
-    return [
-        _epoch_order(count, seed, g // count)[g % count]
-        for g in range(step * batch_size, (step + 1) * batch_size)
-    ]
-
-
-def _schedule(step: int, steps: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak rate."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    folder = out / "checkpoints"
-    found = [p for p in folder.glob("step-*") if (p / "trainer.pt").is_file()] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def _save_checkpoint(
-    out: Path, step: int, model: PreTrainedModel, optimizer, history: dict, keep: int = 2
-) -> None:
-    folder = out / "checkpoints" / f"step-{step:06d}"
-    partial = folder.with_name(f".{folder.name}.partial")  # not matched by step-*
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    torch.save(
-        {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-            "history": history,
-        },
-        partial / "trainer.pt",
-    )
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)  # a checkpoint folder with trainer.pt is complete
-    for old in _checkpoints(out)[:-keep]:
-        shutil.rmtree(old)
-
-
 def train(
     config: DistillConfig,
     examples: list[Example],
@@ -563,66 +468,16 @@ def train(
     log: Callable[[str], None],
     on_step: Callable[[int], None] | None = None,
 ) -> tuple[PreTrainedModel, dict]:
-    """AdamW with warm-up and cosine decay and gradient clipping, checkpointing every
-    `checkpoint_every` steps; with `resume`, continues from the last checkpoint."""
-    checkpoints = _checkpoints(config.out)
-    start, history = 0, {"loss": [], "agree": [], "positions": 0, "tokens": 0, "wall_s": 0.0, "cpu_s": 0.0}
-    source = config.draft
-    state = None
-    if checkpoints and config.resume:
-        source = str(checkpoints[-1])
-        state = torch.load(checkpoints[-1] / "trainer.pt", weights_only=False)
-        start, history = state["step"], state["history"]
-        log(f"resuming from {checkpoints[-1]} (step {start} of {config.steps})")
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
-    model.train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
-    )
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-    warmup = config.warmup if config.warmup is not None else max(1, config.steps // 20)
-    bar = tqdm(
-        range(start, config.steps),
-        initial=start,
-        total=config.steps,
-        desc="distill",
-        unit="step",
-        file=sys.stderr,
-    )
-    for step in bar:
-        wall, cpu = time.perf_counter(), time.process_time()
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * _schedule(step, config.steps, warmup)
-        batch = [examples[i] for i in _batch_indices(step, config.batch_size, len(examples), config.seed)]
+    """The shared loop of `verispec.training` over the teacher's examples; with `resume`,
+    continues from the last checkpoint."""
+    schedule = Schedule(config.steps, config.lr, config.warmup, config.weight_decay, config.clip, config.checkpoint_every)
+
+    def step_loss(model: PreTrainedModel, step: int) -> StepResult:
+        batch = [examples[i] for i in batch_indices(step, config.batch_size, len(examples), config.seed)]
         loss, agree, positions = batch_loss(model, batch, config, device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
-        optimizer.step()
-        history["loss"].append(loss.item())
-        history["agree"].append(agree)
-        history["positions"] += positions
-        history["tokens"] += sum(len(e.ids) for e in batch)
-        history["wall_s"] += time.perf_counter() - wall
-        history["cpu_s"] += time.process_time() - cpu
-        recent = slice(-20, None)
-        bar.set_postfix(
-            loss=f"{_mean(history['loss'][recent]):.3f}", agree=f"{_mean(history['agree'][recent]):.3f}"
-        )
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            _save_checkpoint(config.out, step + 1, model, optimizer, history)
-        if on_step is not None:
-            on_step(step + 1)
-    bar.close()
-    model.eval()
-    return model, history
+        return StepResult(loss, sum(len(e.ids) for e in batch), positions, agree)
 
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
+    return fit(config.draft, config.out, schedule, step_loss, device, config.resume, log, "distill", on_step)
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -730,17 +585,6 @@ def agreement(
 # -- the whole run --------------------------------------------------------------------------------
 
 
-def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, dtype: str) -> None:
-    """A Hugging Face model folder: config, safetensors weights, the draft's tokenizer."""
-    shutil.rmtree(folder, ignore_errors=True)
-    weights = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    model.to(weights).save_pretrained(folder)
-    model.to(torch.float32)
-    tokenizer.save_pretrained(folder)
-    for file in folder.iterdir():  # safetensors writes 0600; a server under another user must read it
-        file.chmod(0o644)
-
-
 def _check_inputs(config: DistillConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
     sources = sum([bool(config.data), config.prompts is not None, config.stdlib_prompts > 0])
     if sources != 1:
@@ -781,7 +625,7 @@ def distill(
     config.out.mkdir(parents=True, exist_ok=True)
     run_file = config.out / "run.json"
     fields = config.training_fields()
-    if _checkpoints(config.out):
+    if checkpoints(config.out):
         if not config.resume:
             raise UserError(
                 f"{config.out} holds checkpoints of an earlier run; pass --resume to continue it or choose another --out"
@@ -841,10 +685,10 @@ def distill(
         "tokens": history["tokens"],
         "wall_s": history["wall_s"],
         "cpu_s": history["cpu_s"],
-        "first_loss": _mean(history["loss"][:10]),
-        "last_loss": _mean(history["loss"][-10:]),
-        "first_batch_agreement": _mean(history["agree"][:10]),
-        "last_batch_agreement": _mean(history["agree"][-10:]),
+        "first_loss": mean(history["loss"][:10]),
+        "last_loss": mean(history["loss"][-10:]),
+        "first_batch_agreement": mean(history["agree"][:10]),
+        "last_batch_agreement": mean(history["agree"][-10:]),
     }
     if evaluation:
         after = agreement(str(final), eval_ids, continuations, device)
