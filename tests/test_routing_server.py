@@ -34,6 +34,29 @@ def test_every_proposer_gets_tried_and_output_stays_exact(routed, tiny_models):
         assert metric(samples, "verispec:proposer_throughput_tokens_per_second", proposer=name) > 0
 
 
+def test_a_request_can_pin_its_proposer(routed, tiny_models):
+    prompt = PROMPTS[1]
+    expected = cli_generate(tiny_models["llama"], tiny_models["llama-draft"], prompt, 16, "--depth", "0")
+    before = routed.metrics()
+    for _ in range(3):
+        body = {"model": "llama", "prompt": prompt, "max_tokens": 16, "temperature": 0, "task": "code", "proposer": "ngram"}
+        response = httpx.post(routed.url + "/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"] == expected
+    after = routed.metrics()
+    requests = "verispec:proposer_requests_total"
+    assert metric(after, requests, proposer="ngram") == metric(before, requests, proposer="ngram") + 3
+    for name in ("draft", "none"):
+        assert metric(after, requests, proposer=name) == metric(before, requests, proposer=name)
+    throughput = "verispec:proposer_throughput_tokens_per_second"
+    for name in ("draft", "ngram", "none"):  # pinned requests teach the choice nothing
+        assert metric(after, throughput, proposer=name) == metric(before, throughput, proposer=name)
+    response = httpx.post(routed.url + "/v1/completions", json={"model": "llama", "prompt": prompt, "proposer": "medusa"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "proposer" and "draft, ngram, none" in error["message"]
+
+
 def test_a_bad_canary_is_rolled_back(tiny_models, tmp_path):
     # Current: the target drafting for itself (every draft accepted). Candidate: a GPT-2 of the same
     # vocabulary that knows nothing of the target (drafts almost never accepted). The breaker is set

@@ -182,6 +182,8 @@ class State:
 
     def _routed(self, job: Job) -> None:
         """Feedback from a finished request to the per-request choice and the canary (engine thread)."""
+        if job.pinned:
+            return
         stats = job.stats
         busy = stats.propose_s + stats.verify_s
         failures = stats.proposer_failures + stats.proposer_timeouts
@@ -356,7 +358,13 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
         deadline = time.monotonic() + state.server.deadline_s if state.server.deadline_s else None
         job = Job(request_id, prompt_ids, params, body.depth, deadline, asyncio.get_running_loop())
         routing_key = {"user": body.user, "task": body.task}.get(state.settings.route_key)
-        job.proposer = state.router.choose(routing_key)
+        if body.proposer is not None:
+            if body.proposer not in state.router.engines:
+                names = ", ".join(sorted(state.router.engines))
+                raise bad_request(f"unknown proposer '{body.proposer}'; this server has: {names}", param="proposer")
+            job.proposer, job.pinned = body.proposer, True
+        else:
+            job.proposer = state.router.choose(routing_key)
         job.engine, job.route_key = state.router.engines[job.proposer], routing_key
         job.guarded = not state.router.on_trial(job.proposer)
         state.metrics.proposer_requests(job.proposer).inc()

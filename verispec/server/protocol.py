@@ -11,7 +11,10 @@ Extensions (send them with the openai client's `extra_body`):
 - `depth`: speculation depth for this request, an integer (0 = verifier only) or "auto";
 - `speculation_stats`: add a `speculation_stats` object to the response (the final chunk when
   streaming);
-- `task`: a tag (e.g. "code", "chat") the per-request proposer choice can keep its figures by.
+- `task`: a tag (e.g. "code", "chat") the per-request proposer choice can keep its figures by;
+- `proposer`: run this request on the named proposer of the server (one of its `--proposers`,
+  its `--proposer`, or `canary`), bypassing the per-request choice and the canary split; such
+  pinned requests feed neither's figures (for side-by-side comparisons and debugging).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class _Request(BaseModel):
     depth: Depth | None = None
     speculation_stats: bool | None = None
     task: str | None = Field(None, max_length=64)  # a tag the per-request proposer choice may key on
+    proposer: str | None = Field(None, max_length=64)  # pin the request to one of the server's proposers
 
     @field_validator("stop")
     @classmethod

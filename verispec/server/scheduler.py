@@ -88,6 +88,7 @@ class Job:
     engine: SpeculativeEngine | None = None  # the chosen proposer's engine; None = the scheduler's
     proposer: str | None = None  # its name, for routing feedback
     route_key: str | None = None
+    pinned: bool = False  # the client named the proposer; its figures teach the choice nothing
     stream: Iterator[Delta] | None = None
     cancelled: bool = False
     outcome: str | None = None  # ok, cancelled, deadline, error
