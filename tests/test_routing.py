@@ -51,6 +51,15 @@ def test_keys_learn_their_own_best_proposer():
     assert picks.count("draft") > 180
 
 
+def test_a_new_key_explores_on_its_own_instead_of_following_the_overall_winner():
+    bandit = ProposerBandit(["draft", "ngram", "none"], rng=random.Random(3))
+    simulate(bandit, {"draft": 150.0, "ngram": 90.0, "none": 100.0}, key="code", rounds=200)
+    assert bandit.means()["draft"] > bandit.means()["ngram"]  # overall, the draft wins
+    chosen = simulate(bandit, {"draft": 80.0, "ngram": 200.0, "none": 100.0}, key="copy", rounds=40, rng=random.Random(4))
+    assert chosen["ngram"] >= 30
+    assert [bandit.choose("copy") for _ in range(100)].count("ngram") > 90
+
+
 def feed(canary: Canary, current: float, candidate: float, n: int, rng: random.Random, throughput=(100.0, 100.0)):
     decision = None
     for _ in range(n):

@@ -39,10 +39,12 @@ def test_a_request_can_pin_its_proposer(routed, tiny_models):
     expected = cli_generate(tiny_models["llama"], tiny_models["llama-draft"], prompt, 16, "--depth", "0")
     before = routed.metrics()
     for _ in range(3):
-        body = {"model": "llama", "prompt": prompt, "max_tokens": 16, "temperature": 0, "task": "code", "proposer": "ngram"}
+        body = {"model": "llama", "prompt": prompt, "max_tokens": 16, "temperature": 0, "task": "code", "proposer": "ngram",
+                "speculation_stats": True}
         response = httpx.post(routed.url + "/v1/completions", json=body, timeout=60)
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["text"] == expected
+        assert response.json()["speculation_stats"]["proposer"] == "ngram"
     after = routed.metrics()
     requests = "verispec:proposer_requests_total"
     assert metric(after, requests, proposer="ngram") == metric(before, requests, proposer="ngram") + 3

@@ -148,6 +148,7 @@ def test_the_openai_client_works_unchanged(server):
     assert "".join(c.choices[0].text for c in chunks) == completion.choices[0].text
     stats = chunks[-1].model_extra["speculation_stats"]
     assert stats["verifier_calls"] >= 1 and stats["accepted"] <= stats["proposed"]
+    assert stats["proposer"] == "draft"
 
     chat = client.chat.completions.create(
         model="chat-llama", messages=[{"role": "user", "content": "t1 t2"}], max_tokens=6, temperature=0

@@ -472,7 +472,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
         finally:
             job.cancel()  # a no-op once finished; frees the slot if the client left
         await conclude("ok", 200, delta, "".join(text), wait=True)  # acknowledged only once recorded
-        return JSONResponse(shape.full("".join(text), delta.finish_reason, delta.stats, with_stats), headers=headers)
+        return JSONResponse(shape.full("".join(text), delta.finish_reason, delta.stats, with_stats, job.proposer), headers=headers)
 
     return app
 
@@ -553,7 +553,7 @@ async def _sse(
                 return
         final = shape.chunk(None, delta.finish_reason)
         if with_stats:
-            final["speculation_stats"] = speculation_stats(delta.stats)
+            final["speculation_stats"] = speculation_stats(delta.stats, job.proposer)
         yield event(final)
         if include_usage:
             yield event(shape.usage_chunk(delta.stats))

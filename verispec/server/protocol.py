@@ -173,9 +173,10 @@ def usage(stats: RequestStats) -> dict:
     }
 
 
-def speculation_stats(stats: RequestStats) -> dict:
-    """The per-response extension: what speculation did for this request."""
+def speculation_stats(stats: RequestStats, proposer: str | None = None) -> dict:
+    """The per-response extension: what speculation did for this request, and with which proposer."""
     return {
+        "proposer": proposer,
         "proposed": stats.proposed,
         "accepted": stats.accepted,
         "rejected": stats.rejected,
@@ -200,7 +201,7 @@ class Shape:
     def _envelope(self, obj: str, choices: list[dict]) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
-    def full(self, text: str, finish_reason: str, stats: RequestStats, with_stats: bool) -> dict:
+    def full(self, text: str, finish_reason: str, stats: RequestStats, with_stats: bool, proposer: str | None = None) -> dict:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
             body = self._envelope("chat.completion", [choice])
@@ -208,7 +209,7 @@ class Shape:
             body = self._envelope("text_completion", [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}])
         body["usage"] = usage(stats)
         if with_stats:
-            body["speculation_stats"] = speculation_stats(stats)
+            body["speculation_stats"] = speculation_stats(stats, proposer)
         return body
 
     def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict:

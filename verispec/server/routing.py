@@ -5,9 +5,11 @@ request goes to the one expected to produce the most tokens per second of engine
 observed so far: Thompson sampling over each proposer's per-request throughput (generated tokens
 over the request's busy time, prefill excluded), with a normal posterior on its mean. Every
 proposer is tried `min_trials` times first. Rewards are kept per key (a request attribute such as
-the user or a task tag) and globally; a key uses its own figures for a proposer once it has
-`min_trials` of them, the global ones before. `none` competes like any other arm, so it wins
-wherever speculation does not pay.
+the user or a task tag) and over all traffic (for requests without a key). Each key explores on its own: every
+proposer is tried `min_trials` times under the key before its figures decide, since what pays
+for one kind of request says little about another (borrowing the global figures instead would let
+the proposer that wins overall starve the others of the trials that would show them better for
+this key). `none` competes like any other arm, so it wins wherever speculation does not pay.
 
 **Canary.** A candidate proposer takes a `fraction` of the traffic beside the current one. Once
 each side has `min_requests` requests, their per-request acceptance rates and throughputs are
@@ -75,7 +77,7 @@ class ProposerBandit:
             return
         reward = tokens / busy_s
         with self._lock:
-            self._global[arm].add(reward)
+            self._global[arm].add(reward)  # all traffic: the figures of requests without a key
             if key is not None:
                 self._keyed[key][arm].add(reward)
 
@@ -83,9 +85,9 @@ class ProposerBandit:
         return {arm: self._figures(key, arm).mean for arm in self.arms}
 
     def _figures(self, key: str | None, arm: str) -> Running:
-        if key is not None and key in self._keyed and self._keyed[key][arm].n >= self.min_trials:
-            return self._keyed[key][arm]
-        return self._global[arm]
+        if key is None:
+            return self._global[arm]
+        return self._keyed[key][arm] if key in self._keyed else Running()
 
     def _draw(self, s: Running) -> float:
         # Posterior of the mean: normal around the sample mean with the standard error, floored so
