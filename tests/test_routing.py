@@ -5,7 +5,7 @@ import random
 import pytest
 from scipy import stats
 
-from verispec.server.routing import Canary, ProposerBandit, Router, mann_whitney_greater
+from verispec.server.routing import Canary, ProposerBandit, Router, Throughput, mann_whitney_greater
 
 
 def test_mann_whitney_matches_scipy():
@@ -15,6 +15,21 @@ def test_mann_whitney_matches_scipy():
     expected = stats.mannwhitneyu(xs, ys, alternative="greater", method="asymptotic").pvalue
     assert mann_whitney_greater(xs, ys) == pytest.approx(expected, rel=1e-6)
     assert mann_whitney_greater([], ys) == 1.0
+
+
+def test_throughput_is_a_ratio_of_sums_with_a_sound_standard_error():
+    rng = random.Random(5)
+    means, errors = [], []
+    for _ in range(400):
+        figures = Throughput()
+        for _ in range(30):
+            tokens = rng.choice([4, 64])  # some requests stop early, where the prefill dominates
+            figures.add(tokens, 0.05 + tokens / rng.gauss(100, 15))
+        means.append(figures.mean)
+        errors.append(figures.stderr)
+    assert figures.mean == pytest.approx(figures.tokens / figures.seconds)
+    spread = stats.tstd(means)
+    assert 0.8 < sum(errors) / len(errors) / spread < 1.25  # the standard error matches the spread of the estimate
 
 
 def simulate(bandit: ProposerBandit, speed: dict, key=None, rounds=300, rng=None) -> dict:

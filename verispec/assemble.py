@@ -9,30 +9,25 @@ from verispec.engine import SpeculativeEngine
 from verispec.errors import UserError
 from verispec.models import (
     check_compatible,
+    demo_pair,
     load_model,
     load_tokenizer,
-    reference_pair,
     resolve_device,
     resolve_dtype,
 )
+from verispec.models.loading import DEMO_DRAFT, DEMO_TARGET
 from verispec.proposers import ProposerInputs, build_proposer
 
 log = logging.getLogger(__name__)
 
 
 def resolve_models(models: ModelSettings) -> ModelSettings:
-    """Fill in the reference pair when no target is named, and pick the proposer for 'auto'."""
+    """Fill in the built-in demo pair when no target is named, and pick the proposer for 'auto'."""
     target, draft = models.target, models.draft
     if target is None:
-        pair = reference_pair()
-        if pair is None:
-            raise UserError(
-                "no --target given and no reference pair found at ../shared/models; "
-                "pass --target PATH and either --draft PATH or --proposer ngram"
-            )
-        target = pair[0]
+        target, demo_draft = demo_pair()
         if draft is None and models.proposer in ("auto", "draft"):
-            draft = pair[1]
+            draft = demo_draft
     proposer = models.proposer
     if proposer == "auto":
         proposer = "draft" if draft else "ngram"
@@ -89,7 +84,7 @@ def proposer_engines(engine: SpeculativeEngine, settings: Settings) -> dict[str,
             continue
         draft = None
         if name == "draft":
-            ref = models.draft or (reference_pair() or (None, None))[1]
+            ref = models.draft or (str(DEMO_DRAFT) if models.target == str(DEMO_TARGET) else None)
             if ref is None:
                 raise UserError("--proposers draft needs a draft model: pass --draft PATH")
             draft = draft_lm(ref, "draft")

@@ -28,7 +28,7 @@ class ModelSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     target: str | None = Field(
-        None, description="verifier (target) model: local path or hub id; default: the reference pair in ../shared/models"
+        None, description="verifier (target) model: local path or hub id; default: the built-in demo pair (a small Python code model and its distilled draft)"
     )
     draft: str | None = Field(None, description="draft model for --proposer draft: local path or hub id")
     proposer: Literal["auto", "draft", "ngram", "none"] = Field(

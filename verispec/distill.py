@@ -144,11 +144,14 @@ class Example:
 # -- data sources ---------------------------------------------------------------------------------
 
 
-def stdlib_windows(count: int, seed: int = 0, lines: int = 40, root: Path | None = None) -> list[Prompt]:
-    """`count` windows of `lines` lines from the standard library, none from a held-out module."""
+def stdlib_windows(
+    count: int, seed: int = 0, lines: int = 40, root: Path | None = None, held_out: bool = False
+) -> list[Prompt]:
+    """`count` windows of `lines` lines from the standard library, none from a held-out module
+    (or, with `held_out`, only from those: evaluation text for models trained on the rest)."""
     root = root or stdlib_root()
     candidates: list[tuple[Path, int]] = []
-    for path in stdlib_files(root):
+    for path in stdlib_files(root, held_out=held_out):
         length = len(path.read_text(encoding="utf-8").splitlines())
         candidates.extend((path, start) for start in range(0, max(1, length - lines // 2), lines))
     rng = random.Random(seed)

@@ -4,6 +4,7 @@ from verispec.models.backend import CausalLM, KVSession, TransformersLM
 from verispec.models.lean import LeanLM
 from verispec.models.loading import (
     check_compatible,
+    demo_pair,
     load_model,
     load_tokenizer,
     reference_pair,
@@ -17,6 +18,7 @@ __all__ = [
     "LeanLM",
     "TransformersLM",
     "check_compatible",
+    "demo_pair",
     "load_model",
     "load_tokenizer",
     "reference_pair",

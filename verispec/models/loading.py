@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 REFERENCE_TARGET = "ref-code-target"
 REFERENCE_DRAFT = "ref-code-draft"
+DEMO = Path(__file__).resolve().parents[1] / "demo"  # the built-in pair, shipped in the package
+DEMO_TARGET, DEMO_DRAFT = DEMO / "verispec-demo-code", DEMO / "verispec-demo-code-draft"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,6 +103,18 @@ def check_compatible(target: PreTrainedTokenizerBase, draft: PreTrainedTokenizer
                 f"target and draft disagree on {special} ({getattr(target, special)} vs {getattr(draft, special)}); "
                 "speculative decoding needs the same special tokens: pick a draft of the same model family"
             )
+
+
+def demo_pair() -> tuple[str, str]:
+    """The built-in demo pair: a small code model trained by `verispec train` on the standard
+    library and a draft distilled from it by `verispec distill` (see verispec/demo/README.md)."""
+    for folder in (DEMO_TARGET, DEMO_DRAFT):
+        if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+            raise UserError(
+                f"the built-in demo model {folder} is missing from this installation; reinstall verispec, "
+                "or pass --target PATH (and --draft PATH or --proposer ngram)"
+            )
+    return str(DEMO_TARGET), str(DEMO_DRAFT)
 
 
 def reference_pair() -> tuple[str, str] | None:

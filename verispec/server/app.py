@@ -185,7 +185,7 @@ class State:
         if job.pinned:
             return
         stats = job.stats
-        busy = stats.propose_s + stats.verify_s
+        busy = job.engine_s  # the whole cost of its rounds, other requests' rounds not counted
         failures = stats.proposer_failures + stats.proposer_timeouts
         self.router.finished(job.proposer, job.route_key, stats.proposed, stats.accepted, stats.generated_tokens, busy, failures)
         if self.router.bandit is not None:

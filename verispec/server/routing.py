@@ -2,8 +2,10 @@
 
 **Per-request choice.** With several proposers configured (draft models, n-gram, none), each
 request goes to the one expected to produce the most tokens per second of engine time, as
-observed so far: Thompson sampling over each proposer's per-request throughput (generated tokens
-over the request's busy time, prefill excluded), with a normal posterior on its mean. Every
+observed so far: Thompson sampling over each proposer's throughput (generated tokens over the
+engine time their requests' rounds took: proposing, verifying, accepting and emitting, the prefills
+of verifier and draft included, other requests' rounds not; a ratio of sums, with a normal
+posterior around it of the ratio estimator's standard error). Every
 proposer is tried `min_trials` times first. Rewards are kept per key (a request attribute such as
 the user or a task tag) and over all traffic (for requests without a key). Each key explores on its own: every
 proposer is tried `min_trials` times under the key before its figures decide, since what pays
@@ -35,22 +37,37 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Running:
-    """Welford's running mean and variance."""
+class Throughput:
+    """An arm's throughput as the ratio estimator sum(tokens) / sum(seconds) over its requests, with
+    the delta-method standard error. Unlike the mean of per-request rates, a short request (an
+    early stop, where the prefill dominates) weighs by its size instead of swinging the figure."""
 
     n: int = 0
-    mean: float = 0.0
-    m2: float = 0.0
+    tokens: float = 0.0
+    seconds: float = 0.0
+    tokens2: float = 0.0
+    seconds2: float = 0.0
+    cross: float = 0.0
 
-    def add(self, x: float) -> None:
+    def add(self, tokens: float, seconds: float) -> None:
         self.n += 1
-        delta = x - self.mean
-        self.mean += delta / self.n
-        self.m2 += delta * (x - self.mean)
+        self.tokens += tokens
+        self.seconds += seconds
+        self.tokens2 += tokens * tokens
+        self.seconds2 += seconds * seconds
+        self.cross += tokens * seconds
 
     @property
-    def variance(self) -> float:
-        return self.m2 / (self.n - 1) if self.n > 1 else 0.0
+    def mean(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def stderr(self) -> float:
+        if self.n < 2:
+            return 0.0
+        r = self.mean
+        residual = (self.tokens2 - 2 * r * self.cross + r * r * self.seconds2) / (self.n - 1)  # var of t - r s
+        return math.sqrt(max(residual, 0.0) / self.n) / (self.seconds / self.n)
 
 
 class ProposerBandit:
@@ -60,8 +77,8 @@ class ProposerBandit:
         self.arms = list(arms)
         self.min_trials = min_trials
         self.rng = rng or random.Random()
-        self._global: dict[str, Running] = {arm: Running() for arm in self.arms}
-        self._keyed: dict[str, dict[str, Running]] = defaultdict(lambda: {arm: Running() for arm in self.arms})
+        self._global: dict[str, Throughput] = {arm: Throughput() for arm in self.arms}
+        self._keyed: dict[str, dict[str, Throughput]] = defaultdict(lambda: {arm: Throughput() for arm in self.arms})
         self._lock = threading.Lock()
 
     def choose(self, key: str | None = None) -> str:
@@ -75,24 +92,23 @@ class ProposerBandit:
     def update(self, key: str | None, arm: str, tokens: int, busy_s: float) -> None:
         if busy_s <= 0 or tokens <= 0:
             return
-        reward = tokens / busy_s
         with self._lock:
-            self._global[arm].add(reward)  # all traffic: the figures of requests without a key
+            self._global[arm].add(tokens, busy_s)  # all traffic: the figures of requests without a key
             if key is not None:
-                self._keyed[key][arm].add(reward)
+                self._keyed[key][arm].add(tokens, busy_s)
 
     def means(self, key: str | None = None) -> dict[str, float]:
         return {arm: self._figures(key, arm).mean for arm in self.arms}
 
-    def _figures(self, key: str | None, arm: str) -> Running:
+    def _figures(self, key: str | None, arm: str) -> Throughput:
         if key is None:
             return self._global[arm]
-        return self._keyed[key][arm] if key in self._keyed else Running()
+        return self._keyed[key][arm] if key in self._keyed else Throughput()
 
-    def _draw(self, s: Running) -> float:
-        # Posterior of the mean: normal around the sample mean with the standard error, floored so
-        # that a few identical samples cannot make an arm look certain.
-        spread = math.sqrt(max(s.variance, (0.05 * s.mean) ** 2) / s.n)
+    def _draw(self, s: Throughput) -> float:
+        # Posterior of the throughput: normal around the estimate with its standard error, floored
+        # so that a few near-identical requests cannot make an arm look certain.
+        spread = max(s.stderr, 0.05 * s.mean / math.sqrt(s.n))
         return self.rng.gauss(s.mean, spread)
 
 

@@ -78,6 +78,7 @@ class Job:
     first_token: float | None = None
     last_token: float | None = None
     generated: int = 0
+    engine_s: float = 0.0  # engine-thread time spent on this job's rounds (prefills included)
     speculate: bool = True  # decided at admission by the circuit breaker
     guarded: bool = True  # the breaker governs this job; a canary candidate is judged by the canary instead
     inspect: bool = False  # sampled for drift and mismatch figures
@@ -232,6 +233,7 @@ class Scheduler:
         if job.deadline is not None and time.monotonic() >= job.deadline:
             self._finish(job, "deadline", DeadlineExceeded("the request ran past its deadline"))
             return
+        started = time.perf_counter()
         try:
             delta = next(job.stream)
         except UserError as exc:  # bad input the handler could not see before the engine ran
@@ -241,6 +243,7 @@ class Scheduler:
             log.exception("request %s failed in the engine", job.request_id)
             self._finish(job, "error", exc)
             return
+        job.engine_s += time.perf_counter() - started
         now = time.monotonic()
         self._observe(job, delta, now)
         job._push(delta)
