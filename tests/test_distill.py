@@ -206,3 +206,44 @@ def test_command_line_flags():
         parser.parse_args(
             ["distill", "--target", "t", "--draft", "d", "--out", "o", "--stdlib-prompts", "8", "--data", "x"]
         )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def audit_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'audit.sqlite3'}"
+    return "postgresql://postgres@127.0.0.1:5432/test"  # a real server: .ci/run makes sure one is up
+
+
+def test_distils_on_the_prompts_of_served_requests_from_the_audit_trail(tiny_models, tmp_path, audit_url):
+    import uuid
+    from datetime import UTC, datetime, timedelta
+
+    from tests.test_audit_store import record
+    from verispec.audit.store import AuditStore
+
+    model = f"distill-{uuid.uuid4().hex[:8]}"  # this test's records only, in a shared database
+    now = datetime.now(UTC)
+    texts = [" ".join(f"t{(i * 5 + j) % 60 + 1}" for j in range(12)) for i in range(6)]
+    rows = []
+    for i, text in enumerate([*texts, texts[0], "sha256:" + "0" * 64, None]):  # a repeat, a hash, no content
+        row = record(f"{model}-{i}", now + timedelta(seconds=i), outcome="ok" if i % 4 else "fallback")
+        rows.append({**row, "model": model, "prompt": text, "output": "t1 t2"})
+    rows.append({**record(f"{model}-err", now), "model": model, "prompt": "t9 t9 t9", "outcome": "error"})
+    rows.append({**record(f"{model}-other", now), "model": "another-model", "prompt": "t7 t8 t9 t10"})
+    store = AuditStore(audit_url)
+    store.write(rows)
+    store.close()
+
+    report = distill(
+        config(tiny_models, tmp_path / "out", None, audit_db=audit_url, audit_model=model, steps=4, checkpoint_every=4),
+        log=QUIET,
+    )
+    assert report["data"].startswith("6 distinct prompts of served requests")
+    assert report["teacher"]["examples"] == 6 and report["training"]["steps"] == 4
+    assert (Path(report["final"]) / "config.json").is_file()
+
+    with pytest.raises(UserError, match="--audit-content"):
+        distill(config(tiny_models, tmp_path / "none", None, audit_db=audit_url, audit_model="no-such-model"), log=QUIET)
+    with pytest.raises(UserError, match="no audit database"):
+        distill(config(tiny_models, tmp_path / "x", None, audit_db=f"sqlite:///{tmp_path / 'missing.db'}"), log=QUIET)

@@ -6,7 +6,8 @@ agreement rate along the verifier's own output. This module fine-tunes a draft o
 next-token distributions and measures that rate before and after, on held-out prompts.
 
 Training data, two modes:
-- on-policy (the default for prompts, `--prompts` or `--stdlib-prompts`): the verifier first
+- on-policy (the default for prompts: `--prompts`, `--stdlib-prompts`, or `--audit-db`, the prompts
+  of served requests from the audit trail): the verifier first
   greedy-decodes a continuation of every prompt; the draft is then trained on the continuation
   positions, which are exactly the contexts it will see when proposing for this verifier
   (DistillSpec, Zhou et al. 2023). The verifier's distributions come out of that same decode, so
@@ -87,6 +88,9 @@ class DistillConfig:
     data: tuple[str, ...] = ()  # text mode: JSONL files, folders or globs of .py files
     prompts: Path | None = None
     stdlib_prompts: int = 0
+    audit_db: str | None = None  # prompts of served requests, from the audit trail (content opted in)
+    audit_model: str | None = None  # only records of this served model name
+    audit_since: str | None = None  # only records this recent (ISO time or age: 7d)
     off_policy: bool = False  # prompts as plain text instead of on-policy continuations
     steps: int = 400
     batch_size: int = 16
@@ -171,6 +175,44 @@ def stdlib_windows(
     return windows
 
 
+def audit_prompts(url: str, model: str | None = None, since: str | None = None) -> list[Prompt]:
+    """The distinct prompts of completed requests in an audit trail (SQLite or PostgreSQL URL): the
+    traffic the draft will propose for. Content must have been audited (`--audit-content`) and
+    redacted, not hashed; the redaction placeholders (such as <EMAIL>) stay in the text as stored,
+    and the verifier's continuations are generated afresh from it. Records without usable content
+    are skipped."""
+    from verispec.audit.query import parse_time
+    from verispec.audit.store import AuditStore
+
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise UserError(f"--audit-db: no audit database at {url}; give the server's --audit-url")
+    store = AuditStore(url)
+    try:
+        cutoff = parse_time(since, "--audit-since") if since else None
+        rows = [
+            r
+            for outcome in ("ok", "fallback")
+            for r in store.query(since=cutoff, outcome=outcome, model=model)
+        ]
+    finally:
+        store.close()
+    seen: set[str] = set()
+    prompts = []
+    for row in sorted(rows, key=lambda r: r["created_at"]):
+        text = row["prompt"]
+        if not text or text.startswith("sha256:") or text in seen:
+            continue
+        seen.add(text)
+        prompts.append(Prompt(row["request_id"], text))
+    if not prompts:
+        raise UserError(
+            f"--audit-db {url}: none of {len(rows)} completed requests"
+            f"{f' of model {model}' if model else ''} holds a usable prompt; the server must store "
+            "content (--audit-content) redacted rather than hashed (--audit-redaction redact)"
+        )
+    return prompts
+
+
 def _same_file(a: Path | str | None, b: Path | None) -> bool:
     return (
         a is not None and b is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
@@ -185,6 +227,8 @@ def split_prompts(config: DistillConfig) -> tuple[list[Prompt], list[Prompt], st
         training = load_prompts(config.prompts)
     elif config.stdlib_prompts:
         training = stdlib_windows(config.stdlib_prompts, config.seed)
+    elif config.audit_db:
+        training = audit_prompts(config.audit_db, config.audit_model, config.audit_since)
     else:
         training = []
     if _same_file(config.prompts, config.eval_prompts) or any(
@@ -200,11 +244,13 @@ def split_prompts(config: DistillConfig) -> tuple[list[Prompt], list[Prompt], st
         note = f"training and evaluation share {config.eval_prompts}: the last {held} prompts are held out for evaluation"
     else:
         evaluation = evaluation[: config.eval_limit] if config.eval_limit else evaluation
-        note = (
-            f"{config.stdlib_prompts} stdlib windows (q/r/s modules left out)"
-            if config.stdlib_prompts
-            else "training data"
-        )
+        if config.stdlib_prompts:
+            note = f"{config.stdlib_prompts} stdlib windows (q/r/s modules left out)"
+        elif config.audit_db:
+            note = f"{len(training)} distinct prompts of served requests from the audit trail"
+        else:
+            note = "training data"
+
         if evaluation:
             note += f"; evaluation on {len(evaluation)} prompts of {config.eval_prompts}"
     held_out = {p.text for p in evaluation}
@@ -473,7 +519,9 @@ def train(
 ) -> tuple[PreTrainedModel, dict]:
     """The shared loop of `verispec.training` over the teacher's examples; with `resume`,
     continues from the last checkpoint."""
-    schedule = Schedule(config.steps, config.lr, config.warmup, config.weight_decay, config.clip, config.checkpoint_every)
+    schedule = Schedule(
+        config.steps, config.lr, config.warmup, config.weight_decay, config.clip, config.checkpoint_every
+    )
 
     def step_loss(model: PreTrainedModel, step: int) -> StepResult:
         batch = [examples[i] for i in batch_indices(step, config.batch_size, len(examples), config.seed)]
@@ -589,9 +637,11 @@ def agreement(
 
 
 def _check_inputs(config: DistillConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
-    sources = sum([bool(config.data), config.prompts is not None, config.stdlib_prompts > 0])
+    sources = sum(
+        [bool(config.data), config.prompts is not None, config.stdlib_prompts > 0, bool(config.audit_db)]
+    )
     if sources != 1:
-        raise UserError("give one training source: --data, --prompts or --stdlib-prompts")
+        raise UserError("give one training source: --data, --prompts, --stdlib-prompts or --audit-db")
     for name in (
         "steps",
         "batch_size",
@@ -734,6 +784,15 @@ def add_distill_command(commands) -> None:
         metavar="N",
         help="N ~40-line windows of this machine's stdlib (q/r/s modules left out)",
     )
+    source.add_argument(
+        "--audit-db",
+        metavar="URL",
+        help="prompts of served requests from an audit trail (sqlite:///... or postgresql://...; content audited)",
+    )
+    command.add_argument("--audit-model", help="with --audit-db: only requests to this served model name")
+    command.add_argument(
+        "--audit-since", help="with --audit-db: only requests this recent (ISO time, or an age: 7d)"
+    )
     command.add_argument(
         "--off-policy",
         action="store_true",
@@ -814,6 +873,9 @@ def _run(args: argparse.Namespace) -> int:
         data=tuple(args.data or ()),
         prompts=args.prompts,
         stdlib_prompts=args.stdlib_prompts or 0,
+        audit_db=args.audit_db,
+        audit_model=args.audit_model,
+        audit_since=args.audit_since,
         off_policy=args.off_policy,
         steps=args.steps,
         batch_size=args.batch_size,

@@ -118,8 +118,11 @@ class AuditStore:
         outcome: str | None = None,
         request_ids: Sequence[str] | None = None,
         limit: int | None = None,
+        model: str | None = None,
     ) -> list[dict[str, Any]]:
         q = select(records).order_by(records.c.created_at)
+        if model is not None:
+            q = q.where(records.c.model == model)
         if since is not None:
             q = q.where(records.c.created_at >= since)
         if until is not None:
