@@ -247,3 +247,14 @@ def test_distils_on_the_prompts_of_served_requests_from_the_audit_trail(tiny_mod
         distill(config(tiny_models, tmp_path / "none", None, audit_db=audit_url, audit_model="no-such-model"), log=QUIET)
     with pytest.raises(UserError, match="no audit database"):
         distill(config(tiny_models, tmp_path / "x", None, audit_db=f"sqlite:///{tmp_path / 'missing.db'}"), log=QUIET)
+
+
+def test_evaluation_falls_back_to_held_out_stdlib_text_without_the_shared_prompts(tmp_path, monkeypatch):
+    import verispec.distill as module
+
+    monkeypatch.setattr(module, "DEFAULT_EVAL_PROMPTS", tmp_path / "absent.jsonl")
+    cfg = DistillConfig(target="t", draft="d", out=tmp_path, stdlib_prompts=2, eval_prompts=tmp_path / "absent.jsonl")
+    training, evaluation, note = split_prompts(cfg)
+    assert len(training) == 2 and len(evaluation) == 32 and "q/r/s" in note
+    for prompt in evaluation:
+        assert any(part.lower().startswith(("q", "r", "s")) for part in Path(prompt.id).parts)

@@ -432,3 +432,11 @@ def test_loadtest_against_no_server_is_a_clear_error():
     result = run_verispec("loadtest", "--url", "http://127.0.0.1:9", "--requests", "1", "--wait-s", "1")
     assert result.returncode == 2
     assert "did not become ready" in result.stderr or "cannot reach" in result.stderr
+
+
+def test_loadtest_prompts_default_to_text_every_machine_has(monkeypatch, tmp_path):
+    from verispec import loadtest
+
+    monkeypatch.setattr(loadtest, "DEFAULT_PROMPTS", tmp_path / "absent.jsonl")
+    prompts = loadtest.default_prompts()
+    assert len(prompts) == 64 and all(p.text.strip() for p in prompts)

@@ -222,7 +222,15 @@ def _same_file(a: Path | str | None, b: Path | None) -> bool:
 def split_prompts(config: DistillConfig) -> tuple[list[Prompt], list[Prompt], str]:
     """Training prompts (empty in --data mode), held-out evaluation prompts, and a line saying how
     they were split. A training prompt whose text is an evaluation prompt's is always dropped."""
-    evaluation = load_prompts(config.eval_prompts) if config.eval_prompts is not None else []
+    eval_source = str(config.eval_prompts)
+    if config.eval_prompts is None:
+        evaluation = []
+    elif _same_file(config.eval_prompts, DEFAULT_EVAL_PROMPTS) and not DEFAULT_EVAL_PROMPTS.is_file():
+        # No shared prompt set beside this checkout: held-out standard-library text, on every machine.
+        evaluation = stdlib_windows(32, seed=3, lines=40, held_out=True)
+        eval_source = "standard-library windows of the held-out q/r/s modules"
+    else:
+        evaluation = load_prompts(config.eval_prompts)
     if config.prompts is not None:
         training = load_prompts(config.prompts)
     elif config.stdlib_prompts:
@@ -252,7 +260,7 @@ def split_prompts(config: DistillConfig) -> tuple[list[Prompt], list[Prompt], st
             note = "training data"
 
         if evaluation:
-            note += f"; evaluation on {len(evaluation)} prompts of {config.eval_prompts}"
+            note += f"; evaluation on {len(evaluation)} prompts of {eval_source}"
     held_out = {p.text for p in evaluation}
     copies = sum(p.text in held_out for p in training)
     if copies:
@@ -658,7 +666,7 @@ def _check_inputs(config: DistillConfig) -> tuple[PreTrainedTokenizerBase, PreTr
         raise UserError(f"--lr must be positive, got {config.lr}")
     if config.loss not in ("fkl", "tvd"):
         raise UserError(f"--loss {config.loss!r}: use fkl or tvd")
-    if config.eval_prompts is not None and not Path(config.eval_prompts).is_file():
+    if config.eval_prompts not in (None, DEFAULT_EVAL_PROMPTS) and not Path(config.eval_prompts).is_file():
         raise UserError(f"--eval-prompts {config.eval_prompts} does not exist")
     if config.out.exists() and not config.out.is_dir():
         raise UserError(f"--out {config.out} is a file; give a folder")
@@ -834,7 +842,7 @@ def add_distill_command(commands) -> None:
         "--eval-prompts",
         type=Path,
         default=defaults.eval_prompts,
-        help="held-out JSONL prompts (default: the shared prompts)",
+        help="held-out JSONL prompts (default: the shared prompts where present, else 32 windows of the stdlib's q/r/s modules)",
     )
     command.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     command.add_argument(

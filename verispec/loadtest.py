@@ -217,10 +217,21 @@ def print_report(report: dict) -> None:
                             f"p50 latency {b['latency_p50_s'] / a['latency_p50_s']:.2f}x lower" if a["latency_p50_s"] else "")
 
 
+def default_prompts() -> list[Prompt]:
+    """The shared prompt set where this checkout sits beside it, else text every machine has."""
+    if DEFAULT_PROMPTS.is_file():
+        return load_prompts(DEFAULT_PROMPTS)
+    from verispec.distill import stdlib_windows
+
+    return stdlib_windows(64, seed=7, lines=30, held_out=True)
+
+
 def add_loadtest_command(commands) -> None:
     command = commands.add_parser("loadtest", help="concurrent streaming clients against a running `verispec serve`")
     command.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: %(default)s)")
-    command.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="JSONL prompt set (default: the shared prompts)")
+    command.add_argument("--prompts", type=Path, default=None,
+                         help="JSONL prompt set (default: the shared prompts where present, else 64 windows of "
+                              "the standard library's q/r/s modules, which the demo pair never trained on)")  # fmt: skip
     command.add_argument("--concurrency", type=int, default=4, help="concurrent clients (default: %(default)s)")
     command.add_argument("--requests", type=int, default=32, help="requests per configuration (default: %(default)s)")
     command.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default: %(default)s)")
@@ -242,7 +253,7 @@ def _run(args: argparse.Namespace) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be 1 or more")
     if args.warmup < 0:
         raise UserError("--warmup must be 0 or more")
-    prompts = load_prompts(args.prompts)
+    prompts = default_prompts() if args.prompts is None else load_prompts(args.prompts)
     rounds = args.rounds if args.compare_speculation else 1
     report = asyncio.run(loadtest(
         args.url.rstrip("/"), prompts, args.concurrency, args.requests, args.max_tokens,
