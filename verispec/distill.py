@@ -74,7 +74,15 @@ from verispec.models.loading import (
     weights_digest,
 )
 from verispec.prompts import Prompt, load_prompts
-from verispec.training import Schedule, StepResult, batch_indices, checkpoints, fit, mean, save_final
+from verispec.training import (
+    Schedule,
+    StepResult,
+    batch_indices,
+    claim_run,
+    fit,
+    mean,
+    save_final,
+)
 
 DEFAULT_EVAL_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "prompts" / "code-completion.jsonl"
 SPLIT_EVAL_LIMIT = 16  # held out when training and evaluation prompts share a file
@@ -683,22 +691,8 @@ def distill(
     target_tok, draft_tok = _check_inputs(config)
     training, evaluation, note = split_prompts(config)
     log(note)
-    config.out.mkdir(parents=True, exist_ok=True)
-    run_file = config.out / "run.json"
     fields = config.training_fields()
-    if checkpoints(config.out):
-        if not config.resume:
-            raise UserError(
-                f"{config.out} holds checkpoints of an earlier run; pass --resume to continue it or choose another --out"
-            )
-        earlier = json.loads(run_file.read_text()) if run_file.is_file() else {}
-        changed = sorted(k for k in fields if k in earlier and earlier[k] != fields[k])
-        if changed:
-            raise UserError(
-                f"--resume: {', '.join(changed)} differ from the run in {config.out}; "
-                "give the same options or choose another --out"
-            )
-    run_file.write_text(json.dumps(fields, indent=2) + "\n")
+    claim_run(config.out, fields, config.resume)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)

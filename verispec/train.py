@@ -43,7 +43,16 @@ from transformers import (
 from verispec.corpus import stdlib_files, text_documents
 from verispec.errors import UserError
 from verispec.models.loading import resolve_device
-from verispec.training import Schedule, StepResult, batch_indices, checkpoints, fit, mean, save_final
+from verispec.training import (
+    Schedule,
+    StepResult,
+    batch_indices,
+    checkpoints,
+    claim_run,
+    fit,
+    mean,
+    save_final,
+)
 
 EOS = "<|endoftext|>"
 VALIDATION_CHUNKS = 48  # validation loss over at most this many chunks, the same ones every time
@@ -255,21 +264,8 @@ def train_model(
     """Tokenizer, model, training, validation; returns what train.json holds."""
     started_wall, started_cpu = time.perf_counter(), time.process_time()
     _check(config)
-    config.out.mkdir(parents=True, exist_ok=True)
-    run_file = config.out / "run.json"
     kept = config.training_fields()
-    if checkpoints(config.out):
-        if not config.resume:
-            raise UserError(
-                f"{config.out} holds checkpoints of an earlier run; pass --resume to continue it or choose another --out"
-            )
-        earlier = json.loads(run_file.read_text()) if run_file.is_file() else {}
-        changed = sorted(k for k in kept if k in earlier and earlier[k] != kept[k])
-        if changed:
-            raise UserError(
-                f"--resume: {', '.join(changed)} differ from the run in {config.out}; give the same options or choose another --out"
-            )
-    run_file.write_text(json.dumps(kept, indent=2) + "\n")
+    claim_run(config.out, kept, config.resume)
     device = resolve_device(config.device)
 
     train_docs, validation_docs, note = corpus(config)

@@ -8,6 +8,7 @@ run trains on exactly what an uninterrupted one would."""
 from __future__ import annotations
 
 import functools
+import json
 import math
 import random
 import shutil
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from verispec.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,25 @@ def save_checkpoint(
     partial.rename(folder)  # a checkpoint folder with trainer.pt is complete
     for old in checkpoints(out)[:-keep]:
         shutil.rmtree(old)
+
+
+def claim_run(out: Path, fields: dict, resume: bool) -> None:
+    """Make `out` this run's folder: refuse one holding an earlier run's checkpoints unless
+    resuming, and a resume whose training options differ from that run's (out/run.json)."""
+    out.mkdir(parents=True, exist_ok=True)
+    run_file = out / "run.json"
+    if checkpoints(out):
+        if not resume:
+            raise UserError(
+                f"{out} holds checkpoints of an earlier run; pass --resume to continue it or choose another --out"
+            )
+        earlier = json.loads(run_file.read_text()) if run_file.is_file() else {}
+        changed = sorted(k for k in fields if k in earlier and earlier[k] != fields[k])
+        if changed:
+            raise UserError(
+                f"--resume: {', '.join(changed)} differ from the run in {out}; give the same options or choose another --out"
+            )
+    run_file.write_text(json.dumps(fields, indent=2) + "\n")
 
 
 def mean(values: list[float]) -> float:
