@@ -77,8 +77,12 @@ from verispec.prompts import Prompt, load_prompts
 from verispec.training import (
     Schedule,
     StepResult,
+    add_run_flags,
+    add_typed_flags,
+    apply_threads,
     batch_indices,
     claim_run,
+    finish_report,
     fit,
     mean,
     save_final,
@@ -749,11 +753,7 @@ def distill(
         after = agreement(str(final), eval_ids, continuations, device)
         log(f"after:  greedy agreement {after['agreement']:.3f} (before {report['before']['agreement']:.3f})")
         report["after"] = after
-    report["wall_s"] = time.perf_counter() - started_wall
-    report["cpu_s"] = time.process_time() - started_cpu
-    report["threads"] = torch.get_num_threads()
-    report["device"] = str(device)
-    (config.out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    finish_report(report, config.out / "eval.json", started_wall, started_cpu, device)
     return report
 
 
@@ -800,7 +800,7 @@ def add_distill_command(commands) -> None:
         action="store_true",
         help="train on the prompts' own text, not the verifier's continuations",
     )
-    for flag, kind, text in (
+    add_typed_flags(command, defaults, (
         ("--steps", int, "optimizer steps"),
         ("--batch-size", int, "sequences per step"),
         ("--seq-len", int, "tokens per training sequence (on-policy: prompt left-trimmed to fit)"),
@@ -820,15 +820,7 @@ def add_distill_command(commands) -> None:
         ),
         ("--eval-new-tokens", int, "verifier tokens per evaluation prompt"),
         ("--seed", int, "seed of data order and windows"),
-    ):
-        name = flag[2:].replace("-", "_")
-        default = getattr(defaults, name)
-        command.add_argument(
-            flag,
-            type=kind,
-            default=default,
-            help=text if default is None else f"{text} (default: {default})",
-        )
+    ))  # fmt: skip
     command.add_argument(
         "--loss", choices=("fkl", "tvd"), default=defaults.loss, help="divergence (default: %(default)s)"
     )
@@ -839,35 +831,12 @@ def add_distill_command(commands) -> None:
         help="held-out JSONL prompts (default: the shared prompts where present, else 32 windows of the stdlib's q/r/s modules)",
     )
     command.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
-    command.add_argument(
-        "--save-dtype",
-        choices=("float32", "float16", "bfloat16"),
-        default=defaults.save_dtype,
-        help="final weights (default: %(default)s)",
-    )
-    command.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    command.add_argument(
-        "--device",
-        default="auto",
-        help="auto (CUDA when present), cpu, cuda or cuda:N (default: %(default)s)",
-    )
-    command.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        # Measured on 2 cores shared with two other busy processes: 1 thread decoded 4-5x faster
-        # than 2 (small matrix products stall waiting for a descheduled second thread).
-        help="CPU threads for torch (default: torch's choice; on busy shared cores 1 can be much faster)",
-    )
-    command.add_argument("-v", "--verbose", action="store_true", help="log more")
+    add_run_flags(command, defaults.save_dtype)
     command.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be 1 or more, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     config = DistillConfig(
         target=args.target,
         draft=args.draft,

@@ -46,9 +46,13 @@ from verispec.models.loading import resolve_device
 from verispec.training import (
     Schedule,
     StepResult,
+    add_run_flags,
+    add_typed_flags,
+    apply_threads,
     batch_indices,
     checkpoints,
     claim_run,
+    finish_report,
     fit,
     mean,
     save_final,
@@ -339,11 +343,7 @@ def train_model(
         "wall_s": history["wall_s"],
         "cpu_s": history["cpu_s"],
     }
-    report["wall_s"] = time.perf_counter() - started_wall
-    report["cpu_s"] = time.process_time() - started_cpu
-    report["threads"] = torch.get_num_threads()
-    report["device"] = str(device)
-    (config.out / "train.json").write_text(json.dumps(report, indent=2) + "\n")
+    finish_report(report, config.out / "train.json", started_wall, started_cpu, device)
     return report
 
 
@@ -373,7 +373,7 @@ def add_train_command(commands) -> None:
     command.add_argument(
         "--tokenizer", help="use this model folder's tokenizer instead of training one (e.g. your verifier's)"
     )
-    for flag, kind, text in (
+    add_typed_flags(command, defaults, (
         ("--vocab-size", int, "BPE vocabulary when training a tokenizer"),
         ("--layers", int, "transformer layers"),
         ("--hidden", int, "hidden size"),
@@ -390,32 +390,13 @@ def add_train_command(commands) -> None:
         ("--clip", float, "gradient norm clip"),
         ("--checkpoint-every", int, "steps between checkpoints (and validation)"),
         ("--seed", int, "seed of initial weights, data order and validation split"),
-    ):
-        name = flag[2:].replace("-", "_")
-        default = getattr(defaults, name)
-        command.add_argument(
-            flag, type=kind, default=default, help=text if default is None else f"{text} (default: {default})"
-        )
-    command.add_argument("--save-dtype", choices=("float32", "float16", "bfloat16"), default=defaults.save_dtype,
-                         help="final weights; they load as float32 on the CPU either way (default: %(default)s)")  # fmt: skip
-    command.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    command.add_argument(
-        "--device",
-        default="auto",
-        help="auto (CUDA when present), cpu, cuda or cuda:N (default: %(default)s)",
-    )
-    command.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
-    )
-    command.add_argument("-v", "--verbose", action="store_true", help="log more")
+    ))  # fmt: skip
+    add_run_flags(command, defaults.save_dtype, "final weights; they load as float32 on the CPU either way")
     command.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be 1 or more, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     names = {f.name for f in fields(TrainConfig)} - {"out", "data", "stdlib", "tokenizer"}
     config = TrainConfig(
         out=args.out, data=tuple(args.data or ()), stdlib=args.stdlib, tokenizer=args.tokenizer,
