@@ -19,11 +19,12 @@ from verispec.models import load_model, reference_pair
 
 
 def weight_bytes(lm) -> int:
+    """Bytes of weight a pass streams (the embedding table is only gathered from)."""
     model = getattr(lm, "model", None)
-    tensors = model.parameters() if model is not None else [
-        t for layer in lm.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)
-    ] + [lm.embed, lm.norm] + ([] if lm.lm_head.data_ptr() == lm.embed.data_ptr() else [lm.lm_head])
-    return sum(t.numel() * t.element_size() for t in tensors)
+    if model is not None:
+        return sum(t.numel() * t.element_size() for t in model.parameters())
+    linears = [getattr(layer, n) for layer in lm.layers for n in ("qkv", "o", "gate_up", "down")] + [lm.lm_head]
+    return sum(linear.nbytes for linear in linears)
 
 
 def profile_step(lm, label: str, width: int, context: int = 400, steps: int = 20) -> None:

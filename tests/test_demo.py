@@ -52,7 +52,7 @@ def test_serve_with_no_model_arguments(tmp_path):
         server.stop_gracefully()
 
 
-def test_a_built_wheel_ships_the_demo_pair(tmp_path):
+def test_a_built_wheel_ships_the_demo_pair_and_the_kernel_source(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
         check=True, capture_output=True, timeout=300,
@@ -63,6 +63,7 @@ def test_a_built_wheel_ships_the_demo_pair(tmp_path):
         for file in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
             assert f"verispec/demo/{folder}/{file}" in names
     assert "verispec/demo/README.md" in names
+    assert "verispec/models/csrc/widen_linear.c" in names  # compiled on first use
 
 
 def test_a_broken_installation_says_what_to_do(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from tests.conftest import SHARED_MODELS, SHARED_PROMPTS, llama, make_engine, ra
 from verispec.config import SamplingParams
 from verispec.errors import UserError
 from verispec.models import LeanLM, TransformersLM, load_model
+from verispec.models.kernels import kernel_library
 from verispec.prompts import load_prompts
 
 VOCAB = 64
@@ -39,6 +40,19 @@ def mistral(seed: int):
     return MistralForCausalLM(config)
 
 
+def rounded(model, dtype: torch.dtype):
+    """The model with every weight rounded to `dtype`, kept in float32: a float16 or bfloat16
+    checkpoint, which the lean backend runs with its 16-bit weight kernel. For bfloat16, one
+    entry per matrix is set below float16's range, as in real bfloat16 checkpoints (values of
+    ordinary size rounded to bfloat16 fit float16 exactly, which the backend then prefers)."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(parameter.to(dtype).float())
+            if dtype == torch.bfloat16 and parameter.dim() == 2:
+                parameter[0, 0] = 2.0**-40
+    return model
+
+
 @pytest.fixture(scope="module")
 def architectures(tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("lean-archs")
@@ -50,14 +64,23 @@ def architectures(tmp_path_factory, tiny_models):
         "llama-tied": save(tied, root / "llama-tied", VOCAB),
         "qwen2-bias-tied": save(qwen2(51), root / "qwen2", VOCAB),
         "mistral-mqa": save(mistral(52), root / "mistral", VOCAB),
+        "llama-float16": save(rounded(llama(VOCAB, layers=2, seed=56), torch.float16), root / "llama-f16", VOCAB),
+        "qwen2-bfloat16": save(rounded(qwen2(57), torch.bfloat16), root / "qwen2-bf16", VOCAB),
     }
 
 
-@pytest.mark.parametrize("arch", ["llama-gqa-untied", "llama-tied", "qwen2-bias-tied", "mistral-mqa"])
+FORMS = {"llama-float16": "widen-f16", "qwen2-bfloat16": "widen-bf16"}
+
+
+@pytest.mark.parametrize(
+    "arch", ["llama-gqa-untied", "llama-tied", "qwen2-bias-tied", "mistral-mqa", "llama-float16", "qwen2-bfloat16"]
+)
 def test_logits_match_transformers(architectures, arch):
     lean = load_model(architectures[arch], CPU, F32, backend="lean")
     reference = load_model(architectures[arch], CPU, F32, backend="transformers")
     assert isinstance(lean, LeanLM) and isinstance(reference, TransformersLM)
+    expected_form = FORMS.get(arch, "onednn") if kernel_library() else "onednn"
+    assert {layer.qkv.form for layer in lean.layers} | {lean.lm_head.form} == {expected_form}
     for prompt in random_prompts(3, VOCAB, seed=53, min_len=5, max_len=40):
         a, b = lean.session(), reference.session()
         torch.testing.assert_close(a.extend(prompt), b.extend(prompt), atol=ATOL, rtol=0)  # prefill
@@ -112,8 +135,7 @@ def test_reference_pair_greedy_identical_across_backends():
 
 def test_compiled_step_matches_eager(tiny_models):
     eager = load_model(tiny_models["llama"], CPU, F32, backend="lean")
-    compiled = load_model(tiny_models["llama"], CPU, F32, backend="lean")
-    compiled.compile()
+    compiled = load_model(tiny_models["llama"], CPU, F32, backend="lean", compile=True)
     a, b = eager.session(), compiled.session()
     prompt = random_prompts(1, VOCAB, seed=55, min_len=12, max_len=12)[0]
     torch.testing.assert_close(a.extend(prompt), b.extend(prompt), atol=ATOL, rtol=0)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from verispec.config import ModelSettings, Settings, SpeculationSettings
 from verispec.engine import SpeculativeEngine
 from verispec.errors import UserError
 from verispec.models import (
+    CausalLM,
     check_compatible,
     demo_pair,
     load_model,
@@ -38,6 +41,12 @@ def resolve_models(models: ModelSettings) -> ModelSettings:
     return models.model_copy(update={"target": target, "draft": draft if proposer == "draft" else None, "proposer": proposer})
 
 
+def _load(models: ModelSettings, ref: str, role: str, device: torch.device, dtype: torch.dtype) -> CausalLM:
+    return load_model(
+        ref, device, dtype, role=role, backend=models.backend, cpu_kernel=models.cpu_kernel, compile=models.compile
+    )
+
+
 def build_engine(settings: Settings) -> SpeculativeEngine:
     models = resolve_models(settings.part(ModelSettings))
     speculation = settings.part(SpeculationSettings)
@@ -47,15 +56,8 @@ def build_engine(settings: Settings) -> SpeculativeEngine:
     draft_lm = None
     if models.draft:
         check_compatible(tokenizer, load_tokenizer(models.draft, role="draft"))
-        draft_lm = load_model(models.draft, device, dtype, role="draft", backend=models.backend)
-    target_lm = load_model(models.target, device, dtype, role="target", backend=models.backend)
-    if models.compile:
-        for lm in (target_lm, draft_lm):
-            if lm is None:
-                continue
-            if lm.backend != "lean":
-                raise UserError(f"--compile needs the lean backend, but {lm.name} runs on {lm.backend}")
-            lm.compile()
+        draft_lm = _load(models, models.draft, "draft", device, dtype)
+    target_lm = _load(models, models.target, "target", device, dtype)
     proposer = build_proposer(models.proposer, ProposerInputs(target=target_lm, draft=draft_lm, speculation=speculation))
     return SpeculativeEngine(target_lm, tokenizer, proposer, speculation)
 
@@ -74,7 +76,7 @@ def proposer_engines(engine: SpeculativeEngine, settings: Settings) -> dict[str,
     def draft_lm(ref: str, role: str):
         if ref not in drafts:
             check_compatible(engine.tokenizer, load_tokenizer(ref, role=role))
-            drafts[ref] = load_model(ref, device, dtype, role=role, backend=models.backend)
+            drafts[ref] = _load(models, ref, role, device, dtype)
         return drafts[ref]
 
     engines: dict[str, SpeculativeEngine] = {}

@@ -43,6 +43,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if field.annotation == tuple[str, ...]:  # repeatable: --stop A --stop B
             kwargs.update(action="append", metavar="TEXT")
+        elif field.annotation is bool and field.default:  # on by default: --name / --no-name
+            kwargs.update(action=argparse.BooleanOptionalAction)
         elif field.annotation is bool:
             kwargs.update(action="store_const", const=True)
         else:

@@ -39,6 +39,11 @@ class ModelSettings(BaseModel):
         "auto", description="forward pass: lean (own Llama-family implementation) where supported, else transformers"
     )
     compile: bool = Field(False, description="compile the lean backend's decode/verify step with torch.compile")
+    cpu_kernel: bool = Field(
+        True,
+        description="lean backend on CPU: keep weights that 16 bits hold exactly in 16 bits and widen them "
+        "in verispec's compiled kernel (float32 arithmetic on the same values, half the bytes per step)",
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="weights dtype; auto = float32 (exact greedy, see README for reduced precision)"
     )

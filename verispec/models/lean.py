@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, GenerationConfig
 
 from verispec.models.backend import generation_eos
+from verispec.models.kernels import Linear
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -50,24 +51,20 @@ def lean_support(path: str) -> str | None:
 
 @dataclass
 class _Layer:
-    """Projection weights are stored transposed, (in, out), and applied as `x @ w`: for the few
-    rows of a decode or verify pass this layout streams the weights through the CPU about 1.5x
-    faster than `F.linear` on the checkpoint's (out, in) layout (measured: 6.8 vs 10.7 ms per
-    token for the reference target's 29M weights on 2 cores)."""
-
     attn_norm: torch.Tensor  # (D,)
-    qkv: torch.Tensor  # (D, (H + 2 Hkv) hd): q, k and v projections side by side
-    qkv_bias: torch.Tensor | None  # ((H + 2 Hkv) hd,) Qwen2
-    o: torch.Tensor  # (H hd, D)
+    qkv: Linear  # D -> (H + 2 Hkv) hd: q, k and v projections stacked (with Qwen2's bias)
+    o: Linear  # H hd -> D
     mlp_norm: torch.Tensor  # (D,)
-    gate_up: torch.Tensor  # (D, 2 F): gate and up projections side by side
-    down: torch.Tensor  # (F, D)
+    gate_up: Linear  # D -> 2 F: gate and up projections stacked
+    down: Linear  # F -> D
 
 
 class LeanLM:
     backend = "lean"
 
-    def __init__(self, path: str, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self, path: str, device: torch.device, dtype: torch.dtype, kernel: bool = True, compile: bool = False
+    ):
         folder = Path(path)
         config = AutoConfig.from_pretrained(folder)
         self.name = path
@@ -89,8 +86,10 @@ class LeanLM:
         def take(name: str) -> torch.Tensor:
             return weights.pop(name).to(device=device, dtype=dtype)
 
-        def projection(*names: str) -> torch.Tensor:
-            return torch.cat([take(n) for n in names]).t().contiguous()  # (in, out)
+        def projection(*names: str, bias: Sequence[torch.Tensor | None] = ()) -> Linear:
+            weight = torch.cat([take(n) for n in names])  # (out, in)
+            stacked = None if not bias or bias[0] is None else torch.cat(bias).to(device=device, dtype=dtype)
+            return Linear(weight, stacked, kernel=kernel and not compile, prepack=not compile)
 
         self.embed = take("model.embed_tokens.weight")  # (V, D)
         self.layers = []
@@ -100,8 +99,7 @@ class LeanLM:
             self.layers.append(
                 _Layer(
                     attn_norm=take(p + "input_layernorm.weight"),
-                    qkv=projection(*(f"{p}self_attn.{n}_proj.weight" for n in "qkv")),
-                    qkv_bias=None if bias[0] is None else torch.cat(bias).to(device=device, dtype=dtype),
+                    qkv=projection(*(f"{p}self_attn.{n}_proj.weight" for n in "qkv"), bias=bias),
                     o=projection(p + "self_attn.o_proj.weight"),
                     mlp_norm=take(p + "post_attention_layernorm.weight"),
                     gate_up=projection(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
@@ -111,8 +109,8 @@ class LeanLM:
         self.norm = take("model.norm.weight")
         # Tied embeddings: the checkpoint may omit lm_head or repeat the embedding matrix.
         head = take("lm_head.weight") if "lm_head.weight" in weights else self.embed
-        self.lm_head = head.t().contiguous()  # (D, V)
-        self.vocab_size = self.lm_head.shape[1]
+        self.lm_head = Linear(head, kernel=kernel and not compile, prepack=not compile)
+        self.vocab_size = self.lm_head.out_features
 
         rope = getattr(config, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -121,6 +119,8 @@ class LeanLM:
         angles = torch.cat([freqs, freqs], dim=-1)  # (P, hd), the rotate-half layout of HF checkpoints
         self.cos = angles.cos().to(device=device, dtype=dtype)
         self.sin = angles.sin().to(device=device, dtype=dtype)
+        if compile:
+            self._compile()
 
     def session(self, capacity: int | None = None) -> LeanSession:
         return LeanSession(self, min(capacity or self.max_positions, self.max_positions))
@@ -129,8 +129,10 @@ class LeanLM:
         """ids (T,) at positions session.length.. -> logits (T or 1, V); writes the cache."""
         return self._step(ids, session.length, session.keys, session.values, last_only)
 
-    def compile(self) -> None:
-        """Compile the decode and verify step with torch.compile (inductor; CPU or CUDA).
+    def _compile(self) -> None:
+        """Compile the decode and verify step with torch.compile (inductor; CPU or CUDA), on
+        plain float32 linears (inductor traces neither the compiled kernel nor prepacked oneDNN
+        weights with dynamic shapes).
 
         Shapes are marked dynamic, so one graph serves every position and pass width instead of
         one compilation per (position, width)."""
@@ -151,7 +153,7 @@ class LeanLM:
         x = F.embedding(ids, self.embed)  # (T, D)
         for layer, layer_keys, layer_values in zip(self.layers, keys, values, strict=True):
             h = F.rms_norm(x, (x.shape[-1],), layer.attn_norm, self.eps)
-            qkv = h @ layer.qkv if layer.qkv_bias is None else torch.addmm(layer.qkv_bias, h, layer.qkv)
+            qkv = layer.qkv(h)
             q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
             q = _rotate(q.view(T, H, hd).transpose(0, 1), cos, sin)  # (H, T, hd)
             layer_keys[:, start:end] = _rotate(k.view(T, Hkv, hd).transpose(0, 1), cos, sin)
@@ -159,13 +161,13 @@ class LeanLM:
             attn = F.scaled_dot_product_attention(
                 q, layer_keys[:, :end], layer_values[:, :end], attn_mask=mask, enable_gqa=Hkv != H
             )  # (H, T, hd)
-            x = x + attn.transpose(0, 1).reshape(T, H * hd) @ layer.o
+            x = x + layer.o(attn.transpose(0, 1).reshape(T, H * hd))
             h = F.rms_norm(x, (x.shape[-1],), layer.mlp_norm, self.eps)
-            gate, up = (h @ layer.gate_up).chunk(2, dim=-1)
-            x = x + (F.silu(gate) * up) @ layer.down
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
         if last_only:
             x = x[-1:]
-        return F.rms_norm(x, (x.shape[-1],), self.norm, self.eps) @ self.lm_head
+        return self.lm_head(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps))
 
 
 class LeanSession:

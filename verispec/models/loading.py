@@ -65,18 +65,27 @@ def load_tokenizer(ref: str, role: str = "target") -> PreTrainedTokenizerBase:
 
 
 def load_model(
-    ref: str, device: torch.device, dtype: torch.dtype, role: str = "target", backend: str = "auto"
+    ref: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    role: str = "target",
+    backend: str = "auto",
+    cpu_kernel: bool = True,
+    compile: bool = False,
 ) -> CausalLM:
     """Load with the lean backend where it supports the checkpoint (backend 'auto' or 'lean'),
-    else with transformers."""
+    else with transformers. `cpu_kernel`: let the lean backend use its compiled CPU kernel
+    (models/kernels.py); `compile`: compile its step with torch.compile."""
     ref = _check_reference(ref, role)
     if backend in ("auto", "lean"):
         unsupported = lean_support(ref)
         if unsupported is None:
-            return LeanLM(ref, device, dtype)
+            return LeanLM(ref, device, dtype, kernel=cpu_kernel, compile=compile)
         if backend == "lean":
             raise UserError(f"the lean backend cannot run the {role} model {ref}: {unsupported}; use --backend transformers")
         log.info("%s model %s runs on transformers: lean backend does not support %s", role, ref, unsupported)
+    if compile:
+        raise UserError(f"--compile needs the lean backend, but the {role} model {ref} runs on transformers")
     try:
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
     except (OSError, ValueError) as exc:

@@ -1,0 +1,94 @@
+"""The lean backend's linear layers: each form computes x @ W.T, and the 16-bit weight kernel
+gives a row the same value whatever the width of the pass it is in."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from verispec.models import kernels
+from verispec.models.kernels import KERNEL_MAX_ROWS, Linear, kernel_library
+
+needs_kernel = pytest.mark.skipif(kernel_library() is None, reason="no C compiler or no AVX2/FMA/F16C here")
+
+
+# bfloat16 test weights are scaled below float16's range, so that only bfloat16 holds them
+# (bfloat16-rounded values of ordinary size fit float16 exactly, which the layer then prefers).
+SCALE = {torch.float16: 1.0, torch.bfloat16: 2.0**-40, None: 1.0}
+
+
+def weight(out_features: int, in_features: int, dtype: torch.dtype | None, seed: int = 0) -> torch.Tensor:
+    """A float32 weight; rounded through `dtype` when given (a 16-bit checkpoint's values)."""
+    w = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)) * SCALE[dtype]
+    return w if dtype is None else w.to(dtype).float()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype, form", [(torch.float16, "widen-f16"), (torch.bfloat16, "widen-bf16")])
+@pytest.mark.parametrize("in_features", [512, 1344, 37, 8, 3])  # multiples of 16 and of 8, and ragged tails
+def test_widened_weights_compute_the_float32_product(dtype, form, in_features):
+    w = weight(67, in_features, dtype)
+    bias = torch.randn(67) * SCALE[dtype]
+    for layer_bias in (None, bias):
+        linear = Linear(w, layer_bias)
+        assert linear.form == form and linear.weight.dtype == dtype  # half the bytes of float32
+        for rows in (1, 2, 3, 4, 5, 9, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 5):  # the last: prefill path
+            x = torch.randn(rows, in_features)
+            torch.testing.assert_close(linear(x), F.linear(x, w, layer_bias), rtol=1e-5, atol=1e-4 * SCALE[dtype])
+
+
+@needs_kernel
+def test_a_row_is_the_same_bits_at_every_pass_width():
+    w = weight(301, 520, torch.float16)
+    linear = Linear(w)
+    x = torch.randn(KERNEL_MAX_ROWS, 520)
+    together = linear(x)
+    for start in range(KERNEL_MAX_ROWS):
+        for end in (start + 1, min(start + 3, KERNEL_MAX_ROWS), KERNEL_MAX_ROWS):
+            assert torch.equal(linear(x[start:end]), together[start:end])
+
+
+def test_weights_16_bits_cannot_hold_stay_float32():
+    w = weight(40, 24, None)  # arbitrary float32 values
+    linear = Linear(w)
+    assert linear.form in ("onednn", "dense") and linear.weight.dtype == torch.float32
+    x = torch.randn(4, 24)
+    torch.testing.assert_close(linear(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_off_keeps_float32_and_the_same_results():
+    w = weight(40, 24, torch.float16)
+    linear = Linear(w, kernel=False, prepack=False)
+    assert linear.form == "dense"
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(linear(x), F.linear(x, w))
+
+
+def test_a_failed_build_falls_back_with_a_logged_reason(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached: it must build
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    kernel_library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=kernels.__name__):
+            assert kernel_library() is None
+            linear = Linear(weight(16, 16, torch.float16))
+        assert linear.form == "onednn"
+        assert "lean CPU kernel unavailable" in caplog.text
+    finally:
+        kernel_library.cache_clear()
+
+
+@needs_kernel
+def test_the_kernel_is_built_once_and_reused(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kernel_library.cache_clear()
+    try:
+        assert kernel_library() is not None
+        built = list((tmp_path / "verispec" / "kernels").glob("widen_linear-*.so"))
+        assert len(built) == 1 and not [p for p in built[0].parent.iterdir() if p.is_dir()]  # no scratch left
+        stamp = built[0].stat().st_mtime_ns
+        kernel_library.cache_clear()
+        assert kernel_library() is not None and built[0].stat().st_mtime_ns == stamp
+    finally:
+        kernel_library.cache_clear()

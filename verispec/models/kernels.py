@@ -1,0 +1,156 @@
+"""Linear layers of the lean backend, in the form that is fastest on the device.
+
+A decode or verify pass multiplies a few rows of activations by every weight matrix, so on a CPU
+its cost is the time to stream the weights from memory. Three forms, chosen per matrix:
+
+- `widen-f16` / `widen-bf16` (CPU, float32 compute): a weight whose float32 values are all
+  exactly representable in float16 (checkpoints stored in float16, like the reference pair) or
+  bfloat16 is kept in 16 bits and widened to float32 in registers by a small compiled kernel
+  (`csrc/widen_linear.c`, AVX2/FMA/F16C). The arithmetic is float32 on the same values; a step
+  streams half the bytes. Each output is accumulated in an order that does not depend on the
+  number of rows in the pass, so a position's logits are the same decoded alone or verified
+  among k+1 positions. Passes wider than `KERNEL_MAX_ROWS` (prefill) widen the matrix and use the
+  float32 GEMM, which wins once there are enough rows to reuse each weight.
+- `onednn` (CPU, float32 weights that 16 bits cannot hold exactly): the weight prepacked once
+  for oneDNN, whose small-M GEMM costs about the same for 1 to 8 rows (plain MKL `x @ w` costs
+  about 2-3x more at 4 rows than at 1 on the reference target).
+- `dense` (CUDA, reduced-precision compute, torch.compile, or where neither of the above is
+  available): `F.linear` on the checkpoint's weight.
+
+The kernel is compiled once per machine with the system C compiler (`$CC`, else `cc`) into
+`$XDG_CACHE_HOME/verispec/kernels` (default `~/.cache/verispec/kernels`); where that fails (no
+compiler, not x86-64 with AVX2) the other forms are used and the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+KERNEL_SOURCE = Path(__file__).with_name("csrc") / "widen_linear.c"
+KERNEL_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+KERNEL_MAX_ROWS = 16  # beyond this the float32 GEMM on a widened copy is faster (prefill)
+_NEEDED_CPU_FLAGS = {"avx2", "fma", "f16c"}
+
+
+class Linear:
+    """y = x @ weight.T (+ bias) for a checkpoint weight (out, in), in the fastest form here."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, kernel: bool = True, prepack: bool = True
+    ):
+        self.out_features, self.in_features = weight.shape
+        self.bias = bias
+        narrow = _exact_16bit(weight) if kernel and weight.device.type == "cpu" else None
+        library = kernel_library() if narrow is not None else None
+        if library is not None:
+            self.form = "widen-f16" if narrow.dtype == torch.float16 else "widen-bf16"
+            self.weight = narrow.contiguous()
+            self._kernel = library.widen_linear_f16 if narrow.dtype == torch.float16 else library.widen_linear_bf16
+        elif prepack and weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            self.form = "onednn"
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+        else:
+            self.form = "dense"
+            self.weight = weight.contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "onednn":
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        elif self.form == "dense" or x.shape[0] > KERNEL_MAX_ROWS:
+            y = F.linear(x, self.weight.to(x.dtype), self.bias)
+        else:
+            x = x.contiguous()
+            rows = x.shape[0]
+            y = torch.empty((rows, self.out_features), dtype=torch.float32)
+            self._kernel(
+                x.data_ptr(), rows, self.weight.data_ptr(), self.out_features, self.in_features,
+                y.data_ptr(), torch.get_num_threads(),
+            )  # fmt: skip
+            if self.bias is not None:
+                y += self.bias
+        return y
+
+
+def _exact_16bit(weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight in float16 or bfloat16 if that holds every value exactly, else None."""
+    if weight.dtype != torch.float32:
+        return None
+    for dtype in (torch.float16, torch.bfloat16):
+        narrow = weight.to(dtype)
+        if torch.equal(narrow.float(), weight):
+            return narrow
+    return None
+
+
+@functools.cache
+def kernel_library() -> ctypes.CDLL | None:
+    """The compiled widening kernel, building it on first use; None (logged once) where it can't be."""
+    try:
+        library = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("lean CPU kernel unavailable (%s); using float32 weights with oneDNN", exc)
+        return None
+    for name in ("widen_linear_f16", "widen_linear_bf16"):
+        function = getattr(library, name)
+        function.argtypes = [
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+        ]  # fmt: skip
+        function.restype = None
+    return library
+
+
+def _build() -> Path:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        raise RuntimeError(f"needs Linux on x86-64, not {platform.system()} on {platform.machine()}")
+    missing = _NEEDED_CPU_FLAGS - _cpu_flags()
+    if missing:
+        raise RuntimeError(f"CPU lacks {', '.join(sorted(missing))}")
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    source = KERNEL_SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join((compiler, *KERNEL_FLAGS)).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "verispec" / "kernels"
+    library = cache / f"widen_linear-{digest}.so"
+    if library.is_file():
+        return library
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as scratch:
+        built = Path(scratch) / library.name
+        done = subprocess.run(
+            [compiler, *KERNEL_FLAGS, str(KERNEL_SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=120
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
+        os.replace(built, library)  # atomic: processes building at once all end with a whole file
+    log.info("built the lean CPU kernel: %s", library)
+    return library
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
