@@ -23,8 +23,7 @@ def weight_bytes(lm) -> int:
     model = getattr(lm, "model", None)
     if model is not None:
         return sum(t.numel() * t.element_size() for t in model.parameters())
-    linears = [getattr(layer, n) for layer in lm.layers for n in ("qkv", "o", "gate_up", "down")] + [lm.lm_head]
-    return sum(linear.nbytes for linear in linears)
+    return sum(linear.nbytes for linear in lm.linears())
 
 
 def profile_step(lm, label: str, width: int, context: int = 400, steps: int = 20) -> None:

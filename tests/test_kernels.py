@@ -85,10 +85,36 @@ def test_the_kernel_is_built_once_and_reused(monkeypatch, tmp_path):
     kernel_library.cache_clear()
     try:
         assert kernel_library() is not None
-        built = list((tmp_path / "verispec" / "kernels").glob("widen_linear-*.so"))
+        built = list((tmp_path / "verispec" / "kernels").glob("lean_cpu-*.so"))
         assert len(built) == 1 and not [p for p in built[0].parent.iterdir() if p.is_dir()]  # no scratch left
         stamp = built[0].stat().st_mtime_ns
         kernel_library.cache_clear()
         assert kernel_library() is not None and built[0].stat().st_mtime_ns == stamp
     finally:
         kernel_library.cache_clear()
+
+
+@needs_kernel
+def test_lean_kernel_step_gives_a_position_the_same_logits_at_any_pass_width(tmp_path):
+    """Verifier-only decoding scores one position per pass, speculative decoding k+1: on the
+    kernel step both give the same bits, so greedy speculative output cannot drift by rounding."""
+    from tests.conftest import llama, random_prompts, save
+    from verispec.models import load_model
+
+    model = llama(64, layers=2, seed=60)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(parameter.half().float())  # a float16 checkpoint
+    lm = load_model(save(model, tmp_path / "llama-f16", 64), torch.device("cpu"), torch.float32, backend="lean")
+    assert lm.kernel_step
+    prompt = random_prompts(1, 64, seed=61, min_len=30, max_len=30)[0]
+    continuation = [5, 9, 2, 33, 17, 8, 41]
+    one_pass, step_by_step = lm.session(), lm.session()
+    one_pass.extend(prompt)
+    step_by_step.extend(prompt)
+    together = one_pass.extend(continuation)
+    alone = torch.cat([step_by_step.extend([token]) for token in continuation])
+    assert torch.equal(together, alone)
+    one_pass.rollback(len(prompt) + 2)  # reject the rest, then verify a different continuation
+    step_by_step.rollback(len(prompt) + 2)
+    assert torch.equal(one_pass.extend([7, 7, 1]), torch.cat([step_by_step.extend([t]) for t in (7, 7, 1)]))

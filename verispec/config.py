@@ -36,7 +36,7 @@ class ModelSettings(BaseModel):
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     backend: Literal["auto", "lean", "transformers"] = Field(
-        "auto", description="forward pass: lean (own Llama-family implementation) where supported, else transformers"
+        "auto", description="forward pass: lean (own Llama/Mistral/Qwen2/GPT-2 implementation) where supported, else transformers"
     )
     compile: bool = Field(False, description="compile the lean backend's decode/verify step with torch.compile")
     cpu_kernel: bool = Field(

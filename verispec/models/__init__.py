@@ -2,6 +2,7 @@
 
 from verispec.models.backend import CausalLM, KVSession, TransformersLM
 from verispec.models.lean import LeanLM
+from verispec.models.lean_gpt2 import LeanGPT2
 from verispec.models.loading import (
     check_compatible,
     demo_pair,
@@ -15,6 +16,7 @@ from verispec.models.loading import (
 __all__ = [
     "CausalLM",
     "KVSession",
+    "LeanGPT2",
     "LeanLM",
     "TransformersLM",
     "check_compatible",

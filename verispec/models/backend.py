@@ -3,8 +3,8 @@
 The engine and the proposers see two things only: `CausalLM.session()` opens a KV cache for one
 sequence, and a `KVSession` extends it by tokens (returning their logits) or rolls it back to a
 shorter length. Rolling back never recomputes the kept prefix. Two backends implement this:
-`TransformersLM` here (any Hugging Face causal LM) and `LeanLM` in `lean.py` (Llama family, own
-forward pass, preallocated cache).
+`TransformersLM` here (any Hugging Face causal LM) and the lean backend, `LeanLM` in `lean.py`
+(Llama family) and `LeanGPT2` in `lean_gpt2.py` (own forward pass, preallocated cache).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-KERNEL_SOURCE = Path(__file__).with_name("csrc") / "widen_linear.c"
+KERNEL_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("widen_linear.c", "layer_ops.c"))
 KERNEL_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 KERNEL_MAX_ROWS = 16  # beyond this the float32 GEMM on a widened copy is faster (prefill)
 _NEEDED_CPU_FLAGS = {"avx2", "fma", "f16c"}
@@ -78,15 +78,17 @@ class Linear:
             y = F.linear(x, self.weight.to(x.dtype), self.bias)
         else:
             x = x.contiguous()
-            rows = x.shape[0]
-            y = torch.empty((rows, self.out_features), dtype=torch.float32)
-            self._kernel(
-                x.data_ptr(), rows, self.weight.data_ptr(), self.out_features, self.in_features,
-                y.data_ptr(), torch.get_num_threads(),
-            )  # fmt: skip
-            if self.bias is not None:
-                y += self.bias
+            y = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
+            self.into(x, y)
         return y
+
+    def into(self, x: torch.Tensor, y: torch.Tensor, accumulate: bool = False) -> None:
+        """Widened forms only: y = x @ W.T + bias, or y += it. x and y contiguous float32,
+        at most KERNEL_MAX_ROWS rows."""
+        self._kernel(
+            x.data_ptr(), x.shape[0], self.weight.data_ptr(), self.out_features, self.in_features,
+            None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), accumulate, torch.get_num_threads(),
+        )  # fmt: skip
 
 
 def _exact_16bit(weight: torch.Tensor) -> torch.Tensor | None:
@@ -108,11 +110,18 @@ def kernel_library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.warning("lean CPU kernel unavailable (%s); using float32 weights with oneDNN", exc)
         return None
-    for name in ("widen_linear_f16", "widen_linear_bf16"):
+    pointer, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    signatures = {
+        "widen_linear_f16": [pointer, i64, pointer, i64, i64, pointer, pointer, i32, i32],
+        "widen_linear_bf16": [pointer, i64, pointer, i64, i64, pointer, pointer, i32, i32],
+        "rms_norm": [pointer, i64, i64, pointer, f32, pointer],
+        "rope_store": [pointer, i64, i64, i64, i64, pointer, pointer, i64, pointer, pointer, i64],
+        "attention": [pointer, i64, i64, i64, i64, pointer, pointer, i64, i64, f32, pointer, i32],
+        "silu_mul": [pointer, i64, i64, pointer],
+    }
+    for name, arguments in signatures.items():
         function = getattr(library, name)
-        function.argtypes = [
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
-        ]  # fmt: skip
+        function.argtypes = arguments
         function.restype = None
     return library
 
@@ -126,17 +135,18 @@ def _build() -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    source = KERNEL_SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join((compiler, *KERNEL_FLAGS)).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(" ".join((compiler, *KERNEL_FLAGS)).encode())
+    for source in KERNEL_SOURCES:
+        digest.update(source.read_bytes())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "verispec" / "kernels"
-    library = cache / f"widen_linear-{digest}.so"
+    library = cache / f"lean_cpu-{digest.hexdigest()[:16]}.so"
     if library.is_file():
         return library
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
         built = Path(scratch) / library.name
         done = subprocess.run(
-            [compiler, *KERNEL_FLAGS, str(KERNEL_SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=120
+            [compiler, *KERNEL_FLAGS, *map(str, KERNEL_SOURCES), "-lm", "-o", str(built)], capture_output=True, text=True, timeout=120
         )
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")

@@ -8,9 +8,11 @@ one fused gate/up projection, SwiGLU and the down projection. The cache is alloc
 sequence and addressed by position, so rolling back rejected drafts is rewinding `length`.
 
 Supports Llama, Mistral and Qwen2 checkpoints (RMSNorm, default rotary embeddings, grouped-query
-attention, SwiGLU, optional QKV bias, tied or untied embeddings) stored as safetensors.
-Anything else (other rotary scalings, sliding windows shorter than the context) is refused by
-`lean_support`, and the transformers backend is used instead.
+attention, SwiGLU, optional QKV bias, tied or untied embeddings) stored as safetensors, and GPT-2
+(`LeanGPT2` in `lean_gpt2.py`: learned positions, LayerNorm, GELU, over the same cache).
+Anything else (other architectures, other rotary scalings, sliding windows shorter than the
+context, GPT-2's layer-scaled or cross attention) is refused by `lean_support`, and the
+transformers backend is used instead.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, GenerationConfig
 
 from verispec.models.backend import generation_eos
-from verispec.models.kernels import Linear
+from verispec.models.kernels import KERNEL_MAX_ROWS, Linear, kernel_library
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
+# GPT-2's activation_function values that the lean backend runs -> F.gelu's `approximate`.
+GPT2_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 
 def lean_support(path: str) -> str | None:
@@ -41,6 +45,13 @@ def lean_support(path: str) -> str | None:
     config = AutoConfig.from_pretrained(folder)
     if config.model_type not in ARCHITECTURES:
         return f"architecture {config.model_type!r} (lean supports {', '.join(ARCHITECTURES)})"
+    if config.model_type == "gpt2":
+        for option in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+            if getattr(config, option, False):
+                return f"GPT-2 with {option}"
+        if config.activation_function not in GPT2_GELU:
+            return f"activation {config.activation_function!r}"
+        return None
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         return f"rotary scaling {rope.get('rope_type', rope.get('type'))!r}"
@@ -59,27 +70,59 @@ class _Layer:
     down: Linear  # F -> D
 
 
-class LeanLM:
-    backend = "lean"
+class LeanModel:
+    """What the lean models share: loading the config, the KV cache session, the choice of step
+    (the CPU kernel step for a few rows where the model has one, else the torch step), and
+    compiling the torch step. Subclasses set the layers and `_eager_step`."""
 
-    def __init__(
-        self, path: str, device: torch.device, dtype: torch.dtype, kernel: bool = True, compile: bool = False
-    ):
-        folder = Path(path)
-        config = AutoConfig.from_pretrained(folder)
+    backend = "lean"
+    kernel_step = False  # a subclass with a `_kernel_step` turns it on where its weights allow
+
+    def __init__(self, path: str, device: torch.device, dtype: torch.dtype):
+        self.folder = Path(path)
+        self.config = AutoConfig.from_pretrained(self.folder)
         self.name = path
         self.device = device
         self.dtype = dtype
+        try:
+            self.eos_token_ids = generation_eos(GenerationConfig.from_pretrained(self.folder))
+        except OSError:
+            self.eos_token_ids = generation_eos(self.config)
+
+    def session(self, capacity: int | None = None) -> LeanSession:
+        return LeanSession(self, min(capacity or self.max_positions, self.max_positions))
+
+    def forward(self, session: LeanSession, ids: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """ids (T,) at positions session.length.. -> logits (T or 1, V); writes the cache."""
+        return self._step(ids, session.length, session.keys, session.values, last_only)
+
+    def _compile(self) -> None:
+        """Compile the decode and verify step with torch.compile (inductor; CPU or CUDA), on
+        plain float32 linears (inductor traces neither the compiled kernel nor prepacked oneDNN
+        weights with dynamic shapes).
+
+        Shapes are marked dynamic, so one graph serves every position and pass width instead of
+        one compilation per (position, width)."""
+        self._step = torch.compile(self._eager_step, dynamic=True)
+
+    def _step(self, ids, start, keys, values, last_only):
+        if self.kernel_step and ids.shape[0] <= KERNEL_MAX_ROWS:
+            return self._kernel_step(ids, start, keys, values, last_only)
+        return self._eager_step(ids, start, keys, values, last_only)
+
+
+class LeanLM(LeanModel):
+    def __init__(
+        self, path: str, device: torch.device, dtype: torch.dtype, kernel: bool = True, compile: bool = False
+    ):
+        super().__init__(path, device, dtype)
+        config, folder = self.config, self.folder
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
         self.max_positions = min(config.max_position_embeddings, window or config.max_position_embeddings)
-        try:
-            self.eos_token_ids = generation_eos(GenerationConfig.from_pretrained(folder))
-        except OSError:
-            self.eos_token_ids = generation_eos(config)
 
         weights = _load_weights(folder)
 
@@ -119,27 +162,50 @@ class LeanLM:
         angles = torch.cat([freqs, freqs], dim=-1)  # (P, hd), the rotate-half layout of HF checkpoints
         self.cos = angles.cos().to(device=device, dtype=dtype)
         self.sin = angles.sin().to(device=device, dtype=dtype)
+        # Decode and verify passes on the CPU kernels where every projection runs on them.
+        self.kernel_step = all(
+            linear.form.startswith("widen") for layer in self.layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)
+        )
         if compile:
             self._compile()
 
-    def session(self, capacity: int | None = None) -> LeanSession:
-        return LeanSession(self, min(capacity or self.max_positions, self.max_positions))
+    def linears(self) -> list[Linear]:
+        """Every weight matrix a pass streams (the embedding table is only gathered from)."""
+        return [linear for b in self.layers for linear in (b.qkv, b.o, b.gate_up, b.down)] + [self.lm_head]
 
-    def forward(self, session: LeanSession, ids: torch.Tensor, last_only: bool) -> torch.Tensor:
-        """ids (T,) at positions session.length.. -> logits (T or 1, V); writes the cache."""
-        return self._step(ids, session.length, session.keys, session.values, last_only)
-
-    def _compile(self) -> None:
-        """Compile the decode and verify step with torch.compile (inductor; CPU or CUDA), on
-        plain float32 linears (inductor traces neither the compiled kernel nor prepacked oneDNN
-        weights with dynamic shapes).
-
-        Shapes are marked dynamic, so one graph serves every position and pass width instead of
-        one compilation per (position, width)."""
-        self._step = torch.compile(self._eager_step, dynamic=True)
-
-    def _step(self, ids, start, keys, values, last_only):
-        return self._eager_step(ids, start, keys, values, last_only)
+    def _kernel_step(
+        self, ids: torch.Tensor, start: int, keys: list[torch.Tensor], values: list[torch.Tensor], last_only: bool
+    ) -> torch.Tensor:
+        """The pass of `_eager_step` for a few rows, one C call per operation (kernels.py): at
+        one to a few rows torch's fixed cost per operator exceeds the arithmetic. Every row is
+        computed alone, so a position's logits are the same bits at any pass width."""
+        ops = kernel_library()
+        T, D = ids.shape[0], self.embed.shape[1]
+        H, Hkv, hd = self.heads, self.kv_heads, self.head_dim
+        capacity, threads = keys[0].shape[1], torch.get_num_threads()
+        ffn = self.layers[0].down.in_features
+        x = F.embedding(ids, self.embed)  # (T, D), the residual stream
+        h = torch.empty_like(x)
+        qkv = torch.empty((T, (H + 2 * Hkv) * hd))
+        attn = torch.empty((T, H * hd))
+        gate_up = torch.empty((T, 2 * ffn))
+        act = torch.empty((T, ffn))
+        cos, sin, eps, scale = self.cos.data_ptr(), self.sin.data_ptr(), self.eps, hd**-0.5
+        for layer, layer_keys, layer_values in zip(self.layers, keys, values, strict=True):
+            k, v = layer_keys.data_ptr(), layer_values.data_ptr()
+            ops.rms_norm(x.data_ptr(), T, D, layer.attn_norm.data_ptr(), eps, h.data_ptr())
+            layer.qkv.into(h, qkv)
+            ops.rope_store(qkv.data_ptr(), T, H, Hkv, hd, cos, sin, start, k, v, capacity)
+            ops.attention(qkv.data_ptr(), T, H, Hkv, hd, k, v, capacity, start, scale, attn.data_ptr(), threads)
+            layer.o.into(attn, x, accumulate=True)
+            ops.rms_norm(x.data_ptr(), T, D, layer.mlp_norm.data_ptr(), eps, h.data_ptr())
+            layer.gate_up.into(h, gate_up)
+            ops.silu_mul(gate_up.data_ptr(), T, ffn, act.data_ptr())
+            layer.down.into(act, x, accumulate=True)
+        rows = 1 if last_only else T
+        x = x[T - rows :]
+        ops.rms_norm(x.data_ptr(), rows, D, self.norm.data_ptr(), eps, h.data_ptr())
+        return self.lm_head(h[:rows])
 
     def _eager_step(
         self, ids: torch.Tensor, start: int, keys: list[torch.Tensor], values: list[torch.Tensor], last_only: bool
@@ -173,7 +239,7 @@ class LeanLM:
 class LeanSession:
     """A KV cache preallocated for `capacity` positions; rollback rewinds `length`."""
 
-    def __init__(self, lm: LeanLM, capacity: int):
+    def __init__(self, lm: LeanModel, capacity: int):
         self.lm = lm
         self.capacity = capacity
         shape = (lm.kv_heads, capacity, lm.head_dim)  # per layer: (Hkv, P, hd)

@@ -7,11 +7,12 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from verispec.errors import UserError
 from verispec.models.backend import CausalLM, TransformersLM
 from verispec.models.lean import LeanLM, lean_support
+from verispec.models.lean_gpt2 import LeanGPT2
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def load_model(
     if backend in ("auto", "lean"):
         unsupported = lean_support(ref)
         if unsupported is None:
-            return LeanLM(ref, device, dtype, kernel=cpu_kernel, compile=compile)
+            lean = LeanGPT2 if AutoConfig.from_pretrained(ref).model_type == "gpt2" else LeanLM
+            return lean(ref, device, dtype, kernel=cpu_kernel, compile=compile)
         if backend == "lean":
             raise UserError(f"the lean backend cannot run the {role} model {ref}: {unsupported}; use --backend transformers")
         log.info("%s model %s runs on transformers: lean backend does not support %s", role, ref, unsupported)

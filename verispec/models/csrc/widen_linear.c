@@ -1,4 +1,5 @@
-/* y = x @ w^T for float32 activations x and 16-bit stored weights w (float16 or bfloat16).
+/* y = x @ w^T (+ bias) for float32 activations x and 16-bit stored weights w (float16 or
+   bfloat16), written to y or added to it (a residual connection).
 
    The lean backend keeps weights that are exactly representable in 16 bits in 16 bits, and
    widens them to float32 in registers here: the arithmetic is float32 on the same values, and a
@@ -35,10 +36,10 @@ static inline float lane_sum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-/* One weight row (K values) against MB rows of x (row stride K); writes y[m * N], m < MB. */
+/* One weight row (K values) against MB rows of x (row stride K); sets or adds y[m * N], m < MB. */
 #define ROWS(MB, KIND)                                                                        \
   static inline void rows##MB##_##KIND(const float* x, const uint16_t* w, int64_t K, float* y, \
-                                        int64_t N) {                                          \
+                                        int64_t N, float bias, int accumulate) {              \
     __m256 even[MB], odd[MB];                                                                 \
     for (int m = 0; m < MB; ++m) even[m] = odd[m] = _mm256_setzero_ps();                     \
     int64_t k = 0;                                                                            \
@@ -57,24 +58,26 @@ static inline float lane_sum(__m256 v) {
     for (int m = 0; m < MB; ++m) {                                                            \
       float s = lane_sum(_mm256_add_ps(even[m], odd[m]));                                     \
       for (int64_t j = k; j < K; ++j) s += widen1_##KIND(w[j]) * x[m * K + j];                \
-      y[m * N] = s;                                                                           \
+      s += bias;                                                                              \
+      y[m * N] = accumulate ? y[m * N] + s : s;                                               \
     }                                                                                         \
   }
 
 #define LINEAR(KIND)                                                                          \
   ROWS(1, KIND) ROWS(2, KIND) ROWS(4, KIND)                                                   \
   void widen_linear_##KIND(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, \
-                           float* y, int threads) {                                           \
+                           const float* bias, float* y, int accumulate, int threads) {        \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                        \
     for (int64_t n = 0; n < N; ++n) {                                                         \
       const uint16_t* row = w + n * K;                                                        \
+      float b = bias ? bias[n] : 0.0f;                                                        \
       int64_t m = 0;                                                                          \
-      for (; m + 4 <= M; m += 4) rows4_##KIND(x + m * K, row, K, y + m * N + n, N);          \
+      for (; m + 4 <= M; m += 4) rows4_##KIND(x + m * K, row, K, y + m * N + n, N, b, accumulate);          \
       if (m + 2 <= M) {                                                                       \
-        rows2_##KIND(x + m * K, row, K, y + m * N + n, N);                                    \
+        rows2_##KIND(x + m * K, row, K, y + m * N + n, N, b, accumulate);                                    \
         m += 2;                                                                               \
       }                                                                                       \
-      if (m < M) rows1_##KIND(x + m * K, row, K, y + m * N + n, N);                           \
+      if (m < M) rows1_##KIND(x + m * K, row, K, y + m * N + n, N, b, accumulate);                           \
     }                                                                                         \
   }
 
