@@ -25,6 +25,66 @@ static inline float dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
+/* e^x for 8 lanes: Cephes' single-precision exp (range reduction by ln 2, degree-5 polynomial),
+   about 1 ulp; inputs are clamped to +-88.38, where float32 over- or underflows. */
+static inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+  __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
+}
+
+/* The same function one value at a time (tails), so every element gets the same result. */
+static inline float exp1(float x) { return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x))); }
+
+/* q . k_u for the 8 keys k + u * hd, u < 8, as one vector; every key's sum runs in the same order
+   as dot_tail's. */
+static inline __m256 dot8(const float* q, const float* k, int64_t hd) {
+  __m256 a[8];
+  for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= hd; i += 8) {
+    __m256 qv = _mm256_loadu_ps(q + i);
+    for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + u * hd + i), a[u]);
+  }
+  /* lanes: ((l0+l1)+(l2+l3)) in each 128-bit half, then low half + high half */
+  __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+  __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+  __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+  __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+  if (i < hd) {  /* head sizes that are not a multiple of 8 */
+    float tail[8];
+    for (int u = 0; u < 8; ++u) {
+      tail[u] = 0.0f;
+      for (int64_t r = i; r < hd; ++r) tail[u] += q[r] * k[u * hd + r];
+    }
+    sums = _mm256_add_ps(sums, _mm256_loadu_ps(tail));
+  }
+  return sums;
+}
+
+/* q . k for one key, summed exactly as dot8 sums each of its keys. */
+static inline float dot_tail(const float* q, const float* k, int64_t hd) {
+  __m256 a = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= hd; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a);
+  float l[8];
+  _mm256_storeu_ps(l, a);
+  float total = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+  float tail = 0.0f;
+  for (; i < hd; ++i) tail += q[i] * k[i];
+  return total + tail;
+}
+
 /* out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * weight, for T rows of D. */
 void rms_norm(const float* x, int64_t T, int64_t D, const float* weight, float eps, float* out) {
   for (int64_t t = 0; t < T; ++t) {
@@ -86,14 +146,23 @@ void attention(const float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd, 
         const float* q = qkv + t * width + h * hd;
         float* row = scores + t * end;
         int64_t n = start + t + 1;
+        int64_t j = 0;
+        for (; j + 8 <= n; j += 8)
+          _mm256_storeu_ps(row + j, _mm256_mul_ps(dot8(q, k + j * hd, hd), _mm256_set1_ps(scale)));
+        for (; j < n; ++j) row[j] = dot_tail(q, k + j * hd, hd) * scale;
         float top = -INFINITY;
-        for (int64_t j = 0; j < n; ++j) {
-          row[j] = dot(q, k + j * hd, hd) * scale;
-          if (row[j] > top) top = row[j];
+        for (j = 0; j < n; ++j) top = row[j] > top ? row[j] : top;
+        __m256 sum8 = _mm256_setzero_ps();
+        for (j = 0; j + 8 <= n; j += 8) {
+          __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(top)));
+          _mm256_storeu_ps(row + j, e);
+          sum8 = _mm256_add_ps(sum8, e);
         }
-        float total = 0.0f;
-        for (int64_t j = 0; j < n; ++j) {
-          row[j] = expf(row[j] - top);
+        float lanes[8], total = 0.0f;
+        _mm256_storeu_ps(lanes, sum8);
+        for (int u = 0; u < 8; ++u) total += lanes[u];
+        for (; j < n; ++j) {
+          row[j] = exp1(row[j] - top);
           total += row[j];
         }
         totals[t] = total;
@@ -119,6 +188,12 @@ void silu_mul(const float* gate_up, int64_t T, int64_t F, float* out) {
   for (int64_t t = 0; t < T; ++t) {
     const float* gate = gate_up + t * 2 * F;
     const float* up = gate + F;
-    for (int64_t i = 0; i < F; ++i) out[t * F + i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    int64_t i = 0;
+    for (; i + 8 <= F; i += 8) {
+      __m256 g = _mm256_loadu_ps(gate + i);
+      __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+      _mm256_storeu_ps(out + t * F + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+    }
+    for (; i < F; ++i) out[t * F + i] = gate[i] / (1.0f + exp1(-gate[i])) * up[i];
   }
 }
