@@ -49,12 +49,16 @@ def test_a_row_is_the_same_bits_at_every_pass_width():
             assert torch.equal(linear(x[start:end]), together[start:end])
 
 
-def test_weights_16_bits_cannot_hold_stay_float32():
-    w = weight(40, 24, None)  # arbitrary float32 values
+@pytest.mark.parametrize("shape, form", [((40, 24), "dense"), ((512, 520), "onednn")])
+def test_weights_16_bits_cannot_hold_stay_float32(shape, form):
+    """Prepacked for oneDNN where the matrix is large enough to repay oneDNN's per-call cost."""
+    w = weight(*shape, None)  # arbitrary float32 values
     linear = Linear(w)
-    assert linear.form in ("onednn", "dense") and linear.weight.dtype == torch.float32
-    x = torch.randn(4, 24)
-    torch.testing.assert_close(linear(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    expected = form if torch.backends.mkldnn.is_available() else "dense"
+    assert linear.form == expected and linear.weight.dtype == torch.float32
+    for rows in (1, 4, 40):
+        x = torch.randn(rows, shape[1])
+        torch.testing.assert_close(linear(x), F.linear(x, w), rtol=1e-5, atol=1e-4)
 
 
 def test_kernel_off_keeps_float32_and_the_same_results():
@@ -73,7 +77,7 @@ def test_a_failed_build_falls_back_with_a_logged_reason(monkeypatch, tmp_path, c
         with caplog.at_level(logging.WARNING, logger=kernels.__name__):
             assert kernel_library() is None
             linear = Linear(weight(16, 16, torch.float16))
-        assert linear.form == "onednn"
+        assert linear.form == "dense"
         assert "lean CPU kernel unavailable" in caplog.text
     finally:
         kernel_library.cache_clear()

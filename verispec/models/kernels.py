@@ -11,8 +11,8 @@ its cost is the time to stream the weights from memory. Three forms, chosen per 
   number of rows in the pass, so a position's logits are the same decoded alone or verified
   among k+1 positions. Passes wider than `KERNEL_MAX_ROWS` (prefill) widen the matrix and use the
   float32 GEMM, which wins once there are enough rows to reuse each weight.
-- `onednn` (CPU, float32 weights that 16 bits cannot hold exactly): the weight prepacked once
-  for oneDNN, whose small-M GEMM costs about the same for 1 to 8 rows (plain MKL `x @ w` costs
+- `onednn` (CPU, float32 weights that 16 bits cannot hold exactly, from PREPACK_MIN_ELEMENTS
+  up): the weight prepacked once for oneDNN, whose small-M GEMM costs about the same for 1 to 8 rows (plain MKL `x @ w` costs
   about 2-3x more at 4 rows than at 1 on the reference target).
 - `dense` (CUDA, reduced-precision compute, torch.compile, or where neither of the above is
   available): `F.linear` on the checkpoint's weight.
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 KERNEL_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("widen_linear.c", "layer_ops.c"))
 KERNEL_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 KERNEL_MAX_ROWS = 16  # beyond this the float32 GEMM on a widened copy is faster (prefill)
+# A oneDNN call costs about 50 us before any arithmetic (F.linear: about 5 us): prepacking pays
+# only for matrices whose streaming takes longer than that, from about 1 MB of float32.
+PREPACK_MIN_ELEMENTS = 1 << 18
 _NEEDED_CPU_FLAGS = {"avx2", "fma", "f16c"}
 
 
@@ -60,7 +63,13 @@ class Linear:
             self.form = "widen-f16" if narrow.dtype == torch.float16 else "widen-bf16"
             self.weight = narrow.contiguous()
             self._kernel = library.widen_linear_f16 if narrow.dtype == torch.float16 else library.widen_linear_bf16
-        elif prepack and weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        elif (
+            prepack
+            and weight.device.type == "cpu"
+            and weight.dtype == torch.float32
+            and weight.numel() >= PREPACK_MIN_ELEMENTS
+            and torch.backends.mkldnn.is_available()
+        ):
             self.form = "onednn"
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
         else:
