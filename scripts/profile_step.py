@@ -37,7 +37,7 @@ def profile_step(lm, label: str, width: int, context: int = 400, steps: int = 20
         session.extend(tokens)
         session.rollback(context)
     gb = weight_bytes(lm) / 1e9
-    if getattr(lm, "kernel_step", False) and width <= kernels.KERNEL_MAX_ROWS:
+    if getattr(lm, "kernel_step", False):
         per_step, table = _time_kernel_calls(lm, session, tokens, context, steps)
     else:
         t0 = time.perf_counter()

@@ -83,8 +83,8 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "onednn":
             y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        elif self.form == "dense" or x.shape[0] > KERNEL_MAX_ROWS:
-            y = F.linear(x, self.weight.to(x.dtype), self.bias)
+        elif self.form == "dense":
+            y = F.linear(x, self.weight, self.bias)
         else:
             x = x.contiguous()
             y = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
@@ -92,8 +92,14 @@ class Linear:
         return y
 
     def into(self, x: torch.Tensor, y: torch.Tensor, accumulate: bool = False) -> None:
-        """Widened forms only: y = x @ W.T + bias, or y += it. x and y contiguous float32,
-        at most KERNEL_MAX_ROWS rows."""
+        """Widened forms only: y = x @ W.T + bias, or y += it; x and y contiguous float32. Past
+        KERNEL_MAX_ROWS rows (prefill) on the float32 GEMM over a widened copy of the weight."""
+        if x.shape[0] > KERNEL_MAX_ROWS:
+            weight = self.weight.float().t()
+            y.addmm_(x, weight) if accumulate else torch.mm(x, weight, out=y)
+            if self.bias is not None:
+                y += self.bias
+            return
         self._kernel(
             x.data_ptr(), x.shape[0], self.weight.data_ptr(), self.out_features, self.in_features,
             None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), accumulate, torch.get_num_threads(),

@@ -28,9 +28,10 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, GenerationConfig
 
 from verispec.models.backend import generation_eos
-from verispec.models.kernels import KERNEL_MAX_ROWS, Linear, kernel_library
+from verispec.models.kernels import Linear, kernel_library
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
+ATTENTION_ROWS = 256  # query rows per attention call of the kernel step (its scratch is rows x context)
 # GPT-2's activation_function values that the lean backend runs -> F.gelu's `approximate`.
 GPT2_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
@@ -106,7 +107,7 @@ class LeanModel:
         self._step = torch.compile(self._eager_step, dynamic=True)
 
     def _step(self, ids, start, keys, values, last_only):
-        if self.kernel_step and ids.shape[0] <= KERNEL_MAX_ROWS:
+        if self.kernel_step:
             return self._kernel_step(ids, start, keys, values, last_only)
         return self._eager_step(ids, start, keys, values, last_only)
 
@@ -176,9 +177,11 @@ class LeanLM(LeanModel):
     def _kernel_step(
         self, ids: torch.Tensor, start: int, keys: list[torch.Tensor], values: list[torch.Tensor], last_only: bool
     ) -> torch.Tensor:
-        """The pass of `_eager_step` for a few rows, one C call per operation (kernels.py): at
-        one to a few rows torch's fixed cost per operator exceeds the arithmetic. Every row is
-        computed alone, so a position's logits are the same bits at any pass width."""
+        """The pass of `_eager_step` with one C call per operation (kernels.py): at one to a few
+        rows torch's fixed cost per operator exceeds the arithmetic. Every row is computed alone,
+        so a position's logits are the same bits at any pass width up to KERNEL_MAX_ROWS; wider
+        passes (prefill) run their projections on the float32 GEMM, the rest still in C (its
+        attention takes about 0.6 of the time of torch's at a few hundred rows)."""
         ops = kernel_library()
         T, D = ids.shape[0], self.embed.shape[1]
         H, Hkv, hd = self.heads, self.kv_heads, self.head_dim
@@ -196,7 +199,12 @@ class LeanLM(LeanModel):
             ops.rms_norm(x.data_ptr(), T, D, layer.attn_norm.data_ptr(), eps, h.data_ptr())
             layer.qkv.into(h, qkv)
             ops.rope_store(qkv.data_ptr(), T, H, Hkv, hd, cos, sin, start, k, v, capacity)
-            ops.attention(qkv.data_ptr(), T, H, Hkv, hd, k, v, capacity, start, scale, attn.data_ptr(), threads)
+            for first in range(0, T, ATTENTION_ROWS):  # bounded scratch: rows are independent
+                rows = min(ATTENTION_ROWS, T - first)
+                ops.attention(
+                    qkv[first].data_ptr(), rows, H, Hkv, hd, k, v, capacity, start + first, scale,
+                    attn[first].data_ptr(), threads,
+                )  # fmt: skip
             layer.o.into(attn, x, accumulate=True)
             ops.rms_norm(x.data_ptr(), T, D, layer.mlp_norm.data_ptr(), eps, h.data_ptr())
             layer.gate_up.into(h, gate_up)
