@@ -7,6 +7,11 @@ write into the cache at the current position, attention over the cache, the outp
 one fused gate/up projection, SwiGLU and the down projection. The cache is allocated once per
 sequence and addressed by position, so rolling back rejected drafts is rewinding `length`.
 
+Two implementations of that layer: `_eager_step` in torch operators (any device and dtype), and
+on a CPU, where every projection holds 16-bit-exact weights, `_kernel_step`, one call per
+operation into the compiled library of `kernels.py`, which is 2.7x faster on the reference
+target and gives a position the same logits at any pass width.
+
 Supports Llama, Mistral and Qwen2 checkpoints (RMSNorm, default rotary embeddings, grouped-query
 attention, SwiGLU, optional QKV bias, tied or untied embeddings) stored as safetensors, and GPT-2
 (`LeanGPT2` in `lean_gpt2.py`: learned positions, LayerNorm, GELU, over the same cache).
