@@ -168,10 +168,8 @@ class LeanLM(LeanModel):
         angles = torch.cat([freqs, freqs], dim=-1)  # (P, hd), the rotate-half layout of HF checkpoints
         self.cos = angles.cos().to(device=device, dtype=dtype)
         self.sin = angles.sin().to(device=device, dtype=dtype)
-        # Decode and verify passes on the CPU kernels where every projection runs on them.
-        self.kernel_step = all(
-            linear.form.startswith("widen") for layer in self.layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)
-        )
+        # Passes on the CPU kernels where every layer projection runs on them (the head may not).
+        self.kernel_step = all(linear.form.startswith("widen") for linear in self.linears()[:-1])
         if compile:
             self._compile()
 
