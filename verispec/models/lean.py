@@ -84,7 +84,8 @@ class LeanModel:
     backend = "lean"
     kernel_step = False  # a subclass with a `_kernel_step` turns it on where its weights allow
 
-    def __init__(self, path: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, path: str, device: torch.device, dtype: torch.dtype, kernel: bool, compile: bool):
+        self.kernel, self.compiled = kernel, compile
         self.folder = Path(path)
         self.config = AutoConfig.from_pretrained(self.folder)
         self.name = path
@@ -97,6 +98,11 @@ class LeanModel:
 
     def session(self, capacity: int | None = None) -> LeanSession:
         return LeanSession(self, min(capacity or self.max_positions, self.max_positions))
+
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+        """A projection in the form this model runs: plain float32 under torch.compile (which
+        traces neither the C kernel nor prepacked oneDNN weights), else the fastest here."""
+        return Linear(weight, bias, kernel=self.kernel and not self.compiled, prepack=not self.compiled)
 
     def forward(self, session: LeanSession, ids: torch.Tensor, last_only: bool) -> torch.Tensor:
         """ids (T,) at positions session.length.. -> logits (T or 1, V); writes the cache."""
@@ -121,7 +127,7 @@ class LeanLM(LeanModel):
     def __init__(
         self, path: str, device: torch.device, dtype: torch.dtype, kernel: bool = True, compile: bool = False
     ):
-        super().__init__(path, device, dtype)
+        super().__init__(path, device, dtype, kernel, compile)
         config, folder = self.config, self.folder
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
@@ -138,7 +144,7 @@ class LeanLM(LeanModel):
         def projection(*names: str, bias: Sequence[torch.Tensor | None] = ()) -> Linear:
             weight = torch.cat([take(n) for n in names])  # (out, in)
             stacked = None if not bias or bias[0] is None else torch.cat(bias).to(device=device, dtype=dtype)
-            return Linear(weight, stacked, kernel=kernel and not compile, prepack=not compile)
+            return self.linear(weight, stacked)
 
         self.embed = take("model.embed_tokens.weight")  # (V, D)
         self.layers = []
@@ -158,7 +164,7 @@ class LeanLM(LeanModel):
         self.norm = take("model.norm.weight")
         # Tied embeddings: the checkpoint may omit lm_head or repeat the embedding matrix.
         head = take("lm_head.weight") if "lm_head.weight" in weights else self.embed
-        self.lm_head = Linear(head, kernel=kernel and not compile, prepack=not compile)
+        self.lm_head = self.linear(head)
         self.vocab_size = self.lm_head.out_features
 
         rope = getattr(config, "rope_parameters", None) or {}

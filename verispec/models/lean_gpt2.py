@@ -34,7 +34,7 @@ class LeanGPT2(LeanModel):
     def __init__(
         self, path: str, device: torch.device, dtype: torch.dtype, kernel: bool = True, compile: bool = False
     ):
-        super().__init__(path, device, dtype)
+        super().__init__(path, device, dtype, kernel, compile)
         config, folder = self.config, self.folder
         self.heads = self.kv_heads = config.n_head
         self.head_dim = config.n_embd // self.heads
@@ -54,7 +54,7 @@ class LeanGPT2(LeanModel):
         def conv1d(name: str) -> Linear:
             # HF's Conv1D stores its weight (in, out); Linear takes (out, in).
             weight = take(name + ".weight").t().contiguous()
-            return Linear(weight, take(name + ".bias"), kernel=kernel and not compile, prepack=not compile)
+            return self.linear(weight, take(name + ".bias"))
 
         self.wte = take("wte.weight")  # (V, D)
         self.wpe = take("wpe.weight")  # (P, D)
@@ -74,7 +74,7 @@ class LeanGPT2(LeanModel):
         self.ln_f = (take("ln_f.weight"), take("ln_f.bias"))
         # Tied: the checkpoint usually omits lm_head, or repeats the embedding matrix.
         head = take("lm_head.weight") if "lm_head.weight" in weights else self.wte
-        self.lm_head = Linear(head, kernel=kernel and not compile, prepack=not compile)
+        self.lm_head = self.linear(head)
         self.vocab_size = self.lm_head.out_features
         if compile:
             self._compile()
