@@ -144,6 +144,15 @@ class ServerSettings(BaseModel):
     slo_itl_s: float = Field(0.05, gt=0.0, description="inter-token latency objective: a histogram bucket bound")
     slo_e2e_s: float = Field(10.0, gt=0.0, description="end-to-end latency objective: a histogram bucket bound")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="server log level")
+    max_body_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024, description="largest request body accepted, in bytes; larger bodies get 413"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0.0, description="a connection must send a request's complete headers within this many seconds, else it is closed"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0.0, description="a request's whole body must arrive within this many seconds of its headers, else 408"
+    )
 
     @field_validator("load_depth_off")
     @classmethod
@@ -192,8 +201,9 @@ class AuditSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     audit_url: str = Field(
-        "sqlite:///verispec-audit.sqlite3",
-        description="where audit records go: sqlite:///PATH (embedded), postgresql://HOST/DB, or none",
+        default_factory=lambda: default_audit_url(),
+        description="where audit records go: sqlite:///PATH (embedded), postgresql://HOST/DB, or none; "
+        "default: audit.sqlite3 in the per-user data folder (~/.local/share/verispec on Linux)",
     )
     audit_content: bool = Field(False, description="also store prompts and outputs (redacted); default: metadata only")
     audit_redaction: Literal["redact", "hash"] = Field(
@@ -205,6 +215,11 @@ class AuditSettings(BaseModel):
     redact_patterns: tuple[str, ...] = Field((), description="extra regular expressions to redact (repeatable)")
     audit_retention_days: float = Field(30.0, ge=0.0, description="delete records older than this (0 = keep forever)")
     audit_queue: int = Field(1024, ge=1, description="records buffered for the background writer")
+    audit_ack_timeout_s: float = Field(
+        10.0, gt=0.0,
+        description="longest a response waits for its audit record to commit; past it the client gets 503 instead of "
+        "an acknowledgement, and /readyz reports the audit trail unavailable",
+    )
     mismatch_sample_rate: float = Field(
         0.05, ge=0.0, le=1.0, description="share of requests inspected: drift metrics and proposer/verifier mismatch samples"
     )
@@ -221,6 +236,14 @@ class AuditSettings(BaseModel):
             except re.error as exc:
                 raise ValueError(f"not a valid regular expression: {pattern!r} ({exc})") from None
         return value
+
+
+def default_audit_url() -> str:
+    """The embedded audit database in the per-user data folder (XDG_DATA_HOME on Linux), so that
+    `verispec audit` finds the server's records from any working directory."""
+    from platformdirs import user_data_path
+
+    return f"sqlite:///{user_data_path('verispec') / 'audit.sqlite3'}"
 
 
 class TelemetrySettings(BaseModel):

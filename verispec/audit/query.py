@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from verispec.audit.store import AuditStore
-from verispec.config import AuditSettings
+from verispec.config import default_audit_url
 from verispec.errors import UserError
 
 _AGO = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
@@ -32,8 +32,9 @@ def parse_time(value: str, flag: str) -> datetime:
 
 def add_audit_command(commands) -> None:
     command = commands.add_parser("audit", help="query the audit trail; export records as JSONL")
-    default = AuditSettings.model_fields["audit_url"].default
-    command.add_argument("--audit-url", default=None, help=f"audit database (default: VERISPEC_AUDIT_URL or {default})")
+    command.add_argument(
+        "--audit-url", default=None, help=f"audit database (default: VERISPEC_AUDIT_URL, else the server's default {default_audit_url()})"
+    )
     command.add_argument("--since", default=None, help="records from this time or age on (ISO time, or 30m / 12h / 7d)")
     command.add_argument("--until", default=None, help="records before this time or age")
     command.add_argument("--key", default=None, help="API key ID")
@@ -50,7 +51,7 @@ def add_audit_command(commands) -> None:
 def run_audit(args: argparse.Namespace) -> int:
     import os
 
-    url = args.audit_url or os.environ.get("VERISPEC_AUDIT_URL") or AuditSettings.model_fields["audit_url"].default
+    url = args.audit_url or os.environ.get("VERISPEC_AUDIT_URL") or default_audit_url()
     if url.lower() == "none":
         raise UserError("auditing is off (--audit-url none); name the database to query")
     if args.limit is not None and args.limit < 1:
