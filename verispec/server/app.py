@@ -50,6 +50,7 @@ from verispec.server.breaker import CircuitBreaker
 from verispec.server.errors import APIError, bad_request, retry_later
 from verispec.server.logs import request_id_var
 from verispec.server.metrics import ServerMetrics
+from verispec.server.openapi import ERROR_RESPONSES
 from verispec.server.protocol import ChatCompletionRequest, CompletionRequest, Shape, speculation_stats
 from verispec.server.routing import Canary, Decision, ProposerBandit, Router
 from verispec.server.scheduler import Cancelled, CostModel, DeadlineExceeded, Job, Overloaded, Scheduler
@@ -292,14 +293,14 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             state.metrics.breaker_state.set(int(state.breaker.state))  # the cool-down ends on a clock, not an event
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def models(key_id: str = Depends(authorize)) -> dict:
         return {
             "object": "list",
             "data": [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "verispec"}],
         }
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request, key_id: str = Depends(authorize)) -> Response:
         service = state.ready()
         _check_common(body)
@@ -315,7 +316,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
         text = prompt if isinstance(prompt, str) else service.tokenizer.decode(prompt_ids)
         return await _generate(request, service, body, prompt_ids, text, body.max_tokens, key_id, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat(body: ChatCompletionRequest, request: Request, key_id: str = Depends(authorize)) -> Response:
         service = state.ready()
         _check_common(body)
