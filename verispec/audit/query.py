@@ -42,7 +42,7 @@ def add_audit_command(commands) -> None:
     command.add_argument("--request-id", action="append", default=None, help="only these request IDs (repeatable)")
     command.add_argument("--limit", type=int, default=None, help="at most N records (oldest first)")
     command.add_argument("--jsonl", action="store_true", help="print JSON lines (every field) instead of a table")
-    command.add_argument("--mismatches", action="store_true", help="with --jsonl: add each record's mismatch samples")
+    command.add_argument("--mismatches", action="store_true", help="with --jsonl or --out: add each record's mismatch samples")
     command.add_argument("--out", type=Path, default=None, help="write JSON lines to this file (implies --jsonl)")
     command.add_argument("-v", "--verbose", action="store_true", help="log more")
     command.set_defaults(run=run_audit)
@@ -56,6 +56,9 @@ def run_audit(args: argparse.Namespace) -> int:
         raise UserError("auditing is off (--audit-url none); name the database to query")
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be 1 or more")
+    if args.mismatches and not (args.jsonl or args.out):
+        # The table has no column for samples: refuse rather than drop the flag unseen.
+        raise UserError("--mismatches needs JSON lines: add --jsonl (print them) or --out FILE (write them)")
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         raise UserError(f"no audit database at {url}; pass --audit-url (the server's --audit-url)")
     store = AuditStore(url)

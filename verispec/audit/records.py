@@ -1,14 +1,20 @@
 """Finished requests in, redacted audit records out: the one choke point before any sink.
 
 Prompt and output text reach the database only when the operator opts in (`--audit-content`),
-and then only through the Redactor (placeholders for PII and secrets, or a keyed hash). The same
+and then only through the Redactor (placeholders for PII and secrets, or a keyed hash). Other text
+a client chose passes the Redactor too, content opt-in or not: stop sequences and error messages
+(which may quote the request). The request ID is the client's `x-request-id` only when the
+Redactor finds nothing in it (the server makes its own otherwise; see `server/app.py`). The same
 Redactor serves logs and traces (`--log-content`), so there is one definition of what is safe.
+
+Each record gets its own key, `record_id`: request IDs are the client's choice and repeat.
 """
 
 from __future__ import annotations
 
+import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,6 +56,7 @@ class Finished:
     error: str | None = None
     mismatches: tuple[Mismatch, ...] = ()
     identity: Identity | None = None  # the models that served it, when not the server's default
+    record_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the record's own key
 
 
 class Auditor:
@@ -81,7 +88,9 @@ class Auditor:
         if done.params is not None:
             sampling = done.params.model_dump(mode="json")
             sampling["seed"] = stats.seed if stats is not None and stats.seed is not None else done.params.seed
+            sampling["stop"] = [self.redactor.redact(stop) for stop in done.params.stop]
         return {
+            "record_id": done.record_id,
             "request_id": done.request_id,
             "created_at": done.arrived,
             "key_id": done.key_id,
@@ -95,7 +104,7 @@ class Auditor:
             "output": self.content(done.output),
             "prompt_tokens": stats.prompt_tokens if stats else None,
             "completion_tokens": stats.generated_tokens if stats else None,
-            "speculation": speculation_stats(stats) if stats else None,
+            "speculation": speculation_stats(stats, identity.proposer) if stats else None,
             "latency_s": done.latency_s,
             "ttft_s": done.ttft_s,
             "outcome": done.outcome,
@@ -109,6 +118,7 @@ class Auditor:
         for m in done.mismatches:
             rows.append({
                 "request_id": done.request_id,
+                "record_id": done.record_id,
                 "created_at": done.arrived,
                 "position": m.position,
                 "draft_token": m.draft_token,

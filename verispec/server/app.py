@@ -9,6 +9,7 @@ models are loaded, the step costs measured and one warm-up request run.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
@@ -17,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,7 @@ from verispec.server import errors
 from verispec.server.auth import KeyRing, RateLimiter
 from verispec.server.breaker import CircuitBreaker
 from verispec.server.errors import APIError, bad_request, retry_later
+from verispec.server.limits import BoundedBody
 from verispec.server.logs import request_id_var
 from verispec.server.metrics import ServerMetrics
 from verispec.server.openapi import ERROR_RESPONSES
@@ -103,12 +106,16 @@ class State:
         if self.audit.audit_url.lower() != "none":
             store = AuditStore(self.audit.audit_url)  # fails fast on a bad URL or an unreachable database
             self.writer = AuditWriter(
-                store, self.audit.audit_queue, self.audit.audit_retention_days, on_error=self.metrics.audit_failures.inc
+                store, self.audit.audit_queue, self.audit.audit_retention_days, on_error=self.metrics.audit_failures.inc,
+                on_quarantine=self.metrics.audit_quarantined.inc, stall_s=self.audit.audit_ack_timeout_s,
             )
+            log.info("audit trail: %s", store.url)
         # Until the models are loaded their versions are unknown; records of refused requests still go in.
         self.auditor = Auditor(self.audit, self.redactor, self.writer, Identity(self.model_name, "loading", "loading", "loading"))
         self.telemetry = Telemetry(self.telemetry_settings, self.model_name)
         self._background: set[asyncio.Task] = set()
+        # Tokenising a long prompt takes a while: never on the event loop, which must keep streaming.
+        self._cpu = ThreadPoolExecutor(1, thread_name_prefix="verispec-tokenize")
         self.metrics.precreate(API_PATHS[:2])
         self.metrics.cost_rate("verifier").set(self.telemetry_settings.cost_verifier_per_hour)
         self.metrics.cost_rate("proposer").set(self.telemetry_settings.cost_proposer_per_hour)
@@ -208,31 +215,52 @@ class State:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def audit_record(self, done: Finished, wait: bool) -> None:
+    async def off_loop(self, fn: Callable, *args, **kwargs):
+        """Run CPU work (tokenising) in the server's worker thread, not on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._cpu, functools.partial(fn, *args, **kwargs))
+
+    async def audit_record(self, done: Finished, wait: bool) -> bool:
         """Queue a request's record; with `wait`, return only once it is committed (the client's
-        acknowledgement waits for it; its tokens never did)."""
+        acknowledgement waits for it; its tokens never did). False when it was not committed within
+        --audit-ack-timeout-s: the caller must not acknowledge. Never waits longer than that."""
         auditor = self.auditor
         if auditor is None or not auditor.enabled:
-            return
-        give_up = time.monotonic() + 5.0
+            return True
+        timeout = self.audit.audit_ack_timeout_s
+        give_up = time.monotonic() + timeout
         while (future := auditor.submit(done)) is None:  # queue full: back-pressure on the ack only
             if time.monotonic() > give_up:
-                log.error("audit queue full for 5s; record %s dropped", done.request_id)
+                log.error("audit queue full for %.0fs; record of %s dropped", timeout, done.request_id)
                 self.metrics.audit_failures.inc()
-                return
+                return False
             await asyncio.sleep(0.01)
         self.metrics.audit_records.inc()
-        if wait:
-            try:
-                await asyncio.wait_for(asyncio.wrap_future(future), timeout=30.0)
-            except Exception as exc:
-                log.error("audit record %s not committed: %s", done.request_id, exc)
+        if not wait:
+            return True
+        try:
+            # shield: a client hanging up cancels this wait, never the writer's future.
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout=max(0.0, give_up - time.monotonic()))
+        except TimeoutError:
+            log.error("audit record of %s not committed within %.0fs; not acknowledged", done.request_id, timeout)
+            self.metrics.audit_failures.inc()
+            return False
+        except Exception as exc:
+            log.error("audit record of %s not committed: %s; not acknowledged", done.request_id, exc)
+            self.metrics.audit_failures.inc()
+            return False
+        return True
+
+    def audit_problem(self) -> str | None:
+        """Why audit records are not being committed now, or None."""
+        return self.writer.health() if self.writer is not None else None
 
     def ready(self) -> Service:
         if self.draining:
             raise retry_later(503, "the server is shutting down; retry on another replica", 5, code="shutting_down")
         if self.service is None:
             raise retry_later(503, "the server is loading its models; retry shortly", 5, code="not_ready")
+        if problem := self.audit_problem():
+            raise audit_unavailable(problem)
         return self.service
 
 
@@ -254,12 +282,14 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             await asyncio.wait(state._background, timeout=5.0)
         if state.writer is not None:
             await asyncio.to_thread(state.writer.close)
+        state._cpu.shutdown(wait=False, cancel_futures=True)
         state.telemetry.shutdown()
 
     app = FastAPI(title="verispec", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.verispec = state
     errors.install(app)
-    app.add_middleware(RequestContext, state=state)
+    app.add_middleware(BoundedBody, max_bytes=state.server.max_body_bytes, timeout_s=state.server.body_timeout_s)
+    app.add_middleware(RequestContext, state=state)  # outermost: its request ID and audit cover the limits' refusals
 
     async def authorize(request: Request) -> str:
         """The caller's API key ID ('anonymous' when the server has no keys)."""
@@ -284,13 +314,16 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
         try:
             state.ready()
         except APIError as exc:
-            return JSONResponse({"status": exc.code}, status_code=503, headers=exc.headers)
+            return JSONResponse({"status": exc.code, "message": exc.message}, status_code=503, headers=exc.headers)
         return JSONResponse({"status": "ready", "model": state.model_name, "breaker": state.breaker.state.name.lower()})
 
     @app.get("/metrics")
     async def metrics() -> Response:
         if state.service is not None:
             state.metrics.breaker_state.set(int(state.breaker.state))  # the cool-down ends on a clock, not an event
+        if state.writer is not None:  # read at scrape time: a stuck writer cannot report itself
+            state.metrics.audit_healthy.set(0 if state.audit_problem() else 1)
+            state.metrics.audit_queue.set(state.writer.queued)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
@@ -307,13 +340,14 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
         body.refuse_unsupported()
         prompt = body.single_prompt()
         if isinstance(prompt, str):
-            prompt_ids = service.tokenizer(prompt).input_ids
+            prompt_ids = await _tokenize(service.tokenizer, prompt)
+            text = prompt
         else:
             vocab = service.engine.target.vocab_size
             if any(not 0 <= t < vocab for t in prompt):
                 raise bad_request(f"prompt token ids must lie in [0, {vocab})", param="prompt")
             prompt_ids = list(prompt)
-        text = prompt if isinstance(prompt, str) else service.tokenizer.decode(prompt_ids)
+            text = await state.off_loop(service.tokenizer.decode, prompt_ids)
         return await _generate(request, service, body, prompt_ids, text, body.max_tokens, key_id, chat=False)
 
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
@@ -329,11 +363,18 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             )
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = await state.off_loop(tokenizer.apply_chat_template, messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # templates raise on conversations they do not support
             raise bad_request(f"the model's chat template refused these messages: {exc}", param="messages") from None
-        prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
+        prompt_ids = await _tokenize(tokenizer, text, add_special_tokens=False)
         return await _generate(request, service, body, prompt_ids, text, body.token_limit, key_id, chat=True)
+
+    async def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str, **kwargs) -> list[int]:
+        try:
+            return (await state.off_loop(tokenizer, text, **kwargs)).input_ids
+        except Exception as exc:  # whatever the text holds, the client gets a 400, never a 500
+            log.warning("tokenizer refused a prompt: %r", exc)
+            raise bad_request("the prompt could not be tokenized; send valid UTF-8 text", param="prompt") from None
 
     def _check_common(body: CompletionRequest | ChatCompletionRequest) -> None:
         if body.model != state.model_name:
@@ -382,9 +423,10 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
         arrived = utc_now()
         request.state.audited = True  # the record is this handler's from here on
 
-        async def conclude(outcome: str, status: int, delta: Delta | None = None, text: str = "", error: str | None = None, wait: bool = False) -> None:
+        async def conclude(outcome: str, status: int, delta: Delta | None = None, text: str = "", error: str | None = None, wait: bool = False) -> bool:
             """Metrics aside (the scheduler counts), everything a finished request leaves behind: its
-            span, its log line and its audit record."""
+            span, its log line and its audit record. With `wait`: whether the record is committed,
+            that is, whether the response may be acknowledged."""
             stats = delta.stats if delta is not None else job.stats
             if outcome == "ok" and stats is not None and stats.fallback_rounds:
                 outcome = "fallback"
@@ -429,9 +471,9 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
                 error=error, mismatches=tuple(job.mismatches), identity=identity,
             )
             if wait:
-                await state.audit_record(done, wait=True)
-            else:
-                state.spawn(state.audit_record(done, wait=False))
+                return await state.audit_record(done, wait=True)
+            state.spawn(state.audit_record(done, wait=False))
+            return True
 
         try:
             service.scheduler.submit(job)
@@ -457,7 +499,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             raise
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            events = _sse(job, request, shape, first, with_stats, include_usage, conclude)
+            events = _sse(job, request, shape, first, with_stats, include_usage, conclude, state.audit_problem)
             return StreamingResponse(events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
         text, delta = [first.text], first
         try:
@@ -472,7 +514,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             raise
         finally:
             job.cancel()  # a no-op once finished; frees the slot if the client left
-        await conclude("ok", 200, delta, "".join(text), wait=True)  # acknowledged only once recorded
+        if not await conclude("ok", 200, delta, "".join(text), wait=True):  # acknowledged only once recorded
+            raise audit_unavailable(state.audit_problem() or "the record was not committed in time")
         return JSONResponse(shape.full("".join(text), delta.finish_reason, delta.stats, with_stats, job.proposer), headers=headers)
 
     return app
@@ -523,7 +566,8 @@ class ClientGone(Exception):
 
 
 async def _sse(
-    job: Job, request: Request, shape: Shape, first: Delta, with_stats: bool, include_usage: bool, conclude
+    job: Job, request: Request, shape: Shape, first: Delta, with_stats: bool, include_usage: bool, conclude,
+    audit_problem: Callable[[], str | None],
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format; only verified tokens, then `data: [DONE]`."""
 
@@ -559,12 +603,21 @@ async def _sse(
         if include_usage:
             yield event(shape.usage_chunk(delta.stats))
         concluded = True
-        await conclude("ok", 200, delta, "".join(text), wait=True)  # [DONE] acknowledges: recorded first
-        yield "data: [DONE]\n\n"
+        if await conclude("ok", 200, delta, "".join(text), wait=True):  # [DONE] acknowledges: recorded first
+            yield "data: [DONE]\n\n"
+        else:  # not recorded: an error instead of [DONE], so the client knows it was not acknowledged
+            yield event(audit_unavailable(audit_problem() or "the record was not committed in time").body())
     finally:
         job.cancel()  # client gone or done: the engine thread drops the job at its next round
         if not concluded:  # the client left mid-stream
             await asyncio.shield(conclude("cancelled", 499, text="".join(text), error="client disconnected"))
+
+
+def audit_unavailable(problem: str) -> APIError:
+    return retry_later(
+        503, f"the audit trail is unavailable, so this server does not answer: {problem}; retry shortly", 5,
+        code="audit_unavailable",
+    )
 
 
 def _outcome_of(exc: APIError) -> str:
@@ -584,6 +637,10 @@ class RequestContext:
             return
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        if request_id == given and self.state.redactor.findings(given):
+            # It looks like a secret or personal data: adopting it would put it in logs and records.
+            request_id = uuid.uuid4().hex
+            log.warning("x-request-id not adopted: the redactor finds personal data or a secret in it; using %s", request_id)
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
         status: int | None = None

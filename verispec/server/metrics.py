@@ -136,8 +136,16 @@ class ServerMetrics:
             "cost_verifier_only_dollars",
             "What the same tokens would have cost verifier-only, at the measured one-token verifier step time.",
         ).labels(model_name)
-        self.audit_failures = counter("audit_write_failures", "Audit records that could not be committed.").labels(model_name)
+        self.audit_failures = counter(
+            "audit_write_failures",
+            "Audit failures: write outages of the database, records dropped on a full queue, acknowledgements that timed out, writer errors.",
+        ).labels(model_name)
         self.audit_records = counter("audit_records", "Audit records committed or queued.").labels(model_name)
+        self.audit_quarantined = counter(
+            "audit_quarantined_records", "Audit records the database refused, kept escaped in the quarantine table."
+        ).labels(model_name)
+        self.audit_healthy = gauge("audit_healthy", "1 while audit records are being committed, 0 when the writer is stopped, stuck or failing.")
+        self.audit_queue = gauge("audit_queue_records", "Audit records waiting for the writer.")
         proposer_requests = counter("proposer_requests", "Requests by the proposer that served them.", ["proposer"])
         self.proposer_requests = lambda name: proposer_requests.labels(model_name, name)
         self.canary_state = gauge("canary_state", "Canary: 0 none, 1 running, 2 candidate promoted, 3 rolled back.")

@@ -18,6 +18,7 @@ from verispec.config import (
 )
 from verispec.errors import UserError
 from verispec.server.app import EngineFactory, create_app
+from verispec.server.limits import header_timeout_protocol
 
 log = logging.getLogger("verispec.server")
 
@@ -47,6 +48,7 @@ def serve(settings: Settings, engine_factory: EngineFactory = build_engine) -> i
         log_level=settings.log_level,
         access_log=False,  # RequestContext logs each API call with its request ID
         timeout_graceful_shutdown=settings.grace_s,
+        http=header_timeout_protocol(settings.header_timeout_s),  # slowloris: headers must arrive in time
     )
     server = uvicorn.Server(config)
     state.on_fatal = lambda: setattr(server, "should_exit", True)
