@@ -19,6 +19,7 @@ from verispec.audit.redact import Redactor
 from verispec.audit.store import AuditStore
 from verispec.audit.writer import AuditWriter
 from verispec.config import AuditSettings, SamplingParams
+from verispec.errors import UserError
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -242,3 +243,15 @@ def test_concurrent_submitters_and_a_closing_writer(tmp_path):
     writer.close()
     assert all(f.done() for f in futures)
     assert len(store.query()) == sum(1 for f in futures if not f.exception())
+
+
+def test_unsupported_database_urls_get_one_line(tmp_path):
+    from tests.conftest import run_verispec
+
+    with pytest.raises(UserError, match="mysql is not supported"):
+        AuditStore("mysql://x")
+    for command in (["audit", "--audit-url", "mysql://x"], ["serve", "--audit-url", "mysql://x", "--port", "0"]):
+        result = run_verispec(*command)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and "not supported" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
