@@ -2,11 +2,31 @@
 
 A cheap proposer drafts tokens; the verifier scores them in one forward pass and keeps the
 longest prefix it agrees with, so the output is the verifier's own.
+
+The public names load on first use (module `__getattr__`): the engine imports torch and
+transformers, several seconds, and every `verispec` command imports this package first, including
+those that never load a model (`--help`, `audit`, `loadtest`).
 """
 
-from verispec.config import SamplingParams, Settings, SpeculationSettings
-from verispec.engine import Completion, Delta, SpeculativeEngine
-from verispec.stats import RequestStats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from verispec.config import SamplingParams, Settings, SpeculationSettings
+    from verispec.engine import Completion, Delta, SpeculativeEngine
+    from verispec.stats import RequestStats
+
+_HOMES = {
+    "Completion": "verispec.engine",
+    "Delta": "verispec.engine",
+    "SpeculativeEngine": "verispec.engine",
+    "RequestStats": "verispec.stats",
+    "SamplingParams": "verispec.config",
+    "Settings": "verispec.config",
+    "SpeculationSettings": "verispec.config",
+}
 
 __all__ = [
     "Completion",
@@ -18,3 +38,16 @@ __all__ = [
     "SpeculativeEngine",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'verispec' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

@@ -2,6 +2,9 @@
 
 Flags are generated from the pydantic settings (config.py), so each default lives in one place.
 Errors a user can cause print one line and exit 2.
+
+Nothing here imports torch or transformers at module level, and neither do the modules the parser
+is built from: they cost seconds, and `--help`, `audit` and `loadtest` never load a model.
 """
 
 from __future__ import annotations
@@ -27,6 +30,16 @@ from verispec.config import (
     load_settings,
 )
 from verispec.errors import UserError
+
+# The sample prompt set that ships in the package, written for the built-in demo pair.
+DEMO_PROMPTS = Path(__file__).resolve().parent / "demo" / "prompts.jsonl"
+PROMPTS_HELP = (
+    'JSONL file, one object per line with a "prompt" string and an optional "id", e.g. '
+    '{"id": "fib", "prompt": "def fibonacci(n):\\n"} '
+    f"(default: {str(DEMO_PROMPTS).replace('%', '%%')}, a sample written for the built-in demo pair)"
+)
+# Commands that load models: only these pay for importing transformers to silence its logging.
+MODEL_COMMANDS = frozenset({"generate", "check", "bench", "serve", "distill", "train"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,7 +75,7 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
 def _prompt_set_command(commands, name: str, help_text: str, depth_flag: str, depth_help: str) -> argparse.ArgumentParser:
     """A greedy run over a JSONL prompt set at a list of depths (check, bench)."""
     command = commands.add_parser(name, help=help_text)
-    command.add_argument("--prompts", type=Path, required=True, help="JSONL file, one object with a 'prompt' field per line")
+    command.add_argument("--prompts", type=Path, default=DEMO_PROMPTS, help=PROMPTS_HELP)
     command.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     # dest 'depths': the list must not collide with the settings field `depth`.
     command.add_argument(depth_flag, dest="depths", default=argparse.SUPPRESS, metavar="DEPTHS", help=depth_help)
@@ -164,7 +177,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     if args.stats and delta is not None and delta.stats is not None:
-        Console(stderr=True).print(stats_table(delta.stats, title=f"finish: {delta.finish_reason}"))
+        proposer = engine.proposer.name if engine.proposer is not None else "none"
+        Console(stderr=True).print(stats_table(delta.stats, title=f"finish: {delta.finish_reason}", proposer=proposer))
     return 0
 
 
@@ -210,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if server_like else "verispec: %(levelname)s: %(message)s",
     )
     try:
-        _quiet_libraries()
+        if args.command in MODEL_COMMANDS:
+            _quiet_libraries()
         return args.run(args)
     except UserError as exc:
         print(f"verispec: error: {exc}", file=sys.stderr)

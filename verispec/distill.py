@@ -43,6 +43,9 @@ Files under --out: teacher/ (cached verifier data), eval-verifier.pt (cached ver
 continuations of the evaluation prompts), checkpoints/step-N/ (draft weights, optimizer, step,
 RNG), final/ (the distilled draft as a Hugging Face model folder), eval.json (before and after
 agreement, CPU and wall time).
+
+torch, transformers and the model loaders are imported inside the functions that use them:
+`verispec` imports this module to build its command line for every command, `--help` included.
 """
 
 from __future__ import annotations
@@ -58,21 +61,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
-from tqdm import tqdm
-from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from verispec.corpus import stdlib_files, stdlib_root, text_documents
 from verispec.errors import UserError
-from verispec.models.backend import generation_eos
-from verispec.models.loading import (
-    check_compatible,
-    load_model,
-    load_tokenizer,
-    resolve_device,
-    weights_digest,
-)
 from verispec.prompts import Prompt, load_prompts
 from verispec.training import (
     Schedule,
@@ -84,9 +76,14 @@ from verispec.training import (
     claim_run,
     finish_report,
     fit,
+    inference_mode,
     mean,
     save_final,
 )
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_EVAL_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "prompts" / "code-completion.jsonl"
 SPLIT_EVAL_LIMIT = 16  # held out when training and evaluation prompts share a file
@@ -295,12 +292,14 @@ def _cache_kwargs(model: PreTrainedModel, cache: DynamicCache) -> dict:
 
 
 def _top(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     logp = torch.log_softmax(logits.float(), dim=-1)
     values, ids = torch.topk(logp, k, dim=-1)
     return ids.to(torch.int32).cpu(), values.to(torch.float16).cpu()
 
 
-@torch.inference_mode()
+@inference_mode
 def on_policy_batch(
     model: PreTrainedModel, rows: list[list[int]], max_new_tokens: int, top_k: int, eos: set[int]
 ) -> list[Example]:
@@ -308,6 +307,9 @@ def on_policy_batch(
 
     Rows have one length (the caller trims them), so no padding, mask or position ids are needed
     and every row is decoded exactly as it would be alone, up to batched-matmul rounding."""
+    import torch
+    from transformers import DynamicCache
+
     device = model.device
     ids = torch.tensor(rows, dtype=torch.long, device=device)  # (B, P)
     cache = DynamicCache(config=model.config)
@@ -336,9 +338,11 @@ def on_policy_batch(
     return examples
 
 
-@torch.inference_mode()
+@inference_mode
 def text_batch(model: PreTrainedModel, chunks: list[list[int]], top_k: int) -> list[Example]:
     """The verifier's top-k at every position of equal-length text chunks, in one forward pass."""
+    import torch
+
     ids = torch.tensor(chunks, dtype=torch.long, device=model.device)
     logits = model(input_ids=ids).logits  # (B, T, V)
     top_ids, top_logp = _top(logits, top_k)
@@ -360,6 +364,8 @@ def _equal_length_batches(sequences: list[list[int]], batch_size: int) -> list[l
 
 def _eos(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """Where a greedy decode ends: the model's generation EOS ids, else the tokenizer's."""
+    from verispec.models.backend import generation_eos
+
     eos = set(generation_eos(model.generation_config))
     if not eos and tokenizer.eos_token_id is not None:
         eos = {tokenizer.eos_token_id}
@@ -379,6 +385,11 @@ def build_teacher(
 ) -> tuple[list[Example], dict]:
     """The training examples with the verifier's distributions, built once and cached in shards
     under out/teacher so that an interrupted build resumes at the next shard."""
+    import torch
+    from tqdm import tqdm
+
+    from verispec.models.loading import weights_digest
+
     on_policy = bool(training) and not config.off_policy
     if on_policy:
         keep = config.seq_len - config.max_new_tokens
@@ -473,6 +484,8 @@ def kd_loss(
 
     The verifier's distribution is taken as its top-k tokens plus one tail bucket holding the rest
     of the mass; the draft's is bucketed the same way, so the divergence is exact for those buckets."""
+    import torch
+
     logq = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
     top_ids = top_ids.long()
     p = top_logp.float().exp()  # (N, k)
@@ -495,6 +508,8 @@ def _collate(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids (B, T) and the flat loss positions with their teacher rows. Right padding
     needs no attention mask: under the causal mask no real position sees a pad after it."""
+    import torch
+
     width = max(len(e.ids) for e in examples)
     ids = torch.zeros(len(examples), width, dtype=torch.long)
     rows, cols = [], []
@@ -554,13 +569,16 @@ def train(
 # -- evaluation -----------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
+@inference_mode
 def greedy_padded(
     model: PreTrainedModel, prompts: list[list[int]], max_new_tokens: int, eos: set[int]
 ) -> list[list[int]]:
     """Greedy continuations of prompts of any length, decoded together: left-padded, with the
     padding masked out and positions counted from each prompt's first token. Up to the rounding
     of batched matrix products (a flip needs a near-tie) these are each prompt's own greedy tokens."""
+    import torch
+    from transformers import DynamicCache
+
     device = model.device
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
@@ -607,6 +625,11 @@ def verifier_continuations(
 ) -> list[list[int]]:
     """The verifier's greedy continuation of each evaluation prompt, cached in out/eval-verifier.pt
     (the one costly part of an evaluation: the draft's side is a single forward per prompt)."""
+    import torch
+    from tqdm import tqdm
+
+    from verispec.models.loading import weights_digest
+
     path = config.out / "eval-verifier.pt"
     digest = _fingerprint(weights_digest(config.target), prompts, config.eval_new_tokens, sorted(eos))
     if path.is_file():
@@ -635,6 +658,10 @@ def agreement(
 ) -> dict:
     """Teacher-forced greedy agreement: the share of the verifier's tokens that are also the
     draft's argmax given the same prefix. The draft is loaded as `verispec generate` loads it."""
+    import torch
+
+    from verispec.models.loading import load_model
+
     model = load_model(draft, device, torch.float32, role="draft")
     agreed = total = 0
     per_prompt = []
@@ -657,6 +684,8 @@ def agreement(
 
 
 def _check_inputs(config: DistillConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
+    from verispec.models.loading import check_compatible, load_tokenizer
+
     sources = sum(
         [bool(config.data), config.prompts is not None, config.stdlib_prompts > 0, bool(config.audit_db)]
     )
@@ -691,6 +720,11 @@ def distill(
     config: DistillConfig, log: Callable[[str], None] = print, on_step: Callable[[int], None] | None = None
 ) -> dict:
     """Evaluate the draft, distil it from the verifier, evaluate again; returns what eval.json holds."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from verispec.models.loading import resolve_device
+
     started_wall, started_cpu = time.perf_counter(), time.process_time()
     target_tok, draft_tok = _check_inputs(config)
     training, evaluation, note = split_prompts(config)

@@ -11,11 +11,14 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def stats_table(stats: RequestStats, title: str | None = None) -> Table:
+def stats_table(stats: RequestStats, title: str | None = None, proposer: str | None = None) -> Table:
+    """One row per figure; `proposer` (its name, or "none" for verifier-only) heads the rows,
+    since every other figure means something different for a draft model, n-gram lookup or none."""
     table = Table(title=title, show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
-    table.add_column(justify="right")
-    rows = [
+    table.add_column(justify="right", overflow="fold")  # a draft's name is its path: wrap it, never cut it
+    rows = [("proposer", proposer)] if proposer is not None else []
+    rows += [
         ("prompt tokens", str(stats.prompt_tokens)),
         ("generated tokens", str(stats.generated_tokens)),
         ("rounds (verifier calls)", str(stats.rounds)),

@@ -17,6 +17,9 @@ with `--tokenizer`, then `verispec distill` it), and the way the built-in demo p
 
 Files under --out: tokenizer/ , init/ (the initial weights), checkpoints/step-N/, final/ (the
 model with its tokenizer, a Hugging Face folder), train.json (configuration, sizes, losses, time).
+
+torch and transformers are imported where they are used, not at the top: `verispec` imports this
+module to build its command line for every command, and they take seconds to import.
 """
 
 from __future__ import annotations
@@ -30,19 +33,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-
-import torch
-from transformers import (
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from typing import TYPE_CHECKING
 
 from verispec.corpus import stdlib_files, text_documents
 from verispec.errors import UserError
-from verispec.models.loading import resolve_device
 from verispec.training import (
     Schedule,
     StepResult,
@@ -54,9 +48,14 @@ from verispec.training import (
     claim_run,
     finish_report,
     fit,
+    inference_mode,
     mean,
     save_final,
 )
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 EOS = "<|endoftext|>"
 VALIDATION_CHUNKS = 48  # validation loss over at most this many chunks, the same ones every time
@@ -124,7 +123,7 @@ def build_tokenizer(
 ) -> PreTrainedTokenizerBase:
     """The given model's tokenizer, or a byte-level BPE trained on the documents."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     folder = config.out / "tokenizer"
     if config.tokenizer is not None:
@@ -159,6 +158,8 @@ def build_tokenizer(
 
 def token_chunks(documents: list[str], tokenizer: PreTrainedTokenizerBase, length: int) -> torch.Tensor:
     """(N, length) chunks of the documents' tokens, each document followed by EOS."""
+    import torch
+
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     stream: list[int] = []
     for ids in tokenizer(documents, add_special_tokens=False, verbose=False).input_ids:
@@ -174,6 +175,9 @@ def token_chunks(documents: list[str], tokenizer: PreTrainedTokenizerBase, lengt
 
 
 def new_model(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     if config.hidden % config.heads:
         raise UserError(f"--hidden {config.hidden} must be a multiple of --heads {config.heads}")
     if (config.hidden // config.heads) % 2:
@@ -206,6 +210,8 @@ def next_token_loss(
     model: PreTrainedModel, chunks: torch.Tensor, device: torch.device
 ) -> tuple[torch.Tensor, float]:
     """Mean cross-entropy of predicting each chunk's next token, and next-token accuracy."""
+    import torch
+
     ids = chunks.to(device=device, dtype=torch.long)
     logits = model(input_ids=ids[:, :-1]).logits  # (B, T, V)
     targets = ids[:, 1:]
@@ -214,7 +220,7 @@ def next_token_loss(
     return loss, accuracy
 
 
-@torch.inference_mode()
+@inference_mode
 def validation_loss(
     model: PreTrainedModel, chunks: torch.Tensor, bytes_per_token: float, device: torch.device
 ) -> dict:
@@ -266,6 +272,11 @@ def train_model(
     config: TrainConfig, log: Callable[[str], None] = print, on_step: Callable[[int], None] | None = None
 ) -> dict:
     """Tokenizer, model, training, validation; returns what train.json holds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from verispec.models.loading import resolve_device
+
     started_wall, started_cpu = time.perf_counter(), time.process_time()
     _check(config)
     kept = config.training_fields()

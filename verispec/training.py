@@ -3,7 +3,11 @@
 AdamW with linear warm-up and cosine decay to a tenth of the peak rate, gradient-norm clipping, a
 progress bar, a checkpoint every N steps (weights, optimizer, RNG, history; the last two kept),
 and resume from the last checkpoint. Batches are a pure function of (seed, step), so a resumed
-run trains on exactly what an uninterrupted one would."""
+run trains on exactly what an uninterrupted one would.
+
+torch, transformers and tqdm are imported inside the functions that use them: `verispec` builds
+its command line from this module (and train.py, distill.py) for every command, `--help` included,
+and importing them costs seconds."""
 
 from __future__ import annotations
 
@@ -17,12 +21,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from tqdm import tqdm
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from verispec.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -51,8 +56,23 @@ class StepResult:
     agree: float | None = None  # share of loss positions where the model's argmax is the target's
 
 
+def inference_mode(function: Callable) -> Callable:
+    """`@torch.inference_mode()` with torch imported at the first call rather than at import."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        import torch
+
+        with torch.inference_mode():
+            return function(*args, **kwargs)
+
+    return run
+
+
 @functools.lru_cache(maxsize=4)
 def _epoch_order(count: int, seed: int, epoch: int) -> tuple[int, ...]:
+    import torch
+
     return tuple(
         torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
     )
@@ -75,6 +95,8 @@ def checkpoints(out: Path) -> list[Path]:
 def save_checkpoint(
     out: Path, step: int, model: PreTrainedModel, optimizer, history: dict, keep: int = 2
 ) -> None:
+    import torch
+
     folder = out / "checkpoints" / f"step-{step:06d}"
     partial = folder.with_name(f".{folder.name}.partial")  # not matched by step-*
     shutil.rmtree(partial, ignore_errors=True)
@@ -132,6 +154,10 @@ def fit(
 ) -> tuple[PreTrainedModel, dict]:
     """Train the model in `start_from` (a Hugging Face folder) for `schedule.steps` steps, each
     step's loss from `step_loss(model, step)`; with `resume`, continue from out/checkpoints."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
     found = checkpoints(out)
     start = 0
     history: dict = {"loss": [], "agree": [], "positions": 0, "tokens": 0, "wall_s": 0.0, "cpu_s": 0.0}
@@ -193,6 +219,8 @@ def fit(
 
 def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, dtype: str) -> None:
     """A Hugging Face model folder: config, safetensors weights, the tokenizer."""
+    import torch
+
     shutil.rmtree(folder, ignore_errors=True)
     weights = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     model.to(weights).save_pretrained(folder)
@@ -206,6 +234,8 @@ def finish_report(
     report: dict, path: Path, started_wall: float, started_cpu: float, device: torch.device
 ) -> dict:
     """Add the run's wall and CPU time, threads and device to its report, and write it as JSON."""
+    import torch
+
     report["wall_s"] = time.perf_counter() - started_wall
     report["cpu_s"] = time.process_time() - started_cpu
     report["threads"] = torch.get_num_threads()
@@ -250,4 +280,6 @@ def apply_threads(threads: int | None) -> None:
     if threads is not None:
         if threads < 1:
             raise UserError(f"--threads must be 1 or more, got {threads}")
+        import torch
+
         torch.set_num_threads(threads)
