@@ -255,3 +255,19 @@ def test_unsupported_database_urls_get_one_line(tmp_path):
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr and "not supported" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_verispec_audit_shows_the_quarantine(tmp_path):
+    from tests.conftest import run_verispec
+
+    url = f"sqlite:///{tmp_path / 'audit.sqlite3'}"
+    store = AuditStore(url)
+    store.quarantine(datetime.now(UTC), "IntegrityError: NOT NULL", {"record_id": "r1", "request_id": "q1", "error": "x\x00"})
+    result = run_verispec("audit", "--audit-url", url, "--quarantined")
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.splitlines()
+    import json
+
+    kept = json.loads(line)
+    assert kept["request_id"] == "q1" and "NOT NULL" in kept["reason"]
+    assert json.loads(kept["payload"])["record"]["error"] == "x\x00"  # escaped, not lost

@@ -9,7 +9,6 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from verispec.audit.store import AuditStore
 from verispec.config import default_audit_url
 from verispec.errors import UserError
 
@@ -44,6 +43,10 @@ def add_audit_command(commands) -> None:
     command.add_argument("--jsonl", action="store_true", help="print JSON lines (every field) instead of a table")
     command.add_argument("--mismatches", action="store_true", help="with --jsonl or --out: add each record's mismatch samples")
     command.add_argument("--out", type=Path, default=None, help="write JSON lines to this file (implies --jsonl)")
+    command.add_argument(
+        "--quarantined", action="store_true",
+        help="instead of records: the records the database refused, as JSON lines (reason, escaped payload)",
+    )
     command.add_argument("-v", "--verbose", action="store_true", help="log more")
     command.set_defaults(run=run_audit)
 
@@ -61,7 +64,14 @@ def run_audit(args: argparse.Namespace) -> int:
         raise UserError("--mismatches needs JSON lines: add --jsonl (print them) or --out FILE (write them)")
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         raise UserError(f"no audit database at {url}; pass --audit-url (the server's --audit-url)")
+    from verispec.audit.store import AuditStore  # sqlalchemy: only when a database is read
+
     store = AuditStore(url)
+    if args.quarantined:
+        for row in store.quarantined(args.limit):
+            sys.stdout.write(json.dumps(_plain(row)) + "\n")
+        store.close()
+        return 0
     rows = store.query(
         since=parse_time(args.since, "--since") if args.since else None,
         until=parse_time(args.until, "--until") if args.until else None,
@@ -74,12 +84,13 @@ def run_audit(args: argparse.Namespace) -> int:
         samples: dict[str, list] = {}
         if args.mismatches and rows:
             for sample in store.mismatch_samples([r["request_id"] for r in rows]):
-                samples.setdefault(sample["request_id"], []).append(_plain(sample))
+                # Request IDs repeat; samples belong to their record (rows older than record IDs: by request ID).
+                samples.setdefault(sample.get("record_id") or sample["request_id"], []).append(_plain(sample))
         lines = []
         for row in rows:
             record = _plain(row)
             if args.mismatches:
-                record["mismatches"] = samples.get(row["request_id"], [])
+                record["mismatches"] = samples.get(row["record_id"]) or samples.get(row["request_id"], [])
             lines.append(json.dumps(record))
         text = "".join(line + "\n" for line in lines)
         if args.out:
