@@ -276,3 +276,22 @@ def test_pathological_inputs_finish_quickly(redactor, text):
     start = time.perf_counter()
     redactor.redact(text)
     assert time.perf_counter() - start < 2.0
+
+
+def test_the_cover_of_findings_answers_as_the_quadratic_scan_did():
+    """`_phones` skips spans inside earlier findings; the bisect answers exactly as checking each finding."""
+    import random
+
+    from verispec.audit.redact import Finding, _Cover
+
+    rng = random.Random(5)
+    for _ in range(200):
+        findings = []
+        for _ in range(rng.randrange(0, 12)):
+            start = rng.randrange(0, 100)
+            findings.append(Finding("EMAIL", start, start + rng.randrange(1, 30)))
+        cover = _Cover(findings)
+        for _ in range(30):
+            start = rng.randrange(0, 110)
+            end = start + rng.randrange(1, 20)
+            assert cover.covers(start, end) == any(f.start <= start and end <= f.end for f in findings)

@@ -228,7 +228,8 @@ class State:
             return True
         timeout = self.audit.audit_ack_timeout_s
         give_up = time.monotonic() + timeout
-        while (future := auditor.submit(done)) is None:  # queue full: back-pressure on the ack only
+        # Building the record redacts its text: CPU work, off the event loop.
+        while (future := await self.off_loop(auditor.submit, done)) is None:  # queue full: back-pressure on the ack only
             if time.monotonic() > give_up:
                 log.error("audit queue full for %.0fs; record of %s dropped", timeout, done.request_id)
                 self.metrics.audit_failures.inc()
@@ -453,16 +454,16 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
                     "verispec.acceptance_rate": stats.acceptance_rate, "verispec.mean_depth": (sum(stats.depths) / len(stats.depths)) if stats.depths else None,
                     "verispec.fallback_rounds": stats.fallback_rounds,
                 })
-            if state.telemetry_settings.log_content:
-                attributes["verispec.prompt"] = state.redactor.redact(prompt_text)
-                attributes["verispec.output"] = state.redactor.redact(text)
+            if state.telemetry_settings.log_content:  # redaction is CPU work: off the event loop
+                redacted = await state.off_loop(lambda: (state.redactor.redact(prompt_text), state.redactor.redact(text)))
+                attributes["verispec.prompt"], attributes["verispec.output"] = redacted
             state.telemetry.end_request(span, job.rounds, attributes, error, operation, latency, ttft if outcome in ("ok", "fallback") else None, tpot)
             fields = {"key_id": key_id, "outcome": outcome, "status": status, "prompt_tokens": len(prompt_ids),
                       "completion_tokens": job.generated, "latency_s": round(latency, 4),
                       "ttft_s": None if ttft is None else round(ttft, 4),
                       "acceptance_rate": stats.acceptance_rate if stats is not None else None}
             if state.telemetry_settings.log_content:
-                fields.update(prompt=state.redactor.redact(prompt_text), output=state.redactor.redact(text))
+                fields.update(prompt=redacted[0], output=redacted[1])
             log.info("%s %s", operation, outcome, extra=fields)
             done = Finished(
                 request_id=request_id, arrived=arrived, key_id=key_id, endpoint=request.url.path, outcome=outcome,
