@@ -82,6 +82,17 @@ class ServerProcess:
         return self.process.returncode
 
 
+def wait_for(condition, timeout_s: float = 60.0, what: str = "condition", every_s: float = 0.05):
+    """Poll `condition` until it returns something true (returned), or fail after `timeout_s`."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def metric(samples: dict[str, float], name: str, **labels: str) -> float:
     """Sum of the samples of `name` whose labels include `labels`."""
     total = 0.0

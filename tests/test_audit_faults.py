@@ -23,7 +23,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.serving import ServerProcess, metric
+from tests.serving import ServerProcess, metric, wait_for
 from tests.test_audit_store import POSTGRES_URL
 from verispec.audit.store import AuditStore
 
@@ -49,16 +49,6 @@ def store():
     store = AuditStore(POSTGRES_URL)
     yield store
     store.close()
-
-
-def wait_for(condition, timeout_s: float = 60.0, what: str = "condition"):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def complete(server: ServerProcess, request_id: str, stream: bool = False, **body) -> tuple[int, bool, dict | None]:

@@ -5,7 +5,6 @@ and databases made before records had their own key. Real SQLite and a real Post
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from datetime import UTC, datetime
 
@@ -13,6 +12,7 @@ import psycopg
 import pytest
 from sqlalchemy import create_engine, text
 
+from tests.serving import wait_for
 from tests.test_audit_store import POSTGRES_URL, record
 from verispec.audit.records import Auditor, Finished, Identity
 from verispec.audit.redact import Redactor
@@ -27,16 +27,6 @@ def url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'audit.sqlite3'}"
     return POSTGRES_URL
-
-
-def wait_for(condition, timeout_s: float = 30.0, what: str = "condition"):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def started(store: AuditStore, **kwargs) -> tuple[AuditWriter, list[str]]:
