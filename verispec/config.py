@@ -301,12 +301,14 @@ def load_settings(flags: dict[str, Any], config_file: Path | None = None) -> Set
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """One line per bad field, named as the user wrote it (a flag or an env var)."""
+    """One message per bad field, named as a flag (env vars and config keys map to flags one to one),
+    in the user's terms: a union's branches merged into the forms it takes (see `validation.py`)."""
+    from verispec.validation import problems
+
     parts = []
-    for error in exc.errors():
-        field = ".".join(str(p) for p in error["loc"] if not isinstance(p, int)) or "value"
-        message = error["msg"].removeprefix("Value error, ")
-        parts.append(f"--{field.replace('_', '-')}: {message} (got {error.get('input')!r})")
+    for problem in problems(exc):
+        field = ".".join(str(p) for p in problem.location if not isinstance(p, int)) or "value"
+        parts.append(f"--{field.replace('_', '-')}: {problem.message} (got {problem.input!r})")
     return "; ".join(parts)
 
 

@@ -24,6 +24,7 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest set of most likely tokens whose mass reaches top_p; the first always stays.
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= params.top_p
+        outside[..., 0] = False  # the most likely stays even when top_p underflows float32 to 0
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         probs = probs / probs.sum(dim=-1, keepdim=True)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import MutableHeaders
 from transformers import PreTrainedTokenizerBase
@@ -53,7 +53,7 @@ from verispec.server.errors import APIError, bad_request, retry_later
 from verispec.server.limits import BoundedBody
 from verispec.server.logs import request_id_var
 from verispec.server.metrics import ServerMetrics
-from verispec.server.openapi import ERROR_RESPONSES
+from verispec.server.openapi import CHAT_RESPONSES, COMPLETION_RESPONSES, MODELS_RESPONSES, READY_RESPONSES
 from verispec.server.protocol import ChatCompletionRequest, CompletionRequest, Shape, speculation_stats
 from verispec.server.routing import Canary, Decision, ProposerBandit, Router
 from verispec.server.scheduler import Cancelled, CostModel, DeadlineExceeded, Job, Overloaded, Scheduler
@@ -310,7 +310,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=READY_RESPONSES)
     async def readyz() -> JSONResponse:
         try:
             state.ready()
@@ -318,7 +318,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             return JSONResponse({"status": exc.code, "message": exc.message}, status_code=503, headers=exc.headers)
         return JSONResponse({"status": "ready", "model": state.model_name, "breaker": state.breaker.state.name.lower()})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         if state.service is not None:
             state.metrics.breaker_state.set(int(state.breaker.state))  # the cool-down ends on a clock, not an event
@@ -327,14 +327,14 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             state.metrics.audit_queue.set(state.writer.queued)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", responses=ERROR_RESPONSES)
+    @app.get("/v1/models", responses=MODELS_RESPONSES, response_model=None)
     async def models(key_id: str = Depends(authorize)) -> dict:
         return {
             "object": "list",
             "data": [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "verispec"}],
         }
 
-    @app.post("/v1/completions", responses=ERROR_RESPONSES)
+    @app.post("/v1/completions", responses=COMPLETION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request, key_id: str = Depends(authorize)) -> Response:
         service = state.ready()
         _check_common(body)
@@ -351,7 +351,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             text = await state.off_loop(service.tokenizer.decode, prompt_ids)
         return await _generate(request, service, body, prompt_ids, text, body.max_tokens, key_id, chat=False)
 
-    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
+    @app.post("/v1/chat/completions", responses=CHAT_RESPONSES)
     async def chat(body: ChatCompletionRequest, request: Request, key_id: str = Depends(authorize)) -> Response:
         service = state.ready()
         _check_common(body)

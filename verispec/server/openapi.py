@@ -1,10 +1,16 @@
-"""What the OpenAPI schema says the API can answer besides success: OpenAI's error body, with
-every status a client can meet. The schema at /openapi.json is what clients and the fuzz tests
-(Schemathesis) check responses against, so it lists every status the routes can return."""
+"""What the OpenAPI schema says each route answers: the success bodies (JSON, or server-sent
+events when streaming) and OpenAI's error body with every status a client can meet. The schema at
+/openapi.json is what clients and the fuzz tests (Schemathesis) check responses against, so it
+lists every status and content type the routes can return, and the shape of every JSON body.
+
+Routes take these through their decorators (`responses=COMPLETION_RESPONSES` and so on). The
+models here describe bodies that `protocol.Shape` and `app.py` build as dicts; the fuzz tests
+keep the two in step.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -20,6 +26,137 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class SpeculationStats(BaseModel):
+    """The `speculation_stats` extension; rates are null where nothing was proposed or no round ran."""
+
+    proposer: str | None
+    proposed: int
+    accepted: int
+    rejected: int
+    recovered: int
+    bonus: int
+    verifier_calls: int
+    acceptance_rate: float | None
+    mean_accepted_length: float | None
+    tokens_per_verifier_call: float | None
+    proposer_failures: int
+    fallback_rounds: int
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    speculation_stats: SpeculationStats | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    speculation_stats: SpeculationStats | None = None
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class CompletionChunk(BaseModel):
+    """One event of a streamed completion. The final choice carries the finish reason (and
+    speculation_stats when asked for); with stream_options.include_usage one more chunk follows,
+    with no choices and the usage."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+    speculation_stats: SpeculationStats | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    speculation_stats: SpeculationStats | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    model: str
+    breaker: str
+
+
+class NotReady(BaseModel):
+    status: str  # why: not_ready (loading), shutting_down, audit_unavailable
+    message: str | None = None  # the same in words, with what the operator can do
+
+
 _STATUSES = {
     400: "invalid request: the message says what to change",
     401: "missing or invalid API key",
@@ -33,4 +170,69 @@ _STATUSES = {
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description} for status, description in _STATUSES.items()
+}
+
+
+def _inline(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's JSON schema with its nested models written in place: it sits inside the OpenAPI
+    document, where the `#/$defs/...` references pydantic writes would point nowhere."""
+    schema = model.model_json_schema(mode="serialization")
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(definitions[node["$ref"].rsplit("/", 1)[1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)
+
+
+def _events(chunk: type[BaseModel]) -> dict[str, Any]:
+    """With "stream": true the answer is server-sent events: `data: {chunk}`, an error object
+    in-band should the request fail once streaming has begun, and last `data: [DONE]`. Described
+    as FastAPI describes its own event streams: OpenAPI 3.2's `itemSchema`, one event each."""
+    json_data = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [_inline(chunk), _inline(ErrorBody)]},
+    }
+    data = {"anyOf": [{"type": "string", "const": "[DONE]"}, json_data]}
+    event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": data, "event": {"type": "string"}, "id": {"type": "string"}},
+    }
+    return {"text/event-stream": {"itemSchema": event}}
+
+
+COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": Completion,
+        "description": "the completion, or with stream: true its chunks as server-sent events",
+        "content": _events(CompletionChunk),
+    },
+    **ERROR_RESPONSES,
+}
+CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": ChatCompletion,
+        "description": "the chat completion, or with stream: true its chunks as server-sent events",
+        "content": _events(ChatCompletionChunk),
+    },
+    **ERROR_RESPONSES,
+}
+MODELS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": ModelList, "description": "the one model this server serves"},
+    **ERROR_RESPONSES,
+}
+READY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": Ready, "description": "ready to serve"},
+    503: {
+        "model": NotReady,
+        "description": "not ready yet, or shutting down; retry after Retry-After seconds",
+    },
 }

@@ -6,6 +6,14 @@ clients send fields older servers do not know; fields we know but cannot honour 
 logprobs, penalties, logit_bias, echo, suffix, best_of) are refused with a clear 400, since
 ignoring them would silently change what the client asked for.
 
+Types are strict, as OpenAI's are: `true` is not a token count, `"yes"` does not turn streaming
+on, `[true, false]` is not a list of token ids (a JSON integer still fills a number field). Every
+string in a body must be valid Unicode: JSON's `\\ud800` escape can carry a lone surrogate,
+which no tokenizer, log or UTF-8 encoder takes, so it is refused wherever it sits, unknown fields
+included. NUL characters are refused in names (model, user, task, proposer, a message's name),
+where they are never meant and break C-string consumers, and allowed in text (prompts, messages,
+stop sequences): they are valid Unicode, code and data can hold them, and the tokenizer takes them.
+
 Extensions (send them with the openai client's `extra_body`):
 - `top_k`: keep the k most likely tokens (0 = off);
 - `depth`: speculation depth for this request, an integer (0 = verifier only) or "auto";
@@ -19,25 +27,78 @@ Extensions (send them with the openai client's `extra_body`):
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from verispec.config import Depth, SamplingParams
 from verispec.server.errors import bad_request
 from verispec.stats import RequestStats
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character (\\u0000)")
+    return value
+
+
+def _name(max_length: int | None = None) -> Any:
+    """A string that names something: no NUL characters (the length is checked first, so a too
+    long value gets pydantic's own message about characters)."""
+    return Annotated[str, StringConstraints(max_length=max_length), AfterValidator(_no_nul)]
+
+
+Name = _name()
+UserName = _name(256)
+Tag = _name(64)
+
+
+def lone_surrogate(data: Any) -> tuple[tuple[str | int, ...], str] | None:
+    """Where in a parsed JSON body a string (or a key) holds a lone surrogate, and that surrogate;
+    None when all its text is valid Unicode. A loop, not recursion: bodies can nest deep."""
+    pending: list[tuple[tuple[str | int, ...], Any]] = [((), data)]
+    while pending:
+        location, value = pending.pop()
+        if isinstance(value, str):
+            found = None if value.isascii() else _SURROGATE.search(value)
+            if found:
+                return location, found.group()
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                found = _SURROGATE.search(key) if isinstance(key, str) and not key.isascii() else None
+                if found:  # named with its surrogates escaped, so the message itself stays valid text
+                    return (*location, key.encode("utf-8", "backslashreplace").decode()), found.group()
+                pending.append(((*location, key), item))
+        elif isinstance(value, list):
+            pending.extend(((*location, index), item) for index, item in enumerate(value))
+    return None
+
+
+class _Part(BaseModel):
+    """A piece of a request body: strict types, unknown fields ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Part):
     include_usage: bool = False
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
+class _Request(_Part):
+    model: Name
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -47,15 +108,28 @@ class _Request(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(None, max_length=256)
+    user: UserName | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     # extensions
     depth: Depth | None = None
     speculation_stats: bool | None = None
-    task: str | None = Field(None, max_length=64)  # a tag the per-request proposer choice may key on
-    proposer: str | None = Field(None, max_length=64)  # pin the request to one of the server's proposers
+    task: Tag | None = None  # a tag the per-request proposer choice may key on
+    proposer: Tag | None = None  # pin the request to one of the server's proposers
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        found = lone_surrogate(data)
+        if found is not None:
+            location, surrogate = found
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "holds a lone surrogate ({surrogate}), which is not valid Unicode; send UTF-8 text",
+                {"surrogate": ascii(surrogate)[1:-1], "at": location},
+            )
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -124,17 +198,15 @@ class CompletionRequest(_Request):
         return prompt
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ContentPart(_Part):
     type: str
     text: str | None = None
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(_Part):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
-    name: str | None = None
+    name: Name | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
