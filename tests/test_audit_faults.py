@@ -162,6 +162,7 @@ def test_client_text_is_redacted_before_any_sink(server, store):
     assert response.status_code == 200, response.text
     request_id = response.headers["x-request-id"]
     assert request_id != aws  # looks like a key: the server made its own
+    assert "audit trail: postgresql" in server.log()  # where the records go, said at start
     [row] = store.query(request_ids=[request_id])
     stored = json.dumps(row, default=str)
     for planted in (secret, email, aws):

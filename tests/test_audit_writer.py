@@ -4,6 +4,10 @@ and databases made before records had their own key. Real SQLite and a real Post
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from datetime import UTC, datetime
@@ -256,8 +260,31 @@ def test_verispec_audit_shows_the_quarantine(tmp_path):
     result = run_verispec("audit", "--audit-url", url, "--quarantined")
     assert result.returncode == 0, result.stderr
     [line] = result.stdout.splitlines()
-    import json
-
     kept = json.loads(line)
     assert kept["request_id"] == "q1" and "NOT NULL" in kept["reason"]
     assert json.loads(kept["payload"])["record"]["error"] == "x\x00"  # escaped, not lost
+
+
+def test_the_default_audit_database_is_per_user_not_per_directory(tmp_path):
+    """`verispec audit` from any directory finds what the server wrote by default."""
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
+    env.pop("VERISPEC_AUDIT_URL", None)
+    where = subprocess.run([sys.executable, "-c", "from verispec.config import default_audit_url; print(default_audit_url())"],
+                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert where == f"sqlite:///{tmp_path / 'data' / 'verispec' / 'audit.sqlite3'}"
+    AuditStore(where).write([record("per-user", datetime.now(UTC))])  # makes the folder, as the server does
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([sys.executable, "-m", "verispec.cli", "audit", "--jsonl"], env=env, cwd=elsewhere,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["request_id"] for line in result.stdout.splitlines()] == ["per-user"]
+
+
+def test_records_name_the_proposer_that_served_them():
+    """speculation.proposer used to be null in every record."""
+    from verispec.stats import RequestStats
+
+    auditor = Auditor(AuditSettings(), Redactor(), None, Identity("m", "v", "ngram", "ngram:2-5"))
+    row = auditor.record(finished("r", stats=RequestStats(prompt_tokens=3, generated_tokens=4, proposed=4, accepted=2)))
+    assert row["speculation"]["proposer"] == "ngram"
