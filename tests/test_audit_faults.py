@@ -278,6 +278,10 @@ def assert_the_guarantee(load: Load, store: AuditStore) -> None:
         if not was_acknowledged:
             assert status == 503 or (error and error["error"]["code"] == "audit_unavailable"), (request_id, status, error)
         assert took_s < ACK_TIMEOUT_S + 20, (request_id, took_s)
+    refused = len(load.outcomes) - len(acknowledged)
+    longest = max(o[4] for o in load.outcomes)
+    print(f"{len(acknowledged)} acknowledged, all recorded; {refused} not acknowledged (503 or in-band audit_unavailable); "
+          f"longest answer {longest:.1f}s")
 
 
 def pg_ctl(action: str) -> None:
