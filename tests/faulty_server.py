@@ -2,8 +2,10 @@
 
     python -m tests.faulty_server FAULT [serve flags ...]
 
-FAULT is `fail` (every proposal raises) or `slow:SECONDS` (every proposal sleeps first, then
-drafts normally). Everything else is the shipped server: same settings, app and scheduler.
+FAULT is `fail` (every proposal raises), `slow:SECONDS` (every proposal sleeps first, then
+drafts normally) or `tokenizer-gate:PATH` (encoding a text that holds "GATED" logs a line and
+blocks until the file PATH exists: a tokenisation that takes as long as the test wants).
+Everything else is the shipped server: same settings, app and scheduler.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from pathlib import Path
 
 from verispec.assemble import build_engine
 from verispec.cli import _quiet_libraries, build_parser, settings_from
@@ -40,6 +43,24 @@ class FaultyProposer:
         return FaultySession(self.inner.session(), self.fault)
 
 
+class GatedTokenizer:
+    """The engine's tokenizer, except that encoding a text holding "GATED" waits for a file."""
+
+    def __init__(self, inner, gate: Path):
+        self._inner, self._gate = inner, gate
+
+    def __call__(self, text, *args, **kwargs):
+        if isinstance(text, str) and "GATED" in text:
+            logging.getLogger("tests.faulty_server").info("tokenizer gated until %s exists", self._gate)
+            end = time.monotonic() + 120
+            while not self._gate.exists() and time.monotonic() < end:
+                time.sleep(0.02)
+        return self._inner(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
 def main() -> int:
     fault, flags = sys.argv[1], sys.argv[2:]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -48,7 +69,10 @@ def main() -> int:
 
     def factory(s):
         engine = build_engine(s)
-        engine.proposer = FaultyProposer(engine.proposer, fault)
+        if fault.startswith("tokenizer-gate:"):
+            engine.tokenizer = GatedTokenizer(engine.tokenizer, Path(fault.removeprefix("tokenizer-gate:")))
+        else:
+            engine.proposer = FaultyProposer(engine.proposer, fault)
         return engine
 
     return serve(settings, factory)

@@ -335,3 +335,26 @@ def test_a_slow_audit_database_under_load(server, store):
         wait_for(lambda: len(load.acknowledged()) >= after + 3, what="acknowledgements after recovery")
     assert_the_guarantee(load, store)
     assert any(not o[2] for o in load.outcomes), "the stall refused nothing"
+
+
+def test_tokenising_never_holds_the_event_loop(tiny_models, tmp_path):
+    """A 5 MB prompt froze every stream and /healthz while it was tokenised on the event loop. Here
+    a tokenizer that blocks until the test lets it go: /healthz and another request must answer meanwhile."""
+    gate = tmp_path / "gate"
+    proc = ServerProcess(
+        [f"tokenizer-gate:{gate}", "--target", tiny_models["llama"], "--proposer", "ngram", "--audit-url", "none"],
+        module="tests.faulty_server", log_dir=tmp_path,
+    ).wait_ready()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            gated = pool.submit(httpx.post, proc.url + "/v1/completions", timeout=60,
+                                json={"model": MODEL, "prompt": "t4 GATED t7", "max_tokens": 2})
+            wait_for(lambda: "tokenizer gated" in proc.log(), what="the tokenizer to block")
+            assert httpx.get(proc.url + "/healthz", timeout=10).status_code == 200
+            assert httpx.get(proc.url + "/v1/models", timeout=10).status_code == 200
+            assert not gated.done()
+            gate.touch()
+            assert gated.result(timeout=60).status_code == 200
+    finally:
+        gate.touch()
+        proc.stop_gracefully()
