@@ -52,6 +52,16 @@ class SpeculationStats(BaseModel):
 FinishReason = Literal["stop", "length"]
 
 
+class _Envelope(BaseModel):
+    """What every completion body and chunk carries; subclasses name the object and its choices."""
+
+    id: str
+    created: int
+    model: str
+    usage: Usage | None = None
+    speculation_stats: SpeculationStats | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
@@ -59,14 +69,10 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason
 
 
-class Completion(BaseModel):
-    id: str
+class Completion(_Envelope):
     object: Literal["text_completion"]
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: Usage
-    speculation_stats: SpeculationStats | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -81,14 +87,10 @@ class ChatChoice(BaseModel):
     finish_reason: FinishReason
 
 
-class ChatCompletion(BaseModel):
-    id: str
+class ChatCompletion(_Envelope):
     object: Literal["chat.completion"]
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
-    speculation_stats: SpeculationStats | None = None
 
 
 class CompletionChunkChoice(BaseModel):
@@ -98,18 +100,13 @@ class CompletionChunkChoice(BaseModel):
     finish_reason: FinishReason | None
 
 
-class CompletionChunk(BaseModel):
+class CompletionChunk(_Envelope):
     """One event of a streamed completion. The final choice carries the finish reason (and
     speculation_stats when asked for); with stream_options.include_usage one more chunk follows,
     with no choices and the usage."""
 
-    id: str
     object: Literal["text_completion"]
-    created: int
-    model: str
     choices: list[CompletionChunkChoice]
-    usage: Usage | None = None
-    speculation_stats: SpeculationStats | None = None
 
 
 class ChatDelta(BaseModel):
@@ -124,14 +121,9 @@ class ChatChunkChoice(BaseModel):
     finish_reason: FinishReason | None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Envelope):
     object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    speculation_stats: SpeculationStats | None = None
 
 
 class ModelCard(BaseModel):
