@@ -118,3 +118,10 @@ def test_audit_mismatches_without_json_lines_is_refused(tmp_path):
         "verispec: error: --mismatches needs JSON lines: add --jsonl (print them) or --out FILE (write them)"
     ]
     assert run_verispec("audit", "--audit-url", url, "--mismatches", "--jsonl").returncode == 0
+
+
+def test_help_shows_no_internal_placeholders():
+    """A default made at run time (the per-user audit database) printed as 'PydanticUndefined'."""
+    result = run_verispec("serve", "--help")
+    assert result.returncode == 0 and "Undefined" not in result.stdout
+    assert "per-user data folder" in result.stdout

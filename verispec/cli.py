@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
 
 from verispec.config import (
     AuditSettings,
@@ -51,7 +52,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
     for name, field in model.model_fields.items():
         if name in skip:
             continue
-        default = field.default if field.default not in (None, ()) else None
+        # A default made at run time (default_factory) is described by the field's own help text.
+        default = field.default if field.default not in (None, (), PydanticUndefined) else None
         help_text = (field.description or "") + (f" (default: {default})" if default is not None else "")
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if field.annotation == tuple[str, ...]:  # repeatable: --stop A --stop B
