@@ -13,7 +13,6 @@ Each record gets its own key, `record_id`: request IDs are the client's choice a
 from __future__ import annotations
 
 import uuid
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -74,12 +73,6 @@ class Auditor:
     def content(self, text: str | None) -> str | None:
         """Text as it may be stored: redacted (or hashed), or nothing without the opt-in."""
         return self.redactor.redact(text) if self.settings.audit_content else None
-
-    def submit(self, done: Finished) -> Future | None:
-        """Queue the record; the future resolves when it is committed (None: not audited or queue full)."""
-        if self.writer is None:
-            return None
-        return self.writer.submit(self.record(done), self.samples(done))
 
     def record(self, done: Finished) -> dict[str, Any]:
         stats = done.stats

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,11 +209,12 @@ class State:
         self.metrics.canary_decisions(decision.verdict).inc()
         self.metrics.canary_state.set(2 if decision.verdict == "promote" else 3)
 
-    def spawn(self, coroutine) -> None:
+    def spawn(self, coroutine) -> asyncio.Task:
         """A background task the event loop keeps a reference to until it is done."""
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def off_loop(self, fn: Callable, *args, **kwargs):
         """Run CPU work (tokenising) in the server's worker thread, not on the event loop."""
@@ -228,14 +229,10 @@ class State:
             return True
         timeout = self.audit.audit_ack_timeout_s
         give_up = time.monotonic() + timeout
-        # Building the record redacts its text: CPU work, off the event loop.
-        while (future := await self.off_loop(auditor.submit, done)) is None:  # queue full: back-pressure on the ack only
-            if time.monotonic() > give_up:
-                log.error("audit queue full for %.0fs; record of %s dropped", timeout, done.request_id)
-                self.metrics.audit_failures.inc()
-                return False
-            await asyncio.sleep(0.01)
-        self.metrics.audit_records.inc()
+        # Queueing runs as its own task: a client hanging up cancels this wait, never the record.
+        future = await asyncio.shield(self.spawn(self._queue_record(auditor, done, give_up)))
+        if future is None:
+            return False
         if not wait:
             return True
         try:
@@ -251,9 +248,26 @@ class State:
             return False
         return True
 
+    async def _queue_record(self, auditor: Auditor, done: Finished, give_up: float) -> Future | None:
+        """Build the record (redaction is CPU work: off the event loop, once) and queue it; None when
+        the queue stayed full until `give_up`."""
+        record, samples = await self.off_loop(lambda: (auditor.record(done), auditor.samples(done)))
+        while (future := auditor.writer.submit(record, samples)) is None:  # queue full: back-pressure on the ack only
+            if time.monotonic() > give_up:
+                log.error("audit queue full for %.0fs; record of %s dropped", self.audit.audit_ack_timeout_s, done.request_id)
+                self.metrics.audit_failures.inc()
+                return None
+            await asyncio.sleep(0.01)
+        self.metrics.audit_records.inc()
+        return future
+
     def audit_problem(self) -> str | None:
         """Why audit records are not being committed now, or None."""
         return self.writer.health() if self.writer is not None else None
+
+    def unacknowledged(self) -> APIError:
+        """The answer in place of an acknowledgement whose record did not commit in time."""
+        return audit_unavailable(self.audit_problem() or "the record was not committed in time")
 
     def ready(self) -> Service:
         if self.draining:
@@ -500,7 +514,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             raise
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            events = _sse(job, request, shape, first, with_stats, include_usage, conclude, state.audit_problem)
+            events = _sse(job, request, shape, first, with_stats, include_usage, conclude, state.unacknowledged)
             return StreamingResponse(events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
         text, delta = [first.text], first
         try:
@@ -516,7 +530,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
         finally:
             job.cancel()  # a no-op once finished; frees the slot if the client left
         if not await conclude("ok", 200, delta, "".join(text), wait=True):  # acknowledged only once recorded
-            raise audit_unavailable(state.audit_problem() or "the record was not committed in time")
+            raise state.unacknowledged()
         return JSONResponse(shape.full("".join(text), delta.finish_reason, delta.stats, with_stats, job.proposer), headers=headers)
 
     return app
@@ -568,7 +582,7 @@ class ClientGone(Exception):
 
 async def _sse(
     job: Job, request: Request, shape: Shape, first: Delta, with_stats: bool, include_usage: bool, conclude,
-    audit_problem: Callable[[], str | None],
+    unacknowledged: Callable[[], APIError],
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format; only verified tokens, then `data: [DONE]`."""
 
@@ -607,7 +621,7 @@ async def _sse(
         if await conclude("ok", 200, delta, "".join(text), wait=True):  # [DONE] acknowledges: recorded first
             yield "data: [DONE]\n\n"
         else:  # not recorded: an error instead of [DONE], so the client knows it was not acknowledged
-            yield event(audit_unavailable(audit_problem() or "the record was not committed in time").body())
+            yield event(unacknowledged().body())
     finally:
         job.cancel()  # client gone or done: the engine thread drops the job at its next round
         if not concluded:  # the client left mid-stream
