@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from verispec.config import SpeculationSettings
-from verispec.engine import SpeculativeEngine
+from verispec.core.engine import SpeculativeEngine
 from verispec.models import load_model, load_tokenizer
 from verispec.proposers import DraftModelProposer, NgramProposer
 

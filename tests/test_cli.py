@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import llama, run_verispec, save, write_prompts
 from verispec.check import first_difference, run_check
 from verispec.config import load_settings
-from verispec.engine import Completion, SpeculativeEngine
+from verispec.core.engine import Completion, SpeculativeEngine
 
 verispec = run_verispec
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from verispec.depth import AdaptiveDepth, FixedDepth, StepCosts, expected_tokens
+from verispec.core.depth import AdaptiveDepth, FixedDepth, StepCosts, expected_tokens
 
 FLAT = StepCosts(verify_s=(0.012,) * 9, draft_s=0.002)
 

@@ -5,7 +5,7 @@ import torch
 
 from tests.conftest import EOS, make_engine, random_prompts
 from verispec.config import SamplingParams
-from verispec.depth import StepCosts
+from verispec.core.depth import StepCosts
 
 VOCAB = 64
 DEPTHS = [1, 2, 3, 5, 8, "auto"]

@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import make_engine, random_prompts
 from verispec.config import SamplingParams, SpeculationSettings
-from verispec.engine import SpeculativeEngine
+from verispec.core.engine import SpeculativeEngine
 from verispec.proposers.base import Proposal
 
 VOCAB = 64

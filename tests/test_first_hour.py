@@ -50,7 +50,7 @@ def test_help_and_audit_import_neither_torch_nor_transformers(tmp_path):
 
 
 def test_package_names_still_load_on_first_use():
-    from verispec.engine import SpeculativeEngine
+    from verispec.core.engine import SpeculativeEngine
     from verispec.stats import RequestStats
 
     assert verispec.SpeculativeEngine is SpeculativeEngine

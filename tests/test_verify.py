@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from verispec.verify import accept_greedy, accept_stochastic
+from verispec.core.acceptance import accept_greedy, accept_stochastic
 
 V = 5
 

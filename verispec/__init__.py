@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from verispec.config import SamplingParams, Settings, SpeculationSettings
-    from verispec.engine import Completion, Delta, SpeculativeEngine
+    from verispec.core.engine import Completion, Delta, SpeculativeEngine
     from verispec.stats import RequestStats
 
 _HOMES = {
-    "Completion": "verispec.engine",
-    "Delta": "verispec.engine",
-    "SpeculativeEngine": "verispec.engine",
+    "Completion": "verispec.core.engine",
+    "Delta": "verispec.core.engine",
+    "SpeculativeEngine": "verispec.core.engine",
     "RequestStats": "verispec.stats",
     "SamplingParams": "verispec.config",
     "Settings": "verispec.config",

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from verispec.config import ModelSettings, Settings, SpeculationSettings
-from verispec.engine import SpeculativeEngine
+from verispec.core.engine import SpeculativeEngine
 from verispec.errors import UserError
 from verispec.models import (
     CausalLM,

@@ -52,7 +52,7 @@ import verispec
 from verispec import check
 from verispec.assemble import build_engine, resolve_models
 from verispec.config import Depth, ModelSettings, SamplingParams, Settings
-from verispec.engine import SpeculativeEngine
+from verispec.core.engine import SpeculativeEngine
 from verispec.errors import UserError
 from verispec.models import resolve_device, resolve_dtype
 from verispec.prompts import load_prompts

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from verispec.assemble import build_engine
 from verispec.config import Depth, SamplingParams, Settings, SpeculationSettings
-from verispec.engine import SpeculativeEngine
+from verispec.core.engine import SpeculativeEngine
 from verispec.errors import UserError
 from verispec.prompts import Prompt, load_prompts
 from verispec.stats import RequestStats

@@ -21,6 +21,7 @@ from pydantic_core import PydanticUndefined
 
 from verispec.config import (
     AuditSettings,
+    BatchSettings,
     ModelSettings,
     RoutingSettings,
     SamplingParams,
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(serve, ModelSettings)
     _add_settings_flags(serve, SpeculationSettings)
     _add_settings_flags(serve, ServerSettings)
+    _add_settings_flags(serve, BatchSettings)
     _add_settings_flags(serve, RoutingSettings)
     _add_settings_flags(serve, AuditSettings)
     _add_settings_flags(serve, TelemetrySettings)

@@ -9,6 +9,7 @@ written once, here.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -121,7 +122,7 @@ class ServerSettings(BaseModel):
         None, description="comma-separated API keys, each 'KEY' or 'ID:KEY'; none = no authentication (env: VERISPEC_API_KEYS)"
     )
     api_keys_file: Path | None = Field(None, description="file of API keys, one 'KEY' or 'ID:KEY' per line")
-    max_running: int = Field(4, ge=1, description="requests generating at once (their rounds interleave)")
+    max_running: int = Field(8, ge=1, description="requests generating at once (one verifier pass for all of them when batched)")
     max_waiting: int = Field(16, ge=0, description="requests queued beyond --max-running; past it: 503 at once")
     deadline_s: float = Field(300.0, ge=0.0, description="longest a request may take, queue included (0 = none); 504 past it")
     rate_limit_rpm: int = Field(0, ge=0, description="requests per minute per API key (0 = unlimited)")
@@ -161,6 +162,53 @@ class ServerSettings(BaseModel):
         if start is not None and value < start:
             raise ValueError(f"must be at least --load-depth-from ({start})")
         return value
+
+
+class BatchSettings(BaseModel):
+    """The batched engine: how many rows a verifier pass may take, and the KV cache it owns."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scheduler: Literal["auto", "batched", "interleaved"] = Field(
+        "auto",
+        description="batched: every running request in one verifier pass per step (lean backend only); "
+        "interleaved: one request's round per pass, in turn (the transformers backend always runs this way); "
+        "auto = batched where the backend supports it",
+    )
+    kv_cache_memory: str = Field(
+        "1GiB",
+        description="memory for the verifier's paged KV cache, in bytes or with a unit (512MiB, 2GiB); "
+        "it bounds the tokens all running requests and the prefix cache hold together",
+    )
+    kv_block_size: int = Field(16, ge=8, le=256, multiple_of=8, description="positions per KV cache block")
+    max_pass_tokens: int = Field(
+        128, ge=16, description="rows one verifier pass may take: every running request's round, then prompt chunks up to this"
+    )
+    prefix_cache: bool = Field(True, description="keep full KV blocks by a hash of their tokens and reuse them for a shared prefix")
+
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        parse_bytes(value)
+        return value
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return parse_bytes(self.kv_cache_memory)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'1GiB', '512MiB', '2e9' or 1073741824 -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    if not match or match.group(2) not in _UNITS:
+        raise ValueError("give bytes as a number with an optional unit: 1073741824, 512MiB, 2GiB, 1.5GB")
+    value = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if value <= 0:
+        raise ValueError("must be more than 0 bytes")
+    return value
 
 
 class RoutingSettings(BaseModel):
@@ -270,6 +318,7 @@ class Settings(
     SpeculationSettings,
     SamplingParams,
     ServerSettings,
+    BatchSettings,
     RoutingSettings,
     AuditSettings,
     TelemetrySettings,

@@ -5,6 +5,10 @@ records what a user would see: time to first token, end-to-end latency, tokens, 
 status. With `--compare-speculation` the run alternates phases with the server's speculation and
 verifier-only phases (the `depth: 0` extension), A B A B ..., against the same server, so that
 machine drift hits both alike; figures are then given per configuration.
+
+With `--table` it starts its own servers instead, one `verispec serve` per scheduler (batched,
+interleaved), and measures a grid of cells, concurrency x proposer x scheduler, plus two
+scenarios (a shared prefix, and a long prompt arriving among running streams); see `run_table`.
 """
 
 from __future__ import annotations
@@ -12,9 +16,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shlex
+import signal
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +45,13 @@ class Sample:
     ttft_s: float | None = None
     tokens: int = 0
     error: str | None = None  # an in-band stream error's code
+    # Arrival of each chunk that carries text, in seconds since the request was sent: the gaps
+    # between consecutive ones are the inter-token latencies a user sees.
+    chunk_times: list[float] = field(default_factory=list)
+    sent_at: float = 0.0  # time.perf_counter() when the request was sent (to line streams up)
+    prompt_tokens: int | None = None  # from usage, when the server sent it
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when sent
+    detail: str | None = None  # the start of a non-200 answer's body
 
 
 @dataclass
@@ -52,11 +71,18 @@ def _percentile(values: list[float], q: float) -> float | None:
     return values[low] + (values[high] - values[low]) * (rank - low)
 
 
+def itl_gaps(chunk_times: list[float]) -> list[float]:
+    """Inter-token latencies of one stream: the gaps between consecutive text chunks, as the user
+    sees them (vLLM's benchmark_serving definition; a chunk may carry several tokens)."""
+    return [b - a for a, b in zip(chunk_times, chunk_times[1:], strict=False)]
+
+
 def summarize(name: str, phases: list[Phase]) -> dict:
     samples = [s for p in phases for s in p.samples]
     ok = [s for s in samples if s.status == 200 and s.error is None]
     latencies = [s.latency_s for s in ok]
     ttfts = [s.ttft_s for s in ok if s.ttft_s is not None]
+    itls = [gap for s in ok for gap in itl_gaps(s.chunk_times)]
     tokens = sum(s.tokens for s in ok)
     wall = sum(p.wall_s for p in phases)
     statuses = Counter(str(s.status) if s.error is None else f"{s.status}:{s.error}" for s in samples)
@@ -71,6 +97,9 @@ def summarize(name: str, phases: list[Phase]) -> dict:
         "ttft_p50_s": _percentile(ttfts, 50),
         "ttft_p95_s": _percentile(ttfts, 95),
         "ttft_p99_s": _percentile(ttfts, 99),
+        "itl_p50_s": _percentile(itls, 50),
+        "itl_p95_s": _percentile(itls, 95),
+        "itl_p99_s": _percentile(itls, 99),
         "generated_tokens": tokens,
         "wall_s": wall,
         "tokens_per_s": tokens / wall if wall > 0 else None,
@@ -79,28 +108,45 @@ def summarize(name: str, phases: list[Phase]) -> dict:
     }
 
 
-async def _one(client: httpx.AsyncClient, body: dict) -> Sample:
+async def _one(client: httpx.AsyncClient, body: dict, on_first: Callable[[], None] | None = None) -> Sample:
+    """One streaming completion, as its user sees it. `on_first` is called at its first text."""
     started = time.perf_counter()
-    ttft = None
-    tokens = 0
+    sample = Sample(0, 0.0, sent_at=started)
+    usage_tokens = None
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
+            sample.status = response.status_code
             if response.status_code != 200:
-                await response.aread()
-                return Sample(response.status_code, time.perf_counter() - started)
+                sample.detail = (await response.aread()).decode(errors="replace")[:300]
+                sample.latency_s = time.perf_counter() - started
+                return sample
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
+                now = time.perf_counter() - started
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
-                    return Sample(200, time.perf_counter() - started, ttft, tokens, chunk["error"].get("code") or "error")
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                elif ttft is None and any(c.get("text") for c in chunk.get("choices", [])):
-                    ttft = time.perf_counter() - started
-            return Sample(200, time.perf_counter() - started, ttft, tokens)
+                    sample.error = (chunk["error"] or {}).get("code") or "error"
+                    break
+                if any(c.get("text") for c in chunk.get("choices") or []):
+                    sample.chunk_times.append(now)
+                    if sample.ttft_s is None:
+                        sample.ttft_s = now
+                        if on_first is not None:
+                            on_first()
+                usage = chunk.get("usage")
+                if usage:
+                    usage_tokens = usage.get("completion_tokens")
+                    sample.prompt_tokens = usage.get("prompt_tokens")
+                    details = usage.get("prompt_tokens_details")
+                    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                        sample.cached_tokens = details["cached_tokens"]
     except httpx.HTTPError as exc:
-        return Sample(0, time.perf_counter() - started, error=type(exc).__name__)
+        sample.status, sample.error = 0, type(exc).__name__
+    sample.latency_s = time.perf_counter() - started
+    # Usage counts tokens; without it, text chunks stand in (a speculative chunk may hold several).
+    sample.tokens = usage_tokens if usage_tokens is not None else len(sample.chunk_times)
+    return sample
 
 
 async def run_phase(
@@ -226,28 +272,613 @@ def default_prompts() -> list[Prompt]:
     return stdlib_windows(64, seed=7, lines=30, held_out=True)
 
 
+# -- --table: one command, a grid of cells and two scenarios, against servers it starts itself ----------
+
+SCHEDULERS = ("batched", "interleaved")
+PROPOSERS = ("none", "draft", "ngram")
+SCENARIOS = ("prefix", "chunked")
+PREFIX_ROUNDS = 3  # distinct prefixes in the prefix scenario
+CHUNKED_STREAMS = 3  # running streams the long prompt arrives among
+CHUNKED_STREAM_TOKENS = 256
+SCENARIO_TAIL_TOKENS = 8  # max_tokens of the prefix requests and of the long prompt
+
+
+def parse_list(text: str, what: str, allowed: tuple[str, ...] | None = None) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if len(set(items)) != len(items):
+        raise UserError(f"--{what}: each value once, got {text!r}")
+    if allowed is not None:
+        unknown = [x for x in items if x not in allowed]
+        if unknown:
+            raise UserError(f"--{what}: unknown value {unknown[0]!r}; choose among {', '.join(allowed)}")
+    return items
+
+
+def parse_levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in parse_list(text, "levels")]
+    except ValueError:
+        raise UserError(f"--levels takes comma-separated integers, e.g. 1,2,4,8; got {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise UserError("--levels: give one or more concurrency levels, each 1 or more")
+    return levels
+
+
+def requests_per_cell(concurrency: int, requests: int | None) -> int:
+    """--requests when given, else 4 per client and at least 8."""
+    return requests if requests else max(8, 4 * concurrency)
+
+
+def cell_plan(levels: list[int], proposers: list[str], schedulers: list[str]) -> list[tuple[int, str, tuple[str, ...]]]:
+    """The cells in the order they run: per concurrency, per proposer, the schedulers back to back,
+    their order flipped at every cell (A B, B A, A B, ...) so that drift hits both alike."""
+    plan = []
+    for concurrency in levels:
+        for proposer in proposers:
+            order = tuple(schedulers) if len(plan) % 2 == 0 else tuple(reversed(schedulers))
+            plan.append((concurrency, proposer, order))
+    return plan
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def reference_scheduler(schedulers: list[str]) -> str:
+    """The scheduler whose verifier-only figures the speculation columns divide by."""
+    return "batched" if "batched" in schedulers else schedulers[0]
+
+
+def table_rows(cells: list[dict]) -> list[dict]:
+    """Each cell's figures with its ratio columns: tok/s over the interleaved scheduler's (same
+    concurrency, same proposer) and over the reference scheduler's verifier-only (same concurrency)."""
+    schedulers = list(dict.fromkeys(c["scheduler"] for c in cells))
+    ref = reference_scheduler(schedulers) if schedulers else "batched"
+    rate = {(c["concurrency"], c["proposer"], c["scheduler"]): c["summary"]["tokens_per_s"] for c in cells}
+    rows = []
+    for c in cells:
+        s = c["summary"]
+        key = (c["concurrency"], c["proposer"])
+        rows.append({
+            "concurrency": c["concurrency"], "proposer": c["proposer"], "scheduler": c["scheduler"],
+            "tokens_per_s": s["tokens_per_s"],
+            "x_interleaved": _ratio(s["tokens_per_s"], rate.get((*key, "interleaved"))),
+            "x_verifier_only": _ratio(s["tokens_per_s"], rate.get((c["concurrency"], "none", ref))),
+            "latency_p50_s": s["latency_p50_s"], "latency_p99_s": s["latency_p99_s"],
+            "ttft_p50_s": s["ttft_p50_s"], "itl_p50_s": s["itl_p50_s"], "itl_p99_s": s["itl_p99_s"],
+            "ok": s["ok"], "requests": s["requests"],
+        })
+    rows.sort(key=lambda r: (r["concurrency"], PROPOSERS.index(r["proposer"]) if r["proposer"] in PROPOSERS else 9,
+                             r["proposer"], r["scheduler"]))
+    return rows
+
+
+def _num(value: float | None, digits: int = 2, scale: float = 1.0, suffix: str = "") -> str:
+    return "-" if value is None else f"{value * scale:.{digits}f}{suffix}"
+
+
+def render_table(cells: list[dict]) -> str:
+    """The cells as a markdown table."""
+    schedulers = list(dict.fromkeys(c["scheduler"] for c in cells))
+    ref = reference_scheduler(schedulers) if schedulers else "batched"
+    head = ["concurrency", "proposer", "scheduler", "tok/s", "x interleaved", f"x {ref} verifier-only",
+            "latency p50/p99 (s)", "TTFT p50 (ms)", "ITL p50/p99 (ms)", "ok"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if i not in (1, 2) else "---" for i in range(len(head))) + "|"]
+    for r in table_rows(cells):
+        lines.append("| " + " | ".join([
+            str(r["concurrency"]), r["proposer"], r["scheduler"], _num(r["tokens_per_s"], 1),
+            _num(r["x_interleaved"], suffix="x"), _num(r["x_verifier_only"], suffix="x"),
+            f"{_num(r['latency_p50_s'])} / {_num(r['latency_p99_s'])}", _num(r["ttft_p50_s"], 0, 1000),
+            f"{_num(r['itl_p50_s'], 1, 1000)} / {_num(r['itl_p99_s'], 1, 1000)}", f"{r['ok']}/{r['requests']}",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def chunked_figures(streams: list[Sample], window: tuple[float, float] | None) -> dict:
+    """ITL gaps of the running streams, over the whole streams and within the window from the long
+    prompt's send to its first token (absolute perf_counter times): a gap falls in it when it
+    overlaps it. The headline: p99 of the window's gaps over the median of the gaps outside it."""
+    every, inside, outside = [], [], []
+    for s in streams:
+        times = [s.sent_at + t for t in s.chunk_times]
+        for a, b in zip(times, times[1:], strict=False):
+            every.append(b - a)
+            (inside if window is not None and a < window[1] and b > window[0] else outside).append(b - a)
+    median_all, p99_all = _percentile(every, 50), _percentile(every, 99)
+    median_out = _percentile(outside, 50) if outside else median_all
+    p99_in = _percentile(inside, 99)
+    return {
+        "gaps": len(every), "window_gaps": len(inside),
+        "window_s": None if window is None else window[1] - window[0],
+        "itl_median_s": median_all, "itl_p99_s": p99_all,
+        "window_itl_median_s": _percentile(inside, 50), "window_itl_p99_s": p99_in,
+        "outside_itl_median_s": median_out,
+        "stream_p99_over_median": _ratio(p99_all, median_all),
+        "window_p99_over_median": _ratio(p99_in, median_out),
+    }
+
+
+class _Server:
+    """One `verispec serve` this command started, its output in a log file."""
+
+    def __init__(self, scheduler: str, args: list[str], log_dir: Path):
+        self.scheduler = scheduler
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"serve-{scheduler}-{self.port}.log"
+        self.command = [sys.executable, "-m", "verispec.cli", "serve", *args, "--scheduler", scheduler, "--port", str(self.port)]
+        # Private servers on loopback: no API keys, whatever this shell's environment says.
+        env = {k: v for k, v in os.environ.items() if k not in ("VERISPEC_API_KEYS", "VERISPEC_API_KEYS_FILE")}
+        self._log = self.log_path.open("w")
+        self._log.write("$ " + shlex.join(self.command) + "\n")
+        self._log.flush()
+        self.process = subprocess.Popen(
+            self.command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,  # Ctrl-C reaches this command alone, which then stops its servers
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    async def wait_ready(self, client: httpx.AsyncClient, timeout_s: float) -> None:
+        end = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise UserError(f"the {self.scheduler} server exited with {self.process.returncode} before it was ready; "
+                                f"its log ({self.log_path}) ends:\n{self.log_tail()}")
+            try:
+                if (await client.get("/readyz", timeout=2.0)).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > end:
+                raise UserError(f"the {self.scheduler} server was not ready within {timeout_s:g}s (--wait-s waits longer); "
+                                f"its log ({self.log_path}) ends:\n{self.log_tail()}")
+            await asyncio.sleep(0.25)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when this process dies, however it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort; the finally block stops the servers anyway
+        pass
+
+
+def serve_args(target: str | None, draft: str | None, proposers: list[str], kv_cache_memory: str | None,
+               extra: str | None) -> list[str]:
+    """The flags every server of the table gets (but --scheduler and --port)."""
+    args = [*(["--target", target] if target else []), *(["--draft", draft] if draft else [])]
+    args += ["--proposers", ",".join(proposers), "--max-running", "8", "--max-waiting", "64",
+             "--audit-url", "none", "--log-level", "warning"]
+    if kv_cache_memory:
+        args += ["--kv-cache-memory", kv_cache_memory]
+    return args + shlex.split(extra or "")  # given last: they override the above
+
+
+@dataclass
+class _Endpoint:
+    scheduler: str
+    client: httpx.AsyncClient
+    model: str
+
+
+def _body(model: str, prompt: str, max_tokens: int, proposer: str, stream: bool = True) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream,
+            "proposer": proposer}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _failures(samples: list[Sample]) -> str:
+    bad = [s for s in samples if s.status != 200 or s.error is not None]
+    return "; ".join(sorted({f"{s.status} {s.error or ''} {s.detail or ''}".strip() for s in bad}))[:400]
+
+
+async def _prompt_tokens(endpoint: _Endpoint, text: str) -> int:
+    """The server's count of a prompt's tokens (one verifier-only token generated)."""
+    response = await endpoint.client.post("/v1/completions", json=_body(endpoint.model, text, 1, "none", stream=False))
+    if response.status_code != 200:
+        raise UserError(f"counting a prompt's tokens: the server answered {response.status_code}: {response.text[:300]}")
+    return int(response.json()["usage"]["prompt_tokens"])
+
+
+def _corpus(prompts: list[Prompt], start: int, chars: int) -> str:
+    """`chars` characters of the prompt set's texts, from prompt `start` on, cycling."""
+    parts, length, i = [], 0, start
+    while length < chars:
+        text = prompts[i % len(prompts)].text.strip("\n")
+        parts.append(text)
+        length += len(text) + 2
+        i += 1
+        if i - start > 100 * len(prompts):
+            break
+    return "\n\n".join(parts)[:chars]
+
+
+async def _chars_per_token(endpoint: _Endpoint, prompts: list[Prompt], tokens: int) -> float:
+    """Characters per token of the prompt set's text, measured on a sample of about `tokens`
+    tokens. The sample starts with a line no scenario text starts with: it primes no prefix cache."""
+    ratio, chars = 3.0, int(3.0 * tokens)
+    for _ in range(3):
+        text = "# token count\n" + _corpus(prompts, len(prompts) // 2, chars)
+        try:
+            count = await _prompt_tokens(endpoint, text)
+        except UserError:
+            if chars < 64:
+                raise
+            chars //= 2  # too long for the window: a smaller sample
+            continue
+        ratio = len(text) / max(count, 1)
+        if abs(count - tokens) <= 0.1 * tokens:
+            break
+        chars = int(ratio * tokens)
+    return ratio
+
+
+async def _scenario_text(endpoint: _Endpoint, header: str, prompts: list[Prompt], start: int, tokens: int,
+                         chars_per_token: float, reserve: int) -> str:
+    """A prompt of about `tokens` tokens: `header`, then the prompt set's text from `start`.
+    Counted once with another header (priming nothing) and trimmed so `reserve` more tokens fit."""
+    chars = int(tokens * chars_per_token)
+    body = _corpus(prompts, start, chars)
+    for _ in range(3):
+        try:
+            count = await _prompt_tokens(endpoint, "# token count\n" + body)
+        except UserError:  # over the window
+            count = None
+        if count is not None and count <= tokens * 1.05:
+            break
+        scale = 0.8 if count is None else tokens / count * 0.98
+        body = body[: int(len(body) * scale)]
+    return header + body
+
+
+async def prefix_scenario(endpoint: _Endpoint, prompts: list[Prompt], tokens: int, chars_per_token: float) -> dict:
+    """For each of PREFIX_ROUNDS new prefixes: A = prefix + tail A, then, once A finished,
+    B = prefix + tail B. B's prompt starts with what A's did: a prefix cache serves it."""
+    rounds = []
+    n = len(prompts)
+    for i in range(PREFIX_ROUNDS):
+        start = (i * max(1, n // PREFIX_ROUNDS) + 1) % n
+        header = f"# shared context {i + 1} of the {endpoint.scheduler} run\n"
+        prefix = await _scenario_text(endpoint, header, prompts, start, tokens, chars_per_token, 64)
+        tails = [f"\n\n# request {label}\n" + prompts[(start + 5 + k) % n].text[:240] for k, label in enumerate("AB")]
+        a = await _one(endpoint.client, _body(endpoint.model, prefix + tails[0], SCENARIO_TAIL_TOKENS, "none"))
+        b = await _one(endpoint.client, _body(endpoint.model, prefix + tails[1], SCENARIO_TAIL_TOKENS, "none"))
+        rounds.append({
+            "ok": all(s.status == 200 and s.error is None and s.ttft_s is not None for s in (a, b)),
+            "prompt_tokens_a": a.prompt_tokens, "prompt_tokens_b": b.prompt_tokens,
+            "ttft_a_s": a.ttft_s, "ttft_b_s": b.ttft_s, "ttft_ratio": _ratio(a.ttft_s, b.ttft_s),
+            "cached_tokens_a": a.cached_tokens, "cached_tokens_b": b.cached_tokens,
+            "failures": _failures([a, b]) or None,
+        })
+    ratios = [r["ttft_ratio"] for r in rounds if r["ok"] and r["ttft_ratio"] is not None]
+    cached = [r["cached_tokens_b"] for r in rounds if r["cached_tokens_b"] is not None]
+    return {
+        "scheduler": endpoint.scheduler, "ok": all(r["ok"] for r in rounds), "rounds": rounds,
+        "median_ttft_ratio": statistics.median(ratios) if ratios else None,
+        "median_cached_tokens_b": statistics.median(cached) if cached else None,
+    }
+
+
+async def chunked_scenario(endpoint: _Endpoint, prompts: list[Prompt], tokens: int, chars_per_token: float) -> dict:
+    """CHUNKED_STREAMS verifier-only streams run; once each has its first token, a prompt of about
+    `tokens` tokens arrives. How much does its prefill stretch the running streams' ITL?"""
+    n = len(prompts)
+    long_prompt = await _scenario_text(
+        endpoint, f"# long document of the {endpoint.scheduler} run\n", prompts, n // 3 + 2, tokens, chars_per_token,
+        SCENARIO_TAIL_TOKENS,
+    )
+    started = [asyncio.Event() for _ in range(CHUNKED_STREAMS)]
+
+    async def stream(i: int) -> Sample:
+        try:
+            body = _body(endpoint.model, prompts[i % n].text[:200], CHUNKED_STREAM_TOKENS, "none")
+            return await _one(endpoint.client, body, on_first=started[i].set)
+        finally:
+            started[i].set()  # failed or finished before its first token: wait no longer
+
+    tasks = [asyncio.create_task(stream(i)) for i in range(CHUNKED_STREAMS)]
+    await asyncio.gather(*(e.wait() for e in started))
+    long = await _one(endpoint.client, _body(endpoint.model, long_prompt, SCENARIO_TAIL_TOKENS, "none"))
+    streams = await asyncio.gather(*tasks)
+    window = (long.sent_at, long.sent_at + long.ttft_s) if long.ttft_s is not None else None
+    # The streams must still be running when the long prompt arrives, else the window is empty.
+    overlapped = sum(1 for s in streams if s.chunk_times and s.sent_at + s.chunk_times[-1] > long.sent_at)
+    everything = [*streams, long]
+    return {
+        "scheduler": endpoint.scheduler,
+        "ok": all(s.status == 200 and s.error is None for s in everything) and long.ttft_s is not None,
+        "long_prompt_tokens": long.prompt_tokens, "long_ttft_s": long.ttft_s,
+        "streams_running_at_arrival": overlapped, "stream_tokens": [s.tokens for s in streams],
+        "failures": _failures(everything) or None,
+        **chunked_figures([s for s in streams if s.status == 200 and s.error is None], window),
+    }
+
+
+async def run_table(
+    endpoints: list[_Endpoint], prompts: list[Prompt], levels: list[int], proposers: list[str], requests: int | None,
+    max_tokens: int, warmup: int, scenarios: list[str], prefix_tokens: int, long_tokens: int,
+    progress: Callable[[str], None] = lambda line: None,
+) -> dict:
+    """The cells (see `cell_plan`) and the scenarios, against servers already ready."""
+    by_name = {e.scheduler: e for e in endpoints}
+    n = len(prompts)
+    texts = lambda start, count: [prompts[(start + i) % n].text for i in range(count)]  # noqa: E731
+    if warmup:
+        for e in endpoints:
+            for p in proposers:
+                phase = await run_phase(e.client, "warm-up", [_body(e.model, t, max_tokens, p) for t in texts(n - warmup, warmup)],
+                                        min(2, warmup))
+                if _failures(phase.samples):
+                    raise UserError(f"warm-up of proposer {p} on the {e.scheduler} server failed: {_failures(phase.samples)}")
+    cells, offset = [], 0
+    for index, (concurrency, proposer, order) in enumerate(cell_plan(levels, proposers, [e.scheduler for e in endpoints])):
+        count = requests_per_cell(concurrency, requests)
+        batch = texts(offset, count)  # the same prompts for each scheduler of a cell; cells move on
+        offset += count
+        for position, scheduler in enumerate(order):
+            e = by_name[scheduler]
+            phase = await run_phase(e.client, f"c{concurrency} {proposer} {scheduler}",
+                                    [_body(e.model, t, max_tokens, proposer) for t in batch], concurrency)
+            summary = summarize(phase.name, [phase])
+            cells.append({"cell": index, "position": position, "concurrency": concurrency, "proposer": proposer,
+                          "scheduler": scheduler, "summary": summary, "failures": _failures(phase.samples) or None,
+                          "samples": [asdict(s) for s in phase.samples]})
+            progress(f"c={concurrency} {proposer:5} {scheduler:11} {summary['ok']}/{summary['requests']} ok  "
+                     f"{_num(summary['tokens_per_s'], 1)} tok/s")
+    results: dict = {"cells": cells, "scenarios": {}}
+    if scenarios:
+        chars_per_token = await _chars_per_token(endpoints[0], prompts, min(prefix_tokens, long_tokens))
+        results["chars_per_token"] = chars_per_token
+        if "prefix" in scenarios:
+            results["scenarios"]["prefix"] = []
+            for e in endpoints:
+                results["scenarios"]["prefix"].append(await prefix_scenario(e, prompts, prefix_tokens, chars_per_token))
+                progress(f"prefix  {e.scheduler:11} done")
+        if "chunked" in scenarios:
+            results["scenarios"]["chunked"] = []
+            for e in endpoints:
+                results["scenarios"]["chunked"].append(await chunked_scenario(e, prompts, long_tokens, chars_per_token))
+                progress(f"chunked {e.scheduler:11} done")
+    return results
+
+
+def summary_lines(report: dict) -> list[str]:
+    cells = report["cells"]
+    rate = {(c["concurrency"], c["proposer"], c["scheduler"]): c["summary"]["tokens_per_s"] for c in cells}
+    schedulers = list(dict.fromkeys(c["scheduler"] for c in cells))
+    levels = list(dict.fromkeys(c["concurrency"] for c in cells))
+    proposers = list(dict.fromkeys(c["proposer"] for c in cells))
+    lines = []
+    c4 = _ratio(rate.get((4, "none", "batched")), rate.get((4, "none", "interleaved")))
+    lines.append("- verifier-only, concurrency 4, batched / interleaved tok/s: "
+                 + (f"{c4:.2f}x" if c4 is not None else "n/a (needs level 4, proposer none and both schedulers)"))
+    if schedulers:
+        ref = reference_scheduler(schedulers)
+        parts = []
+        for c in levels:
+            ratios = [f"{p} {_num(_ratio(rate.get((c, p, ref)), rate.get((c, 'none', ref))), suffix='x')}"
+                      for p in proposers if p != "none"]
+            if ratios:
+                parts.append(f"c{c}: " + ", ".join(ratios))
+        lines.append(f"- speculation / verifier-only tok/s, {ref} scheduler: " + ("; ".join(parts) or "n/a (no proposer but none)"))
+    for s in report.get("scenarios", {}).get("prefix", []):
+        cached = s["median_cached_tokens_b"]
+        lines.append(f"- prefix, {s['scheduler']}: median TTFT A / TTFT B {_num(s['median_ttft_ratio'], suffix='x')}"
+                     + (f", B's cached_tokens {cached:g}" if cached is not None else ", cached_tokens not reported"))
+    for s in report.get("scenarios", {}).get("chunked", []):
+        lines.append(f"- chunked, {s['scheduler']}: running streams' ITL p99 while the long prompt waits for its first "
+                     f"token / median ITL {_num(s['window_p99_over_median'], suffix='x')} (target: at most 3x on batched); "
+                     f"whole streams p99/median {_num(s['stream_p99_over_median'], suffix='x')}")
+    return lines
+
+
+def render_report(report: dict) -> str:
+    c = report["config"]
+    out = [f"## verispec loadtest --table: {report['model']}",
+           "", f"Greedy streaming completions, max_tokens {c['max_tokens']}, requests per cell "
+               f"{c['requests'] or 'max(8, 4 x concurrency)'}, schedulers run back to back per cell, order alternating.",
+           "", render_table(report["cells"])]
+    prefix = report.get("scenarios", {}).get("prefix")
+    if prefix:
+        out += ["", "### prefix: A = prefix + tail A, then B = same prefix + tail B", "",
+                "| scheduler | prompt tokens (A) | TTFT A (ms) | TTFT B (ms) | TTFT A / B | cached tokens (B) |", "|---|---:|---:|---:|---:|---:|"]
+        for s in prefix:
+            for r in s["rounds"]:
+                out.append(f"| {s['scheduler']} | {r['prompt_tokens_a'] if r['prompt_tokens_a'] is not None else '-'} | "
+                           f"{_num(r['ttft_a_s'], 0, 1000)} | {_num(r['ttft_b_s'], 0, 1000)} | {_num(r['ttft_ratio'], suffix='x')} | "
+                           f"{r['cached_tokens_b'] if r['cached_tokens_b'] is not None else '-'} |")
+    chunked = report.get("scenarios", {}).get("chunked")
+    if chunked:
+        out += ["", f"### chunked: a long prompt arrives among {CHUNKED_STREAMS} running verifier-only streams", "",
+                "| scheduler | long prompt tokens | its TTFT (ms) | window ITL median / p99 (ms) | stream ITL median / p99 (ms) "
+                "| window p99 / median | stream p99 / median |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for s in chunked:
+            out.append(f"| {s['scheduler']} | {s['long_prompt_tokens'] if s['long_prompt_tokens'] is not None else '-'} | "
+                       f"{_num(s['long_ttft_s'], 0, 1000)} | "
+                       f"{_num(s['window_itl_median_s'], 1, 1000)} / {_num(s['window_itl_p99_s'], 1, 1000)} | "
+                       f"{_num(s['itl_median_s'], 1, 1000)} / {_num(s['itl_p99_s'], 1, 1000)} | "
+                       f"{_num(s['window_p99_over_median'], suffix='x')} | {_num(s['stream_p99_over_median'], suffix='x')} |")
+    out += ["", "### summary", "", *summary_lines(report)]
+    return "\n".join(out) + "\n"
+
+
+def _failed_count(report: dict) -> int:
+    failed = sum(c["summary"]["requests"] - c["summary"]["ok"] for c in report["cells"])
+    return failed + sum(not s["ok"] for runs in report.get("scenarios", {}).values() for s in runs)
+
+
+async def _table(args: argparse.Namespace, prompts: list[Prompt], config: dict, log_dir: Path, servers: list[_Server]) -> dict:
+    server_proposers = list(dict.fromkeys(["none", *config["proposers"]]))  # none: the baseline and the scenarios
+    flags = serve_args(args.target, args.draft, server_proposers, args.kv_cache_memory, args.serve_args)
+    for scheduler in config["schedulers"]:
+        servers.append(_Server(scheduler, flags, log_dir))
+    timeout = httpx.Timeout(600.0, connect=10.0)
+    limits = httpx.Limits(max_connections=max(config["levels"]) + CHUNKED_STREAMS + 4)
+    clients = [httpx.AsyncClient(base_url=s.url, timeout=timeout, limits=limits) for s in servers]
+    try:
+        started = time.perf_counter()
+        await asyncio.gather(*(s.wait_ready(c, args.wait_s) for s, c in zip(servers, clients, strict=True)))
+        endpoints = [_Endpoint(s.scheduler, c, await _model_name(c)) for s, c in zip(servers, clients, strict=True)]
+        _say(f"{len(servers)} server(s) ready in {time.perf_counter() - started:.0f}s (logs: {log_dir})")
+        results = await run_table(
+            endpoints, prompts, config["levels"], config["proposers"], config["requests"], config["max_tokens"],
+            config["warmup"], config["scenarios"], config["prefix_tokens"], config["long_tokens"], progress=_say,
+        )
+    finally:
+        for c in clients:
+            await c.aclose()
+    return {"model": endpoints[0].model, "config": config,
+            "servers": [{"scheduler": s.scheduler, "url": s.url, "command": s.command} for s in servers], **results}
+
+
+def _say(line: str) -> None:
+    print(f"loadtest: {line}", file=sys.stderr, flush=True)
+
+
+def _run_table(args: argparse.Namespace) -> int:
+    if args.compare_speculation:
+        raise UserError("--compare-speculation and --table do not go together: --table compares proposers itself")
+    for name in ("requests", "max_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be 1 or more")
+    if args.warmup < 0:
+        raise UserError("--warmup must be 0 or more")
+    if args.prefix_tokens < 16 or args.long_tokens < 16:
+        raise UserError("--prefix-tokens and --long-tokens must be 16 or more")
+    scenarios = [] if args.scenarios.strip().lower() in ("", "none") else parse_list(args.scenarios, "scenarios", SCENARIOS)
+    config = {
+        "levels": parse_levels(args.levels),
+        "proposers": parse_list(args.proposers, "proposers", PROPOSERS),
+        "schedulers": parse_list(args.schedulers, "schedulers", SCHEDULERS),
+        "scenarios": scenarios,
+        "requests": args.requests, "max_tokens": args.max_tokens or 128, "warmup": args.warmup,
+        "prefix_tokens": args.prefix_tokens, "long_tokens": args.long_tokens,
+        "target": args.target, "draft": args.draft, "kv_cache_memory": args.kv_cache_memory, "serve_args": args.serve_args,
+    }
+    if not config["proposers"] or not config["schedulers"]:
+        raise UserError("--proposers and --schedulers need one value or more")
+    if args.target and not args.draft and "draft" in config["proposers"]:
+        raise UserError("proposer draft needs --draft with --target (or leave 'draft' out of --proposers)")
+    prompts = default_prompts() if args.prompts is None else load_prompts(args.prompts)
+    log_dir = Path(tempfile.mkdtemp(prefix="verispec-loadtest-"))
+    servers: list[_Server] = []
+    ok = False
+    previous = signal.signal(signal.SIGTERM, _terminated)  # SIGTERM, like Ctrl-C, still stops the servers
+    try:
+        report = asyncio.run(_table(args, prompts, config, log_dir, servers))
+        text = render_report(report)
+        print(text)
+        if args.markdown:
+            args.markdown.parent.mkdir(parents=True, exist_ok=True)
+            args.markdown.write_text(text)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+        ok = _failed_count(report) == 0
+        return 0 if ok else 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for s in servers:
+            s.stop()
+        if ok:
+            for path in log_dir.iterdir():
+                path.unlink()
+            log_dir.rmdir()
+        else:
+            print(f"verispec: server logs kept in {log_dir}", file=sys.stderr)
+
+
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def add_loadtest_command(commands) -> None:
-    command = commands.add_parser("loadtest", help="concurrent streaming clients against a running `verispec serve`")
+    command = commands.add_parser(
+        "loadtest", help="concurrent streaming clients against a running `verispec serve` (--table: servers of its own)",
+        description="Concurrent streaming clients against a running `verispec serve`. With --table it starts one server "
+                    "per scheduler itself and measures every concurrency level x proposer x scheduler, then the prefix "
+                    "and chunked-prefill scenarios, and prints a markdown table.",
+    )  # fmt: skip
     command.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: %(default)s)")
     command.add_argument("--prompts", type=Path, default=None,
                          help="JSONL prompt set (default: the shared prompts where present, else 64 windows of "
                               "the standard library's q/r/s modules, which the demo pair never trained on)")  # fmt: skip
     command.add_argument("--concurrency", type=int, default=4, help="concurrent clients (default: %(default)s)")
-    command.add_argument("--requests", type=int, default=32, help="requests per configuration (default: %(default)s)")
-    command.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default: %(default)s)")
+    command.add_argument("--requests", type=int, default=None,
+                         help="requests per configuration (default: 32); with --table per cell (default: 4 per "
+                              "client, at least 8)")  # fmt: skip
+    command.add_argument("--max-tokens", type=int, default=None, help="max_tokens per request (default: 64; with --table 128)")
     command.add_argument("--api-key", default=None, help="API key, if the server wants one (env: VERISPEC_API_KEY)")
     command.add_argument("--compare-speculation", action="store_true", help="alternate speculative and verifier-only phases")
     command.add_argument("--rounds", type=int, default=2, help="with --compare-speculation: A/B alternations (default: %(default)s)")
-    command.add_argument("--warmup", type=int, default=2, help="requests per configuration before timing (default: %(default)s)")
-    command.add_argument("--wait-s", type=float, default=60.0, help="wait this long for the server to be ready (default: %(default)s)")
+    command.add_argument("--warmup", type=int, default=2,
+                         help="requests per configuration before timing; with --table per server and proposer "
+                              "(default: %(default)s)")  # fmt: skip
+    command.add_argument("--wait-s", type=float, default=None,
+                         help="wait this long for the server to be ready (default: 60; with --table 600)")
     command.add_argument("--out", type=Path, default=None, help="also write the report as JSON to this file")
+    table = command.add_argument_group(
+        "--table", "start one `verispec serve` per scheduler on free loopback ports and measure a grid of cells"
+    )
+    table.add_argument("--table", action="store_true",
+                       help="measure concurrency x proposer x scheduler cells and the scenarios on servers of its own "
+                            "(--url is not used)")  # fmt: skip
+    table.add_argument("--target", default=None, help="the servers' verifier (default: the servers' own, the demo pair)")
+    table.add_argument("--draft", default=None, help="the servers' draft model (default: the servers' own)")
+    table.add_argument("--levels", default="1,2,4,8", help="concurrency levels (default: %(default)s)")
+    table.add_argument("--schedulers", default="batched,interleaved",
+                       help="one server each: batched, interleaved (default: %(default)s)")
+    table.add_argument("--proposers", default="none,draft,ngram",
+                       help="pinned per request; none = verifier only (default: %(default)s)")
+    table.add_argument("--scenarios", default="prefix,chunked",
+                       help="prefix (shared-prefix TTFT), chunked (a long prompt among running streams), or none "
+                            "(default: %(default)s)")  # fmt: skip
+    table.add_argument("--prefix-tokens", type=int, default=1000,
+                       help="prefix scenario: tokens of the shared prefix, about (default: %(default)s)")
+    table.add_argument("--long-tokens", type=int, default=1800,
+                       help="chunked scenario: tokens of the long prompt, about (default: %(default)s)")
+    table.add_argument("--kv-cache-memory", default=None, help="passed to the servers (default: theirs)")
+    table.add_argument("--serve-args", default=None,
+                       help="more `verispec serve` flags for both servers, one string, given last (they override): "
+                            "e.g. \"--load-depth-from 2 --load-depth-off 4\"")  # fmt: skip
+    table.add_argument("--markdown", type=Path, default=None, help="also write the table and summary to this file")
     command.add_argument("-v", "--verbose", action="store_true", help="log more")
     command.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    import os
-
+    if args.table:
+        args.wait_s = 600.0 if args.wait_s is None else args.wait_s
+        return _run_table(args)
+    args.requests = 32 if args.requests is None else args.requests
+    args.max_tokens = 64 if args.max_tokens is None else args.max_tokens
+    args.wait_s = 60.0 if args.wait_s is None else args.wait_s
     for name in ("concurrency", "requests", "max_tokens", "rounds"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be 1 or more")

@@ -1,4 +1,4 @@
-"""Per-request speculation statistics, in the vocabulary of `verify.py`.
+"""Per-request speculation statistics, in the vocabulary of `core/acceptance.py`.
 
 The engine only counts; rates are derived here (properties) or by whoever aggregates counts.
 """

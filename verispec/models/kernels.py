@@ -10,9 +10,10 @@ module's compiled library: `csrc/layer_ops.c`):
   bfloat16 is kept in 16 bits and widened to float32 in registers by a small compiled kernel
   (`csrc/widen_linear.c`, AVX2/FMA/F16C). The arithmetic is float32 on the same values; a step
   streams half the bytes. Each output is accumulated in an order that does not depend on the
-  number of rows in the pass, so a position's logits are the same decoded alone or verified
-  among k+1 positions. Passes wider than `KERNEL_MAX_ROWS` (prefill) widen the matrix and use the
-  float32 GEMM, which wins once there are enough rows to reuse each weight. On this CPU the
+  number of rows in the pass, so a position's logits are the same decoded alone, verified among
+  k+1 positions or in a batched pass of any width, and a prompt's keys and values the same
+  however it is chunked. A float32 GEMM would be about 2x faster at a few hundred rows (prefill),
+  but its sums run in an order that depends on the shape, which would break that. On this CPU the
   widened form streams a decode step's weights about 2x faster than float32 `x @ w`.
 - `onednn` (CPU, float32 weights that 16 bits cannot hold exactly, from PREPACK_MIN_ELEMENTS
   up): the weight prepacked once for oneDNN, whose small-M GEMM costs about the same for 1 to 8
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 
 KERNEL_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("widen_linear.c", "layer_ops.c"))
 KERNEL_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
-KERNEL_MAX_ROWS = 16  # beyond this the float32 GEMM on a widened copy is faster (prefill)
 # A oneDNN call costs about 50 us before any arithmetic (F.linear: about 5 us): prepacking pays
 # only for matrices whose streaming takes longer than that, from about 1 MB of float32.
 PREPACK_MIN_ELEMENTS = 1 << 18
@@ -96,14 +96,9 @@ class Linear:
         return y
 
     def into(self, x: torch.Tensor, y: torch.Tensor, accumulate: bool = False) -> None:
-        """Widened forms only: y = x @ W.T + bias, or y += it; x and y contiguous float32. Past
-        KERNEL_MAX_ROWS rows (prefill) on the float32 GEMM over a widened copy of the weight."""
-        if x.shape[0] > KERNEL_MAX_ROWS:
-            weight = self.weight.float().t()
-            y.addmm_(x, weight) if accumulate else torch.mm(x, weight, out=y)
-            if self.bias is not None:
-                y += self.bias
-            return
+        """Widened forms only: y = x @ W.T + bias, or y += it; x and y contiguous float32. Every
+        row is computed alone, at any number of rows: a prompt's keys and values are the same bits
+        however it is chunked, and a position's logits the same whatever shares its pass."""
         self._kernel(
             x.data_ptr(), x.shape[0], self.weight.data_ptr(), self.out_features, self.in_features,
             None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), accumulate, torch.get_num_threads(),
@@ -137,6 +132,11 @@ def kernel_library() -> ctypes.CDLL | None:
         "rope_store": [pointer, i64, i64, i64, i64, pointer, pointer, i64, pointer, pointer, i64],
         "attention": [pointer, i64, i64, i64, i64, pointer, pointer, i64, i64, f32, pointer, i32],
         "silu_mul": [pointer, i64, i64, pointer],
+        "rope_store_paged": [pointer, i64, i64, i64, i64, pointer, pointer, pointer, pointer, pointer, pointer, i64],
+        "paged_attention": [
+            pointer, i64, pointer, pointer, pointer, pointer, pointer, i64, i64, i64, pointer, pointer, i64, f32,
+            pointer, i32,
+        ],  # fmt: skip
     }
     for name, arguments in signatures.items():
         function = getattr(library, name)

@@ -188,9 +188,9 @@ class LeanLM(LeanModel):
     ) -> torch.Tensor:
         """The pass of `_eager_step` with one C call per operation (kernels.py): at one to a few
         rows torch's fixed cost per operator exceeds the arithmetic. Every row is computed alone,
-        so a position's logits are the same bits at any pass width up to KERNEL_MAX_ROWS; wider
-        passes (prefill) run their projections on the float32 GEMM, the rest still in C (its
-        attention takes about 0.6 of the time of torch's at a few hundred rows)."""
+        so a position's logits are the same bits at any pass width, and its keys and values the
+        same however the prompt was split into passes (the batched runner, `core/runner.py`,
+        relies on both)."""
         ops = kernel_library()
         T, D = ids.shape[0], self.embed.shape[1]
         H, Hkv, hd = self.heads, self.kv_heads, self.head_dim

@@ -10,7 +10,7 @@ import torch
 from verispec.errors import ProposerError
 from verispec.models.backend import CausalLM
 from verispec.proposers.base import DraftPolicy, Proposal
-from verispec.sampling import sample, warp
+from verispec.core.sampling import sample, warp
 
 
 class DraftModelProposer:
@@ -49,24 +49,13 @@ class DraftModelSession:
         if self.lm.max_positions is not None and len(context) + depth > self.lm.max_positions:
             raise ProposerError(f"context of {len(context)} tokens is beyond the draft's window of {self.lm.max_positions}")
         logits = self._catch_up(context)
-        greedy = policy.sampling.greedy
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
         for i in range(depth):
-            if greedy:
-                token = int(logits.argmax())
-                # Greedy acceptance needs no draft distribution: build it only to test confidence
-                # or when the request is inspected.
-                dist = torch.softmax(logits.float(), dim=-1) if policy.min_confidence > 0 or policy.want_probs else None
-                confidence = float(dist[token]) if dist is not None else 1.0
-            else:
-                dist = warp(logits, policy.sampling)  # (V,)
-                confidence = float(dist.max())
-            if i > 0 and confidence < policy.min_confidence:
+            token, dist = _draw(logits, policy, first=i == 0)
+            if token is None:
                 break  # the draft is unsure; further tokens would mostly be rejected
-            if not greedy:
-                token = int(sample(dist, policy.generator))
-            if not greedy or policy.want_probs:
+            if dist is not None:
                 probs.append(dist)
             tokens.append(token)
             if i == depth - 1 or time.perf_counter() - started > policy.time_budget_s:
@@ -97,3 +86,106 @@ def _align(logits: torch.Tensor, width: int) -> torch.Tensor:
     if logits.shape[-1] > width:
         return logits[..., :width]
     return torch.nn.functional.pad(logits, (0, width - logits.shape[-1]), value=float("-inf"))
+
+
+class DraftState:
+    """One request's place in a `DraftBatch`: its blocks in the draft's cache and the tokens they hold."""
+
+    def __init__(self, table):
+        self.table = table
+        self.cached: list[int] = []
+
+
+class DraftBatch:
+    """The draft model drafting for many requests at once: one draft pass per draft position,
+    over the rows of every request still drafting, on a paged cache of its own (`core/runner.py`).
+
+    Each request's state is kept in step with its verified context as `DraftModelSession` does
+    it: roll back to the longest prefix shared with the context (dropping rejected drafts), feed
+    what is new, then draft. The same requests get the same drafts whatever else is in the batch
+    (the kernel step computes every row alone; sampled drafts draw from the request's generator)."""
+
+    def __init__(self, proposer: DraftModelProposer, memory_bytes: int, block_size: int):
+        from verispec.core.runner import ModelRunner
+
+        self.proposer = proposer
+        self.name = proposer.name
+        self.runner = ModelRunner(proposer.lm, memory_bytes, block_size, prefix_cache=True)
+
+    def state(self) -> DraftState:
+        from verispec.core.kv_cache import BlockTable
+
+        return DraftState(BlockTable(self.runner.pool))
+
+    def release(self, state: DraftState) -> None:
+        state.table.free()
+        state.cached = []
+
+    def propose(self, items: Sequence[tuple[DraftState, Sequence[int], int, DraftPolicy]]) -> list[Proposal]:
+        from verispec.core.runner import Segment
+
+        started = time.perf_counter()
+        window = self.proposer.lm.max_positions
+        for state, context, depth, _ in items:
+            if window is not None and len(context) + depth > window:
+                raise ProposerError(f"context of {len(context)} tokens is beyond the draft's window of {window}")
+        segments = [Segment(self._catch_up(state, context), len(state.cached), state.table, logits=1) for state, context, _, _ in items]
+        for (state, context, _, _), segment in zip(items, segments, strict=True):
+            state.cached.extend(segment.tokens)
+        logits = [out[-1] for out in self.runner.forward(segments)]
+        for state, context, _, _ in items:
+            state.table.verified(len(context), context)
+        tokens: list[list[int]] = [[] for _ in items]
+        probs: list[list[torch.Tensor]] = [[] for _ in items]
+        active = [i for i, (_, _, depth, _) in enumerate(items) if depth > 0]
+        while active:
+            fed = []
+            for i in active:
+                state, _, depth, policy = items[i]
+                token, dist = _draw(_align(logits[i], self.proposer.target_vocab_size), policy, first=not tokens[i])
+                if token is None:
+                    continue  # the draft is unsure: stop here
+                tokens[i].append(token)
+                if dist is not None:
+                    probs[i].append(dist)
+                if len(tokens[i]) < depth and time.perf_counter() - started <= policy.time_budget_s:
+                    fed.append(i)
+            if not fed:
+                break
+            segments = [Segment([tokens[i][-1]], len(items[i][0].cached), items[i][0].table, logits=1) for i in fed]
+            for i, out in zip(fed, self.runner.forward(segments), strict=True):
+                items[i][0].cached.append(tokens[i][-1])
+                logits[i] = out[-1]
+            active = fed
+        return [Proposal(t, torch.stack(p) if p else None) for t, p in zip(tokens, probs, strict=True)]
+
+    @staticmethod
+    def _catch_up(state: DraftState, context: Sequence[int]) -> list[int]:
+        """Roll the state back to what it shares with the context; the tokens to feed (at least the last)."""
+        if not state.cached and not state.table.blocks:
+            state.cached = list(context[: state.table.reuse_prefix(context)])
+        limit = min(len(state.cached), len(context) - 1)
+        common = 0
+        while common < limit and state.cached[common] == context[common]:
+            common += 1
+        del state.cached[common:]
+        state.table.computed = common
+        return list(context[common:])
+
+
+def _draw(logits: torch.Tensor, policy: DraftPolicy, first: bool) -> tuple[int | None, torch.Tensor | None]:
+    """The next draft token and, where the acceptance rule or an inspection needs it, its
+    distribution; None once the draft's confidence falls below the policy's floor."""
+    greedy = policy.sampling.greedy
+    if greedy:
+        token = int(logits.argmax())
+        dist = torch.softmax(logits.float(), dim=-1) if policy.min_confidence > 0 or policy.want_probs else None
+        confidence = float(dist[token]) if dist is not None else 1.0
+    else:
+        dist = warp(logits, policy.sampling)
+        confidence = float(dist.max())
+    if not first and confidence < policy.min_confidence:
+        return None, None
+    if not greedy:
+        token = int(sample(dist, policy.generator))
+    return token, dist if (not greedy or policy.want_probs) else None

@@ -43,7 +43,7 @@ from verispec.config import (
     Settings,
     TelemetrySettings,
 )
-from verispec.engine import Delta, SpeculativeEngine
+from verispec.core.engine import Delta, SpeculativeEngine
 from verispec.errors import UserError
 from verispec.models.loading import weights_digest
 from verispec.server import errors

@@ -21,7 +21,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from verispec.config import ServerSettings
-from verispec.engine import Round
+from verispec.core.engine import Round
 from verispec.inspect import Inspection
 from verispec.server.breaker import BreakerState
 from verispec.stats import RequestStats

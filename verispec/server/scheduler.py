@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from verispec.config import Depth, SamplingParams, ServerSettings
-from verispec.engine import Delta, SpeculativeEngine
+from verispec.core.engine import Delta, SpeculativeEngine
 from verispec.errors import UserError
 from verispec.server.breaker import CircuitBreaker
 from verispec.server.metrics import ServerMetrics

@@ -183,6 +183,195 @@ void attention(const float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd, 
   }
 }
 
+/* The paged KV cache of a batch of sequences: per layer a key pool and a value pool, each
+   (num_blocks, Hkv, bs, hd); position p of a sequence lives in block table[p / bs] at offset
+   p % bs, its slot is block * bs + offset. bs is a multiple of 8, so the 8 keys j..j+7 from a j
+   that is a multiple of 8 lie in one block, one after another, as dot8 reads them. */
+
+static inline const float* paged_at(const float* pool, const int64_t* table, int64_t g, int64_t j, int64_t Hkv,
+                                    int64_t bs, int64_t hd) {
+  return pool + ((table[j / bs] * Hkv + g) * bs + j % bs) * hd;
+}
+
+/* rope_store for rows of any sequences in any order: row t is at position positions[t] and
+   its k and v go to slot slots[t] of the pools. q, k and v come out the same bits as
+   rope_store's at that position. */
+void rope_store_paged(float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* cos_table,
+                      const float* sin_table, const int64_t* positions, const int64_t* slots, float* keys,
+                      float* values, int64_t bs) {
+  int64_t width = (H + 2 * Hkv) * hd;
+  for (int64_t t = 0; t < T; ++t) {
+    float* row = qkv + t * width;
+    const float* cos = cos_table + positions[t] * hd;
+    const float* sin = sin_table + positions[t] * hd;
+    int64_t block = slots[t] / bs, offset = slots[t] % bs;
+    for (int64_t h = 0; h < H; ++h) rotate(row + h * hd, cos, sin, hd);
+    for (int64_t g = 0; g < Hkv; ++g) {
+      float* k = keys + ((block * Hkv + g) * bs + offset) * hd;
+      float* v = values + ((block * Hkv + g) * bs + offset) * hd;
+      for (int64_t i = 0; i < hd; ++i) {
+        k[i] = row[(H + g) * hd + i];
+        v[i] = row[(H + Hkv + g) * hd + i];
+      }
+      rotate(k, cos, sin, hd);
+    }
+  }
+}
+
+/* Scratch floats per work item of paged_attention (rows x context); a position whose context
+   alone is longer is done without scratch. Overridable at build time (the tests shrink it). */
+#ifndef PAGED_SCRATCH_FLOATS
+#define PAGED_SCRATCH_FLOATS (1 << 22)
+#endif
+#define PAGED_MAX_ROWS 256
+
+/* Rows per work item for a segment whose last position sees `context` keys. */
+static inline int64_t paged_chunk_rows(int64_t context) {
+  int64_t rows = PAGED_SCRATCH_FLOATS / (context > 0 ? context : 1);
+  return rows < 1 ? 1 : rows > PAGED_MAX_ROWS ? PAGED_MAX_ROWS : rows;
+}
+
+/* attention's softmax of one row over keys 0..n-1 of KV head g, into row[0..n-1] (unnormalised
+   exponentials), with the same operations in the same order; returns their total. */
+static inline float paged_softmax_row(const float* q, const float* keys, const int64_t* table, int64_t g,
+                                      int64_t Hkv, int64_t bs, int64_t hd, int64_t n, float scale, float* row) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(row + j, _mm256_mul_ps(dot8(q, paged_at(keys, table, g, j, Hkv, bs, hd), hd), _mm256_set1_ps(scale)));
+  for (; j < n; ++j) row[j] = dot_tail(q, paged_at(keys, table, g, j, Hkv, bs, hd), hd) * scale;
+  float top = -INFINITY;
+  for (j = 0; j < n; ++j) top = row[j] > top ? row[j] : top;
+  __m256 sum8 = _mm256_setzero_ps();
+  for (j = 0; j + 8 <= n; j += 8) {
+    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(row + j, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  float lanes[8], total = 0.0f;
+  _mm256_storeu_ps(lanes, sum8);
+  for (int u = 0; u < 8; ++u) total += lanes[u];
+  for (; j < n; ++j) {
+    row[j] = exp1(row[j] - top);
+    total += row[j];
+  }
+  return total;
+}
+
+/* The value rounded to float as it is: the compiler may not fuse the multiply that made it
+   with the add that uses it (the buffered path stores a score before subtracting the max). */
+static inline __m256 rounded8(__m256 v) {
+  __asm__("" : "+x"(v));
+  return v;
+}
+static inline float rounded1(float v) {
+  __asm__("" : "+x"(v));
+  return v;
+}
+
+/* One row without scratch (a context past PAGED_SCRATCH_FLOATS, or malloc failed): the scores
+   are computed three times (max, total, weights), each time the same bits, so the output is
+   the same as the buffered path's. */
+static void paged_attend_unbuffered(const float* q, const float* keys, const float* values, const int64_t* table,
+                                    int64_t g, int64_t Hkv, int64_t bs, int64_t hd, int64_t n, float scale,
+                                    float* o) {
+  float s[8], top = -INFINITY;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    _mm256_storeu_ps(s, _mm256_mul_ps(dot8(q, paged_at(keys, table, g, j, Hkv, bs, hd), hd), _mm256_set1_ps(scale)));
+    for (int u = 0; u < 8; ++u) top = s[u] > top ? s[u] : top;
+  }
+  for (; j < n; ++j) {
+    float x = dot_tail(q, paged_at(keys, table, g, j, Hkv, bs, hd), hd) * scale;
+    top = x > top ? x : top;
+  }
+  __m256 sum8 = _mm256_setzero_ps();
+  for (j = 0; j + 8 <= n; j += 8) {
+    __m256 x = rounded8(_mm256_mul_ps(dot8(q, paged_at(keys, table, g, j, Hkv, bs, hd), hd), _mm256_set1_ps(scale)));
+    sum8 = _mm256_add_ps(sum8, exp8(_mm256_sub_ps(x, _mm256_set1_ps(top))));
+  }
+  float lanes[8], total = 0.0f;
+  _mm256_storeu_ps(lanes, sum8);
+  for (int u = 0; u < 8; ++u) total += lanes[u];
+  for (; j < n; ++j) total += exp1(rounded1(dot_tail(q, paged_at(keys, table, g, j, Hkv, bs, hd), hd) * scale) - top);
+  for (int64_t i = 0; i < hd; ++i) o[i] = 0.0f;
+  for (j = 0; j + 8 <= n; j += 8) {
+    __m256 x = rounded8(_mm256_mul_ps(dot8(q, paged_at(keys, table, g, j, Hkv, bs, hd), hd), _mm256_set1_ps(scale)));
+    _mm256_storeu_ps(s, exp8(_mm256_sub_ps(x, _mm256_set1_ps(top))));
+    for (int u = 0; u < 8; ++u) {
+      const float* vj = paged_at(values, table, g, j + u, Hkv, bs, hd);
+      float p = s[u] / total;
+      for (int64_t i = 0; i < hd; ++i) o[i] += p * vj[i];
+    }
+  }
+  for (; j < n; ++j) {
+    const float* vj = paged_at(values, table, g, j, Hkv, bs, hd);
+    float p = exp1(rounded1(dot_tail(q, paged_at(keys, table, g, j, Hkv, bs, hd), hd) * scale) - top) / total;
+    for (int64_t i = 0; i < hd; ++i) o[i] += p * vj[i];
+  }
+}
+
+/* attention for a batch over the paged cache. The T rows of qkv / out form S segments: segment
+   s is rows seg_row[s].. (seg_len[s] of them) at positions seg_pos[s].. of one sequence, whose
+   block table starts at tables[table_start[s]]; the row at position p sees that sequence's
+   positions 0..p. Each row's output is the bits attention gives it over a contiguous cache,
+   whatever the segments, their order and the thread count. Work items are (segment, head,
+   chunk of rows); a chunk reads each value once for all its rows. */
+void paged_attention(const float* qkv, int64_t S, const int64_t* seg_row, const int64_t* seg_len,
+                     const int64_t* seg_pos, const int64_t* tables, const int64_t* table_start, int64_t H,
+                     int64_t Hkv, int64_t hd, const float* keys, const float* values, int64_t bs, float scale,
+                     float* out, int threads) {
+  int64_t width = (H + 2 * Hkv) * hd, group = H / Hkv, chunks = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    int64_t rows = paged_chunk_rows(seg_pos[s] + seg_len[s]);
+    int64_t n = (seg_len[s] + rows - 1) / rows;
+    chunks = n > chunks ? n : chunks;
+  }
+  /* every segment gets `chunks` slots (no list to allocate); slots past its rows are empty */
+  #pragma omp parallel num_threads(threads)
+  {
+    float* scores = NULL;  /* grown as needed, at most PAGED_SCRATCH_FLOATS */
+    int64_t capacity = 0;
+    float totals[PAGED_MAX_ROWS];
+    #pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < S * chunks * H; ++item) {
+      int64_t h = item % H, c = item / H % chunks, s = item / H / chunks;
+      int64_t rows = paged_chunk_rows(seg_pos[s] + seg_len[s]);
+      int64_t first = c * rows;
+      if (first >= seg_len[s]) continue;
+      int64_t T = seg_len[s] - first < rows ? seg_len[s] - first : rows;
+      int64_t start = seg_pos[s] + first, end = start + T, g = h / group;
+      const int64_t* table = tables + table_start[s];
+      const float* q0 = qkv + (seg_row[s] + first) * width + h * hd;
+      float* o0 = out + (seg_row[s] + first) * H * hd + h * hd;
+      if (T * end <= PAGED_SCRATCH_FLOATS && T * end > capacity) {
+        free(scores);
+        scores = malloc(sizeof(float) * (size_t)(T * end));
+        capacity = scores ? T * end : 0;
+      }
+      if (T * end > capacity) {
+        for (int64_t t = 0; t < T; ++t)
+          paged_attend_unbuffered(q0 + t * width, keys, values, table, g, Hkv, bs, hd, start + t + 1, scale,
+                                  o0 + t * H * hd);
+        continue;
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        totals[t] = paged_softmax_row(q0 + t * width, keys, table, g, Hkv, bs, hd, start + t + 1, scale, scores + t * end);
+        float* o = o0 + t * H * hd;
+        for (int64_t i = 0; i < hd; ++i) o[i] = 0.0f;
+      }
+      for (int64_t j = 0; j < end; ++j) {  /* value j once, into every row that sees it */
+        const float* vj = paged_at(values, table, g, j, Hkv, bs, hd);
+        for (int64_t t = (j > start ? j - start : 0); t < T; ++t) {
+          float p = scores[t * end + j] / totals[t];
+          float* o = o0 + t * H * hd;
+          for (int64_t i = 0; i < hd; ++i) o[i] += p * vj[i];
+        }
+      }
+    }
+    free(scores);
+  }
+}
+
 /* out (T, F) = silu(gate) * up, gate_up (T, 2F) = [gate | up]. */
 void silu_mul(const float* gate_up, int64_t T, int64_t F, float* out) {
   for (int64_t t = 0; t < T; ++t) {

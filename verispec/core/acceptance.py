@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from verispec.sampling import sample
+from verispec.core.sampling import sample
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import statistics
 import time
 
 from verispec.config import SamplingParams
-from verispec.depth import StepCosts
+from verispec.core.depth import StepCosts
 from verispec.models.backend import CausalLM
 from verispec.proposers.base import DraftPolicy, Proposer
 

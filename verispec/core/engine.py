@@ -23,17 +23,17 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from verispec.calibrate import measure_step_costs
+from verispec.core.calibrate import measure_step_costs
 from verispec.config import Depth, SamplingParams, SpeculationSettings
-from verispec.depth import StepCosts, depth_policy
+from verispec.core.depth import StepCosts, depth_policy
 from verispec.errors import ProposerError, UserError
 from verispec.inspect import Inspection, inspect_round
 from verispec.models.backend import CausalLM, KVSession
 from verispec.proposers.base import DraftPolicy, Proposal, Proposer, ProposerSession
-from verispec.sampling import request_generator, warp
+from verispec.core.sampling import request_generator, warp
 from verispec.stats import RequestStats
 from verispec.text import TextStream
-from verispec.verify import Verdict, accept_greedy, accept_stochastic
+from verispec.core.acceptance import Verdict, accept_greedy, accept_stochastic
 
 log = logging.getLogger(__name__)
 
@@ -261,40 +261,57 @@ class SpeculativeEngine:
         return logits
 
     def _accept(self, request: _Request, proposal: Proposal, target_logits: torch.Tensor) -> Verdict:
-        drafts = torch.tensor([proposal.tokens], dtype=torch.long, device=target_logits.device)  # (1, k)
-        params = request.params
-        if params.greedy:
-            return accept_greedy(drafts, target_logits[None])
-        draft_probs = None if proposal.probs is None else proposal.probs.to(target_logits.device)[None]
-        return accept_stochastic(drafts, draft_probs, warp(target_logits, params)[None], request.draft_policy.generator)
+        return accept(request.params, proposal, target_logits, request.draft_policy.generator)
 
     def _inspect(self, request: _Request, proposal: Proposal, target_logits: torch.Tensor, verdict: Verdict) -> Inspection:
-        """Drift and the first mismatch of this round (before its tokens are emitted)."""
-        params = request.params
-        target_probs = torch.softmax(target_logits.float(), dim=-1) if params.greedy else warp(target_logits, params)
-        return inspect_round(
-            proposal.tokens, proposal.probs, target_probs, int(verdict.accepted[0]), int(verdict.next_token[0]),
-            first_position=request.generated,
-        )
+        return inspect(request.params, proposal, target_logits, verdict, request.generated)
 
     def _emit(self, request: _Request, new_tokens: list[int], round_: Round) -> Delta:
-        """Append verified tokens up to EOS, a stop string or the length limit."""
-        emitted: list[int] = []
-        text = []
-        finish = None
-        for token in new_tokens:
-            request.tokens.append(token)
-            emitted.append(token)
-            text.append(request.text.push(token))
-            if token in self.eos_ids or request.text.stopped:
-                finish = "stop"
-            elif request.generated >= request.params.max_new_tokens:
-                finish = "length"
-            if finish:
-                text.append(request.text.flush())
-                break
-        request.stats.generated_tokens += len(emitted)
-        return Delta(emitted, "".join(text), finish, request.stats if finish else None, round_)
+        return emit(request, new_tokens, round_, self.eos_ids)
+
+
+def accept(params: SamplingParams, proposal: Proposal, target_logits: torch.Tensor, generator: torch.Generator | None) -> Verdict:
+    """The acceptance rule for one request's round: (k+1, V) logits of its drafts."""
+    drafts = torch.tensor([proposal.tokens], dtype=torch.long, device=target_logits.device)  # (1, k)
+    if params.greedy:
+        return accept_greedy(drafts, target_logits[None])
+    draft_probs = None if proposal.probs is None else proposal.probs.to(target_logits.device)[None]
+    return accept_stochastic(drafts, draft_probs, warp(target_logits, params)[None], generator)
+
+
+def inspect(params: SamplingParams, proposal: Proposal, target_logits: torch.Tensor, verdict: Verdict, generated: int) -> Inspection:
+    """Drift and the first mismatch of a round (before its tokens are emitted)."""
+    target_probs = torch.softmax(target_logits.float(), dim=-1) if params.greedy else warp(target_logits, params)
+    return inspect_round(
+        proposal.tokens, proposal.probs, target_probs, int(verdict.accepted[0]), int(verdict.next_token[0]),
+        first_position=generated,
+    )
+
+
+def emit(request, new_tokens: list[int], round_: Round | None, eos_ids: frozenset[int]) -> Delta:
+    """Append verified tokens to a request (`tokens`, `text`, `params`, `stats`) up to EOS, a stop
+    string or the length limit, and say what they add to its output."""
+    emitted: list[int] = []
+    text = []
+    finish = None
+    for token in new_tokens:
+        request.tokens.append(token)
+        emitted.append(token)
+        text.append(request.text.push(token))
+        if token in eos_ids or request.text.stopped:
+            finish = "stop"
+        elif len(request.tokens) - request.prompt_len >= request.params.max_new_tokens:
+            finish = "length"
+        if finish:
+            text.append(request.text.flush())
+            break
+    request.stats.generated_tokens += len(emitted)
+    return Delta(emitted, "".join(text), finish, request.stats if finish else None, round_)
+
+
+def validate(proposal: Proposal, depth: int, vocab_size: int) -> None:
+    """Refuse a proposal the acceptance rule cannot take (ProposerError)."""
+    _validate(proposal, depth, vocab_size)
 
 
 def _validate(proposal: Proposal, depth: int, vocab_size: int) -> None:

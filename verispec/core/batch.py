@@ -1,0 +1,429 @@
+"""The batched speculative step: every running request advances one round in ONE verifier pass.
+
+A step
+
+1. plans the pass (`scheduler.py`): which requests run a round and at what depth, which prompts
+   get a chunk of prefill, under the pass's row budget and the KV cache's blocks;
+2. proposes drafts for every round (`proposing.py`: off this thread, within the time budget; a
+   draft model drafts for all its requests in one draft pass per position);
+3. scores every round's rows, the last verified token and the drafts, and every prompt chunk in
+   one pass of the runner (`runner.py`);
+4. accepts per request (`acceptance.py`: its own depth, its own generator) and emits the
+   accepted, recovered and bonus tokens.
+
+Each request's state is what `engine.py` keeps for a single sequence, with a block table
+(`kv_cache.py`) in place of a private cache: its KV holds every verified position but the last,
+whose logits the next round needs. A pass's time is shared among its requests in proportion to
+their rows, so per-request statistics, cost and the bandit's busy time stay right.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from verispec.config import BatchSettings, Depth, SamplingParams, SpeculationSettings
+from verispec.core.engine import Delta, Round, accept, emit, inspect, validate
+from verispec.core.goodput import PassCosts, choose_depths, measure_pass_costs
+from verispec.core.kv_cache import BlockTable
+from verispec.core.proposing import Busy, Proposing, TimedOut
+from verispec.core.runner import ModelRunner, Segment
+from verispec.core.sampling import request_generator
+from verispec.core.scheduler import Plan, plan_pass
+from verispec.errors import UserError
+from verispec.proposers.base import DraftPolicy, Proposal, Proposer
+from verispec.proposers.draft import DraftBatch, DraftModelProposer
+from verispec.stats import RequestStats
+from verispec.text import TextStream
+
+log = logging.getLogger(__name__)
+
+
+class Acceptance:
+    """A request's decaying estimate of alpha, the chance a draft is accepted given the ones
+    before it were (as `depth.AdaptiveDepth` keeps it), and its rounds without drafts."""
+
+    def __init__(self, prior: float = 0.6, memory: float = 0.9):
+        self.memory = memory
+        self.hits, self.trials = 2.0 * prior, 2.0
+        self.rounds_off = 0
+
+    @property
+    def alpha(self) -> float:
+        return self.hits / self.trials
+
+    def update(self, proposed: int, accepted: int) -> None:
+        if proposed:
+            self.hits = self.memory * self.hits + accepted
+            self.trials = self.memory * self.trials + accepted + (accepted < proposed)
+            self.rounds_off = 0
+        else:
+            self.rounds_off += 1
+
+
+@dataclass(eq=False)
+class BatchRequest:
+    """One request in the batched engine."""
+
+    id: str
+    params: SamplingParams
+    tokens: list[int]  # prompt + verified tokens
+    prompt_len: int
+    speculation: SpeculationSettings
+    proposer: Proposer | None
+    draft_policy: DraftPolicy
+    text: TextStream
+    stats: RequestStats
+    table: BlockTable
+    depth_limit: Callable[[], int] | None = None
+    inspect: bool = False
+    acceptance: Acceptance = field(default_factory=Acceptance)
+    session: object = None  # the proposer's per-request state (a session, or a DraftState)
+    consecutive_failures: int = 0
+    cached_tokens: int = 0  # prompt positions served from the prefix cache
+    preemptions: int = 0
+    arrived: float = field(default_factory=time.perf_counter)
+    order: int = 0  # admission order: the newest is preempted first
+    finished: bool = False
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def prefilling(self) -> bool:
+        return self.table.computed < len(self.tokens) - 1
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_new_tokens - self.generated
+
+
+class BatchEngine:
+    """Owns the verifier's runner and cache, the waiting and running requests, and the step."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_ids: frozenset[int],
+        batch: BatchSettings,
+        max_running: int = 8,
+    ):
+        self.runner = runner
+        self.target = runner.lm
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.batch = batch
+        self.max_running = max_running
+        self.waiting: list[BatchRequest] = []  # admission order; preempted requests go first
+        self.running: list[BatchRequest] = []
+        self.proposing = Proposing()
+        self._drafts: dict[int, DraftBatch] = {}  # per draft proposer (by id)
+        self._costs: PassCosts | None = None
+        self._admitted = 0
+        self.preemptions = 0
+
+    # -- requests in and out ---------------------------------------------------------------------
+
+    def add(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        speculation: SpeculationSettings,
+        proposer: Proposer | None,
+        depth: Depth | None = None,
+        depth_limit: Callable[[], int] | None = None,
+        inspect: bool = False,
+    ) -> BatchRequest:
+        prompt_ids = list(prompt_ids)
+        if not prompt_ids:
+            raise UserError("the prompt is empty; give some text to continue")
+        window = self.target.max_positions
+        if window is not None and len(prompt_ids) + params.max_new_tokens > window:
+            raise UserError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds "
+                f"the target's context window of {window} tokens; shorten the prompt or lower max_new_tokens"
+            )
+        if depth is not None:
+            speculation = SpeculationSettings.model_validate({**speculation.model_dump(), "depth": depth})
+        seed = None if params.greedy else (params.seed if params.seed is not None else secrets.randbits(63))
+        auto = speculation.depth == "auto"
+        request = BatchRequest(
+            id=request_id,
+            params=params,
+            tokens=prompt_ids,
+            prompt_len=len(prompt_ids),
+            speculation=speculation,
+            proposer=proposer,
+            draft_policy=DraftPolicy(
+                sampling=params,
+                generator=None if seed is None else request_generator(seed, self.target.device),
+                min_confidence=speculation.draft_confidence if auto else 0.0,
+                time_budget_s=speculation.proposer_timeout_s,
+                want_probs=inspect,
+            ),
+            text=TextStream(self.tokenizer, params.stop),
+            stats=RequestStats(prompt_tokens=len(prompt_ids), seed=seed),
+            table=BlockTable(self.runner.pool),
+            depth_limit=depth_limit,
+            inspect=inspect,
+        )
+        self.waiting.append(request)
+        return request
+
+    def abort(self, request: BatchRequest) -> None:
+        """Drop a request (cancelled, past its deadline, finished): its blocks are free at once."""
+        request.finished = True
+        if request in self.running:
+            self.running.remove(request)
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self._release(request)
+
+    @property
+    def busy(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    def costs(self) -> PassCosts:
+        """Verifier pass cost by rows, measured on first use (for --depth auto)."""
+        if self._costs is None:
+            max_rows = min(self.batch.max_pass_tokens, self.max_running * 9)
+            draft_s = 0.0
+            for batch in self._drafts.values():
+                draft_s = max(draft_s, measure_pass_costs(batch.runner, 1).seconds[0])
+            self._costs = measure_pass_costs(self.runner, max_rows, draft_s)
+            log.info(
+                "pass costs: %s ms by rows %s, draft pass %.2f ms",
+                [round(s * 1e3, 2) for s in self._costs.seconds], list(self._costs.rows), draft_s * 1e3,
+            )
+        return self._costs
+
+    def draft_batch(self, proposer: Proposer) -> DraftBatch | None:
+        """The batched drafter of a draft-model proposer whose model the runner can batch."""
+        from verispec.core.runner import batchable
+
+        if not isinstance(proposer, DraftModelProposer) or batchable(proposer.lm) is not None:
+            return None
+        batch = self._drafts.get(id(proposer))
+        if batch is None:
+            # As many positions as the verifier's cache holds, in the draft's (smaller) blocks.
+            positions = self.runner.pool.num_blocks * self.runner.pool.block_size
+            lm = proposer.lm
+            per_position = 2 * len(lm.layers) * lm.kv_heads * lm.head_dim * 4
+            memory = max(positions * per_position, (lm.max_positions + 64) * per_position)
+            batch = self._drafts[id(proposer)] = DraftBatch(proposer, memory, self.runner.pool.block_size)
+        return batch
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[tuple[BatchRequest, Delta]]:
+        """One pass: a round for every running request past its prompt, prompt chunks for the rest."""
+        plan = plan_pass(self)
+        if not plan.rounds and not plan.chunks:
+            return []
+        started_ns = time.time_ns()
+        proposals, propose_s = self._propose(plan)
+        segments = [Segment([r.tokens[-1], *proposals[r].tokens], r.table.computed, r.table) for r in plan.rounds]
+        segments += [Segment(r.tokens[r.table.computed : r.table.computed + n], r.table.computed, r.table, logits=0) for r, n in plan.chunks]
+        t0 = time.perf_counter()
+        logits = self.runner.forward(segments)
+        pass_s = time.perf_counter() - t0
+        rows = sum(len(s.tokens) for s in segments)
+
+        deltas = []
+        for request, n in plan.chunks:
+            request.table.verified(request.table.computed + n, request.tokens)
+            request.stats.prefill_s += pass_s * n / rows
+        ended_ns = time.time_ns()
+        for request, target_logits in zip(plan.rounds, logits, strict=False):
+            proposal = proposals[request]
+            verdict = accept(request.params, proposal, target_logits, request.draft_policy.generator)
+            accepted = int(verdict.accepted[0])
+            request.table.verified(request.table.computed + 1 + accepted, request.tokens + proposal.tokens[:accepted])
+            stats = request.stats
+            share = pass_s * (1 + len(proposal.tokens)) / rows
+            stats.verify_s += share
+            stats.record_round(plan.depths[request], len(proposal.tokens), accepted)
+            request.acceptance.update(len(proposal.tokens), accepted)
+            round_ = Round(
+                plan.depths[request], len(proposal.tokens), accepted,
+                propose_s=propose_s.get(request, 0.0), verify_s=share,
+                proposer_failed=request in self._failed,
+                started_ns=started_ns, ended_ns=ended_ns,
+                inspection=inspect(request.params, proposal, target_logits, verdict, request.generated)
+                if request.inspect and proposal.tokens else None,
+            )  # fmt: skip
+            delta = emit(request, proposal.tokens[:accepted] + [int(verdict.next_token[0])], round_, self.eos_ids)
+            if delta.finish_reason:
+                stats.total_s = time.perf_counter() - request.arrived
+                self.abort(request)
+            deltas.append((request, delta))
+        return deltas
+
+    def _propose(self, plan: Plan) -> tuple[dict[BatchRequest, Proposal], dict[BatchRequest, float]]:
+        """Drafts for every round with a depth; an empty proposal wherever the proposer cannot help."""
+        self._failed: set[BatchRequest] = set()
+        proposals = {r: Proposal.empty() for r in plan.rounds}
+        calls, members = {}, {}
+        drafting = [r for r in plan.rounds if plan.depths[r] > 0 and r.proposer is not None]
+        for request in drafting:
+            batch = self.draft_batch(request.proposer)
+            if batch is not None:
+                if request.session is None:
+                    request.session = batch.state()
+                members.setdefault(batch, []).append(request)
+            else:
+                if request.session is None:
+                    request.session = request.proposer.session()
+                session = request.session
+                calls[session] = lambda r=request: r.session.propose(r.tokens, plan.depths[r], r.draft_policy)
+                members[session] = [request]
+        for batch, requests in members.items():
+            if isinstance(batch, DraftBatch):
+                items = [(r.session, r.tokens, plan.depths[r], r.draft_policy) for r in requests]
+                calls[batch] = lambda batch=batch, items=items: batch.propose(items)
+        budget = min((r.speculation.proposer_timeout_s for r in drafting), default=0.0)
+        results, waited = self.proposing.run(calls, budget)
+        propose_s = {}
+        for key, requests in members.items():
+            result = results[key]
+            outcomes = result if isinstance(result, list) else [result] * len(requests)
+            for request, outcome in zip(requests, outcomes, strict=True):
+                propose_s[request] = waited / len(drafting)
+                request.stats.propose_s += propose_s[request]
+                if isinstance(outcome, Busy):
+                    request.stats.fallback_rounds += 1
+                    self._failed.add(request)
+                    continue
+                if isinstance(outcome, Proposal):
+                    try:
+                        validate(outcome, plan.depths[request], self.target.vocab_size)
+                    except Exception as exc:  # noqa: BLE001 (a proposer bug costs a round, never the output)
+                        outcome = exc
+                if isinstance(outcome, Proposal):
+                    proposals[request] = outcome
+                    request.consecutive_failures = 0
+                else:
+                    self._fall_back(request, outcome)
+        return proposals, propose_s
+
+    def _fall_back(self, request: BatchRequest, error: BaseException) -> None:
+        stats = request.stats
+        stats.fallback_rounds += 1
+        self._failed.add(request)
+        if isinstance(error, TimedOut):
+            stats.proposer_timeouts += 1
+            why = f"proposal took longer than {request.speculation.proposer_timeout_s}s"
+        else:
+            stats.proposer_failures += 1
+            why = f"proposer failed: {error!r}"
+            self._reset_proposer(request)
+        request.consecutive_failures += 1
+        log.warning("request %s: %s; this round runs verifier-only", request.id, why)
+
+    def _reset_proposer(self, request: BatchRequest) -> None:
+        """Forget the proposer's state for this request (it may be half-updated)."""
+        session = request.session
+        if session is None or self.proposing.busy(session):
+            return
+        batch = self.draft_batch(request.proposer) if request.proposer is not None else None
+        if batch is not None:
+            batch.release(session)
+            request.session = None
+        else:
+            session.reset()
+
+    def depth_limit(self, request: BatchRequest) -> int:
+        """The most drafts this request may take this round, before goodput is weighed."""
+        speculation = request.speculation
+        if request.proposer is None or request.consecutive_failures >= speculation.max_proposer_failures:
+            return 0
+        if request.session is not None and self.proposing.busy(request.session):
+            return 0
+        if request.proposer is not None:
+            batch = self.draft_batch(request.proposer)
+            if batch is not None and self.proposing.busy(batch):
+                return 0
+        limit = speculation.max_depth if speculation.depth == "auto" else int(speculation.depth)
+        limit = min(limit, request.remaining - 1)  # a round emits up to depth + 1 tokens
+        if request.depth_limit is not None:
+            limit = min(limit, request.depth_limit())
+        return max(0, limit)
+
+    def choose_depths(self, requests: list[BatchRequest]) -> dict[BatchRequest, int]:
+        """Fixed depths as configured; depth auto by the batch's goodput (`goodput.py`). A seeded
+        sampled request's depth follows its own acceptance and the single-stream costs only, so
+        that what else shares its batch never changes its random draws."""
+        limits = {r: self.depth_limit(r) for r in requests}
+        depths = {r: limits[r] for r in requests if r.speculation.depth != "auto"}
+        auto = [r for r in requests if r.speculation.depth == "auto"]
+        if not auto or all(limits[r] == 0 for r in auto):
+            return depths | {r: 0 for r in auto}
+        costs = self.costs()
+        shared = [r for r in auto if r.params.greedy]
+        for request in auto:
+            if not request.params.greedy:
+                depths |= self._goodput([request], limits, costs)
+        beside = sum(1 + k for k in depths.values())
+        return depths | self._goodput(shared, limits, costs, beside)
+
+    def _goodput(self, requests, limits, costs: PassCosts, base_rows: int = 0) -> dict[BatchRequest, int]:
+        if not requests:
+            return {}
+        alphas = [r.acceptance.alpha for r in requests]
+        caps = [limits[r] for r in requests]
+        drafts = [costs.draft_s if self.draft_batch(r.proposer) is not None else 0.0 for r in requests]
+        chosen = choose_depths(alphas, caps, costs, drafts, base_rows)
+        # A request at depth 0 probes with one draft every 8 rounds, so that text turning
+        # predictable gets speculation back.
+        return {
+            r: (1 if k == 0 and caps[i] > 0 and r.acceptance.rounds_off % 8 == 7 else k)
+            for i, (r, k) in enumerate(zip(requests, chosen, strict=True))
+        }
+
+    # -- preemption --------------------------------------------------------------------------------
+
+    def _preempt(self, request: BatchRequest) -> None:
+        """Out of blocks: free this request's blocks and queue it first, to recompute later."""
+        log.info("request %s preempted: the KV cache is full; it resumes once blocks free", request.id)
+        self.running.remove(request)
+        self._release(request)
+        request.preemptions += 1
+        self.preemptions += 1
+        self.waiting.insert(0, request)
+
+    def _release(self, request: BatchRequest) -> None:
+        request.table.free()
+        if request.session is not None and request.proposer is not None:
+            batch = self.draft_batch(request.proposer)
+            if batch is not None and not self.proposing.busy(batch):
+                batch.release(request.session)
+                request.session = None
+
+    def admit(self, request: BatchRequest) -> bool:
+        """Take blocks for a waiting request's prefix and prompt if the cache has room."""
+        reused = request.table.reuse_prefix(request.tokens)
+        pool = self.runner.pool
+        need = pool.blocks_for(len(request.tokens) + 1) - len(request.table.blocks)
+        # Keep a block per running request spare for its next rounds.
+        if need + len(self.running) > pool.free_blocks and self.running:
+            request.table.free()
+            return False
+        if request.preemptions == 0:
+            request.cached_tokens = reused
+        self._admitted += 1
+        request.order = self._admitted
+        return True
+
+    def close(self) -> None:
+        self.proposing.close()
+
+
+__all__ = ["BatchEngine", "BatchRequest"]

@@ -1,0 +1,68 @@
+"""Proposals off the engine thread, each bounded by its time budget.
+
+A proposer is code the verifier does not control (a draft model, a lookup, a plug-in): it may
+raise, return junk or never return. Every proposal of a step runs on a worker thread and the
+step waits for all of them at most the time budget; a proposal not back by then leaves its
+requests verifier-only for the round, and the proposer is not asked again (its requests stay
+verifier-only) until that call has returned. So a hung proposer costs one budget once, never a
+held pass, and the engine thread stays free to serve every other request.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+
+
+class Busy(Exception):
+    """The proposer's previous call has not returned yet."""
+
+
+class TimedOut(Exception):
+    """The proposal missed its time budget."""
+
+
+class Proposing:
+    def __init__(self, workers: int = 32):
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verispec-propose")
+        self._busy: set[Hashable] = set()
+        self._lock = threading.Lock()
+
+    def run(self, calls: dict[Hashable, Callable[[], object]], budget_s: float) -> tuple[dict[Hashable, object], float]:
+        """Start every call (keyed by the proposer state it uses) and wait up to `budget_s`; each
+        key's result, or its exception (Busy, TimedOut, or what it raised); and the seconds waited."""
+        started = time.perf_counter()
+        results: dict[Hashable, object] = {}
+        futures: dict[Future, Hashable] = {}
+        for key, call in calls.items():
+            with self._lock:
+                if key in self._busy:
+                    results[key] = Busy()
+                    continue
+                self._busy.add(key)
+            future = self._pool.submit(call)
+            future.add_done_callback(lambda _, key=key: self._done(key))
+            futures[future] = key
+        if futures:
+            done, _ = wait(futures, timeout=budget_s)
+            for future, key in futures.items():
+                if future not in done:
+                    results[key] = TimedOut()
+                elif future.exception() is not None:
+                    results[key] = future.exception()
+                else:
+                    results[key] = future.result()
+        return results, time.perf_counter() - started
+
+    def _done(self, key: Hashable) -> None:
+        with self._lock:
+            self._busy.discard(key)
+
+    def busy(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._busy
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,81 @@
+"""Planning one pass: admission by KV memory, rounds and depths, chunked prefill, preemption.
+
+- Admission: a waiting request joins while fewer than `max_running` run and the cache has blocks
+  for its whole prompt (after the prefix cache's share) plus one spare block per running request.
+- Rounds: every running request past its prompt runs one round; depths come from the engine
+  (`BatchEngine.choose_depths`: configured, or by the batch's goodput).
+- Chunked prefill: the rows left under `max_pass_tokens` (at least one block's worth) go to
+  prompts, oldest first, so a long prompt shares passes with running streams and never stalls
+  them for more than one chunk's cost.
+- Preemption: when blocks run out, the newest running request gives all its blocks back and waits
+  first in line, to be recomputed later (its verified tokens are kept: recomputing them gives the
+  same bits); nobody is failed. The oldest request always makes progress.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from verispec.core.kv_cache import OutOfBlocks
+
+if TYPE_CHECKING:
+    from verispec.core.batch import BatchEngine, BatchRequest
+
+
+@dataclass
+class Plan:
+    rounds: list[BatchRequest] = field(default_factory=list)
+    depths: dict[BatchRequest, int] = field(default_factory=dict)
+    chunks: list[tuple[BatchRequest, int]] = field(default_factory=list)  # (request, prompt tokens this pass)
+    preempted: list[BatchRequest] = field(default_factory=list)
+    failed: set[BatchRequest] = field(default_factory=set)
+
+
+def plan_pass(engine: BatchEngine) -> Plan:
+    plan = Plan()
+    _admit(engine)
+    plan.rounds = [r for r in engine.running if not r.prefilling]
+    plan.depths = engine.choose_depths(plan.rounds)
+    for request in list(plan.rounds):  # oldest first
+        if request not in engine.running:
+            continue  # preempted to make room for an older one
+        if not _reserve(engine, plan, request, request.table.computed + 1 + plan.depths[request]):
+            continue
+    plan.rounds = [r for r in plan.rounds if r in engine.running]
+    budget = max(engine.batch.max_pass_tokens - sum(1 + plan.depths[r] for r in plan.rounds), engine.runner.pool.block_size)
+    for request in [r for r in engine.running if r.prefilling]:
+        if budget <= 0:
+            break
+        if request not in engine.running:
+            continue
+        n = min(len(request.tokens) - 1 - request.table.computed, budget)
+        if _reserve(engine, plan, request, request.table.computed + n):
+            plan.chunks.append((request, n))
+            budget -= n
+    plan.chunks = [(r, n) for r, n in plan.chunks if r in engine.running]
+    return plan
+
+
+def _admit(engine: BatchEngine) -> None:
+    while engine.waiting and len(engine.running) < engine.max_running:
+        request = engine.waiting[0]
+        if not engine.admit(request):
+            return
+        engine.waiting.pop(0)
+        engine.running.append(request)
+
+
+def _reserve(engine: BatchEngine, plan: Plan, request: BatchRequest, positions: int) -> bool:
+    """Blocks for `positions` positions of `request`, preempting the newest running requests as
+    needed; False if `request` itself had to go."""
+    while True:
+        try:
+            request.table.reserve(positions)
+            return True
+        except OutOfBlocks:
+            victim = max(engine.running, key=lambda r: r.order)
+            engine._preempt(victim)
+            plan.preempted.append(victim)
+            if victim is request:
+                return False
