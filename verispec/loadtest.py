@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -52,6 +53,9 @@ class Sample:
     prompt_tokens: int | None = None  # from usage, when the server sent it
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when sent
     detail: str | None = None  # the start of a non-200 answer's body
+    # The first chunk with a choice, text or not (an answer that starts with EOS has no text):
+    # the server sends it once the first token is computed.
+    first_chunk_s: float | None = None
 
 
 @dataclass
@@ -128,7 +132,10 @@ async def _one(client: httpx.AsyncClient, body: dict, on_first: Callable[[], Non
                 if "error" in chunk:
                     sample.error = (chunk["error"] or {}).get("code") or "error"
                     break
-                if any(c.get("text") for c in chunk.get("choices") or []):
+                choices = chunk.get("choices") or []
+                if choices and sample.first_chunk_s is None:
+                    sample.first_chunk_s = now
+                if any(c.get("text") for c in choices):
                     sample.chunk_times.append(now)
                     if sample.ttft_s is None:
                         sample.ttft_s = now
@@ -483,6 +490,13 @@ class _Endpoint:
     scheduler: str
     client: httpx.AsyncClient
     model: str
+    window: int | None = None  # the model's context length, once a too long prompt told it
+
+
+class _TooLong(UserError):
+    def __init__(self, message: str, window: int | None):
+        super().__init__(message)
+        self.window = window
 
 
 def _body(model: str, prompt: str, max_tokens: int, proposer: str, stream: bool = True) -> dict:
@@ -501,6 +515,11 @@ def _failures(samples: list[Sample]) -> str:
 async def _prompt_tokens(endpoint: _Endpoint, text: str) -> int:
     """The server's count of a prompt's tokens (one verifier-only token generated)."""
     response = await endpoint.client.post("/v1/completions", json=_body(endpoint.model, text, 1, "none", stream=False))
+    if response.status_code == 400 and "context_length_exceeded" in response.text:
+        found = re.search(r"maximum context length is (\d+) tokens", response.text)
+        if found:
+            endpoint.window = int(found.group(1))
+        raise _TooLong(f"a prompt was over the model's context length: {response.text[:300]}", endpoint.window)
     if response.status_code != 200:
         raise UserError(f"counting a prompt's tokens: the server answered {response.status_code}: {response.text[:300]}")
     return int(response.json()["usage"]["prompt_tokens"])
@@ -514,23 +533,23 @@ def _corpus(prompts: list[Prompt], start: int, chars: int) -> str:
         parts.append(text)
         length += len(text) + 2
         i += 1
-        if i - start > 100 * len(prompts):
-            break
     return "\n\n".join(parts)[:chars]
 
 
+COUNT_HEADER = "# token count\n"  # starts the texts counted: no scenario text starts so, none is primed
+
+
 async def _chars_per_token(endpoint: _Endpoint, prompts: list[Prompt], tokens: int) -> float:
-    """Characters per token of the prompt set's text, measured on a sample of about `tokens`
-    tokens. The sample starts with a line no scenario text starts with: it primes no prefix cache."""
+    """Characters per token of the prompt set's text, measured on a sample of about `tokens` tokens."""
     ratio, chars = 3.0, int(3.0 * tokens)
-    for _ in range(3):
-        text = "# token count\n" + _corpus(prompts, len(prompts) // 2, chars)
+    for _ in range(4):
+        text = COUNT_HEADER + _corpus(prompts, len(prompts) // 2, chars)
         try:
             count = await _prompt_tokens(endpoint, text)
-        except UserError:
+        except _TooLong:
             if chars < 64:
                 raise
-            chars //= 2  # too long for the window: a smaller sample
+            chars //= 2  # over the window: a smaller sample
             continue
         ratio = len(text) / max(count, 1)
         if abs(count - tokens) <= 0.1 * tokens:
@@ -539,22 +558,33 @@ async def _chars_per_token(endpoint: _Endpoint, prompts: list[Prompt], tokens: i
     return ratio
 
 
+def _fits(tokens: int, window: int | None, reserve: int) -> int:
+    return tokens if window is None else max(16, min(tokens, window - reserve))
+
+
 async def _scenario_text(endpoint: _Endpoint, header: str, prompts: list[Prompt], start: int, tokens: int,
                          chars_per_token: float, reserve: int) -> str:
-    """A prompt of about `tokens` tokens: `header`, then the prompt set's text from `start`.
-    Counted once with another header (priming nothing) and trimmed so `reserve` more tokens fit."""
-    chars = int(tokens * chars_per_token)
-    body = _corpus(prompts, start, chars)
-    for _ in range(3):
+    """A prompt of about `tokens` tokens, fewer where the model's window needs `reserve` more:
+    `header`, then the prompt set's text from `start`. Counted with another header (priming no
+    prefix cache) and trimmed until it fits."""
+    limit = _fits(tokens, endpoint.window, reserve)
+    body = _corpus(prompts, start, int(limit * chars_per_token))
+    for _ in range(6):
         try:
-            count = await _prompt_tokens(endpoint, "# token count\n" + body)
-        except UserError:  # over the window
-            count = None
-        if count is not None and count <= tokens * 1.05:
+            count = await _prompt_tokens(endpoint, COUNT_HEADER + body)
+        except _TooLong:
+            limit = _fits(tokens, endpoint.window, reserve)
+            body = body[: min(int(limit * chars_per_token), int(len(body) * 0.8))]
+            continue
+        if count <= limit * 1.05 and (endpoint.window is None or count + reserve <= endpoint.window):
             break
-        scale = 0.8 if count is None else tokens / count * 0.98
-        body = body[: int(len(body) * scale)]
+        body = body[: int(len(body) * limit / count * 0.98)]
     return header + body
+
+
+def _first_token_s(sample: Sample) -> float | None:
+    """Time to the first token, also for an answer whose first token is EOS (no text)."""
+    return sample.ttft_s if sample.ttft_s is not None else sample.first_chunk_s
 
 
 async def prefix_scenario(endpoint: _Endpoint, prompts: list[Prompt], tokens: int, chars_per_token: float) -> dict:
@@ -565,14 +595,15 @@ async def prefix_scenario(endpoint: _Endpoint, prompts: list[Prompt], tokens: in
     for i in range(PREFIX_ROUNDS):
         start = (i * max(1, n // PREFIX_ROUNDS) + 1) % n
         header = f"# shared context {i + 1} of the {endpoint.scheduler} run\n"
-        prefix = await _scenario_text(endpoint, header, prompts, start, tokens, chars_per_token, 64)
+        prefix = await _scenario_text(endpoint, header, prompts, start, tokens, chars_per_token, 160)
         tails = [f"\n\n# request {label}\n" + prompts[(start + 5 + k) % n].text[:240] for k, label in enumerate("AB")]
         a = await _one(endpoint.client, _body(endpoint.model, prefix + tails[0], SCENARIO_TAIL_TOKENS, "none"))
         b = await _one(endpoint.client, _body(endpoint.model, prefix + tails[1], SCENARIO_TAIL_TOKENS, "none"))
+        ttft_a, ttft_b = _first_token_s(a), _first_token_s(b)
         rounds.append({
-            "ok": all(s.status == 200 and s.error is None and s.ttft_s is not None for s in (a, b)),
+            "ok": all(s.status == 200 and s.error is None for s in (a, b)) and None not in (ttft_a, ttft_b),
             "prompt_tokens_a": a.prompt_tokens, "prompt_tokens_b": b.prompt_tokens,
-            "ttft_a_s": a.ttft_s, "ttft_b_s": b.ttft_s, "ttft_ratio": _ratio(a.ttft_s, b.ttft_s),
+            "ttft_a_s": ttft_a, "ttft_b_s": ttft_b, "ttft_ratio": _ratio(ttft_a, ttft_b),
             "cached_tokens_a": a.cached_tokens, "cached_tokens_b": b.cached_tokens,
             "failures": _failures([a, b]) or None,
         })
@@ -591,7 +622,7 @@ async def chunked_scenario(endpoint: _Endpoint, prompts: list[Prompt], tokens: i
     n = len(prompts)
     long_prompt = await _scenario_text(
         endpoint, f"# long document of the {endpoint.scheduler} run\n", prompts, n // 3 + 2, tokens, chars_per_token,
-        SCENARIO_TAIL_TOKENS,
+        SCENARIO_TAIL_TOKENS + 32,  # room for the header and the answer
     )
     started = [asyncio.Event() for _ in range(CHUNKED_STREAMS)]
 
@@ -606,14 +637,15 @@ async def chunked_scenario(endpoint: _Endpoint, prompts: list[Prompt], tokens: i
     await asyncio.gather(*(e.wait() for e in started))
     long = await _one(endpoint.client, _body(endpoint.model, long_prompt, SCENARIO_TAIL_TOKENS, "none"))
     streams = await asyncio.gather(*tasks)
-    window = (long.sent_at, long.sent_at + long.ttft_s) if long.ttft_s is not None else None
+    long_ttft = _first_token_s(long)
+    window = (long.sent_at, long.sent_at + long_ttft) if long_ttft is not None else None
     # The streams must still be running when the long prompt arrives, else the window is empty.
     overlapped = sum(1 for s in streams if s.chunk_times and s.sent_at + s.chunk_times[-1] > long.sent_at)
     everything = [*streams, long]
     return {
         "scheduler": endpoint.scheduler,
-        "ok": all(s.status == 200 and s.error is None for s in everything) and long.ttft_s is not None,
-        "long_prompt_tokens": long.prompt_tokens, "long_ttft_s": long.ttft_s,
+        "ok": all(s.status == 200 and s.error is None for s in everything) and long_ttft is not None,
+        "long_prompt_tokens": long.prompt_tokens, "long_ttft_s": long_ttft,
         "streams_running_at_arrival": overlapped, "stream_tokens": [s.tokens for s in streams],
         "failures": _failures(everything) or None,
         **chunked_figures([s for s in streams if s.status == 200 and s.error is None], window),
@@ -655,16 +687,18 @@ async def run_table(
     if scenarios:
         chars_per_token = await _chars_per_token(endpoints[0], prompts, min(prefix_tokens, long_tokens))
         results["chars_per_token"] = chars_per_token
-        if "prefix" in scenarios:
-            results["scenarios"]["prefix"] = []
+        for name, run, tokens in (("prefix", prefix_scenario, prefix_tokens), ("chunked", chunked_scenario, long_tokens)):
+            if name not in scenarios:
+                continue
+            results["scenarios"][name] = []
             for e in endpoints:
-                results["scenarios"]["prefix"].append(await prefix_scenario(e, prompts, prefix_tokens, chars_per_token))
-                progress(f"prefix  {e.scheduler:11} done")
-        if "chunked" in scenarios:
-            results["scenarios"]["chunked"] = []
-            for e in endpoints:
-                results["scenarios"]["chunked"].append(await chunked_scenario(e, prompts, long_tokens, chars_per_token))
-                progress(f"chunked {e.scheduler:11} done")
+                e.window = e.window or next((x.window for x in endpoints if x.window), None)  # one model: one window
+                results["scenarios"][name].append(await run(e, prompts, tokens, chars_per_token))
+                progress(f"{name:7} {e.scheduler:11} done")
+        window = next((x.window for x in endpoints if x.window), None)
+        results["context_length"] = window  # known only where a prompt was too long for it
+        if window is not None:
+            progress(f"the model's context length is {window} tokens: the scenarios' prompts were shortened to fit")
     return results
 
 

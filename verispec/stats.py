@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 @dataclass
 class RequestStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     generated_tokens: int = 0  # tokens delivered (after EOS / stop / length truncation)
     rounds: int = 0  # one verifier forward pass each
     proposed: int = 0  # draft tokens offered

@@ -85,7 +85,6 @@ class BatchRequest:
     acceptance: Acceptance = field(default_factory=Acceptance)
     session: object = None  # the proposer's per-request state (a session, or a DraftState)
     consecutive_failures: int = 0
-    cached_tokens: int = 0  # prompt positions served from the prefix cache
     preemptions: int = 0
     arrived: float = field(default_factory=time.perf_counter)
     order: int = 0  # admission order: the newest is preempted first
@@ -279,12 +278,11 @@ class BatchEngine:
                 if request.session is None:
                     request.session = batch.state()
                 members.setdefault(batch, []).append(request)
-            else:
+            else:  # a call per request (a stateless proposer's session is shared)
                 if request.session is None:
                     request.session = request.proposer.session()
-                session = request.session
-                calls[session] = lambda r=request: r.session.propose(r.tokens, plan.depths[r], r.draft_policy)
-                members[session] = [request]
+                calls[request] = lambda r=request: r.session.propose(r.tokens, plan.depths[r], r.draft_policy)
+                members[request] = [request]
         for batch, requests in members.items():
             if isinstance(batch, DraftBatch):
                 items = [(r.session, r.tokens, plan.depths[r], r.draft_policy) for r in requests]
@@ -331,7 +329,7 @@ class BatchEngine:
     def _reset_proposer(self, request: BatchRequest) -> None:
         """Forget the proposer's state for this request (it may be half-updated)."""
         session = request.session
-        if session is None or self.proposing.busy(session):
+        if session is None or self.proposing.busy(request):
             return
         batch = self.draft_batch(request.proposer) if request.proposer is not None else None
         if batch is not None:
@@ -345,7 +343,7 @@ class BatchEngine:
         speculation = request.speculation
         if request.proposer is None or request.consecutive_failures >= speculation.max_proposer_failures:
             return 0
-        if request.session is not None and self.proposing.busy(request.session):
+        if self.proposing.busy(request):
             return 0
         if request.proposer is not None:
             batch = self.draft_batch(request.proposer)
@@ -417,7 +415,7 @@ class BatchEngine:
             request.table.free()
             return False
         if request.preemptions == 0:
-            request.cached_tokens = reused
+            request.stats.cached_tokens = reused
         self._admitted += 1
         request.order = self._admitted
         return True

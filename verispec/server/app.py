@@ -36,6 +36,7 @@ from verispec.audit.store import AuditStore
 from verispec.audit.writer import AuditWriter
 from verispec.config import (
     AuditSettings,
+    BatchSettings,
     ModelSettings,
     RoutingSettings,
     SamplingParams,
@@ -43,7 +44,9 @@ from verispec.config import (
     Settings,
     TelemetrySettings,
 )
+from verispec.core.batch import BatchEngine
 from verispec.core.engine import Delta, SpeculativeEngine
+from verispec.core.runner import ModelRunner, batchable
 from verispec.errors import UserError
 from verispec.models.loading import weights_digest
 from verispec.server import errors
@@ -143,7 +146,7 @@ class State:
             self.router = self._router(engine, models.proposer)
             self.identities = {name: self._identity(e, model_version) for name, e in self.router.engines.items()}
             cost = CostModel(self.telemetry_settings.cost_verifier_per_hour, self.telemetry_settings.cost_proposer_per_hour, token_s)
-            scheduler = Scheduler(engine, self.server, self.breaker, self.metrics, cost)
+            scheduler = Scheduler(engine, self.server, self.breaker, self.metrics, cost, self._batch_engine(engine))
             scheduler.on_finished = self._routed
             scheduler.start()
             self.service = Service(engine, scheduler)
@@ -156,6 +159,31 @@ class State:
             self.load_error = str(exc) if isinstance(exc, UserError) else f"loading the models failed: {exc!r}"
             log.error("%s", self.load_error)
             self.on_fatal()
+
+    def _batch_engine(self, engine: SpeculativeEngine) -> BatchEngine | None:
+        """The batched core over the verifier, where its backend batches and it is not turned off."""
+        batch = self.settings.part(BatchSettings)
+        why_not = batchable(engine.target)
+        if batch.scheduler == "interleaved" or (why_not and batch.scheduler == "auto"):
+            log.info("scheduler: interleaved (%s)", why_not or "--scheduler interleaved")
+            return None
+        if why_not:
+            raise UserError(f"--scheduler batched is not available: {why_not}; use --scheduler interleaved or the lean backend")
+        try:
+            runner = ModelRunner(engine.target, batch.kv_cache_bytes, batch.kv_block_size, batch.prefix_cache)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        core = BatchEngine(runner, engine.tokenizer, engine.eos_ids, batch, self.server.max_running)
+        proposers = [e.proposer for e in self.router.engines.values() if e.proposer is not None]
+        for proposer in proposers:
+            core.draft_batch(proposer)
+        if any(e.speculation.depth == "auto" and e.proposer is not None for e in self.router.engines.values()):
+            core.costs()  # measured now, not during the first request
+        log.info(
+            "scheduler: batched (%d KV blocks of %d positions, %d rows per pass)",
+            runner.pool.num_blocks, runner.pool.block_size, batch.max_pass_tokens,
+        )
+        return core
 
     def _router(self, engine: SpeculativeEngine, configured: str) -> Router:
         routing = self.settings.part(RoutingSettings)

@@ -114,6 +114,12 @@ class ServerMetrics:
         self.propose_time = histogram("propose_seconds", "Proposer time per round.", STEP_BUCKETS)
         self.verify_time = histogram("verify_seconds", "Verifier time per round.", STEP_BUCKETS)
         self.ready = gauge("ready", "1 when the models are loaded and warmed.")
+        # The batched engine's KV cache, in vLLM's names.
+        self.kv_cache_usage = gauge("kv_cache_usage_perc", "Share of the verifier's KV cache blocks held by requests (0 to 1).")
+        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.").labels(model_name)
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.").labels(model_name)
+        self.preemptions = counter("num_preemptions", "Requests preempted (blocks freed, recomputed later) when the KV cache ran out.").labels(model_name)
+        self._cache_seen = (0, 0, 0)
 
         # -- drift, busy time, cost ------------------------------------------------------------
         self.drift_tv = histogram(
@@ -197,6 +203,20 @@ class ServerMetrics:
             self.success(reason)
         for state in BreakerState:
             self.breaker_moves(state.name.lower())
+
+    def observe_cache(self, core) -> None:
+        """The batched engine's cache figures after a step (its counters only grow)."""
+        pool = core.runner.pool
+        now = (pool.queries, pool.hits, core.preemptions)
+        queries, hits, preemptions = (a - b for a, b in zip(now, self._cache_seen, strict=True))
+        self._cache_seen = now
+        self.kv_cache_usage.set(pool.usage)
+        if queries:
+            self.prefix_queries.inc(queries)
+        if hits:
+            self.prefix_hits.inc(hits)
+        if preemptions:
+            self.preemptions.inc(preemptions)
 
     def observe_drift(self, inspection: Inspection) -> None:
         for tv in inspection.total_variation:

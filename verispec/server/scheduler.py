@@ -2,14 +2,18 @@
 
 Requests wait in a bounded queue for one of `max_running` slots; past the queue's bound they are
 refused at once (the server answers 503), so overload never builds an unbounded backlog. One
-thread owns the engine and interleaves the running requests round by round: each gets one
-speculative round (propose, score, accept) in turn, so a long request never stalls the others'
-streams. Verified tokens go back to the request's asyncio queue as they are accepted.
+thread owns the engine. Verified tokens go back to the request's asyncio queue as they are
+accepted. Two ways to run the requests:
 
-Every round asks the job's depth limit first: 0 when the circuit breaker is open or the job was
-admitted without speculation, else the load-aware cap, which shrinks from the configured maximum
-to 0 as the server fills (`load_depth_from` .. `load_depth_off`, over the share of capacity
-taken by the other requests).
+- batched (the lean backend, by default): every engine step advances all running requests by one
+  round in one verifier pass (`core/batch.py`); the core admits by KV memory, chunks prompts and
+  chooses depths by the batch's goodput, so no load rule is needed here;
+- interleaved (the transformers backend, or `--scheduler interleaved`): each running request gets
+  one speculative round (propose, score, accept) in turn, so a long request never stalls the
+  others' streams. Every round asks the job's depth limit first: 0 when the circuit breaker is
+  open or the job was admitted without speculation, else the load-aware cap, which shrinks from
+  the configured maximum to 0 as the server fills (`load_depth_from` .. `load_depth_off`, over the
+  share of capacity taken by the other requests).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from verispec.config import Depth, SamplingParams, ServerSettings
+from verispec.core.batch import BatchEngine
 from verispec.core.engine import Delta, SpeculativeEngine
 from verispec.errors import UserError
 from verispec.server.breaker import CircuitBreaker
@@ -90,7 +95,8 @@ class Job:
     proposer: str | None = None  # its name, for routing feedback
     route_key: str | None = None
     pinned: bool = False  # the client named the proposer; its figures teach the choice nothing
-    stream: Iterator[Delta] | None = None
+    stream: Iterator[Delta] | None = None  # interleaved: the engine's generator for this job
+    request: object = None  # batched: its BatchRequest in the core
     cancelled: bool = False
     outcome: str | None = None  # ok, cancelled, deadline, error
 
@@ -125,8 +131,10 @@ class Scheduler:
         breaker: CircuitBreaker,
         metrics: ServerMetrics,
         cost: CostModel | None = None,
+        batch: BatchEngine | None = None,
     ):
         self.engine = engine
+        self.batch = batch  # the batched core; None = interleave rounds
         self.cost = cost or CostModel()
         self.on_finished = None  # called on the engine thread with each job that finished ok
         self._token_s: float | None = None  # moving average of a verifier-only round's time
@@ -140,7 +148,8 @@ class Scheduler:
         self._draining = False
         self._stopped = False
         self._typical_s: float | None = None  # moving average of end-to-end latency, for Retry-After
-        self._thread = threading.Thread(target=self._loop, name="verispec-engine", daemon=True)
+        loop = self._loop if batch is None else self._batched_loop
+        self._thread = threading.Thread(target=loop, name="verispec-engine", daemon=True)
 
     # -- the asyncio side ------------------------------------------------------------------
 
@@ -204,6 +213,75 @@ class Scheduler:
                         self._finish(job, "cancelled", Cancelled())
                 return
 
+    def _batched_loop(self) -> None:
+        core = self.batch
+        jobs: dict[object, Job] = {}
+        while True:
+            with self._cv:
+                while not self._running and not self._waiting and not self._stopped:
+                    self._cv.wait()
+                if self._stopped and not self._running and not self._waiting:
+                    return
+                self._expire_waiting()
+                admitted = self._admit_batched()
+                running = list(self._running)
+            for job in admitted:
+                jobs[job.request] = job
+            now = time.monotonic()
+            for job in running:
+                if job.cancelled:
+                    self._finish(job, "cancelled", Cancelled())
+                elif job.deadline is not None and now >= job.deadline:
+                    self._finish(job, "deadline", DeadlineExceeded("the request ran past its deadline"))
+            try:
+                results = core.step()
+            except Exception as exc:
+                log.exception("a batched engine step failed; its requests are ended")
+                for job in list(self._running):
+                    self._finish(job, "error", exc)
+                continue
+            self.metrics.observe_cache(core)
+            now = time.monotonic()
+            for request, delta in results:
+                job = jobs.get(request)
+                if job is None or job.outcome is not None:
+                    continue
+                if delta.round is not None:
+                    job.engine_s += delta.round.verify_s + delta.round.propose_s
+                self._deliver(job, delta, now)
+                if job.outcome is not None:
+                    jobs.pop(request, None)
+            for request in [r for r, job in jobs.items() if job.outcome is not None]:
+                del jobs[request]
+            if self._stopped:
+                with self._cv:
+                    for job in [*self._running, *self._waiting]:
+                        self._finish(job, "cancelled", Cancelled())
+                return
+
+    def _admit_batched(self) -> list[Job]:
+        """Hand queued jobs to the core, which admits them to passes as KV memory allows."""
+        admitted = []
+        while self._waiting and len(self._running) < self.server.max_running:
+            job = self._waiting.popleft()
+            job.admitted = time.monotonic()
+            job.speculate = self.breaker.speculating() or not job.guarded
+            engine = job.engine or self.engine
+            try:
+                job.request = self.batch.add(
+                    job.request_id, job.prompt_ids, job.params, engine.speculation, engine.proposer, depth=job.depth,
+                    depth_limit=lambda job=job: self._depth_limit(job), inspect=job.inspect,
+                )
+            except UserError as exc:
+                self._finish(job, "error", exc)
+                continue
+            self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+            self._running.append(job)
+            self.metrics.queue_time.observe(job.admitted - job.arrived)
+            admitted.append(job)
+        self._publish_load()
+        return admitted
+
     def _expire_waiting(self) -> None:
         now = time.monotonic()
         for job in list(self._waiting):
@@ -244,11 +322,16 @@ class Scheduler:
             self._finish(job, "error", exc)
             return
         job.engine_s += time.perf_counter() - started
-        now = time.monotonic()
+        self._deliver(job, delta, time.monotonic())
+
+    def _deliver(self, job: Job, delta: Delta, now: float) -> None:
+        """Send a round's tokens to the client and conclude the job on its last delta."""
         self._observe(job, delta, now)
         job._push(delta)
         if delta.finish_reason is not None:
             job.stats = delta.stats
+            if self.batch is not None:
+                job.engine_s += delta.stats.prefill_s
             self.metrics.observe_finished(delta.stats, delta.finish_reason)
             self._account(delta.stats)
             self._finish(job, "ok", None)
@@ -306,6 +389,8 @@ class Scheduler:
         job.outcome = outcome
         if job.stream is not None:
             job.stream.close()  # frees the request's KV caches
+        if job.request is not None:
+            self.batch.abort(job.request)  # its blocks are free at once
         if event is not None:
             job._push(event)
         end = time.monotonic()
@@ -327,6 +412,8 @@ class Scheduler:
     # -- load ----------------------------------------------------------------------------------
 
     def depth_cap(self) -> int:
+        if self.batch is not None:
+            return self.max_depth  # batched: the goodput choice shrinks depths as the batch fills
         return load_depth_cap(self.busy, self.server, self.max_depth)
 
     def _depth_limit(self, job: Job) -> int:
