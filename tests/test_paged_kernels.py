@@ -67,12 +67,13 @@ class Batch:
         for count in counts:
             self.tables.append(blocks[first : first + count])
             first += count
-        self.pool_keys = torch.full((len(blocks), Hkv, bs, hd), float("nan"))  # unwritten slots are never read
+        # NaN in every slot no position was written to: reading one would show in the output
+        self.pool_keys = torch.full((len(blocks), Hkv, bs, hd), float("nan"))
         self.pool_values = torch.full((len(blocks), Hkv, bs, hd), float("nan"))
         order = [(s, p) for s, (P, _, _) in enumerate(SEQUENCES) for p in range(P)]
         shuffle.shuffle(order)
         self.paged_qkv = torch.stack([self.raw[s][p] for s, p in order])
-        positions = i64(p for _, p in order)  # held: a temporary's memory would be freed before the call
+        positions = i64(p for _, p in order)  # kept alive across the call
         slots = i64(self.tables[s][p // bs] * bs + p % bs for s, p in order)
         ops.rope_store_paged(
             self.paged_qkv.data_ptr(), len(order), H, Hkv, hd, self.cos.data_ptr(), self.sin.data_ptr(),
@@ -146,8 +147,8 @@ BLOCKS = pytest.mark.parametrize("bs", [16, 32])
 @BLOCKS
 def test_rope_store_paged_writes_what_rope_store_writes(H, Hkv, hd, bs):
     batch = Batch(H, Hkv, hd, bs)
-    for row, (s, p) in enumerate(batch.order):  # rows of every sequence, interleaved
-        assert torch.equal(batch.paged_qkv[row, : H * hd], batch.rotated[s][p, : H * hd])  # q, rotated in place
+    for row, (s, p) in enumerate(batch.order):  # rows of every sequence, interleaved; q rotated in place
+        assert torch.equal(batch.paged_qkv[row, : H * hd], batch.rotated[s][p, : H * hd])
     for s in range(len(SEQUENCES)):
         assert torch.equal(batch.gathered(s, batch.pool_keys), batch.keys[s])
         assert torch.equal(batch.gathered(s, batch.pool_values), batch.values[s])
@@ -160,7 +161,10 @@ def whole_segments() -> list[tuple[int, int, int]]:
 def split_segments() -> list[tuple[int, int, int]]:
     """The same rows cut differently: the verify as 1 + 4 rows, the prefills and the mid-sequence
     segment in uneven pieces, listed out of order."""
-    return [(3, 37, 63), (0, 1, 4), (4, 0, 7), (1, 0, 129), (2, 0, 1), (4, 7, 293), (0, 0, 1), (3, 0, 37), (1, 129, 1)]
+    return [
+        (3, 37, 63), (0, 1, 4), (4, 0, 7), (1, 0, 129), (2, 0, 1),
+        (4, 7, 293), (0, 0, 1), (3, 0, 37), (1, 129, 1),
+    ]  # fmt: skip
 
 
 @HEADS

@@ -184,6 +184,11 @@ class BatchSettings(BaseModel):
     max_pass_tokens: int = Field(
         128, ge=16, description="rows one verifier pass may take: every running request's round, then prompt chunks up to this"
     )
+    prefill_slowdown: float = Field(
+        2.0, ge=1.0,
+        description="chunked prefill: while requests are generating, a pass with a prompt chunk may take at most this many "
+        "times as long as their rounds alone (measured pass costs set the chunk), so a long prompt never stalls their streams",
+    )
     prefix_cache: bool = Field(True, description="keep full KV blocks by a hash of their tokens and reuse them for a shared prefix")
 
     @field_validator("kv_cache_memory")

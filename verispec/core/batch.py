@@ -193,7 +193,7 @@ class BatchEngine:
     def costs(self) -> PassCosts:
         """Verifier pass cost by rows, measured on first use (for --depth auto)."""
         if self._costs is None:
-            max_rows = min(self.batch.max_pass_tokens, self.max_running * 9)
+            max_rows = max(self.batch.max_pass_tokens, self.max_running * 9)
             draft_s = 0.0
             for batch in self._drafts.values():
                 draft_s = max(draft_s, measure_pass_costs(batch.runner, 1).seconds[0])
@@ -203,6 +203,18 @@ class BatchEngine:
                 [round(s * 1e3, 2) for s in self._costs.seconds], list(self._costs.rows), draft_s * 1e3,
             )
         return self._costs
+
+    def chunk_budget(self, round_rows: int) -> int:
+        """Prompt rows this pass may take beside `round_rows` rows of rounds."""
+        room = max(self.batch.max_pass_tokens - round_rows, 1)
+        if round_rows == 0:
+            return room
+        costs = self.costs()
+        limit = self.batch.prefill_slowdown * costs.verify(round_rows)
+        rows = 1
+        while rows < room and costs.verify(round_rows + rows + 1) <= limit:
+            rows += 1
+        return rows
 
     def draft_batch(self, proposer: Proposer) -> DraftBatch | None:
         """The batched drafter of a draft-model proposer whose model the runner can batch."""

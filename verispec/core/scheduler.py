@@ -4,9 +4,10 @@
   for its whole prompt (after the prefix cache's share) plus one spare block per running request.
 - Rounds: every running request past its prompt runs one round; depths come from the engine
   (`BatchEngine.choose_depths`: configured, or by the batch's goodput).
-- Chunked prefill: the rows left under `max_pass_tokens` (at least one block's worth) go to
-  prompts, oldest first, so a long prompt shares passes with running streams and never stalls
-  them for more than one chunk's cost.
+- Chunked prefill: prompts get rows, oldest first, up to `max_pass_tokens` when nothing else
+  runs; beside running rounds only as many as keep the pass within `prefill_slowdown` times the
+  measured cost of those rounds alone, so a long prompt shares passes with running streams and
+  never stalls them for more than one small chunk's cost.
 - Preemption: when blocks run out, the newest running request gives all its blocks back and waits
   first in line, to be recomputed later (its verified tokens are kept: recomputing them gives the
   same bits); nobody is failed. The oldest request always makes progress.
@@ -43,7 +44,7 @@ def plan_pass(engine: BatchEngine) -> Plan:
         if not _reserve(engine, plan, request, request.table.computed + 1 + plan.depths[request]):
             continue
     plan.rounds = [r for r in plan.rounds if r in engine.running]
-    budget = max(engine.batch.max_pass_tokens - sum(1 + plan.depths[r] for r in plan.rounds), engine.runner.pool.block_size)
+    budget = engine.chunk_budget(sum(1 + plan.depths[r] for r in plan.rounds))
     for request in [r for r in engine.running if r.prefilling]:
         if budget <= 0:
             break

@@ -177,8 +177,7 @@ class State:
         proposers = [e.proposer for e in self.router.engines.values() if e.proposer is not None]
         for proposer in proposers:
             core.draft_batch(proposer)
-        if any(e.speculation.depth == "auto" and e.proposer is not None for e in self.router.engines.values()):
-            core.costs()  # measured now, not during the first request
+        core.costs()  # measured now, not during the first request (depth auto and prompt chunks use them)
         log.info(
             "scheduler: batched (%d KV blocks of %d positions, %d rows per pass)",
             runner.pool.num_blocks, runner.pool.block_size, batch.max_pass_tokens,

@@ -188,9 +188,16 @@ void attention(const float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd, 
    p % bs, its slot is block * bs + offset. bs is a multiple of 8, so the 8 keys j..j+7 from a j
    that is a multiple of 8 lie in one block, one after another, as dot8 reads them. */
 
+/* KV head g's bs rows in block number b of a sequence's table. */
+static inline const float* paged_block(const float* pool, const int64_t* table, int64_t g, int64_t b, int64_t Hkv,
+                                       int64_t bs, int64_t hd) {
+  return pool + (table[b] * Hkv + g) * bs * hd;
+}
+
+/* Position j's row (a division: the loops that run over every position walk block by block). */
 static inline const float* paged_at(const float* pool, const int64_t* table, int64_t g, int64_t j, int64_t Hkv,
                                     int64_t bs, int64_t hd) {
-  return pool + ((table[j / bs] * Hkv + g) * bs + j % bs) * hd;
+  return paged_block(pool, table, g, j / bs, Hkv, bs, hd) + j % bs * hd;
 }
 
 /* rope_store for rows of any sequences in any order: row t is at position positions[t] and
@@ -236,9 +243,13 @@ static inline int64_t paged_chunk_rows(int64_t context) {
 static inline float paged_softmax_row(const float* q, const float* keys, const int64_t* table, int64_t g,
                                       int64_t Hkv, int64_t bs, int64_t hd, int64_t n, float scale, float* row) {
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    _mm256_storeu_ps(row + j, _mm256_mul_ps(dot8(q, paged_at(keys, table, g, j, Hkv, bs, hd), hd), _mm256_set1_ps(scale)));
-  for (; j < n; ++j) row[j] = dot_tail(q, paged_at(keys, table, g, j, Hkv, bs, hd), hd) * scale;
+  for (int64_t b = 0; j < n; ++b) {  /* blocks start at multiples of 8: dot8 from 0, the tail in the last */
+    const float* k = paged_block(keys, table, g, b, Hkv, bs, hd);
+    int64_t first = b * bs, stop = n < first + bs ? n : first + bs;
+    for (; j + 8 <= stop; j += 8)
+      _mm256_storeu_ps(row + j, _mm256_mul_ps(dot8(q, k + (j - first) * hd, hd), _mm256_set1_ps(scale)));
+    for (; j < stop; ++j) row[j] = dot_tail(q, k + (j - first) * hd, hd) * scale;
+  }
   float top = -INFINITY;
   for (j = 0; j < n; ++j) top = row[j] > top ? row[j] : top;
   __m256 sum8 = _mm256_setzero_ps();
@@ -359,12 +370,15 @@ void paged_attention(const float* qkv, int64_t S, const int64_t* seg_row, const 
         float* o = o0 + t * H * hd;
         for (int64_t i = 0; i < hd; ++i) o[i] = 0.0f;
       }
-      for (int64_t j = 0; j < end; ++j) {  /* value j once, into every row that sees it */
-        const float* vj = paged_at(values, table, g, j, Hkv, bs, hd);
-        for (int64_t t = (j > start ? j - start : 0); t < T; ++t) {
-          float p = scores[t * end + j] / totals[t];
-          float* o = o0 + t * H * hd;
-          for (int64_t i = 0; i < hd; ++i) o[i] += p * vj[i];
+      for (int64_t b = 0, j = 0; j < end; ++b) {  /* value j once, into every row that sees it */
+        const float* v = paged_block(values, table, g, b, Hkv, bs, hd);
+        for (int64_t from = b * bs, stop = end < from + bs ? end : from + bs; j < stop; ++j) {
+          const float* vj = v + (j - from) * hd;
+          for (int64_t t = (j > start ? j - start : 0); t < T; ++t) {
+            float p = scores[t * end + j] / totals[t];
+            float* o = o0 + t * H * hd;
+            for (int64_t i = 0; i < hd; ++i) o[i] += p * vj[i];
+          }
         }
       }
     }
