@@ -2,8 +2,8 @@
 
     python -m tests.faulty_server FAULT [serve flags ...]
 
-FAULT is `fail` (every proposal raises), `slow:SECONDS` (every proposal sleeps first, then
-drafts normally) or `tokenizer-gate:PATH` (encoding a text that holds "GATED" logs a line and
+FAULT is `fail` (every proposal raises), `hang` (every proposal blocks for good),
+`slow:SECONDS` (every proposal sleeps first, then drafts normally) or `tokenizer-gate:PATH` (encoding a text that holds "GATED" logs a line and
 blocks until the file PATH exists: a tokenisation that takes as long as the test wants).
 Everything else is the shipped server: same settings, app and scheduler.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ class FaultySession:
     def propose(self, context, depth, policy):
         if self.fault == "fail":
             raise RuntimeError("injected proposer failure")
+        if self.fault == "hang":
+            threading.Event().wait()  # never set: a proposer that never returns
         time.sleep(float(self.fault.removeprefix("slow:")))
         return self.inner.propose(context, depth, policy)
 

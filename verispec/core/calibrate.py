@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import threading
 import time
 
 from verispec.config import SamplingParams
@@ -15,7 +16,8 @@ log = logging.getLogger(__name__)
 
 
 def measure_step_costs(
-    target: CausalLM, proposer: Proposer | None, max_depth: int, context_len: int = 256, repeats: int = 5
+    target: CausalLM, proposer: Proposer | None, max_depth: int, context_len: int = 256, repeats: int = 5,
+    proposer_budget_s: float = 60.0,
 ) -> StepCosts:
     """Time verifier passes of every width up to max_depth+1, and draft tokens.
 
@@ -39,16 +41,32 @@ def measure_step_costs(
         verify.append(statistics.median(samples))
     draft = 0.0
     if proposer is not None:
-        try:
-            draft = _draft_cost(proposer, context, max_depth, repeats)
-        except Exception as exc:  # a broken proposer must not take the server down with it
-            log.warning("the proposer failed while its cost was measured (%r); depth auto will keep it off but probe it", exc)
+        # On a thread of its own: a proposer that never returns must not hold the start-up either.
+        outcome: list = []
+        thread = threading.Thread(
+            target=lambda: outcome.append(_attempt(_draft_cost, proposer, context, max_depth, repeats)),
+            name="verispec-calibrate-proposer", daemon=True,
+        )
+        thread.start()
+        thread.join(proposer_budget_s)
+        result = outcome[0] if outcome else TimeoutError(f"no answer in {proposer_budget_s:g}s")
+        if isinstance(result, Exception):  # a broken proposer must not take the server down with it
+            log.warning("the proposer failed while its cost was measured (%r); depth auto will keep it off but probe it", result)
             draft = UNUSABLE_DRAFT_S
+        else:
+            draft = result
     log.info("step costs: verify %s ms by pass width, draft %.2f ms per token", [round(v * 1e3, 2) for v in verify], draft * 1e3)
     return StepCosts(tuple(verify), draft)
 
 
 UNUSABLE_DRAFT_S = 3600.0  # finite, so that k * cost stays a number at k = 0
+
+
+def _attempt(function, *args):
+    try:
+        return function(*args)
+    except Exception as exc:  # noqa: BLE001 (reported by the caller)
+        return exc
 
 
 def _draft_cost(proposer: Proposer, context: list[int], max_depth: int, repeats: int) -> float:

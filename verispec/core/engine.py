@@ -110,7 +110,10 @@ class SpeculativeEngine:
     def costs(self) -> StepCosts:
         """Step costs for the adaptive depth policy, measured on first use."""
         if self._costs is None:
-            self._costs = measure_step_costs(self.target, self.proposer, self.speculation.max_depth)
+            self._costs = measure_step_costs(
+                self.target, self.proposer, self.speculation.max_depth,
+                proposer_budget_s=20 * self.speculation.proposer_timeout_s,  # a few dozen proposals' worth
+            )
         return self._costs
 
     # -- public API -------------------------------------------------------------------------

@@ -138,7 +138,7 @@ class State:
             # and the cost model prices the verifier-only counterfactual with the one-token step.
             token_s = engine.costs().verify_s[0] if engine.proposer is not None else None
             warm_prompt = engine.tokenizer("def main():").input_ids or [0]
-            engine.generate(warm_prompt, SamplingParams(max_new_tokens=4))
+            engine.generate(warm_prompt, SamplingParams(max_new_tokens=4), depth=0)  # the verifier's kernels; no proposer call
             models = resolve_models(self.settings.part(ModelSettings))
             model_version = weights_digest(models.target)
             identity = self._identity(engine, model_version)

@@ -239,8 +239,9 @@ static inline int64_t paged_chunk_rows(int64_t context) {
 }
 
 /* attention's softmax of one row over keys 0..n-1 of KV head g, into row[0..n-1] (unnormalised
-   exponentials), with the same operations in the same order; returns their total. */
-static inline float paged_softmax_row(const float* q, const float* keys, const int64_t* table, int64_t g,
+   exponentials), with the same operations in the same order; returns their total. Not inlined:
+   in the work loop the running max was kept on the stack, a third slower. */
+__attribute__((noinline)) static float paged_softmax_row(const float* q, const float* keys, const int64_t* table, int64_t g,
                                       int64_t Hkv, int64_t bs, int64_t hd, int64_t n, float scale, float* row) {
   int64_t j = 0;
   for (int64_t b = 0; j < n; ++b) {  /* blocks start at multiples of 8: dot8 from 0, the tail in the last */
@@ -277,6 +278,26 @@ static inline __m256 rounded8(__m256 v) {
 static inline float rounded1(float v) {
   __asm__("" : "+x"(v));
   return v;
+}
+
+/* o0[t * stride ..] += softmax weight of key j x value j, for the T rows at positions start..
+   and every key j they see, ascending: value j is read once, into every row that sees it. */
+__attribute__((noinline)) static void paged_weigh_values(const float* scores, const float* totals,
+                                                          const float* values, const int64_t* table, int64_t g,
+                                                          int64_t Hkv, int64_t bs, int64_t hd, int64_t start,
+                                                          int64_t T, float* o0, int64_t stride) {
+  int64_t end = start + T;
+  for (int64_t b = 0, j = 0; j < end; ++b) {
+    const float* v = paged_block(values, table, g, b, Hkv, bs, hd);
+    for (int64_t from = b * bs, stop = end < from + bs ? end : from + bs; j < stop; ++j) {
+      const float* vj = v + (j - from) * hd;
+      for (int64_t t = (j > start ? j - start : 0); t < T; ++t) {
+        float p = scores[t * end + j] / totals[t];
+        float* o = o0 + t * stride;
+        for (int64_t i = 0; i < hd; ++i) o[i] += p * vj[i];
+      }
+    }
+  }
 }
 
 /* One row without scratch (a context past PAGED_SCRATCH_FLOATS, or malloc failed): the scores
@@ -370,17 +391,7 @@ void paged_attention(const float* qkv, int64_t S, const int64_t* seg_row, const 
         float* o = o0 + t * H * hd;
         for (int64_t i = 0; i < hd; ++i) o[i] = 0.0f;
       }
-      for (int64_t b = 0, j = 0; j < end; ++b) {  /* value j once, into every row that sees it */
-        const float* v = paged_block(values, table, g, b, Hkv, bs, hd);
-        for (int64_t from = b * bs, stop = end < from + bs ? end : from + bs; j < stop; ++j) {
-          const float* vj = v + (j - from) * hd;
-          for (int64_t t = (j > start ? j - start : 0); t < T; ++t) {
-            float p = scores[t * end + j] / totals[t];
-            float* o = o0 + t * H * hd;
-            for (int64_t i = 0; i < hd; ++i) o[i] += p * vj[i];
-          }
-        }
-      }
+      paged_weigh_values(scores, totals, values, table, g, Hkv, bs, hd, start, T, o0, H * hd);
     }
     free(scores);
   }
