@@ -241,8 +241,9 @@ static inline int64_t paged_chunk_rows(int64_t context) {
 /* attention's softmax of one row over keys 0..n-1 of KV head g, into row[0..n-1] (unnormalised
    exponentials), with the same operations in the same order; returns their total. Not inlined:
    in the work loop the running max was kept on the stack, a third slower. */
-__attribute__((noinline)) static float paged_softmax_row(const float* q, const float* keys, const int64_t* table, int64_t g,
-                                      int64_t Hkv, int64_t bs, int64_t hd, int64_t n, float scale, float* row) {
+__attribute__((noinline)) static float paged_softmax_row(const float* q, const float* keys, const int64_t* table,
+                                                         int64_t g, int64_t Hkv, int64_t bs, int64_t hd, int64_t n,
+                                                         float scale, float* row) {
   int64_t j = 0;
   for (int64_t b = 0; j < n; ++b) {  /* blocks start at multiples of 8: dot8 from 0, the tail in the last */
     const float* k = paged_block(keys, table, g, b, Hkv, bs, hd);
@@ -269,19 +270,9 @@ __attribute__((noinline)) static float paged_softmax_row(const float* q, const f
   return total;
 }
 
-/* The value rounded to float as it is: the compiler may not fuse the multiply that made it
-   with the add that uses it (the buffered path stores a score before subtracting the max). */
-static inline __m256 rounded8(__m256 v) {
-  __asm__("" : "+x"(v));
-  return v;
-}
-static inline float rounded1(float v) {
-  __asm__("" : "+x"(v));
-  return v;
-}
-
-/* o0[t * stride ..] += softmax weight of key j x value j, for the T rows at positions start..
-   and every key j they see, ascending: value j is read once, into every row that sees it. */
+/* Row t of the T at positions start.. (output o0 + t * stride, zeroed) gets, for every key j it
+   sees, ascending, scores[t * end + j] / totals[t] times value j; value j is read once, into
+   every row that sees it. Not inlined, for the same reason. */
 __attribute__((noinline)) static void paged_weigh_values(const float* scores, const float* totals,
                                                           const float* values, const int64_t* table, int64_t g,
                                                           int64_t Hkv, int64_t bs, int64_t hd, int64_t start,
@@ -298,6 +289,17 @@ __attribute__((noinline)) static void paged_weigh_values(const float* scores, co
       }
     }
   }
+}
+
+/* The value rounded to float as it is: the compiler may not fuse the multiply that made it
+   with the add that uses it (the buffered path stores a score before subtracting the max). */
+static inline __m256 rounded8(__m256 v) {
+  __asm__("" : "+x"(v));
+  return v;
+}
+static inline float rounded1(float v) {
+  __asm__("" : "+x"(v));
+  return v;
 }
 
 /* One row without scratch (a context past PAGED_SCRATCH_FLOATS, or malloc failed): the scores
