@@ -53,25 +53,26 @@ def choose_depths(
     model-free proposers); `base_rows` rows of other requests share the pass."""
     n = len(alphas)
     draft_costs = draft_costs or [costs.draft_s] * n
+    gains = [[expected_tokens(a, k) for k in range(limit + 1)] for a, limit in zip(alphas, limits, strict=True)]
+    verify = [costs.verify(rows) for rows in range(base_rows + n + sum(limits) + 1)]
     depths = [0] * n
-
-    def goodput(ks: list[int]) -> float:
-        tokens = sum(expected_tokens(a, k) for a, k in zip(alphas, ks, strict=True))
-        drafting = max((k * d for k, d in zip(ks, draft_costs, strict=True)), default=0.0)
-        return tokens / (costs.verify(base_rows + n + sum(ks)) + drafting)
-
-    best = goodput(depths)
+    tokens, rows, drafting = float(n), base_rows + n, 0.0
+    best = tokens / verify[rows]
     while True:
         choice = None
         for i in range(n):
-            for k in range(depths[i] + 1, limits[i] + 1):
-                trial = depths[:i] + [k] + depths[i + 1 :]
-                value = goodput(trial)
+            k0 = depths[i]
+            for k in range(k0 + 1, limits[i] + 1):
+                value = (tokens - gains[i][k0] + gains[i][k]) / (verify[rows + k - k0] + max(drafting, k * draft_costs[i]))
                 if value > best * (1 + 1e-9):
-                    best, choice = value, trial
+                    best, choice = value, (i, k)
         if choice is None:
             return depths
-        depths = choice
+        i, k = choice
+        tokens += gains[i][k] - gains[i][depths[i]]
+        rows += k - depths[i]
+        drafting = max(drafting, k * draft_costs[i])
+        depths[i] = k
 
 
 SAMPLE_ROWS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128)
