@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import shutil
+from pathlib import Path
 
 import httpx
 import pytest
@@ -262,4 +266,6 @@ def test_table_reports_a_server_that_does_not_start(tmp_path):
                           "--schedulers", "interleaved", "--levels", "1")
     assert result.returncode == 2
     assert "the interleaved server exited" in result.stderr and "does not exist" in result.stderr
-    assert "server logs kept in" in result.stderr
+    kept = re.search(r"server logs kept in (\S+)", result.stderr)
+    assert kept and "does not exist" in (Path(kept.group(1)) / os.listdir(kept.group(1))[0]).read_text()
+    shutil.rmtree(kept.group(1))
