@@ -6,9 +6,9 @@
    decode step streams half the bytes of a float32 weight. Built by verispec/models/kernels.py
    with the system C compiler on first use (x86-64 with AVX2, FMA and F16C).
 
-   Each output y[m, n] is one run of two 8-lane accumulators over k and a fixed lane sum, the
-   same whatever the number of rows M in the pass: a position's logits do not depend on whether
-   it was decoded alone or verified among k+1 positions. */
+   Each output y[m, n] is one run of an 8-lane accumulator over k and a fixed lane sum, the same
+   whatever the number of rows M in the pass: a position's logits do not depend on whether it was
+   decoded alone, verified among k+1 positions or batched with other sequences. */
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -36,52 +36,65 @@ static inline float lane_sum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-/* One weight row (K values) against MB rows of x (row stride K); sets or adds y[m * N], m < MB. */
-#define ROWS(MB, KIND)                                                                        \
-  static inline void rows##MB##_##KIND(const float* x, const uint16_t* w, int64_t K, float* y, \
-                                        int64_t N, float bias, int accumulate) {              \
-    __m256 even[MB], odd[MB];                                                                 \
-    for (int m = 0; m < MB; ++m) even[m] = odd[m] = _mm256_setzero_ps();                     \
+/* y[m, n] for NB weight rows w (row stride K) and MB rows of x (row stride K), written at y[m * N + r].
+   Each output is one 8-lane accumulator over k in ascending steps of 8, then lane_sum, then the
+   scalar tail, then the bias: the same order whatever NB and MB, so an output's bits do not depend
+   on how many rows the pass has or which block it fell in. Blocking NB x MB lets one load of x
+   serve NB weight rows and one widened weight vector MB rows of x (register blocking, as a GEMM
+   micro-kernel does), which is what makes wide passes (prompt chunks, batches) cheap. */
+#define BLOCK(NB, MB, KIND)                                                                   \
+  static inline void block##NB##x##MB##_##KIND(const float* x, const uint16_t* w, int64_t K,  \
+                                                float* y, int64_t N, const float* bias,       \
+                                                int accumulate) {                             \
+    __m256 acc[NB][MB];                                                                       \
+    for (int r = 0; r < NB; ++r)                                                              \
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();                           \
     int64_t k = 0;                                                                            \
-    for (; k + 16 <= K; k += 16) {                                                            \
-      __m256 w0 = widen8_##KIND(w + k), w1 = widen8_##KIND(w + k + 8);                        \
-      for (int m = 0; m < MB; ++m) {                                                          \
-        even[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), even[m]);               \
-        odd[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), odd[m]);             \
+    for (; k + 8 <= K; k += 8) {                                                              \
+      __m256 xv[MB];                                                                          \
+      for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);                   \
+      for (int r = 0; r < NB; ++r) {                                                          \
+        __m256 wv = widen8_##KIND(w + r * K + k);                                             \
+        for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);       \
       }                                                                                       \
     }                                                                                         \
-    if (k + 8 <= K) {                                                                         \
-      __m256 w0 = widen8_##KIND(w + k);                                                       \
-      for (int m = 0; m < MB; ++m) even[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), even[m]); \
-      k += 8;                                                                                 \
+    for (int r = 0; r < NB; ++r)                                                              \
+      for (int m = 0; m < MB; ++m) {                                                          \
+        float s = lane_sum(acc[r][m]);                                                        \
+        for (int64_t j = k; j < K; ++j) s += widen1_##KIND(w[r * K + j]) * x[m * K + j];      \
+        s += bias ? bias[r] : 0.0f;                                                           \
+        float* out = y + m * N + r;                                                           \
+        *out = accumulate ? *out + s : s;                                                     \
+      }                                                                                       \
+  }
+
+/* NB weight rows against all M rows of x, MB rows at a time. */
+#define ROWS(NB, KIND)                                                                        \
+  static inline void rows##NB##_##KIND(const float* x, int64_t M, const uint16_t* w, int64_t K, \
+                                        float* y, int64_t N, const float* bias, int accumulate) { \
+    int64_t m = 0;                                                                            \
+    for (; m + 3 <= M; m += 3) block##NB##x3_##KIND(x + m * K, w, K, y + m * N, N, bias, accumulate); \
+    if (m + 2 <= M) {                                                                         \
+      block##NB##x2_##KIND(x + m * K, w, K, y + m * N, N, bias, accumulate);                  \
+      m += 2;                                                                                 \
     }                                                                                         \
-    for (int m = 0; m < MB; ++m) {                                                            \
-      float s = lane_sum(_mm256_add_ps(even[m], odd[m]));                                     \
-      for (int64_t j = k; j < K; ++j) s += widen1_##KIND(w[j]) * x[m * K + j];                \
-      s += bias;                                                                              \
-      y[m * N] = accumulate ? y[m * N] + s : s;                                               \
-    }                                                                                         \
+    if (m < M) block##NB##x1_##KIND(x + m * K, w, K, y + m * N, N, bias, accumulate);         \
   }
 
 #define LINEAR(KIND)                                                                          \
-  ROWS(1, KIND) ROWS(2, KIND) ROWS(4, KIND)                                                   \
+  BLOCK(4, 1, KIND) BLOCK(4, 2, KIND) BLOCK(4, 3, KIND)                                       \
+  BLOCK(1, 1, KIND) BLOCK(1, 2, KIND) BLOCK(1, 3, KIND)                                       \
+  ROWS(4, KIND) ROWS(1, KIND)                                                                 \
   void widen_linear_##KIND(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, \
                            const float* bias, float* y, int accumulate, int threads) {        \
+    int64_t blocks = N / 4;                                                                   \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                        \
-    for (int64_t n = 0; n < N; ++n) {                                                         \
-      const uint16_t* row = w + n * K;                                                        \
-      if (n + 2 < N) /* fetch row n+2 while this one is computed: about 15% faster at M=1 */  \
-        for (int64_t byte = 0; byte < K * 2; byte += 64)                                      \
-          _mm_prefetch((const char*)(row + 2 * K) + byte, _MM_HINT_T0);                       \
-      float b = bias ? bias[n] : 0.0f;                                                        \
-      int64_t m = 0;                                                                          \
-      for (; m + 4 <= M; m += 4) rows4_##KIND(x + m * K, row, K, y + m * N + n, N, b, accumulate);          \
-      if (m + 2 <= M) {                                                                       \
-        rows2_##KIND(x + m * K, row, K, y + m * N + n, N, b, accumulate);                                    \
-        m += 2;                                                                               \
-      }                                                                                       \
-      if (m < M) rows1_##KIND(x + m * K, row, K, y + m * N + n, N, b, accumulate);                           \
+    for (int64_t b = 0; b < blocks; ++b) {                                                    \
+      int64_t n = 4 * b;                                                                      \
+      rows4_##KIND(x, M, w + n * K, K, y + n, N, bias ? bias + n : NULL, accumulate);         \
     }                                                                                         \
+    for (int64_t n = 4 * blocks; n < N; ++n)                                                  \
+      rows1_##KIND(x, M, w + n * K, K, y + n, N, bias ? bias + n : NULL, accumulate);         \
   }
 
 LINEAR(f16)
