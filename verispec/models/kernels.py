@@ -63,7 +63,7 @@ class Linear:
         library = kernel_library() if narrow is not None else None
         if library is not None:
             self.form = "widen-f16" if narrow.dtype == torch.float16 else "widen-bf16"
-            self.weight = narrow.contiguous()
+            self.weight = _panels(narrow)
             self._kernel = library.widen_linear_f16 if narrow.dtype == torch.float16 else library.widen_linear_bf16
         elif (
             prepack
@@ -103,6 +103,17 @@ class Linear:
             x.data_ptr(), x.shape[0], self.weight.data_ptr(), self.out_features, self.in_features,
             None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), accumulate, torch.get_num_threads(),
         )  # fmt: skip
+
+
+PANEL = 24  # output columns per panel of a packed 16-bit weight (NR in csrc/widen_linear.c)
+
+
+def _panels(weight: torch.Tensor) -> torch.Tensor:
+    """(out, in) -> (panels, in, PANEL): the layout the widening kernel streams, zero-padded."""
+    out_features, in_features = weight.shape
+    padded = torch.zeros((-(-out_features // PANEL) * PANEL, in_features), dtype=weight.dtype)
+    padded[:out_features] = weight
+    return padded.view(-1, PANEL, in_features).transpose(1, 2).contiguous()
 
 
 def _exact_16bit(weight: torch.Tensor) -> torch.Tensor | None:

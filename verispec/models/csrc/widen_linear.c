@@ -36,65 +36,67 @@ static inline float lane_sum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-/* y[m, n] for NB weight rows w (row stride K) and MB rows of x (row stride K), written at y[m * N + r].
-   Each output is one 8-lane accumulator over k in ascending steps of 8, then lane_sum, then the
-   scalar tail, then the bias: the same order whatever NB and MB, so an output's bits do not depend
-   on how many rows the pass has or which block it fell in. Blocking NB x MB lets one load of x
-   serve NB weight rows and one widened weight vector MB rows of x (register blocking, as a GEMM
-   micro-kernel does), which is what makes wide passes (prompt chunks, batches) cheap. */
-#define BLOCK(NB, MB, KIND)                                                                   \
-  static inline void block##NB##x##MB##_##KIND(const float* x, const uint16_t* w, int64_t K,  \
-                                                float* y, int64_t N, const float* bias,       \
-                                                int accumulate) {                             \
-    __m256 acc[NB][MB];                                                                       \
-    for (int r = 0; r < NB; ++r)                                                              \
-      for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();                           \
-    int64_t k = 0;                                                                            \
-    for (; k + 8 <= K; k += 8) {                                                              \
-      __m256 xv[MB];                                                                          \
-      for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);                   \
-      for (int r = 0; r < NB; ++r) {                                                          \
-        __m256 wv = widen8_##KIND(w + r * K + k);                                             \
-        for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);       \
-      }                                                                                       \
-    }                                                                                         \
-    for (int r = 0; r < NB; ++r)                                                              \
-      for (int m = 0; m < MB; ++m) {                                                          \
-        float s = lane_sum(acc[r][m]);                                                        \
-        for (int64_t j = k; j < K; ++j) s += widen1_##KIND(w[r * K + j]) * x[m * K + j];      \
-        s += bias ? bias[r] : 0.0f;                                                           \
-        float* out = y + m * N + r;                                                           \
-        *out = accumulate ? *out + s : s;                                                     \
-      }                                                                                       \
-  }
+/* The weight is packed in panels of NR = 24 output columns: panel p holds w[p*NR + c, k] at
+   [k * NR + c], so a pass reads each panel front to back (kernels.py pads the last one with
+   zeros). A micro-kernel keeps an MR x NR block of outputs in 12 registers and, for each k,
+   widens one panel row and broadcasts MR values of x: the register blocking of a GEMM.
 
-/* NB weight rows against all M rows of x, MB rows at a time. */
-#define ROWS(NB, KIND)                                                                        \
-  static inline void rows##NB##_##KIND(const float* x, int64_t M, const uint16_t* w, int64_t K, \
-                                        float* y, int64_t N, const float* bias, int accumulate) { \
-    int64_t m = 0;                                                                            \
-    for (; m + 3 <= M; m += 3) block##NB##x3_##KIND(x + m * K, w, K, y + m * N, N, bias, accumulate); \
-    if (m + 2 <= M) {                                                                         \
-      block##NB##x2_##KIND(x + m * K, w, K, y + m * N, N, bias, accumulate);                  \
-      m += 2;                                                                                 \
+   Each output is one fused multiply-add chain over k in ascending order from 0, then the bias,
+   then the residual: the same operations whatever the block it falls in and whatever the number
+   of rows M, so an output's bits do not depend on the pass (decode, verify, prompt chunk, batch). */
+#define NR 24
+
+#define KERNEL(MR, KIND)                                                                      \
+  static inline void kernel##MR##_##KIND(const float* x, int64_t K, const uint16_t* panel,    \
+                                         float* y, int64_t N, int64_t valid, const float* bias, \
+                                         int accumulate) {                                    \
+    __m256 c[MR][3];                                                                          \
+    for (int m = 0; m < MR; ++m) c[m][0] = c[m][1] = c[m][2] = _mm256_setzero_ps();           \
+    for (int64_t k = 0; k < K; ++k) {                                                         \
+      const uint16_t* p = panel + k * NR;                                                     \
+      __m256 w0 = widen8_##KIND(p), w1 = widen8_##KIND(p + 8), w2 = widen8_##KIND(p + 16);    \
+      for (int m = 0; m < MR; ++m) {                                                          \
+        __m256 a = _mm256_broadcast_ss(x + m * K + k);                                        \
+        c[m][0] = _mm256_fmadd_ps(a, w0, c[m][0]);                                            \
+        c[m][1] = _mm256_fmadd_ps(a, w1, c[m][1]);                                            \
+        c[m][2] = _mm256_fmadd_ps(a, w2, c[m][2]);                                            \
+      }                                                                                       \
     }                                                                                         \
-    if (m < M) block##NB##x1_##KIND(x + m * K, w, K, y + m * N, N, bias, accumulate);         \
+    for (int m = 0; m < MR; ++m) {                                                            \
+      float out[NR];                                                                          \
+      for (int v = 0; v < 3; ++v) {                                                           \
+        __m256 s = c[m][v];                                                                   \
+        if (bias) s = _mm256_add_ps(s, _mm256_loadu_ps(bias + 8 * v));                        \
+        _mm256_storeu_ps(out + 8 * v, s);                                                     \
+      }                                                                                       \
+      float* row = y + m * N;                                                                 \
+      for (int64_t j = 0; j < valid; ++j) row[j] = accumulate ? row[j] + out[j] : out[j];     \
+    }                                                                                         \
   }
 
 #define LINEAR(KIND)                                                                          \
-  BLOCK(4, 1, KIND) BLOCK(4, 2, KIND) BLOCK(4, 3, KIND)                                       \
-  BLOCK(1, 1, KIND) BLOCK(1, 2, KIND) BLOCK(1, 3, KIND)                                       \
-  ROWS(4, KIND) ROWS(1, KIND)                                                                 \
+  KERNEL(1, KIND) KERNEL(2, KIND) KERNEL(3, KIND) KERNEL(4, KIND)                             \
   void widen_linear_##KIND(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, \
                            const float* bias, float* y, int accumulate, int threads) {        \
-    int64_t blocks = N / 4;                                                                   \
+    int64_t panels = (N + NR - 1) / NR;                                                       \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                        \
-    for (int64_t b = 0; b < blocks; ++b) {                                                    \
-      int64_t n = 4 * b;                                                                      \
-      rows4_##KIND(x, M, w + n * K, K, y + n, N, bias ? bias + n : NULL, accumulate);         \
+    for (int64_t p = 0; p < panels; ++p) {                                                    \
+      const uint16_t* panel = w + p * K * NR;                                                 \
+      int64_t n = p * NR, valid = N - n < NR ? N - n : NR;                                    \
+      const float* b = NULL;                                                                  \
+      float padded[NR];                                                                       \
+      if (bias) {                                                                             \
+        for (int j = 0; j < NR; ++j) padded[j] = j < valid ? bias[n + j] : 0.0f;             \
+        b = padded;                                                                           \
+      }                                                                                       \
+      int64_t m = 0;                                                                          \
+      for (; m + 4 <= M; m += 4) kernel4_##KIND(x + m * K, K, panel, y + m * N + n, N, valid, b, accumulate); \
+      switch (M - m) {                                                                        \
+        case 3: kernel3_##KIND(x + m * K, K, panel, y + m * N + n, N, valid, b, accumulate); break; \
+        case 2: kernel2_##KIND(x + m * K, K, panel, y + m * N + n, N, valid, b, accumulate); break; \
+        case 1: kernel1_##KIND(x + m * K, K, panel, y + m * N + n, N, valid, b, accumulate); break; \
+      }                                                                                       \
     }                                                                                         \
-    for (int64_t n = 4 * blocks; n < N; ++n)                                                  \
-      rows1_##KIND(x, M, w + n * K, K, y + n, N, bias ? bias + n : NULL, accumulate);         \
   }
 
 LINEAR(f16)
