@@ -46,32 +46,49 @@ static inline float lane_sum(__m256 v) {
    of rows M, so an output's bits do not depend on the pass (decode, verify, prompt chunk, batch). */
 #define NR 24
 
+/* One row of a block: (acc + bias), then into y (set, or added to the residual). */
+static inline void finish(float* row, __m256 c0, __m256 c1, __m256 c2, const float* bias, int64_t valid,
+                          int accumulate) {
+  float out[NR];
+  if (bias) {
+    c0 = _mm256_add_ps(c0, _mm256_loadu_ps(bias));
+    c1 = _mm256_add_ps(c1, _mm256_loadu_ps(bias + 8));
+    c2 = _mm256_add_ps(c2, _mm256_loadu_ps(bias + 16));
+  }
+  _mm256_storeu_ps(out, c0);
+  _mm256_storeu_ps(out + 8, c1);
+  _mm256_storeu_ps(out + 16, c2);
+  for (int64_t j = 0; j < valid; ++j) row[j] = accumulate ? row[j] + out[j] : out[j];
+}
+
+/* The accumulators are named variables, not an array: gcc keeps an array in memory and stores
+   it back on every k, which halves the kernel's speed. */
+#define STEP(R, C0, C1, C2)                                                                   \
+  {                                                                                           \
+    __m256 a = _mm256_broadcast_ss(x + (R) * K + k);                                          \
+    C0 = _mm256_fmadd_ps(a, w0, C0);                                                          \
+    C1 = _mm256_fmadd_ps(a, w1, C1);                                                          \
+    C2 = _mm256_fmadd_ps(a, w2, C2);                                                          \
+  }
+
 #define KERNEL(MR, KIND)                                                                      \
   static inline void kernel##MR##_##KIND(const float* x, int64_t K, const uint16_t* panel,    \
                                          float* y, int64_t N, int64_t valid, const float* bias, \
                                          int accumulate) {                                    \
-    __m256 c[MR][3];                                                                          \
-    for (int m = 0; m < MR; ++m) c[m][0] = c[m][1] = c[m][2] = _mm256_setzero_ps();           \
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00;  \
+    __m256 c20 = c00, c21 = c00, c22 = c00, c30 = c00, c31 = c00, c32 = c00;                  \
     for (int64_t k = 0; k < K; ++k) {                                                         \
       const uint16_t* p = panel + k * NR;                                                     \
       __m256 w0 = widen8_##KIND(p), w1 = widen8_##KIND(p + 8), w2 = widen8_##KIND(p + 16);    \
-      for (int m = 0; m < MR; ++m) {                                                          \
-        __m256 a = _mm256_broadcast_ss(x + m * K + k);                                        \
-        c[m][0] = _mm256_fmadd_ps(a, w0, c[m][0]);                                            \
-        c[m][1] = _mm256_fmadd_ps(a, w1, c[m][1]);                                            \
-        c[m][2] = _mm256_fmadd_ps(a, w2, c[m][2]);                                            \
-      }                                                                                       \
+      STEP(0, c00, c01, c02)                                                                  \
+      if (MR > 1) STEP(1, c10, c11, c12)                                                      \
+      if (MR > 2) STEP(2, c20, c21, c22)                                                      \
+      if (MR > 3) STEP(3, c30, c31, c32)                                                      \
     }                                                                                         \
-    for (int m = 0; m < MR; ++m) {                                                            \
-      float out[NR];                                                                          \
-      for (int v = 0; v < 3; ++v) {                                                           \
-        __m256 s = c[m][v];                                                                   \
-        if (bias) s = _mm256_add_ps(s, _mm256_loadu_ps(bias + 8 * v));                        \
-        _mm256_storeu_ps(out + 8 * v, s);                                                     \
-      }                                                                                       \
-      float* row = y + m * N;                                                                 \
-      for (int64_t j = 0; j < valid; ++j) row[j] = accumulate ? row[j] + out[j] : out[j];     \
-    }                                                                                         \
+    finish(y, c00, c01, c02, bias, valid, accumulate);                                        \
+    if (MR > 1) finish(y + N, c10, c11, c12, bias, valid, accumulate);                        \
+    if (MR > 2) finish(y + 2 * N, c20, c21, c22, bias, valid, accumulate);                    \
+    if (MR > 3) finish(y + 3 * N, c30, c31, c32, bias, valid, accumulate);                    \
   }
 
 #define LINEAR(KIND)                                                                          \
