@@ -4,8 +4,9 @@ A step
 
 1. plans the pass (`scheduler.py`): which requests run a round and at what depth, which prompts
    get a chunk of prefill, under the pass's row budget and the KV cache's blocks;
-2. proposes drafts for every round (`proposing.py`: off this thread, within the time budget; a
-   draft model drafts for all its requests in one draft pass per position);
+2. proposes drafts for every round: a draft model for all its requests in one draft pass per
+   position, the n-gram lookup per request, both on this thread; any other proposer off this
+   thread within the time budget (`proposing.py`), so that one that hangs holds no pass;
 3. scores every round's rows, the last verified token and the drafts, and every prompt chunk in
    one pass of the runner (`runner.py`);
 4. accepts per request (`acceptance.py`: its own depth, its own generator) and emits the
@@ -38,6 +39,7 @@ from verispec.core.scheduler import Plan, plan_pass
 from verispec.errors import UserError
 from verispec.proposers.base import DraftPolicy, Proposal, Proposer
 from verispec.proposers.draft import DraftBatch, DraftModelProposer
+from verispec.proposers.ngram import NgramProposer
 from verispec.stats import RequestStats
 from verispec.text import TextStream
 
@@ -282,7 +284,7 @@ class BatchEngine:
         """Drafts for every round with a depth; an empty proposal wherever the proposer cannot help."""
         self._failed: set[BatchRequest] = set()
         proposals = {r: Proposal.empty() for r in plan.rounds}
-        calls, members = {}, {}
+        calls, inline, members = {}, {}, {}
         drafting = [r for r in plan.rounds if plan.depths[r] > 0 and r.proposer is not None]
         for request in drafting:
             batch = self.draft_batch(request.proposer)
@@ -293,14 +295,29 @@ class BatchEngine:
             else:  # a call per request (a stateless proposer's session is shared)
                 if request.session is None:
                     request.session = request.proposer.session()
-                calls[request] = lambda r=request: r.session.propose(r.tokens, plan.depths[r], r.draft_policy)
+                call = lambda r=request: r.session.propose(r.tokens, plan.depths[r], r.draft_policy)  # noqa: E731
+                (inline if isinstance(request.proposer, NgramProposer) else calls)[request] = call
                 members[request] = [request]
+        budget = min((r.speculation.proposer_timeout_s for r in drafting), default=0.0)
+        started = time.perf_counter()
+        results = self.proposing.start(calls)
+        # The draft model drafts on this thread: it is verispec's own pass (its time budget is
+        # checked between draft positions), and its kernels' OpenMP team must stay this thread's;
+        # a second team on another thread makes every later pass fight it for the cores.
+        for key, call in inline.items():  # n-gram lookups: microseconds of our own code
+            try:
+                results[key] = call()
+            except Exception as exc:  # noqa: BLE001
+                results[key] = exc
         for batch, requests in members.items():
             if isinstance(batch, DraftBatch):
                 items = [(r.session, r.tokens, plan.depths[r], r.draft_policy) for r in requests]
-                calls[batch] = lambda batch=batch, items=items: batch.propose(items)
-        budget = min((r.speculation.proposer_timeout_s for r in drafting), default=0.0)
-        results, waited = self.proposing.run(calls, budget)
+                try:
+                    results[batch] = batch.propose(items)
+                except Exception as exc:  # noqa: BLE001 (every request of the batch falls back)
+                    results[batch] = exc
+        results |= self.proposing.collect(max(0.0, budget - (time.perf_counter() - started)))
+        waited = time.perf_counter() - started
         propose_s = {}
         for key, requests in members.items():
             result = results[key]

@@ -1,8 +1,10 @@
 """Proposals off the engine thread, each bounded by its time budget.
 
-A proposer is code the verifier does not control (a draft model, a lookup, a plug-in): it may
-raise, return junk or never return. Every proposal of a step runs on a worker thread and the
-step waits for all of them at most the time budget; a proposal not back by then leaves its
+A plug-in proposer is code the verifier does not control: it may raise, return junk or never
+return. Its proposals run on worker threads and the step waits for all of them at most the time
+budget (verispec's own draft model and n-gram lookup run on the engine thread, the draft model
+checking its budget between draft positions: a second OpenMP team on another thread would make
+every pass fight it for the cores); a proposal not back by then leaves its
 requests verifier-only for the round, and the proposer is not asked again (its requests stay
 verifier-only) until that call has returned. So a hung proposer costs one budget once, never a
 held pass, and the engine thread stays free to serve every other request.
@@ -29,13 +31,20 @@ class Proposing:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verispec-propose")
         self._busy: set[Hashable] = set()
         self._lock = threading.Lock()
+        self._pending: dict[Future, Hashable] = {}
 
     def run(self, calls: dict[Hashable, Callable[[], object]], budget_s: float) -> tuple[dict[Hashable, object], float]:
         """Start every call (keyed by the proposer state it uses) and wait up to `budget_s`; each
         key's result, or its exception (Busy, TimedOut, or what it raised); and the seconds waited."""
         started = time.perf_counter()
+        results = self.start(calls)
+        results |= self.collect(budget_s)
+        return results, time.perf_counter() - started
+
+    def start(self, calls: dict[Hashable, Callable[[], object]]) -> dict[Hashable, object]:
+        """Start the calls; the keys whose proposer is still busy, as Busy."""
         results: dict[Hashable, object] = {}
-        futures: dict[Future, Hashable] = {}
+        self._pending: dict[Future, Hashable] = {}
         for key, call in calls.items():
             with self._lock:
                 if key in self._busy:
@@ -44,7 +53,13 @@ class Proposing:
                 self._busy.add(key)
             future = self._pool.submit(call)
             future.add_done_callback(lambda _, key=key: self._done(key))
-            futures[future] = key
+            self._pending[future] = key
+        return results
+
+    def collect(self, budget_s: float) -> dict[Hashable, object]:
+        """Wait up to `budget_s` for the started calls: each key's result or exception."""
+        results: dict[Hashable, object] = {}
+        futures, self._pending = self._pending, {}
         if futures:
             done, _ = wait(futures, timeout=budget_s)
             for future, key in futures.items():
@@ -54,7 +69,7 @@ class Proposing:
                     results[key] = future.exception()
                 else:
                     results[key] = future.result()
-        return results, time.perf_counter() - started
+        return results
 
     def _done(self, key: Hashable) -> None:
         with self._lock:
