@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import random
 import shutil
 import socket
+import string
 import subprocess
 import threading
 import time
@@ -230,7 +232,9 @@ class Load:
     """Clients sending requests (plain and streaming, unique IDs) until stopped, keeping every outcome."""
 
     def __init__(self, server: ServerProcess, clients: int = 3):
-        self.server, self.run = server, uuid.uuid4().hex[:8]
+        # Letters only: a random hex prefix of digits reads as a phone number (09993241-1-0), and the
+        # server rightly replaces such an x-request-id with its own, so its record could not be found.
+        self.server, self.run = server, "".join(random.choices(string.ascii_lowercase, k=10))
         self.outcomes: list[tuple[str, int, bool, dict | None, float]] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client, args=(n,)) for n in range(clients)]
@@ -248,7 +252,7 @@ class Load:
     def _client(self, n: int) -> None:
         i = 0
         while not self._stop.is_set():
-            request_id = f"{self.run}-{n}-{i}"
+            request_id = f"{self.run}-c{n}-r{i}"
             started = time.monotonic()
             status, acknowledged, error = complete(self.server, request_id, stream=bool(i % 2))
             self.outcomes.append((request_id, status, acknowledged, error, time.monotonic() - started))
