@@ -11,9 +11,9 @@ from scipy.stats import chisquare
 
 from tests.conftest import llama, make_engine, save
 from verispec.config import SamplingParams
+from verispec.core.acceptance import accept_stochastic
 from verispec.core.depth import StepCosts
 from verispec.core.sampling import sample, warp
-from verispec.core.acceptance import accept_stochastic
 
 ALPHA = 1e-4  # false-alarm rate per test
 

@@ -7,9 +7,8 @@ import concurrent.futures
 
 import httpx
 import pytest
-import torch
 
-from tests.conftest import EOS, save
+from tests.conftest import save
 from tests.serving import ServerProcess, metric
 from tests.test_batching import VOCAB, _llama, exact16
 from verispec.models.kernels import kernel_library

@@ -90,7 +90,6 @@ class BatchRequest:
     preemptions: int = 0
     arrived: float = field(default_factory=time.perf_counter)
     order: int = 0  # admission order: the newest is preempted first
-    finished: bool = False
 
     @property
     def generated(self) -> int:
@@ -181,7 +180,6 @@ class BatchEngine:
 
     def abort(self, request: BatchRequest) -> None:
         """Drop a request (cancelled, past its deadline, finished): its blocks are free at once."""
-        request.finished = True
         if request in self.running:
             self.running.remove(request)
         if request in self.waiting:
@@ -357,27 +355,18 @@ class BatchEngine:
 
     def _reset_proposer(self, request: BatchRequest) -> None:
         """Forget the proposer's state for this request (it may be half-updated)."""
-        session = request.session
-        if session is None or self.proposing.busy(request):
+        if request.session is None or self.proposing.busy(request):
             return
-        batch = self.draft_batch(request.proposer) if request.proposer is not None else None
-        if batch is not None:
-            batch.release(session)
-            request.session = None
-        else:
-            session.reset()
+        if not self._drop_draft_state(request):
+            request.session.reset()
 
     def depth_limit(self, request: BatchRequest) -> int:
         """The most drafts this request may take this round, before goodput is weighed."""
         speculation = request.speculation
         if request.proposer is None or request.consecutive_failures >= speculation.max_proposer_failures:
             return 0
-        if self.proposing.busy(request):
+        if self.proposing.busy(request):  # a plug-in's previous call has not returned
             return 0
-        if request.proposer is not None:
-            batch = self.draft_batch(request.proposer)
-            if batch is not None and self.proposing.busy(batch):
-                return 0
         limit = speculation.max_depth if speculation.depth == "auto" else int(speculation.depth)
         limit = min(limit, request.remaining - 1)  # a round emits up to depth + 1 tokens
         if request.depth_limit is not None:
@@ -428,11 +417,16 @@ class BatchEngine:
 
     def _release(self, request: BatchRequest) -> None:
         request.table.free()
-        if request.session is not None and request.proposer is not None:
-            batch = self.draft_batch(request.proposer)
-            if batch is not None and not self.proposing.busy(batch):
-                batch.release(request.session)
-                request.session = None
+        self._drop_draft_state(request)
+
+    def _drop_draft_state(self, request: BatchRequest) -> bool:
+        """Give back the request's blocks in the draft model's cache; False if it has none there."""
+        batch = self.draft_batch(request.proposer) if request.proposer is not None else None
+        if batch is None or request.session is None:
+            return False
+        batch.release(request.session)
+        request.session = None
+        return True
 
     def admit(self, request: BatchRequest) -> bool:
         """Take blocks for a waiting request's prefix and prompt if the cache has room."""

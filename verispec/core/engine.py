@@ -23,17 +23,17 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from verispec.core.calibrate import measure_step_costs
 from verispec.config import Depth, SamplingParams, SpeculationSettings
+from verispec.core.acceptance import Verdict, accept_greedy, accept_stochastic
+from verispec.core.calibrate import measure_step_costs
 from verispec.core.depth import StepCosts, depth_policy
+from verispec.core.sampling import request_generator, warp
 from verispec.errors import ProposerError, UserError
 from verispec.inspect import Inspection, inspect_round
 from verispec.models.backend import CausalLM, KVSession
 from verispec.proposers.base import DraftPolicy, Proposal, Proposer, ProposerSession
-from verispec.core.sampling import request_generator, warp
 from verispec.stats import RequestStats
 from verispec.text import TextStream
-from verispec.core.acceptance import Verdict, accept_greedy, accept_stochastic
 
 log = logging.getLogger(__name__)
 

@@ -128,13 +128,6 @@ class BlockPool:
         block.key = key
         self._cached[key] = block_id
 
-    def reset_prefix_cache(self) -> None:
-        for key, block_id in list(self._cached.items()):
-            self._blocks[block_id].key = None
-            del self._cached[key]
-            if self._blocks[block_id].refs == 0:
-                self._free.move_to_end(block_id, last=False)
-
 
 class BlockTable:
     """One request's blocks and how far they are filled with verified positions."""

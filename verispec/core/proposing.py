@@ -13,7 +13,6 @@ held pass, and the engine thread stays free to serve every other request.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
@@ -32,14 +31,6 @@ class Proposing:
         self._busy: set[Hashable] = set()
         self._lock = threading.Lock()
         self._pending: dict[Future, Hashable] = {}
-
-    def run(self, calls: dict[Hashable, Callable[[], object]], budget_s: float) -> tuple[dict[Hashable, object], float]:
-        """Start every call (keyed by the proposer state it uses) and wait up to `budget_s`; each
-        key's result, or its exception (Busy, TimedOut, or what it raised); and the seconds waited."""
-        started = time.perf_counter()
-        results = self.start(calls)
-        results |= self.collect(budget_s)
-        return results, time.perf_counter() - started
 
     def start(self, calls: dict[Hashable, Callable[[], object]]) -> dict[Hashable, object]:
         """Start the calls; the keys whose proposer is still busy, as Busy."""

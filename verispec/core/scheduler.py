@@ -30,7 +30,6 @@ class Plan:
     depths: dict[BatchRequest, int] = field(default_factory=dict)
     chunks: list[tuple[BatchRequest, int]] = field(default_factory=list)  # (request, prompt tokens this pass)
     preempted: list[BatchRequest] = field(default_factory=list)
-    failed: set[BatchRequest] = field(default_factory=set)
 
 
 def plan_pass(engine: BatchEngine) -> Plan:

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 
 import torch
 
+from verispec.core.sampling import sample, warp
 from verispec.errors import ProposerError
 from verispec.models.backend import CausalLM
 from verispec.proposers.base import DraftPolicy, Proposal
-from verispec.core.sampling import sample, warp
 
 
 class DraftModelProposer:
@@ -126,12 +126,14 @@ class DraftBatch:
 
         started = time.perf_counter()
         window = self.proposer.lm.max_positions
-        for state, context, depth, _ in items:
+        for _, context, depth, _ in items:
             if window is not None and len(context) + depth > window:
                 raise ProposerError(f"context of {len(context)} tokens is beyond the draft's window of {window}")
-        segments = [Segment(self._catch_up(state, context), len(state.cached), state.table, logits=1) for state, context, _, _ in items]
-        for (state, context, _, _), segment in zip(items, segments, strict=True):
-            state.cached.extend(segment.tokens)
+        segments = []
+        for state, context, _, _ in items:
+            fed = self._catch_up(state, context)
+            segments.append(Segment(fed, len(state.cached), state.table, logits=1))
+            state.cached.extend(fed)
         logits = [out[-1] for out in self.runner.forward(segments)]
         for state, context, _, _ in items:
             state.table.verified(len(context), context)
