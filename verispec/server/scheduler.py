@@ -148,8 +148,7 @@ class Scheduler:
         self._draining = False
         self._stopped = False
         self._typical_s: float | None = None  # moving average of end-to-end latency, for Retry-After
-        loop = self._loop if batch is None else self._batched_loop
-        self._thread = threading.Thread(target=loop, name="verispec-engine", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="verispec-engine", daemon=True)
 
     # -- the asyncio side ------------------------------------------------------------------
 
@@ -205,82 +204,37 @@ class Scheduler:
                 self._expire_waiting()
                 self._admit()
                 running = list(self._running)
-            for job in running:
-                self._step(job)
+            if self.batch is None:
+                for job in running:
+                    self._step(job)
+            else:
+                self._batched_step(running)
             if self._stopped:
                 with self._cv:
                     for job in [*self._running, *self._waiting]:
                         self._finish(job, "cancelled", Cancelled())
                 return
 
-    def _batched_loop(self) -> None:
-        core = self.batch
-        jobs: dict[object, Job] = {}
-        while True:
-            with self._cv:
-                while not self._running and not self._waiting and not self._stopped:
-                    self._cv.wait()
-                if self._stopped and not self._running and not self._waiting:
-                    return
-                self._expire_waiting()
-                admitted = self._admit_batched()
-                running = list(self._running)
-            for job in admitted:
-                jobs[job.request] = job
-            now = time.monotonic()
+    def _batched_step(self, running: list[Job]) -> None:
+        """One pass of the batched core for all running jobs."""
+        running = [job for job in running if not self._ended(job)]
+        try:
+            results = self.batch.step()
+        except Exception as exc:
+            log.exception("a batched engine step failed; its requests are ended")
             for job in running:
-                if job.cancelled:
-                    self._finish(job, "cancelled", Cancelled())
-                elif job.deadline is not None and now >= job.deadline:
-                    self._finish(job, "deadline", DeadlineExceeded("the request ran past its deadline"))
-            try:
-                results = core.step()
-            except Exception as exc:
-                log.exception("a batched engine step failed; its requests are ended")
-                for job in list(self._running):
-                    self._finish(job, "error", exc)
-                continue
-            self.metrics.observe_cache(core)
-            now = time.monotonic()
-            for request, delta in results:
-                job = jobs.get(request)
-                if job is None or job.outcome is not None:
-                    continue
-                if delta.round is not None:
-                    job.engine_s += delta.round.verify_s + delta.round.propose_s
-                self._deliver(job, delta, now)
-                if job.outcome is not None:
-                    jobs.pop(request, None)
-            for request in [r for r, job in jobs.items() if job.outcome is not None]:
-                del jobs[request]
-            if self._stopped:
-                with self._cv:
-                    for job in [*self._running, *self._waiting]:
-                        self._finish(job, "cancelled", Cancelled())
-                return
-
-    def _admit_batched(self) -> list[Job]:
-        """Hand queued jobs to the core, which admits them to passes as KV memory allows."""
-        admitted = []
-        while self._waiting and len(self._running) < self.server.max_running:
-            job = self._waiting.popleft()
-            job.admitted = time.monotonic()
-            job.speculate = self.breaker.speculating() or not job.guarded
-            engine = job.engine or self.engine
-            try:
-                job.request = self.batch.add(
-                    job.request_id, job.prompt_ids, job.params, engine.speculation, engine.proposer, depth=job.depth,
-                    depth_limit=lambda job=job: self._depth_limit(job), inspect=job.inspect,
-                )
-            except UserError as exc:
                 self._finish(job, "error", exc)
+            return
+        self.metrics.observe_cache(self.batch)
+        jobs = {job.request: job for job in running}
+        now = time.monotonic()
+        for request, delta in results:
+            job = jobs.get(request)
+            if job is None or job.outcome is not None:
                 continue
-            self.metrics.prompt_tokens.inc(len(job.prompt_ids))
-            self._running.append(job)
-            self.metrics.queue_time.observe(job.admitted - job.arrived)
-            admitted.append(job)
-        self._publish_load()
-        return admitted
+            if delta.round is not None:
+                job.engine_s += delta.round.verify_s + delta.round.propose_s
+            self._deliver(job, delta, now)
 
     def _expire_waiting(self) -> None:
         now = time.monotonic()
@@ -291,25 +245,43 @@ class Scheduler:
                 self._finish(job, "deadline", DeadlineExceeded("the request's deadline passed while it waited in the queue"))
 
     def _admit(self) -> None:
+        """Start queued jobs: an engine stream each (interleaved), or a request in the batched core,
+        which admits it to passes as KV memory allows."""
         while self._waiting and len(self._running) < self.server.max_running:
             job = self._waiting.popleft()
             job.admitted = time.monotonic()
             job.speculate = self.breaker.speculating() or not job.guarded
+            engine = job.engine or self.engine
+            depth_limit = lambda job=job: self._depth_limit(job)  # noqa: E731
+            if self.batch is None:
+                job.stream = engine.stream(job.prompt_ids, job.params, depth=job.depth, depth_limit=depth_limit, inspect=job.inspect)
+            else:
+                try:
+                    job.request = self.batch.add(
+                        job.request_id, job.prompt_ids, job.params, engine.speculation, engine.proposer, depth=job.depth,
+                        depth_limit=depth_limit, inspect=job.inspect,
+                    )
+                except UserError as exc:
+                    self._finish(job, "error", exc)
+                    continue
             self.metrics.prompt_tokens.inc(len(job.prompt_ids))
-            job.stream = (job.engine or self.engine).stream(
-                job.prompt_ids, job.params, depth=job.depth, depth_limit=lambda job=job: self._depth_limit(job), inspect=job.inspect
-            )
             self._running.append(job)
             self.metrics.queue_time.observe(job.admitted - job.arrived)
         self._publish_load()
 
-    def _step(self, job: Job) -> None:
-        """One round of one job."""
+    def _ended(self, job: Job) -> bool:
+        """Finish a job that was cancelled or ran past its deadline; True if so."""
         if job.cancelled:
             self._finish(job, "cancelled", Cancelled())
-            return
-        if job.deadline is not None and time.monotonic() >= job.deadline:
+        elif job.deadline is not None and time.monotonic() >= job.deadline:
             self._finish(job, "deadline", DeadlineExceeded("the request ran past its deadline"))
+        else:
+            return False
+        return True
+
+    def _step(self, job: Job) -> None:
+        """One round of one job."""
+        if self._ended(job):
             return
         started = time.perf_counter()
         try:
