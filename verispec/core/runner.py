@@ -93,12 +93,11 @@ class ModelRunner:
         return out
 
     def _kernel_pass(self, ids, positions, slots, segments, rows) -> torch.Tensor:
-        """LeanLM._kernel_step over many sequences: the same C calls, on the paged cache."""
+        """LeanLM's kernel step over many sequences: the same C calls, attention on the paged cache."""
         lm, ops = self.lm, kernel_library()
-        T, D = ids.shape[0], lm.embed.shape[1]
-        H, Hkv, hd = lm.heads, lm.kv_heads, lm.head_dim
+        T, H, Hkv, hd = ids.shape[0], lm.heads, lm.kv_heads, lm.head_dim
         bs, threads = self.pool.block_size, torch.get_num_threads()
-        ffn = lm.layers[0].down.in_features
+        cos, sin, scale = lm.cos.data_ptr(), lm.sin.data_ptr(), hd**-0.5
         position_array = torch.tensor(positions, dtype=torch.int64)
         slot_array = torch.tensor(slots, dtype=torch.int64)
         # Attention work: per segment, its rows, first position and block table.
@@ -114,17 +113,9 @@ class ModelRunner:
         seg_row, seg_len, seg_pos, table_start, tables = (
             torch.tensor(a, dtype=torch.int64) for a in (seg_row, seg_len, seg_pos, table_start, tables)
         )
-        x = F.embedding(ids, lm.embed)  # (T, D), the residual stream
-        h = torch.empty_like(x)
-        qkv = torch.empty((T, (H + 2 * Hkv) * hd))
-        attn = torch.empty((T, H * hd))
-        gate_up = torch.empty((T, 2 * ffn))
-        act = torch.empty((T, ffn))
-        cos, sin, eps, scale = lm.cos.data_ptr(), lm.sin.data_ptr(), lm.eps, hd**-0.5
-        for layer, keys, values in zip(lm.layers, self.keys, self.values, strict=True):
-            k, v = keys.data_ptr(), values.data_ptr()
-            ops.rms_norm(x.data_ptr(), T, D, layer.attn_norm.data_ptr(), eps, h.data_ptr())
-            layer.qkv.into(h, qkv)
+
+        def attend(i: int, qkv: torch.Tensor, attn: torch.Tensor) -> None:
+            k, v = self.keys[i].data_ptr(), self.values[i].data_ptr()
             ops.rope_store_paged(
                 qkv.data_ptr(), T, H, Hkv, hd, cos, sin, position_array.data_ptr(), slot_array.data_ptr(), k, v, bs
             )
@@ -132,17 +123,8 @@ class ModelRunner:
                 qkv.data_ptr(), len(segments), seg_row.data_ptr(), seg_len.data_ptr(), seg_pos.data_ptr(),
                 tables.data_ptr(), table_start.data_ptr(), H, Hkv, hd, k, v, bs, scale, attn.data_ptr(), threads,
             )  # fmt: skip
-            layer.o.into(attn, x, accumulate=True)
-            ops.rms_norm(x.data_ptr(), T, D, layer.mlp_norm.data_ptr(), eps, h.data_ptr())
-            layer.gate_up.into(h, gate_up)
-            ops.silu_mul(gate_up.data_ptr(), T, ffn, act.data_ptr())
-            layer.down.into(act, x, accumulate=True)
-        x = x[rows].contiguous()
-        if not rows:
-            return x
-        h = torch.empty_like(x)
-        ops.rms_norm(x.data_ptr(), len(rows), D, lm.norm.data_ptr(), eps, h.data_ptr())
-        return lm.lm_head(h)
+
+        return lm.kernel_pass(ids, attend, rows)
 
     def _torch_pass(self, ids, positions, slots, segments, rows) -> torch.Tensor:
         """LeanLM._eager_step over many sequences, on torch operators (any device)."""

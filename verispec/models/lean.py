@@ -23,7 +23,7 @@ transformers backend is used instead.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,21 +192,12 @@ class LeanLM(LeanModel):
         same however the prompt was split into passes (the batched runner, `core/runner.py`,
         relies on both)."""
         ops = kernel_library()
-        T, D = ids.shape[0], self.embed.shape[1]
-        H, Hkv, hd = self.heads, self.kv_heads, self.head_dim
+        T, H, Hkv, hd = ids.shape[0], self.heads, self.kv_heads, self.head_dim
         capacity, threads = keys[0].shape[1], torch.get_num_threads()
-        ffn = self.layers[0].down.in_features
-        x = F.embedding(ids, self.embed)  # (T, D), the residual stream
-        h = torch.empty_like(x)
-        qkv = torch.empty((T, (H + 2 * Hkv) * hd))
-        attn = torch.empty((T, H * hd))
-        gate_up = torch.empty((T, 2 * ffn))
-        act = torch.empty((T, ffn))
-        cos, sin, eps, scale = self.cos.data_ptr(), self.sin.data_ptr(), self.eps, hd**-0.5
-        for layer, layer_keys, layer_values in zip(self.layers, keys, values, strict=True):
-            k, v = layer_keys.data_ptr(), layer_values.data_ptr()
-            ops.rms_norm(x.data_ptr(), T, D, layer.attn_norm.data_ptr(), eps, h.data_ptr())
-            layer.qkv.into(h, qkv)
+        cos, sin, scale = self.cos.data_ptr(), self.sin.data_ptr(), hd**-0.5
+
+        def attend(i: int, qkv: torch.Tensor, attn: torch.Tensor) -> None:
+            k, v = keys[i].data_ptr(), values[i].data_ptr()
             ops.rope_store(qkv.data_ptr(), T, H, Hkv, hd, cos, sin, start, k, v, capacity)
             for first in range(0, T, ATTENTION_ROWS):  # bounded scratch: rows are independent
                 rows = min(ATTENTION_ROWS, T - first)
@@ -214,15 +205,41 @@ class LeanLM(LeanModel):
                     qkv[first].data_ptr(), rows, H, Hkv, hd, k, v, capacity, start + first, scale,
                     attn[first].data_ptr(), threads,
                 )  # fmt: skip
+
+        return self.kernel_pass(ids, attend, slice(T - 1 if last_only else 0, T))
+
+    def kernel_pass(
+        self, ids: torch.Tensor, attend: Callable[[int, torch.Tensor, torch.Tensor], None], rows: slice | list[int]
+    ) -> torch.Tensor:
+        """The kernel step's layers, one C call per operation, around `attend(layer, qkv, attn)`,
+        which stores the rows' rotated keys and values in the cache (of one sequence, or paged)
+        and writes their attention output; the logits of the rows `rows`."""
+        ops = kernel_library()
+        T, D = ids.shape[0], self.embed.shape[1]
+        H, Hkv, hd = self.heads, self.kv_heads, self.head_dim
+        ffn = self.layers[0].down.in_features
+        x = F.embedding(ids, self.embed)  # (T, D), the residual stream
+        h = torch.empty_like(x)
+        qkv = torch.empty((T, (H + 2 * Hkv) * hd))
+        attn = torch.empty((T, H * hd))
+        gate_up = torch.empty((T, 2 * ffn))
+        act = torch.empty((T, ffn))
+        eps = self.eps
+        for i, layer in enumerate(self.layers):
+            ops.rms_norm(x.data_ptr(), T, D, layer.attn_norm.data_ptr(), eps, h.data_ptr())
+            layer.qkv.into(h, qkv)
+            attend(i, qkv, attn)
             layer.o.into(attn, x, accumulate=True)
             ops.rms_norm(x.data_ptr(), T, D, layer.mlp_norm.data_ptr(), eps, h.data_ptr())
             layer.gate_up.into(h, gate_up)
             ops.silu_mul(gate_up.data_ptr(), T, ffn, act.data_ptr())
             layer.down.into(act, x, accumulate=True)
-        rows = 1 if last_only else T
-        x = x[T - rows :]
-        ops.rms_norm(x.data_ptr(), rows, D, self.norm.data_ptr(), eps, h.data_ptr())
-        return self.lm_head(h[:rows])
+        x = x[rows].contiguous()
+        if x.shape[0] == 0:
+            return x
+        h = torch.empty_like(x)
+        ops.rms_norm(x.data_ptr(), x.shape[0], D, self.norm.data_ptr(), eps, h.data_ptr())
+        return self.lm_head(h)
 
     def _eager_step(
         self, ids: torch.Tensor, start: int, keys: list[torch.Tensor], values: list[torch.Tensor], last_only: bool
