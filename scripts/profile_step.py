@@ -2,16 +2,22 @@
 step (width k+1) of the verifier, and a draft step, on the chosen backend.
 
     python scripts/profile_step.py [--target T] [--draft D] [--backend lean|transformers] [--width 4]
+                                   [--steps 50] [--per-op]
 
-Prints the weight bytes each step has to stream, which on a CPU bounds a step from below (bytes /
-memory bandwidth), and where the step's time goes: on the lean backend's CPU kernel step, the
-time of each kernel call summed by operation (the kernels run outside torch, where its profiler
-cannot see); otherwise torch.profiler's operator table.
+Prints each step's time (the median of --steps passes, untimed inside) and the weight bytes it has
+to stream, which on a CPU bounds a step from below (bytes / memory bandwidth), then where the
+step's time goes. On the lean backend's CPU kernel step, the time of each kernel call (the kernels
+run outside torch, where its profiler cannot see): all the layers are one call (`lean_layers`,
+csrc/lean_step.c) and the rest is the final norm, the LM head and Python; --per-op runs the layers
+one kernel call per operation from Python instead (the same bits, the step as it was before the
+one-call step) and sums the calls by operation. Otherwise torch.profiler's operator table. Ends
+with the draft step's cost relative to the verifier's decode step.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections import defaultdict
 
@@ -29,31 +35,57 @@ def weight_bytes(lm) -> int:
     return sum(linear.nbytes for linear in lm.linears())
 
 
-def profile_step(lm, label: str, width: int, context: int = 400, steps: int = 20) -> None:
+def profile_step(
+    lm, label: str, width: int, context: int = 400, steps: int = 50, per_op: bool = False
+) -> float:
+    """Print the step's time, weight bytes and breakdown; returns seconds per step."""
     session = lm.session()
     session.extend(list(range(1, context + 1)))
     tokens = list(range(5, 5 + width))
-    for _ in range(5):  # warm-up
-        session.extend(tokens)
-        session.rollback(context)
     gb = weight_bytes(lm) / 1e9
-    if getattr(lm, "kernel_step", False):
-        per_step, table = _time_kernel_calls(lm, session, tokens, context, steps)
-    else:
-        t0 = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                session.extend(tokens)
-                session.rollback(context)
-        per_step = (time.perf_counter() - t0) / steps
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8)
-    print(f"\n== {label}: width {width}, context {context}: {per_step * 1e3:.2f} ms per step; "
-          f"weights {gb * 1e3:.0f} MB -> {gb / per_step:.1f} GB/s if weight-streaming bound")
+    kernel_step = getattr(lm, "kernel_step", False)
+    native = getattr(lm, "native", None)
+    if per_op and kernel_step:
+        lm.native = None  # LeanLM.kernel_pass then runs the layers one call per operation
+    try:
+        for _ in range(5):  # warm-up
+            session.extend(tokens)
+            session.rollback(context)
+        per_step = _step_seconds(session, tokens, context, steps)
+        if kernel_step:
+            table = _time_kernel_calls(lm, session, tokens, context, steps)
+        else:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    session.extend(tokens)
+                    session.rollback(context)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8)
+    finally:
+        if kernel_step:
+            lm.native = native
+    mode = " (per-op)" if per_op and kernel_step else ""
+    print(
+        f"\n== {label}{mode}: width {width}, context {context}: {per_step * 1e3:.3f} ms per step; "
+        f"weights {gb * 1e3:.0f} MB -> {gb / per_step:.1f} GB/s if weight-streaming bound"
+    )
     print(table)
+    return per_step
 
 
-def _time_kernel_calls(lm, session, tokens, context: int, steps: int) -> tuple[float, str]:
-    """Run `steps` passes with every kernel call timed; the rest of the pass is Python and torch."""
+def _step_seconds(session, tokens, context: int, steps: int) -> float:
+    """The median time of `steps` passes (robust to other load on the machine)."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        session.extend(tokens)
+        times.append(time.perf_counter() - start)
+        session.rollback(context)
+    return statistics.median(times)
+
+
+def _time_kernel_calls(lm, session, tokens, context: int, steps: int) -> str:
+    """Run `steps` passes with every kernel call timed (means; the wrappers add a little); the
+    rest of the pass is Python and torch."""
     names = {id(getattr(layer, n)): n for layer in lm.layers for n in ("qkv", "o", "gate_up", "down")}
     names[id(lm.lm_head)] = "lm_head"
     spent: dict[str, float] = defaultdict(float)
@@ -65,8 +97,9 @@ def _time_kernel_calls(lm, session, tokens, context: int, steps: int) -> tuple[f
 
             def call(*args):
                 start = time.perf_counter()
-                function(*args)
+                result = function(*args)
                 spent[name] += time.perf_counter() - start
+                return result
 
             return call
 
@@ -88,8 +121,10 @@ def _time_kernel_calls(lm, session, tokens, context: int, steps: int) -> tuple[f
         lean.kernel_library, kernels.Linear.into = kernels.kernel_library, plain_into
     rows = sorted(spent.items(), key=lambda item: -item[1])
     rows.append(("python and torch (embedding, buffers, dispatch)", total - sum(spent.values())))
-    lines = [f"  {name:<48} {seconds / steps * 1e3:7.3f} ms  {seconds / total:6.1%}" for name, seconds in rows]
-    return total / steps, "\n".join(lines)
+    lines = [
+        f"  {name:<48} {seconds / steps * 1e3:7.3f} ms  {seconds / total:6.1%}" for name, seconds in rows
+    ]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -99,13 +134,22 @@ def main() -> None:
     parser.add_argument("--draft", default=pair[1] if pair else None)
     parser.add_argument("--backend", default="lean")
     parser.add_argument("--width", type=int, default=4, help="verify pass width (depth + 1)")
+    parser.add_argument("--steps", type=int, default=50, help="timed passes per step kind")
+    parser.add_argument(
+        "--per-op",
+        action="store_true",
+        help="kernel step: the layers one kernel call per operation, timed by operation",
+    )
     args = parser.parse_args()
     cpu, f32 = torch.device("cpu"), torch.float32
     target = load_model(args.target, cpu, f32, backend=args.backend)
-    profile_step(target, "verifier decode", 1)
-    profile_step(target, "verifier verify", args.width)
+    options = dict(steps=args.steps, per_op=args.per_op)
+    decode = profile_step(target, "verifier decode", 1, **options)
+    profile_step(target, "verifier verify", args.width, **options)
     if args.draft:
-        profile_step(load_model(args.draft, cpu, f32, role="draft", backend=args.backend), "draft step", 1)
+        draft = load_model(args.draft, cpu, f32, role="draft", backend=args.backend)
+        step = profile_step(draft, "draft step", 1, **options)
+        print(f"\ndraft step / verifier decode step: {step / decode:.3f}")
 
 
 if __name__ == "__main__":

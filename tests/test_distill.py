@@ -25,6 +25,7 @@ from verispec.distill import (
 )
 from verispec.errors import UserError
 from verispec.models import load_model, load_tokenizer
+from verispec.models.kernels import kernel_library
 from verispec.prompts import load_prompts
 
 QUIET = lambda line: None  # noqa: E731
@@ -84,10 +85,13 @@ def test_final_folder_loads_as_a_draft(distilled, tiny_models):
     final = Path(distilled["final"])
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (final / name).is_file()
-    assert all(t.dtype == torch.float32 for t in load_file(final / "model.safetensors").values())
+    # float16 by default: the weights a 16-bit kernel step takes as they are
+    assert all(t.dtype == torch.float16 for t in load_file(final / "model.safetensors").values())
     draft = load_model(str(final), torch.device("cpu"), torch.float32, role="draft")
     logits = draft.session().extend([1, 2, 3])
     assert logits.shape == (3, 64)
+    if kernel_library() is not None:
+        assert draft.kernel_step, draft.path_report()
 
 
 def test_resume_after_an_interruption_reaches_the_same_step_and_weights(tiny_models, tmp_path):

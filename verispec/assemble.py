@@ -43,8 +43,9 @@ def resolve_models(models: ModelSettings) -> ModelSettings:
 
 def _load(models: ModelSettings, ref: str, role: str, device: torch.device, dtype: torch.dtype) -> CausalLM:
     return load_model(
-        ref, device, dtype, role=role, backend=models.backend, cpu_kernel=models.cpu_kernel, compile=models.compile
-    )
+        ref, device, dtype, role=role, backend=models.backend, cpu_kernel=models.cpu_kernel, compile=models.compile,
+        weights_dtype=models.weights_dtype,
+    )  # fmt: skip
 
 
 def build_engine(settings: Settings) -> SpeculativeEngine:

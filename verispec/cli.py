@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(generate, ModelSettings)
     _add_settings_flags(generate, SpeculationSettings)
     _add_settings_flags(generate, SamplingParams)
+    generate.add_argument(
+        "--chat", action="store_true",
+        help="treat PROMPT as a user message and apply the model's chat template (as /v1/chat/completions does)",
+    )  # fmt: skip
+    generate.add_argument("--system", default=None, help="with --chat: a system message before PROMPT")
     generate.add_argument("--stats", action="store_true", help="print speculation statistics after the text")
     _common_flags(generate)
     generate.set_defaults(run=_run_generate)
@@ -169,12 +174,23 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     from verispec.assemble import build_engine
     from verispec.report import stats_table
+    from verispec.text import chat_prompt
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise UserError("the prompt is empty; give some text to continue")
+    if args.system is not None and not args.chat:
+        raise UserError("--system needs --chat")
     settings = settings_from(args)
     engine = build_engine(settings)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        try:
+            _, prompt = chat_prompt(engine.tokenizer, messages)
+        except ValueError as exc:
+            raise UserError(f"--chat: {exc}; give a plain prompt to continue instead") from None
     delta = None
     for delta in engine.stream(prompt, settings.part(SamplingParams)):
         sys.stdout.write(delta.text)

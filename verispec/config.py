@@ -46,7 +46,13 @@ class ModelSettings(BaseModel):
         "in verispec's compiled kernel (float32 arithmetic on the same values, half the bytes per step)",
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="weights dtype; auto = float32 (exact greedy, see README for reduced precision)"
+        "auto", description="compute dtype; auto = float32 (exact greedy, see README for reduced precision)"
+    )
+    weights_dtype: Literal["auto", "float16", "bfloat16", "q8_0"] = Field(
+        "auto",
+        description="storage of float weight matrices on the lean backend: auto = as stored; float16, bfloat16 or "
+        "q8_0 round or quantize them so a float32 checkpoint runs on the CPU kernel step (a change of model: "
+        "outputs are exact for the converted model, not the original)",
     )
 
 

@@ -117,7 +117,7 @@ class DistillConfig:
     eval_prompts: Path | None = DEFAULT_EVAL_PROMPTS
     eval_limit: int | None = None
     eval_new_tokens: int = 128
-    save_dtype: str = "float32"
+    save_dtype: str = "float16"  # float16 keeps the draft on the CPU kernel step (float32 weights miss it)
     seed: int = 0
     device: str = "auto"
     resume: bool = False

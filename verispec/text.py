@@ -61,3 +61,13 @@ class TextStream:
             self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
             return full[len(prefix) :]
         return ""
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
+    """A conversation as the model expects it: its chat template applied, with the turn of the
+    assistant opened; the text and its token ids (the template writes the special tokens, so the
+    tokenizer adds none). Raises ValueError where the model has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the model has no chat template")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return text, tokenizer(text, add_special_tokens=False).input_ids

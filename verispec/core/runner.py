@@ -3,12 +3,13 @@
 A pass takes segments: consecutive positions of one sequence (a prompt chunk, or a round's last
 verified token and drafts). Every row knows its sequence and position; its keys and values are
 written to its sequence's blocks (`kv_cache.py`) and its attention reads only those blocks. On a
-CPU where the lean model runs its kernel step, every operation is one C call over all the rows
-(`csrc/layer_ops.c`: `rope_store_paged`, `paged_attention`), and every row is computed in an order
-that does not depend on the other rows: a position's logits and its keys and values are the same
-bits alone or in a batch of any width, and however its prompt was chunked. Elsewhere (CUDA, or
-weights the kernel cannot take) the pass runs on torch operators, gathering each sequence's
-blocks for attention; outputs there are exact up to the rounding of batched operators.
+CPU where the lean model runs its kernel step, all its layers are one C call over all the rows
+(`csrc/lean_step.c`, attending with `rope_store_paged` and `paged_attention` of
+`csrc/layer_ops.c`), and every row is computed in an order that does not depend on the other
+rows: a position's logits and its keys and values are the same bits alone or in a batch of any
+width, and however its prompt was chunked. Elsewhere (CUDA, or weights the kernel cannot take)
+the pass runs on torch operators, gathering each sequence's blocks for attention; outputs there
+are exact up to the rounding of batched operators.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from verispec.core.kv_cache import BlockPool, BlockTable
-from verispec.models.kernels import kernel_library
+from verispec.models.kernels import ATTENTION_PAGED, VsAttention, address_array, kernel_library
 from verispec.models.lean import LeanLM, _rotate
 
 ATTENTION_ROWS = 256  # a segment's rows per attention work item (its scratch is rows x context)
@@ -70,6 +71,7 @@ class ModelRunner:
         self.keys = [torch.zeros(shape, dtype=dtype, device=lm.device) for _ in lm.layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=lm.device) for _ in lm.layers]
         self.bytes_per_block = per_block
+        self._pools = None  # self.keys and self.values as the kernel step's per-layer address arrays
 
     @torch.inference_mode()
     def forward(self, segments: Sequence[Segment]) -> list[torch.Tensor | None]:
@@ -93,11 +95,7 @@ class ModelRunner:
         return out
 
     def _kernel_pass(self, ids, positions, slots, segments, rows) -> torch.Tensor:
-        """LeanLM's kernel step over many sequences: the same C calls, attention on the paged cache."""
-        lm, ops = self.lm, kernel_library()
-        T, H, Hkv, hd = ids.shape[0], lm.heads, lm.kv_heads, lm.head_dim
-        bs, threads = self.pool.block_size, torch.get_num_threads()
-        cos, sin, scale = lm.cos.data_ptr(), lm.sin.data_ptr(), hd**-0.5
+        """LeanLM's kernel step over many sequences: its layers in one C call, attention on the paged cache."""
         position_array = torch.tensor(positions, dtype=torch.int64)
         slot_array = torch.tensor(slots, dtype=torch.int64)
         # Attention work: per segment, its rows, first position and block table.
@@ -113,18 +111,15 @@ class ModelRunner:
         seg_row, seg_len, seg_pos, table_start, tables = (
             torch.tensor(a, dtype=torch.int64) for a in (seg_row, seg_len, seg_pos, table_start, tables)
         )
-
-        def attend(i: int, qkv: torch.Tensor, attn: torch.Tensor) -> None:
-            k, v = self.keys[i].data_ptr(), self.values[i].data_ptr()
-            ops.rope_store_paged(
-                qkv.data_ptr(), T, H, Hkv, hd, cos, sin, position_array.data_ptr(), slot_array.data_ptr(), k, v, bs
-            )
-            ops.paged_attention(
-                qkv.data_ptr(), len(segments), seg_row.data_ptr(), seg_len.data_ptr(), seg_pos.data_ptr(),
-                tables.data_ptr(), table_start.data_ptr(), H, Hkv, hd, k, v, bs, scale, attn.data_ptr(), threads,
-            )  # fmt: skip
-
-        return lm.kernel_pass(ids, attend, rows)
+        if self._pools is None:  # the per-layer pools, described once
+            self._pools = address_array(self.keys), address_array(self.values)
+        attention = VsAttention(
+            mode=ATTENTION_PAGED, keys=self._pools[0], values=self._pools[1], positions=position_array.data_ptr(),
+            slots=slot_array.data_ptr(), block_size=self.pool.block_size, segments=len(segments),
+            seg_row=seg_row.data_ptr(), seg_len=seg_len.data_ptr(), seg_pos=seg_pos.data_ptr(),
+            tables=tables.data_ptr(), table_start=table_start.data_ptr(),
+        )  # fmt: skip
+        return self.lm.kernel_pass(ids, attention, rows)
 
     def _torch_pass(self, ids, positions, slots, segments, rows) -> torch.Tensor:
         """LeanLM._eager_step over many sequences, on torch operators (any device)."""

@@ -3,7 +3,8 @@
 A decode or verify pass multiplies a few rows of activations by every weight matrix, so on a CPU
 its cost is the time to stream the weights from memory. Three forms, chosen per matrix (the
 lean backend's kernel step, `LeanLM._kernel_step`, also runs the rest of a layer on this
-module's compiled library: `csrc/layer_ops.c`):
+module's compiled library, `csrc/layer_ops.c`, and all the layers of a pass in one call,
+`csrc/lean_step.c`, over the projections' `Linear.projection` descriptors):
 
 - `widen-f16` / `widen-bf16` (CPU, float32 compute): a weight whose float32 values are all
   exactly representable in float16 (checkpoints stored in float16, like the reference pair) or
@@ -38,12 +39,16 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 log = logging.getLogger(__name__)
 
-KERNEL_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("widen_linear.c", "layer_ops.c"))
+KERNEL_SOURCES = tuple(
+    Path(__file__).with_name("csrc") / name
+    for name in ("widen_linear.c", "layer_ops.c", "quant_linear.c", "lean_step.c")
+)
 KERNEL_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 # A oneDNN call costs about 50 us before any arithmetic (F.linear: about 5 us): prepacking pays
 # only for matrices whose streaming takes longer than that, from about 1 MB of float32.
@@ -84,6 +89,11 @@ class Linear:
     def nbytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
 
+    @property
+    def on_kernel(self) -> bool:
+        """Whether this projection runs on the compiled kernel (the kernel step needs every one to)."""
+        return self.form.startswith("widen")
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "onednn":
             y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
@@ -101,8 +111,110 @@ class Linear:
         however it is chunked, and a position's logits the same whatever shares its pass."""
         self._kernel(
             x.data_ptr(), x.shape[0], self.weight.data_ptr(), self.out_features, self.in_features,
-            None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), accumulate, torch.get_num_threads(),
+            None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), self.out_features, accumulate,
+            torch.get_num_threads(),
         )  # fmt: skip
+
+    def native_parts(self) -> list[Part]:
+        """This projection's stored matrices as the one-call step (`csrc/lean_step.c`) runs them:
+        one part for a widened form. Empty: no form it runs."""
+        form = NATIVE_FORMS.get(self.form)
+        if form is None:
+            return []
+        return [Part(form, self.weight, self.out_features, self.in_features, self.bias, 0)]
+
+    @functools.cached_property
+    def projection(self) -> VsProjection | None:
+        """`native_parts()` as lean_step.c's vs_projection, built once; None if empty."""
+        parts = self.native_parts()
+        return native_projection(parts, self.out_features) if parts else None
+
+
+# Storage forms that csrc/lean_step.c runs, by its vs_part.form code; a GGUF-quantized part is
+# 100 + its GGML type id (quant_linear.c).
+NATIVE_FORMS = {"widen-f16": 1, "widen-bf16": 2}
+QUANTIZED_FORM = 100
+
+
+class Part(NamedTuple):
+    """One stored matrix of a projection: columns [column, column + out_features) of its output."""
+
+    form: int  # a NATIVE_FORMS code, or QUANTIZED_FORM + GGML type id
+    weight: torch.Tensor  # in the layout that form's kernel streams
+    out_features: int
+    in_features: int
+    bias: torch.Tensor | None  # float32, from this part's first column
+    column: int
+
+
+def native_projection(parts: list[Part], out_features: int) -> VsProjection:
+    """A projection of `out_features` output columns made of `parts` (each writing its columns;
+    a fused projection whose pieces are stored in different forms has one part per piece), as
+    lean_step.c takes it. It points into the parts' tensors and keeps them alive: build it once
+    the weights are final, and keep it (`Linear.projection`)."""
+    array = (VsPart * len(parts))(
+        *(VsPart(p.form, p.weight.data_ptr(), p.out_features, p.in_features, _address_of(p.bias), p.column)
+          for p in parts)
+    )  # fmt: skip
+    projection = VsProjection(len(parts), array, out_features)
+    projection.keep = (array, parts)
+    return projection
+
+
+def _address_of(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+# The structures of csrc/lean_step.c, field for field.
+_i64, _f32, _address = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+class VsPart(ctypes.Structure):
+    _fields_ = [
+        ("form", _i64), ("weight", _address), ("out_features", _i64), ("in_features", _i64), ("bias", _address),
+        ("column", _i64),
+    ]  # fmt: skip
+
+
+class VsProjection(ctypes.Structure):
+    _fields_ = [("parts", _i64), ("part", ctypes.POINTER(VsPart)), ("out_features", _i64)]
+
+
+class VsLayer(ctypes.Structure):
+    _fields_ = [
+        ("attn_norm", _address), ("qkv", VsProjection), ("o", VsProjection), ("mlp_norm", _address),
+        ("gate_up", VsProjection), ("down", VsProjection),
+    ]  # fmt: skip
+
+
+class VsModel(ctypes.Structure):
+    _fields_ = [
+        ("layers", _i64), ("hidden", _i64), ("heads", _i64), ("kv_heads", _i64), ("head_dim", _i64), ("ffn", _i64),
+        ("eps", _f32), ("scale", _f32), ("cos", _address), ("sin", _address), ("layer", ctypes.POINTER(VsLayer)),
+    ]  # fmt: skip
+
+
+ATTENTION_CONTIGUOUS, ATTENTION_PAGED = 0, 1  # VsAttention.mode
+
+
+class VsAttention(ctypes.Structure):
+    _fields_ = [
+        ("mode", _i64), ("keys", ctypes.POINTER(_address)), ("values", ctypes.POINTER(_address)),
+        ("capacity", _i64), ("start", _i64),
+        ("positions", _address), ("slots", _address), ("block_size", _i64), ("segments", _i64),
+        ("seg_row", _address), ("seg_len", _address), ("seg_pos", _address), ("tables", _address),
+        ("table_start", _address),
+    ]  # fmt: skip
+
+
+class VsScratch(ctypes.Structure):
+    _fields_ = [("h", _address), ("qkv", _address), ("attn", _address), ("gate_up", _address), ("act", _address)]  # fmt: skip
+
+
+def address_array(tensors: list[torch.Tensor]) -> ctypes.Array:
+    """The tensors' addresses as a C array: VsAttention's per-layer key and value caches (a
+    VsAttention given it keeps it alive; the tensors must outlive both)."""
+    return (_address * len(tensors))(*(t.data_ptr() for t in tensors))
 
 
 PANEL = 24  # output columns per panel of a packed 16-bit weight (NR in csrc/widen_linear.c)
@@ -137,8 +249,8 @@ def kernel_library() -> ctypes.CDLL | None:
         return None
     pointer, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     signatures = {
-        "widen_linear_f16": [pointer, i64, pointer, i64, i64, pointer, pointer, i32, i32],
-        "widen_linear_bf16": [pointer, i64, pointer, i64, i64, pointer, pointer, i32, i32],
+        "widen_linear_f16": [pointer, i64, pointer, i64, i64, pointer, pointer, i64, i32, i32],
+        "widen_linear_bf16": [pointer, i64, pointer, i64, i64, pointer, pointer, i64, i32, i32],
         "rms_norm": [pointer, i64, i64, pointer, f32, pointer],
         "rope_store": [pointer, i64, i64, i64, i64, pointer, pointer, i64, pointer, pointer, i64],
         "attention": [pointer, i64, i64, i64, i64, pointer, pointer, i64, i64, f32, pointer, i32],
@@ -153,6 +265,22 @@ def kernel_library() -> ctypes.CDLL | None:
         function = getattr(library, name)
         function.argtypes = arguments
         function.restype = None
+    # csrc/quant_linear.c: GGUF block-quantized weights; these return 0, or -1 for a type they lack.
+    quant_signatures = {
+        "quant_linear": [i32, pointer, i64, pointer, i64, i64, pointer, pointer, i64, i32, i32],
+        "quant_dequantize": [i32, pointer, i64, i64, pointer],
+        "quant_rows": [i32, pointer, i64, pointer, i64, pointer],
+        "quant_set_lanes": [i32],
+    }
+    for name, arguments in quant_signatures.items():
+        function = getattr(library, name)
+        function.argtypes = arguments
+        function.restype = i32
+    # csrc/lean_step.c: every layer of a pass in one call; 0, or nonzero for a part it cannot run.
+    library.lean_layers.argtypes = [
+        ctypes.POINTER(VsModel), pointer, i64, ctypes.POINTER(VsAttention), ctypes.POINTER(VsScratch), i32,
+    ]  # fmt: skip
+    library.lean_layers.restype = i32
     return library
 
 
@@ -179,7 +307,8 @@ def _build() -> Path:
             [compiler, *KERNEL_FLAGS, *map(str, KERNEL_SOURCES), "-lm", "-o", str(built)], capture_output=True, text=True, timeout=120
         )
         if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
+            errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.strip().splitlines()[-1:]
+            raise RuntimeError(f"{compiler} failed: {errors[0] if errors else done.returncode}")
         os.replace(built, library)  # atomic: processes building at once all end with a whole file
     log.info("built the lean CPU kernel: %s", library)
     return library

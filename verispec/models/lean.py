@@ -8,9 +8,10 @@ one fused gate/up projection, SwiGLU and the down projection. The cache is alloc
 sequence and addressed by position, so rolling back rejected drafts is rewinding `length`.
 
 Two implementations of that layer: `_eager_step` in torch operators (any device and dtype), and
-on a CPU, where every projection holds 16-bit-exact weights, `_kernel_step`, one call per
-operation into the compiled library of `kernels.py`, which is 2.7x faster on the reference
-target and gives a position the same logits at any pass width.
+on a CPU, where every projection holds 16-bit-exact weights, `_kernel_step`, every layer of a
+pass in one call into the compiled library of `kernels.py` (`csrc/lean_step.c`), which is 2.7x
+faster on the reference target than the torch step and gives a position the same logits at any
+pass width.
 
 Supports Llama, Mistral and Qwen2 checkpoints (RMSNorm, default rotary embeddings, grouped-query
 attention, SwiGLU, optional QKV bias, tied or untied embeddings) stored as safetensors, and GPT-2
@@ -22,8 +23,9 @@ transformers backend is used instead.
 
 from __future__ import annotations
 
+import ctypes
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +35,19 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, GenerationConfig
 
 from verispec.models.backend import generation_eos
-from verispec.models.kernels import Linear, kernel_library
+from verispec.models.gguf_file import gguf_path, open_checkpoint
+from verispec.models.kernels import (
+    ATTENTION_CONTIGUOUS,
+    ATTENTION_PAGED,
+    Linear,
+    VsAttention,
+    VsLayer,
+    VsModel,
+    VsScratch,
+    address_array,
+    kernel_library,
+)
+from verispec.models.quant import QuantLinear, QuantWeight, kernel_runs_quantized, store_as
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
 ATTENTION_ROWS = 256  # query rows per attention call of the kernel step (its scratch is rows x context)
@@ -43,6 +57,8 @@ GPT2_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 def lean_support(path: str) -> str | None:
     """None if the lean backend can run the checkpoint at `path`, else why not."""
+    if gguf_path(path) is not None:
+        return None  # GGUFCheckpoint refuses what it cannot read, naming it
     folder = Path(path)
     if not folder.is_dir():
         return "not a local folder"
@@ -83,14 +99,21 @@ class LeanModel:
 
     backend = "lean"
     kernel_step = False  # a subclass with a `_kernel_step` turns it on where its weights allow
+    dequantized = 0  # quantized projections that run dequantized to float32 (no quantized kernel here)
 
     def __init__(self, path: str, device: torch.device, dtype: torch.dtype, kernel: bool, compile: bool):
         self.kernel, self.compiled = kernel, compile
         self.folder = Path(path)
-        self.config = AutoConfig.from_pretrained(self.folder)
         self.name = path
         self.device = device
         self.dtype = dtype
+        file = gguf_path(path)
+        self.checkpoint = open_checkpoint(file) if file else None
+        if self.checkpoint is not None:
+            self.config = self.checkpoint.config
+            self.eos_token_ids = self.checkpoint.eos_token_ids
+            return
+        self.config = AutoConfig.from_pretrained(self.folder)
         try:
             self.eos_token_ids = generation_eos(GenerationConfig.from_pretrained(self.folder))
         except OSError:
@@ -99,13 +122,52 @@ class LeanModel:
     def session(self, capacity: int | None = None) -> LeanSession:
         return LeanSession(self, min(capacity or self.max_positions, self.max_positions))
 
-    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
-        """A projection in the form this model runs: plain float32 under torch.compile (which
-        traces neither the C kernel nor prepacked oneDNN weights), else the fastest here."""
-        return Linear(weight, bias, kernel=self.kernel and not self.compiled, prepack=not self.compiled)
+    def linear(
+        self, weight: torch.Tensor | QuantWeight | Sequence[torch.Tensor | QuantWeight], bias: torch.Tensor | None = None
+    ) -> Linear | QuantLinear:
+        """A projection in the form this model runs, from a weight or parts stacked by rows:
+        quantized parts stay quantized on the CPU kernel; plain float32 under torch.compile
+        (which traces neither the C kernel nor prepacked oneDNN weights), else the fastest here."""
+        parts = list(weight) if isinstance(weight, list | tuple) else [weight]
+        kernel = self.kernel and not self.compiled and self.device.type == "cpu"
+        if all(isinstance(p, QuantWeight) for p in parts) and kernel and kernel_runs_quantized():
+            return QuantLinear(parts, None if bias is None else bias.float())
+        if any(isinstance(p, QuantWeight) for p in parts):  # the same values in float32, on the float path
+            self.dequantized += 1
+        stacked = torch.cat([p.dequantize() if isinstance(p, QuantWeight) else p for p in parts])
+        stacked = stacked.to(device=self.device, dtype=self.dtype)
+        bias = None if bias is None else bias.to(device=self.device, dtype=self.dtype)
+        return Linear(stacked, bias, kernel=kernel, prepack=not self.compiled)
+
+    def path_report(self) -> dict:
+        """Which form every weight matrix runs in, whether passes run on the CPU kernel step,
+        and why: for the start-up log line, /readyz and the kernel-step gauge."""
+        forms: dict[str, int] = {}
+        for linear in self.linears():
+            forms[linear.form] = forms.get(linear.form, 0) + 1
+        on = self.kernel_step
+        if on:
+            why = "every layer projection runs on the compiled CPU kernel"
+        elif not self.kernel:
+            why = "--no-cpu-kernel"
+        elif self.compiled:
+            why = "--compile runs torch.compile's step"
+        elif self.device.type != "cpu":
+            why = f"the kernel step is for the CPU, not {self.device.type}"
+        elif kernel_library() is None:
+            why = "the compiled kernel is unavailable here (see the warning above)"
+        else:
+            slow = sum(n for form, n in forms.items() if form in ("onednn", "dense"))
+            why = (
+                f"{slow} weight matrices are float32 that 16 bits cannot hold exactly: "
+                "--weights-dtype float16, bfloat16 or q8_0 puts them on the kernel (a change of model)"
+            )
+        return {"kernel_step": on, "forms": forms, "why": why, "dequantized": self.dequantized}
 
     def forward(self, session: LeanSession, ids: torch.Tensor, last_only: bool) -> torch.Tensor:
         """ids (T,) at positions session.length.. -> logits (T or 1, V); writes the cache."""
+        if self.kernel_step:
+            return self._kernel_step(ids, session, last_only)
         return self._step(ids, session.length, session.keys, session.values, last_only)
 
     def _compile(self) -> None:
@@ -118,14 +180,18 @@ class LeanModel:
         self._step = torch.compile(self._eager_step, dynamic=True)
 
     def _step(self, ids, start, keys, values, last_only):
-        if self.kernel_step:
-            return self._kernel_step(ids, start, keys, values, last_only)
         return self._eager_step(ids, start, keys, values, last_only)
 
 
 class LeanLM(LeanModel):
     def __init__(
-        self, path: str, device: torch.device, dtype: torch.dtype, kernel: bool = True, compile: bool = False
+        self,
+        path: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        kernel: bool = True,
+        compile: bool = False,
+        weights_dtype: str = "auto",
     ):
         super().__init__(path, device, dtype, kernel, compile)
         config, folder = self.config, self.folder
@@ -136,17 +202,19 @@ class LeanLM(LeanModel):
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
         self.max_positions = min(config.max_position_embeddings, window or config.max_position_embeddings)
 
-        weights = _load_weights(folder)
+        weights = self.checkpoint.weights() if self.checkpoint is not None else _load_weights(folder)
+        weights = store_as(weights, weights_dtype)
 
         def take(name: str) -> torch.Tensor:
             return weights.pop(name).to(device=device, dtype=dtype)
 
-        def projection(*names: str, bias: Sequence[torch.Tensor | None] = ()) -> Linear:
-            weight = torch.cat([take(n) for n in names])  # (out, in)
+        def projection(*names: str, bias: Sequence[torch.Tensor | None] = ()) -> Linear | QuantLinear:
             stacked = None if not bias or bias[0] is None else torch.cat(bias).to(device=device, dtype=dtype)
-            return self.linear(weight, stacked)
+            return self.linear([weights.pop(n) for n in names], stacked)  # parts stacked by rows: (out, in)
 
-        self.embed = take("model.embed_tokens.weight")  # (V, D)
+        embed = weights.pop("model.embed_tokens.weight")
+        # A quantized table is gathered from in float32 (its exact values); the tied head runs quantized.
+        self.embed = (embed.dequantize() if isinstance(embed, QuantWeight) else embed).to(device=device, dtype=dtype)
         self.layers = []
         for i in range(config.num_hidden_layers):
             p = f"model.layers.{i}."
@@ -163,8 +231,7 @@ class LeanLM(LeanModel):
             )
         self.norm = take("model.norm.weight")
         # Tied embeddings: the checkpoint may omit lm_head or repeat the embedding matrix.
-        head = take("lm_head.weight") if "lm_head.weight" in weights else self.embed
-        self.lm_head = self.linear(head)
+        self.lm_head = self.linear(weights.pop("lm_head.weight", embed))
         self.vocab_size = self.lm_head.out_features
 
         rope = getattr(config, "rope_parameters", None) or {}
@@ -175,7 +242,8 @@ class LeanLM(LeanModel):
         self.cos = angles.cos().to(device=device, dtype=dtype)
         self.sin = angles.sin().to(device=device, dtype=dtype)
         # Passes on the CPU kernels where every layer projection runs on them (the head may not).
-        self.kernel_step = all(linear.form.startswith("widen") for linear in self.linears()[:-1])
+        self.kernel_step = all(linear.on_kernel for linear in self.linears()[:-1])
+        self.native = self._native_model() if self.kernel_step else None
         if compile:
             self._compile()
 
@@ -183,63 +251,116 @@ class LeanLM(LeanModel):
         """Every weight matrix a pass streams (the embedding table is only gathered from)."""
         return [linear for b in self.layers for linear in (b.qkv, b.o, b.gate_up, b.down)] + [self.lm_head]
 
-    def _kernel_step(
-        self, ids: torch.Tensor, start: int, keys: list[torch.Tensor], values: list[torch.Tensor], last_only: bool
-    ) -> torch.Tensor:
-        """The pass of `_eager_step` with one C call per operation (kernels.py): at one to a few
-        rows torch's fixed cost per operator exceeds the arithmetic. Every row is computed alone,
-        so a position's logits are the same bits at any pass width, and its keys and values the
-        same however the prompt was split into passes (the batched runner, `core/runner.py`,
-        relies on both)."""
-        ops = kernel_library()
-        T, H, Hkv, hd = ids.shape[0], self.heads, self.kv_heads, self.head_dim
-        capacity, threads = keys[0].shape[1], torch.get_num_threads()
-        cos, sin, scale = self.cos.data_ptr(), self.sin.data_ptr(), hd**-0.5
+    def _native_model(self) -> VsModel | None:
+        """The layers as csrc/lean_step.c's vs_model, built once (it points into this model's
+        tensors, which live as long as it); None if a layer projection has no native descriptor,
+        and the kernel step then calls the kernels one operation at a time."""
+        linears = [(b.qkv, b.o, b.gate_up, b.down) for b in self.layers]
+        projections = [[getattr(linear, "projection", None) for linear in layer] for layer in linears]
+        if any(p is None for layer in projections for p in layer):
+            return None
+        layers = (VsLayer * len(self.layers))(
+            *(VsLayer(b.attn_norm.data_ptr(), qkv, o, b.mlp_norm.data_ptr(), gate_up, down)
+              for b, (qkv, o, gate_up, down) in zip(self.layers, projections, strict=True))
+        )  # fmt: skip
+        return VsModel(
+            len(self.layers), self.embed.shape[1], self.heads, self.kv_heads, self.head_dim,
+            self.layers[0].down.in_features, self.eps, self.head_dim**-0.5, self.cos.data_ptr(), self.sin.data_ptr(),
+            layers,
+        )  # fmt: skip
 
-        def attend(i: int, qkv: torch.Tensor, attn: torch.Tensor) -> None:
-            k, v = keys[i].data_ptr(), values[i].data_ptr()
-            ops.rope_store(qkv.data_ptr(), T, H, Hkv, hd, cos, sin, start, k, v, capacity)
-            for first in range(0, T, ATTENTION_ROWS):  # bounded scratch: rows are independent
-                rows = min(ATTENTION_ROWS, T - first)
-                ops.attention(
-                    qkv[first].data_ptr(), rows, H, Hkv, hd, k, v, capacity, start + first, scale,
-                    attn[first].data_ptr(), threads,
-                )  # fmt: skip
-
-        return self.kernel_pass(ids, attend, slice(T - 1 if last_only else 0, T))
+    def _kernel_step(self, ids: torch.Tensor, session: LeanSession, last_only: bool) -> torch.Tensor:
+        """The pass of `_eager_step` on the compiled kernels (kernels.py), all layers in one call:
+        at one to a few rows torch's fixed cost per operator, and even ctypes' per call, exceeds
+        the arithmetic. Every row is computed alone, so a position's logits are the same bits at
+        any pass width, and its keys and values the same however the prompt was split into passes
+        (the batched runner, `core/runner.py`, relies on both)."""
+        attention = session.kernel_attention
+        if attention is None:  # the session's caches, described once
+            attention = session.kernel_attention = VsAttention(
+                mode=ATTENTION_CONTIGUOUS, keys=address_array(session.keys), values=address_array(session.values),
+                capacity=session.keys[0].shape[1],
+            )  # fmt: skip
+        attention.start = session.length
+        T = ids.shape[0]
+        return self.kernel_pass(ids, attention, slice(T - 1 if last_only else 0, T))
 
     def kernel_pass(
-        self, ids: torch.Tensor, attend: Callable[[int, torch.Tensor, torch.Tensor], None], rows: slice | list[int]
+        self, ids: torch.Tensor, attention: VsAttention, rows: slice | list[int], per_op: bool = False
     ) -> torch.Tensor:
-        """The kernel step's layers, one C call per operation, around `attend(layer, qkv, attn)`,
-        which stores the rows' rotated keys and values in the cache (of one sequence, or paged)
-        and writes their attention output; the logits of the rows `rows`."""
+        """The kernel step's layers over the rows `ids`, in one call (csrc/lean_step.c), storing
+        their rotated keys and values and attending as `attention` says (one sequence's cache, or
+        the paged cache of a batch); the logits of the rows `rows`. `per_op`: one call per
+        operation instead, from Python, the same bits (what a model whose projections have no
+        native descriptor runs, and what scripts/profile_step.py times operation by operation)."""
         ops = kernel_library()
         T, D = ids.shape[0], self.embed.shape[1]
         H, Hkv, hd = self.heads, self.kv_heads, self.head_dim
         ffn = self.layers[0].down.in_features
         x = F.embedding(ids, self.embed)  # (T, D), the residual stream
+        widths = (D, (H + 2 * Hkv) * hd, H * hd, 2 * ffn, ffn)  # h, qkv, attn, gate_up, act: T rows each
+        padded = [-(-w // 16) * 16 for w in widths]  # in one allocation, each 64-byte aligned
+        flat = torch.empty(T * sum(padded))
+        offsets = [T * sum(padded[:i]) for i in range(len(padded))]
+        if per_op or self.native is None:
+            buffers = [flat[o : o + T * w].view(T, w) for o, w in zip(offsets, widths, strict=True)]
+            self._layers_per_op(x, attention, *buffers)
+        else:
+            base = flat.data_ptr()
+            scratch = VsScratch(*(base + 4 * o for o in offsets))
+            failed = ops.lean_layers(
+                ctypes.byref(self.native), x.data_ptr(), T, ctypes.byref(attention), ctypes.byref(scratch),
+                torch.get_num_threads(),
+            )  # fmt: skip
+            if failed:
+                raise RuntimeError(f"lean_layers failed ({failed}): a projection the kernel does not run")
+        x = x[rows].contiguous()
+        if x.shape[0] == 0:
+            return x
         h = torch.empty_like(x)
-        qkv = torch.empty((T, (H + 2 * Hkv) * hd))
-        attn = torch.empty((T, H * hd))
-        gate_up = torch.empty((T, 2 * ffn))
-        act = torch.empty((T, ffn))
-        eps = self.eps
+        ops.rms_norm(x.data_ptr(), x.shape[0], D, self.norm.data_ptr(), self.eps, h.data_ptr())
+        return self.lm_head(h)
+
+    def _layers_per_op(
+        self, x: torch.Tensor, attention: VsAttention, h: torch.Tensor, qkv: torch.Tensor, attn: torch.Tensor,
+        gate_up: torch.Tensor, act: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """lean_layers' loop in Python, one C call per operation."""
+        ops = kernel_library()
+        T, D = x.shape
+        ffn, eps = act.shape[1], self.eps
         for i, layer in enumerate(self.layers):
             ops.rms_norm(x.data_ptr(), T, D, layer.attn_norm.data_ptr(), eps, h.data_ptr())
             layer.qkv.into(h, qkv)
-            attend(i, qkv, attn)
+            self._attend_per_op(i, attention, qkv, attn)
             layer.o.into(attn, x, accumulate=True)
             ops.rms_norm(x.data_ptr(), T, D, layer.mlp_norm.data_ptr(), eps, h.data_ptr())
             layer.gate_up.into(h, gate_up)
             ops.silu_mul(gate_up.data_ptr(), T, ffn, act.data_ptr())
             layer.down.into(act, x, accumulate=True)
-        x = x[rows].contiguous()
-        if x.shape[0] == 0:
-            return x
-        h = torch.empty_like(x)
-        ops.rms_norm(x.data_ptr(), x.shape[0], D, self.norm.data_ptr(), eps, h.data_ptr())
-        return self.lm_head(h)
+
+    def _attend_per_op(self, i: int, a: VsAttention, qkv: torch.Tensor, attn: torch.Tensor) -> None:
+        """lean_step.c's `attend`: store the rows' rotated keys and values in layer i's cache and
+        write their attention output."""
+        ops = kernel_library()
+        T, H, Hkv, hd = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
+        cos, sin, scale, threads = self.cos.data_ptr(), self.sin.data_ptr(), hd**-0.5, torch.get_num_threads()
+        k, v = a.keys[i], a.values[i]
+        if a.mode == ATTENTION_PAGED:
+            q = qkv.data_ptr()
+            ops.rope_store_paged(q, T, H, Hkv, hd, cos, sin, a.positions, a.slots, k, v, a.block_size)
+            ops.paged_attention(
+                q, a.segments, a.seg_row, a.seg_len, a.seg_pos, a.tables, a.table_start, H, Hkv, hd,
+                k, v, a.block_size, scale, attn.data_ptr(), threads,
+            )  # fmt: skip
+            return
+        ops.rope_store(qkv.data_ptr(), T, H, Hkv, hd, cos, sin, a.start, k, v, a.capacity)
+        for first in range(0, T, ATTENTION_ROWS):  # bounded scratch: rows are independent
+            rows = min(ATTENTION_ROWS, T - first)
+            ops.attention(
+                qkv[first].data_ptr(), rows, H, Hkv, hd, k, v, a.capacity, a.start + first, scale,
+                attn[first].data_ptr(), threads,
+            )  # fmt: skip
 
     def _eager_step(
         self, ids: torch.Tensor, start: int, keys: list[torch.Tensor], values: list[torch.Tensor], last_only: bool
@@ -280,6 +401,7 @@ class LeanSession:
         self.keys = [torch.empty(shape, device=lm.device, dtype=lm.dtype) for _ in lm.layers]
         self.values = [torch.empty(shape, device=lm.device, dtype=lm.dtype) for _ in lm.layers]
         self.length = 0
+        self.kernel_attention: VsAttention | None = None  # these caches as the kernel step's descriptor
 
     @torch.inference_mode()
     def extend(self, token_ids: Sequence[int], last_only: bool = False) -> torch.Tensor:

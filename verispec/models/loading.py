@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from verispec.errors import UserError
 from verispec.models.backend import CausalLM, TransformersLM
+from verispec.models.gguf_file import gguf_path, load_gguf_tokenizer, open_checkpoint
 from verispec.models.lean import LeanLM, lean_support
 from verispec.models.lean_gpt2 import LeanGPT2
 
@@ -44,18 +45,34 @@ def _looks_local(ref: str) -> bool:
 
 
 def _check_reference(ref: str, role: str) -> str:
-    if _looks_local(ref):
+    if _looks_local(ref) or ref.lower().endswith(".gguf"):
         path = Path(ref).expanduser()
+        if gguf_path(ref) is not None:
+            return str(path)
         if not path.is_dir():
-            raise UserError(f"{role} model folder {ref} does not exist; pass a folder with config.json and weights")
+            raise UserError(
+                f"{role} model {ref} does not exist; pass a Hugging Face model folder (config.json and weights) "
+                "or a .gguf file"
+            )
         if not (path / "config.json").is_file():
-            raise UserError(f"{role} model folder {ref} has no config.json; is it a Hugging Face model folder?")
+            raise UserError(
+                f"{role} model folder {ref} has no config.json and no .gguf file; "
+                "pass a Hugging Face model folder or a GGUF file"
+            )
         return str(path)
     return ref
 
 
+def model_name(ref: str) -> str:
+    """What a model calls itself: a GGUF file's own name from its metadata, else the folder's name."""
+    file = gguf_path(ref) if _looks_local(ref) or ref.lower().endswith(".gguf") else None
+    return open_checkpoint(file).name if file else Path(ref.rstrip("/")).name
+
+
 def load_tokenizer(ref: str, role: str = "target") -> PreTrainedTokenizerBase:
     ref = _check_reference(ref, role)
+    if (file := gguf_path(ref)) is not None:
+        return load_gguf_tokenizer(file)
     try:
         return AutoTokenizer.from_pretrained(ref)
     except (OSError, ValueError) as exc:
@@ -73,16 +90,29 @@ def load_model(
     backend: str = "auto",
     cpu_kernel: bool = True,
     compile: bool = False,
+    weights_dtype: str = "auto",
 ) -> CausalLM:
     """Load with the lean backend where it supports the checkpoint (backend 'auto' or 'lean'),
     else with transformers. `cpu_kernel`: let the lean backend use its compiled CPU kernel
-    (models/kernels.py); `compile`: compile its step with torch.compile."""
+    (models/kernels.py); `compile`: compile its step with torch.compile; `weights_dtype`: the
+    storage of float weight matrices (quant.store_as), a documented change of model."""
     ref = _check_reference(ref, role)
+    gguf = gguf_path(ref)
+    if gguf is not None and backend == "transformers":
+        raise UserError(f"the {role} model {ref} is a GGUF file, which the lean backend runs; use --backend auto or lean")
+    if weights_dtype != "auto" and backend == "transformers":
+        raise UserError("--weights-dtype needs the lean backend; use --backend auto or lean")
     if backend in ("auto", "lean"):
         unsupported = lean_support(ref)
         if unsupported is None:
-            lean = LeanGPT2 if AutoConfig.from_pretrained(ref).model_type == "gpt2" else LeanLM
-            return lean(ref, device, dtype, kernel=cpu_kernel, compile=compile)
+            if gguf is None and AutoConfig.from_pretrained(ref).model_type == "gpt2":
+                if weights_dtype != "auto":
+                    raise UserError("--weights-dtype is for Llama-family models; lean GPT-2 runs weights as stored")
+                lm = LeanGPT2(ref, device, dtype, kernel=cpu_kernel, compile=compile)
+            else:
+                lm = LeanLM(ref, device, dtype, kernel=cpu_kernel, compile=compile, weights_dtype=weights_dtype)
+            _log_path(lm, role)
+            return lm
         if backend == "lean":
             raise UserError(f"the lean backend cannot run the {role} model {ref}: {unsupported}; use --backend transformers")
         log.info("%s model %s runs on transformers: lean backend does not support %s", role, ref, unsupported)
@@ -96,6 +126,22 @@ def load_model(
             "pass a local model folder (hub ids need network access)"
         ) from None
     return TransformersLM(model.to(device), name=ref)
+
+
+def _log_path(lm: CausalLM, role: str) -> None:
+    """One line at start: the form every weight runs in and why the kernel step is on or off."""
+    report = getattr(lm, "path_report", None)
+    if report is None:
+        return
+    path = report()
+    forms = ", ".join(f"{n} {form}" for form, n in sorted(path["forms"].items(), key=lambda kv: -kv[1]))
+    state = "on" if path["kernel_step"] else "off"
+    log.info("%s model %s: kernel step %s (%s); weight matrices: %s", role, lm.name, state, path["why"], forms)
+    if path["dequantized"]:
+        log.warning(
+            "%s model %s: %d quantized projections run dequantized to float32 (no quantized kernel here): same model, "
+            "more memory and slower", role, lm.name, path["dequantized"],
+        )  # fmt: skip
 
 
 def check_compatible(target: PreTrainedTokenizerBase, draft: PreTrainedTokenizerBase) -> None:
@@ -141,9 +187,12 @@ def weights_digest(ref: str) -> str:
     """Content hash of a model's weights (sha256 over its weight files, in name order), so that a
     record or a metric says which weights produced it, not only which folder name."""
     path = Path(ref).expanduser()
+    if path.is_file():  # a GGUF file
+        with path.open("rb") as f:
+            return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()[:16]
     if not path.is_dir():
         return f"hub:{ref}"  # loaded by id; the hub's revision is not known here
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file())
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf") and p.is_file())
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.name.encode())

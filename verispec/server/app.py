@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -48,7 +47,7 @@ from verispec.core.batch import BatchEngine
 from verispec.core.engine import Delta, SpeculativeEngine
 from verispec.core.runner import ModelRunner, batchable
 from verispec.errors import UserError
-from verispec.models.loading import weights_digest
+from verispec.models.loading import model_name, weights_digest
 from verispec.server import errors
 from verispec.server.auth import KeyRing, RateLimiter
 from verispec.server.breaker import CircuitBreaker
@@ -81,6 +80,12 @@ class Service:
         return self.engine.tokenizer
 
 
+def _path(lm) -> dict | None:
+    """The model's kernel-step report, where its backend has one (the lean backend)."""
+    report = getattr(lm, "path_report", None)
+    return report() if report is not None else None
+
+
 class State:
     """The app's state, one per app (no module globals)."""
 
@@ -89,7 +94,7 @@ class State:
         self.server = settings.part(ServerSettings)
         self.engine_factory = engine_factory
         models = resolve_models(settings.part(ModelSettings))
-        self.model_name = self.server.served_model_name or Path(models.target.rstrip("/")).name
+        self.model_name = self.server.served_model_name or model_name(models.target)
         self.keys = KeyRing.from_settings(self.server)
         self.limiter = RateLimiter(self.server.rate_limit_rpm, self.server.rate_limit_tpm)
         max_depth = settings.max_depth if settings.depth == "auto" else max(1, int(settings.depth))
@@ -125,6 +130,7 @@ class State:
         self.router: Router | None = None
         self.identities: dict[str, Identity] = {}
         self.service: Service | None = None
+        self.paths: dict[str, dict | None] = {}  # per model role: its kernel-step report (LeanModel.path_report)
         self.load_error: str | None = None
         self.draining = False
         self.on_fatal: Callable[[], None] = lambda: None  # set by `serve` to stop the server
@@ -149,6 +155,12 @@ class State:
             scheduler = Scheduler(engine, self.server, self.breaker, self.metrics, cost, self._batch_engine(engine))
             scheduler.on_finished = self._routed
             scheduler.start()
+            self.paths = {"target": _path(engine.target)}
+            if getattr(engine.proposer, "lm", None) is not None:
+                self.paths["draft"] = _path(engine.proposer.lm)
+            for role, path in self.paths.items():
+                if path is not None:
+                    self.metrics.observe_path(role, path)
             self.service = Service(engine, scheduler)
             self.metrics.ready.set(1)
             log.info(
@@ -357,7 +369,10 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             state.ready()
         except APIError as exc:
             return JSONResponse({"status": exc.code, "message": exc.message}, status_code=503, headers=exc.headers)
-        return JSONResponse({"status": "ready", "model": state.model_name, "breaker": state.breaker.state.name.lower()})
+        paths = {role: path for role, path in state.paths.items() if path is not None}
+        return JSONResponse(
+            {"status": "ready", "model": state.model_name, "breaker": state.breaker.state.name.lower(), "kernel": paths}
+        )
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:

@@ -106,6 +106,11 @@ class ServerMetrics:
             "proposer_failures", "Proposals that failed (raised, returned junk or ran out of time)."
         ).labels(model_name)
         self.fallbacks = counter("fallback_rounds", "Rounds run verifier-only because the proposer failed.").labels(model_name)
+        self.kernel_step = Gauge(
+            P + "kernel_step", "1 if the model's passes run on the compiled CPU kernel step, 0 if on the slower path; "
+            "form: the storage its weight matrices run in.", m + ["role", "form"], registry=registry,
+        )  # fmt: skip
+        self.kernel_step_model = model_name
         self.breaker_state = gauge("breaker_state", "Speculation circuit breaker: 0 closed, 1 open (verifier only), 2 half-open.")
         self._breaker_moves = counter("breaker_transitions", "Circuit breaker state changes, by new state.", ["state"])
         self.breaker_moves = lambda state: self._breaker_moves.labels(model_name, state)
@@ -235,3 +240,8 @@ class ServerMetrics:
     def observe_breaker(self, state: BreakerState) -> None:
         self.breaker_state.set(int(state))
         self.breaker_moves(state.name.lower()).inc()
+
+    def observe_path(self, role: str, path: dict) -> None:
+        """The model's kernel-step state, labelled by the forms its weight matrices run in."""
+        form = "+".join(sorted(path["forms"]))
+        self.kernel_step.labels(self.kernel_step_model, role, form).set(1 if path["kernel_step"] else 0)

@@ -8,7 +8,11 @@
 
    Each output y[m, n] is one run of an 8-lane accumulator over k and a fixed lane sum, the same
    whatever the number of rows M in the pass: a position's logits do not depend on whether it was
-   decoded alone, verified among k+1 positions or batched with other sequences. */
+   decoded alone, verified among k+1 positions or batched with other sequences.
+
+   Rows of y are ldy floats apart (ldy >= N): a projection can write its N columns into a wider
+   output, as one part of a fused projection whose parts are stored in different forms
+   (lean_step.c). */
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -73,7 +77,7 @@ static inline void finish(float* row, __m256 c0, __m256 c1, __m256 c2, const flo
 
 #define KERNEL(MR, KIND)                                                                      \
   static inline void kernel##MR##_##KIND(const float* x, int64_t K, const uint16_t* panel,    \
-                                         float* y, int64_t N, int64_t valid, const float* bias, \
+                                         float* y, int64_t ldy, int64_t valid, const float* bias, \
                                          int accumulate) {                                    \
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00;  \
     __m256 c20 = c00, c21 = c00, c22 = c00, c30 = c00, c31 = c00, c32 = c00;                  \
@@ -86,15 +90,15 @@ static inline void finish(float* row, __m256 c0, __m256 c1, __m256 c2, const flo
       if (MR > 3) STEP(3, c30, c31, c32)                                                      \
     }                                                                                         \
     finish(y, c00, c01, c02, bias, valid, accumulate);                                        \
-    if (MR > 1) finish(y + N, c10, c11, c12, bias, valid, accumulate);                        \
-    if (MR > 2) finish(y + 2 * N, c20, c21, c22, bias, valid, accumulate);                    \
-    if (MR > 3) finish(y + 3 * N, c30, c31, c32, bias, valid, accumulate);                    \
+    if (MR > 1) finish(y + ldy, c10, c11, c12, bias, valid, accumulate);                      \
+    if (MR > 2) finish(y + 2 * ldy, c20, c21, c22, bias, valid, accumulate);                  \
+    if (MR > 3) finish(y + 3 * ldy, c30, c31, c32, bias, valid, accumulate);                  \
   }
 
 #define LINEAR(KIND)                                                                          \
   KERNEL(1, KIND) KERNEL(2, KIND) KERNEL(3, KIND) KERNEL(4, KIND)                             \
   void widen_linear_##KIND(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, \
-                           const float* bias, float* y, int accumulate, int threads) {        \
+                           const float* bias, float* y, int64_t ldy, int accumulate, int threads) { \
     int64_t panels = (N + NR - 1) / NR;                                                       \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                        \
     for (int64_t p = 0; p < panels; ++p) {                                                    \
@@ -107,11 +111,11 @@ static inline void finish(float* row, __m256 c0, __m256 c1, __m256 c2, const flo
         b = padded;                                                                           \
       }                                                                                       \
       int64_t m = 0;                                                                          \
-      for (; m + 4 <= M; m += 4) kernel4_##KIND(x + m * K, K, panel, y + m * N + n, N, valid, b, accumulate); \
+      for (; m + 4 <= M; m += 4) kernel4_##KIND(x + m * K, K, panel, y + m * ldy + n, ldy, valid, b, accumulate); \
       switch (M - m) {                                                                        \
-        case 3: kernel3_##KIND(x + m * K, K, panel, y + m * N + n, N, valid, b, accumulate); break; \
-        case 2: kernel2_##KIND(x + m * K, K, panel, y + m * N + n, N, valid, b, accumulate); break; \
-        case 1: kernel1_##KIND(x + m * K, K, panel, y + m * N + n, N, valid, b, accumulate); break; \
+        case 3: kernel3_##KIND(x + m * K, K, panel, y + m * ldy + n, ldy, valid, b, accumulate); break; \
+        case 2: kernel2_##KIND(x + m * K, K, panel, y + m * ldy + n, ldy, valid, b, accumulate); break; \
+        case 1: kernel1_##KIND(x + m * K, K, panel, y + m * ldy + n, ldy, valid, b, accumulate); break; \
       }                                                                                       \
     }                                                                                         \
   }

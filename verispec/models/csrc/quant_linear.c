@@ -1,0 +1,534 @@
+/* y = x @ w^T (+ bias) for float32 activations x and GGUF block-quantized weights w (Q8_0, Q4_0,
+   Q4_1, Q4_K, Q6_K), the embedding gather of such rows, and their dequantization.
+
+   The model is exactly "the dequantized weights, in float32": every weight is the float32 value
+   that gguf's numpy dequantize gives, bit for bit, and the products and sums are float32 (x is
+   not quantized to int8 as llama.cpp does). The weights stay in memory in their 4.5 to 8.5 bits a
+   value, in the GGUF file's layout: a decode or verify pass of a few rows dequantizes them in
+   registers as it multiplies them; a pass of more rows dequantizes 4 rows of w at a time into a
+   small buffer and runs all its rows over that.
+
+   Each output y[m, n] is one fused multiply-add chain of a vector accumulator over k in ascending
+   order (lane l of it takes k = l, l + LANES, ...), then a fixed lane sum, then the bias, then the
+   residual: the same operations whatever the number of rows M, the tile, the thread or the number
+   of threads, so a position's logits are the same bits decoded alone, verified among k+1
+   positions or batched. LANES is 16 where the CPU has AVX-512 (chosen once per process, never by
+   M) and 8 with AVX2: the two give different, each fixed, roundings of the same sum.
+
+   Built with widen_linear.c by verispec/models/kernels.py (x86-64, AVX2, FMA, F16C); the AVX-512
+   functions are compiled for that target only (GCC target pragma) and are called only where the
+   CPU has it. */
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* GGML type ids. A row of K weights is K / QK blocks of BYTES bytes each. */
+enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
+#define QK_q8_0 32
+#define QK_q4_0 32
+#define QK_q4_1 32
+#define QK_q4_k 256
+#define QK_q6_k 256
+#define BYTES_q8_0 34
+#define BYTES_q4_0 18
+#define BYTES_q4_1 20
+#define BYTES_q4_k 144
+#define BYTES_q6_k 210
+
+/* Weights are decoded in chunks of KC = 256 (8 blocks of 32, or one of 256). For a chunk, prep_T
+   computes the per-block floats (scales, mins: 16 at most) into ctx and, for Q6_K, the 6-bit
+   values as bytes into q; then vec_T_ISA gives vector j of block blk of the chunk, in registers. */
+#define KC 256
+
+/* Exactness. numpy computes Q8_0 fl(q * d), Q4_0 fl(d * (q - 8)), Q4_1 fl(fl(d * q) + m), Q4_K
+   fl(fl(fl(d * sc) * q) - fl(dmin * m)), Q6_K fl(fl(d * sc) * q), with d, dmin, m float16 (11
+   significant bits) and q, sc small integers. The same operations are done here on the same
+   values, so the results are numpy's. Every product is exact in float32 (at most 11 + 6 + 4 bits
+   for Q4_K, 11 + 7 + 5 for Q6_K: |sc| <= 128 and |q| <= 32 are powers of two at the top), so only
+   Q4_1's add and Q4_K's subtract round, once, and a multiply fused with them rounds the same (gcc
+   contracts even _mm256_mul_ps + _mm256_add_ps into an FMA under -mfma; it does here). A 4-bit
+   weight takes one of 16 values per block or sub-block: with AVX-512 those 16 are computed with
+   numpy's operations into a table and each weight is a lookup (vpermps; it reads the low 4 bits
+   of each lane, so a low nibble needs no mask). */
+
+static inline uint64_t half_bits(const uint8_t* p) {
+  uint16_t h;
+  memcpy(&h, p, sizeof h);
+  return h;
+}
+
+/* The float16 at first + i * stride, i < count <= 8, as float32 into out[i]. */
+static inline void halves8(const uint8_t* first, int stride, int count, float* out) {
+  __m128i h;
+  if (count == 8) {  // a whole chunk: packed in two 64-bit registers by scalar shifts (ports the
+                     // vector arithmetic leaves free), not a stack array gcc merges and reloads
+    uint64_t lo = half_bits(first) | half_bits(first + stride) << 16 | half_bits(first + 2 * stride) << 32 |
+                  half_bits(first + 3 * stride) << 48;
+    uint64_t hi = half_bits(first + 4 * stride) | half_bits(first + 5 * stride) << 16 |
+                  half_bits(first + 6 * stride) << 32 | half_bits(first + 7 * stride) << 48;
+    h = _mm_set_epi64x((long long)hi, (long long)lo);
+  } else {
+    uint16_t part[8] = {0};
+    for (int i = 0; i < count && i < 8; ++i) memcpy(part + i, first + i * stride, 2);
+    h = _mm_loadu_si128((const __m128i*)part);
+  }
+  _mm256_storeu_ps(out, _mm256_cvtph_ps(h));
+}
+
+static inline __m256i u8x8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+static inline __m256i i8x8(const uint8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+static inline __m256 f8(__m256i v) { return _mm256_cvtepi32_ps(v); }
+
+/* Q8_0 (34 bytes): float16 d, 32 int8 q. ctx: the blocks' d. */
+static inline void prep_q8_0(const uint8_t* b, int blocks, float* ctx, int8_t* q) {
+  (void)q;
+  halves8(b, 34, blocks, ctx);
+}
+
+/* Q4_0 (18 bytes): float16 d, 16 bytes: weight j < 16 in the low nibble of byte j, 16 + j in its
+   high nibble. ctx: the blocks' d. */
+static inline void prep_q4_0(const uint8_t* b, int blocks, float* ctx, int8_t* q) {
+  (void)q;
+  halves8(b, 18, blocks, ctx);
+}
+
+/* Q4_1 (20 bytes): float16 d and m, then nibbles as Q4_0's, unsigned. ctx: d, then m. */
+static inline void prep_q4_1(const uint8_t* b, int blocks, float* ctx, int8_t* q) {
+  (void)q;
+  halves8(b, 20, blocks, ctx);
+  halves8(b + 2, 20, blocks, ctx + 8);
+}
+
+/* Q4_K (144 bytes): float16 d and dmin, 12 bytes of 6-bit scales and mins of 8 sub-blocks of 32
+   (unpacked as gguf's get_scale_min), 128 bytes of nibbles: bytes 32j..32j+31 hold sub-block 2j
+   in their low nibbles, 2j+1 in their high. ctx: fl(d * sc) of each sub-block, then fl(dmin * m). */
+static inline void prep_q4_k(const uint8_t* b, int blocks, float* ctx, int8_t* q) {
+  (void)blocks, (void)q;
+  uint32_t u[4];
+  memcpy(u, b + 4, 12);
+  const uint32_t six = 0x3f3f3f3f, four = 0x0f0f0f0f, two = 0x03030303;
+  u[3] = ((u[2] >> 4) & four) | (((u[1] >> 6) & two) << 4);
+  uint32_t mins = u[1] & six;
+  u[1] = (u[2] & four) | (((u[0] >> 6) & two) << 4);
+  u[2] = mins;
+  u[0] &= six;
+  uint16_t h[2];
+  memcpy(h, b, 4);
+  _mm256_storeu_ps(ctx, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(h[0])), f8(u8x8((const uint8_t*)u))));
+  _mm256_storeu_ps(ctx + 8, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(h[1])), f8(u8x8((const uint8_t*)u + 8))));
+}
+
+/* Q6_K (210 bytes): 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales (one per 16
+   weights), float16 d. Weight 128h + r (r < 128) has low nibble r / 64 of byte 64h + r % 64 and
+   high pair r / 32 of byte 32h + r % 32; q = low | high << 4, minus 32. ctx: fl(d * sc) of each
+   16; q: the 256 values as int8 (byte arithmetic on 32 at a time). */
+static inline void prep_q6_k(const uint8_t* b, int blocks, float* ctx, int8_t* q) {
+  (void)blocks;
+  __m256 d = _mm256_set1_ps(_cvtsh_ss((uint16_t)(b[208] | b[209] << 8)));
+  _mm256_storeu_ps(ctx, _mm256_mul_ps(d, f8(i8x8(b + 192))));
+  _mm256_storeu_ps(ctx + 8, _mm256_mul_ps(d, f8(i8x8(b + 200))));
+  const __m256i nibble = _mm256_set1_epi8(0x0f), pair = _mm256_set1_epi8(0x30), bias = _mm256_set1_epi8(32);
+  for (int h = 0; h < 2; ++h) {
+    __m256i l0 = _mm256_loadu_si256((const __m256i*)(b + 64 * h));
+    __m256i l1 = _mm256_loadu_si256((const __m256i*)(b + 64 * h + 32));
+    __m256i hi = _mm256_loadu_si256((const __m256i*)(b + 128 + 32 * h));
+    /* 16-bit shifts: the bits crossing between bytes are masked off */
+    __m256i v0 = _mm256_or_si256(_mm256_and_si256(l0, nibble), _mm256_and_si256(_mm256_slli_epi16(hi, 4), pair));
+    __m256i v1 = _mm256_or_si256(_mm256_and_si256(l1, nibble), _mm256_and_si256(_mm256_slli_epi16(hi, 2), pair));
+    __m256i v2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), nibble), _mm256_and_si256(hi, pair));
+    __m256i v3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), nibble),
+                                 _mm256_and_si256(_mm256_srli_epi16(hi, 2), pair));
+    _mm256_storeu_si256((__m256i*)(q + 128 * h), _mm256_sub_epi8(v0, bias));
+    _mm256_storeu_si256((__m256i*)(q + 128 * h + 32), _mm256_sub_epi8(v1, bias));
+    _mm256_storeu_si256((__m256i*)(q + 128 * h + 64), _mm256_sub_epi8(v2, bias));
+    _mm256_storeu_si256((__m256i*)(q + 128 * h + 96), _mm256_sub_epi8(v3, bias));
+  }
+}
+
+/* ---- AVX2: vector j < QK / 8 of block blk of a chunk ---- */
+
+static inline __m256 vec_q8_0_avx2(const uint8_t* b, const float* ctx, const int8_t* q, int blk, int j) {
+  (void)q;
+  return _mm256_mul_ps(f8(i8x8(b + blk * 34 + 2 + 8 * j)), _mm256_set1_ps(ctx[blk]));
+}
+
+static inline __m256 vec_q4_0_avx2(const uint8_t* b, const float* ctx, const int8_t* q, int blk, int j) {
+  (void)q;
+  __m256i raw = u8x8(b + blk * 18 + 2 + 8 * (j & 1));
+  __m256i v = j < 2 ? _mm256_and_si256(raw, _mm256_set1_epi32(15)) : _mm256_srli_epi32(raw, 4);
+  return _mm256_mul_ps(_mm256_set1_ps(ctx[blk]), f8(_mm256_sub_epi32(v, _mm256_set1_epi32(8))));
+}
+
+static inline __m256 vec_q4_1_avx2(const uint8_t* b, const float* ctx, const int8_t* q, int blk, int j) {
+  (void)q;
+  __m256i raw = u8x8(b + blk * 20 + 4 + 8 * (j & 1));
+  __m256i v = j < 2 ? _mm256_and_si256(raw, _mm256_set1_epi32(15)) : _mm256_srli_epi32(raw, 4);
+  return _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(ctx[blk]), f8(v)), _mm256_set1_ps(ctx[8 + blk]));
+}
+
+/* weight 8j = 64 * (j / 8) + 8 * (j % 8): nibble (j % 8) / 4 of bytes 32 * (j / 8) + 8 * (j % 4) */
+static inline __m256 vec_q4_k_avx2(const uint8_t* b, const float* ctx, const int8_t* q, int blk, int j) {
+  (void)q, (void)blk;
+  int high = (j >> 2) & 1, sub = 2 * (j >> 3) + high;
+  __m256i raw = u8x8(b + 16 + 32 * (j >> 3) + 8 * (j & 3));
+  __m256i v = high ? _mm256_srli_epi32(raw, 4) : _mm256_and_si256(raw, _mm256_set1_epi32(15));
+  return _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(ctx[sub]), f8(v)), _mm256_set1_ps(ctx[8 + sub]));
+}
+
+static inline __m256 vec_q6_k_avx2(const uint8_t* b, const float* ctx, const int8_t* q, int blk, int j) {
+  (void)b, (void)blk;
+  return _mm256_mul_ps(_mm256_set1_ps(ctx[j >> 1]), f8(i8x8((const uint8_t*)q + 8 * j)));
+}
+
+/* ---- AVX-512: vector j < QK / 16 of block blk of a chunk ---- */
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+
+static inline __m512i u8x16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+static inline __m512i i8x16(const uint8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+static inline __m512 f16x(__m512i v) { return _mm512_cvtepi32_ps(v); }
+static inline __m512 iota16(void) {
+  return _mm512_cvtepi32_ps(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+}
+
+static inline __m512 vec_q8_0_avx512(const uint8_t* b, const float* ctx, const int8_t* q, int blk, int j) {
+  (void)q;
+  return _mm512_mul_ps(f16x(i8x16(b + blk * 34 + 2 + 16 * j)), _mm512_set1_ps(ctx[blk]));
+}
+
+static inline __m512 vec_q4_0_avx512(const uint8_t* b, const float* ctx, const int8_t* q, int blk, int j) {
+  (void)q;
+  __m512 table = _mm512_mul_ps(_mm512_set1_ps(ctx[blk]), _mm512_sub_ps(iota16(), _mm512_set1_ps(8.0f)));
+  __m512i raw = u8x16(b + blk * 18 + 2);
+  return _mm512_permutexvar_ps(j ? _mm512_srli_epi32(raw, 4) : raw, table);
+}
+
+static inline __m512 vec_q4_1_avx512(const uint8_t* b, const float* ctx, const int8_t* q, int blk, int j) {
+  (void)q;
+  __m512 table = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(ctx[blk]), iota16()), _mm512_set1_ps(ctx[8 + blk]));
+  __m512i raw = u8x16(b + blk * 20 + 4);
+  return _mm512_permutexvar_ps(j ? _mm512_srli_epi32(raw, 4) : raw, table);
+}
+
+/* weight 16j = 64 * (j / 4) + 16 * (j % 4): nibble (j % 4) / 2 of bytes 32 * (j / 4) + 16 * (j % 2) */
+static inline __m512 vec_q4_k_avx512(const uint8_t* b, const float* ctx, const int8_t* q, int blk, int j) {
+  (void)q, (void)blk;
+  int high = (j >> 1) & 1, sub = 2 * (j >> 2) + high;
+  __m512 table = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(ctx[sub]), iota16()), _mm512_set1_ps(ctx[8 + sub]));
+  __m512i raw = u8x16(b + 16 + 32 * (j >> 2) + 16 * (j & 1));
+  return _mm512_permutexvar_ps(high ? _mm512_srli_epi32(raw, 4) : raw, table);
+}
+
+static inline __m512 vec_q6_k_avx512(const uint8_t* b, const float* ctx, const int8_t* q, int blk, int j) {
+  (void)b, (void)blk;
+  return _mm512_mul_ps(_mm512_set1_ps(ctx[j]), f16x(i8x16((const uint8_t*)q + 16 * j)));
+}
+
+#pragma GCC pop_options
+
+/* ---- kernels, written once for both widths with these names (defined before each use): V a
+   vector, LD a load, ST a store, FMA, ZERO, HSUM its fixed lane sum, W the lanes, ISA the suffix ---- */
+
+#define GLUE(a, b) GLUE_(a, b) /* pastes after expanding ISA */
+#define GLUE_(a, b) a##b
+
+/* Dequantize count blocks to out. */
+#define DEQUANT(T)                                                                            \
+  static void GLUE(dq_##T##_, ISA)(const uint8_t* b, int64_t count, float* out) {             \
+    for (int64_t i = 0; i < count; i += KC / QK_##T) {                                        \
+      int blocks = count - i < KC / QK_##T ? (int)(count - i) : KC / QK_##T;                  \
+      float ctx[16];                                                                          \
+      int8_t q[KC] __attribute__((aligned(32)));                                              \
+      const uint8_t* chunk = b + i * BYTES_##T;                                               \
+      prep_##T(chunk, blocks, ctx, q);                                                        \
+      __asm__ volatile("" : : "r"(ctx) : "memory"); /* as in FUSED */                         \
+      for (int blk = 0; blk < blocks; ++blk) {                                                \
+        _Pragma("GCC unroll 32") for (int j = 0; j < QK_##T / W; ++j)                         \
+          ST(out + (i + blk) * QK_##T + j * W, GLUE(vec_##T##_, ISA)(chunk, ctx, q, blk, j)); \
+      }                                                                                       \
+    }                                                                                         \
+  }
+
+/* Outputs go in tiles of 4 rows of w, each a register-blocked MR x 4 block of accumulators.
+   Accumulators are named variables, not an array: gcc keeps an array in memory and stores it back
+   on every k. */
+#define STEP(R)                                                                               \
+  {                                                                                           \
+    V a = LD(x + (R) * K + k);                                                                \
+    c##R##0 = FMA(a, w0, c##R##0);                                                            \
+    c##R##1 = FMA(a, w1, c##R##1);                                                            \
+    c##R##2 = FMA(a, w2, c##R##2);                                                            \
+    c##R##3 = FMA(a, w3, c##R##3);                                                            \
+  }
+#define STEPS(MR)                                                                             \
+  STEP(0)                                                                                     \
+  if (MR > 1) STEP(1)                                                                         \
+  if (MR > 2) STEP(2)                                                                         \
+  if (MR > 3) STEP(3)                                                                         \
+  if (MR > 4) STEP(4)                                                                         \
+  if (MR > 5) STEP(5)
+#define ACCUMULATORS                                                                          \
+  V c00 = ZERO(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00; \
+  V c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;   \
+  V c40 = c00, c41 = c00, c42 = c00, c43 = c00, c50 = c00, c51 = c00, c52 = c00, c53 = c00;
+/* One output: (lane sum + bias), then into y (set, or added to the residual). */
+#define FINISH1(R, C)                                                                         \
+  if ((C) < valid) {                                                                          \
+    float v = HSUM(c##R##C);                                                                  \
+    if (bias) v += bias[C];                                                                   \
+    float* o = y + (R) * ldy + (C);                                                           \
+    *o = accumulate ? *o + v : v;                                                             \
+  }
+#define FINISH(R) { FINISH1(R, 0) FINISH1(R, 1) FINISH1(R, 2) FINISH1(R, 3) }
+#define FINISHES(MR)                                                                          \
+  FINISH(0)                                                                                   \
+  if (MR > 1) FINISH(1)                                                                       \
+  if (MR > 2) FINISH(2)                                                                       \
+  if (MR > 3) FINISH(3)                                                                       \
+  if (MR > 4) FINISH(4)                                                                       \
+  if (MR > 5) FINISH(5)
+
+/* A decode or verify pass (MR rows): the 4 rows' weights are dequantized in registers as they
+   are multiplied, each vector used for all MR rows (a short last tile repeats its last row). */
+#define FUSED(MR, T)                                                                          \
+  static void GLUE(fused##MR##_##T##_, ISA)(const float* x, int64_t K, const uint8_t* const* w, \
+                                            float* y, int64_t ldy, int valid, const float* bias, \
+                                            int accumulate) {                                 \
+    ACCUMULATORS                                                                              \
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {                                                  \
+      int blocks = (int)((K - k0 < KC ? K - k0 : KC) / QK_##T);                               \
+      const uint8_t *b0 = w[0] + k0 / QK_##T * BYTES_##T, *b1 = w[1] + k0 / QK_##T * BYTES_##T; \
+      const uint8_t *b2 = w[2] + k0 / QK_##T * BYTES_##T, *b3 = w[3] + k0 / QK_##T * BYTES_##T; \
+      float ctx0[16], ctx1[16], ctx2[16], ctx3[16];                                           \
+      int8_t q0[KC] __attribute__((aligned(32))), q1[KC] __attribute__((aligned(32)));        \
+      int8_t q2[KC] __attribute__((aligned(32))), q3[KC] __attribute__((aligned(32)));        \
+      prep_##T(b0, blocks, ctx0, q0);                                                         \
+      prep_##T(b1, blocks, ctx1, q1);                                                         \
+      prep_##T(b2, blocks, ctx2, q2);                                                         \
+      prep_##T(b3, blocks, ctx3, q3);                                                         \
+      /* ctx stays in memory, read by broadcast loads: else gcc keeps it in registers and     \
+         broadcasts lanes with shuffles, which compete with the arithmetic for port 5 */      \
+      __asm__ volatile("" : : "r"(ctx0), "r"(ctx1), "r"(ctx2), "r"(ctx3) : "memory");         \
+      for (int blk = 0; blk < blocks; ++blk) {                                                \
+        _Pragma("GCC unroll 32") for (int j = 0; j < QK_##T / W; ++j) {                       \
+          int64_t k = k0 + blk * QK_##T + j * W;                                              \
+          V w0 = GLUE(vec_##T##_, ISA)(b0, ctx0, q0, blk, j);                                 \
+          V w1 = GLUE(vec_##T##_, ISA)(b1, ctx1, q1, blk, j);                                 \
+          V w2 = GLUE(vec_##T##_, ISA)(b2, ctx2, q2, blk, j);                                 \
+          V w3 = GLUE(vec_##T##_, ISA)(b3, ctx3, q3, blk, j);                                 \
+          STEPS(MR)                                                                           \
+        }                                                                                     \
+      }                                                                                       \
+    }                                                                                         \
+    FINISHES(MR)                                                                              \
+  }
+
+/* More rows (a prompt chunk, a wide batch): the 4 rows dequantized once over all of K into s
+   (stride K), then the row tiles over it. Each output is the same chain as in FUSED. */
+#define DENSE(MR)                                                                             \
+  static void GLUE(dense##MR##_, ISA)(const float* x, int64_t K, const float* s, float* y,    \
+                                      int64_t ldy, int valid, const float* bias, int accumulate) { \
+    ACCUMULATORS                                                                              \
+    for (int64_t k = 0; k < K; k += W) {                                                      \
+      V w0 = LD(s + k), w1 = LD(s + K + k), w2 = LD(s + 2 * K + k), w3 = LD(s + 3 * K + k);   \
+      STEPS(MR)                                                                               \
+    }                                                                                         \
+    FINISHES(MR)                                                                              \
+  }
+
+typedef void (*dequant_fn)(const uint8_t* blocks, int64_t count, float* out);
+typedef void (*fused_fn)(const float*, int64_t, const uint8_t* const*, float*, int64_t, int, const float*, int);
+typedef void (*dense_fn)(const float*, int64_t, const float*, float*, int64_t, int, const float*, int);
+
+/* lane sums: ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)) after halving, as widen_linear.c's */
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+#define V __m256
+#define LD _mm256_loadu_ps
+#define ST _mm256_storeu_ps
+#define FMA _mm256_fmadd_ps
+#define ZERO _mm256_setzero_ps
+#define HSUM hsum8
+#define W 8
+#define ISA avx2
+/* 16 registers: fused, 2 rows x 4 outputs of accumulators and 4 weight vectors; dense, the same. */
+#define TYPE(T)                                                                               \
+  DEQUANT(T) FUSED(1, T) FUSED(2, T)                                                          \
+  static const fused_fn fused_##T##_avx2[] = {fused1_##T##_avx2, fused2_##T##_avx2};
+TYPE(q8_0) TYPE(q4_0) TYPE(q4_1) TYPE(q4_k) TYPE(q6_k)
+DENSE(1) DENSE(2)
+static const dense_fn dense_avx2[] = {dense1_avx2, dense2_avx2};
+#undef TYPE
+#undef V
+#undef LD
+#undef ST
+#undef FMA
+#undef ZERO
+#undef HSUM
+#undef W
+#undef ISA
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+static inline float hsum16(__m512 v) {
+  __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  return hsum8(_mm256_add_ps(_mm512_castps512_ps256(v), high));
+}
+#define V __m512
+#define LD _mm512_loadu_ps
+#define ST _mm512_storeu_ps
+#define FMA _mm512_fmadd_ps
+#define ZERO _mm512_setzero_ps
+#define HSUM hsum16
+#define W 16
+#define ISA avx512
+/* 32 registers: fused, up to 4 rows x 4 outputs with the decoding's temporaries; dense, 6 x 4. */
+#define TYPE(T)                                                                               \
+  DEQUANT(T) FUSED(1, T) FUSED(2, T) FUSED(3, T) FUSED(4, T)                                  \
+  static const fused_fn fused_##T##_avx512[] = {fused1_##T##_avx512, fused2_##T##_avx512,     \
+                                                fused3_##T##_avx512, fused4_##T##_avx512};
+TYPE(q8_0) TYPE(q4_0) TYPE(q4_1) TYPE(q4_k) TYPE(q6_k)
+DENSE(1) DENSE(2) DENSE(3) DENSE(4) DENSE(5) DENSE(6)
+static const dense_fn dense_avx512[] = {dense1_avx512, dense2_avx512, dense3_avx512,
+                                        dense4_avx512, dense5_avx512, dense6_avx512};
+#undef TYPE
+#undef V
+#undef LD
+#undef ST
+#undef FMA
+#undef ZERO
+#undef HSUM
+#undef W
+#undef ISA
+#pragma GCC pop_options
+
+/* ---- dispatch ---- */
+
+/* Up to fused_rows rows of x (4 with AVX-512, 2 with AVX2: the accumulators and the decoding's
+   temporaries fill the registers) the weights are decoded in registers (FUSED); from there on
+   decoding each tile's rows once into a buffer (DENSE) measured faster than decoding them again
+   for every tile of rows. */
+struct variant {
+  dequant_fn dequantize;
+  const fused_fn* fused;  /* by rows - 1, up to fused_rows */
+  const dense_fn* dense;  /* by rows - 1, up to dense_rows */
+  int fused_rows, dense_rows;
+};
+
+struct qtype {
+  int qk, bytes;
+  struct variant avx2, avx512;
+};
+
+#define QTYPE(T)                                                                              \
+  {QK_##T, BYTES_##T, {dq_##T##_avx2, fused_##T##_avx2, dense_avx2, 2, 2},                    \
+   {dq_##T##_avx512, fused_##T##_avx512, dense_avx512, 4, 6}}
+
+static const struct qtype* qtype_of(int type) {
+  static const struct qtype q4_0 = QTYPE(q4_0), q4_1 = QTYPE(q4_1), q8_0 = QTYPE(q8_0);
+  static const struct qtype q4_k = QTYPE(q4_k), q6_k = QTYPE(q6_k);
+  switch (type) {
+    case Q4_0: return &q4_0;
+    case Q4_1: return &q4_1;
+    case Q8_0: return &q8_0;
+    case Q4_K: return &q4_k;
+    case Q6_K: return &q6_k;
+    default: return NULL;
+  }
+}
+
+/* 16 where the CPU has AVX-512 (F, BW, VL), else 8; quant_set_lanes can force 8 (tests). */
+static int lanes_in_use = 0;
+
+static int best_lanes(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
+             ? 16
+             : 8;
+}
+
+/* lanes 0: the best this CPU has; 8: AVX2; 16: AVX-512 where the CPU has it; other values only
+   ask. Returns the lanes now in use. Not to be called while a kernel runs. */
+int quant_set_lanes(int lanes) {
+  if (lanes == 0 || (lanes == 16 && best_lanes() == 16)) lanes_in_use = best_lanes();
+  else if (lanes == 8) lanes_in_use = 8;
+  else if (lanes_in_use == 0) lanes_in_use = best_lanes();
+  return lanes_in_use;
+}
+
+static inline const struct variant* variant_of(const struct qtype* t) {
+  return (lanes_in_use ? lanes_in_use : quant_set_lanes(0)) == 16 ? &t->avx512 : &t->avx2;
+}
+
+int quant_dequantize(int type, const uint8_t* w, int64_t rows, int64_t K, float* out) {
+  const struct qtype* t = qtype_of(type);
+  if (!t || K % t->qk) return -1;
+  dequant_fn dq = variant_of(t)->dequantize;
+  int64_t blocks = K / t->qk;
+  #pragma omp parallel for schedule(static) if (rows * K >= (1 << 20))
+  for (int64_t r = 0; r < rows; ++r) dq(w + r * blocks * t->bytes, blocks, out + r * K);
+  return 0;
+}
+
+int quant_rows(int type, const uint8_t* w, int64_t K, const int64_t* ids, int64_t n, float* out) {
+  const struct qtype* t = qtype_of(type);
+  if (!t || K % t->qk) return -1;
+  dequant_fn dq = variant_of(t)->dequantize;
+  int64_t blocks = K / t->qk;
+  for (int64_t i = 0; i < n; ++i) dq(w + ids[i] * blocks * t->bytes, blocks, out + i * K);
+  return 0;
+}
+
+/* The per-thread buffer of a tile's rows over all of K; OpenMP's threads live on, so it is kept. */
+static __thread float* tile_rows;
+static __thread int64_t tile_rows_size;
+
+static float* rows_buffer(int64_t floats) {
+  if (floats > tile_rows_size) {
+    free(tile_rows);
+    tile_rows = aligned_alloc(64, (size_t)(floats * sizeof(float) + 63) / 64 * 64);
+    tile_rows_size = tile_rows ? floats : 0;
+  }
+  return tile_rows;
+}
+
+int quant_linear(int type, const float* x, int64_t M, const uint8_t* w, int64_t N, int64_t K, const float* bias,
+                 float* y, int64_t ldy, int accumulate, int threads) {
+  const struct qtype* t = qtype_of(type);
+  if (!t || K % t->qk) return -1;
+  if (M <= 0 || N <= 0) return 0;
+  const struct variant* v = variant_of(t);
+  int64_t tiles = (N + 3) / 4, row_bytes = K / t->qk * t->bytes;
+  int failed = 0;
+  #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
+  for (int64_t p = 0; p < tiles; ++p) {
+    int64_t n = p * 4;
+    int valid = N - n < 4 ? (int)(N - n) : 4;
+    const uint8_t* rows[4];
+    for (int c = 0; c < 4; ++c) rows[c] = w + (n + (c < valid ? c : valid - 1)) * row_bytes;
+    const float* b = bias ? bias + n : NULL;
+    if (M <= v->fused_rows) {
+      v->fused[M - 1](x, K, rows, y + n, ldy, valid, b, accumulate);
+      continue;
+    }
+    float* s = rows_buffer(4 * K);
+    if (!s) {  // out of memory: -2, this tile not written
+      failed = 1;
+      continue;
+    }
+    for (int c = 0; c < 4; ++c) v->dequantize(rows[c], K / t->qk, s + c * K);
+    for (int64_t m = 0; m < M; m += v->dense_rows) {
+      int64_t r = M - m < v->dense_rows ? M - m : v->dense_rows;
+      v->dense[r - 1](x + m * K, K, s, y + m * ldy + n, ldy, valid, b, accumulate);
+    }
+  }
+  return failed ? -2 : 0;
+}
