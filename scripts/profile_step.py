@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--backend", default="lean")
     parser.add_argument("--width", type=int, default=4, help="verify pass width (depth + 1)")
     parser.add_argument("--steps", type=int, default=50, help="timed passes per step kind")
+    parser.add_argument("--draft-depth", type=int, default=4, help="draft tokens per timed greedy proposal")
     parser.add_argument(
         "--per-op",
         action="store_true",
@@ -150,6 +151,39 @@ def main() -> None:
         draft = load_model(args.draft, cpu, f32, role="draft", backend=args.backend)
         step = profile_step(draft, "draft step", 1, **options)
         print(f"\ndraft step / verifier decode step: {step / decode:.3f}")
+        vocab = getattr(target, "vocab_size", draft.vocab_size)
+        for native in (False, True):
+            token = draft_token_seconds(draft, vocab, args.draft_depth, native, args.steps)
+            how = "one native call per proposal" if native else "one pass per token from Python"
+            print(
+                f"draft token in a greedy proposal of {args.draft_depth} ({how}): {token * 1e3:.3f} ms "
+                f"= {token / decode:.3f} of a verifier decode step"
+            )
+
+
+def draft_token_seconds(draft, vocab: int, depth: int, native: bool, steps: int, context: int = 400) -> float:
+    """Seconds per draft token of a greedy proposal as the draft proposer makes it (catch-up on
+    the newly verified token, then `depth` tokens): the median over `steps` proposals."""
+    from verispec.config import SamplingParams
+    from verispec.proposers.base import DraftPolicy
+    from verispec.proposers.draft import DraftModelProposer
+
+    session = DraftModelProposer(draft, target_vocab_size=vocab).session()
+    if not native:
+        session.kv.greedy_native = lambda: False
+    elif not session.kv.greedy_native():
+        return float("nan")
+    policy, prompt = DraftPolicy(SamplingParams()), list(range(1, context + 1))
+    times = []
+    for i in range(steps + 5):
+        context_now = prompt + [7 + i % 50]  # a newly verified token each round, as in decoding
+        start = time.perf_counter()
+        session.propose(context_now, depth, policy)
+        if i >= 5:  # warm-up
+            times.append(time.perf_counter() - start)
+        session.kv.rollback(context)
+        del session.cached[context:]
+    return statistics.median(times) / depth
 
 
 if __name__ == "__main__":

@@ -209,3 +209,37 @@ def test_a_paged_runner_pass_is_the_per_operation_step_bitwise(lm):
     pools = [runner.keys + runner.values for runner in runners]
     for mine, theirs in zip(*pools, strict=True):
         assert torch.equal(mine, theirs)
+
+
+def test_the_native_greedy_loop_chooses_what_the_python_loop_does(lm):
+    """LeanSession.greedy (the draft's inner loop in one native call) against one extend per
+    token: the same tokens, the same cache, and the draft proposer's proposals unchanged."""
+    from verispec.config import SamplingParams
+    from verispec.proposers.base import DraftPolicy
+    from verispec.proposers.draft import DraftModelProposer
+
+    assert lm.greedy_native()
+    prompt = [3, 9, 1, 22, 5, 17, 40, 8]
+    native, stepped = lm.session(), lm.session()
+    first = int(native.extend(prompt)[-1].argmax())
+    stepped.extend(prompt)
+    tokens = native.greedy(first, 12, vocab=lm.vocab_size)
+    expected, token = [], first
+    for _ in range(12):
+        token = int(stepped.extend([token])[-1].argmax())
+        expected.append(token)
+    assert tokens == expected and native.length == stepped.length == len(prompt) + 12
+    for layer in range(len(lm.layers)):
+        assert torch.equal(native.keys[layer][:, : native.length], stepped.keys[layer][:, : stepped.length])
+    # a narrower vocabulary (a draft whose embedding is padded past the target's): argmax within it
+    narrow = lm.session()
+    narrow.extend(prompt)
+    assert all(t < 20 for t in narrow.greedy(first, 6, vocab=20))
+
+    policy = DraftPolicy(SamplingParams())
+    proposer = DraftModelProposer(lm, target_vocab_size=lm.vocab_size)
+    fast, slow = proposer.session(), proposer.session()
+    slow.kv.greedy_native = lambda: False  # the per-token loop
+    for context in (prompt, prompt + [4, 4, 4], prompt + [4, 4, 4, 7, 1]):
+        assert fast.propose(context, 6, policy).tokens == slow.propose(context, 6, policy).tokens
+        assert fast.cached == slow.cached

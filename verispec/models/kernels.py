@@ -281,6 +281,11 @@ def kernel_library() -> ctypes.CDLL | None:
         ctypes.POINTER(VsModel), pointer, i64, ctypes.POINTER(VsAttention), ctypes.POINTER(VsScratch), i32,
     ]  # fmt: skip
     library.lean_layers.restype = i32
+    library.lean_greedy.argtypes = [
+        ctypes.POINTER(VsModel), pointer, pointer, ctypes.POINTER(VsProjection), i64, ctypes.POINTER(VsAttention),
+        ctypes.POINTER(VsScratch), pointer, pointer, pointer, i64, i64, pointer, i32,
+    ]  # fmt: skip
+    library.lean_greedy.restype = i32
     return library
 
 

@@ -269,21 +269,59 @@ class LeanLM(LeanModel):
             layers,
         )  # fmt: skip
 
+    @staticmethod
+    def _session_attention(session: LeanSession) -> VsAttention:
+        """The session's caches as the kernel step's attention descriptor, described once."""
+        if session.kernel_attention is None:
+            session.kernel_attention = VsAttention(
+                mode=ATTENTION_CONTIGUOUS, keys=address_array(session.keys), values=address_array(session.values),
+                capacity=session.keys[0].shape[1],
+            )  # fmt: skip
+        return session.kernel_attention
+
     def _kernel_step(self, ids: torch.Tensor, session: LeanSession, last_only: bool) -> torch.Tensor:
         """The pass of `_eager_step` on the compiled kernels (kernels.py), all layers in one call:
         at one to a few rows torch's fixed cost per operator, and even ctypes' per call, exceeds
         the arithmetic. Every row is computed alone, so a position's logits are the same bits at
         any pass width, and its keys and values the same however the prompt was split into passes
         (the batched runner, `core/runner.py`, relies on both)."""
-        attention = session.kernel_attention
-        if attention is None:  # the session's caches, described once
-            attention = session.kernel_attention = VsAttention(
-                mode=ATTENTION_CONTIGUOUS, keys=address_array(session.keys), values=address_array(session.values),
-                capacity=session.keys[0].shape[1],
-            )  # fmt: skip
+        attention = self._session_attention(session)
         attention.start = session.length
         T = ids.shape[0]
         return self.kernel_pass(ids, attention, slice(T - 1 if last_only else 0, T))
+
+    def greedy_native(self) -> bool:
+        """Whether `LeanSession.greedy` runs in native code here (the kernel step and a head on the kernel)."""
+        return self.native is not None and getattr(self.lm_head, "projection", None) is not None
+
+    def _scratch(self, T: int) -> tuple[torch.Tensor, list[int], tuple[int, ...]]:
+        """One allocation holding a pass's buffers (h, qkv, attn, gate_up, act: T rows each, each
+        64-byte aligned): the tensor, the buffers' offsets in floats, and their widths."""
+        D, H, Hkv, hd = self.embed.shape[1], self.heads, self.kv_heads, self.head_dim
+        ffn = self.layers[0].down.in_features
+        widths = (D, (H + 2 * Hkv) * hd, H * hd, 2 * ffn, ffn)
+        padded = [-(-w // 16) * 16 for w in widths]
+        flat = torch.empty(T * sum(padded))
+        return flat, [T * sum(padded[:i]) for i in range(len(padded))], widths
+
+    def greedy(self, session: LeanSession, token: int, steps: int, vocab: int) -> list[int]:
+        """`steps` greedy tokens after `token` (see LeanSession.greedy), in one native call."""
+        attention = self._session_attention(session)
+        attention.start = session.length
+        flat, offsets, _ = self._scratch(1)
+        scratch = VsScratch(*(flat.data_ptr() + 4 * o for o in offsets))
+        D = self.embed.shape[1]
+        x, h = torch.empty(D), torch.empty(D)
+        logits = torch.empty(self.lm_head.out_features)
+        out = torch.empty(steps, dtype=torch.int64)
+        failed = kernel_library().lean_greedy(
+            ctypes.byref(self.native), self.embed.data_ptr(), self.norm.data_ptr(), ctypes.byref(self.lm_head.projection),
+            vocab, ctypes.byref(attention), ctypes.byref(scratch), x.data_ptr(), h.data_ptr(), logits.data_ptr(),
+            token, steps, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if failed:
+            raise RuntimeError(f"lean_greedy failed ({failed})")
+        return out.tolist()
 
     def kernel_pass(
         self, ids: torch.Tensor, attention: VsAttention, rows: slice | list[int], per_op: bool = False
@@ -295,13 +333,8 @@ class LeanLM(LeanModel):
         native descriptor runs, and what scripts/profile_step.py times operation by operation)."""
         ops = kernel_library()
         T, D = ids.shape[0], self.embed.shape[1]
-        H, Hkv, hd = self.heads, self.kv_heads, self.head_dim
-        ffn = self.layers[0].down.in_features
         x = F.embedding(ids, self.embed)  # (T, D), the residual stream
-        widths = (D, (H + 2 * Hkv) * hd, H * hd, 2 * ffn, ffn)  # h, qkv, attn, gate_up, act: T rows each
-        padded = [-(-w // 16) * 16 for w in widths]  # in one allocation, each 64-byte aligned
-        flat = torch.empty(T * sum(padded))
-        offsets = [T * sum(padded[:i]) for i in range(len(padded))]
+        flat, offsets, widths = self._scratch(T)
         if per_op or self.native is None:
             buffers = [flat[o : o + T * w].view(T, w) for o, w in zip(offsets, widths, strict=True)]
             self._layers_per_op(x, attention, *buffers)
@@ -411,6 +444,21 @@ class LeanSession:
         logits = self.lm.forward(self, ids, last_only)
         self.length += len(token_ids)
         return logits.float()
+
+    def greedy_native(self) -> bool:
+        return self.lm.greedy_native() if isinstance(self.lm, LeanLM) else False
+
+    @torch.inference_mode()
+    def greedy(self, token: int, steps: int, vocab: int) -> list[int]:
+        """Feed `token`, then each greedy choice, `steps` times, all in native code; the `steps`
+        tokens chosen (the first maximal logit among the first `vocab`, as argmax picks it). The
+        cache grows by `steps` positions: the last token chosen is not fed. Only where
+        `greedy_native()`."""
+        if self.length + steps > self.capacity:
+            raise ValueError(f"KV cache of {self.capacity} positions is full")
+        tokens = self.lm.greedy(self, token, steps, vocab)
+        self.length += steps
+        return tokens
 
     def rollback(self, length: int) -> None:
         # Stale entries past `length` are never attended (attention stops at the current end)

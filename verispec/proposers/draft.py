@@ -49,6 +49,14 @@ class DraftModelSession:
         if self.lm.max_positions is not None and len(context) + depth > self.lm.max_positions:
             raise ProposerError(f"context of {len(context)} tokens is beyond the draft's window of {self.lm.max_positions}")
         logits = self._catch_up(context)
+        policy_greedy = policy.sampling.greedy and policy.min_confidence == 0 and not policy.want_probs
+        if policy_greedy and depth > 1 and getattr(self.kv, "greedy_native", lambda: False)():
+            # The whole greedy draft in one native call: the same tokens as the loop below, without
+            # Python's and torch's cost per draft step (most of a small draft's step).
+            first = int(logits.argmax())
+            rest = self.kv.greedy(first, depth - 1, vocab=min(logits.shape[-1], self.lm.vocab_size))
+            self.cached.extend([first, *rest[:-1]])
+            return Proposal([first, *rest], None)
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
         for i in range(depth):

@@ -19,6 +19,7 @@
    verispec/models/kernels.py. */
 
 #include <stdint.h>
+#include <string.h>
 
 /* layer_ops.c */
 void rms_norm(const float* x, int64_t T, int64_t D, const float* weight, float eps, float* out);
@@ -186,6 +187,34 @@ int lean_layers(const vs_model* model, float* x, int64_t T, const vs_attention* 
     if ((failed = project(&layer->gate_up, scratch->h, T, scratch->gate_up, 0, threads))) return failed;
     silu_mul(scratch->gate_up, T, F, scratch->act);
     if ((failed = project(&layer->down, scratch->act, T, x, 1, threads))) return failed;
+  }
+  return 0;
+}
+
+/* The draft model's inner loop, greedy: feed `token` at position kv->start, take the first
+   maximal logit among the first `vocab` as the next token, feed it, and so on, `steps` times;
+   out[0..steps) are the tokens chosen, kv->start advances by `steps`. Each step is the single-row
+   pass of the Python path (embedding row, lean_layers, final rms_norm, head projection) with the
+   same calls in the same order, so the tokens are those a Python loop would choose; what is saved
+   is Python's and torch's fixed cost per step, most of a small draft's step. x, h: D floats;
+   logits: head->out_features floats. 0, or lean_layers' or the head's error. */
+int lean_greedy(const vs_model* model, const float* embed, const float* norm, const vs_projection* head,
+                int64_t vocab, vs_attention* kv, const vs_scratch* scratch, float* x, float* h, float* logits,
+                int64_t token, int64_t steps, int64_t* out, int threads) {
+  int64_t D = model->hidden;
+  if (kv->mode != VS_CONTIGUOUS || !runnable(head)) return -1;
+  if (vocab > head->out_features) vocab = head->out_features;
+  for (int64_t s = 0; s < steps; ++s) {
+    memcpy(x, embed + token * D, (size_t)D * sizeof(float));
+    int failed = lean_layers(model, x, 1, kv, scratch, threads);
+    if (failed) return failed;
+    kv->start += 1;
+    rms_norm(x, 1, D, norm, model->eps, h);
+    if ((failed = project(head, h, 1, logits, 0, threads))) return failed;
+    int64_t best = 0;
+    for (int64_t v = 1; v < vocab; ++v)
+      if (logits[v] > logits[best]) best = v; /* the first maximal one, as torch.argmax */
+    out[s] = token = best;
   }
   return 0;
 }
