@@ -124,3 +124,31 @@ def test_lean_kernel_step_gives_a_position_the_same_logits_at_any_pass_width(tmp
     one_pass.rollback(len(prompt) + 2)  # reject the rest, then verify a different continuation
     step_by_step.rollback(len(prompt) + 2)
     assert torch.equal(one_pass.extend([7, 7, 1]), torch.cat([step_by_step.extend([t]) for t in (7, 7, 1)]))
+
+
+@pytest.mark.skipif(kernel_library() is None, reason="no compiled kernel here")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_avx512_path_gives_the_avx2_paths_bits(dtype):
+    """Each output is one FMA chain in a lane of its own on both paths (32-wide panels with
+    AVX-512, 24-wide with AVX2): the same bits, at every width, bias and residual included."""
+    library = kernel_library()
+    if library.widen_force_panel(0) != 32:
+        pytest.skip("no AVX-512 here")
+    kernel = library.widen_linear_f16 if dtype == torch.float16 else library.widen_linear_bf16
+    torch.manual_seed(3)
+    try:
+        for out_features, in_features in ((200, 130), (1536, 64), (33, 40)):
+            weight, bias = torch.randn(out_features, in_features).to(dtype), torch.randn(out_features)
+            for rows in (1, 2, 3, 4, 5, 6, 7, 13):
+                x = torch.randn(rows, in_features)
+                outputs = []
+                for width in (24, 32):
+                    assert library.widen_force_panel(width) == width
+                    packed = kernels._panels(weight)
+                    y = torch.ones(rows, out_features + 3)
+                    kernel(x.data_ptr(), rows, packed.data_ptr(), out_features, in_features, bias.data_ptr(),
+                           y.data_ptr(), out_features + 3, 1, 2)  # fmt: skip
+                    outputs.append(y)
+                assert torch.equal(*outputs), (out_features, in_features, rows)
+    finally:
+        library.widen_force_panel(0)

@@ -221,11 +221,14 @@ PANEL = 24  # output columns per panel of a packed 16-bit weight (NR in csrc/wid
 
 
 def _panels(weight: torch.Tensor) -> torch.Tensor:
-    """(out, in) -> (panels, in, PANEL): the layout the widening kernel streams, zero-padded."""
+    """(out, in) -> (panels, in, width): the layout the widening kernel streams, zero-padded; the
+    panel width is its path's on this CPU (`widen_panel()`: 32 with AVX-512, else PANEL)."""
+    library = kernel_library()
+    width = library.widen_panel() if library is not None else PANEL
     out_features, in_features = weight.shape
-    padded = torch.zeros((-(-out_features // PANEL) * PANEL, in_features), dtype=weight.dtype)
+    padded = torch.zeros((-(-out_features // width) * width, in_features), dtype=weight.dtype)
     padded[:out_features] = weight
-    return padded.view(-1, PANEL, in_features).transpose(1, 2).contiguous()
+    return padded.view(-1, width, in_features).transpose(1, 2).contiguous()
 
 
 def _exact_16bit(weight: torch.Tensor) -> torch.Tensor | None:
@@ -281,6 +284,8 @@ def kernel_library() -> ctypes.CDLL | None:
         ctypes.POINTER(VsModel), pointer, i64, ctypes.POINTER(VsAttention), ctypes.POINTER(VsScratch), i32,
     ]  # fmt: skip
     library.lean_layers.restype = i32
+    library.widen_panel.argtypes, library.widen_panel.restype = [], i32
+    library.widen_force_panel.argtypes, library.widen_force_panel.restype = [i32], i32
     library.lean_greedy.argtypes = [
         ctypes.POINTER(VsModel), pointer, pointer, ctypes.POINTER(VsProjection), i64, ctypes.POINTER(VsAttention),
         ctypes.POINTER(VsScratch), pointer, pointer, pointer, i64, i64, pointer, i32,

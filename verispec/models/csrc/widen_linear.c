@@ -95,30 +95,279 @@ static inline void finish(float* row, __m256 c0, __m256 c1, __m256 c2, const flo
     if (MR > 3) finish(y + 3 * ldy, c30, c31, c32, bias, valid, accumulate);                  \
   }
 
+/* One row over 4 panels at once, or two rows over 2 panels: with kernel1 a decode step (M = 1)
+   keeps 3 fused multiply-add chains in flight, and each waits on its previous FMA's result (4-5
+   cycles), so the FMA units idle most of the time; 12 chains keep them busy. Every output's chain
+   is the one kernel1 or kernel2 runs, operation for operation: only more of them are interleaved,
+   so the bits are the same. */
+#define WIDE(KIND)                                                                            \
+  static void wide1_##KIND(const float* x, int64_t K, const uint16_t* const* p, float* y,   \
+                           const int64_t* valid, const float* const* b, int accumulate) {    \
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00;  \
+    __m256 c20 = c00, c21 = c00, c22 = c00, c30 = c00, c31 = c00, c32 = c00;                  \
+    const uint16_t *p0 = p[0], *p1 = p[1], *p2 = p[2], *p3 = p[3];                            \
+    for (int64_t k = 0; k < K; ++k) {                                                         \
+      __m256 a = _mm256_broadcast_ss(x + k);                                                  \
+      PANEL_STEP_##KIND(a, p0, c00, c01, c02)                                                 \
+      PANEL_STEP_##KIND(a, p1, c10, c11, c12)                                                 \
+      PANEL_STEP_##KIND(a, p2, c20, c21, c22)                                                 \
+      PANEL_STEP_##KIND(a, p3, c30, c31, c32)                                                 \
+    }                                                                                         \
+    finish(y, c00, c01, c02, b[0], valid[0], accumulate);                                     \
+    finish(y + NR, c10, c11, c12, b[1], valid[1], accumulate);                                \
+    finish(y + 2 * NR, c20, c21, c22, b[2], valid[2], accumulate);                            \
+    finish(y + 3 * NR, c30, c31, c32, b[3], valid[3], accumulate);                            \
+  }                                                                                           \
+  static void wide2_##KIND(const float* x, int64_t K, const uint16_t* const* p, float* y,   \
+                           int64_t ldy, const int64_t* valid, const float* const* b, int accumulate) { \
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00;  \
+    __m256 c20 = c00, c21 = c00, c22 = c00, c30 = c00, c31 = c00, c32 = c00;                  \
+    const uint16_t *p0 = p[0], *p1 = p[1];                                                    \
+    for (int64_t k = 0; k < K; ++k) {                                                         \
+      __m256 a = _mm256_broadcast_ss(x + k), a1 = _mm256_broadcast_ss(x + K + k);             \
+      PANEL_STEP_##KIND(a, p0, c00, c01, c02)                                                 \
+      PANEL_STEP_##KIND(a1, p0, c10, c11, c12)                                                \
+      PANEL_STEP_##KIND(a, p1, c20, c21, c22)                                                 \
+      PANEL_STEP_##KIND(a1, p1, c30, c31, c32)                                                \
+    }                                                                                         \
+    finish(y, c00, c01, c02, b[0], valid[0], accumulate);                                     \
+    finish(y + ldy, c10, c11, c12, b[0], valid[0], accumulate);                               \
+    finish(y + NR, c20, c21, c22, b[1], valid[1], accumulate);                                \
+    finish(y + ldy + NR, c30, c31, c32, b[1], valid[1], accumulate);                          \
+  }
+
+#define GROUP 4 /* panels per work item: what wide1 takes */
+
 #define LINEAR(KIND)                                                                          \
-  KERNEL(1, KIND) KERNEL(2, KIND) KERNEL(3, KIND) KERNEL(4, KIND)                             \
-  void widen_linear_##KIND(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, \
-                           const float* bias, float* y, int64_t ldy, int accumulate, int threads) { \
-    int64_t panels = (N + NR - 1) / NR;                                                       \
+  KERNEL(1, KIND) KERNEL(2, KIND) KERNEL(3, KIND) KERNEL(4, KIND) WIDE(KIND)                  \
+  static void linear_avx2_##KIND(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, \
+                                 const float* bias, float* y, int64_t ldy, int accumulate, int threads) { \
+    int64_t panels = (N + NR - 1) / NR, groups = (panels + GROUP - 1) / GROUP, tiled = M / 4 * 4; \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                        \
-    for (int64_t p = 0; p < panels; ++p) {                                                    \
-      const uint16_t* panel = w + p * K * NR;                                                 \
-      int64_t n = p * NR, valid = N - n < NR ? N - n : NR;                                    \
-      const float* b = NULL;                                                                  \
-      float padded[NR];                                                                       \
-      if (bias) {                                                                             \
-        for (int j = 0; j < NR; ++j) padded[j] = j < valid ? bias[n + j] : 0.0f;             \
-        b = padded;                                                                           \
+    for (int64_t g = 0; g < groups; ++g) {                                                    \
+      int64_t first = g * GROUP, count = panels - first < GROUP ? panels - first : GROUP;     \
+      const uint16_t* panel[GROUP];                                                           \
+      int64_t valid[GROUP];                                                                   \
+      const float* b[GROUP];                                                                  \
+      float padded[GROUP][NR];                                                                \
+      for (int64_t i = 0; i < count; ++i) {                                                   \
+        int64_t n = (first + i) * NR;                                                         \
+        panel[i] = w + (first + i) * K * NR;                                                  \
+        valid[i] = N - n < NR ? N - n : NR;                                                   \
+        b[i] = NULL;                                                                          \
+        if (bias) {                                                                           \
+          for (int j = 0; j < NR; ++j) padded[i][j] = j < valid[i] ? bias[n + j] : 0.0f;     \
+          b[i] = padded[i];                                                                   \
+        }                                                                                     \
       }                                                                                       \
-      int64_t m = 0;                                                                          \
-      for (; m + 4 <= M; m += 4) kernel4_##KIND(x + m * K, K, panel, y + m * ldy + n, ldy, valid, b, accumulate); \
-      switch (M - m) {                                                                        \
-        case 3: kernel3_##KIND(x + m * K, K, panel, y + m * ldy + n, ldy, valid, b, accumulate); break; \
-        case 2: kernel2_##KIND(x + m * K, K, panel, y + m * ldy + n, ldy, valid, b, accumulate); break; \
-        case 1: kernel1_##KIND(x + m * K, K, panel, y + m * ldy + n, ldy, valid, b, accumulate); break; \
+      float* out = y + first * NR;                                                            \
+      for (int64_t i = 0; i < count; ++i)                                                     \
+        for (int64_t m = 0; m < tiled; m += 4)                                                \
+          kernel4_##KIND(x + m * K, K, panel[i], out + m * ldy + i * NR, ldy, valid[i], b[i], accumulate); \
+      const float* xr = x + tiled * K;                                                        \
+      float* yr = out + tiled * ldy;                                                          \
+      int64_t i = 0;                                                                          \
+      switch (M - tiled) {                                                                    \
+        case 3:                                                                               \
+          for (; i < count; ++i) kernel3_##KIND(xr, K, panel[i], yr + i * NR, ldy, valid[i], b[i], accumulate); \
+          break;                                                                              \
+        case 2:                                                                               \
+          for (; i + 2 <= count; i += 2) wide2_##KIND(xr, K, panel + i, yr + i * NR, ldy, valid + i, b + i, accumulate); \
+          for (; i < count; ++i) kernel2_##KIND(xr, K, panel[i], yr + i * NR, ldy, valid[i], b[i], accumulate); \
+          break;                                                                              \
+        case 1:                                                                               \
+          if (count == GROUP) wide1_##KIND(xr, K, panel, yr, valid, b, accumulate);           \
+          else                                                                                \
+            for (; i < count; ++i) kernel1_##KIND(xr, K, panel[i], yr + i * NR, ldy, valid[i], b[i], accumulate); \
+          break;                                                                              \
       }                                                                                       \
     }                                                                                         \
   }
 
+#define PANEL_STEP_f16(X, P, C0, C1, C2)                                                      \
+  {                                                                                           \
+    const uint16_t* q = (P) + k * NR;                                                         \
+    C0 = _mm256_fmadd_ps(X, widen8_f16(q), C0);                                               \
+    C1 = _mm256_fmadd_ps(X, widen8_f16(q + 8), C1);                                           \
+    C2 = _mm256_fmadd_ps(X, widen8_f16(q + 16), C2);                                          \
+  }
+#define PANEL_STEP_bf16(X, P, C0, C1, C2)                                                     \
+  {                                                                                           \
+    const uint16_t* q = (P) + k * NR;                                                         \
+    C0 = _mm256_fmadd_ps(X, widen8_bf16(q), C0);                                              \
+    C1 = _mm256_fmadd_ps(X, widen8_bf16(q + 8), C1);                                          \
+    C2 = _mm256_fmadd_ps(X, widen8_bf16(q + 16), C2);                                         \
+  }
+
 LINEAR(f16)
 LINEAR(bf16)
+
+/* ---- AVX-512: panels of NR512 = 32 columns (two 16-lane registers a row), up to 6 rows a tile ----
+   Each output is still one fused multiply-add chain over k of x[m, k] * w[n, k] in a lane of its
+   own, then the bias, then the residual: the same operations as the AVX2 path, so the same bits,
+   on panels packed 32 wide (`widen_panel()` says which width this CPU's path streams). A pass of
+   several rows is bound by the multiply-adds, which a 16-lane FMA does twice as many of. */
+#define NR512 32
+#define PREFETCH 16 /* rows of a panel ahead: a wide pass is busy multiplying, and the hardware
+                       prefetcher alone then falls behind the stream of weights */
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,f16c,fma")
+
+static inline __m512 widen16_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+static inline __m512 widen16_bf16(const uint16_t* p) {
+  __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+static inline void finish512(float* row, __m512 c0, __m512 c1, const float* bias, int64_t valid, int accumulate) {
+  float out[NR512];
+  if (bias) {
+    c0 = _mm512_add_ps(c0, _mm512_loadu_ps(bias));
+    c1 = _mm512_add_ps(c1, _mm512_loadu_ps(bias + 16));
+  }
+  _mm512_storeu_ps(out, c0);
+  _mm512_storeu_ps(out + 16, c1);
+  for (int64_t j = 0; j < valid; ++j) row[j] = accumulate ? row[j] + out[j] : out[j];
+}
+
+/* Rows R of a tile, panels P: accumulators cRP0, cRP1. */
+#define STEP512(R, W0, W1, C0, C1)                                                            \
+  {                                                                                           \
+    __m512 a = _mm512_set1_ps(x[(R) * K + k]);                                                \
+    C0 = _mm512_fmadd_ps(a, W0, C0);                                                          \
+    C1 = _mm512_fmadd_ps(a, W1, C1);                                                          \
+  }
+/* MR rows (<= 6) over one panel. */
+#define KERNEL512(MR, KIND)                                                                   \
+  static void k512_##MR##_##KIND(const float* x, int64_t K, const uint16_t* panel, float* y, int64_t ldy, \
+                                 int64_t valid, const float* bias, int accumulate) {          \
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;  \
+    __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;                  \
+    for (int64_t k = 0; k < K; ++k) {                                                         \
+      const uint16_t* q = panel + k * NR512;                                                  \
+      _mm_prefetch((const char*)(q + PREFETCH * NR512), _MM_HINT_T0);                          \
+      __m512 w0 = widen16_##KIND(q), w1 = widen16_##KIND(q + 16);                             \
+      STEP512(0, w0, w1, c00, c01)                                                            \
+      if (MR > 1) STEP512(1, w0, w1, c10, c11)                                                \
+      if (MR > 2) STEP512(2, w0, w1, c20, c21)                                                \
+      if (MR > 3) STEP512(3, w0, w1, c30, c31)                                                \
+      if (MR > 4) STEP512(4, w0, w1, c40, c41)                                                \
+      if (MR > 5) STEP512(5, w0, w1, c50, c51)                                                \
+    }                                                                                         \
+    finish512(y, c00, c01, bias, valid, accumulate);                                          \
+    if (MR > 1) finish512(y + ldy, c10, c11, bias, valid, accumulate);                        \
+    if (MR > 2) finish512(y + 2 * ldy, c20, c21, bias, valid, accumulate);                    \
+    if (MR > 3) finish512(y + 3 * ldy, c30, c31, bias, valid, accumulate);                    \
+    if (MR > 4) finish512(y + 4 * ldy, c40, c41, bias, valid, accumulate);                    \
+    if (MR > 5) finish512(y + 5 * ldy, c50, c51, bias, valid, accumulate);                    \
+  }
+/* One row over 4 panels at once (8 chains in flight instead of 2; see wide1). */
+#define WIDE512(KIND)                                                                         \
+  static void w512_##KIND(const float* x, int64_t K, const uint16_t* const* p, float* y,     \
+                          const int64_t* valid, const float* const* b, int accumulate) {     \
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;  \
+    __m512 c30 = c00, c31 = c00;                                                              \
+    for (int64_t k = 0; k < K; ++k) {                                                         \
+      __m512 a = _mm512_set1_ps(x[k]);                                                        \
+      const uint16_t *q0 = p[0] + k * NR512, *q1 = p[1] + k * NR512;                          \
+      const uint16_t *q2 = p[2] + k * NR512, *q3 = p[3] + k * NR512;                          \
+      _mm_prefetch((const char*)(q0 + PREFETCH * NR512), _MM_HINT_T0);                         \
+      _mm_prefetch((const char*)(q1 + PREFETCH * NR512), _MM_HINT_T0);                         \
+      _mm_prefetch((const char*)(q2 + PREFETCH * NR512), _MM_HINT_T0);                         \
+      _mm_prefetch((const char*)(q3 + PREFETCH * NR512), _MM_HINT_T0);                         \
+      c00 = _mm512_fmadd_ps(a, widen16_##KIND(q0), c00);                                      \
+      c01 = _mm512_fmadd_ps(a, widen16_##KIND(q0 + 16), c01);                                 \
+      c10 = _mm512_fmadd_ps(a, widen16_##KIND(q1), c10);                                      \
+      c11 = _mm512_fmadd_ps(a, widen16_##KIND(q1 + 16), c11);                                 \
+      c20 = _mm512_fmadd_ps(a, widen16_##KIND(q2), c20);                                      \
+      c21 = _mm512_fmadd_ps(a, widen16_##KIND(q2 + 16), c21);                                 \
+      c30 = _mm512_fmadd_ps(a, widen16_##KIND(q3), c30);                                      \
+      c31 = _mm512_fmadd_ps(a, widen16_##KIND(q3 + 16), c31);                                 \
+    }                                                                                         \
+    finish512(y, c00, c01, b[0], valid[0], accumulate);                                       \
+    finish512(y + NR512, c10, c11, b[1], valid[1], accumulate);                               \
+    finish512(y + 2 * NR512, c20, c21, b[2], valid[2], accumulate);                           \
+    finish512(y + 3 * NR512, c30, c31, b[3], valid[3], accumulate);                           \
+  }
+#define LINEAR512(KIND)                                                                       \
+  KERNEL512(1, KIND) KERNEL512(2, KIND) KERNEL512(3, KIND) KERNEL512(4, KIND) KERNEL512(5, KIND) \
+  KERNEL512(6, KIND) WIDE512(KIND)                                                            \
+  static void linear_avx512_##KIND(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, \
+                                   const float* bias, float* y, int64_t ldy, int accumulate, int threads) { \
+    int64_t panels = (N + NR512 - 1) / NR512, groups = (panels + GROUP - 1) / GROUP, tiled = M / 6 * 6; \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                        \
+    for (int64_t g = 0; g < groups; ++g) {                                                    \
+      int64_t first = g * GROUP, count = panels - first < GROUP ? panels - first : GROUP;     \
+      const uint16_t* panel[GROUP];                                                           \
+      int64_t valid[GROUP];                                                                   \
+      const float* b[GROUP];                                                                  \
+      float padded[GROUP][NR512];                                                             \
+      for (int64_t i = 0; i < count; ++i) {                                                   \
+        int64_t n = (first + i) * NR512;                                                      \
+        panel[i] = w + (first + i) * K * NR512;                                               \
+        valid[i] = N - n < NR512 ? N - n : NR512;                                             \
+        b[i] = NULL;                                                                          \
+        if (bias) {                                                                           \
+          for (int j = 0; j < NR512; ++j) padded[i][j] = j < valid[i] ? bias[n + j] : 0.0f;  \
+          b[i] = padded[i];                                                                   \
+        }                                                                                     \
+      }                                                                                       \
+      float* out = y + first * NR512;                                                         \
+      for (int64_t i = 0; i < count; ++i) {                                                   \
+        for (int64_t m = 0; m < tiled; m += 6)                                                \
+          k512_6_##KIND(x + m * K, K, panel[i], out + m * ldy + i * NR512, ldy, valid[i], b[i], accumulate); \
+        const float* xr = x + tiled * K;                                                      \
+        float* yr = out + tiled * ldy + i * NR512;                                            \
+        switch (M - tiled) {                                                                  \
+          case 5: k512_5_##KIND(xr, K, panel[i], yr, ldy, valid[i], b[i], accumulate); break; \
+          case 4: k512_4_##KIND(xr, K, panel[i], yr, ldy, valid[i], b[i], accumulate); break; \
+          case 3: k512_3_##KIND(xr, K, panel[i], yr, ldy, valid[i], b[i], accumulate); break; \
+          case 2: k512_2_##KIND(xr, K, panel[i], yr, ldy, valid[i], b[i], accumulate); break; \
+          case 1:                                                                             \
+            if (count == GROUP) {                                                             \
+              if (i == 0) w512_##KIND(xr, K, panel, out + tiled * ldy, valid, b, accumulate); \
+            } else                                                                            \
+              k512_1_##KIND(xr, K, panel[i], yr, ldy, valid[i], b[i], accumulate);            \
+            break;                                                                            \
+        }                                                                                     \
+      }                                                                                       \
+    }                                                                                         \
+  }
+
+LINEAR512(f16)
+LINEAR512(bf16)
+
+#pragma GCC pop_options
+
+/* The panel width this CPU's path streams: 32 with AVX-512 (F, BW, VL), else 24 (kernels.py packs
+   weights to it once, at load). */
+static int panel_width = 0;
+
+int widen_panel(void) {
+  if (!panel_width)
+    panel_width = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") ? NR512 : NR;
+  return panel_width;
+}
+
+/* Tests: run the AVX2 path (24) even where AVX-512 is present, or back to the best (0); the
+   panel width now in use. Weights packed for the other width must not be passed after it. */
+int widen_force_panel(int width) {
+  panel_width = 0;
+  int best = widen_panel();
+  panel_width = width == NR ? NR : best;
+  return panel_width;
+}
+
+void widen_linear_f16(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, const float* bias,
+                      float* y, int64_t ldy, int accumulate, int threads) {
+  if (widen_panel() == NR512) linear_avx512_f16(x, M, w, N, K, bias, y, ldy, accumulate, threads);
+  else linear_avx2_f16(x, M, w, N, K, bias, y, ldy, accumulate, threads);
+}
+
+void widen_linear_bf16(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, const float* bias,
+                       float* y, int64_t ldy, int accumulate, int threads) {
+  if (widen_panel() == NR512) linear_avx512_bf16(x, M, w, N, K, bias, y, ldy, accumulate, threads);
+  else linear_avx2_bf16(x, M, w, N, K, bias, y, ldy, accumulate, threads);
+}
