@@ -112,3 +112,12 @@ def test_chat_through_the_openai_client_stops_at_the_end_of_turn(tmp_path):
         assert list(gauges.values()) == [1.0] and 'form="q4_1+q8_0"' in next(iter(gauges)), gauges
     finally:
         server.stop()
+
+
+def test_generate_chat_on_the_command_line():
+    from tests.conftest import run_verispec
+
+    done = run_verispec("generate", "--target", str(GGUF), "--chat", "--max-new-tokens", "40", "-v", CHAT[0])
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout and "<|im_end|>" not in done.stdout
+    assert "kernel step on" in done.stderr and "q4_1" in done.stderr

@@ -145,7 +145,7 @@ class LeanModel:
         forms: dict[str, int] = {}
         for linear in self.linears():
             forms[linear.form] = forms.get(linear.form, 0) + 1
-        on = self.kernel_step
+        on, avoidable = self.kernel_step, False  # avoidable: off by the weights or the machine, not by a choice
         if on:
             why = "every layer projection runs on the compiled CPU kernel"
         elif not self.kernel:
@@ -155,14 +155,15 @@ class LeanModel:
         elif self.device.type != "cpu":
             why = f"the kernel step is for the CPU, not {self.device.type}"
         elif kernel_library() is None:
-            why = "the compiled kernel is unavailable here (see the warning above)"
+            why, avoidable = "the compiled kernel is unavailable here (see the warning above)", True
         else:
+            avoidable = True
             slow = sum(n for form, n in forms.items() if form in ("onednn", "dense"))
             why = (
                 f"{slow} weight matrices are float32 that 16 bits cannot hold exactly: "
                 "--weights-dtype float16, bfloat16 or q8_0 puts them on the kernel (a change of model)"
             )
-        return {"kernel_step": on, "forms": forms, "why": why, "dequantized": self.dequantized}
+        return {"kernel_step": on, "forms": forms, "why": why, "avoidable": avoidable, "dequantized": self.dequantized}
 
     def forward(self, session: LeanSession, ids: torch.Tensor, last_only: bool) -> torch.Tensor:
         """ids (T,) at positions session.length.. -> logits (T or 1, V); writes the cache."""

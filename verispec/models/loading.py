@@ -136,7 +136,9 @@ def _log_path(lm: CausalLM, role: str) -> None:
     path = report()
     forms = ", ".join(f"{n} {form}" for form, n in sorted(path["forms"].items(), key=lambda kv: -kv[1]))
     state = "on" if path["kernel_step"] else "off"
-    log.info("%s model %s: kernel step %s (%s); weight matrices: %s", role, lm.name, state, path["why"], forms)
+    # off for a reason the user can change (the weights' storage, a missing compiler): a warning, seen without -v
+    level = logging.WARNING if path["avoidable"] else logging.INFO
+    log.log(level, "%s model %s: kernel step %s (%s); weight matrices: %s", role, lm.name, state, path["why"], forms)
     if path["dequantized"]:
         log.warning(
             "%s model %s: %d quantized projections run dequantized to float32 (no quantized kernel here): same model, "
