@@ -138,6 +138,31 @@ static inline void finish(float* row, __m256 c0, __m256 c1, __m256 c2, const flo
 
 #define GROUP 4 /* panels per work item: what wide1 takes */
 
+/* A work item: up to GROUP panels of `width` columns from panel `first`; each panel's address,
+   valid columns and bias (zero-padded to the panel, in `padded`, or NULL). Returns the count. */
+typedef struct {
+  const uint16_t* panel[GROUP];
+  int64_t valid[GROUP];
+  const float* bias[GROUP];
+  float padded[GROUP][32]; /* the widest panel: NR512 */
+} group_t;
+
+static inline int64_t panel_group(group_t* g, const uint16_t* w, int64_t N, int64_t K, const float* bias,
+                                  int64_t width, int64_t panels, int64_t first) {
+  int64_t count = panels - first < GROUP ? panels - first : GROUP;
+  for (int64_t i = 0; i < count; ++i) {
+    int64_t n = (first + i) * width;
+    g->panel[i] = w + (first + i) * K * width;
+    g->valid[i] = N - n < width ? N - n : width;
+    g->bias[i] = NULL;
+    if (bias) {
+      for (int64_t j = 0; j < width; ++j) g->padded[i][j] = j < g->valid[i] ? bias[n + j] : 0.0f;
+      g->bias[i] = g->padded[i];
+    }
+  }
+  return count;
+}
+
 #define LINEAR(KIND)                                                                          \
   KERNEL(1, KIND) KERNEL(2, KIND) KERNEL(3, KIND) KERNEL(4, KIND) WIDE(KIND)                  \
   static void linear_avx2_##KIND(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, \
@@ -145,21 +170,11 @@ static inline void finish(float* row, __m256 c0, __m256 c1, __m256 c2, const flo
     int64_t panels = (N + NR - 1) / NR, groups = (panels + GROUP - 1) / GROUP, tiled = M / 4 * 4; \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                        \
     for (int64_t g = 0; g < groups; ++g) {                                                    \
-      int64_t first = g * GROUP, count = panels - first < GROUP ? panels - first : GROUP;     \
-      const uint16_t* panel[GROUP];                                                           \
-      int64_t valid[GROUP];                                                                   \
-      const float* b[GROUP];                                                                  \
-      float padded[GROUP][NR];                                                                \
-      for (int64_t i = 0; i < count; ++i) {                                                   \
-        int64_t n = (first + i) * NR;                                                         \
-        panel[i] = w + (first + i) * K * NR;                                                  \
-        valid[i] = N - n < NR ? N - n : NR;                                                   \
-        b[i] = NULL;                                                                          \
-        if (bias) {                                                                           \
-          for (int j = 0; j < NR; ++j) padded[i][j] = j < valid[i] ? bias[n + j] : 0.0f;     \
-          b[i] = padded[i];                                                                   \
-        }                                                                                     \
-      }                                                                                       \
+      group_t group;                                                                          \
+      int64_t first = g * GROUP, count = panel_group(&group, w, N, K, bias, NR, panels, first); \
+      const uint16_t* const* panel = group.panel;                                             \
+      const int64_t* valid = group.valid;                                                     \
+      const float* const* b = group.bias;                                                     \
       float* out = y + first * NR;                                                            \
       for (int64_t i = 0; i < count; ++i)                                                     \
         for (int64_t m = 0; m < tiled; m += 4)                                                \
@@ -298,21 +313,11 @@ static inline void finish512(float* row, __m512 c0, __m512 c1, const float* bias
     int64_t panels = (N + NR512 - 1) / NR512, groups = (panels + GROUP - 1) / GROUP, tiled = M / 6 * 6; \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                        \
     for (int64_t g = 0; g < groups; ++g) {                                                    \
-      int64_t first = g * GROUP, count = panels - first < GROUP ? panels - first : GROUP;     \
-      const uint16_t* panel[GROUP];                                                           \
-      int64_t valid[GROUP];                                                                   \
-      const float* b[GROUP];                                                                  \
-      float padded[GROUP][NR512];                                                             \
-      for (int64_t i = 0; i < count; ++i) {                                                   \
-        int64_t n = (first + i) * NR512;                                                      \
-        panel[i] = w + (first + i) * K * NR512;                                               \
-        valid[i] = N - n < NR512 ? N - n : NR512;                                             \
-        b[i] = NULL;                                                                          \
-        if (bias) {                                                                           \
-          for (int j = 0; j < NR512; ++j) padded[i][j] = j < valid[i] ? bias[n + j] : 0.0f;  \
-          b[i] = padded[i];                                                                   \
-        }                                                                                     \
-      }                                                                                       \
+      group_t group;                                                                          \
+      int64_t first = g * GROUP, count = panel_group(&group, w, N, K, bias, NR512, panels, first); \
+      const uint16_t* const* panel = group.panel;                                             \
+      const int64_t* valid = group.valid;                                                     \
+      const float* const* b = group.bias;                                                     \
       float* out = y + first * NR512;                                                         \
       for (int64_t i = 0; i < count; ++i) {                                                   \
         for (int64_t m = 0; m < tiled; m += 6)                                                \
