@@ -63,11 +63,17 @@ class TextStream:
         return ""
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
+def chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
     """A conversation as the model expects it: its chat template applied, with the turn of the
-    assistant opened; the text and its token ids (the template writes the special tokens, so the
-    tokenizer adds none). Raises ValueError where the model has no chat template."""
+    assistant opened. Raises ValueError where the model has no chat template (and whatever the
+    template raises on a conversation it does not take)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the model has no chat template")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
+    """`chat_text` and its token ids (the template writes the special tokens, so the tokenizer
+    adds none), as /v1/chat/completions tokenizes it."""
+    text = chat_text(tokenizer, messages)
     return text, tokenizer(text, add_special_tokens=False).input_ids

@@ -47,7 +47,7 @@ from verispec.models.kernels import (
     address_array,
     kernel_library,
 )
-from verispec.models.quant import QuantLinear, QuantWeight, kernel_runs_quantized, store_as
+from verispec.models.quant import QuantLinear, QuantWeight, store_as
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
 ATTENTION_ROWS = 256  # query rows per attention call of the kernel step (its scratch is rows x context)
@@ -130,7 +130,7 @@ class LeanModel:
         (which traces neither the C kernel nor prepacked oneDNN weights), else the fastest here."""
         parts = list(weight) if isinstance(weight, list | tuple) else [weight]
         kernel = self.kernel and not self.compiled and self.device.type == "cpu"
-        if all(isinstance(p, QuantWeight) for p in parts) and kernel and kernel_runs_quantized():
+        if all(isinstance(p, QuantWeight) for p in parts) and kernel and kernel_library() is not None:
             return QuantLinear(parts, None if bias is None else bias.float())
         if any(isinstance(p, QuantWeight) for p in parts):  # the same values in float32, on the float path
             self.dequantized += 1

@@ -125,14 +125,6 @@ class QuantLinear:
         return native_projection(self.native_parts(), self.out_features)
 
 
-def kernel_runs_quantized() -> bool:
-    library = kernel_library()
-    return library is not None and hasattr(library, "quant_linear")
-
-
-WEIGHTS_DTYPES = ("auto", "float16", "bfloat16", "q8_0")
-
-
 def store_as(weights: dict[str, torch.Tensor | QuantWeight], dtype: str) -> dict[str, torch.Tensor | QuantWeight]:
     """The checkpoint's float weight matrices in the storage `--weights-dtype` asks for: "auto"
     keeps them as stored; float16/bfloat16 round them to 16 bits (held in float32, so the widening

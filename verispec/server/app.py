@@ -60,6 +60,7 @@ from verispec.server.protocol import ChatCompletionRequest, CompletionRequest, S
 from verispec.server.routing import Canary, Decision, ProposerBandit, Router
 from verispec.server.scheduler import Cancelled, CostModel, DeadlineExceeded, Job, Overloaded, Scheduler
 from verispec.server.telemetry import Telemetry
+from verispec.text import chat_text
 
 log = logging.getLogger("verispec.server")
 
@@ -420,7 +421,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             )
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            text = await state.off_loop(tokenizer.apply_chat_template, messages, add_generation_prompt=True, tokenize=False)
+            text = await state.off_loop(chat_text, tokenizer, messages)
         except Exception as exc:  # templates raise on conversations they do not support
             raise bad_request(f"the model's chat template refused these messages: {exc}", param="messages") from None
         prompt_ids = await _tokenize(tokenizer, text, add_special_tokens=False)
