@@ -24,8 +24,6 @@ from verispec.core.kv_cache import BlockPool, BlockTable
 from verispec.models.kernels import ATTENTION_PAGED, VsAttention, address_array, kernel_library
 from verispec.models.lean import LeanLM, _rotate
 
-ATTENTION_ROWS = 256  # a segment's rows per attention work item (its scratch is rows x context)
-
 
 @dataclass
 class Segment:
