@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,28 @@ def write_prompts(path: Path, count: int) -> Path:
     lines = [{"id": f"p{i}", "prompt": " ".join(f"t{(i * 7 + j * 3) % 60 + 1}" for j in range(12))} for i in range(count)]
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One local Ray cluster (`ray start --head`) for every Ray test of the session: its address.
+
+    Started once, because a Ray start costs seconds; the logical CPU count is set above the
+    machine's so that replicas and batch workers (which ask for a fraction of a CPU) all fit.
+    """
+    pytest.importorskip("ray")
+    import shutil
+
+    from tests.serving import free_port
+
+    ray = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    port = free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    start = [ray, "start", "--head", f"--port={port}", "--num-cpus=8", "--include-dashboard=false",
+             "--disable-usage-stats", f"--temp-dir={temp}"]  # fmt: skip
+    subprocess.run(start, check=True, capture_output=True, env=env, timeout=180)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from verispec.config import ModelSettings, Settings, SpeculationSettings
+from verispec.config import BatchSettings, ModelSettings, Settings, SpeculationSettings
 from verispec.core.engine import SpeculativeEngine
 from verispec.errors import UserError
 from verispec.models import (
@@ -97,3 +97,32 @@ def proposer_engines(engine: SpeculativeEngine, settings: Settings) -> dict[str,
         inputs = ProposerInputs(target=engine.target, draft=draft_lm(routing.canary_draft, "canary draft"), speculation=speculation)
         engines["canary"] = SpeculativeEngine(engine.target, engine.tokenizer, build_proposer("draft", inputs), speculation)
     return engines
+
+
+def build_batch_core(engine: SpeculativeEngine, batch: BatchSettings, max_running: int, proposers=()):
+    """The batched core over `engine`'s verifier (every running request in one verifier pass per
+    step), where its backend batches and --scheduler allows; None = interleave rounds instead.
+    `proposers` get their draft batches now, and the pass costs are measured now, not during the
+    first request (depth auto and prompt chunks use them)."""
+    from verispec.core.batch import BatchEngine
+    from verispec.core.runner import ModelRunner, batchable
+
+    why_not = batchable(engine.target)
+    if batch.scheduler == "interleaved" or (why_not and batch.scheduler == "auto"):
+        log.info("scheduler: interleaved (%s)", why_not or "--scheduler interleaved")
+        return None
+    if why_not:
+        raise UserError(f"--scheduler batched is not available: {why_not}; use --scheduler interleaved or the lean backend")
+    try:
+        runner = ModelRunner(engine.target, batch.kv_cache_bytes, batch.kv_block_size, batch.prefix_cache)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    core = BatchEngine(runner, engine.tokenizer, engine.eos_ids, batch, max_running)
+    for proposer in proposers:
+        core.draft_batch(proposer)
+    core.costs()
+    log.info(
+        "scheduler: batched (%d KV blocks of %d positions, %d rows per pass)",
+        runner.pool.num_blocks, runner.pool.block_size, batch.max_pass_tokens,
+    )
+    return core

@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import MutableHeaders
 from transformers import PreTrainedTokenizerBase
 
-from verispec.assemble import build_engine, proposer_engines, resolve_models
+from verispec.assemble import build_batch_core, build_engine, proposer_engines, resolve_models
 from verispec.audit.records import Auditor, Finished, Identity, utc_now
 from verispec.audit.redact import Redactor
 from verispec.audit.store import AuditStore
@@ -45,7 +45,6 @@ from verispec.config import (
 )
 from verispec.core.batch import BatchEngine
 from verispec.core.engine import Delta, SpeculativeEngine
-from verispec.core.runner import ModelRunner, batchable
 from verispec.errors import UserError
 from verispec.models.loading import model_name, weights_digest
 from verispec.server import errors
@@ -174,28 +173,8 @@ class State:
             self.on_fatal()
 
     def _batch_engine(self, engine: SpeculativeEngine) -> BatchEngine | None:
-        """The batched core over the verifier, where its backend batches and it is not turned off."""
-        batch = self.settings.part(BatchSettings)
-        why_not = batchable(engine.target)
-        if batch.scheduler == "interleaved" or (why_not and batch.scheduler == "auto"):
-            log.info("scheduler: interleaved (%s)", why_not or "--scheduler interleaved")
-            return None
-        if why_not:
-            raise UserError(f"--scheduler batched is not available: {why_not}; use --scheduler interleaved or the lean backend")
-        try:
-            runner = ModelRunner(engine.target, batch.kv_cache_bytes, batch.kv_block_size, batch.prefix_cache)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        core = BatchEngine(runner, engine.tokenizer, engine.eos_ids, batch, self.server.max_running)
         proposers = [e.proposer for e in self.router.engines.values() if e.proposer is not None]
-        for proposer in proposers:
-            core.draft_batch(proposer)
-        core.costs()  # measured now, not during the first request (depth auto and prompt chunks use them)
-        log.info(
-            "scheduler: batched (%d KV blocks of %d positions, %d rows per pass)",
-            runner.pool.num_blocks, runner.pool.block_size, batch.max_pass_tokens,
-        )
-        return core
+        return build_batch_core(engine, self.settings.part(BatchSettings), self.server.max_running, proposers)
 
     def _router(self, engine: SpeculativeEngine, configured: str) -> Router:
         routing = self.settings.part(RoutingSettings)
