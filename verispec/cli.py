@@ -25,6 +25,7 @@ from verispec.config import (
     ModelSettings,
     RoutingSettings,
     SamplingParams,
+    ScaleSettings,
     ServerSettings,
     Settings,
     SpeculationSettings,
@@ -41,7 +42,7 @@ PROMPTS_HELP = (
     f"(default: {str(DEMO_PROMPTS).replace('%', '%%')}, a sample written for the built-in demo pair)"
 )
 # Commands that load models: only these pay for importing transformers to silence its logging.
-MODEL_COMMANDS = frozenset({"generate", "check", "bench", "serve", "distill", "train"})
+MODEL_COMMANDS = frozenset({"generate", "check", "bench", "serve", "distill", "train", "batch"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(serve, RoutingSettings)
     _add_settings_flags(serve, AuditSettings)
     _add_settings_flags(serve, TelemetrySettings)
+    _add_settings_flags(serve, ScaleSettings)
     serve.add_argument(
         "--max-new-tokens", dest="max_new_tokens", type=int, default=argparse.SUPPRESS, metavar="N",
         help=f"max_tokens for requests that send none (default: {SamplingParams.model_fields['max_new_tokens'].default})",
@@ -151,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_run_serve)
 
     from verispec.loadtest import add_loadtest_command
+    from verispec.offline.command import add_batch_command
 
     add_loadtest_command(commands)
+    add_batch_command(commands)
 
     from verispec.audit.query import add_audit_command
     from verispec.distill import add_distill_command

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
 from verispec.errors import UserError
@@ -133,6 +141,11 @@ class ServerSettings(BaseModel):
     deadline_s: float = Field(300.0, ge=0.0, description="longest a request may take, queue included (0 = none); 504 past it")
     rate_limit_rpm: int = Field(0, ge=0, description="requests per minute per API key (0 = unlimited)")
     rate_limit_tpm: int = Field(0, ge=0, description="prompt + max tokens per minute per API key (0 = unlimited)")
+    redis_url: str | None = Field(
+        None,
+        description="Redis URL (redis://HOST:PORT/DB) for limits shared by all replicas: per-key rate limits; "
+        "none = in-process limits, per replica",
+    )
     speculation_stats: bool = Field(False, description="add speculation statistics to every response (else opt-in per request)")
     breaker_min_acceptance: float = Field(
         0.1, ge=0.0, le=1.0, description="circuit breaker: turn speculation off when the rolling acceptance rate falls below this"
@@ -160,6 +173,19 @@ class ServerSettings(BaseModel):
     body_timeout_s: float = Field(
         30.0, gt=0.0, description="a request's whole body must arrive within this many seconds of its headers, else 408"
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is None or value.lower() == "none":  # `--redis-url none` overrides a config file's URL
+            return None
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme.lower() not in ("redis", "rediss", "unix"):
+            raise ValueError("give a Redis URL: redis://HOST:PORT/DB, rediss://HOST:PORT/DB (TLS) or unix:///PATH/TO/SOCKET")
+        database = rest.partition("?")[0].partition("/")[2].replace("/", "") if scheme.lower() != "unix" else ""
+        if database and not database.isdigit():  # redis-py would silently use database 0
+            raise ValueError("the database after the host must be a number, as in redis://HOST:PORT/0")
+        return value
 
     @field_validator("load_depth_off")
     @classmethod
@@ -305,6 +331,55 @@ def default_audit_url() -> str:
     return f"sqlite:///{user_data_path('verispec') / 'audit.sqlite3'}"
 
 
+class ScaleSettings(BaseModel):
+    """`verispec serve` on Ray Serve: replicas behind one endpoint, each with its own engine."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    replicas: int | None = Field(
+        None, ge=1, description="serve with this many replicas on Ray Serve (none = one process, no Ray)"
+    )
+    autoscale: str | None = Field(
+        None, description="MIN,MAX: replicas on Ray Serve, scaled by ongoing requests per replica (instead of --replicas)"
+    )
+    ray_address: str | None = Field(
+        None, description="join this Ray cluster (e.g. 10.0.0.5:6379 or auto); default: start a local Ray instance"
+    )
+    replica_cpus: float = Field(1.0, gt=0.0, description="CPUs Ray reserves for each replica")
+    upscale_delay_s: float = Field(10.0, ge=0.0, description="autoscaling: seconds of excess load before a replica is added")
+    downscale_delay_s: float = Field(60.0, ge=0.0, description="autoscaling: seconds of idleness before a replica is removed")
+
+    @field_validator("autoscale")
+    @classmethod
+    def _bounds(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = [p.strip() for p in value.split(",")]
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError("give the replica bounds as MIN,MAX, e.g. 1,4")
+        low, high = int(parts[0]), int(parts[1])
+        if high < 1 or low > high:
+            raise ValueError("need MIN <= MAX and MAX >= 1, e.g. 1,4")
+        return f"{low},{high}"
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        if self.replicas is not None and self.autoscale is not None:
+            raise ValueError("give --replicas N or --autoscale MIN,MAX, not both")
+        return self
+
+    @property
+    def autoscale_bounds(self) -> tuple[int, int] | None:
+        if self.autoscale is None:
+            return None
+        low, high = self.autoscale.split(",")
+        return int(low), int(high)
+
+    @property
+    def on_ray(self) -> bool:
+        return self.replicas is not None or self.autoscale is not None
+
+
 class TelemetrySettings(BaseModel):
     """Traces, logs and the cost model."""
 
@@ -333,6 +408,7 @@ class Settings(
     RoutingSettings,
     AuditSettings,
     TelemetrySettings,
+    ScaleSettings,
     BaseSettings,
 ):
     """Everything a `verispec` command reads, flat so that flags and env vars stay short."""

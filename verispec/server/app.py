@@ -48,7 +48,7 @@ from verispec.core.engine import Delta, SpeculativeEngine
 from verispec.errors import UserError
 from verispec.models.loading import model_name, weights_digest
 from verispec.server import errors
-from verispec.server.auth import KeyRing, RateLimiter
+from verispec.server.auth import KeyRing
 from verispec.server.breaker import CircuitBreaker
 from verispec.server.errors import APIError, bad_request, retry_later
 from verispec.server.limits import BoundedBody
@@ -58,12 +58,25 @@ from verispec.server.openapi import CHAT_RESPONSES, COMPLETION_RESPONSES, MODELS
 from verispec.server.protocol import ChatCompletionRequest, CompletionRequest, Shape, speculation_stats
 from verispec.server.routing import Canary, Decision, ProposerBandit, Router
 from verispec.server.scheduler import Cancelled, CostModel, DeadlineExceeded, Job, Overloaded, Scheduler
+from verispec.server.shared_limits import limiter_from_settings
 from verispec.server.telemetry import Telemetry
 from verispec.text import chat_text
 
 log = logging.getLogger("verispec.server")
 
 EngineFactory = Callable[[Settings], SpeculativeEngine]
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What a replica of a Ray Serve deployment shares with the others (`verispec/scale/`); a
+    single-process server has none. The app loads its models before it starts (the replica is
+    routed to only once it is warm), its /metrics carries every replica's series with a `replica`
+    label, and its canary's verdict is the deployment's."""
+
+    replica: str
+    metrics: Callable[[bytes], bytes]  # this replica's exposition -> every replica's, labelled
+    canary: Callable[..., Canary]  # builds the deployment-wide canary (Canary's arguments)
 API_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -89,14 +102,15 @@ def _path(lm) -> dict | None:
 class State:
     """The app's state, one per app (no module globals)."""
 
-    def __init__(self, settings: Settings, engine_factory: EngineFactory):
+    def __init__(self, settings: Settings, engine_factory: EngineFactory, cluster: Cluster | None = None):
         self.settings = settings
+        self.cluster = cluster
         self.server = settings.part(ServerSettings)
         self.engine_factory = engine_factory
         models = resolve_models(settings.part(ModelSettings))
         self.model_name = self.server.served_model_name or model_name(models.target)
         self.keys = KeyRing.from_settings(self.server)
-        self.limiter = RateLimiter(self.server.rate_limit_rpm, self.server.rate_limit_tpm)
+        self.limiter = limiter_from_settings(self.server, on_error=lambda: self.metrics.rate_limit_errors.inc())
         max_depth = settings.max_depth if settings.depth == "auto" else max(1, int(settings.depth))
         self.metrics = ServerMetrics(self.model_name, self.server, max_depth)
         self.breaker = CircuitBreaker(
@@ -186,10 +200,11 @@ class State:
         bandit = ProposerBandit(list(routing.proposers)) if len(routing.proposers) > 1 else None
         canary = None
         if routing.canary_draft:
-            canary = Canary(
-                routing.canary_fraction, routing.canary_min_requests, routing.canary_alpha, routing.canary_margin,
-                on_decision=self._canary_decided,
-            )
+            figures = (routing.canary_fraction, routing.canary_min_requests, routing.canary_alpha, routing.canary_margin)
+            if self.cluster is None:
+                canary = Canary(*figures, on_decision=self._canary_decided)
+            else:  # judged once for the deployment; a verdict reached on another replica is adopted, not counted
+                canary = self.cluster.canary(*figures, on_decision=self._canary_decided, on_adopted=self._canary_state)
             self.metrics.canary_state.set(1)
             for verdict in ("promote", "rollback"):
                 self.metrics.canary_decisions(verdict)
@@ -226,6 +241,9 @@ class State:
 
     def _canary_decided(self, decision: Decision) -> None:
         self.metrics.canary_decisions(decision.verdict).inc()
+        self._canary_state(decision)
+
+    def _canary_state(self, decision: Decision) -> None:
         self.metrics.canary_state.set(2 if decision.verdict == "promote" else 3)
 
     def spawn(self, coroutine) -> asyncio.Task:
@@ -298,14 +316,19 @@ class State:
         return self.service
 
 
-def create_app(settings: Settings, engine_factory: EngineFactory = build_engine) -> FastAPI:
-    state = State(settings, engine_factory)
+def create_app(settings: Settings, engine_factory: EngineFactory = build_engine, cluster: Cluster | None = None) -> FastAPI:
+    state = State(settings, engine_factory, cluster)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if state.writer is not None:
             state.writer.start()
-        threading.Thread(target=state.load, name="verispec-load", daemon=True).start()
+        if cluster is None:  # listen at once; /readyz says when the models are in
+            threading.Thread(target=state.load, name="verispec-load", daemon=True).start()
+        else:  # a replica: Ray routes to it once this returns, so it returns warm
+            await asyncio.to_thread(state.load)
+            if state.load_error:
+                raise RuntimeError(state.load_error)
         yield
         state.draining = True
         state.metrics.ready.set(0)
@@ -350,9 +373,10 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
         except APIError as exc:
             return JSONResponse({"status": exc.code, "message": exc.message}, status_code=503, headers=exc.headers)
         paths = {role: path for role, path in state.paths.items() if path is not None}
-        return JSONResponse(
-            {"status": "ready", "model": state.model_name, "breaker": state.breaker.state.name.lower(), "kernel": paths}
-        )
+        body = {"status": "ready", "model": state.model_name, "breaker": state.breaker.state.name.lower(), "kernel": paths}
+        if cluster is not None:
+            body["replica"] = cluster.replica
+        return JSONResponse(body)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
@@ -361,7 +385,10 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
         if state.writer is not None:  # read at scrape time: a stuck writer cannot report itself
             state.metrics.audit_healthy.set(0 if state.audit_problem() else 1)
             state.metrics.audit_queue.set(state.writer.queued)
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        text = generate_latest(state.metrics.registry)
+        if cluster is not None:
+            text = await asyncio.to_thread(cluster.metrics, text)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", responses=MODELS_RESPONSES, response_model=None)
     async def models(key_id: str = Depends(authorize)) -> dict:
@@ -428,7 +455,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             params = body.sampling(max_new)
         except ValueError as exc:
             raise bad_request(f"invalid sampling settings: {exc}") from None
-        limits = state.limiter.check(key_id, len(prompt_ids) + max_new) if state.limiter.enabled else None
+        limits = await state.limiter.acheck(key_id, len(prompt_ids) + max_new) if state.limiter.enabled else None
         if limits is not None:
             request.state.extra_headers = limits.headers
             if not limits.allowed:

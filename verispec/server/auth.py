@@ -75,7 +75,7 @@ class KeyRing:
 
 @dataclass
 class TokenBucket:
-    """`capacity` tokens, refilled continuously over one minute."""
+    """`capacity` tokens, refilled continuously over one minute (the in-process limiter's state)."""
 
     capacity: float
     level: float = field(init=False)
@@ -84,22 +84,25 @@ class TokenBucket:
     def __post_init__(self) -> None:
         self.level = self.capacity
 
-    @property
-    def rate(self) -> float:
-        return self.capacity / 60.0
-
     def refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+        self.level = min(self.capacity, self.level + (now - self.updated) * self.capacity / 60.0)
         self.updated = now
 
-    def wait_for(self, amount: float) -> float:
-        """Seconds until `amount` tokens are available (inf if it exceeds the capacity)."""
-        if amount > self.capacity:
-            return math.inf
-        return max(0.0, (amount - self.level) / self.rate)
 
-    def until_full(self) -> float:
-        return (self.capacity - self.level) / self.rate
+@dataclass(frozen=True)
+class BucketLevel:
+    """One of a key's buckets at a check: refilled, before this request takes anything."""
+
+    kind: str  # 'requests' or 'tokens', as in the x-ratelimit-*-{kind} headers
+    capacity: int  # the per-minute limit; refilled at capacity / 60 per second
+    amount: int  # what this request takes
+    level: float
+
+    def wait(self) -> float:
+        """Seconds until `amount` is available (inf if it exceeds the capacity)."""
+        if self.amount > self.capacity:
+            return math.inf
+        return max(0.0, (self.amount - self.level) * 60.0 / self.capacity)
 
 
 @dataclass(frozen=True)
@@ -118,8 +121,30 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
+def decide(buckets: list[BucketLevel]) -> RateDecision:
+    """The request takes its amount from every bucket, or from none (the caller applies the take
+    when the decision allows it); the headers show the levels after it. Both limiters decide here."""
+    allowed = all(b.amount <= b.level for b in buckets)
+    headers = {}
+    for b in buckets:
+        left = b.level - b.amount if allowed else b.level
+        headers[f"x-ratelimit-limit-{b.kind}"] = str(b.capacity)
+        headers[f"x-ratelimit-remaining-{b.kind}"] = str(max(0, int(left)))
+        headers[f"x-ratelimit-reset-{b.kind}"] = _duration((b.capacity - left) * 60.0 / b.capacity)
+    if allowed:
+        return RateDecision(True, 0.0, headers)
+    worst = max(buckets, key=BucketLevel.wait)
+    wait = worst.wait()
+    if math.isinf(wait):
+        reason = f"this request needs {worst.amount} {worst.kind}, more than the key's limit of {worst.capacity} {worst.kind} per minute; lower max_tokens"
+    else:
+        reason = f"rate limit of {worst.capacity} {worst.kind} per minute reached for this API key; retry in {math.ceil(wait)}s"
+    return RateDecision(False, wait, headers, reason)
+
+
 class RateLimiter:
-    """Per-key token buckets for requests per minute and tokens per minute (0 = unlimited)."""
+    """Per-key token buckets for requests per minute and tokens per minute (0 = unlimited), in this
+    process: with several replicas each keeps its own (see `shared_limits.py` for shared ones)."""
 
     def __init__(self, requests_per_minute: int, tokens_per_minute: int, clock=time.monotonic):
         self.rpm, self.tpm = requests_per_minute, tokens_per_minute
@@ -134,30 +159,19 @@ class RateLimiter:
     def check(self, key_id: str, tokens: int) -> RateDecision:
         """Take one request and `tokens` tokens from the key's buckets, or neither."""
         now = self.clock()
-        limits = [("requests", self.rpm, 1), ("tokens", self.tpm, tokens)]
         with self._lock:
-            buckets = []
-            for kind, capacity, amount in limits:
-                if not capacity:
-                    continue
-                bucket = self._buckets.setdefault((key_id, kind), TokenBucket(capacity, updated=now))
-                bucket.refill(now)
-                buckets.append((kind, bucket, amount))
-            waits = {kind: bucket.wait_for(amount) for kind, bucket, amount in buckets}
-            allowed = all(w == 0.0 for w in waits.values())
-            if allowed:
-                for _, bucket, amount in buckets:
-                    bucket.level -= amount
-            headers = {}
-            for kind, bucket, _ in buckets:
-                headers[f"x-ratelimit-limit-{kind}"] = str(int(bucket.capacity))
-                headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(bucket.level)))
-                headers[f"x-ratelimit-reset-{kind}"] = _duration(bucket.until_full())
-        if allowed:
-            return RateDecision(True, 0.0, headers)
-        kind, wait = max(waits.items(), key=lambda kv: kv[1])
-        if math.isinf(wait):
-            reason = f"this request needs {tokens} tokens, more than the key's limit of {self.tpm} tokens per minute; lower max_tokens"
-        else:
-            reason = f"rate limit of {int(dict((k, c) for k, c, _ in limits)[kind])} {kind} per minute reached for this API key; retry in {math.ceil(wait)}s"
-        return RateDecision(False, wait, headers, reason)
+            taking = []
+            for kind, capacity, amount in (("requests", self.rpm, 1), ("tokens", self.tpm, tokens)):
+                if capacity:
+                    bucket = self._buckets.setdefault((key_id, kind), TokenBucket(capacity, updated=now))
+                    bucket.refill(now)
+                    taking.append((bucket, BucketLevel(kind, capacity, amount, bucket.level)))
+            decision = decide([level for _, level in taking])
+            if decision.allowed:
+                for bucket, level in taking:
+                    bucket.level -= level.amount
+        return decision
+
+    async def acheck(self, key_id: str, tokens: int) -> RateDecision:
+        """`check` for the event loop: in process it never waits."""
+        return self.check(key_id, tokens)

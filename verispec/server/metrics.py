@@ -90,6 +90,9 @@ class ServerMetrics:
         # -- verispec's own --------------------------------------------------------------------
         self._requests = counter("requests", "HTTP requests to the API, by endpoint and status code.", ["endpoint", "status"])
         self.requests = lambda endpoint, status: self._requests.labels(model_name, endpoint, str(status))
+        self.rate_limit_errors = counter(
+            "rate_limit_errors", "Rate-limit checks that failed (shared limits' Redis unreachable or erring): requests let through."
+        ).labels(model_name)
         self._outcomes = counter(
             "request_outcomes", "Generation requests by outcome: ok, cancelled, deadline, error, rejected.", ["outcome"]
         )

@@ -211,6 +211,11 @@ class Canary:
             self.on_decision(decision)
         return decision
 
+    def adopted(self) -> Decision | None:
+        """A verdict reached elsewhere (by the deployment's judge, `scale/shared.py`) that the router
+        has not applied yet; a canary judged here never has one."""
+        return None
+
     def _judge(self) -> Decision | None:
         cur, cand = self.arms["current"], self.arms["candidate"]
         if min(len(cur.acceptance), len(cand.acceptance)) < self.min_requests:
@@ -244,6 +249,8 @@ class Router:
         self.candidate = candidate
 
     def choose(self, key: str | None) -> str:
+        if self.canary is not None and (decision := self.canary.adopted()) is not None:
+            self._apply(decision)
         if self.canary is not None and self.canary.state == Canary.RUNNING and self.canary.route() == "candidate":
             return self.candidate
         if self.bandit is not None:
@@ -266,8 +273,11 @@ class Router:
             return None
         arm = "candidate" if name == self.candidate else "current"
         decision = self.canary.record(arm, proposed, accepted, tokens, busy_s, failures)
+        self._apply(decision)
+        return decision
+
+    def _apply(self, decision: Decision | None) -> None:
         if decision is not None and decision.verdict == "promote":
             self.current = self.candidate  # all traffic to the candidate from now on
             if self.bandit is not None:
                 self.bandit = None  # the operator asked for this proposer; the bandit's arms predate it
-        return decision

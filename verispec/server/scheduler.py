@@ -172,6 +172,11 @@ class Scheduler:
             self._cv.notify()
 
     @property
+    def alive(self) -> bool:
+        """Whether the engine thread runs (it stops only on shutdown)."""
+        return self._thread.is_alive() or self._stopped
+
+    @property
     def busy(self) -> int:
         return len(self._running) + len(self._waiting)
 

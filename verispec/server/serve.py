@@ -11,6 +11,7 @@ from verispec.config import (
     AuditSettings,
     ModelSettings,
     RoutingSettings,
+    ScaleSettings,
     ServerSettings,
     Settings,
     SpeculationSettings,
@@ -26,13 +27,20 @@ log = logging.getLogger("verispec.server")
 def describe(settings: Settings) -> list[str]:
     """The settings the server uses, one per line, secrets masked (pydantic prints SecretStr as stars)."""
     used = {"max_new_tokens"}
-    for part in (ModelSettings, SpeculationSettings, ServerSettings, RoutingSettings, AuditSettings, TelemetrySettings):
+    for part in (ModelSettings, SpeculationSettings, ServerSettings, RoutingSettings, AuditSettings, TelemetrySettings, ScaleSettings):
         used |= set(part.model_fields)
     return [f"  {name} = {value}" for name, value in settings.model_dump(include=used).items()]
 
 
 def serve(settings: Settings, engine_factory: EngineFactory = build_engine) -> int:
     from verispec.server.logs import configure
+
+    if settings.on_ray:
+        from verispec.scale.launch import serve_on_ray
+
+        configure(settings.log_format, settings.log_level)
+        log.info("settings:\n%s", "\n".join(describe(settings)))
+        return serve_on_ray(settings)
 
     configure(settings.log_format, settings.log_level)
     app = create_app(settings, engine_factory)

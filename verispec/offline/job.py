@@ -1,0 +1,168 @@
+"""One engine running request lines to result lines, batched as the server batches.
+
+The batched core (`core/batch.py`) holds up to `max_running` requests: each step advances all of
+them by one round in one verifier pass, and a finished request's slot takes the next line at once,
+as the server's scheduler feeds it (`_admit`, `_batched_step`). Where the core is not available
+(the transformers backend, `--scheduler interleaved`) the requests' own streams take a round each
+in turn (`Interleaved`). Greedy output is the verifier's own, token for token; a sampled request
+with a `seed` draws from its own generator, so it does not depend on what shares its passes (with
+`--depth auto` its depth follows the step costs measured at start, so only a fixed `--depth`
+makes it the same in another process).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+from verispec.assemble import build_batch_core, build_engine, resolve_models
+from verispec.config import BatchSettings, Depth, ModelSettings, SamplingParams, Settings, SpeculationSettings
+from verispec.core.engine import Delta, SpeculativeEngine
+from verispec.errors import UserError
+from verispec.models.loading import model_name
+from verispec.offline.jsonl import InputLine, error_line, result_line
+from verispec.offline.prepare import Context, Prepared, prepare
+from verispec.offline.summary import Result
+from verispec.proposers.base import Proposer
+from verispec.server.errors import APIError, bad_request
+from verispec.stats import RequestStats
+
+log = logging.getLogger(__name__)
+
+
+class Interleaved:
+    """The batched core's interface over per-request engine streams: a step is one round of each."""
+
+    def __init__(self, engine: SpeculativeEngine):
+        self.engine = engine
+        self.streams: dict[int, Iterator[Delta]] = {}
+        self._next = 0
+
+    def add(
+        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, speculation: SpeculationSettings,
+        proposer: Proposer | None, depth: Depth | None = None,
+    ) -> int:  # fmt: skip
+        self._next += 1
+        self.streams[self._next] = self.engine.stream(prompt_ids, params, depth=depth)
+        return self._next
+
+    def step(self) -> list[tuple[int, Delta | Exception]]:
+        results: list[tuple[int, Delta | Exception]] = []
+        for handle, stream in list(self.streams.items()):
+            try:
+                delta = next(stream)
+            except Exception as exc:  # noqa: BLE001 (this request fails, the others go on)
+                self.abort(handle)
+                results.append((handle, exc))
+                continue
+            if delta.finish_reason is not None:
+                self.abort(handle)
+            results.append((handle, delta))
+        return results
+
+    def abort(self, handle: int) -> None:
+        stream = self.streams.pop(handle, None)
+        if stream is not None:
+            stream.close()
+
+    @property
+    def busy(self) -> int:
+        return len(self.streams)
+
+    def close(self) -> None:
+        for handle in list(self.streams):
+            self.abort(handle)
+
+
+class Worker:
+    """Loads the engine once and runs request lines through it, `max_running` at a time."""
+
+    def __init__(self, settings: Settings, max_running: int):
+        self.engine = engine = build_engine(settings)
+        self.max_running = max_running
+        # The verifier-only counterfactual's price: the one-token step, measured as the server measures it.
+        self.token_s = engine.costs().verify_s[0]
+        proposers = [engine.proposer] if engine.proposer is not None else []
+        self.core = build_batch_core(engine, settings.part(BatchSettings), max_running, proposers)
+        self.slots = self.core if self.core is not None else Interleaved(engine)
+        self.scheduler = "batched" if self.core is not None else "interleaved"
+        models = resolve_models(settings.part(ModelSettings))
+        self.context = Context(
+            tokenizer=engine.tokenizer, window=engine.target.max_positions, vocab_size=engine.target.vocab_size,
+            max_new_tokens=settings.max_new_tokens, model=model_name(models.target), proposer=models.proposer,
+        )  # fmt: skip
+        self.proposer_name = engine.proposer.name if engine.proposer is not None else "none"
+
+    def run(self, lines: Iterable[InputLine], emit: Callable[[Result], None]) -> None:
+        """Answer every line, calling `emit` with each result as soon as it is done (in the order
+        requests finish, not the input's)."""
+        pending = iter(lines)
+        running: dict[object, tuple[Prepared, list[str]]] = {}
+        exhausted = False
+        while True:
+            while not exhausted and len(running) < self.max_running:
+                line = next(pending, None)
+                if line is None:
+                    exhausted = True
+                    break
+                try:
+                    prepared = prepare(line, self.context)
+                    handle = self.slots.add(
+                        line.custom_id, prepared.prompt_ids, prepared.params, self.engine.speculation,
+                        self.engine.proposer, depth=prepared.depth,
+                    )  # fmt: skip
+                except APIError as exc:
+                    emit(Result(line.custom_id, error_line(line.custom_id, exc), exc.status))
+                    continue
+                except UserError as exc:  # the core's own check of the prompt
+                    emit(Result(line.custom_id, error_line(line.custom_id, bad_request(str(exc))), 400))
+                    continue
+                running[handle] = (prepared, [])
+            if not running:
+                return
+            try:
+                outcomes = self.slots.step()
+            except Exception as exc:  # noqa: BLE001 (as the server does: the step's requests end, the job goes on)
+                log.exception("a batched engine step failed; its %d requests are answered with 500", len(running))
+                outcomes = [(handle, exc) for handle in running]
+            for handle, outcome in outcomes:
+                if handle not in running:
+                    continue
+                prepared, text = running[handle]
+                if isinstance(outcome, Exception):
+                    del running[handle]
+                    if self.core is not None:
+                        self.core.abort(handle)
+                    emit(self._failed(prepared, outcome))
+                    continue
+                text.append(outcome.text)
+                if outcome.finish_reason is not None:
+                    del running[handle]
+                    emit(self._done(prepared, "".join(text), outcome))
+
+    def _done(self, prepared: Prepared, text: str, delta: Delta) -> Result:
+        stats: RequestStats = delta.stats
+        body = prepared.shape.full(text, delta.finish_reason, stats, prepared.with_stats, self.proposer_name)
+        return Result(
+            custom_id=prepared.line.custom_id,
+            line=result_line(prepared.line.custom_id, 200, body),
+            status=200,
+            prompt_tokens=stats.prompt_tokens,
+            completion_tokens=stats.generated_tokens,
+            proposed=stats.proposed,
+            accepted=stats.accepted,
+            busy_s=stats.prefill_s + stats.propose_s + stats.verify_s,
+            verifier_only_s=stats.generated_tokens * self.token_s + stats.prefill_s,
+        )
+
+    def _failed(self, prepared: Prepared, exc: Exception) -> Result:
+        custom_id = prepared.line.custom_id
+        if isinstance(exc, UserError):
+            error = bad_request(str(exc))
+        else:
+            log.error("request %s failed in the engine: %r", custom_id, exc)
+            error = APIError(500, f"the engine failed on this request: {exc!r}; the job's log has the details")
+        return Result(custom_id, error_line(custom_id, error), error.status)
+
+    def close(self) -> None:
+        self.slots.close()

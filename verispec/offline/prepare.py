@@ -1,0 +1,121 @@
+"""A request line to what the engine takes, checked as the server checks a request.
+
+The body is validated by the server's own models (`server/protocol.py`) and answered with its own
+`Shape`, so a result body has exactly the server's response shape and a bad body the same 400. Two
+differences, both because a file is not a conversation with one server: the body's `model` is
+accepted unchecked (a file made for OpenAI names e.g. "gpt-4o-mini"; answers name the job's model),
+and `stream` is ignored (a result line holds the whole response).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from transformers import PreTrainedTokenizerBase
+
+from verispec.config import Depth, SamplingParams
+from verispec.offline.jsonl import CHAT, InputLine, ids
+from verispec.server.errors import bad_request, invalid_request
+from verispec.server.protocol import ChatCompletionRequest, CompletionRequest, Shape
+from verispec.text import chat_text
+
+
+@dataclass(frozen=True)
+class Context:
+    """What checking a request needs to know about the job's engine."""
+
+    tokenizer: PreTrainedTokenizerBase
+    window: int | None  # the target's context window; None = unbounded
+    vocab_size: int
+    max_new_tokens: int  # for requests that send no max_tokens
+    model: str  # the name answers carry
+    proposer: str  # the job's proposer (draft, ngram, none): the only one a request may pin
+
+
+@dataclass(frozen=True)
+class Prepared:
+    line: InputLine
+    prompt_ids: list[int]
+    params: SamplingParams
+    depth: Depth | None  # the request's `depth` extension
+    shape: Shape
+    with_stats: bool  # the request's `speculation_stats` extension
+
+
+def prepare(line: InputLine, context: Context) -> Prepared:
+    """The engine's input for a request line; raises the APIError it is to be answered with."""
+    if line.problem is not None:
+        raise line.problem
+    chat = line.url == CHAT
+    try:
+        body = (ChatCompletionRequest if chat else CompletionRequest).model_validate(line.body)
+    except ValidationError as exc:
+        raise invalid_request(exc.errors()) from None
+    body.refuse_unsupported()
+    if body.proposer is not None and body.proposer != context.proposer:
+        raise bad_request(f"unknown proposer '{body.proposer}'; this job has: {context.proposer}", param="proposer")
+    if chat:
+        prompt_ids, limit = _chat_ids(body, context), body.token_limit
+    else:
+        prompt_ids, limit = _completion_ids(body, context), body.max_tokens
+    if not prompt_ids:
+        raise bad_request("the prompt is empty", param="prompt")
+    max_new = max_new_tokens(context.window, len(prompt_ids), limit, context.max_new_tokens)
+    try:
+        params = body.sampling(max_new)
+    except ValueError as exc:
+        raise bad_request(f"invalid sampling settings: {exc}") from None
+    _, request_id = ids(line.custom_id)
+    shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + request_id, context.model)
+    return Prepared(line, prompt_ids, params, body.depth, shape, bool(body.speculation_stats))
+
+
+def _completion_ids(body: CompletionRequest, context: Context) -> list[int]:
+    prompt = body.single_prompt()
+    if isinstance(prompt, str):
+        return _tokenize(context.tokenizer, prompt)
+    if any(not 0 <= t < context.vocab_size for t in prompt):
+        raise bad_request(f"prompt token ids must lie in [0, {context.vocab_size})", param="prompt")
+    return list(prompt)
+
+
+def _chat_ids(body: ChatCompletionRequest, context: Context) -> list[int]:
+    if not getattr(context.tokenizer, "chat_template", None):
+        raise bad_request(
+            f"model '{context.model}' has no chat template, so it cannot take messages; use /v1/completions with a prompt",
+            param="messages", code="no_chat_template",
+        )  # fmt: skip
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        text = chat_text(context.tokenizer, messages)
+    except Exception as exc:  # templates raise on conversations they do not support
+        raise bad_request(f"the model's chat template refused these messages: {exc}", param="messages") from None
+    return _tokenize(context.tokenizer, text, add_special_tokens=False)
+
+
+def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str, **kwargs) -> list[int]:
+    try:
+        return tokenizer(text, **kwargs).input_ids
+    except Exception:  # whatever the text holds, the request gets a 400, never a crashed job
+        raise bad_request("the prompt could not be tokenized; send valid UTF-8 text", param="prompt") from None
+
+
+def max_new_tokens(window: int | None, prompt_len: int, requested: int | None, default: int) -> int:
+    """The request's token budget within the context window, as the server's `_max_new_tokens`
+    grants it (same rule, same messages)."""
+    room = None if window is None else window - prompt_len
+    if room is not None and room < 1:
+        raise bad_request(
+            f"this model's maximum context length is {window} tokens, and the prompt has {prompt_len}; shorten the prompt",
+            param="prompt", code="context_length_exceeded",
+        )  # fmt: skip
+    if requested is None:
+        return default if room is None else min(default, room)
+    if room is not None and requested > room:
+        raise bad_request(
+            f"this model's maximum context length is {window} tokens, but you asked for {prompt_len + requested} "
+            f"({prompt_len} in the prompt, {requested} to generate); lower max_tokens or shorten the prompt",
+            param="max_tokens", code="context_length_exceeded",
+        )
+    return requested
