@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,24 +119,52 @@ def write_prompts(path: Path, count: int) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    """One local Ray cluster (`ray start --head`) for every Ray test of the session: its address.
+    """One local Ray cluster for every Ray test of the session: its address.
 
-    Started once, because a Ray start costs seconds; the logical CPU count is set above the
-    machine's so that replicas and batch workers (which ask for a fraction of a CPU) all fit.
+    Started once, because a Ray start costs seconds; `ray start --block` in a process group of its
+    own, so that taking it down stops this cluster's processes and no other (`ray stop` would stop
+    every Ray cluster on the machine). The logical CPU count is set above the machine's so that
+    replicas and batch workers (which ask for a fraction of a CPU) all fit.
     """
     pytest.importorskip("ray")
     import shutil
+    import signal
 
     from tests.serving import free_port
 
     ray = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
-    port = free_port()
+    address = f"127.0.0.1:{free_port()}"
     temp = tmp_path_factory.mktemp("ray")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    start = [ray, "start", "--head", f"--port={port}", "--num-cpus=8", "--include-dashboard=false",
-             "--disable-usage-stats", f"--temp-dir={temp}"]  # fmt: skip
-    subprocess.run(start, check=True, capture_output=True, env=env, timeout=180)
+    # Loopback only, for this session: no token authentication (clients would need the token), no usage stats.
+    os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ)
+    start = [ray, "start", "--head", f"--port={address.rsplit(':', 1)[1]}", "--num-cpus=8", "--include-dashboard=false",
+             "--disable-usage-stats", f"--temp-dir={temp}", "--block"]  # fmt: skip
+    log = (temp / "ray-start.log").open("w")
+    head = subprocess.Popen(start, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        yield f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while "block forever" not in (temp / "ray-start.log").read_text():  # printed once the runtime has started
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start failed: {(temp / 'ray-start.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield address
     finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(head.pid, sig)
+                head.wait(wait_s)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_client(ray_cluster):
+    """This test process as a driver on the session's cluster (to kill a replica, run or read Serve)."""
+    import ray
+
+    ray.init(address=ray_cluster, namespace="verispec-tests", logging_level="ERROR", log_to_driver=False)
+    yield ray_cluster
+    ray.shutdown()

@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import logging
 import math
+import shutil
 import subprocess
 import uuid
 
@@ -103,7 +104,7 @@ def test_concurrent_checks_never_admit_more_than_the_limit(prefix):
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         by_tokens = list(pool.map(lambda i: replicas[i % 2].check("k", 7).allowed, range(200)))
         by_requests = list(pool.map(lambda i: requests_only[i % 2].check("k", 1).allowed, range(200)))
-    assert sum(by_tokens) == 100 // 7  # one token refills in 0.6 s: far longer than the burst
+    assert sum(by_tokens) == 100 // 7  # the next needs 5 more tokens: 3 s of refill, far longer than the burst
     assert sum(by_requests) == 20
     # The refused 186 took no request (the bucket refills 16.7 a second meanwhile, and caps at 1000).
     remaining = int(replicas[0].check("k", 1).headers["x-ratelimit-remaining-requests"])
@@ -145,7 +146,7 @@ def test_bad_or_unreachable_redis_at_start_is_a_user_error():
         load_settings({"redis_url": "http://127.0.0.1:6379"})
     with pytest.raises(UserError, match="database after the host must be a number"):
         load_settings({"redis_url": "redis://127.0.0.1:6379/zero"})
-    with pytest.raises(UserError, match="Port could not be cast"):
+    with pytest.raises(UserError, match="--redis-url redis://127.0.0.1:port/0: Port"):
         limiter_from_settings(ServerSettings(redis_url="redis://127.0.0.1:port/0", rate_limit_rpm=1), lambda: None)
     url = closed_port_url().replace("//", "//:hunter2@")
     with pytest.raises(UserError, match="cannot use Redis at redis://127.0.0.1:.*leave --redis-url out") as refused:
@@ -175,7 +176,10 @@ def key_id(client):
 
 @pytest.fixture(scope="module")
 def private_redis(client, tmp_path_factory):
-    """A Redis of this module's own, which one test stops while a server uses it."""
+    """A Redis of this module's own, which one test stops while a server uses it (None without redis-server)."""
+    if shutil.which("redis-server") is None:
+        yield None
+        return
     port, folder = free_port(), tmp_path_factory.mktemp("redis")
     process = subprocess.Popen(
         ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(folder)],
@@ -200,17 +204,19 @@ def private_redis(client, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(tiny_models, key_id, private_redis, tmp_path_factory):
-    """Two replicas sharing the real Redis, and one on the private Redis; started side by side."""
+    """Two replicas sharing the real Redis, and one on the private Redis (if any); started side by side."""
     logs = tmp_path_factory.mktemp("logs")
 
     def start(redis_url: str) -> ServerProcess:
         return ServerProcess(
-            ["--target", tiny_models["llama"], "--proposer", "ngram", "--max-new-tokens", "4", "--rate-limit-rpm", "3",
-             "--redis-url", redis_url, "--api-keys", f"{key_id}:sk-{key_id}"],
+            # Verifier only, one request a pass: no step costs to measure, so it loads in a second.
+            ["--target", tiny_models["llama"], "--proposer", "none", "--depth", "0", "--scheduler", "interleaved",
+             "--rate-limit-rpm", "3", "--redis-url", redis_url, "--api-keys", f"{key_id}:sk-{key_id}"],
             log_dir=logs,
         )
 
-    procs = [start(f"redis://127.0.0.1:6379/{HTTP_DB}"), start(f"redis://127.0.0.1:6379/{HTTP_DB}"), start(private_redis[0])]
+    shared = f"redis://127.0.0.1:6379/{HTTP_DB}"
+    procs = [start(shared), start(shared)] + ([start(private_redis[0])] if private_redis else [])
     try:
         yield [proc.wait_ready() for proc in procs]
     finally:
@@ -235,10 +241,14 @@ def test_two_servers_share_one_keys_limit(servers, key_id):
     assert (error["type"], error["code"], error["param"]) == ("rate_limit_error", "rate_limit_exceeded", None)
     assert "3 requests per minute" in error["message"]
     assert complete(first, key_id).status_code == 429  # the other replica refuses too
-    assert metric(first.metrics(), "verispec:rate_limit_errors_total") == 0
+    samples = first.metrics()
+    assert any(name.startswith("verispec:rate_limit_errors_total{") for name in samples)
+    assert metric(samples, "verispec:rate_limit_errors_total") == 0
 
 
 def test_a_server_whose_redis_stops_lets_requests_through(servers, key_id, private_redis):
+    if private_redis is None:
+        pytest.skip("needs redis-server to run a Redis of its own")
     server, (_, redis_process) = servers[2], private_redis
     assert complete(server, key_id).status_code == 200
     redis_process.terminate()

@@ -59,8 +59,8 @@ class BatchJobSettings(BaseModel):
     actor_cpus: float = Field(0.5, gt=0.0, description="with --ray: CPUs each actor reserves (a fraction lets actors share cores)")
     ray_batch_size: int = Field(
         32, ge=1,
-        description="with --ray: request lines per Ray Data batch, the unit an actor answers and the driver writes "
-        "(a killed job redoes at most the batches in flight)",
+        description="with --ray: request lines per Ray Data batch, the unit an actor answers and the driver writes; "
+        "a few times --max-running keeps an actor's batched core full (a killed job redoes the batches in flight)",
     )  # fmt: skip
 
 
@@ -119,7 +119,11 @@ def _run(args: argparse.Namespace) -> int:
     described = _described(settings, job)
     load_s, wall_s = 0.0, 0.0
     if pending:
-        load_s, wall_s, described["scheduler_used"] = _answer(pending, settings, job, tally)
+        if job.ray:
+            from verispec.offline.ray_job import preflight
+
+            preflight(settings)
+        load_s, wall_s, described["runner"] = _answer(pending, settings, job, tally)
     summary = tally.summary(wall_s, load_s, described)
     print(render(summary, job.output), file=sys.stderr)
     if job.summary is not None:
@@ -129,7 +133,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _answer(pending: list, settings: Settings, job: BatchJobSettings, tally) -> tuple[float | None, float, str]:
     """Answer the pending lines into OUTPUT: the models' load time (None on Ray: the actors load
-    theirs while the job runs), the time answering took, and the scheduler that ran."""
+    theirs while the job runs), the time answering took, and what ran them (the local engine's
+    scheduler, batched or interleaved, or ray)."""
     from verispec.offline.jsonl import OutputWriter
     from verispec.offline.summary import Progress
 
@@ -153,6 +158,7 @@ def _answer(pending: list, settings: Settings, job: BatchJobSettings, tally) -> 
             t0 = time.perf_counter()
             worker = Worker(settings, job.max_running)
             started = time.perf_counter()
+            progress.begin()
             try:
                 worker.run(pending, emit)
             finally:

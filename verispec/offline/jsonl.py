@@ -119,6 +119,8 @@ def resume(path: Path) -> set[str]:
     short by a kill). A missing file answers none."""
     if not path.exists():
         return set()
+    if not path.is_file():
+        raise UserError(f"--output {path} is not a file")
     done: set[str] = set()
     complete = 0  # bytes of whole lines
     with path.open("rb") as f:
@@ -148,8 +150,11 @@ class OutputWriter:
     most one partial last line, which `resume` cuts off); fsync once at the end."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = path.open("a", encoding="utf-8")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = path.open("a", encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"cannot write --output {path}: {exc.strerror}") from None
 
     def write(self, line: str) -> None:
         self.file.write(line)

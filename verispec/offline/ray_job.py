@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from verispec.config import (
     BatchSettings,
@@ -36,7 +37,12 @@ def worker_settings(settings: Settings) -> dict:
     or config file can change them (see `load_settings`)."""
     names = {*ModelSettings.model_fields, *SpeculationSettings.model_fields, *BatchSettings.model_fields,
              *SamplingParams.model_fields, "max_running"}  # fmt: skip
-    return settings.model_dump(include=names)
+    values = settings.model_dump(include=names)
+    for role in ("target", "draft"):  # an actor's working directory is not this one: local paths made absolute
+        ref = values[role]
+        if ref is not None and Path(ref).expanduser().exists():
+            values[role] = str(Path(ref).expanduser().resolve())
+    return values
 
 
 class BatchActor:
@@ -58,22 +64,39 @@ class BatchActor:
         return {name: [getattr(r, name) for r in results] for name in Result.__dataclass_fields__}
 
 
+def preflight(settings: Settings) -> None:
+    """Refuse, before any actor starts, what no actor could do: run without Ray, or load these
+    models (a missing path, tokenizers that differ). An actor's failure reads far worse."""
+    try:
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise UserError("--ray needs Ray Data: install verispec[scale] (pip install 'verispec[scale]')") from None
+    from verispec.assemble import resolve_models
+    from verispec.models import check_compatible, load_tokenizer
+
+    models = resolve_models(settings.part(ModelSettings))
+    tokenizer = load_tokenizer(models.target, role="target")
+    if models.draft:
+        check_compatible(tokenizer, load_tokenizer(models.draft, role="draft"))
+
+
 def run_ray(
     lines: list[InputLine], settings: Settings, max_running: int, workers: int, actor_cpus: float, batch_size: int,
     address: str | None, emit: Callable[[Result], None],
 ) -> None:  # fmt: skip
-    """Answer every line on Ray actors, calling `emit` on the driver with each result as it arrives."""
-    try:
-        import ray
-        import ray.data
-    except ImportError:
-        raise UserError("--ray needs Ray Data: install verispec[scale] (pip install 'verispec[scale]')") from None
+    """Answer every line on Ray actors, calling `emit` on the driver with each result as it arrives
+    (call `preflight` first)."""
+    import ray
+    import ray.data
+
     try:
         local = {} if address else {"include_dashboard": False}  # options for starting a cluster, not for joining one
         ray.init(address=address, logging_level=logging.WARNING, **local)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
         raise UserError(f"--ray: could not start or join {where}: {exc}") from None
+    if not log.isEnabledFor(logging.INFO):  # Ray Data's plan and timing lines, at -v only
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the job's own bar counts the lines
@@ -96,12 +119,9 @@ def _rows(dataset) -> Iterator[dict]:
     try:
         yield from dataset.iter_rows()
     except Exception as exc:
-        found, cause, seen = None, exc, set()
-        while cause is not None and id(cause) not in seen:  # Ray wraps it, maybe twice: the innermost is the original
-            seen.add(id(cause))
-            if isinstance(cause, UserError):
-                found = cause
-            cause = getattr(cause, "cause", None) or cause.__cause__
-        if found is None:
-            raise
-        raise UserError(str(found)) from None
+        # Ray wraps an actor's exception, in its creation task only as text: the traceback's last line.
+        marker = f"{UserError.__module__}.{UserError.__name__}: "
+        for line in reversed(str(exc).splitlines()):
+            if line.startswith(marker):
+                raise UserError(f"a Ray actor failed: {line.removeprefix(marker)}") from None
+        raise

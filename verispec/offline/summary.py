@@ -117,6 +117,10 @@ class Progress:
         self.tally = tally
         self.bar = tqdm(total=pending, unit="req", file=sys.stderr, disable=None, dynamic_ncols=True, mininterval=0.5)
 
+    def begin(self) -> None:
+        """The models are loaded: the clock (and tokens/s) starts now."""
+        self.bar.reset()
+
     def update(self) -> None:
         bar = self.bar
         if bar.disable:

@@ -72,6 +72,9 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
             "target_ongoing_requests": settings.max_running,
             "upscale_delay_s": settings.upscale_delay_s,
             "downscale_delay_s": settings.downscale_delay_s,
+            # Ongoing requests as replicas report them every 2 s, averaged over the upscale delay.
+            "metrics_interval_s": 2.0,
+            "look_back_period_s": max(4.0, settings.upscale_delay_s),
         }
     else:
         options["num_replicas"] = settings.replicas or 1

@@ -46,7 +46,10 @@ def connect(ray_address: str | None, env: dict[str, str] | None = None) -> bool:
             logging_level=logging.WARNING, configure_logging=False,
         )  # fmt: skip
     except ConnectionError as exc:
-        raise UserError(f"cannot reach the Ray cluster at {ray_address}: {exc}; check --ray-address") from None
+        raise UserError(
+            f"cannot reach the Ray cluster at {ray_address}: {exc}; check --ray-address (a cluster with token "
+            "authentication also needs its token here: RAY_AUTH_TOKEN or ~/.ray/auth_token, see `ray get-auth-token`)"
+        ) from None
     return ray_address is None
 
 

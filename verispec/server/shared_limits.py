@@ -107,7 +107,7 @@ class RedisRateLimiter:
 
     def check(self, key_id: str, tokens: int) -> RateDecision:
         """Take one request and `tokens` tokens from the key's buckets, or neither."""
-        buckets, keys, args = self._call(key_id, tokens)
+        buckets, keys, args = self._script_args(key_id, tokens)
         try:
             reply = self._take(keys, args)
         except RedisError as exc:
@@ -116,14 +116,14 @@ class RedisRateLimiter:
 
     async def acheck(self, key_id: str, tokens: int) -> RateDecision:
         """`check` without blocking the event loop on the round trip."""
-        buckets, keys, args = self._call(key_id, tokens)
+        buckets, keys, args = self._script_args(key_id, tokens)
         try:
             reply = await self._atake(keys, args)
         except RedisError as exc:
             return self._fail_open(exc)
         return self._decision(buckets, reply)
 
-    def _call(self, key_id: str, tokens: int) -> tuple[list[tuple[str, int, int]], list[str], list[int]]:
+    def _script_args(self, key_id: str, tokens: int) -> tuple[list[tuple[str, int, int]], list[str], list[int]]:
         buckets = [(kind, capacity, amount) for kind, capacity, amount in (("requests", self.rpm, 1), ("tokens", self.tpm, tokens)) if capacity]
         # The braces are a Redis Cluster hash tag: a key's buckets share a slot, so one script may take both.
         keys = [f"{self.prefix}:{{{key_id}}}:{kind}" for kind, _, _ in buckets]
@@ -131,9 +131,8 @@ class RedisRateLimiter:
         return buckets, keys, args
 
     @staticmethod
-    def _decision(buckets: list[tuple[str, int, int]], reply: list) -> RateDecision:
-        levels = [float(level) for level in reply]
-        return decide([BucketLevel(kind, capacity, amount, level) for (kind, capacity, amount), level in zip(buckets, levels, strict=True)])
+    def _decision(buckets: list[tuple[str, int, int]], levels: list[bytes]) -> RateDecision:
+        return decide([BucketLevel(*bucket, float(level)) for bucket, level in zip(buckets, levels, strict=True)])
 
     def _fail_open(self, exc: Exception) -> RateDecision:
         self.on_error()
