@@ -34,9 +34,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "scale-out")
+    parser.add_argument("--replica-cpus", default=str(os.cpu_count() or 1), help="CPUs (threads) of the replica (default: all)")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
-    cpus = str(os.cpu_count() or 1)
+    cpus = args.replica_cpus
     common = ["--audit-url", "none", "--log-level", "warning"]
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from verispec.config import Depth, SamplingParams
 from verispec.offline.jsonl import CHAT, InputLine, ids
 from verispec.server.errors import bad_request, invalid_request
-from verispec.server.protocol import ChatCompletionRequest, CompletionRequest, Shape
+from verispec.server.protocol import ChatCompletionRequest, CompletionRequest, Shape, token_budget
 from verispec.text import chat_text
 
 
@@ -61,7 +61,7 @@ def prepare(line: InputLine, context: Context) -> Prepared:
         prompt_ids, limit = _completion_ids(body, context), body.max_tokens
     if not prompt_ids:
         raise bad_request("the prompt is empty", param="prompt")
-    max_new = max_new_tokens(context.window, len(prompt_ids), limit, context.max_new_tokens)
+    max_new = token_budget(context.window, len(prompt_ids), limit, context.max_new_tokens)
     try:
         params = body.sampling(max_new)
     except ValueError as exc:
@@ -99,23 +99,3 @@ def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str, **kwargs) -> list[i
         return tokenizer(text, **kwargs).input_ids
     except Exception:  # whatever the text holds, the request gets a 400, never a crashed job
         raise bad_request("the prompt could not be tokenized; send valid UTF-8 text", param="prompt") from None
-
-
-def max_new_tokens(window: int | None, prompt_len: int, requested: int | None, default: int) -> int:
-    """The request's token budget within the context window, as the server's `_max_new_tokens`
-    grants it (same rule, same messages)."""
-    room = None if window is None else window - prompt_len
-    if room is not None and room < 1:
-        raise bad_request(
-            f"this model's maximum context length is {window} tokens, and the prompt has {prompt_len}; shorten the prompt",
-            param="prompt", code="context_length_exceeded",
-        )  # fmt: skip
-    if requested is None:
-        return default if room is None else min(default, room)
-    if room is not None and requested > room:
-        raise bad_request(
-            f"this model's maximum context length is {window} tokens, but you asked for {prompt_len + requested} "
-            f"({prompt_len} in the prompt, {requested} to generate); lower max_tokens or shorten the prompt",
-            param="max_tokens", code="context_length_exceeded",
-        )
-    return requested

@@ -55,7 +55,13 @@ from verispec.server.limits import BoundedBody
 from verispec.server.logs import request_id_var
 from verispec.server.metrics import ServerMetrics
 from verispec.server.openapi import CHAT_RESPONSES, COMPLETION_RESPONSES, MODELS_RESPONSES, READY_RESPONSES
-from verispec.server.protocol import ChatCompletionRequest, CompletionRequest, Shape, speculation_stats
+from verispec.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Shape,
+    speculation_stats,
+    token_budget,
+)
 from verispec.server.routing import Canary, Decision, ProposerBandit, Router
 from verispec.server.scheduler import Cancelled, CostModel, DeadlineExceeded, Job, Overloaded, Scheduler
 from verispec.server.shared_limits import limiter_from_settings
@@ -450,7 +456,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
     ) -> Response:
         if not prompt_ids:
             raise bad_request("the prompt is empty", param="prompt")
-        max_new = _max_new_tokens(service.engine, len(prompt_ids), max_tokens, state.settings.max_new_tokens)
+        max_new = token_budget(service.engine.target.max_positions, len(prompt_ids), max_tokens, state.settings.max_new_tokens)
         try:
             params = body.sampling(max_new)
         except ValueError as exc:
@@ -583,25 +589,6 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
         return JSONResponse(shape.full("".join(text), delta.finish_reason, delta.stats, with_stats, job.proposer), headers=headers)
 
     return app
-
-
-def _max_new_tokens(engine: SpeculativeEngine, prompt_len: int, requested: int | None, default: int) -> int:
-    window = engine.target.max_positions
-    room = None if window is None else window - prompt_len
-    if room is not None and room < 1:
-        raise bad_request(
-            f"this model's maximum context length is {window} tokens, and the prompt has {prompt_len}; shorten the prompt",
-            param="prompt", code="context_length_exceeded",
-        )
-    if requested is None:
-        return default if room is None else min(default, room)
-    if room is not None and requested > room:
-        raise bad_request(
-            f"this model's maximum context length is {window} tokens, but you asked for {prompt_len + requested} "
-            f"({prompt_len} in the prompt, {requested} to generate); lower max_tokens or shorten the prompt",
-            param="max_tokens", code="context_length_exceeded",
-        )
-    return requested
 
 
 async def _next_event(job: Job, request: Request) -> Delta:

@@ -298,3 +298,23 @@ class Shape:
         body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
         body["usage"] = usage(stats)
         return body
+
+
+def token_budget(window: int | None, prompt_len: int, requested: int | None, default: int) -> int:
+    """max_tokens within the model's context window: `requested`, or `default` where the request
+    names none; a prompt that leaves no room, or a budget past the window, is a 400."""
+    room = None if window is None else window - prompt_len
+    if room is not None and room < 1:
+        raise bad_request(
+            f"this model's maximum context length is {window} tokens, and the prompt has {prompt_len}; shorten the prompt",
+            param="prompt", code="context_length_exceeded",
+        )  # fmt: skip
+    if requested is None:
+        return default if room is None else min(default, room)
+    if room is not None and requested > room:
+        raise bad_request(
+            f"this model's maximum context length is {window} tokens, but you asked for {prompt_len + requested} "
+            f"({prompt_len} in the prompt, {requested} to generate); lower max_tokens or shorten the prompt",
+            param="max_tokens", code="context_length_exceeded",
+        )
+    return requested
