@@ -52,7 +52,7 @@ def test_options_follow_the_settings():
 def test_replicas_get_the_given_settings_secrets_included():
     settings = load_settings({"replicas": 2, "api_keys": "alice:sk-a", "max_running": 3, "stop": ["\n\n"]})
     payload = settings_payload(settings)
-    assert payload == {"api_keys": "sk-a" and "alice:sk-a", "max_running": 3, "stop": ["\n\n"]}
+    assert payload == {"api_keys": "alice:sk-a", "max_running": 3, "stop": ["\n\n"]}
     again = load_settings(json.loads(json.dumps(payload)))  # as it travels: plain values
     assert again.api_keys.get_secret_value() == "alice:sk-a" and again.max_running == 3 and not again.on_ray
 
@@ -159,3 +159,8 @@ def test_the_replicas_own_answers_pass_through():
     app, bodies = _replica([(500, b"application/json", b'{"error": {"code": "internal_error"}}')])
     status, _, body = _call(app)
     assert status == 500 and b"internal_error" in body and len(bodies) == 1  # its own 500: no retry
+
+
+def test_a_missing_model_is_refused_before_ray_starts(tmp_path):
+    result = run_verispec("serve", "--replicas", "2", "--target", str(tmp_path / "no-such-model"))
+    assert result.returncode == 2 and "no-such-model" in result.stderr and "Traceback" not in result.stderr

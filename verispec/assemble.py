@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -39,6 +40,32 @@ def resolve_models(models: ModelSettings) -> ModelSettings:
     if proposer != "draft" and draft and models.draft:
         log.warning("ignoring --draft %s: the proposer is %s", draft, proposer)
     return models.model_copy(update={"target": target, "draft": draft if proposer == "draft" else None, "proposer": proposer})
+
+
+def check_models(settings: Settings) -> None:
+    """Refuse, before another process starts on them, models that cannot be loaded together: a
+    missing path, a draft whose tokenizer differs. A Ray actor's or replica's failure reads far worse."""
+    from verispec.config import RoutingSettings
+
+    models = resolve_models(settings.part(ModelSettings))
+    tokenizer = load_tokenizer(models.target, role="target")
+    for ref, role in ((models.draft, "draft"), (settings.part(RoutingSettings).canary_draft, "canary draft")):
+        if ref:
+            check_compatible(tokenizer, load_tokenizer(ref, role=role))
+
+
+MODEL_REFS = ("target", "draft", "canary_draft")
+
+
+def portable_model_refs(values: dict) -> dict:
+    """Settings values with local model paths made absolute, for processes whose working folder is
+    not this one (Ray actors and replicas); hub ids and absent entries stay as they are."""
+    values = dict(values)
+    for name in MODEL_REFS:
+        ref = values.get(name)
+        if ref is not None and Path(ref).expanduser().exists():
+            values[name] = str(Path(ref).expanduser().resolve())
+    return values
 
 
 def _load(models: ModelSettings, ref: str, role: str, device: torch.device, dtype: torch.dtype) -> CausalLM:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 from verispec.config import (
     BatchSettings,
@@ -37,12 +36,9 @@ def worker_settings(settings: Settings) -> dict:
     or config file can change them (see `load_settings`)."""
     names = {*ModelSettings.model_fields, *SpeculationSettings.model_fields, *BatchSettings.model_fields,
              *SamplingParams.model_fields, "max_running"}  # fmt: skip
-    values = settings.model_dump(include=names)
-    for role in ("target", "draft"):  # an actor's working directory is not this one: local paths made absolute
-        ref = values[role]
-        if ref is not None and Path(ref).expanduser().exists():
-            values[role] = str(Path(ref).expanduser().resolve())
-    return values
+    from verispec.assemble import portable_model_refs
+
+    return portable_model_refs(settings.model_dump(include=names))
 
 
 class BatchActor:
@@ -71,13 +67,9 @@ def preflight(settings: Settings) -> None:
         import ray.data  # noqa: F401
     except ImportError:
         raise UserError("--ray needs Ray Data: install verispec[scale] (pip install 'verispec[scale]')") from None
-    from verispec.assemble import resolve_models
-    from verispec.models import check_compatible, load_tokenizer
+    from verispec.assemble import check_models
 
-    models = resolve_models(settings.part(ModelSettings))
-    tokenizer = load_tokenizer(models.target, role="target")
-    if models.draft:
-        check_compatible(tokenizer, load_tokenizer(models.draft, role="draft"))
+    check_models(settings)
 
 
 def run_ray(

@@ -39,7 +39,9 @@ def settings_payload(settings: Settings) -> dict[str, Any]:
             values[name] = list(value)
     for name in ("replicas", "autoscale", "ray_address"):  # the deployment's shape, not a replica's
         values.pop(name, None)
-    return values
+    from verispec.assemble import portable_model_refs  # a replica's working folder is not this one
+
+    return portable_model_refs(values)
 
 
 def deployment_options(settings: Settings) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 
 from starlette.middleware import Middleware
 
@@ -32,6 +33,7 @@ log = logging.getLogger("verispec.scale")
 RETRIES = 2  # further replicas a request may go to after its replica failed
 MAX_REPLAY_BYTES = 8 * 1024 * 1024  # larger bodies are passed through once, not kept for a retry
 RETRY_AFTER_S = 5
+BODY_TIMEOUT_S = float(os.environ.get("VERISPEC_BODY_TIMEOUT_S", "30"))
 
 
 def proxy_middlewares() -> list[Middleware]:
@@ -125,10 +127,16 @@ class ReplicaFaults:
 
     async def _read_body(self, receive) -> tuple[list[dict], bool]:
         """The request's messages, kept for a retry; `whole` is False past MAX_REPLAY_BYTES or on a
-        disconnect (then the rest is read by the replica as usual, with no retry)."""
+        disconnect (then the rest is read by the replica as usual, with no retry). A body that has
+        not arrived within --body-timeout-s (VERISPEC_BODY_TIMEOUT_S in the proxy's environment,
+        default 30) is answered 408 by the replica's own limit, which sees the same trickle."""
         kept, size = [], 0
+        deadline = asyncio.get_running_loop().time() + BODY_TIMEOUT_S
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except TimeoutError:
+                return kept, False
             kept.append(message)
             if message["type"] != "http.request":
                 return kept, False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -55,6 +56,10 @@ def connect(ray_address: str | None, env: dict[str, str] | None = None) -> bool:
 
 def serve_on_ray(settings: Settings) -> int:
     ray, serve = require_ray()
+    if settings.port == 0:  # Ray's proxy needs a port of its own choosing: pick a free one now
+        with socket.socket() as probe:
+            probe.bind((settings.host, 0))
+            settings = settings.model_copy(update={"port": probe.getsockname()[1]})
     options = deployment_options(settings)
     shape = (
         f"{options['num_replicas']} replicas" if "num_replicas" in options
@@ -65,6 +70,9 @@ def serve_on_ray(settings: Settings) -> int:
             "audit trail in SQLite (%s) with a Ray cluster: replicas on other machines write their own files; "
             "give --audit-url postgresql://... so every replica writes to one store", settings.audit_url,
         )
+    from verispec.assemble import check_models
+
+    check_models(settings)  # a missing model or a mismatched draft: refused here, not by every replica in turn
     local = connect(settings.ray_address)
     serve_was_running = _serve_running(ray)
     stop = threading.Event()
