@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import run_verispec
+from verispec.cli import main
 from verispec.config import load_settings
 from verispec.scale.deployment import deployment_options, settings_payload
 from verispec.scale.faults import ReplicaFaults
@@ -57,11 +57,11 @@ def test_replicas_get_the_given_settings_secrets_included():
     assert again.api_keys.get_secret_value() == "alice:sk-a" and again.max_running == 3 and not again.on_ray
 
 
-def test_replicas_and_autoscale_exclude_each_other():
-    result = run_verispec("serve", "--replicas", "2", "--autoscale", "1,2")
-    assert result.returncode == 2 and "not both" in result.stderr
-    result = run_verispec("serve", "--autoscale", "3,1")
-    assert result.returncode == 2 and "MIN <= MAX" in result.stderr
+def test_replicas_and_autoscale_exclude_each_other(capsys):
+    assert main(["serve", "--replicas", "2", "--autoscale", "1,2"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["serve", "--autoscale", "3,1"]) == 2
+    assert "MIN <= MAX" in capsys.readouterr().err
 
 
 def test_metrics_of_replicas_merge_with_a_replica_label():
@@ -161,6 +161,7 @@ def test_the_replicas_own_answers_pass_through():
     assert status == 500 and b"internal_error" in body and len(bodies) == 1  # its own 500: no retry
 
 
-def test_a_missing_model_is_refused_before_ray_starts(tmp_path):
-    result = run_verispec("serve", "--replicas", "2", "--target", str(tmp_path / "no-such-model"))
-    assert result.returncode == 2 and "no-such-model" in result.stderr and "Traceback" not in result.stderr
+def test_a_missing_model_is_refused_before_ray_starts(tmp_path, capsys):
+    assert main(["serve", "--replicas", "2", "--target", str(tmp_path / "no-such-model")]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-model" in err and "Traceback" not in err

@@ -1,4 +1,4 @@
-"""`verispec` command line: generate, check, bench, serve, loadtest.
+"""`verispec` command line: generate, check, bench, serve (one process, or replicas on Ray Serve), batch, loadtest, audit, train, distill.
 
 Flags are generated from the pydantic settings (config.py), so each default lives in one place.
 Errors a user can cause print one line and exit 2.
