@@ -165,3 +165,9 @@ def test_a_missing_model_is_refused_before_ray_starts(tmp_path, capsys):
     assert main(["serve", "--replicas", "2", "--target", str(tmp_path / "no-such-model")]) == 2
     err = capsys.readouterr().err
     assert "no-such-model" in err and "Traceback" not in err
+
+
+def test_replicas_that_do_not_fit_a_local_instance_are_refused(capsys):
+    assert main(["serve", "--replicas", "64", "--replica-cpus", "1024"]) == 2
+    err = capsys.readouterr().err
+    assert "do not fit" in err and "--replica-cpus" in err

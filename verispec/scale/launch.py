@@ -70,6 +70,8 @@ def serve_on_ray(settings: Settings) -> int:
             "audit trail in SQLite (%s) with a Ray cluster: replicas on other machines write their own files; "
             "give --audit-url postgresql://... so every replica writes to one store", settings.audit_url,
         )
+    if settings.ray_address is None:
+        _check_fits_here(settings, options)
     from verispec.assemble import check_models
 
     check_models(settings)  # a missing model or a mismatched draft: refused here, not by every replica in turn
@@ -93,6 +95,24 @@ def serve_on_ray(settings: Settings) -> int:
     finally:
         _take_down(ray, serve, shutdown_serve=local or not serve_was_running, wait_s=settings.grace_s + 30)
     return 0
+
+
+def _check_fits_here(settings: Settings, options: dict) -> None:
+    """A local Ray instance has this machine's CPUs: replicas that cannot all be placed would leave
+    the deployment waiting forever, so say so now."""
+    auto = options.get("autoscaling_config")
+    replicas = auto["initial_replicas"] if auto else options["num_replicas"]
+    cpus = os.cpu_count() or 1
+    if replicas * settings.replica_cpus > cpus:
+        raise UserError(
+            f"{replicas} replicas x {settings.replica_cpus:g} CPUs (--replica-cpus) do not fit this machine's {cpus} CPUs; "
+            "lower --replica-cpus (e.g. 0.5 lets two replicas share a core) or join a larger cluster with --ray-address"
+        )
+    if auto and auto["max_replicas"] * settings.replica_cpus > cpus:
+        log.warning(
+            "--autoscale up to %d replicas x %g CPUs exceeds this machine's %d CPUs: Ray will stop adding replicas "
+            "before the maximum", auto["max_replicas"], settings.replica_cpus, cpus,
+        )
 
 
 def _serve_running(ray) -> bool:
