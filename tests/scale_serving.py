@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 
-from tests.serving import ServerProcess
+from tests.serving import ServerProcess, wait_for  # noqa: F401  (the Ray tests wait with it too)
 
 
 def deployment(ray_address: str, args: list[str], log_dir, timeout_s: float = 240.0) -> ServerProcess:
@@ -18,16 +16,6 @@ def deployment(ray_address: str, args: list[str], log_dir, timeout_s: float = 24
 def replicas_in_metrics(url: str) -> set[str]:
     text = httpx.get(url + "/metrics", timeout=30).text
     return {line.split('replica="')[1].split('"')[0] for line in text.splitlines() if 'replica="' in line}
-
-
-def wait_for(condition, timeout_s: float, what: str, every_s: float = 0.5):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def running_replicas(app: str = "verispec") -> int:

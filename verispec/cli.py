@@ -69,6 +69,14 @@ def _add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
         parser.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
+def add_max_new_tokens_flag(parser: argparse.ArgumentParser) -> None:
+    """--max-new-tokens for commands that take OpenAI requests (serve, batch): the budget of a request naming none."""
+    parser.add_argument(
+        "--max-new-tokens", dest="max_new_tokens", type=int, default=argparse.SUPPRESS, metavar="N",
+        help=f"max_tokens for requests that send none (default: {SamplingParams.model_fields['max_new_tokens'].default})",
+    )
+
+
 def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", type=Path, default=None, help="TOML, YAML or JSON file of settings (flags and VERISPEC_* env vars override it)"
@@ -145,10 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(serve, AuditSettings)
     _add_settings_flags(serve, TelemetrySettings)
     _add_settings_flags(serve, ScaleSettings)
-    serve.add_argument(
-        "--max-new-tokens", dest="max_new_tokens", type=int, default=argparse.SUPPRESS, metavar="N",
-        help=f"max_tokens for requests that send none (default: {SamplingParams.model_fields['max_new_tokens'].default})",
-    )
+    add_max_new_tokens_flag(serve)
     _common_flags(serve)
     serve.set_defaults(run=_run_serve)
 

@@ -23,7 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from verispec.config import (
     BatchSettings,
     ModelSettings,
-    SamplingParams,
     ServerSettings,
     Settings,
     SpeculationSettings,
@@ -65,7 +64,7 @@ class BatchJobSettings(BaseModel):
 
 
 def add_batch_command(commands) -> None:
-    from verispec.cli import _add_settings_flags, _common_flags
+    from verispec.cli import _add_settings_flags, _common_flags, add_max_new_tokens_flag
 
     command = commands.add_parser(
         "batch", help="answer a JSONL file of OpenAI batch requests offline, resumably",
@@ -81,10 +80,7 @@ def add_batch_command(commands) -> None:
     _add_settings_flags(command, ModelSettings)
     _add_settings_flags(command, SpeculationSettings)
     _add_settings_flags(command, BatchSettings)
-    command.add_argument(
-        "--max-new-tokens", dest="max_new_tokens", type=int, default=argparse.SUPPRESS, metavar="N",
-        help=f"max_tokens for requests that send none (default: {SamplingParams.model_fields['max_new_tokens'].default})",
-    )  # fmt: skip
+    add_max_new_tokens_flag(command)
     _common_flags(command)
     command.set_defaults(run=_run)
 
