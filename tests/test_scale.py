@@ -29,7 +29,7 @@ def replicas(ray_client, chat_target, tiny_models, tmp_path_factory):  # noqa: F
          "--audit-url", POSTGRES_URL, "--audit-content", "--max-running", "4", "--max-waiting", "8"],
         log_dir=tmp_path_factory.mktemp("logs"),
     )  # fmt: skip
-    wait_for(lambda: len(replicas_in_metrics(proc.url)) == 2, 60, "both replicas in /metrics")
+    wait_for(lambda: len(replicas_in_metrics(proc.url)) == 2, 60, "both replicas in /metrics", every_s=0.5)
     yield proc
     proc.stop()
 
@@ -74,7 +74,7 @@ def test_metrics_carry_every_replica(replicas):
                 counts[replica] = counts.get(replica, 0.0) + float(line.rsplit(" ", 1)[1])
         return len(counts) == 2 and sum(counts.values()) >= 6
 
-    wait_for(served_by_both, 30, "both replicas' request counts in one /metrics")
+    wait_for(served_by_both, 30, "both replicas' request counts in one /metrics", every_s=0.5)
     text = httpx.get(replicas.url + "/metrics", timeout=30).text
     assert text.count("# TYPE verispec:request_success_total counter") == 1  # one family, a series per replica
 
@@ -107,11 +107,11 @@ def test_a_replica_killed_under_load_loses_no_acknowledged_request(replicas):
     clients = [threading.Thread(target=client, args=(n,)) for n in range(6)]
     for c in clients:
         c.start()
-    wait_for(lambda: len(outcomes) >= 12, 60, "load under way")
+    wait_for(lambda: len(outcomes) >= 12, 60, "load under way", every_s=0.5)
     victim = next(a for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"])
     ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
     killed_at = len(outcomes)
-    wait_for(lambda: len(outcomes) >= killed_at + 24, 120, "requests after the kill")
+    wait_for(lambda: len(outcomes) >= killed_at + 24, 120, "requests after the kill", every_s=0.5)
     stop.set()
     for c in clients:
         c.join(90)
@@ -120,7 +120,7 @@ def test_a_replica_killed_under_load_loses_no_acknowledged_request(replicas):
     bad = [o for o in outcomes if not (o[1] == "acknowledged" or o[2] == 503 and (o[1] == "cut" or "retry-after=" in o[3] and o[3][-1:].isdigit()))]
     assert not bad, bad
     # The deployment recovers: Ray replaces the replica.
-    wait_for(lambda: running_replicas() == 2, 120, "two running replicas again")
+    wait_for(lambda: running_replicas() == 2, 120, "two running replicas again", every_s=0.5)
     # Every acknowledged request has its audit record in PostgreSQL.
     from verispec.audit.store import AuditStore
 
@@ -150,7 +150,7 @@ def test_one_canary_verdict_for_the_whole_deployment(ray_client):
         side = sides[i % 2]
         side.record("current", 10, 2 + i % 2, 20, 1.0)
         side.record("candidate", 10, 9, 20, 1.0)
-    wait_for(lambda: all(s.state != s.RUNNING for s in sides), 30, "both replicas to see the verdict")
+    wait_for(lambda: all(s.state != s.RUNNING for s in sides), 30, "both replicas to see the verdict", every_s=0.5)
     assert [d.verdict for d in decided] == ["promote"] and [d.verdict for d in adopted] == ["promote"]
     assert [s.adopted().verdict for s in sides] == ["promote", "promote"]
     assert all(s.adopted() is None for s in sides)  # applied once
