@@ -147,6 +147,14 @@ class ServerSettings(BaseModel):
         "none = in-process limits, per replica",
     )
     speculation_stats: bool = Field(False, description="add speculation statistics to every response (else opt-in per request)")
+    policy: Path | None = Field(
+        None, description="rules file (YAML) of the policy gate on verified text: blocked terms, regular expressions, "
+        "checkers (module:function); see deploy/policy/rules.example.yaml",
+    )
+    verify_idle_s: float = Field(
+        30.0, gt=0.0, description="verify API: a session idle this long between rounds expires (its slot and KV are freed)"
+    )
+    verify_max_drafts: int = Field(16, ge=1, le=64, description="verify API: most draft tokens a client may send in one round")
     breaker_min_acceptance: float = Field(
         0.1, ge=0.0, le=1.0, description="circuit breaker: turn speculation off when the rolling acceptance rate falls below this"
     )

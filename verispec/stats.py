@@ -28,6 +28,7 @@ class RequestStats:
     prefill_s: float = 0.0
     propose_s: float = 0.0
     verify_s: float = 0.0
+    mismatch_s: float = 0.0  # propose and verify time spent on rejected drafts (Round.mismatch_s)
     total_s: float = 0.0
     seed: int | None = None
 

@@ -43,7 +43,7 @@ class Finished:
     arrived: datetime  # UTC
     key_id: str | None
     endpoint: str
-    outcome: str  # ok, fallback, error, cancelled, deadline, rejected
+    outcome: str  # ok, fallback, error, cancelled, deadline, rejected, expired, content_filter
     status: int
     params: SamplingParams | None = None
     prompt: str | None = None
@@ -55,6 +55,8 @@ class Finished:
     error: str | None = None
     mismatches: tuple[Mismatch, ...] = ()
     identity: Identity | None = None  # the models that served it, when not the server's default
+    edge: dict[str, Any] | None = None  # a verify-API session: round trips, bytes
+    policy: list[dict[str, Any]] | None = None  # the policy gate's findings: rule, action, position, length
     record_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the record's own key
 
 
@@ -82,6 +84,9 @@ class Auditor:
             sampling = done.params.model_dump(mode="json")
             sampling["seed"] = stats.seed if stats is not None and stats.seed is not None else done.params.seed
             sampling["stop"] = [self.redactor.redact(stop) for stop in done.params.stop]
+        speculation = speculation_stats(stats, identity.proposer) if stats else None
+        if speculation is not None and done.edge:
+            speculation["edge"] = done.edge
         return {
             "record_id": done.record_id,
             "request_id": done.request_id,
@@ -97,13 +102,14 @@ class Auditor:
             "output": self.content(done.output),
             "prompt_tokens": stats.prompt_tokens if stats else None,
             "completion_tokens": stats.generated_tokens if stats else None,
-            "speculation": speculation_stats(stats, identity.proposer) if stats else None,
+            "speculation": speculation,
             "latency_s": done.latency_s,
             "ttft_s": done.ttft_s,
             "outcome": done.outcome,
             "finish_reason": done.finish_reason,
             "status": done.status,
             "error": self.redactor.redact(done.error) if done.error else None,
+            "policy": done.policy,  # rule names and positions only: the matched text is never kept
         }
 
     def samples(self, done: Finished) -> list[dict[str, Any]]:

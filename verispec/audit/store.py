@@ -70,10 +70,11 @@ records = Table(
     Column("speculation", JSON),  # acceptance statistics
     Column("latency_s", Float),
     Column("ttft_s", Float),
-    Column("outcome", String(16), nullable=False, index=True),  # ok, fallback, error, cancelled, deadline, rejected
+    Column("outcome", String(16), nullable=False, index=True),  # ok, fallback, error, cancelled, deadline, rejected, expired, content_filter
     Column("finish_reason", String(16)),
     Column("status", Integer),
     Column("error", Text),
+    Column("policy", JSON),  # the policy gate's findings (rule, action, position, length); never the text
 )
 
 mismatches = Table(
@@ -258,9 +259,12 @@ def _migrate(conn: Connection) -> None:
         if primary_key and conn.dialect.name != "sqlite":  # PostgreSQL names it after the table: free the name
             conn.execute(text(f"ALTER TABLE {old} DROP CONSTRAINT {primary_key}"))
         records.create(conn)
-        columns = ", ".join(c.name for c in records.columns if c.name != "record_id")
+        kept = {c["name"] for c in inspector.get_columns(old)}
+        columns = ", ".join(c.name for c in records.columns if c.name != "record_id" and c.name in kept)
         conn.execute(text(f"INSERT INTO {records.name} (record_id, {columns}) SELECT request_id, {columns} FROM {old}"))
         conn.execute(text(f"DROP TABLE {old}"))
+    if records.name in tables and "policy" not in {c["name"] for c in inspect(conn).get_columns(records.name)}:
+        conn.execute(text(f"ALTER TABLE {records.name} ADD COLUMN policy JSON"))
     if mismatches.name in tables and "record_id" not in {c["name"] for c in inspector.get_columns(mismatches.name)}:
         conn.execute(text(f"ALTER TABLE {mismatches.name} ADD COLUMN record_id VARCHAR(128)"))
         conn.execute(update(mismatches).values(record_id=mismatches.c.request_id))

@@ -40,6 +40,7 @@ from verispec.errors import UserError
 from verispec.proposers.base import DraftPolicy, Proposal, Proposer
 from verispec.proposers.draft import DraftBatch, DraftModelProposer
 from verispec.proposers.ngram import NgramProposer
+from verispec.proposers.remote import RemoteDrafts
 from verispec.stats import RequestStats
 from verispec.text import TextStream
 
@@ -84,6 +85,7 @@ class BatchRequest:
     table: BlockTable
     depth_limit: Callable[[], int] | None = None
     inspect: bool = False
+    remote: RemoteDrafts | None = None  # an edge client's drafts (the verify API) in place of a proposer
     acceptance: Acceptance = field(default_factory=Acceptance)
     session: object = None  # the proposer's per-request state (a session, or a DraftState)
     consecutive_failures: int = 0
@@ -102,6 +104,11 @@ class BatchRequest:
     @property
     def remaining(self) -> int:
         return self.params.max_new_tokens - self.generated
+
+    @property
+    def parked(self) -> bool:
+        """Waiting for its edge client's drafts: it keeps its blocks but takes no rows."""
+        return self.remote is not None and self.remote.parked and not self.prefilling
 
 
 class BatchEngine:
@@ -128,6 +135,8 @@ class BatchEngine:
         self._costs: PassCosts | None = None
         self._admitted = 0
         self.preemptions = 0
+        # Called with each pass's drafts before the verifier scores them (provisional streaming).
+        self.on_proposed: Callable[[dict[BatchRequest, Proposal]], None] | None = None
 
     # -- requests in and out ---------------------------------------------------------------------
 
@@ -141,6 +150,7 @@ class BatchEngine:
         depth: Depth | None = None,
         depth_limit: Callable[[], int] | None = None,
         inspect: bool = False,
+        remote: RemoteDrafts | None = None,
     ) -> BatchRequest:
         prompt_ids = list(prompt_ids)
         if not prompt_ids:
@@ -174,6 +184,7 @@ class BatchEngine:
             table=BlockTable(self.runner.pool),
             depth_limit=depth_limit,
             inspect=inspect,
+            remote=remote,
         )
         self.waiting.append(request)
         return request
@@ -189,6 +200,11 @@ class BatchEngine:
     @property
     def busy(self) -> int:
         return len(self.running) + len(self.waiting)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing a pass could do now: no request waits and every running one is parked."""
+        return not self.waiting and all(r.parked for r in self.running)
 
     def costs(self) -> PassCosts:
         """Verifier pass cost by rows, measured on first use (for --depth auto)."""
@@ -241,6 +257,8 @@ class BatchEngine:
             return []
         started_ns = time.time_ns()
         proposals, propose_s = self._propose(plan)
+        if self.on_proposed is not None:
+            self.on_proposed({r: p for r, p in proposals.items() if p.tokens})
         segments = [Segment([r.tokens[-1], *proposals[r].tokens], r.table.computed, r.table) for r in plan.rounds]
         segments += [Segment(r.tokens[r.table.computed : r.table.computed + n], r.table.computed, r.table, logits=0) for r, n in plan.chunks]
         t0 = time.perf_counter()
@@ -271,6 +289,7 @@ class BatchEngine:
                 inspection=inspect(request.params, proposal, target_logits, verdict, request.generated)
                 if request.inspect and proposal.tokens else None,
             )  # fmt: skip
+            stats.mismatch_s += round_.mismatch_s
             delta = emit(request, proposal.tokens[:accepted] + [int(verdict.next_token[0])], round_, self.eos_ids)
             if delta.finish_reason:
                 stats.total_s = time.perf_counter() - request.arrived
@@ -296,6 +315,9 @@ class BatchEngine:
                 call = lambda r=request: r.session.propose(r.tokens, plan.depths[r], r.draft_policy)  # noqa: E731
                 (inline if isinstance(request.proposer, NgramProposer) else calls)[request] = call
                 members[request] = [request]
+        for request in plan.rounds:
+            if request.remote is not None:
+                proposals[request] = self._remote_drafts(request, plan.depths[request])
         budget = min((r.speculation.proposer_timeout_s for r in drafting), default=0.0)
         started = time.perf_counter()
         results = self.proposing.start(calls)
@@ -339,6 +361,19 @@ class BatchEngine:
                     self._fall_back(request, outcome)
         return proposals, propose_s
 
+    def _remote_drafts(self, request: BatchRequest, depth: int) -> Proposal:
+        """The edge client's drafts for this round (the handler checked them; a bad one costs the
+        round its drafts, never the output)."""
+        proposal = request.remote.take(depth)
+        try:
+            validate(proposal, depth, self.target.vocab_size)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("request %s: the client's drafts were refused: %s; this round runs verifier-only", request.id, exc)
+            request.stats.fallback_rounds += 1
+            self._failed.add(request)
+            return Proposal.empty()
+        return proposal
+
     def _fall_back(self, request: BatchRequest, error: BaseException) -> None:
         stats = request.stats
         stats.fallback_rounds += 1
@@ -363,6 +398,9 @@ class BatchEngine:
     def depth_limit(self, request: BatchRequest) -> int:
         """The most drafts this request may take this round, before goodput is weighed."""
         speculation = request.speculation
+        if request.remote is not None:  # as many as the client sent, within the budget
+            pending = request.remote.pending
+            return max(0, min(len(pending.tokens) if pending is not None else 0, request.remaining - 1))
         if request.proposer is None or request.consecutive_failures >= speculation.max_proposer_failures:
             return 0
         if self.proposing.busy(request):  # a plug-in's previous call has not returned
@@ -378,8 +416,8 @@ class BatchEngine:
         sampled request's depth follows its own acceptance and the single-stream costs only, so
         that what else shares its batch never changes its random draws."""
         limits = {r: self.depth_limit(r) for r in requests}
-        depths = {r: limits[r] for r in requests if r.speculation.depth != "auto"}
-        auto = [r for r in requests if r.speculation.depth == "auto"]
+        depths = {r: limits[r] for r in requests if r.speculation.depth != "auto" or r.remote is not None}
+        auto = [r for r in requests if r not in depths]
         if not auto or all(limits[r] == 0 for r in auto):
             return depths | {r: 0 for r in auto}
         costs = self.costs()

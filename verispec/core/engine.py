@@ -52,6 +52,15 @@ class Round:
     ended_ns: int = 0
     inspection: Inspection | None = None  # inspected requests only, rounds with drafts only
 
+    @property
+    def mismatch_s(self) -> float:
+        """What the rejected drafts cost this round: their share of the proposing time (by drafts)
+        and of the verifier pass (by rows), the time a round without them would not have spent."""
+        rejected = self.proposed - self.accepted
+        if rejected <= 0:
+            return 0.0
+        return self.propose_s * rejected / self.proposed + self.verify_s * rejected / (1 + self.proposed)
+
 
 @dataclass(frozen=True)
 class Delta:
@@ -171,6 +180,7 @@ class SpeculativeEngine:
                 started_ns=started_ns, ended_ns=time.time_ns(),
                 inspection=self._inspect(request, proposal, target_logits, verdict) if inspect and proposal.tokens else None,
             )
+            stats.mismatch_s += round_.mismatch_s
             delta = self._emit(request, proposal.tokens[:accepted] + [int(verdict.next_token[0])], round_)
             if delta.finish_reason:
                 request.stats.total_s = time.perf_counter() - started

@@ -35,7 +35,7 @@ class Plan:
 def plan_pass(engine: BatchEngine) -> Plan:
     plan = Plan()
     _admit(engine)
-    plan.rounds = [r for r in engine.running if not r.prefilling]
+    plan.rounds = [r for r in engine.running if not r.prefilling and not r.parked]
     plan.depths = engine.choose_depths(plan.rounds)
     for request in list(plan.rounds):  # oldest first
         if request not in engine.running:

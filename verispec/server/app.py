@@ -47,6 +47,7 @@ from verispec.core.batch import BatchEngine
 from verispec.core.engine import Delta, SpeculativeEngine
 from verispec.errors import UserError
 from verispec.models.loading import model_name, weights_digest
+from verispec.policy import PolicySet, load_policy
 from verispec.server import errors
 from verispec.server.auth import KeyRing
 from verispec.server.breaker import CircuitBreaker
@@ -62,10 +63,14 @@ from verispec.server.protocol import (
     speculation_stats,
     token_budget,
 )
+from verispec.server.reply import ClientGone, Provisional, Reply
 from verispec.server.routing import Canary, Decision, ProposerBandit, Router
-from verispec.server.scheduler import Cancelled, CostModel, DeadlineExceeded, Job, Overloaded, Scheduler
+from verispec.server.scheduler import CostModel, Job, Overloaded, Scheduler
 from verispec.server.shared_limits import limiter_from_settings
 from verispec.server.telemetry import Telemetry
+from verispec.server.underway import Underway, conclude
+from verispec.server.verify import Sessions, verify_routes
+from verispec.startup import process_started
 from verispec.text import chat_text
 
 log = logging.getLogger("verispec.server")
@@ -83,7 +88,7 @@ class Cluster:
     replica: str
     metrics: Callable[[bytes], bytes]  # this replica's exposition -> every replica's, labelled
     canary: Callable[..., Canary]  # builds the deployment-wide canary (Canary's arguments)
-API_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+API_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/verify")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -141,10 +146,18 @@ class State:
         # Until the models are loaded their versions are unknown; records of refused requests still go in.
         self.auditor = Auditor(self.audit, self.redactor, self.writer, Identity(self.model_name, "loading", "loading", "loading"))
         self.telemetry = Telemetry(self.telemetry_settings, self.model_name)
+        self.policy: PolicySet | None = load_policy(self.server.policy) if self.server.policy else None
+        if self.policy is not None:
+            log.info("policy gate: %d rules from %s, holding back %d characters", len(self.policy.names), self.server.policy, self.policy.hold_back)
+            for rule in self.policy.rules:  # every series from zero, so that the alert sees the first finding
+                self.metrics.policy_finding(rule.name, rule.action)
+        self.sessions = Sessions(self.server.verify_idle_s)
+        self.started = process_started()
+        self.metrics.process_start.set(self.started)
         self._background: set[asyncio.Task] = set()
         # Tokenising a long prompt takes a while: never on the event loop, which must keep streaming.
         self._cpu = ThreadPoolExecutor(1, thread_name_prefix="verispec-tokenize")
-        self.metrics.precreate(API_PATHS[:2])
+        self.metrics.precreate(tuple(path for path in API_PATHS if path != "/v1/models"))
         self.metrics.cost_rate("verifier").set(self.telemetry_settings.cost_verifier_per_hour)
         self.metrics.cost_rate("proposer").set(self.telemetry_settings.cost_proposer_per_hour)
         self.router: Router | None = None
@@ -153,6 +166,7 @@ class State:
         self.paths: dict[str, dict | None] = {}  # per model role: its kernel-step report (LeanModel.path_report)
         self.load_error: str | None = None
         self.draining = False
+        self._served_one = False
         self.on_fatal: Callable[[], None] = lambda: None  # set by `serve` to stop the server
 
     def load(self) -> None:
@@ -171,6 +185,7 @@ class State:
             self.auditor = Auditor(self.audit, self.redactor, self.writer, identity, engine.tokenizer)
             self.router = self._router(engine, models.proposer)
             self.identities = {name: self._identity(e, model_version) for name, e in self.router.engines.items()}
+            self.identities["edge"] = Identity(self.model_name, model_version, "edge", "client")  # verify-API sessions
             cost = CostModel(self.telemetry_settings.cost_verifier_per_hour, self.telemetry_settings.cost_proposer_per_hour, token_s)
             scheduler = Scheduler(engine, self.server, self.breaker, self.metrics, cost, self._batch_engine(engine))
             scheduler.on_finished = self._routed
@@ -183,6 +198,7 @@ class State:
                     self.metrics.observe_path(role, path)
             self.service = Service(engine, scheduler)
             self.metrics.ready.set(1)
+            self.metrics.startup_ready.set(time.time() - self.started)
             log.info(
                 "ready: %s loaded and warmed in %.1fs", self.model_name, time.perf_counter() - started,
                 extra={"model_version": identity.model_version, "proposer": identity.proposer, "proposer_version": identity.proposer_version},
@@ -244,6 +260,15 @@ class State:
             for arm, figures in canary.arms.items():
                 if figures.acceptance:
                     self.metrics.canary_acceptance(arm).set(sum(figures.acceptance) / len(figures.acceptance))
+
+    async def conclude(self, underway: Underway, outcome: str, status: int, delta: Delta | None = None, text: str = "",
+                       error: str | None = None, wait: bool = False) -> bool:
+        """A request's span, log line and audit record (`underway.conclude`); the first request
+        served sets the cold-start figure."""
+        if status == 200 and not self._served_one:
+            self._served_one = True
+            self.metrics.startup_first_request.set(time.time() - self.started)
+        return await conclude(self, underway, outcome, status, delta, text, error, wait)
 
     def _canary_decided(self, decision: Decision) -> None:
         self.metrics.canary_decisions(decision.verdict).inc()
@@ -312,6 +337,38 @@ class State:
         """The answer in place of an acknowledgement whose record did not commit in time."""
         return audit_unavailable(self.audit_problem() or "the record was not committed in time")
 
+    async def admit(self, request: Request, service: Service, body, prompt_ids: list[int], max_tokens: int | None, key_id: str) -> SamplingParams:
+        """What every generation checks before it is queued: the token budget in the model's
+        window, the sampling settings, and the key's rate limits (which it takes from)."""
+        max_new = token_budget(service.engine.target.max_positions, len(prompt_ids), max_tokens, self.settings.max_new_tokens)
+        try:
+            params = body.sampling(max_new)
+        except ValueError as exc:
+            raise bad_request(f"invalid sampling settings: {exc}") from None
+        limits = await self.limiter.acheck(key_id, len(prompt_ids) + max_new) if self.limiter.enabled else None
+        if limits is not None:
+            request.state.extra_headers = limits.headers
+            if not limits.allowed:
+                raise retry_later(429, limits.reason, limits.retry_after_s, code="rate_limit_exceeded", headers=limits.headers)
+        return params
+
+    def allow_provisional(self, body, service: Service) -> None:
+        """Provisional text is unverified drafts, sent as they are made: only when streaming, only
+        from the batched engine (whose step hands drafts out before it scores them), and never
+        under a policy that holds text back (drafts would pass its gate unseen)."""
+        if not body.stream:
+            raise bad_request("provisional text is streamed: set stream to true", param="provisional")
+        if service.scheduler.batch is None:
+            raise bad_request(
+                "provisional text needs the batched engine; this server runs --scheduler interleaved", param="provisional"
+            )
+        if self.policy is not None and self.policy.needs_hold_back:
+            raise bad_request(
+                "provisional text is refused under this server's policy: it holds verified text back until its rules "
+                "have passed it, and drafts would reach you unchecked; stream without provisional",
+                param="provisional", code="policy_forbids_provisional",
+            )
+
     def ready(self) -> Service:
         if self.draining:
             raise retry_later(503, "the server is shutting down; retry on another replica", 5, code="shutting_down")
@@ -335,9 +392,12 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
             await asyncio.to_thread(state.load)
             if state.load_error:
                 raise RuntimeError(state.load_error)
+        sweeper = asyncio.ensure_future(_sweep_sessions(verifying, state.server.verify_idle_s))
         yield
         state.draining = True
         state.metrics.ready.set(0)
+        sweeper.cancel()
+        await verifying.close_all()
         if state.service is not None:
             # uvicorn has already given open requests the grace period; cancel what is left.
             await asyncio.to_thread(state.service.scheduler.drain, 0.0)
@@ -456,16 +516,9 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
     ) -> Response:
         if not prompt_ids:
             raise bad_request("the prompt is empty", param="prompt")
-        max_new = token_budget(service.engine.target.max_positions, len(prompt_ids), max_tokens, state.settings.max_new_tokens)
-        try:
-            params = body.sampling(max_new)
-        except ValueError as exc:
-            raise bad_request(f"invalid sampling settings: {exc}") from None
-        limits = await state.limiter.acheck(key_id, len(prompt_ids) + max_new) if state.limiter.enabled else None
-        if limits is not None:
-            request.state.extra_headers = limits.headers
-            if not limits.allowed:
-                raise retry_later(429, limits.reason, limits.retry_after_s, code="rate_limit_exceeded", headers=limits.headers)
+        params = await state.admit(request, service, body, prompt_ids, max_tokens, key_id)
+        if body.provisional:
+            state.allow_provisional(body, service)
         request_id = request.state.request_id
         deadline = time.monotonic() + state.server.deadline_s if state.server.deadline_s else None
         job = Job(request_id, prompt_ids, params, body.depth, deadline, asyncio.get_running_loop())
@@ -479,169 +532,119 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
             job.proposer = state.router.choose(routing_key)
         job.engine, job.route_key = state.router.engines[job.proposer], routing_key
         job.guarded = not state.router.on_trial(job.proposer)
+        job.provisional = bool(body.provisional)
         state.metrics.proposer_requests(job.proposer).inc()
         job.inspect = random.random() < state.audit.mismatch_sample_rate
         job.keep_rounds = state.telemetry.enabled
         operation = "chat" if chat else "text_completion"
         span = state.telemetry.start_request(operation, request.headers, {
-            "gen_ai.request.max_tokens": max_new, "gen_ai.request.temperature": params.temperature,
+            "gen_ai.request.max_tokens": params.max_new_tokens, "gen_ai.request.temperature": params.temperature,
             "gen_ai.request.top_p": params.top_p, "gen_ai.request.top_k": params.top_k or None,
             "gen_ai.request.seed": params.seed, "gen_ai.request.stop_sequences": list(params.stop) or None,
             "gen_ai.response.id": request_id, "verispec.request_id": request_id, "verispec.api_key_id": key_id,
-            "verispec.inspected": job.inspect,
+            "verispec.inspected": job.inspect, "verispec.provisional": job.provisional or None,
         })
-        arrived = utc_now()
         request.state.audited = True  # the record is this handler's from here on
-
-        async def conclude(outcome: str, status: int, delta: Delta | None = None, text: str = "", error: str | None = None, wait: bool = False) -> bool:
-            """Metrics aside (the scheduler counts), everything a finished request leaves behind: its
-            span, its log line and its audit record. With `wait`: whether the record is committed,
-            that is, whether the response may be acknowledged."""
-            stats = delta.stats if delta is not None else job.stats
-            if outcome == "ok" and stats is not None and stats.fallback_rounds:
-                outcome = "fallback"
-            latency = time.monotonic() - job.arrived
-            ttft = None if job.first_token is None else job.first_token - job.arrived
-            tpot = None
-            if job.first_token is not None and job.last_token is not None and job.generated > 1:
-                tpot = (job.last_token - job.first_token) / (job.generated - 1)
-            identity = state.identities.get(job.proposer) or (state.auditor.identity if state.auditor else None)
-            attributes = {
-                "gen_ai.response.model": state.model_name,
-                "gen_ai.response.finish_reasons": [delta.finish_reason] if delta is not None and delta.finish_reason else None,
-                "gen_ai.usage.input_tokens": len(prompt_ids),
-                "gen_ai.usage.output_tokens": job.generated,
-                "verispec.outcome": outcome,
-                "verispec.proposer.name": identity.proposer if identity else None,
-                "verispec.proposer.version": identity.proposer_version if identity else None,
-                "verispec.model.version": identity.model_version if identity else None,
-            }
-            if stats is not None:
-                attributes.update({
-                    "verispec.proposed": stats.proposed, "verispec.accepted": stats.accepted, "verispec.rejected": stats.rejected,
-                    "verispec.recovered": stats.recovered, "verispec.bonus": stats.bonus, "verispec.verifier_calls": stats.verifier_calls,
-                    "verispec.acceptance_rate": stats.acceptance_rate, "verispec.mean_depth": (sum(stats.depths) / len(stats.depths)) if stats.depths else None,
-                    "verispec.fallback_rounds": stats.fallback_rounds,
-                })
-            if state.telemetry_settings.log_content:  # redaction is CPU work: off the event loop
-                redacted = await state.off_loop(lambda: (state.redactor.redact(prompt_text), state.redactor.redact(text)))
-                attributes["verispec.prompt"], attributes["verispec.output"] = redacted
-            state.telemetry.end_request(span, job.rounds, attributes, error, operation, latency, ttft if outcome in ("ok", "fallback") else None, tpot)
-            fields = {"key_id": key_id, "outcome": outcome, "status": status, "prompt_tokens": len(prompt_ids),
-                      "completion_tokens": job.generated, "latency_s": round(latency, 4),
-                      "ttft_s": None if ttft is None else round(ttft, 4),
-                      "acceptance_rate": stats.acceptance_rate if stats is not None else None}
-            if state.telemetry_settings.log_content:
-                fields.update(prompt=redacted[0], output=redacted[1])
-            log.info("%s %s", operation, outcome, extra=fields)
-            done = Finished(
-                request_id=request_id, arrived=arrived, key_id=key_id, endpoint=request.url.path, outcome=outcome,
-                status=status, params=params, prompt=prompt_text, output=text, stats=stats,
-                finish_reason=delta.finish_reason if delta is not None else None, latency_s=latency, ttft_s=ttft,
-                error=error, mismatches=tuple(job.mismatches), identity=identity,
-            )
-            if wait:
-                return await state.audit_record(done, wait=True)
-            state.spawn(state.audit_record(done, wait=False))
-            return True
-
+        underway = Underway(request_id, key_id, request.url.path, operation, job, prompt_ids, prompt_text, params, span, utc_now())
+        finish = functools.partial(state.conclude, underway)
         try:
             service.scheduler.submit(job)
         except Overloaded as exc:
             state.metrics.outcome("rejected").inc()
-            await conclude("rejected", 503, error=str(exc))
+            await finish("rejected", 503, error=str(exc))
             raise retry_later(503, str(exc), exc.retry_after_s, code="overloaded") from None
         request.state.job = job
+        reply = Reply(underway, request, state.policy.gate() if state.policy is not None else None, state.metrics)
         shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + request_id, state.model_name)
         with_stats = body.speculation_stats if body.speculation_stats is not None else state.server.speculation_stats
         headers = getattr(request.state, "extra_headers", {})
         try:
-            first = await _next_event(job, request)  # errors before the first token keep their status
+            first = await reply.next()  # errors before the first token keep their status
         except ClientGone:
-            await conclude("cancelled", 499, error="client disconnected")
+            await finish("cancelled", 499, error="client disconnected")
             return Response(status_code=499)  # nobody reads it; the log and metrics record the departure
         except APIError as exc:
             job.cancel()
-            await conclude(_outcome_of(exc), exc.status, error=exc.message)
+            await finish(_outcome_of(exc), exc.status, error=exc.message)
             raise
         except BaseException:
             job.cancel()
             raise
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            events = _sse(job, request, shape, first, with_stats, include_usage, conclude, state.unacknowledged)
+            events = _sse(reply, shape, first, with_stats, include_usage, finish, state)
             return StreamingResponse(events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
-        text, delta = [first.text], first
+        delta = first
         try:
             while delta.finish_reason is None:
-                delta = await _next_event(job, request)
-                text.append(delta.text)
+                delta = await reply.next_verified()
         except ClientGone:
-            await conclude("cancelled", 499, text="".join(text), error="client disconnected")
+            await finish("cancelled", 499, text=reply.released, error="client disconnected")
             return Response(status_code=499)
         except APIError as exc:
-            await conclude(_outcome_of(exc), exc.status, text="".join(text), error=exc.message)
+            await finish(_outcome_of(exc), exc.status, text=reply.released, error=exc.message)
             raise
         finally:
             job.cancel()  # a no-op once finished; frees the slot if the client left
-        if not await conclude("ok", 200, delta, "".join(text), wait=True):  # acknowledged only once recorded
+        if not await finish(_outcome_of_finish(delta), 200, delta, reply.released, wait=True):  # acknowledged only once recorded
             raise state.unacknowledged()
-        return JSONResponse(shape.full("".join(text), delta.finish_reason, delta.stats, with_stats, job.proposer), headers=headers)
+        return JSONResponse(shape.full(reply.released, delta.finish_reason, delta.stats, with_stats, job.proposer), headers=headers)
 
+    verifying = verify_routes(state, authorize)
+    app.include_router(verifying)
     return app
 
 
-async def _next_event(job: Job, request: Request) -> Delta:
-    """The job's next delta; errors become API errors. Checks for a departed client each second."""
+async def _sweep_sessions(verifying, idle_s: float) -> None:
+    """Expire idle verify sessions, checking a few times per idle period."""
     while True:
+        await asyncio.sleep(min(1.0, idle_s / 4))
         try:
-            item = await asyncio.wait_for(job.events.get(), timeout=1.0)
-        except TimeoutError:
-            if await request.is_disconnected():
-                job.cancel()
-                raise ClientGone() from None
-            continue
-        if isinstance(item, Delta):
-            return item
-        if isinstance(item, DeadlineExceeded):
-            raise APIError(504, f"{item}; the server's deadline is set by --deadline-s", code="deadline_exceeded")
-        if isinstance(item, Cancelled):
-            raise retry_later(503, "the request was cancelled because the server is shutting down", 5, code="shutting_down")
-        if isinstance(item, UserError):
-            raise bad_request(str(item))
-        raise errors.internal_error()
-
-
-class ClientGone(Exception):
-    """The client disconnected; nobody is left to answer."""
+            await verifying.sweep()
+        except Exception:  # never let the sweeper die: sessions would then hold their slots forever
+            log.exception("expiring idle verify sessions failed")
 
 
 async def _sse(
-    job: Job, request: Request, shape: Shape, first: Delta, with_stats: bool, include_usage: bool, conclude,
-    unacknowledged: Callable[[], APIError],
+    reply: Reply, shape: Shape, first: Delta | Provisional, with_stats: bool, include_usage: bool, finish, state: State,
 ) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format; only verified tokens, then `data: [DONE]`."""
+    """Server-sent events in OpenAI's chunk format: verified tokens only, then `data: [DONE]`. A
+    client that asked for provisional text also gets named events (which OpenAI's clients never
+    see, as they never ask): `event: provisional` with a round's drafts as soon as they are made,
+    and `event: verdict` with the verifier's answer, just before the round's verified chunk."""
 
-    def event(body: dict) -> str:
-        return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+    def event(body: dict, name: str | None = None) -> str:
+        head = f"event: {name}\n" if name else ""
+        return f"{head}data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
-    text: list[str] = []
+    job = reply.job
     concluded = False
+    tokens: list[int] = list(job.prompt_ids[-_DRAFT_CONTEXT:])  # verified context for decoding drafts
+    rounds = 0
     try:
-        delta = first
+        item = first
         if shape.chat:
             yield event(shape.chunk(None, role=True))
         while True:
-            if delta.text:
-                text.append(delta.text)
-                yield event(shape.chunk(delta.text))
-            if delta.finish_reason is not None:
-                break
+            if isinstance(item, Provisional):
+                text = await state.off_loop(_draft_text, state.service.tokenizer, tokens, item.token_ids)
+                yield event({"id": shape.id, "round": rounds, "token_ids": item.token_ids, "text": text}, "provisional")
+            else:
+                delta = item
+                if job.provisional and delta.round is not None:
+                    verdict = {"id": shape.id, "round": rounds, "proposed": delta.round.proposed, "accepted": delta.round.accepted}
+                    yield event(verdict, "verdict")
+                    rounds += 1
+                tokens = (tokens + delta.token_ids)[-_DRAFT_CONTEXT:]
+                if delta.text:
+                    yield event(shape.chunk(delta.text))
+                if delta.finish_reason is not None:
+                    break
             try:
-                delta = await _next_event(job, request)
+                item = await reply.next()
             except APIError as exc:  # the stream has begun: the error goes in-band
                 concluded = True
-                await conclude(_outcome_of(exc), exc.status, text="".join(text), error=exc.message)
+                await finish(_outcome_of(exc), exc.status, text=reply.released, error=exc.message)
                 yield event(exc.body())
                 yield "data: [DONE]\n\n"
                 return
@@ -654,14 +657,28 @@ async def _sse(
         if include_usage:
             yield event(shape.usage_chunk(delta.stats))
         concluded = True
-        if await conclude("ok", 200, delta, "".join(text), wait=True):  # [DONE] acknowledges: recorded first
+        if await finish(_outcome_of_finish(delta), 200, delta, reply.released, wait=True):  # [DONE] acknowledges: recorded first
             yield "data: [DONE]\n\n"
         else:  # not recorded: an error instead of [DONE], so the client knows it was not acknowledged
-            yield event(unacknowledged().body())
+            yield event(state.unacknowledged().body())
     finally:
         job.cancel()  # client gone or done: the engine thread drops the job at its next round
         if not concluded:  # the client left mid-stream
-            await asyncio.shield(conclude("cancelled", 499, text="".join(text), error="client disconnected"))
+            await asyncio.shield(finish("cancelled", 499, text=reply.released, error="client disconnected"))
+
+
+_DRAFT_CONTEXT = 8  # verified tokens decoded before a round's drafts, so their text joins up right
+
+
+def _draft_text(tokenizer: PreTrainedTokenizerBase, context: list[int], drafts: list[int]) -> str:
+    """The text drafts add after the verified context (for display: the verified text is final)."""
+    before = tokenizer.decode(context)
+    after = tokenizer.decode(context + drafts)
+    return after[len(before):] if after.startswith(before) else tokenizer.decode(drafts)
+
+
+def _outcome_of_finish(delta: Delta) -> str:
+    return "content_filter" if delta.finish_reason == "content_filter" else "ok"
 
 
 def audit_unavailable(problem: str) -> APIError:

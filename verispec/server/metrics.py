@@ -37,6 +37,8 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 DRIFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+MISMATCH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BYTE_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536, 262144, 1048576, 4194304)
 KL_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
@@ -49,6 +51,7 @@ class ServerMetrics:
 
     def __init__(self, model_name: str, server: ServerSettings, max_depth: int):
         self.registry = registry = CollectorRegistry()
+        self.model_name = model_name
         self._drift: float | None = None
         self.max_depth = max_depth
         m = ["model_name"]
@@ -94,9 +97,15 @@ class ServerMetrics:
             "rate_limit_errors", "Rate-limit checks that failed (shared limits' Redis unreachable or erring): requests let through."
         ).labels(model_name)
         self._outcomes = counter(
-            "request_outcomes", "Generation requests by outcome: ok, cancelled, deadline, error, rejected.", ["outcome"]
+            "request_outcomes", "Generation requests (and verify-API sessions) by outcome: ok, cancelled, deadline, error, rejected, expired (an idle session), content_filter (stopped by the policy gate).", ["outcome"]
         )
         self.outcome = lambda outcome: self._outcomes.labels(model_name, outcome)
+        self.policy_violations = counter(
+            "policy_violations",
+            "Verified-text policy findings, by rule and action (block stops the response with finish_reason "
+            "content_filter; flag lets it through)",
+            ["rule", "action"],
+        )
         self.proposed = counter("spec_proposed_tokens", "Draft tokens proposed (same as spec_decode_num_draft_tokens).").labels(model_name)
         self.rejected = counter("spec_rejected_tokens", "Draft tokens the verifier rejected.").labels(model_name)
         self.recovered = counter("spec_recovered_tokens", "Verifier corrections at a rejected draft position.").labels(model_name)
@@ -122,6 +131,28 @@ class ServerMetrics:
         self.propose_time = histogram("propose_seconds", "Proposer time per round.", STEP_BUCKETS)
         self.verify_time = histogram("verify_seconds", "Verifier time per round.", STEP_BUCKETS)
         self.ready = gauge("ready", "1 when the models are loaded and warmed.")
+        # What corrections cost in time, not only in counts (Round.mismatch_s, summed per request).
+        self.mismatch_latency = histogram(
+            "mismatch_latency_seconds",
+            "Time a request spent on drafts the verifier rejected: their share of proposing and of verifier passes.",
+            MISMATCH_BUCKETS,
+        )
+        # Cold start: a restart shows as a new process start time.
+        self.process_start = gauge("process_start_time_seconds", "When the serving process started (Unix time).")
+        self.startup_ready = gauge("startup_ready_seconds", "Cold start: seconds from process start to ready (models loaded, warmed).")
+        self.startup_first_request = gauge(
+            "startup_first_request_seconds", "Cold start: seconds from process start to the first request served."
+        )
+        # The verify API (edge proposers): a session is a request whose drafts come over the network.
+        self.verify_sessions = gauge("verify_sessions_open", "Verify-API sessions open now (each holds a running slot and its KV).")
+        self.verify_round_trips = histogram(
+            "verify_round_trips", "Round trips (verify calls) per verify-API session.", TOKEN_BUCKETS
+        )
+        self.verify_round_bytes = histogram("verify_round_bytes", "Bytes per verify round: request body plus response body.", BYTE_BUCKETS)
+        self._client_drafts = counter("verify_client_draft_tokens", "Draft tokens edge clients sent, by API key ID.", ["client"])
+        self.client_drafts = lambda client: self._client_drafts.labels(model_name, client)
+        self._client_accepted = counter("verify_client_accepted_tokens", "Edge clients' draft tokens accepted, by API key ID.", ["client"])
+        self.client_accepted = lambda client: self._client_accepted.labels(model_name, client)
         # The batched engine's KV cache, in vLLM's names.
         self.kv_cache_usage = gauge("kv_cache_usage_perc", "Share of the verifier's KV cache blocks held by requests (0 to 1).")
         self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.").labels(model_name)
@@ -205,7 +236,7 @@ class ServerMetrics:
         for endpoint in endpoints:
             for status in (200, 400, 401, 404, 429, 499, 500, 503, 504):
                 self.requests(endpoint, status)
-        for outcome in ("ok", "cancelled", "deadline", "error", "rejected"):
+        for outcome in ("ok", "cancelled", "deadline", "error", "rejected", "expired", "content_filter"):
             self.outcome(outcome)
         for reason in ("stop", "length"):
             self.success(reason)
@@ -239,6 +270,11 @@ class ServerMetrics:
         self.success(finish_reason).inc()
         self.prompt_len.observe(stats.prompt_tokens)
         self.output_len.observe(stats.generated_tokens)
+        self.mismatch_latency.observe(stats.mismatch_s)
+
+    def policy_finding(self, rule: str, action: str):
+        """The counter of one policy rule's findings with one action (block or flag)."""
+        return self.policy_violations.labels(self.model_name, rule, action)
 
     def observe_breaker(self, state: BreakerState) -> None:
         self.breaker_state.set(int(state))

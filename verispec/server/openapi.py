@@ -52,9 +52,10 @@ class SpeculationStats(BaseModel):
     tokens_per_verifier_call: float | None
     proposer_failures: int
     fallback_rounds: int
+    mismatch_ms: float = Field(description="time spent on drafts the verifier rejected: their share of proposing and verifying")
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "content_filter"]  # content_filter: the policy gate stopped it
 
 
 class _Envelope(BaseModel):
@@ -225,6 +226,29 @@ CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
 MODELS_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": ModelList, "description": "the one model this server serves"},
     **ERROR_RESPONSES,
+}
+class VerifyRound(BaseModel):
+    """One round of the verify API: what the verifier made of the client's drafts."""
+
+    object: Literal["verify.round"]
+    session_id: str = Field(description="send it with the next round's drafts")
+    round: int | None = Field(None, description="rounds so far in this session")
+    proposed: int | None = Field(None, description="drafts scored (the client's, within the token budget)")
+    accepted: int | None = Field(None, description="the longest prefix of them the verifier kept")
+    token_ids: list[int] | None = Field(None, description="what extends the verified context: accepted drafts, then the recovered or bonus token")
+    text: str | None = Field(None, description="the verified text these tokens add")
+    position: int = Field(description="verified tokens now, prompt included: the next round's position")
+    finish_reason: Literal["stop", "length", "content_filter", "closed"] | None
+    usage: Usage | None = None
+    speculation_stats: SpeculationStats | None = None
+
+
+VERIFY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": VerifyRound, "description": "the round's verdict and verified tokens"},
+    **ERROR_RESPONSES,
+    404: {"model": ErrorBody, "description": "no such session for this API key"},
+    409: {"model": ErrorBody, "description": "a round of this session is in flight, or the position is not the session's"},
+    410: {"model": ErrorBody, "description": "the session has ended (finished, closed or expired)"},
 }
 READY_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": Ready, "description": "ready to serve"},

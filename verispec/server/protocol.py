@@ -22,7 +22,10 @@ Extensions (send them with the openai client's `extra_body`):
 - `task`: a tag (e.g. "code", "chat") the per-request proposer choice can keep its figures by;
 - `proposer`: run this request on the named proposer of the server (one of its `--proposers`,
   its `--proposer`, or `canary`), bypassing the per-request choice and the canary split; such
-  pinned requests feed neither's figures (for side-by-side comparisons and debugging).
+  pinned requests feed neither's figures (for side-by-side comparisons and debugging);
+- `provisional` (streaming only): also send each round's drafts as soon as the proposer makes
+  them, as `event: provisional`, and the verifier's answer as `event: verdict` before the round's
+  verified chunk. The plain `data:` chunks stay exactly the verified text.
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ class _Request(_Part):
     speculation_stats: bool | None = None
     task: Tag | None = None  # a tag the per-request proposer choice may key on
     proposer: Tag | None = None  # pin the request to one of the server's proposers
+    provisional: bool | None = None  # stream drafts before their verdict, as named SSE events
 
     @model_validator(mode="before")
     @classmethod
@@ -261,6 +265,7 @@ def speculation_stats(stats: RequestStats, proposer: str | None = None) -> dict:
         "tokens_per_verifier_call": stats.tokens_per_verifier_call,
         "proposer_failures": stats.proposer_failures + stats.proposer_timeouts,
         "fallback_rounds": stats.fallback_rounds,
+        "mismatch_ms": round(stats.mismatch_s * 1e3, 3),  # time spent on rejected drafts
     }
 
 

@@ -30,6 +30,8 @@ from verispec.config import Depth, SamplingParams, ServerSettings
 from verispec.core.batch import BatchEngine
 from verispec.core.engine import Delta, SpeculativeEngine
 from verispec.errors import UserError
+from verispec.proposers.base import Proposal
+from verispec.proposers.remote import RemoteDrafts
 from verispec.server.breaker import CircuitBreaker
 from verispec.server.metrics import ServerMetrics
 
@@ -69,6 +71,13 @@ class Cancelled:
     """The last event of a job that was cancelled on its behalf (client gone, shutdown)."""
 
 
+@dataclass(frozen=True)
+class Provisional:
+    """Draft tokens the proposer made for a job's round, before the verifier has seen them."""
+
+    token_ids: list[int]
+
+
 @dataclass(eq=False)
 class Job:
     request_id: str
@@ -97,12 +106,23 @@ class Job:
     pinned: bool = False  # the client named the proposer; its figures teach the choice nothing
     stream: Iterator[Delta] | None = None  # interleaved: the engine's generator for this job
     request: object = None  # batched: its BatchRequest in the core
+    remote: RemoteDrafts | None = None  # a verify-API session: its edge client proposes
+    provisional: bool = False  # the client wants each round's drafts before their verdict
     cancelled: bool = False
-    outcome: str | None = None  # ok, cancelled, deadline, error
+    cancel_outcome: str = "cancelled"  # what the cancellation is counted as
+    outcome: str | None = None  # ok, cancelled, deadline, error, expired, content_filter
 
-    def cancel(self) -> None:
-        """Ask the engine thread to drop this job (the client went away)."""
+    def cancel(self, outcome: str = "cancelled") -> None:
+        """Ask the engine thread to drop this job: the client went away (or, with another outcome,
+        its session expired, or the policy gate stopped it)."""
+        if not self.cancelled:
+            self.cancel_outcome = outcome
         self.cancelled = True
+
+    @property
+    def parked(self) -> bool:
+        """A verify-API session between rounds: nothing for the engine to do until drafts come."""
+        return self.request is not None and self.request.parked and not self.cancelled
 
     def _push(self, item) -> None:
         try:
@@ -149,6 +169,9 @@ class Scheduler:
         self._stopped = False
         self._typical_s: float | None = None  # moving average of end-to-end latency, for Retry-After
         self._thread = threading.Thread(target=self._loop, name="verispec-engine", daemon=True)
+        self._by_request: dict[object, Job] = {}  # the batched core's requests -> their jobs, this pass
+        if batch is not None:
+            batch.on_proposed = self._proposed
 
     # -- the asyncio side ------------------------------------------------------------------
 
@@ -169,6 +192,12 @@ class Scheduler:
                 )
             self._waiting.append(job)
             self._publish_load()
+            self._cv.notify()
+
+    def offer(self, job: Job, proposal: Proposal) -> None:
+        """A verify-API session's drafts for its next round."""
+        with self._cv:
+            job.remote.pending = proposal
             self._cv.notify()
 
     @property
@@ -206,6 +235,10 @@ class Scheduler:
                     self._cv.wait()
                 if self._stopped and not self._running and not self._waiting:
                     return
+                if not self._waiting and all(job.parked for job in self._running):
+                    # Only sessions waiting for their clients' drafts: sleep until `offer` (or, for a
+                    # cancellation or a deadline, the next look).
+                    self._cv.wait(timeout=0.25)
                 self._expire_waiting()
                 self._admit()
                 running = list(self._running)
@@ -223,6 +256,7 @@ class Scheduler:
     def _batched_step(self, running: list[Job]) -> None:
         """One pass of the batched core for all running jobs."""
         running = [job for job in running if not self._ended(job)]
+        self._by_request = {job.request: job for job in running}
         try:
             results = self.batch.step()
         except Exception as exc:
@@ -231,21 +265,27 @@ class Scheduler:
                 self._finish(job, "error", exc)
             return
         self.metrics.observe_cache(self.batch)
-        jobs = {job.request: job for job in running}
         now = time.monotonic()
         for request, delta in results:
-            job = jobs.get(request)
+            job = self._by_request.get(request)
             if job is None or job.outcome is not None:
                 continue
             if delta.round is not None:
                 job.engine_s += delta.round.verify_s + delta.round.propose_s
             self._deliver(job, delta, now)
 
+    def _proposed(self, proposals: dict) -> None:
+        """A pass's drafts, before they are scored: to the clients that asked for them."""
+        for request, proposal in proposals.items():
+            job = self._by_request.get(request)
+            if job is not None and job.provisional and not job.cancelled:
+                job._push(Provisional(list(proposal.tokens)))
+
     def _expire_waiting(self) -> None:
         now = time.monotonic()
         for job in list(self._waiting):
             if job.cancelled or self._stopped:
-                self._finish(job, "cancelled", Cancelled())
+                self._finish(job, job.cancel_outcome if job.cancelled else "cancelled", Cancelled())
             elif job.deadline is not None and now >= job.deadline:
                 self._finish(job, "deadline", DeadlineExceeded("the request's deadline passed while it waited in the queue"))
 
@@ -262,9 +302,10 @@ class Scheduler:
                 job.stream = engine.stream(job.prompt_ids, job.params, depth=job.depth, depth_limit=depth_limit, inspect=job.inspect)
             else:
                 try:
+                    proposer = None if job.remote is not None else engine.proposer  # a session's client proposes
                     job.request = self.batch.add(
-                        job.request_id, job.prompt_ids, job.params, engine.speculation, engine.proposer, depth=job.depth,
-                        depth_limit=depth_limit, inspect=job.inspect,
+                        job.request_id, job.prompt_ids, job.params, engine.speculation, proposer, depth=job.depth,
+                        depth_limit=depth_limit, inspect=job.inspect, remote=job.remote,
                     )
                 except UserError as exc:
                     self._finish(job, "error", exc)
@@ -277,7 +318,7 @@ class Scheduler:
     def _ended(self, job: Job) -> bool:
         """Finish a job that was cancelled or ran past its deadline; True if so."""
         if job.cancelled:
-            self._finish(job, "cancelled", Cancelled())
+            self._finish(job, job.cancel_outcome, Cancelled())
         elif job.deadline is not None and time.monotonic() >= job.deadline:
             self._finish(job, "deadline", DeadlineExceeded("the request ran past its deadline"))
         else:

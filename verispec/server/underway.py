@@ -1,0 +1,116 @@
+"""A request from admission to its end, and its conclusion: the span, the log line and the audit
+record every generation leaves behind, built in one place for the completions, the chat and the
+verify API (a session is one request however many rounds it takes)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from verispec.audit.records import Finished
+from verispec.config import SamplingParams
+from verispec.core.engine import Delta
+from verispec.server.scheduler import Job
+
+if TYPE_CHECKING:
+    from verispec.policy import Violation
+    from verispec.server.app import State
+
+log = logging.getLogger("verispec.server")
+
+
+@dataclass
+class Underway:
+    request_id: str
+    key_id: str
+    endpoint: str
+    operation: str  # chat, text_completion, verify
+    job: Job
+    prompt_ids: list[int]
+    prompt_text: str
+    params: SamplingParams
+    span: Any
+    arrived: datetime  # UTC, for the record
+    edge: dict[str, Any] | None = None  # a verify session's round trips and bytes
+    findings: list[Violation] = field(default_factory=list)  # the policy gate's, block and flag
+
+
+async def conclude(
+    state: State, underway: Underway, outcome: str, status: int, delta: Delta | None = None, text: str = "",
+    error: str | None = None, wait: bool = False,
+) -> bool:
+    """Metrics aside (the scheduler counts), everything a finished request leaves behind: its span,
+    its log line and its audit record. `text` is what the client received, never more. With
+    `wait`: whether the record is committed, that is, whether the response may be acknowledged."""
+    job = underway.job
+    stats = delta.stats if delta is not None else job.stats
+    if outcome == "ok" and stats is not None and stats.fallback_rounds:
+        outcome = "fallback"
+    finish_reason = delta.finish_reason if delta is not None else None
+    blocked = next((f for f in underway.findings if f.action == "block"), None)
+    if blocked is not None:
+        finish_reason = "content_filter"
+    latency = time.monotonic() - job.arrived
+    ttft = None if job.first_token is None else job.first_token - job.arrived
+    tpot = None
+    if job.first_token is not None and job.last_token is not None and job.generated > 1:
+        tpot = (job.last_token - job.first_token) / (job.generated - 1)
+    identity = state.identities.get(job.proposer) or (state.auditor.identity if state.auditor else None)
+    attributes = {
+        "gen_ai.response.model": state.model_name,
+        "gen_ai.response.finish_reasons": [finish_reason] if finish_reason else None,
+        "gen_ai.usage.input_tokens": len(underway.prompt_ids),
+        "gen_ai.usage.output_tokens": job.generated,
+        "verispec.outcome": outcome,
+        "verispec.proposer.name": identity.proposer if identity else None,
+        "verispec.proposer.version": identity.proposer_version if identity else None,
+        "verispec.model.version": identity.model_version if identity else None,
+    }
+    if stats is not None:
+        attributes.update({
+            "verispec.proposed": stats.proposed, "verispec.accepted": stats.accepted, "verispec.rejected": stats.rejected,
+            "verispec.recovered": stats.recovered, "verispec.bonus": stats.bonus, "verispec.verifier_calls": stats.verifier_calls,
+            "verispec.acceptance_rate": stats.acceptance_rate, "verispec.mean_depth": (sum(stats.depths) / len(stats.depths)) if stats.depths else None,
+            "verispec.fallback_rounds": stats.fallback_rounds, "verispec.mismatch_s": stats.mismatch_s,
+        })
+    if underway.edge:
+        attributes.update({f"verispec.edge.{name}": value for name, value in underway.edge.items()})
+    if underway.findings:
+        attributes["verispec.policy.rules"] = [f.rule for f in underway.findings]
+        attributes["verispec.policy.actions"] = [f.action for f in underway.findings]
+    if state.telemetry_settings.log_content:  # redaction is CPU work: off the event loop
+        redacted = await state.off_loop(lambda: (state.redactor.redact(underway.prompt_text), state.redactor.redact(text)))
+        attributes["verispec.prompt"], attributes["verispec.output"] = redacted
+    state.telemetry.end_request(
+        underway.span, job.rounds, attributes, error, underway.operation, latency,
+        ttft if outcome in ("ok", "fallback") else None, tpot,
+    )
+    fields = {"key_id": underway.key_id, "outcome": outcome, "status": status, "prompt_tokens": len(underway.prompt_ids),
+              "completion_tokens": job.generated, "latency_s": round(latency, 4),
+              "ttft_s": None if ttft is None else round(ttft, 4),
+              "acceptance_rate": stats.acceptance_rate if stats is not None else None}
+    if blocked is not None:
+        fields.update(policy_rule=blocked.rule, policy_position=blocked.position)
+    if state.telemetry_settings.log_content:
+        fields.update(prompt=redacted[0], output=redacted[1])
+    log.info("%s %s", underway.operation, outcome, extra=fields)
+    # A blocked response's drift samples are dropped: their token ids could spell what the gate held back.
+    mismatches = () if blocked is not None else tuple(job.mismatches)
+    done = Finished(
+        request_id=underway.request_id, arrived=underway.arrived, key_id=underway.key_id, endpoint=underway.endpoint,
+        outcome=outcome, status=status, params=underway.params, prompt=underway.prompt_text, output=text, stats=stats,
+        finish_reason=finish_reason, latency_s=latency, ttft_s=ttft, error=error, mismatches=mismatches,
+        identity=identity, edge=underway.edge, policy=[_finding(f) for f in underway.findings] or None,
+    )
+    if wait:
+        return await state.audit_record(done, wait=True)
+    state.spawn(state.audit_record(done, wait=False))
+    return True
+
+
+def _finding(violation: Violation) -> dict[str, Any]:
+    """A finding as the audit trail keeps it: the rule and where, never the matched text."""
+    return {"rule": violation.rule, "action": violation.action, "position": violation.position, "length": violation.length}

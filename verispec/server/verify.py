@@ -1,0 +1,337 @@
+"""The verify API: an edge client proposes, this server verifies.
+
+A client far from the server (a laptop, a phone-class device, a CPU pool near its users) runs the
+proposer; the server runs only the verifier. One `POST /v1/verify` is one round:
+
+- the first call opens a session: the prompt (text or token ids), the sampling settings, and the
+  drafts the client made from the prompt;
+- later calls send the session id, the client's verified length (`position`) and up to
+  `--verify-max-drafts` new drafts, with the distributions they were drawn from when sampling
+  (`draft_probs`, sparse: the ids and probabilities of each distribution's support);
+- each answer gives the accepted count and the tokens that extend the verified context (the
+  accepted drafts and the recovered or bonus token), decided by the engine's own acceptance rule.
+
+The session keeps its KV on the server between rounds, holds a running slot like a request (it
+counts against admission), expires after `--verify-idle-s` without a round, and leaves one audit
+record when it ends. A round whose answer was lost on the way (a timeout, a hang-up) can be sent
+again: the same position and drafts get the same answer, without a second round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import Field, StrictFloat, StrictInt
+
+from verispec.audit.records import utc_now
+from verispec.proposers.base import Proposal
+from verispec.proposers.remote import RemoteDrafts
+from verispec.server.errors import APIError, bad_request
+from verispec.server.openapi import VERIFY_RESPONSES
+from verispec.server.protocol import _Part, _Request, speculation_stats, usage
+from verispec.server.reply import Reply
+from verispec.server.scheduler import Job, Overloaded
+from verispec.server.underway import Underway
+
+if TYPE_CHECKING:
+    from verispec.server.app import Service, State
+
+log = logging.getLogger("verispec.server")
+
+_TOMBSTONES = 4096  # ended sessions remembered, so that a late call hears why (410), not "unknown" (404)
+_FIXED = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+
+
+class DraftDistribution(_Part):
+    """The distribution a draft was drawn from, as its support: token ids and their probabilities."""
+
+    ids: list[StrictInt] = Field(min_length=1)
+    probs: list[StrictFloat | StrictInt] = Field(min_length=1)
+
+
+class VerifyRequest(_Request):
+    session_id: str | None = Field(None, max_length=64)
+    prompt: str | list[StrictInt] | None = None  # opens a session
+    position: StrictInt | None = Field(None, ge=1)  # the client's verified length: prompt + accepted tokens
+    drafts: list[StrictInt] = Field(default_factory=list)
+    draft_probs: list[DraftDistribution] | None = None
+    close: bool = False  # end the session now (the client stopped early)
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    key_id: str
+    underway: Underway
+    reply: Reply
+    position: int  # verified tokens: prompt + generated
+    last_active: float = field(default_factory=time.monotonic)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    rounds: int = 0
+    bytes: int = 0
+    last: tuple[int, tuple[int, ...], dict] | None = None  # (position before, drafts, answer) of the last round
+
+    @property
+    def job(self) -> Job:
+        return self.underway.job
+
+
+class Sessions:
+    """Open sessions by id, each bound to the API key that opened it, and the recently ended."""
+
+    def __init__(self, idle_s: float):
+        self.idle_s = idle_s
+        self.open: dict[str, Session] = {}
+        self.ended: OrderedDict[str, tuple[str, str, tuple | None]] = OrderedDict()  # id -> (key_id, why, last round)
+
+    def replay(self, session_id: str, key_id: str, position: int | None, drafts: tuple[int, ...]) -> dict | None:
+        """The answer to a round sent again, the last one of a session (open or just finished)."""
+        session = self.open.get(session_id)
+        if session is not None:
+            key, last = session.key_id, session.last
+        else:
+            key, _, last = self.ended.get(session_id, (None, None, None))
+        if key == key_id and last is not None and position == last[0] and drafts == last[1]:
+            return last[2]
+        return None
+
+    def get(self, session_id: str, key_id: str) -> Session:
+        session = self.open.get(session_id)
+        if session is not None and session.key_id == key_id:
+            return session
+        key, why, _ = self.ended.get(session_id, (None, None, None))
+        if key == key_id:  # only its own key hears that it existed
+            code = "session_expired" if why == "expired" else "session_ended"
+            raise APIError(410, f"session {session_id} has ended ({why}); open a new one with a prompt", code=code, param="session_id")
+        raise APIError(404, f"no session {session_id} for this API key; open one with a prompt", code="session_not_found", param="session_id")
+
+    def add(self, session: Session) -> None:
+        self.open[session.id] = session
+
+    def end(self, session: Session, why: str) -> bool:
+        """Close a session; False if it had already ended."""
+        if self.open.pop(session.id, None) is None:
+            return False
+        self.ended[session.id] = (session.key_id, why, session.last if why == "finished" else None)
+        while len(self.ended) > _TOMBSTONES:
+            self.ended.popitem(last=False)
+        return True
+
+    def idle(self) -> list[Session]:
+        """Sessions past their idle time, with no round in flight."""
+        cutoff = time.monotonic() - self.idle_s
+        return [s for s in self.open.values() if s.last_active < cutoff and not s.lock.locked()]
+
+
+def verify_routes(state: State, authorize) -> APIRouter:
+    router = APIRouter()
+    sessions: Sessions = state.sessions
+    metrics = state.metrics
+
+    @router.post("/v1/verify", responses=VERIFY_RESPONSES)
+    async def verify(body: VerifyRequest, request: Request, key_id: str = Depends(authorize)) -> Response:
+        service = state.ready()
+        if body.model != state.model_name:
+            raise bad_request(f"unknown model '{body.model}'; this server serves '{state.model_name}'", param="model", code="model_not_found")
+        body.refuse_unsupported()
+        if body.stream:
+            raise bad_request("the verify API answers each round in one response; leave stream unset", param="stream")
+        if service.scheduler.batch is None:
+            raise bad_request("the verify API needs the batched engine; this server runs --scheduler interleaved")
+        if state.policy is not None and state.policy.needs_hold_back:
+            raise bad_request(
+                "the verify API is refused under this server's policy: it holds verified text back until its rules have "
+                "passed it, and a round's tokens are sent as soon as they are verified", code="policy_forbids_verify",
+            )
+        size = len(await request.body())
+        if body.session_id is None:
+            if body.prompt is None:
+                raise bad_request("send a prompt to open a session, or a session_id to continue one", param="prompt")
+            return await _open(body, request, service, key_id, size)
+        if given := [name for name in _FIXED if getattr(body, name) is not None]:
+            raise bad_request(f"{', '.join(given)} are fixed when a session opens; send only drafts with a session_id", param=given[0])
+        if (answer := sessions.replay(body.session_id, key_id, body.position, tuple(body.drafts))) is not None:
+            request.state.audited = True  # the session's record covers its rounds
+            return JSONResponse(answer)  # a round sent again: its answer was lost on the way
+        session = sessions.get(body.session_id, key_id)
+        if session.lock.locked():
+            raise APIError(409, "a round of this session is in flight; send the next one after its answer", code="round_in_flight")
+        async with session.lock:
+            return await _continue(session, body, request, service, size)
+
+    async def _open(body: VerifyRequest, request: Request, service: Service, key_id: str, size: int) -> Response:
+        if isinstance(body.prompt, str):
+            prompt_text = body.prompt
+            try:
+                prompt_ids = (await state.off_loop(service.tokenizer, prompt_text)).input_ids
+            except Exception:  # whatever the text holds, the client gets a 400
+                raise bad_request("the prompt could not be tokenized; send valid UTF-8 text", param="prompt") from None
+        else:
+            vocab = service.engine.target.vocab_size
+            if any(not 0 <= t < vocab for t in body.prompt):
+                raise bad_request(f"prompt token ids must lie in [0, {vocab})", param="prompt")
+            prompt_ids = list(body.prompt)
+            prompt_text = await state.off_loop(service.tokenizer.decode, prompt_ids)
+        if not prompt_ids:
+            raise bad_request("the prompt is empty", param="prompt")
+        if body.position is not None and body.position != len(prompt_ids):
+            raise APIError(409, f"the prompt has {len(prompt_ids)} tokens here, not {body.position}: tokenize it with the server's tokenizer", code="position_mismatch", param="position")
+        params = await state.admit(request, service, body, prompt_ids, body.max_tokens, key_id)
+        proposal = _proposal(body, service, params.greedy)
+        request_id = request.state.request_id
+        deadline = time.monotonic() + state.server.deadline_s if state.server.deadline_s else None
+        job = Job(request_id, prompt_ids, params, None, deadline, asyncio.get_running_loop())
+        job.remote, job.proposer, job.pinned, job.guarded = RemoteDrafts(proposal), "edge", True, False
+        job.keep_rounds = state.telemetry.enabled
+        session_id = "vs-" + uuid.uuid4().hex
+        span = state.telemetry.start_request("verify", request.headers, {
+            "gen_ai.request.max_tokens": params.max_new_tokens, "gen_ai.request.temperature": params.temperature,
+            "gen_ai.request.top_p": params.top_p, "gen_ai.request.top_k": params.top_k or None, "gen_ai.request.seed": params.seed,
+            "gen_ai.response.id": session_id, "verispec.request_id": request_id, "verispec.api_key_id": key_id,
+            "verispec.edge.session_id": session_id,
+        })
+        request.state.audited = True
+        underway = Underway(request_id, key_id, "/v1/verify", "verify", job, prompt_ids, prompt_text, params, span, utc_now(), edge={})
+        try:
+            service.scheduler.submit(job)
+        except Overloaded as exc:
+            metrics.outcome("rejected").inc()
+            await state.conclude(underway, "rejected", 503, error=str(exc))
+            raise APIError(503, str(exc), code="overloaded", headers={"Retry-After": str(math.ceil(exc.retry_after_s))}) from None
+        session = Session(session_id, key_id, underway, Reply(underway, None, state.policy.gate() if state.policy else None, metrics), len(prompt_ids))
+        sessions.add(session)
+        metrics.verify_sessions.inc()
+        async with session.lock:
+            return await _round(session, proposal, size)
+
+    async def _continue(session: Session, body: VerifyRequest, request: Request, service: Service, size: int) -> Response:
+        if body.position is not None and body.position != session.position:
+            raise APIError(
+                409, f"the session is at position {session.position}, this round was made at {body.position}; "
+                "continue from the last answer's position", code="position_mismatch", param="position",
+            )
+        if session.id not in sessions.open:  # ended while this call waited for the lock
+            sessions.get(session.id, session.key_id)
+        if body.close:
+            request.state.audited = True
+            session.job.cancel()
+            await _end(session, "closed", "cancelled", 200)
+            return JSONResponse({"object": "verify.round", "session_id": session.id, "finish_reason": "closed", "position": session.position})
+        proposal = _proposal(body, service, session.underway.params.greedy)
+        request.state.audited = True  # the session's record covers its rounds
+        service.scheduler.offer(session.job, proposal)
+        return await _round(session, proposal, size)
+
+    async def _round(session: Session, proposal: Proposal, size: int) -> Response:
+        """Wait for the round the drafts are in, and answer it."""
+        before = session.position
+        try:
+            delta = await session.reply.next_verified()
+        except APIError as exc:
+            outcome = {504: "deadline", 410: "expired", 503: "cancelled"}.get(exc.status, "error")
+            await _end(session, outcome, outcome, exc.status, error=exc.message)
+            raise
+        finally:
+            session.last_active = time.monotonic()
+        round_ = delta.round
+        blocked = delta.finish_reason == "content_filter"
+        token_ids = [] if blocked else delta.token_ids
+        session.position += len(token_ids)
+        session.rounds += 1
+        proposed = round_.proposed if round_ is not None else 0
+        accepted = round_.accepted if round_ is not None else 0
+        metrics.client_drafts(session.key_id).inc(proposed)
+        metrics.client_accepted(session.key_id).inc(accepted)
+        answer: dict[str, Any] = {
+            "object": "verify.round", "session_id": session.id, "round": session.rounds, "proposed": proposed,
+            "accepted": accepted, "token_ids": token_ids, "text": delta.text, "position": session.position,
+            "finish_reason": delta.finish_reason,
+        }
+        if delta.finish_reason is not None:
+            answer["usage"] = usage(delta.stats)
+            answer["speculation_stats"] = speculation_stats(delta.stats, "edge")
+        body = json.dumps(answer, separators=(",", ":"))
+        session.bytes += size + len(body)
+        metrics.verify_round_bytes.observe(size + len(body))
+        session.last = (before, tuple(proposal.tokens), answer)
+        if delta.finish_reason is not None:
+            outcome = "content_filter" if blocked else "ok"
+            if not await _end(session, "finished", outcome, 200, delta=delta, wait=True):
+                raise state.unacknowledged()  # the answer that ends a session is its acknowledgement
+        return Response(body, media_type="application/json")
+
+    async def _end(session: Session, why: str, outcome: str, status: int, delta=None, error: str | None = None, wait: bool = False) -> bool:
+        """Close the session and conclude it as one request: span, log line, audit record."""
+        if not sessions.end(session, why):
+            return True
+        metrics.verify_sessions.dec()
+        metrics.verify_round_trips.observe(session.rounds)
+        rounds, sent = session.rounds, session.bytes
+        session.underway.edge.update(round_trips=rounds, bytes=sent, bytes_per_round=round(sent / rounds) if rounds else 0)
+        return await state.conclude(session.underway, outcome, status, delta, session.reply.released, error=error, wait=wait)
+
+    async def sweep() -> None:
+        """Expire idle sessions: their slots and KV go to others."""
+        for session in sessions.idle():
+            log.info("verify session %s expired after %.0fs idle", session.id, sessions.idle_s)
+            session.job.cancel("expired")
+            await _end(session, "expired", "expired", 410, error=f"idle for more than {sessions.idle_s:g}s")
+
+    async def close_all() -> None:
+        """Shutdown: every open session ends, and is recorded."""
+        for session in list(sessions.open.values()):
+            session.job.cancel()
+            await _end(session, "shutdown", "cancelled", 503, error="the server shut down")
+
+    router.sweep = sweep  # the app's lifespan runs these
+    router.close_all = close_all
+    return router
+
+
+def _proposal(body: VerifyRequest, service: Service, greedy: bool) -> Proposal:
+    """The client's drafts as the acceptance rule takes them; a 400 for anything it cannot take."""
+    drafts = body.drafts
+    target = service.engine.target
+    vocab = target.vocab_size
+    limit = service.scheduler.server.verify_max_drafts
+    if len(drafts) > limit:
+        raise bad_request(f"{len(drafts)} drafts in one round; this server takes at most {limit} (--verify-max-drafts)", param="drafts")
+    if any(not 0 <= t < vocab for t in drafts):
+        raise bad_request(f"draft token ids must lie in [0, {vocab})", param="drafts")
+    if body.draft_probs is None:
+        # Greedy needs no distributions; sampled drafts without them are taken as a deterministic
+        # guess (exact for an n-gram table, biased for drafts that were themselves sampled).
+        return Proposal(list(drafts))
+    if len(body.draft_probs) != len(drafts):
+        raise bad_request(f"{len(body.draft_probs)} draft distributions for {len(drafts)} drafts; send one per draft", param="draft_probs")
+    if greedy or not drafts:
+        return Proposal(list(drafts))
+    probs = torch.zeros(len(drafts), vocab, dtype=torch.float32)
+    for i, (token, dist) in enumerate(zip(drafts, body.draft_probs, strict=True)):
+        where = f"draft_probs[{i}]"
+        if len(dist.ids) != len(dist.probs):
+            raise bad_request(f"{where}: {len(dist.ids)} ids but {len(dist.probs)} probabilities", param="draft_probs")
+        if len(set(dist.ids)) != len(dist.ids) or any(not 0 <= t < vocab for t in dist.ids):
+            raise bad_request(f"{where}: ids must be distinct token ids in [0, {vocab})", param="draft_probs")
+        values = torch.tensor([float(p) for p in dist.probs], dtype=torch.float64)
+        if not torch.isfinite(values).all() or (values < 0).any() or (values > 1).any():
+            raise bad_request(f"{where}: probabilities must lie in [0, 1]", param="draft_probs")
+        total = float(values.sum())
+        if abs(total - 1.0) > 1e-3:
+            raise bad_request(f"{where}: probabilities sum to {total:.6f}, not 1; send the whole distribution the draft was drawn from", param="draft_probs")
+        row = dict(zip(dist.ids, values.tolist(), strict=True))
+        if row.get(token, 0.0) <= 0.0:
+            raise bad_request(f"{where}: the draft token {token} has no probability in its own distribution", param="draft_probs")
+        probs[i, torch.tensor(dist.ids)] = (values / total).float()
+    return Proposal(list(drafts), probs.to(target.device))
