@@ -1,6 +1,11 @@
-"""The verify API and the edge client over real HTTP: an edge proposer gets exactly the verifier's
-greedy output and samples its distribution; hostile rounds get a clear 4xx and leave the session
-as it was; sessions count against admission, expire when idle and are audited like requests."""
+"""Two-stage patterns over real HTTP, on one server.
+
+The verify API and the edge client: an edge proposer gets exactly the verifier's greedy output and
+samples its distribution; hostile rounds get a clear 4xx and leave the session as it was; sessions
+count against admission, expire when idle and are audited like requests.
+
+Provisional streaming: drafts arrive before their verdict, in order, and the verified chunks are
+exactly the verified-only response; a client that leaves mid-stream frees its slot."""
 
 from __future__ import annotations
 
@@ -38,10 +43,12 @@ def models(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(models, tmp_path_factory):
-    """No proposer of its own: the edge clients propose. Two keys; sessions idle for 3 s expire."""
+    """Verifier-only by default (the edge clients propose), with a draft for provisional streams
+    (pinned per request). Two keys; sessions idle for 3 s expire."""
     audit = tmp_path_factory.mktemp("audit") / "audit.db"
     proc = ServerProcess(
-        ["--target", models["target"], "--proposer", "none", "--max-running", "3", "--max-waiting", "0",
+        ["--target", models["target"], "--draft", models["draft"], "--proposers", "none,draft", "--depth", "3",
+         "--max-running", "3", "--max-waiting", "0",
          "--verify-idle-s", "3", "--audit-url", f"sqlite:///{audit}", "--audit-content", "--max-new-tokens", "48"],
         log_dir=tmp_path_factory.mktemp("logs"),
         env={"VERISPEC_API_KEYS": ",".join(f"{k}:{v}" for k, v in KEYS.items())},
@@ -264,3 +271,65 @@ def test_a_refused_round_raises_a_clear_error(server, models, tokenizer):
     with pytest.raises(EdgeError) as caught:
         edge.generate("t1 t2", max_tokens=4)
     assert caught.value.status == 400 and "unknown model" in str(caught.value)
+
+
+# -- provisional streaming ----------------------------------------------------------------------------
+
+
+def sse(server, body: dict, stop_after: int | None = None) -> list[tuple[str | None, dict | str]]:
+    """(event name, data) of a completions stream; with `stop_after`, hang up after that many events."""
+    events = []
+    headers = {"Authorization": f"Bearer {KEYS['alice']}"}
+    with httpx.stream("POST", server.url + "/v1/completions", json={"model": "target", "stream": True, **body},
+                      headers=headers, timeout=60) as response:  # fmt: skip
+        assert response.status_code == 200, response.read()
+        name = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                data = line.removeprefix("data: ")
+                events.append((name, data if data == "[DONE]" else json.loads(data)))
+                name = None
+                if stop_after is not None and len(events) >= stop_after:
+                    return events
+    return events
+
+
+def test_provisional_drafts_come_before_their_verdicts(server):
+    body = {"prompt": PROMPTS[4], "max_tokens": 40, "temperature": 0, "proposer": "draft"}
+    plain = httpx.post(server.url + "/v1/completions", json={"model": "target", **body},
+                       headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=60).json()  # fmt: skip
+    events = sse(server, {**body, "provisional": True})
+    assert events[-1] == (None, "[DONE]")
+    verified = "".join(d["choices"][0]["text"] for name, d in events[:-1] if name is None and d["choices"])
+    assert verified == plain["choices"][0]["text"]  # the final text is exactly the verified text
+    rounds = [d["round"] for name, d in events if name == "verdict"]
+    assert rounds == list(range(len(rounds))) and len(rounds) >= 2  # every round's verdict, in order
+    corrected = 0
+    for i, (name, data) in enumerate(events):
+        if name == "provisional":  # its verdict is the next named event, for the same round
+            verdict = next(d for n, d in events[i + 1:] if n is not None)
+            assert verdict["round"] == data["round"] and verdict["proposed"] == len(data["token_ids"])
+            corrected += verdict["accepted"] < verdict["proposed"]
+        if name == "verdict":  # the round's verified chunk follows its verdict
+            assert events[i + 1][0] is None
+    assert corrected >= 1  # the random draft is often wrong: corrections arrived too
+    # The openai client, which does not ask, sees only verified chunks (no named events at all).
+    assert all(name is None for name, _ in sse(server, body))
+
+
+def test_provisional_needs_a_stream(server):
+    response = httpx.post(server.url + "/v1/completions", json={"model": "target", "prompt": "t1", "provisional": True},
+                          headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=60)  # fmt: skip
+    assert response.status_code == 400 and "stream" in response.json()["error"]["message"]
+
+
+def test_a_provisional_client_that_leaves_frees_its_slot(server):
+    cancelled = metric(server.metrics(), "verispec:request_outcomes_total", outcome="cancelled")
+    body = {"prompt": PROMPTS[0], "max_tokens": 48, "temperature": 0, "proposer": "draft", "provisional": True}
+    events = sse(server, body, stop_after=2)
+    assert any(name == "provisional" for name, _ in events) or len(events) == 2
+    wait_for(lambda: metric(server.metrics(), "verispec:request_outcomes_total", outcome="cancelled") > cancelled,
+             what="the departed stream to be cancelled")  # fmt: skip
+    wait_for(lambda: metric(server.metrics(), "verispec:num_requests_running") == 0, what="its slot to free")
