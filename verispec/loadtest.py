@@ -4,7 +4,9 @@ N clients share a fixed count of requests (greedy completions over a prompt set)
 records what a user would see: time to first token, end-to-end latency, tokens, and the HTTP
 status. With `--compare-speculation` the run alternates phases with the server's speculation and
 verifier-only phases (the `depth: 0` extension), A B A B ..., against the same server, so that
-machine drift hits both alike; figures are then given per configuration.
+machine drift hits both alike; figures are then given per configuration. With `--provisional`
+the requests also ask for the drafts before their verdict (`event: provisional`), and the report
+sets the time to the first draft token beside the time to the first verified one.
 
 With `--table` it starts its own servers instead, one `verispec serve` per scheduler (batched,
 interleaved), and measures a grid of cells, concurrency x proposer x scheduler, plus two
@@ -56,6 +58,10 @@ class Sample:
     # The first chunk with a choice, text or not (an answer that starts with EOS has no text):
     # the server sends it once the first token is computed.
     first_chunk_s: float | None = None
+    # With --provisional: the first `event: provisional` that carries draft tokens, in seconds since
+    # the request was sent. Drafts are unverified, so this is what a client that shows them early
+    # gains over `ttft_s`; the named events are never counted as chunks or tokens.
+    provisional_s: float | None = None
 
 
 @dataclass
@@ -81,7 +87,23 @@ def itl_gaps(chunk_times: list[float]) -> list[float]:
     return [b - a for a, b in zip(chunk_times, chunk_times[1:], strict=False)]
 
 
-def summarize(name: str, phases: list[Phase]) -> dict:
+def provisional_figures(ok: list[Sample]) -> dict:
+    """Time to the first provisional (draft) token beside time to the first verified token, over
+    the successful streams; the ratios are provisional / verified, so below 1 means drafts come first."""
+    provisional = [s.provisional_s for s in ok if s.provisional_s is not None]
+    ttfts = [s.ttft_s for s in ok if s.ttft_s is not None]
+    figures = {
+        "provisional_streams": len(provisional),  # of `ok`: the streams that got a draft at all
+        "provisional_p50_s": _percentile(provisional, 50),
+        "provisional_p90_s": _percentile(provisional, 90),
+        "ttft_p90_s": _percentile(ttfts, 90),  # the verified p50 is ttft_p50_s
+    }
+    figures["provisional_over_ttft_p50"] = _ratio(figures["provisional_p50_s"], _percentile(ttfts, 50))
+    figures["provisional_over_ttft_p90"] = _ratio(figures["provisional_p90_s"], figures["ttft_p90_s"])
+    return figures
+
+
+def summarize(name: str, phases: list[Phase], provisional: bool = False) -> dict:
     samples = [s for p in phases for s in p.samples]
     ok = [s for s in samples if s.status == 200 and s.error is None]
     latencies = [s.latency_s for s in ok]
@@ -90,7 +112,7 @@ def summarize(name: str, phases: list[Phase]) -> dict:
     tokens = sum(s.tokens for s in ok)
     wall = sum(p.wall_s for p in phases)
     statuses = Counter(str(s.status) if s.error is None else f"{s.status}:{s.error}" for s in samples)
-    return {
+    summary = {
         "name": name,
         "requests": len(samples),
         "ok": len(ok),
@@ -110,13 +132,17 @@ def summarize(name: str, phases: list[Phase]) -> dict:
         "requests_per_s": len(ok) / wall if wall > 0 else None,
         "mean_latency_s": statistics.fmean(latencies) if latencies else None,
     }
+    return {**summary, **provisional_figures(ok)} if provisional else summary
 
 
 async def _one(client: httpx.AsyncClient, body: dict, on_first: Callable[[], None] | None = None) -> Sample:
-    """One streaming completion, as its user sees it. `on_first` is called at its first text."""
+    """One streaming completion, as its user sees it. `on_first` is called at its first text.
+    Named events (`event: provisional`, `event: verdict`) are kept apart from the OpenAI chunks:
+    only the first draft's arrival is recorded, their data never counts as text or tokens."""
     started = time.perf_counter()
     sample = Sample(0, 0.0, sent_at=started)
     usage_tokens = None
+    event = None  # the name of the SSE event being read; None for the plain OpenAI chunks
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
             sample.status = response.status_code
@@ -125,9 +151,20 @@ async def _one(client: httpx.AsyncClient, body: dict, on_first: Callable[[], Non
                 sample.latency_s = time.perf_counter() - started
                 return sample
             async for line in response.aiter_lines():
+                if line.startswith("event: "):
+                    event = line[7:].strip()
+                    continue
+                if not line:  # a blank line ends an event
+                    event = None
+                    continue
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 now = time.perf_counter() - started
+                if event is not None:
+                    if event == "provisional" and sample.provisional_s is None and _has_drafts(line[6:]):
+                        sample.provisional_s = now
+                    event = None
+                    continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
                     sample.error = (chunk["error"] or {}).get("code") or "error"
@@ -154,6 +191,15 @@ async def _one(client: httpx.AsyncClient, body: dict, on_first: Callable[[], Non
     # Usage counts tokens; without it, text chunks stand in (a speculative chunk may hold several).
     sample.tokens = usage_tokens if usage_tokens is not None else len(sample.chunk_times)
     return sample
+
+
+def _has_drafts(data: str) -> bool:
+    """Whether a provisional event carries tokens: a round the proposer left empty (depth 0 under
+    load, or a verifier-only request) shows the user nothing yet."""
+    try:
+        return bool(json.loads(data).get("token_ids"))
+    except (ValueError, AttributeError):
+        return False
 
 
 async def run_phase(
@@ -208,6 +254,7 @@ async def loadtest(
     rounds: int,
     warmup: int,
     wait_s: float = 60.0,
+    provisional: bool = False,
 ) -> dict:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     timeout = httpx.Timeout(600.0, connect=10.0)
@@ -219,6 +266,8 @@ async def loadtest(
         def bodies(texts: list[str], extra: dict) -> list[dict]:
             base = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                     "stream_options": {"include_usage": True}}
+            if provisional:  # drafts before their verdict, as named events beside the chunks
+                base["provisional"] = True
             return [{**base, **extra, "prompt": text} for text in texts]
 
         def texts(start: int, count: int) -> list[str]:
@@ -233,9 +282,10 @@ async def loadtest(
         for r in range(rounds):  # every configuration sees the same prompts, phases alternate
             for name, extra in configs:
                 phases[name].append(await run_phase(client, name, bodies(texts(r * per_phase, per_phase), extra), concurrency))
-    results = [summarize(name, runs) for name, runs in phases.items()]
+    results = [summarize(name, runs, provisional) for name, runs in phases.items()]
     return {
         "url": url,
+        **({"provisional": True} if provisional else {}),
         "model": model,
         "concurrency": concurrency,
         "requests_per_configuration": per_phase * rounds,
@@ -268,6 +318,25 @@ def print_report(report: dict) -> None:
         if a["tokens_per_s"] and b["tokens_per_s"]:
             console.print(f"{a['name']} / {b['name']}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
                             f"p50 latency {b['latency_p50_s'] / a['latency_p50_s']:.2f}x lower" if a["latency_p50_s"] else "")
+    if report.get("provisional"):
+        console.print(provisional_table(report["results"], f))
+
+
+def provisional_table(results: list[dict], f: Callable):
+    """Time to first token, provisional (the first draft, unverified) beside verified, per configuration."""
+    from rich.table import Table
+
+    table = Table(title="time to first token: provisional (first draft token, unverified) vs verified; "
+                        "ratio = provisional / verified, below 1 = drafts come first")
+    columns = ("configuration", "streams with drafts", "provisional p50 s", "provisional p90 s",
+               "verified p50 s", "verified p90 s", "ratio p50", "ratio p90")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    for r in results:
+        table.add_row(r["name"], f"{r['provisional_streams']}/{r['ok']}", f(r["provisional_p50_s"]), f(r["provisional_p90_s"]),
+                      f(r["ttft_p50_s"]), f(r["ttft_p90_s"]),
+                      _num(r["provisional_over_ttft_p50"], suffix="x"), _num(r["provisional_over_ttft_p90"], suffix="x"))
+    return table
 
 
 def default_prompts() -> list[Prompt]:
@@ -798,6 +867,10 @@ def _say(line: str) -> None:
 def _run_table(args: argparse.Namespace) -> int:
     if args.compare_speculation:
         raise UserError("--compare-speculation and --table do not go together: --table compares proposers itself")
+    if args.provisional:
+        raise UserError("--provisional and --table do not go together: the table's verifier-only cells have no drafts "
+                        "and its interleaved server refuses provisional streams; run --provisional with --url against "
+                        "one `verispec serve` (batched, with a proposer)")
     for name in ("requests", "max_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be 1 or more")
@@ -870,6 +943,9 @@ def add_loadtest_command(commands) -> None:
     command.add_argument("--max-tokens", type=int, default=None, help="max_tokens per request (default: 64; with --table 128)")
     command.add_argument("--api-key", default=None, help="API key, if the server wants one (env: VERISPEC_API_KEY)")
     command.add_argument("--compare-speculation", action="store_true", help="alternate speculative and verifier-only phases")
+    command.add_argument("--provisional", action="store_true",
+                         help="ask for drafts before their verdict (the `provisional` extension) and report the time "
+                              "to the first draft token beside the time to the first verified one")  # fmt: skip
     command.add_argument("--rounds", type=int, default=2, help="with --compare-speculation: A/B alternations (default: %(default)s)")
     command.add_argument("--warmup", type=int, default=2,
                          help="requests per configuration before timing; with --table per server and proposer "
@@ -923,6 +999,7 @@ def _run(args: argparse.Namespace) -> int:
     report = asyncio.run(loadtest(
         args.url.rstrip("/"), prompts, args.concurrency, args.requests, args.max_tokens,
         args.api_key or os.environ.get("VERISPEC_API_KEY"), args.compare_speculation, rounds, args.warmup, args.wait_s,
+        args.provisional,
     ))
     print_report(report)
     if args.out:
