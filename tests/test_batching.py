@@ -370,3 +370,55 @@ def test_block_pool_bookkeeping():
     assert len(pool._cached) == 3
     again.free()
     other.free()
+
+
+def test_drafting_ahead_shows_drafts_during_prefill_and_keeps_the_output(models):
+    """A provisional request's first drafts are made while its prompt still prefills (chunks of 16
+    rows here), announced then, and scored by its first round: the tokens are exactly those of
+    the same request without it, greedy and seeded sampling alike."""
+    prompt = prompts(41, 1, 100, 100)[0]
+    for params in (SamplingParams(max_new_tokens=24), SamplingParams(max_new_tokens=24, temperature=1.0, seed=3)):
+        speculation = SpeculationSettings(depth=3, proposer_timeout_s=60.0)
+        outputs = []
+        for ahead in (False, True):
+            core = engine(models, max_pass_tokens=16)
+            announced = []
+            core.on_proposed = lambda proposals, seen=announced: seen.extend((r.prefilling, list(p.tokens)) for r, p in proposals.items())
+            request = core.add("r", prompt, params, speculation, models["draft"], draft_ahead=ahead)
+            tokens = []
+            while core.busy:
+                tokens += [t for _, delta in core.step() for t in delta.token_ids]
+            outputs.append(tokens)
+            assert announced and announced[0][0] is ahead  # the first drafts came during prefill only when asked
+            assert all(not prefilling for prefilling, _ in announced[1:])
+            assert request.early is None
+        assert outputs[0] == outputs[1]
+
+
+def test_a_remote_request_is_parked_between_its_clients_rounds(models):
+    """A verify-API request runs a round only once its client's drafts are in; parked, it holds its
+    blocks but takes no rows, and what it emits is exactly verifier-only decoding."""
+    from verispec.proposers.base import Proposal
+    from verispec.proposers.remote import RemoteDrafts
+
+    prompt = prompts(43, 1, 20, 20)[0]
+    params = SamplingParams(max_new_tokens=12)
+    expected = run(engine(models, max_running=1), [("ref", prompt, params, None, 0)])["ref"]
+    core = engine(models)
+    remote = RemoteDrafts()
+    request = core.add("edge", prompt, params, SpeculationSettings(depth=3), None, remote=remote)
+    other = core.add("other", prompts(44, 1, 10, 10)[0], SamplingParams(max_new_tokens=40), SpeculationSettings(depth=0), None)
+    remote.pending = Proposal([])  # the first round's drafts came with the prompt: none
+    tokens = []
+    while request.prefilling or request.remote.pending is not None:
+        tokens += [t for r, delta in core.step() if r is request for t in delta.token_ids]
+    guesses = iter([[5, 6], expected[len(tokens) : len(tokens) + 3], [1, 2, 3], expected[len(tokens) + 5 : len(tokens) + 7]])
+    while request.generated < params.max_new_tokens:
+        assert request.parked
+        held = list(request.table.blocks)
+        assert request not in dict(core.step())  # the other request runs; this one does not
+        assert request.table.blocks == held
+        remote.pending = Proposal(next(guesses, []))  # the client's drafts arrive
+        tokens += [t for r, delta in core.step() if r is request for t in delta.token_ids]
+    assert tokens == expected
+    core.abort(other)

@@ -178,6 +178,7 @@ HOSTILE = [
     ({"drafts": [1], "draft_probs": "dense"}, 400, None),
     ({"temperature": 0.5}, 400, None),
     ({"stream": True}, 400, None),
+    ({"depth": 3}, 400, None),
     ({"position": 3}, 409, "position_mismatch"),
     ({"session_id": "vs-" + "0" * 32}, 404, "session_not_found"),
 ]

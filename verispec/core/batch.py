@@ -86,6 +86,8 @@ class BatchRequest:
     depth_limit: Callable[[], int] | None = None
     inspect: bool = False
     remote: RemoteDrafts | None = None  # an edge client's drafts (the verify API) in place of a proposer
+    draft_ahead: bool = False  # draft the first round while the prompt prefills (provisional streams)
+    early: Proposal | None = None  # those drafts, until the first round scores them
     acceptance: Acceptance = field(default_factory=Acceptance)
     session: object = None  # the proposer's per-request state (a session, or a DraftState)
     consecutive_failures: int = 0
@@ -151,6 +153,7 @@ class BatchEngine:
         depth_limit: Callable[[], int] | None = None,
         inspect: bool = False,
         remote: RemoteDrafts | None = None,
+        draft_ahead: bool = False,
     ) -> BatchRequest:
         prompt_ids = list(prompt_ids)
         if not prompt_ids:
@@ -185,6 +188,7 @@ class BatchEngine:
             depth_limit=depth_limit,
             inspect=inspect,
             remote=remote,
+            draft_ahead=draft_ahead,
         )
         self.waiting.append(request)
         return request
@@ -256,9 +260,11 @@ class BatchEngine:
         if not plan.rounds and not plan.chunks:
             return []
         started_ns = time.time_ns()
+        self._draft_ahead(plan)
+        announced = {r for r in plan.rounds if r.early is not None}  # shown while the prompt prefilled
         proposals, propose_s = self._propose(plan)
         if self.on_proposed is not None:
-            self.on_proposed({r: p for r, p in proposals.items() if p.tokens})
+            self.on_proposed({r: p for r, p in proposals.items() if p.tokens and r not in announced})
         segments = [Segment([r.tokens[-1], *proposals[r].tokens], r.table.computed, r.table) for r in plan.rounds]
         segments += [Segment(r.tokens[r.table.computed : r.table.computed + n], r.table.computed, r.table, logits=0) for r, n in plan.chunks]
         t0 = time.perf_counter()
@@ -297,12 +303,33 @@ class BatchEngine:
             deltas.append((request, delta))
         return deltas
 
+    def _draft_ahead(self, plan: Plan) -> None:
+        """Draft the first round of the requests that want it while their prompts prefill, so that
+        the drafts reach their clients before the verifier has read the whole prompt. The first
+        round scores these drafts: the context they continue does not change during prefill, and
+        no other random draw of the request comes between, so the output is what it would be."""
+        ahead = [r for r, _ in plan.chunks if r.draft_ahead and r.early is None and r.proposer is not None]
+        if not ahead:
+            return
+        early = Plan(rounds=ahead, depths=self.choose_depths(ahead))
+        proposals, _ = self._propose(early)
+        for request in ahead:
+            request.early = proposals[request]
+        if self.on_proposed is not None:
+            self.on_proposed({r: p for r, p in proposals.items() if p.tokens})
+
     def _propose(self, plan: Plan) -> tuple[dict[BatchRequest, Proposal], dict[BatchRequest, float]]:
         """Drafts for every round with a depth; an empty proposal wherever the proposer cannot help."""
         self._failed: set[BatchRequest] = set()
         proposals = {r: Proposal.empty() for r in plan.rounds}
         calls, inline, members = {}, {}, {}
-        drafting = [r for r in plan.rounds if plan.depths[r] > 0 and r.proposer is not None]
+        drafted = set()
+        for request in plan.rounds:
+            if request.early is not None:  # drafted while its prompt prefilled
+                proposals[request] = request.early.cut(plan.depths[request])
+                request.early = None
+                drafted.add(request)
+        drafting = [r for r in plan.rounds if plan.depths[r] > 0 and r.proposer is not None and r not in drafted]
         for request in drafting:
             batch = self.draft_batch(request.proposer)
             if batch is not None:

@@ -26,6 +26,12 @@ class Proposal:
     def empty(cls) -> Proposal:
         return cls([])
 
+    def cut(self, depth: int) -> Proposal:
+        """At most `depth` of the drafts (a round may take fewer than were made)."""
+        if len(self.tokens) <= depth:
+            return self
+        return Proposal(self.tokens[:depth], None if self.probs is None else self.probs[:depth])
+
 
 @dataclass(frozen=True)
 class DraftPolicy:

@@ -29,7 +29,4 @@ class RemoteDrafts:
         """The pending drafts, at most `depth` of them, for the round about to run."""
         proposal = self.pending or Proposal.empty()
         self.pending = None
-        if len(proposal.tokens) <= depth:
-            return proposal
-        probs = None if proposal.probs is None else proposal.probs[:depth]
-        return Proposal(proposal.tokens[:depth], probs)
+        return proposal.cut(depth)

@@ -305,7 +305,7 @@ class Scheduler:
                     proposer = None if job.remote is not None else engine.proposer  # a session's client proposes
                     job.request = self.batch.add(
                         job.request_id, job.prompt_ids, job.params, engine.speculation, proposer, depth=job.depth,
-                        depth_limit=depth_limit, inspect=job.inspect, remote=job.remote,
+                        depth_limit=depth_limit, inspect=job.inspect, remote=job.remote, draft_ahead=job.provisional,
                     )
                 except UserError as exc:
                     self._finish(job, "error", exc)

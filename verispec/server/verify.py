@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 import uuid
 from collections import OrderedDict
@@ -37,7 +36,7 @@ from pydantic import Field, StrictFloat, StrictInt
 from verispec.audit.records import utc_now
 from verispec.proposers.base import Proposal
 from verispec.proposers.remote import RemoteDrafts
-from verispec.server.errors import APIError, bad_request
+from verispec.server.errors import APIError, bad_request, retry_later
 from verispec.server.openapi import VERIFY_RESPONSES
 from verispec.server.protocol import _Part, _Request, speculation_stats, usage
 from verispec.server.reply import Reply
@@ -147,6 +146,9 @@ def verify_routes(state: State, authorize) -> APIRouter:
         body.refuse_unsupported()
         if body.stream:
             raise bad_request("the verify API answers each round in one response; leave stream unset", param="stream")
+        for name in ("depth", "proposer", "provisional"):
+            if getattr(body, name) is not None:
+                raise bad_request(f"{name} is not used by the verify API: the client drafts, as deep as it likes", param=name)
         if service.scheduler.batch is None:
             raise bad_request("the verify API needs the batched engine; this server runs --scheduler interleaved")
         if state.policy is not None and state.policy.needs_hold_back:
@@ -187,8 +189,12 @@ def verify_routes(state: State, authorize) -> APIRouter:
             raise bad_request("the prompt is empty", param="prompt")
         if body.position is not None and body.position != len(prompt_ids):
             raise APIError(409, f"the prompt has {len(prompt_ids)} tokens here, not {body.position}: tokenize it with the server's tokenizer", code="position_mismatch", param="position")
+        try:
+            greedy = body.sampling(1).greedy
+        except ValueError as exc:
+            raise bad_request(f"invalid sampling settings: {exc}") from None
+        proposal = _proposal(body, service, greedy)  # checked before the rate limits take from the key
         params = await state.admit(request, service, body, prompt_ids, body.max_tokens, key_id)
-        proposal = _proposal(body, service, params.greedy)
         request_id = request.state.request_id
         deadline = time.monotonic() + state.server.deadline_s if state.server.deadline_s else None
         job = Job(request_id, prompt_ids, params, None, deadline, asyncio.get_running_loop())
@@ -208,7 +214,7 @@ def verify_routes(state: State, authorize) -> APIRouter:
         except Overloaded as exc:
             metrics.outcome("rejected").inc()
             await state.conclude(underway, "rejected", 503, error=str(exc))
-            raise APIError(503, str(exc), code="overloaded", headers={"Retry-After": str(math.ceil(exc.retry_after_s))}) from None
+            raise retry_later(503, str(exc), exc.retry_after_s, code="overloaded") from None
         session = Session(session_id, key_id, underway, Reply(underway, None, state.policy.gate() if state.policy else None, metrics), len(prompt_ids))
         sessions.add(session)
         metrics.verify_sessions.inc()
