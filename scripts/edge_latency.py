@@ -1,7 +1,7 @@
 """When an edge proposer pays: the edge client (draft at the client, verify API at the server)
 against server-side drafting and the verifier alone, on loopback with an added network round trip.
 
-    python scripts/edge_latency.py [--rtt-ms 0,10,50] [--prompts 6] [--rounds 3] [--max-tokens 64]
+    python scripts/edge_latency.py [--rtt-ms 0,10,50] [--prompts 8] [--rounds 3] [--max-tokens 64]
                                    [--edge-depths auto,4] [--out docs/edge]
 
 One server (the built-in demo pair, `--proposers none,draft`) serves every configuration; per
@@ -204,13 +204,16 @@ def findings(rows: list[dict], edge_names: list[str]) -> str:
     text = "Tokens/s per request: " + "; ".join(said) + "."
     if len(rtts) > 1:
         lo, hi = rtts[0], rtts[-1]
-        for name in edge_names:
+
+        def change(name: str) -> str:
             a, b = by[(lo, name)], by[(hi, name)]
-            slope = (b["latency_s"] - a["latency_s"]) / (hi - lo) * 1e3 if hi > lo else 0.0
-            text += (f" {name} made {b['round_trips_per_request']:.1f} round trips per request, so its median latency grew "
-                     f"{slope:.1f} ms per added ms of RTT ({a['latency_s']:.3f} s at {lo:g} ms, {b['latency_s']:.3f} s at {hi:g} ms);")  # fmt: skip
-        a, b = by[(lo, "server-draft")], by[(hi, "server-draft")]
-        text += f" server-draft's grew from {a['latency_s']:.3f} s to {b['latency_s']:.3f} s."
+            slope = (b["latency_s"] - a["latency_s"]) / (hi - lo) * 1e3
+            return f"{a['latency_s']:.3f} s at {lo:g} ms to {b['latency_s']:.3f} s at {hi:g} ms ({slope:+.1f} ms per ms of RTT)"
+
+        for name in edge_names:
+            text += (f" {name} made {by[(hi, name)]['round_trips_per_request']:.1f} round trips per request (each added ms of "
+                     f"RTT should add about that many ms), and its median latency went from {change(name)};")  # fmt: skip
+        text += f" server-draft's (one round trip) went from {change('server-draft')}."
     server_draft = [by[(rtt, "server-draft")] for rtt in rtts]
     edge = [by[(rtt, name)] for rtt in rtts for name in edge_names]
     mean = statistics.fmean
@@ -249,7 +252,7 @@ def prompt_set(count: int) -> list[Prompt]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rtt-ms", default="0,10,50", help="added round-trip times, comma-separated")
-    parser.add_argument("--prompts", type=int, default=6, help="the first N prompts of the set")
+    parser.add_argument("--prompts", type=int, default=8, help="the first N prompts of the set")
     parser.add_argument("--rounds", type=int, default=3, help="passes over every (RTT, configuration), order rotating")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--edge-depths", default="auto,4", help="edge client depths, comma-separated (auto or an integer)")
@@ -305,7 +308,8 @@ def main() -> int:
     (args.out / "edge_latency.json").write_text(json.dumps(record, indent=1))
     (args.out / "edge_latency.md").write_text(
         f"{stamp}, `python {' '.join(sys.argv)}`: {len(prompts)} prompts, greedy, max_tokens {args.max_tokens}, "
-        f"{args.rounds} rounds; added RTT injected in the client's transport (one per HTTP request).\n\n{shown}\n\n"
+        f"{args.rounds} rounds; added RTT injected in the client's transport (one per HTTP request); client and server share "
+        f"one machine's CPUs, taking turns.\n\n{shown}\n\n"
         f"{verdict}\n\n## What it shows\n\n{about}\n"
     )
     return 1 if wrong else 0

@@ -10,6 +10,9 @@ exactly the verified-only response; a client that leaves mid-stream frees its sl
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -68,7 +71,7 @@ def client(server, models, tokenizer, proposer="draft", key="alice", **kwargs) -
     near 1), or the n-gram lookup."""
     if proposer in ("draft", "target"):
         return EdgeClient.with_draft(server.url, models[proposer], model="target", api_key=KEYS[key], **kwargs)
-    return EdgeClient.with_ngram(server.url, tokenizer, model="target", api_key=KEYS[key], **kwargs)
+    return EdgeClient.with_ngram(server.url, model="target", tokenizer=tokenizer, api_key=KEYS[key], **kwargs)
 
 
 def post(server, body: dict, key: str = "alice") -> httpx.Response:
@@ -89,6 +92,10 @@ def test_greedy_output_is_the_verifiers(server, models, tokenizer):
             assert edge.last.proposed > 0
         if kind == "target":  # a draft that agrees: several tokens per round trip
             assert edge.last.round_trips <= len(edge.last.token_ids) / 3
+    # No model files at the edge at all: the prompt goes as text and the server says its token ids.
+    bare = client(server, models, None, "ngram", depth=4)
+    expected = reference.generate(PROMPTS[4], SamplingParams(max_new_tokens=40))
+    assert bare.generate(PROMPTS[4], max_tokens=40) == expected.text and bare.last.proposed > 0
     samples = server.metrics()
     assert metric(samples, "verispec:verify_client_draft_tokens_total", client="alice") > 0
     assert 0 < metric(samples, "verispec:verify_client_accepted_tokens_total", client="alice") <= metric(
@@ -334,3 +341,21 @@ def test_a_provisional_client_that_leaves_frees_its_slot(server):
     wait_for(lambda: metric(server.metrics(), "verispec:request_outcomes_total", outcome="cancelled") > cancelled,
              what="the departed stream to be cancelled")  # fmt: skip
     wait_for(lambda: metric(server.metrics(), "verispec:num_requests_running") == 0, what="its slot to free")
+
+
+def test_the_edge_command(server, models):
+    """`verispec edge` as a user runs it: a local draft, the remote verifier, the verifier's text."""
+    expected = make_engine(models["target"], proposer="none").generate(PROMPTS[3], SamplingParams(max_new_tokens=24))
+    env = {**os.environ, "VERISPEC_API_KEY": KEYS["bob"]}
+    result = subprocess.run(
+        [sys.executable, "-m", "verispec.cli", "edge", PROMPTS[3], "--url", server.url, "--draft", models["draft"],
+         "--max-tokens", "24", "--stats"], capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected.text + "\n"
+    assert "round trips" in result.stderr
+    refused = subprocess.run(
+        [sys.executable, "-m", "verispec.cli", "edge", "t1", "--url", server.url, "--model", "nope"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "unknown model" in refused.stderr and "Traceback" not in refused.stderr

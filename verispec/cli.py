@@ -1,4 +1,4 @@
-"""`verispec` command line: generate, check, bench, serve (one process, or replicas on Ray Serve), batch, loadtest, audit, train, distill.
+"""`verispec` command line: generate, check, bench, serve (one process, or replicas on Ray Serve), edge, batch, loadtest, audit, train, distill.
 
 Flags are generated from the pydantic settings (config.py), so each default lives in one place.
 Errors a user can cause print one line and exit 2.
@@ -42,7 +42,7 @@ PROMPTS_HELP = (
     f"(default: {str(DEMO_PROMPTS).replace('%', '%%')}, a sample written for the built-in demo pair)"
 )
 # Commands that load models: only these pay for importing transformers to silence its logging.
-MODEL_COMMANDS = frozenset({"generate", "check", "bench", "serve", "distill", "train", "batch"})
+MODEL_COMMANDS = frozenset({"generate", "check", "bench", "serve", "distill", "train", "batch", "edge"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -157,6 +157,25 @@ def build_parser() -> argparse.ArgumentParser:
     _common_flags(serve)
     serve.set_defaults(run=_run_serve)
 
+    edge = commands.add_parser(
+        "edge", help="continue a prompt with a local proposer against a remote verifier (the server's verify API)"
+    )
+    edge.add_argument("prompt", metavar="PROMPT", help="text to continue; - reads standard input")
+    edge.add_argument("--url", default="http://127.0.0.1:8000", help="the verifying server (default: %(default)s)")
+    edge.add_argument("--draft", default=None, help="draft model to propose with (its tokenizer must be the server's); default: n-gram lookup")
+    edge.add_argument("--tokenizer", default=None, help="with the n-gram lookup: the server's tokenizer (default: none; the server tokenizes)")
+    edge.add_argument("--api-key", default=os.environ.get("VERISPEC_API_KEY"), help="API key (env: VERISPEC_API_KEY)")
+    edge.add_argument("--model", default=None, help="model name (default: the server's)")
+    edge.add_argument("--max-tokens", type=int, default=None, help="tokens to generate (default: the server's)")
+    edge.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    edge.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: %(default)s)")
+    edge.add_argument("--top-k", type=int, default=0, help="0 = off (default: %(default)s)")
+    edge.add_argument("--seed", type=int, default=None, help="seed of a sampled generation")
+    edge.add_argument("--depth", default="auto", help="drafts per round, or auto: priced by the measured round trips (default: %(default)s)")
+    edge.add_argument("--stats", action="store_true", help="print round trips, bytes and acceptance after the text")
+    edge.add_argument("-v", "--verbose", action="store_true", help="log more")
+    edge.set_defaults(run=_run_edge)
+
     from verispec.loadtest import add_loadtest_command
     from verispec.offline.command import add_batch_command
 
@@ -229,6 +248,53 @@ def _run_bench(args: argparse.Namespace) -> int:
         options["depths"] = depths
     command = shlex.join(["verispec", *sys.argv[1:]])
     return run_bench(settings_from(args), args.prompts, limit=args.limit, command=command, **options)
+
+
+def _run_edge(args: argparse.Namespace) -> int:
+    import httpx
+
+    from verispec.edge import EdgeClient, EdgeError
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    depth = args.depth if args.depth == "auto" else _positive(args.depth, "--depth")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    http = httpx.Client(base_url=args.url, headers=headers, timeout=120.0)
+    try:
+        model = args.model or http.get("/v1/models").raise_for_status().json()["data"][0]["id"]
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+        raise UserError(f"cannot ask {args.url} for its model ({exc}); is `verispec serve` running there? (or pass --model)") from None
+    if args.draft:
+        client = EdgeClient.with_draft(args.url, args.draft, model=model, depth=depth, http=http)
+    else:
+        tokenizer = None
+        if args.tokenizer:
+            from verispec.models import load_tokenizer
+
+            tokenizer = load_tokenizer(args.tokenizer)
+        client = EdgeClient.with_ngram(args.url, model=model, tokenizer=tokenizer, depth=depth, http=http)
+    try:
+        for text in client.stream(prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                  top_k=args.top_k, seed=args.seed):  # fmt: skip
+            print(text, end="", flush=True)
+    except EdgeError as exc:
+        raise UserError(f"the server refused the round: {exc}") from None
+    except httpx.HTTPError as exc:
+        raise UserError(f"lost the server at {args.url}: {exc}") from None
+    print()
+    if args.stats:
+        last = client.last
+        rate = f"{last.acceptance_rate:.2f}" if last.acceptance_rate is not None else "-"
+        print(
+            f"{len(last.token_ids)} tokens in {last.round_trips} round trips, acceptance {rate}, "
+            f"{last.bytes_per_round:.0f} bytes per round, finish: {last.finish_reason}", file=sys.stderr,
+        )
+    return 0
+
+
+def _positive(text: str, flag: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"{flag} takes a positive whole number or auto, not {text!r}")
+    return int(text)
 
 
 def _run_serve(args: argparse.Namespace) -> int:

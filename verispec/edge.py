@@ -85,7 +85,7 @@ class EdgeClient:
         """`proposer` None sends no drafts (every round is one verifier step); `support`: sampled
         drafts come from the draft's distribution cut to its most likely `support` tokens, which
         is what is sent (0 = the whole vocabulary: exact too, but large)."""
-        self.proposer, self.tokenizer, self.model = proposer, tokenizer, model
+        self.proposer, self.tokenizer, self.model = proposer, tokenizer, model  # tokenizer: the server's, or None
         self.depth, self.max_depth, self.support = depth, max_depth, support
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = http or httpx.Client(base_url=base_url, headers=headers, timeout=timeout_s)
@@ -105,8 +105,9 @@ class EdgeClient:
         return cls(base_url, DraftModelProposer(lm, target_vocab_size=len(tokenizer)), tokenizer, model, **kwargs)
 
     @classmethod
-    def with_ngram(cls, base_url: str, tokenizer, model: str, ngram_min: int = 1, ngram_max: int = 4, **kwargs) -> EdgeClient:
-        """A client that drafts by prompt lookup: no model at the edge at all."""
+    def with_ngram(cls, base_url: str, model: str, tokenizer=None, ngram_min: int = 1, ngram_max: int = 4, **kwargs) -> EdgeClient:
+        """A client that drafts by prompt lookup: no model at the edge at all (without a tokenizer
+        its first round sends the prompt as text and drafts nothing)."""
         from verispec.proposers import NgramProposer
 
         return cls(base_url, NgramProposer(ngram_max, ngram_min), tokenizer, model, **kwargs)
@@ -124,7 +125,11 @@ class EdgeClient:
         top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (), on_round: Callable[[dict], None] | None = None,
     ) -> Iterator[str]:
         """Verified text as each round's answer arrives; `self.last` holds the figures once done."""
-        context = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
+        # Without a tokenizer the prompt goes as text, the first round without drafts, and the
+        # server's answer gives its token ids (an n-gram client then needs no model files at all).
+        if isinstance(prompt, str) and self.tokenizer is not None:
+            prompt = self.tokenizer(prompt).input_ids
+        context = [] if isinstance(prompt, str) else list(prompt)
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_tokens or 16, stop=tuple(stop))
         generator = None if params.greedy else request_generator(seed if seed is not None else int(torch.seed() % 2**63))
         draft_params = params if params.greedy or not self.support else params.model_copy(
@@ -134,9 +139,11 @@ class EdgeClient:
         session = self.proposer.session() if self.proposer is not None else None
         depth = FixedDepth(int(self.depth)) if self.depth != "auto" else None
         self._auto: AdaptiveDepth | None = None
+        self._step_s: float | None = None  # moving average of one draft token's time
         rtt: float | None = None
         stats = self.last = EdgeStats()
-        body: dict = {"model": self.model, "prompt": context, "position": len(context), "temperature": temperature,
+        body: dict = {"model": self.model, "prompt": prompt if isinstance(prompt, str) else context,
+                      "position": len(context) or None, "temperature": temperature,
                       "top_p": top_p, "top_k": top_k, "seed": seed, "stop": list(stop) or None}
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
@@ -149,14 +156,16 @@ class EdgeClient:
                 if remaining is not None:
                     k = min(k, max(0, remaining - 1))
                 started = time.perf_counter()
-                proposal = session.propose(context, k, policy) if session is not None and k > 0 else None
-                stats.propose_s += time.perf_counter() - started
+                proposal = session.propose(context, k, policy) if session is not None and k > 0 and context else None
+                drafting = time.perf_counter() - started
+                stats.propose_s += drafting
                 body["drafts"] = list(proposal.tokens) if proposal is not None else []
                 if proposal is not None and proposal.probs is not None and not params.greedy:
                     body["draft_probs"] = [_support(row) for row in proposal.probs]
                 waited = stats.wait_s
                 answer = self._round(body, stats)
                 session_id = answer["session_id"]
+                context += answer.get("prompt_token_ids", [])
                 context += answer["token_ids"]
                 stats.token_ids += answer["token_ids"]
                 if remaining is not None:
@@ -164,6 +173,9 @@ class EdgeClient:
                 stats.proposed += answer["proposed"]
                 stats.accepted += answer["accepted"]
                 if depth is None:
+                    drafted = len(proposal.tokens) if proposal is not None else 0
+                    # The first round's drafting includes the draft reading the whole prompt: not a draft step's price.
+                    self._draft_s(drafting / drafted if drafted and stats.round_trips > 1 else None)
                     rtt = self._price(rtt, stats.wait_s - waited, answer)
                 else:
                     depth.update(answer["proposed"], answer["accepted"])
@@ -204,12 +216,16 @@ class EdgeClient:
                 raise EdgeError(response.status_code, response.text[:200]) from None
         return response.json()
 
+    def _draft_s(self, measured: float | None) -> None:
+        if measured is not None:
+            self._step_s = measured if self._step_s is None else 0.8 * self._step_s + 0.2 * measured
+
     def _price(self, rtt: float | None, elapsed: float, answer: dict) -> float:
         """Depth auto: a round's cost is the round trip, about the same whatever its depth (the
-        verifier's pass widens little, the network not at all), plus the local drafting."""
+        verifier's pass widens little, the network not at all), plus the local drafting, priced
+        by moving averages of both."""
         rtt = elapsed if rtt is None else 0.8 * rtt + 0.2 * elapsed
-        draft_s = self.last.propose_s / max(1, self.last.proposed) if self.last.proposed else 0.0
-        costs = StepCosts(verify_s=tuple(rtt for _ in range(self.max_depth + 1)), draft_s=draft_s)
+        costs = StepCosts(verify_s=tuple(rtt for _ in range(self.max_depth + 1)), draft_s=self._step_s or 0.0)
         if self._auto is None:
             self._auto = AdaptiveDepth(costs, max_depth=self.max_depth)
         self._auto.costs = costs

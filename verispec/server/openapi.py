@@ -241,6 +241,7 @@ class VerifyRound(BaseModel):
     finish_reason: Literal["stop", "length", "content_filter", "closed"] | None
     usage: Usage | None = None
     speculation_stats: SpeculationStats | None = None
+    prompt_token_ids: list[int] | None = Field(None, description="a session opened with a text prompt: its token ids, to draft from")
 
 
 VERIFY_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -218,8 +218,9 @@ def verify_routes(state: State, authorize) -> APIRouter:
         session = Session(session_id, key_id, underway, Reply(underway, None, state.policy.gate() if state.policy else None, metrics), len(prompt_ids))
         sessions.add(session)
         metrics.verify_sessions.inc()
+        opened = {"prompt_token_ids": prompt_ids} if isinstance(body.prompt, str) else {}  # a client without the tokenizer
         async with session.lock:
-            return await _round(session, proposal, size)
+            return await _round(session, proposal, size, opened)
 
     async def _continue(session: Session, body: VerifyRequest, request: Request, service: Service, size: int) -> Response:
         if body.position is not None and body.position != session.position:
@@ -239,7 +240,7 @@ def verify_routes(state: State, authorize) -> APIRouter:
         service.scheduler.offer(session.job, proposal)
         return await _round(session, proposal, size)
 
-    async def _round(session: Session, proposal: Proposal, size: int) -> Response:
+    async def _round(session: Session, proposal: Proposal, size: int, extra: dict | None = None) -> Response:
         """Wait for the round the drafts are in, and answer it."""
         before = session.position
         try:
@@ -262,7 +263,7 @@ def verify_routes(state: State, authorize) -> APIRouter:
         answer: dict[str, Any] = {
             "object": "verify.round", "session_id": session.id, "round": session.rounds, "proposed": proposed,
             "accepted": accepted, "token_ids": token_ids, "text": delta.text, "position": session.position,
-            "finish_reason": delta.finish_reason,
+            "finish_reason": delta.finish_reason, **(extra or {}),
         }
         if delta.finish_reason is not None:
             answer["usage"] = usage(delta.stats)
