@@ -234,7 +234,8 @@ class EdgeClient:
 
 
 def _support(row: torch.Tensor) -> dict:
-    """A draft distribution as the verify API takes it: the ids and probabilities of its support."""
+    """A draft distribution as the verify API takes it: the ids and probabilities of its support.
+    Nine significant digits give back every float32 exactly, in about half the characters of
+    a float64's shortest form."""
     ids = torch.nonzero(row > 0).flatten()
-    probs = row[ids].double()
-    return {"ids": ids.tolist(), "probs": (probs / probs.sum()).tolist()}
+    return {"ids": ids.tolist(), "probs": [float(f"{p:.9g}") for p in row[ids].tolist()]}
