@@ -9,6 +9,7 @@ exactly the verified-only response; a client that leaves mid-stream frees its sl
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -102,6 +103,27 @@ def test_greedy_output_is_the_verifiers(server, models, tokenizer):
         samples, "verispec:verify_client_draft_tokens_total", client="alice")
     assert metric(samples, "verispec:verify_round_trips_count") >= 15
     assert metric(samples, "verispec:verify_round_bytes_count") >= metric(samples, "verispec:verify_round_trips_sum")
+
+
+def test_concurrent_sessions_and_requests_share_passes_exactly(server, models, tokenizer):
+    """Edge sessions parked and running beside each other and beside ordinary requests in the
+    batched passes: every output is still the verifier's own."""
+    reference = make_engine(models["target"], proposer="none")
+    expected = {p: reference.generate(p, SamplingParams(max_new_tokens=32)).text for p in PROMPTS[:3]}
+
+    def edge(prompt):
+        return client(server, models, tokenizer, "draft", depth=2).generate(prompt, max_tokens=32)
+
+    def plain(prompt):
+        body = {"model": "target", "prompt": prompt, "max_tokens": 32, "temperature": 0}
+        response = httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEYS['bob']}"}, timeout=60)
+        return response.json()["choices"][0]["text"]
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # --max-running 3: all run together
+        futures = {pool.submit(edge, PROMPTS[0]): PROMPTS[0], pool.submit(edge, PROMPTS[1]): PROMPTS[1],
+                   pool.submit(plain, PROMPTS[2]): PROMPTS[2]}  # fmt: skip
+        for future, prompt in futures.items():
+            assert future.result() == expected[prompt]
 
 
 def _joint(target: str, prompt: list[int], params: SamplingParams) -> dict[tuple[int, ...], float]:
