@@ -2,7 +2,7 @@
 against server-side drafting and the verifier alone, on loopback with an added network round trip.
 
     python scripts/edge_latency.py [--rtt-ms 0,10,50] [--prompts 8] [--rounds 3] [--max-tokens 64]
-                                   [--edge-depths auto,4] [--out docs/edge]
+                                   [--edge-depths auto,server,4] [--out docs/edge]
 
 One server (the built-in demo pair, `--proposers none,draft`) serves every configuration; per
 added RTT they run side by side on the same prompts, greedy, their order rotating over rounds:
@@ -255,7 +255,7 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=8, help="the first N prompts of the set")
     parser.add_argument("--rounds", type=int, default=3, help="passes over every (RTT, configuration), order rotating")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--edge-depths", default="auto,4", help="edge client depths, comma-separated (auto or an integer)")
+    parser.add_argument("--edge-depths", default="auto,server,4", help="edge client depths, comma-separated (auto, server or an integer)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "edge")
     args = parser.parse_args()
     rtts = [float(x) for x in args.rtt_ms.split(",")]
@@ -316,7 +316,7 @@ def main() -> int:
 
 
 def _depth(text: str) -> int | str:
-    return text if text == "auto" else int(text)
+    return text if text in ("auto", "server") else int(text)
 
 
 if __name__ == "__main__":

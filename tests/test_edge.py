@@ -83,7 +83,7 @@ def post(server, body: dict, key: str = "alice") -> httpx.Response:
 
 def test_greedy_output_is_the_verifiers(server, models, tokenizer):
     reference = make_engine(models["target"], proposer="none")  # what `verispec generate --proposer none` runs
-    for kind, depth in (("target", "auto"), ("draft", 3), ("ngram", 4)):
+    for kind, depth in (("target", "auto"), ("draft", 3), ("ngram", 4), ("draft", "server")):
         edge = client(server, models, tokenizer, kind, depth=depth)
         for prompt in PROMPTS:
             expected = reference.generate(prompt, SamplingParams(max_new_tokens=40))
@@ -218,6 +218,7 @@ def test_hostile_rounds_are_refused_and_the_session_goes_on(server, models, toke
     then finishes with exactly the verifier's output."""
     reference = make_engine(models["target"], proposer="none").generate(PROMPTS[2], SamplingParams(max_new_tokens=30))
     opened = _open(server, tokenizer)
+    assert 0 <= opened["depth_hint"] <= 16  # what pays best for the verifier next round
     session = {"session_id": opened["session_id"], "position": opened["position"]}
     sampled = _open(server, tokenizer, temperature=0.7, seed=5)
     for change, status, code in HOSTILE:

@@ -171,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: %(default)s)")
     edge.add_argument("--top-k", type=int, default=0, help="0 = off (default: %(default)s)")
     edge.add_argument("--seed", type=int, default=None, help="seed of a sampled generation")
-    edge.add_argument("--depth", default="auto", help="drafts per round, or auto: priced by the measured round trips (default: %(default)s)")
+    edge.add_argument(
+        "--depth", default="auto",
+        help="drafts per round; auto: priced by the measured round trips; server: the server's hint, the least verifier "
+        "time per token (default: %(default)s)",
+    )  # fmt: skip
     edge.add_argument("--stats", action="store_true", help="print round trips, bytes and acceptance after the text")
     edge.add_argument("-v", "--verbose", action="store_true", help="log more")
     edge.set_defaults(run=_run_edge)
@@ -256,7 +260,7 @@ def _run_edge(args: argparse.Namespace) -> int:
     from verispec.edge import EdgeClient, EdgeError
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    depth = args.depth if args.depth == "auto" else _positive(args.depth, "--depth")
+    depth = args.depth if args.depth in ("auto", "server") else _positive(args.depth, "--depth")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     http = httpx.Client(base_url=args.url, headers=headers, timeout=120.0)
     try:
@@ -293,7 +297,7 @@ def _run_edge(args: argparse.Namespace) -> int:
 
 def _positive(text: str, flag: str) -> int:
     if not text.isdigit() or int(text) < 1:
-        raise UserError(f"{flag} takes a positive whole number or auto, not {text!r}")
+        raise UserError(f"{flag} takes a positive whole number, auto or server, not {text!r}")
     return int(text)
 
 

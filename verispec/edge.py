@@ -19,7 +19,9 @@ When it pays: the verifier does one pass per round whoever drafts, so an edge pr
 server its proposer's compute and memory (a server that runs no draft model serves more clients),
 never latency: every round costs a network round trip, and once that exceeds a verifier step the
 client is slower than a server-side proposer. With depth "auto" the client prices each depth with
-the round trips it measures, so a slow link drafts deeper.
+the round trips it measures, so a slow link drafts deeper; with depth "server" it drafts as deep as
+the server's `depth_hint` says pays best for the verifier, which spends the least server time per
+token and the most round trips.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import httpx
 import torch
 
 from verispec.config import SamplingParams
-from verispec.core.depth import AdaptiveDepth, FixedDepth, StepCosts
+from verispec.core.depth import AdaptiveDepth, StepCosts
 from verispec.core.sampling import request_generator
 from verispec.proposers.base import DraftPolicy, Proposer
 
@@ -137,7 +139,7 @@ class EdgeClient:
         )
         policy = DraftPolicy(sampling=draft_params, generator=generator)
         session = self.proposer.session() if self.proposer is not None else None
-        depth = FixedDepth(int(self.depth)) if self.depth != "auto" else None
+        hint: int | None = None  # the server's depth_hint, for depth "server"
         self._auto: AdaptiveDepth | None = None
         self._step_s: float | None = None  # moving average of one draft token's time
         rtt: float | None = None
@@ -152,7 +154,7 @@ class EdgeClient:
         remaining = max_tokens
         try:
             while True:
-                k = (depth or self._auto).depth() if depth is not None or self._auto is not None else self.max_depth
+                k = self._depth(hint)
                 if remaining is not None:
                     k = min(k, max(0, remaining - 1))
                 started = time.perf_counter()
@@ -172,13 +174,12 @@ class EdgeClient:
                     remaining -= len(answer["token_ids"])
                 stats.proposed += answer["proposed"]
                 stats.accepted += answer["accepted"]
-                if depth is None:
+                hint = answer.get("depth_hint")
+                if self.depth == "auto":
                     drafted = len(proposal.tokens) if proposal is not None else 0
                     # The first round's drafting includes the draft reading the whole prompt: not a draft step's price.
                     self._draft_s(drafting / drafted if drafted and stats.round_trips > 1 else None)
                     rtt = self._price(rtt, stats.wait_s - waited, answer)
-                else:
-                    depth.update(answer["proposed"], answer["accepted"])
                 if on_round is not None:
                     on_round(answer)
                 if answer["text"]:
@@ -215,6 +216,15 @@ class EdgeClient:
             except (ValueError, KeyError, TypeError):
                 raise EdgeError(response.status_code, response.text[:200]) from None
         return response.json()
+
+    def _depth(self, hint: int | None) -> int:
+        """Drafts for the next round: fixed; "server": the server's hint, what spends the least
+        verifier time per token; "auto": priced by this client's own round trips and draft steps."""
+        if self.depth == "server":
+            return min(self.max_depth, hint) if hint is not None else min(self.max_depth, 4)
+        if self.depth == "auto":
+            return self._auto.depth() if self._auto is not None else self.max_depth
+        return int(self.depth)
 
     def _draft_s(self, measured: float | None) -> None:
         if measured is not None:

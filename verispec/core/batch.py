@@ -287,6 +287,8 @@ class BatchEngine:
             stats.verify_s += share
             stats.record_round(plan.depths[request], len(proposal.tokens), accepted)
             request.acceptance.update(len(proposal.tokens), accepted)
+            if request.remote is not None:
+                request.remote.hint = self.remote_hint(request)
             round_ = Round(
                 plan.depths[request], len(proposal.tokens), accepted,
                 propose_s=propose_s.get(request, 0.0), verify_s=share,
@@ -454,6 +456,15 @@ class BatchEngine:
                 depths |= self._goodput([request], limits, costs)
         beside = sum(1 + k for k in depths.values())
         return depths | self._goodput(shared, limits, costs, beside)
+
+    def remote_hint(self, request: BatchRequest) -> int:
+        """The depth that pays best for the verifier, by the session's acceptance so far and the
+        measured pass costs, as for a proposer of the server's own (drafting is the client's, so it
+        costs the server nothing). An edge client may follow it to spend the least verifier time per
+        token; its own round trips may argue for deeper drafts."""
+        cap = min(self.batch.max_pass_tokens - 1, max(0, request.remaining - 1), 16)
+        chosen = choose_depths([request.acceptance.alpha], [cap], self.costs(), [0.0])
+        return chosen[0]
 
     def _goodput(self, requests, limits, costs: PassCosts, base_rows: int = 0) -> dict[BatchRequest, int]:
         if not requests:

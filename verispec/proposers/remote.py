@@ -20,6 +20,7 @@ class RemoteDrafts:
     its next call is on the wire). Set by the server's handler, taken by the engine thread."""
 
     pending: Proposal | None = None
+    hint: int | None = None  # the depth the server's goodput model would give this session next
 
     @property
     def parked(self) -> bool:

@@ -242,6 +242,7 @@ class VerifyRound(BaseModel):
     usage: Usage | None = None
     speculation_stats: SpeculationStats | None = None
     prompt_token_ids: list[int] | None = Field(None, description="a session opened with a text prompt: its token ids, to draft from")
+    depth_hint: int | None = Field(None, description="drafts for the next round that pay best for the verifier, by this session's acceptance")
 
 
 VERIFY_RESPONSES: dict[int | str, dict[str, Any]] = {

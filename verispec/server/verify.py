@@ -265,6 +265,8 @@ def verify_routes(state: State, authorize) -> APIRouter:
             "accepted": accepted, "token_ids": token_ids, "text": delta.text, "position": session.position,
             "finish_reason": delta.finish_reason, **(extra or {}),
         }
+        if delta.finish_reason is None and session.job.remote.hint is not None:
+            answer["depth_hint"] = session.job.remote.hint  # what pays best for the verifier
         if delta.finish_reason is not None:
             answer["usage"] = usage(delta.stats)
             answer["speculation_stats"] = speculation_stats(delta.stats, "edge")
