@@ -2,7 +2,9 @@
 
 import json
 
+import numpy as np
 import pytest
+from matplotlib.image import imread
 
 from tests.conftest import run_verispec, write_prompts
 from verispec.bench import analytic_bound, parse_depths, run_bench
@@ -56,8 +58,13 @@ def test_rates_and_acceptance(bench_out):
     results = {r["name"]: r for r in json.loads((bench_out / "results.json").read_text())["results"]}
     assert results["verispec verifier-only"]["speedup_vs_verifier_only"] == 1.0
     assert results["verispec verifier-only"]["bound_speedup"] == pytest.approx(1.0)
+    base = results["verispec verifier-only"]["tokens_per_s"]
+    peers = {name: r["tokens_per_s"] for name, r in results.items() if r["engine"] == "transformers"}
     for r in results.values():
         assert r["tokens_per_s"] > 0
+        # The ratios are the rates' own: a speedup is this row's rate over the baseline's, side by side.
+        assert r["speedup_vs_verifier_only"] == pytest.approx(r["tokens_per_s"] / base)
+        assert r["speedup_vs_peers"] == pytest.approx({name: r["tokens_per_s"] / rate for name, rate in peers.items()})
         if r["engine"] == "transformers":
             assert r["acceptance_rate"] is None and r["mean_accepted_tokens"] is None
         elif r["proposer"] == "draft":
@@ -70,7 +77,9 @@ def test_rates_and_acceptance(bench_out):
 def test_markdown_and_plot_are_written(bench_out):
     markdown = (bench_out / "results.md").read_text()
     assert "| configuration |" in markdown and "transformers assisted" in markdown and "Exactness:" in markdown
-    assert (bench_out / "speedup_vs_depth.png").stat().st_size > 0
+    image = imread(bench_out / "speedup_vs_depth.png")  # a real PNG, of a drawn figure
+    assert image.shape[0] >= 200 and image.shape[1] >= 300
+    assert len(np.unique(image.reshape(-1, image.shape[-1]), axis=0)) > 16  # lines and labels, not a blank canvas
 
 
 def test_cli_bench_without_peers(tiny_models, prompts_file, tmp_path):

@@ -63,7 +63,8 @@ def test_a_built_wheel_ships_the_demo_pair_and_the_kernel_source(tmp_path):
         for file in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
             assert f"verispec/demo/{folder}/{file}" in names
     assert "verispec/demo/README.md" in names
-    assert "verispec/models/csrc/widen_linear.c" in names  # compiled on first use
+    sources = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "verispec" / "models" / "csrc").glob("*.c"))
+    assert len(sources) >= 4 and all(source in names for source in sources)  # every kernel source, compiled on first use
 
 
 def test_a_broken_installation_says_what_to_do(tmp_path, monkeypatch):

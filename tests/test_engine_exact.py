@@ -91,16 +91,44 @@ def test_prompts_hitting_eos(tiny_models):
     assert stopped_early >= 5
 
 
-def test_stats_add_up(llama_engines):
-    out = llama_engines["draft"].generate(random_prompts(1, VOCAB, seed=15)[0], greedy(60), depth=4)
-    s = out.stats
-    assert s.generated_tokens == len(out.token_ids) == 60
-    assert s.rounds == s.verifier_calls == len(s.depths)
-    assert s.recovered + s.bonus + s.verifier_only == s.rounds
-    assert s.accepted + s.rejected == s.proposed
-    assert sum(s.accepted_by_position) == s.accepted and sum(s.proposed_by_position) == s.proposed
-    # Every round emits its accepted drafts plus one verifier token (the last round may be cut short).
-    assert s.generated_tokens <= s.accepted + s.rounds
+def test_stats_add_up(llama_engines, monkeypatch):
+    """The request's statistics agree with what the engine was seen doing: verifier passes counted
+    at the model, drafts and verdicts from each round, tokens from each delta."""
+    engine = llama_engines["draft"]
+    passes = []
+    open_session = engine.target.session
+
+    def counted_session(*args, **kwargs):
+        session = open_session(*args, **kwargs)
+        extend = session.extend
+
+        def counted(tokens, *a, **kw):
+            passes.append(len(tokens))
+            return extend(tokens, *a, **kw)
+
+        session.extend = counted
+        return session
+
+    monkeypatch.setattr(engine.target, "session", counted_session)
+    prompt = random_prompts(1, VOCAB, seed=15, min_len=8)[0]
+    deltas = list(engine.stream(prompt, greedy(60), depth=4))
+    s = deltas[-1].stats
+    rounds = [d.round for d in deltas]
+    assert s.generated_tokens == sum(len(d.token_ids) for d in deltas) == 60
+    assert s.rounds == len(rounds) == len(passes) - 1  # one pass per round, after the prompt's
+    assert [1 + r.proposed for r in rounds] == passes[1:]  # each pass scores the last token and the drafts
+    assert s.depths == [r.depth for r in rounds]
+    assert s.proposed == sum(r.proposed for r in rounds) and s.accepted == sum(r.accepted for r in rounds)
+    assert s.recovered == sum(0 < r.proposed and r.accepted < r.proposed for r in rounds)
+    assert s.bonus == sum(0 < r.proposed == r.accepted for r in rounds)
+    assert s.verifier_only == sum(r.proposed == 0 for r in rounds)
+    for delta in deltas[:-1]:  # every round emits its accepted drafts and one verifier token
+        assert len(delta.token_ids) == delta.round.accepted + 1
+    assert len(deltas[-1].token_ids) <= deltas[-1].round.accepted + 1  # the last may be cut short
+    for i in range(len(s.proposed_by_position)):
+        assert s.proposed_by_position[i] == sum(r.proposed > i for r in rounds)
+        assert s.accepted_by_position[i] == sum(r.accepted > i for r in rounds)
+    assert s.mismatch_s == pytest.approx(sum(r.mismatch_s for r in rounds))
     assert s.total_s > 0 and s.verify_s > 0 and s.propose_s > 0
 
 

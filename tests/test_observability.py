@@ -170,8 +170,12 @@ def test_every_request_has_its_audit_record(observed):
     refused = rows[observed["refused"].headers["x-request-id"]]
     assert (refused["outcome"], refused["status"], refused["key_id"]) == ("rejected", 400, "ops")
     assert "unknown model" in refused["error"]
+    # Every request is inspected (--mismatch-sample-rate 1): one sample per corrected round, each tied to its record.
     samples = db.execute("select * from verispec_audit_mismatches").fetchall()
-    assert all(0.0 <= s["verifier_prob"] <= 1.0 for s in samples)
+    corrected = sum((json.loads(r["speculation"] or "null") or {}).get("recovered", 0) for r in rows.values())
+    assert corrected >= 1 and len(samples) == corrected
+    records = {r["record_id"] for r in rows.values()}
+    assert all(s["record_id"] in records and 0.0 <= s["verifier_prob"] <= 1.0 for s in samples)
 
 
 @pytest.mark.parametrize("kind", sorted(PLANTED))
