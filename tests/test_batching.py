@@ -42,10 +42,7 @@ def exact16(model):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("batch-models")
-    target = exact16(_llama(VOCAB, layers=2, seed=11, heads=2, kv_heads=1, hidden=128))
-    draft = exact16(_llama(VOCAB, layers=1, seed=12, heads=2, kv_heads=1, hidden=128))
-    paths = {"target": save(target, root / "target", VOCAB), "draft": save(draft, root / "draft", VOCAB)}
+    paths = exact_pair(tmp_path_factory.mktemp("batch-models"), seed=11)
     cpu, f32 = torch.device("cpu"), torch.float32
     target_lm = load_model(paths["target"], cpu, f32, backend="lean")
     draft_lm = load_model(paths["draft"], cpu, f32, role="draft", backend="lean")
@@ -56,6 +53,15 @@ def models(tmp_path_factory):
         "draft": DraftModelProposer(draft_lm, target_vocab_size=target_lm.vocab_size),
         "ngram": NgramProposer(4, 1),
         "none": None,
+    }
+
+
+def exact_pair(root, seed: int) -> dict[str, str]:
+    """Paths of a target (2 layers, `seed`) and a draft (1 layer, `seed` + 1) whose weights 16 bits
+    hold exactly, so that they run the kernel step; the servers' tests load them from disk."""
+    return {
+        "target": save(exact16(_llama(VOCAB, layers=2, seed=seed, heads=2, kv_heads=1, hidden=128)), root / "target", VOCAB),
+        "draft": save(exact16(_llama(VOCAB, layers=1, seed=seed + 1, heads=2, kv_heads=1, hidden=128)), root / "draft", VOCAB),
     }
 
 

@@ -11,9 +11,9 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import make_engine, save
+from tests.conftest import make_engine
 from tests.serving import ServerProcess, metric, wait_for
-from tests.test_batching import VOCAB, _llama, exact16
+from tests.test_batching import exact_pair
 from verispec.audit.store import AuditStore
 from verispec.config import SamplingParams
 from verispec.models.kernels import kernel_library
@@ -29,8 +29,7 @@ def setup(tmp_path_factory):
     """Models, the verifier's own greedy outputs, and rules aimed at them: a term across a token
     boundary, a long regex whose hold-back spans several rounds, and a flag rule."""
     root = tmp_path_factory.mktemp("policy")
-    target = save(exact16(_llama(VOCAB, layers=2, seed=31, heads=2, kv_heads=1, hidden=128)), root / "target", VOCAB)
-    draft = save(exact16(_llama(VOCAB, layers=1, seed=32, heads=2, kv_heads=1, hidden=128)), root / "draft", VOCAB)
+    target, draft = exact_pair(root, seed=31).values()
     engine = make_engine(target, proposer="none")
     outputs = [engine.generate(p, SamplingParams(max_new_tokens=MAX_TOKENS)).text for p in PROMPTS]
     words = [o.split() for o in outputs]

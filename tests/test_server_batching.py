@@ -8,9 +8,8 @@ import concurrent.futures
 import httpx
 import pytest
 
-from tests.conftest import save
 from tests.serving import ServerProcess, metric
-from tests.test_batching import VOCAB, _llama, exact16
+from tests.test_batching import exact_pair
 from verispec.models.kernels import kernel_library
 
 pytestmark = pytest.mark.skipif(kernel_library() is None, reason="no C compiler or no AVX2/FMA/F16C here")
@@ -20,11 +19,7 @@ PROMPTS = [" ".join(f"t{(i * 5 + j * 7) % 90 + 1}" for j in range(3 + 4 * i)) fo
 
 @pytest.fixture(scope="module")
 def exact_models(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("exact-models")
-    return {
-        "target": save(exact16(_llama(VOCAB, layers=2, seed=21, heads=2, kv_heads=1, hidden=128)), root / "target", VOCAB),
-        "draft": save(exact16(_llama(VOCAB, layers=1, seed=22, heads=2, kv_heads=1, hidden=128)), root / "draft", VOCAB),
-    }
+    return exact_pair(tmp_path_factory.mktemp("exact-models"), seed=21)
 
 
 @pytest.fixture(scope="module")

@@ -337,6 +337,26 @@ class State:
         """The answer in place of an acknowledgement whose record did not commit in time."""
         return audit_unavailable(self.audit_problem() or "the record was not committed in time")
 
+    def check_model(self, body) -> None:
+        if body.model != self.model_name:
+            raise bad_request(f"unknown model '{body.model}'; this server serves '{self.model_name}'", param="model", code="model_not_found")
+
+    async def tokenize(self, tokenizer: PreTrainedTokenizerBase, text: str, **kwargs) -> list[int]:
+        try:
+            return (await self.off_loop(tokenizer, text, **kwargs)).input_ids
+        except Exception as exc:  # whatever the text holds, the client gets a 400, never a 500
+            log.warning("tokenizer refused a prompt: %r", exc)
+            raise bad_request("the prompt could not be tokenized; send valid UTF-8 text", param="prompt") from None
+
+    async def prompt(self, service: Service, prompt: str | list[int]) -> tuple[list[int], str]:
+        """A prompt as text or token ids -> (token ids, text): tokenized, or checked and decoded."""
+        if isinstance(prompt, str):
+            return await self.tokenize(service.tokenizer, prompt), prompt
+        vocab = service.engine.target.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise bad_request(f"prompt token ids must lie in [0, {vocab})", param="prompt")
+        return list(prompt), await self.off_loop(service.tokenizer.decode, list(prompt))
+
     async def admit(self, request: Request, service: Service, body, prompt_ids: list[int], max_tokens: int | None, key_id: str) -> SamplingParams:
         """What every generation checks before it is queued: the token budget in the model's
         window, the sampling settings, and the key's rate limits (which it takes from)."""
@@ -466,24 +486,15 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
     @app.post("/v1/completions", responses=COMPLETION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request, key_id: str = Depends(authorize)) -> Response:
         service = state.ready()
-        _check_common(body)
+        state.check_model(body)
         body.refuse_unsupported()
-        prompt = body.single_prompt()
-        if isinstance(prompt, str):
-            prompt_ids = await _tokenize(service.tokenizer, prompt)
-            text = prompt
-        else:
-            vocab = service.engine.target.vocab_size
-            if any(not 0 <= t < vocab for t in prompt):
-                raise bad_request(f"prompt token ids must lie in [0, {vocab})", param="prompt")
-            prompt_ids = list(prompt)
-            text = await state.off_loop(service.tokenizer.decode, prompt_ids)
+        prompt_ids, text = await state.prompt(service, body.single_prompt())
         return await _generate(request, service, body, prompt_ids, text, body.max_tokens, key_id, chat=False)
 
     @app.post("/v1/chat/completions", responses=CHAT_RESPONSES)
     async def chat(body: ChatCompletionRequest, request: Request, key_id: str = Depends(authorize)) -> Response:
         service = state.ready()
-        _check_common(body)
+        state.check_model(body)
         body.refuse_unsupported()
         tokenizer = service.tokenizer
         if not getattr(tokenizer, "chat_template", None):
@@ -496,19 +507,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
             text = await state.off_loop(chat_text, tokenizer, messages)
         except Exception as exc:  # templates raise on conversations they do not support
             raise bad_request(f"the model's chat template refused these messages: {exc}", param="messages") from None
-        prompt_ids = await _tokenize(tokenizer, text, add_special_tokens=False)
+        prompt_ids = await state.tokenize(tokenizer, text, add_special_tokens=False)
         return await _generate(request, service, body, prompt_ids, text, body.token_limit, key_id, chat=True)
-
-    async def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str, **kwargs) -> list[int]:
-        try:
-            return (await state.off_loop(tokenizer, text, **kwargs)).input_ids
-        except Exception as exc:  # whatever the text holds, the client gets a 400, never a 500
-            log.warning("tokenizer refused a prompt: %r", exc)
-            raise bad_request("the prompt could not be tokenized; send valid UTF-8 text", param="prompt") from None
-
-    def _check_common(body: CompletionRequest | ChatCompletionRequest) -> None:
-        if body.model != state.model_name:
-            raise bad_request(f"unknown model '{body.model}'; this server serves '{state.model_name}'", param="model", code="model_not_found")
 
     async def _generate(
         request: Request, service: Service, body, prompt_ids: list[int], prompt_text: str, max_tokens: int | None,
@@ -635,7 +635,8 @@ async def _sse(
                     verdict = {"id": shape.id, "round": rounds, "proposed": delta.round.proposed, "accepted": delta.round.accepted}
                     yield event(verdict, "verdict")
                     rounds += 1
-                tokens = (tokens + delta.token_ids)[-_DRAFT_CONTEXT:]
+                if job.provisional:  # the context the next round's drafts are decoded after
+                    tokens = (tokens + delta.token_ids)[-_DRAFT_CONTEXT:]
                 if delta.text:
                     yield event(shape.chunk(delta.text))
                 if delta.finish_reason is not None:

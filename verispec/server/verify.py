@@ -141,8 +141,7 @@ def verify_routes(state: State, authorize) -> APIRouter:
     @router.post("/v1/verify", responses=VERIFY_RESPONSES)
     async def verify(body: VerifyRequest, request: Request, key_id: str = Depends(authorize)) -> Response:
         service = state.ready()
-        if body.model != state.model_name:
-            raise bad_request(f"unknown model '{body.model}'; this server serves '{state.model_name}'", param="model", code="model_not_found")
+        state.check_model(body)
         body.refuse_unsupported()
         if body.stream:
             raise bad_request("the verify API answers each round in one response; leave stream unset", param="stream")
@@ -173,18 +172,7 @@ def verify_routes(state: State, authorize) -> APIRouter:
             return await _continue(session, body, request, service, size)
 
     async def _open(body: VerifyRequest, request: Request, service: Service, key_id: str, size: int) -> Response:
-        if isinstance(body.prompt, str):
-            prompt_text = body.prompt
-            try:
-                prompt_ids = (await state.off_loop(service.tokenizer, prompt_text)).input_ids
-            except Exception:  # whatever the text holds, the client gets a 400
-                raise bad_request("the prompt could not be tokenized; send valid UTF-8 text", param="prompt") from None
-        else:
-            vocab = service.engine.target.vocab_size
-            if any(not 0 <= t < vocab for t in body.prompt):
-                raise bad_request(f"prompt token ids must lie in [0, {vocab})", param="prompt")
-            prompt_ids = list(body.prompt)
-            prompt_text = await state.off_loop(service.tokenizer.decode, prompt_ids)
+        prompt_ids, prompt_text = await state.prompt(service, body.prompt)
         if not prompt_ids:
             raise bad_request("the prompt is empty", param="prompt")
         if body.position is not None and body.position != len(prompt_ids):
