@@ -19,9 +19,9 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import make_engine, save
+from tests.conftest import make_engine
 from tests.serving import ServerProcess, metric, wait_for
-from tests.test_batching import VOCAB, _llama, exact16
+from tests.test_batching import VOCAB, exact_pair
 from tests.test_sampling_distribution import ALPHA, goodness_of_fit
 from verispec.audit.store import AuditStore
 from verispec.config import SamplingParams
@@ -38,11 +38,7 @@ PROMPTS = [" ".join(f"t{(i * 5 + j * 7) % 90 + 1}" for j in range(3 + 4 * i)) fo
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("edge-models")
-    return {
-        "target": save(exact16(_llama(VOCAB, layers=2, seed=21, heads=2, kv_heads=1, hidden=128)), root / "target", VOCAB),
-        "draft": save(exact16(_llama(VOCAB, layers=1, seed=22, heads=2, kv_heads=1, hidden=128)), root / "draft", VOCAB),
-    }
+    return exact_pair(tmp_path_factory.mktemp("edge-models"), seed=21)
 
 
 @pytest.fixture(scope="module")
@@ -382,3 +378,35 @@ def test_the_edge_command(server, models):
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert refused.returncode == 2 and "unknown model" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_hostile_bytes_sizes_and_hang_ups(server, tokenizer):
+    """Bad bytes and huge bodies get a clear 4xx; a client that hangs up mid-round loses nothing:
+    the round runs, and sending it again gets its answer."""
+    headers = {"Authorization": f"Bearer {KEYS['alice']}", "content-type": "application/json"}
+    surrogate = httpx.post(server.url + "/v1/verify", headers=headers, timeout=60,
+                           content=b'{"model": "target", "prompt": "t1 \\ud800", "drafts": []}')  # fmt: skip
+    assert surrogate.status_code == 400 and "surrogate" in surrogate.json()["error"]["message"]
+    huge = httpx.post(server.url + "/v1/verify", headers=headers, timeout=60,
+                      content=b'{"model": "target", "prompt": "' + b"t1 " * 2_000_000 + b'"}')  # fmt: skip
+    assert huge.status_code == 413
+    nul = post(server, {"prompt": "t1 \x00 t2", "max_tokens": 4, "temperature": 0, "drafts": []})
+    assert nul.status_code == 200  # NUL is valid text, as in /v1/completions
+    post(server, {"session_id": nul.json()["session_id"], "close": True})
+
+    opened = _open(server, tokenizer)
+    round_ = {"session_id": opened["session_id"], "position": opened["position"], "drafts": [1, 2]}
+    with pytest.raises(httpx.TimeoutException):  # the client gives up before the answer comes
+        httpx.post(server.url + "/v1/verify", json={"model": "target", **round_}, headers=headers, timeout=0.001)
+
+    def sent_again():  # the abandoned call may still hold the round (409 round_in_flight) for a moment
+        response = post(server, round_)
+        return response if response.status_code != 409 else None
+
+    answer = wait_for(sent_again, what="the abandoned round to finish")  # its answer, the round run once
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["position"] == opened["position"] + len(answer.json()["token_ids"])
+    nxt = post(server, {"session_id": opened["session_id"], "position": answer.json()["position"], "drafts": []})
+    assert nxt.status_code == 200 and nxt.json()["round"] == answer.json()["round"] + 1
+    post(server, {"session_id": opened["session_id"], "close": True})
+    assert "Traceback" not in server.log()
