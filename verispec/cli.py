@@ -51,6 +51,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of a settings model. The parser keeps (model, skip) in `settings_models`,
+    from which the docs' CLI reference is generated."""
+    if not hasattr(parser, "settings_models"):
+        parser.settings_models = []
+    parser.settings_models.append((model, skip))
     for name, field in model.model_fields.items():
         if name in skip:
             continue
