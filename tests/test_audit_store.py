@@ -12,8 +12,8 @@ from verispec.audit.redact import Redactor
 from verispec.audit.store import AuditStore, database_url
 from verispec.audit.writer import AuditWriter
 from verispec.config import AuditSettings, SamplingParams
+from verispec.core.drift import Mismatch
 from verispec.errors import UserError
-from verispec.inspect import Mismatch
 from verispec.stats import RequestStats
 
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"

@@ -7,10 +7,10 @@ import pytest
 from matplotlib.image import imread
 
 from tests.conftest import run_verispec, write_prompts
-from verispec.bench import analytic_bound, parse_depths, run_bench
 from verispec.config import load_settings
 from verispec.errors import UserError
 from verispec.stats import RequestStats
+from verispec.tools.bench import analytic_bound, parse_depths, run_bench
 
 REQUIRED = (
     "name", "engine", "proposer", "depth", "tokens_per_s", "speedup_vs_verifier_only",

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from tests.conftest import llama, run_verispec, save, write_prompts
-from verispec.check import first_difference, run_check
 from verispec.config import load_settings
 from verispec.core.engine import Completion, SpeculativeEngine
+from verispec.tools.check import first_difference, run_check
 
 verispec = run_verispec
 

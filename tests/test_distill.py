@@ -13,7 +13,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import llama, save, write_prompts
-from verispec.distill import (
+from verispec.errors import UserError
+from verispec.models import load_model, load_tokenizer
+from verispec.models.kernels import kernel_library
+from verispec.prompts import load_prompts
+from verispec.training.distill import (
     DistillConfig,
     add_distill_command,
     agreement,
@@ -23,10 +27,6 @@ from verispec.distill import (
     split_prompts,
     stdlib_windows,
 )
-from verispec.errors import UserError
-from verispec.models import load_model, load_tokenizer
-from verispec.models.kernels import kernel_library
-from verispec.prompts import load_prompts
 
 QUIET = lambda line: None  # noqa: E731
 
@@ -254,7 +254,7 @@ def test_distils_on_the_prompts_of_served_requests_from_the_audit_trail(tiny_mod
 
 
 def test_evaluation_falls_back_to_held_out_stdlib_text_without_the_shared_prompts(tmp_path, monkeypatch):
-    import verispec.distill as module
+    import verispec.training.distill as module
 
     monkeypatch.setattr(module, "DEFAULT_EVAL_PROMPTS", tmp_path / "absent.jsonl")
     cfg = DistillConfig(target="t", draft="d", out=tmp_path, stdlib_prompts=2, eval_prompts=tmp_path / "absent.jsonl")

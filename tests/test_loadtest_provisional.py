@@ -11,10 +11,10 @@ import json
 import httpx
 import pytest
 
-from verispec import loadtest
 from verispec.errors import UserError
-from verispec.loadtest import Phase, Sample, summarize
 from verispec.prompts import Prompt
+from verispec.tools import loadtest
+from verispec.tools.loadtest import Phase, Sample, summarize
 
 
 def chunk(text: str | None, finish: str | None = None) -> str:

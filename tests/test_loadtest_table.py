@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 from tests.conftest import run_verispec, write_prompts
-from verispec import loadtest
 from verispec.errors import UserError
-from verispec.loadtest import (
+from verispec.tools import loadtest
+from verispec.tools.loadtest import (
     Phase,
     Sample,
     _percentile,

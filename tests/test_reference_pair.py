@@ -3,9 +3,9 @@
 import pytest
 
 from tests.conftest import SHARED_MODELS, SHARED_PROMPTS, make_engine
-from verispec.check import run_check
 from verispec.config import SamplingParams, load_settings
 from verispec.prompts import load_prompts
+from verispec.tools.check import run_check
 
 pytestmark = pytest.mark.skipif(
     not (SHARED_MODELS / "ref-code-target").is_dir() or not SHARED_PROMPTS.is_file(),

@@ -435,7 +435,7 @@ def test_loadtest_against_no_server_is_a_clear_error():
 
 
 def test_loadtest_prompts_default_to_text_every_machine_has(monkeypatch, tmp_path):
-    from verispec import loadtest
+    from verispec.tools import loadtest
 
     monkeypatch.setattr(loadtest, "DEFAULT_PROMPTS", tmp_path / "absent.jsonl")
     prompts = loadtest.default_prompts()

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_server import cli_generate
-from verispec.corpus import stdlib_files, stdlib_root
 from verispec.errors import UserError
 from verispec.models import load_tokenizer
 from verispec.models.loading import check_compatible
-from verispec.train import TrainConfig, train_model
+from verispec.training.corpus import stdlib_files, stdlib_root
+from verispec.training.train import TrainConfig, train_model
 
 QUIET = lambda line: None  # noqa: E731
 CORPUS = str(stdlib_root() / "json")  # ~40 KB of real Python

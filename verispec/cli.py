@@ -185,15 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument("-v", "--verbose", action="store_true", help="log more")
     edge.set_defaults(run=_run_edge)
 
-    from verispec.loadtest import add_loadtest_command
     from verispec.offline.command import add_batch_command
+    from verispec.tools.loadtest import add_loadtest_command
 
     add_loadtest_command(commands)
     add_batch_command(commands)
 
     from verispec.audit.query import add_audit_command
-    from verispec.distill import add_distill_command
-    from verispec.train import add_train_command
+    from verispec.training.distill import add_distill_command
+    from verispec.training.train import add_train_command
 
     add_audit_command(commands)
     add_distill_command(commands)
@@ -210,8 +210,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from verispec.assemble import build_engine
-    from verispec.report import stats_table
     from verispec.text import chat_prompt
+    from verispec.tools.report import stats_table
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
@@ -240,7 +240,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from verispec.check import run_check
+    from verispec.tools.check import run_check
 
     depths = _depth_list(args, "--depth")
     return run_check(settings_from(args), args.prompts, depths=depths, limit=args.limit, report=args.report)
@@ -249,7 +249,7 @@ def _run_check(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace) -> int:
     import shlex
 
-    from verispec.bench import run_bench
+    from verispec.tools.bench import run_bench
 
     options = {name: getattr(args, name) for name in ("repeats", "out", "peers") if hasattr(args, name)}
     depths = _depth_list(args, "--depths")

@@ -20,7 +20,7 @@ from typing import Any
 from verispec.audit.redact import Redactor
 from verispec.audit.writer import AuditWriter
 from verispec.config import AuditSettings, SamplingParams
-from verispec.inspect import Mismatch
+from verispec.core.drift import Mismatch
 from verispec.server.protocol import speculation_stats
 from verispec.stats import RequestStats
 

@@ -27,9 +27,9 @@ from verispec.config import Depth, SamplingParams, SpeculationSettings
 from verispec.core.acceptance import Verdict, accept_greedy, accept_stochastic
 from verispec.core.calibrate import measure_step_costs
 from verispec.core.depth import StepCosts, depth_policy
+from verispec.core.drift import Inspection, inspect_round
 from verispec.core.sampling import request_generator, warp
 from verispec.errors import ProposerError, UserError
-from verispec.inspect import Inspection, inspect_round
 from verispec.models.backend import CausalLM, KVSession
 from verispec.proposers.base import DraftPolicy, Proposal, Proposer, ProposerSession
 from verispec.stats import RequestStats

@@ -13,18 +13,23 @@ module's compiled library, `csrc/layer_ops.c`, and all the layers of a pass in o
   streams half the bytes. Each output is accumulated in an order that does not depend on the
   number of rows in the pass, so a position's logits are the same decoded alone, verified among
   k+1 positions or in a batched pass of any width, and a prompt's keys and values the same
-  however it is chunked. A float32 GEMM would be about 2x faster at a few hundred rows (prefill),
-  but its sums run in an order that depends on the shape, which would break that. On this CPU the
-  widened form streams a decode step's weights about 2x faster than float32 `x @ w`.
+  however it is chunked. A float32 GEMM would be faster at a few hundred rows (prefill), but its
+  sums run in an order that depends on the shape, which would break that.
 - `onednn` (CPU, float32 weights that 16 bits cannot hold exactly, from PREPACK_MIN_ELEMENTS
   up): the weight prepacked once for oneDNN, whose small-M GEMM costs about the same for 1 to 8
-  rows (plain MKL `x @ w` costs 2-3x more at 4 rows than at 1 on the reference target).
+  rows (plain MKL `x @ w` costs more at 4 rows than at 1).
 - `dense` (CUDA, reduced-precision compute, torch.compile, small matrices, or where neither of
   the above is available): `x @ w` on the weight transposed once to (in, out).
 
-The kernel is compiled once per machine with the system C compiler (`$CC`, else `cc`) into
-`$XDG_CACHE_HOME/verispec/kernels` (default `~/.cache/verispec/kernels`); where that fails (no
-compiler, not x86-64 with AVX2) the other forms are used and the reason is logged once.
+Where the compiled library comes from (`kernel_build()` says which, and why not an earlier one):
+1. `installed`: built at install time by `setup.py` (`pip install .`, `pip install -e .`, a
+   wheel) into this package as `_kernels.so`, with the digest of the sources it was built from
+   beside it (`_kernels.sha256`); used only if that digest is the installed sources' (an edited
+   source in an editable checkout makes it stale) and the CPU has AVX2, FMA and F16C.
+2. `compiled`: else compiled once per machine on first use with the system C compiler (`$CC`,
+   else `cc`) into `$XDG_CACHE_HOME/verispec/kernels` (default `~/.cache/verispec/kernels`).
+3. `unavailable`: where that fails too (no compiler, not x86-64 with AVX2) the torch forms are
+   used and the reason is logged once, as a warning.
 """
 
 from __future__ import annotations
@@ -45,11 +50,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-KERNEL_SOURCES = tuple(
-    Path(__file__).with_name("csrc") / name
-    for name in ("widen_linear.c", "layer_ops.c", "quant_linear.c", "lean_step.c")
-)
+# setup.py reads these two literals (it cannot import this module: it needs torch) to build the
+# same library at install time.
+KERNEL_SOURCE_NAMES = ("widen_linear.c", "layer_ops.c", "quant_linear.c", "lean_step.c")
 KERNEL_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+KERNEL_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in KERNEL_SOURCE_NAMES)
+# The library built at install (setup.py) and the digest of what it was built from (sources_digest).
+INSTALLED_LIBRARY = Path(__file__).with_name("_kernels.so")
+INSTALLED_DIGEST = Path(__file__).with_name("_kernels.sha256")
 # A oneDNN call costs about 50 us before any arithmetic (F.linear: about 5 us): prepacking pays
 # only for matrices whose streaming takes longer than that, from about 1 MB of float32.
 PREPACK_MIN_ELEMENTS = 1 << 18
@@ -242,14 +250,103 @@ def _exact_16bit(weight: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
+class KernelBuild(NamedTuple):
+    """Which compiled library the lean CPU kernels run on: `source` is "installed" (built at
+    install time), "compiled" (on first use, into the cache) or "unavailable" (the torch forms);
+    `reason` says why not the earlier ones ("" for installed)."""
+
+    source: str
+    path: str | None  # the shared library loaded; None if unavailable
+    reason: str
+
+
+_last_build = KernelBuild("unavailable", None, "not loaded yet")
+
+
+def kernel_build() -> KernelBuild:
+    """Where `kernel_library()` came from (loading it if it is not yet loaded)."""
+    kernel_library()
+    return _last_build
+
+
 @functools.cache
 def kernel_library() -> ctypes.CDLL | None:
-    """The compiled widening kernel, building it on first use; None (logged once) where it can't be."""
+    """The compiled kernels: the library built at install, else built on first use; None
+    (logged once, with the reason) where neither can be had. `kernel_build()` says which."""
+    global _last_build
+    library, _last_build = _load()
+    return library
+
+
+def _load() -> tuple[ctypes.CDLL | None, KernelBuild]:
+    problem = _machine_problem()
+    if problem is not None:
+        log.warning("lean CPU kernel unavailable (%s); using float32 weights with oneDNN", problem)
+        return None, KernelBuild("unavailable", None, problem)
+    why_not_installed = _installed_problem()
+    if why_not_installed is None:
+        try:
+            library = _declare(ctypes.CDLL(str(INSTALLED_LIBRARY)))
+            log.info("lean CPU kernel: the library built at install (%s)", INSTALLED_LIBRARY)
+            return library, KernelBuild("installed", str(INSTALLED_LIBRARY), "")
+        except (OSError, AttributeError) as exc:
+            why_not_installed = f"the library built at install does not load ({exc})"
     try:
-        library = ctypes.CDLL(str(_build()))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        log.warning("lean CPU kernel unavailable (%s); using float32 weights with oneDNN", exc)
-        return None
+        path = _build()
+        library = _declare(ctypes.CDLL(str(path)))
+    except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as exc:
+        reason = f"{why_not_installed}; compiling it failed: {exc}"
+        log.warning("lean CPU kernel unavailable (%s); using float32 weights with oneDNN", reason)
+        return None, KernelBuild("unavailable", None, reason)
+    log.info("lean CPU kernel: compiled on first use (%s), as %s", why_not_installed, path)
+    return library, KernelBuild("compiled", str(path), why_not_installed)
+
+
+def sources_digest(sources: tuple[Path, ...] = KERNEL_SOURCES, flags: tuple[str, ...] = KERNEL_FLAGS) -> str:
+    """sha256 of the flags and every source, name and bytes, in order: what a library is built
+    from. setup.py computes the same at install time and writes it beside the library."""
+    digest = hashlib.sha256(" ".join(flags).encode())
+    for source in sources:
+        digest.update(f"\n{source.name}\n".encode())
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
+def _installed_problem() -> str | None:
+    """None if the library built at install is there and built from the sources installed; else why not."""
+    if not INSTALLED_LIBRARY.is_file():
+        return f"no library built at install ({INSTALLED_LIBRARY.name})"
+    try:
+        recorded = INSTALLED_DIGEST.read_text().strip()
+    except OSError:
+        return f"the library built at install has no {INSTALLED_DIGEST.name}"
+    if recorded != sources_digest():
+        return "the library built at install is stale: the kernel sources changed since (reinstall to rebuild it)"
+    return None
+
+
+def _machine_problem() -> str | None:
+    """Why this machine cannot run the kernels (they need x86-64 with AVX2, FMA and F16C), or None."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"needs Linux on x86-64, not {platform.system()} on {platform.machine()}"
+    missing = _NEEDED_CPU_FLAGS - _cpu_flags()
+    if missing:
+        return f"CPU lacks {', '.join(sorted(missing))}"
+    return None
+
+
+# What a kernel's nonzero return means (quant_linear, lean_layers, lean_greedy).
+KERNEL_ERRORS = {-1: "a projection form or quantized type the kernel does not run", -2: "out of memory in the kernel"}
+
+
+def kernel_error(code: int, call: str) -> Exception:
+    """The exception for a kernel call's nonzero return: MemoryError for -2, else RuntimeError."""
+    message = f"{call} failed ({code}): {KERNEL_ERRORS.get(code, 'unknown error')}"
+    return MemoryError(message) if code == -2 else RuntimeError(message)
+
+
+def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
+    """The library with every function's argument and return types set (AttributeError: one is missing)."""
     pointer, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     signatures = {
         "widen_linear_f16": [pointer, i64, pointer, i64, i64, pointer, pointer, i64, i32, i32],
@@ -268,7 +365,8 @@ def kernel_library() -> ctypes.CDLL | None:
         function = getattr(library, name)
         function.argtypes = arguments
         function.restype = None
-    # csrc/quant_linear.c: GGUF block-quantized weights; these return 0, or -1 for a type they lack.
+    # csrc/quant_linear.c: GGUF block-quantized weights; these return 0, -1 for a type they lack, or
+    # (quant_linear) -2 out of memory: `kernel_error` turns that into an exception.
     quant_signatures = {
         "quant_linear": [i32, pointer, i64, pointer, i64, i64, pointer, pointer, i64, i32, i32],
         "quant_dequantize": [i32, pointer, i64, i64, pointer],
@@ -279,7 +377,7 @@ def kernel_library() -> ctypes.CDLL | None:
         function = getattr(library, name)
         function.argtypes = arguments
         function.restype = i32
-    # csrc/lean_step.c: every layer of a pass in one call; 0, or nonzero for a part it cannot run.
+    # csrc/lean_step.c: every layer of a pass in one call; 0, or quant_linear's codes (`kernel_error`).
     library.lean_layers.argtypes = [
         ctypes.POINTER(VsModel), pointer, i64, ctypes.POINTER(VsAttention), ctypes.POINTER(VsScratch), i32,
     ]  # fmt: skip
@@ -295,11 +393,7 @@ def kernel_library() -> ctypes.CDLL | None:
 
 
 def _build() -> Path:
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        raise RuntimeError(f"needs Linux on x86-64, not {platform.system()} on {platform.machine()}")
-    missing = _NEEDED_CPU_FLAGS - _cpu_flags()
-    if missing:
-        raise RuntimeError(f"CPU lacks {', '.join(sorted(missing))}")
+    """The library compiled into the per-user cache (once per machine and source version)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")

@@ -45,6 +45,8 @@ from verispec.models.kernels import (
     VsModel,
     VsScratch,
     address_array,
+    kernel_build,
+    kernel_error,
     kernel_library,
 )
 from verispec.models.quant import QuantLinear, QuantWeight, store_as
@@ -141,11 +143,15 @@ class LeanModel:
 
     def path_report(self) -> dict:
         """Which form every weight matrix runs in, whether passes run on the CPU kernel step,
-        and why: for the start-up log line, /readyz and the kernel-step gauge."""
+        and why, and where its compiled library came from (`build`: "installed", "compiled" on
+        first use, "unavailable"; None where this model does not use it): for the start-up log
+        line, /readyz and the kernel-step gauges."""
         forms: dict[str, int] = {}
         for linear in self.linears():
             forms[linear.form] = forms.get(linear.form, 0) + 1
         on, avoidable = self.kernel_step, False  # avoidable: off by the weights or the machine, not by a choice
+        uses_kernel = self.kernel and not self.compiled and self.device.type == "cpu"
+        build = kernel_build() if uses_kernel else None
         if on:
             why = "every layer projection runs on the compiled CPU kernel"
         elif not self.kernel:
@@ -154,8 +160,8 @@ class LeanModel:
             why = "--compile runs torch.compile's step"
         elif self.device.type != "cpu":
             why = f"the kernel step is for the CPU, not {self.device.type}"
-        elif kernel_library() is None:
-            why, avoidable = "the compiled kernel is unavailable here (see the warning above)", True
+        elif build.source == "unavailable":
+            why, avoidable = f"the compiled kernel is unavailable here: {build.reason}", True
         else:
             avoidable = True
             slow = sum(n for form, n in forms.items() if form in ("onednn", "dense"))
@@ -163,7 +169,10 @@ class LeanModel:
                 f"{slow} weight matrices are float32 that 16 bits cannot hold exactly: "
                 "--weights-dtype float16, bfloat16 or q8_0 puts them on the kernel (a change of model)"
             )
-        return {"kernel_step": on, "forms": forms, "why": why, "avoidable": avoidable, "dequantized": self.dequantized}
+        return {
+            "kernel_step": on, "forms": forms, "why": why, "avoidable": avoidable, "dequantized": self.dequantized,
+            "build": None if build is None else build.source,
+        }  # fmt: skip
 
     def forward(self, session: LeanSession, ids: torch.Tensor, last_only: bool) -> torch.Tensor:
         """ids (T,) at positions session.length.. -> logits (T or 1, V); writes the cache."""
@@ -321,7 +330,7 @@ class LeanLM(LeanModel):
             token, steps, out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         if failed:
-            raise RuntimeError(f"lean_greedy failed ({failed})")
+            raise kernel_error(failed, "lean_greedy")
         return out.tolist()
 
     def kernel_pass(
@@ -347,7 +356,7 @@ class LeanLM(LeanModel):
                 torch.get_num_threads(),
             )  # fmt: skip
             if failed:
-                raise RuntimeError(f"lean_layers failed ({failed}): a projection the kernel does not run")
+                raise kernel_error(failed, "lean_layers")
         x = x[rows].contiguous()
         if x.shape[0] == 0:
             return x

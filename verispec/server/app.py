@@ -67,10 +67,10 @@ from verispec.server.reply import ClientGone, Provisional, Reply
 from verispec.server.routing import Canary, Decision, ProposerBandit, Router
 from verispec.server.scheduler import CostModel, Job, Overloaded, Scheduler
 from verispec.server.shared_limits import limiter_from_settings
+from verispec.server.startup import process_started
 from verispec.server.telemetry import Telemetry
 from verispec.server.underway import Underway, conclude
 from verispec.server.verify import Sessions, verify_routes
-from verispec.startup import process_started
 from verispec.text import chat_text
 
 log = logging.getLogger("verispec.server")

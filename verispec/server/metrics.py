@@ -21,8 +21,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from verispec.config import ServerSettings
+from verispec.core.drift import Inspection
 from verispec.core.engine import Round
-from verispec.inspect import Inspection
 from verispec.server.breaker import BreakerState
 from verispec.stats import RequestStats
 
@@ -121,6 +121,11 @@ class ServerMetrics:
         self.kernel_step = Gauge(
             P + "kernel_step", "1 if the model's passes run on the compiled CPU kernel step, 0 if on the slower path; "
             "form: the storage its weight matrices run in.", m + ["role", "form"], registry=registry,
+        )  # fmt: skip
+        self.kernel_build = Gauge(
+            P + "kernel_build_info", "1 for where the compiled CPU kernels a model uses came from: source installed "
+            "(built at install time), compiled (on first use) or unavailable (the slower torch path).",
+            m + ["role", "source"], registry=registry,
         )  # fmt: skip
         self.kernel_step_model = model_name
         self.breaker_state = gauge("breaker_state", "Speculation circuit breaker: 0 closed, 1 open (verifier only), 2 half-open.")
@@ -281,6 +286,9 @@ class ServerMetrics:
         self.breaker_moves(state.name.lower()).inc()
 
     def observe_path(self, role: str, path: dict) -> None:
-        """The model's kernel-step state, labelled by the forms its weight matrices run in."""
+        """The model's kernel-step state, labelled by the forms its weight matrices run in, and
+        where its compiled kernels came from (none: the model does not use them)."""
         form = "+".join(sorted(path["forms"]))
         self.kernel_step.labels(self.kernel_step_model, role, form).set(1 if path["kernel_step"] else 0)
+        if path.get("build") is not None:
+            self.kernel_build.labels(self.kernel_step_model, role, path["build"]).set(1)

@@ -12,6 +12,19 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+/* Scratch of rows x columns floats, or NULL: out of memory, a size that does not fit size_t, or
+   an empty one. Every caller has a path without scratch that gives the same bits. The tests build
+   with -DVS_NO_SCRATCH to take those paths. */
+static float* scratch_floats(int64_t rows, int64_t columns) {
+#ifdef VS_NO_SCRATCH
+  (void)rows, (void)columns;
+  return NULL;
+#else
+  if (rows <= 0 || columns <= 0 || rows > (int64_t)(SIZE_MAX / sizeof(float)) / columns) return NULL;
+  return malloc(sizeof(float) * (size_t)rows * (size_t)columns);
+#endif
+}
+
 /* a . b over n floats: 8-lane partial sums in a fixed order, then the lanes, then the tail. */
 static inline float dot(const float* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
@@ -127,21 +140,34 @@ void rope_store(float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const
   }
 }
 
+static void paged_attend_unbuffered(const float* q, const float* keys, const float* values, const int64_t* table,
+                                    int64_t g, int64_t Hkv, int64_t bs, int64_t hd, int64_t n, float scale,
+                                    float* o);
+
 /* out (T, H hd): for query row t (position start+t) and head h, softmax(q . k_j * scale) over
    cache positions j <= start+t of its KV head (grouped-query: H / Hkv query heads per KV head),
    applied to the values. A head's T rows are done together, so each cached key and value is
-   read once per pass; each row's sums still run over j in ascending order as if it were alone. */
+   read once per pass; each row's sums still run over j in ascending order as if it were alone.
+   Out of memory for that scratch, a thread does its rows one at a time without it (the paged
+   path's, over the cache as one block of P positions): the same bits, more slowly. */
 void attention(const float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* keys,
                const float* values, int64_t P, int64_t start, float scale, float* out, int threads) {
   int64_t width = (H + 2 * Hkv) * hd, group = H / Hkv, end = start + T;
+  static const int64_t one_block[1] = {0};
   #pragma omp parallel num_threads(threads)
   {
-    float* scores = malloc(sizeof(float) * (size_t)(T * end));  /* row t: scores[t * end + j] */
-    float* totals = malloc(sizeof(float) * (size_t)T);
+    float* scores = scratch_floats(T, end);  /* row t: scores[t * end + j] */
+    float* totals = scratch_floats(T, 1);
     #pragma omp for schedule(static)
     for (int64_t h = 0; h < H; ++h) {
       const float* k = keys + (h / group) * P * hd;
       const float* v = values + (h / group) * P * hd;
+      if (!scores || !totals) {
+        for (int64_t t = 0; t < T; ++t)
+          paged_attend_unbuffered(qkv + t * width + h * hd, k, v, one_block, 0, 1, P, hd, start + t + 1, scale,
+                                  out + t * H * hd + h * hd);
+        continue;
+      }
       for (int64_t t = 0; t < T; ++t) {
         const float* q = qkv + t * width + h * hd;
         float* row = scores + t * end;
@@ -302,7 +328,7 @@ static inline float rounded1(float v) {
   return v;
 }
 
-/* One row without scratch (a context past PAGED_SCRATCH_FLOATS, or malloc failed): the scores
+/* One row without scratch (a context past PAGED_SCRATCH_FLOATS, or out of memory): the scores
    are computed three times (max, total, weights), each time the same bits, so the output is
    the same as the buffered path's. */
 static void paged_attend_unbuffered(const float* q, const float* keys, const float* values, const int64_t* table,
@@ -379,7 +405,7 @@ void paged_attention(const float* qkv, int64_t S, const int64_t* seg_row, const 
       float* o0 = out + (seg_row[s] + first) * H * hd + h * hd;
       if (T * end <= PAGED_SCRATCH_FLOATS && T * end > capacity) {
         free(scores);
-        scores = malloc(sizeof(float) * (size_t)(T * end));
+        scores = scratch_floats(T, end);
         capacity = scores ? T * end : 0;
       }
       if (T * end > capacity) {

@@ -11,7 +11,7 @@ with `--tokenizer`, then `verispec distill` it), and the way the built-in demo p
   chunks; next-token cross-entropy. `--stdlib` uses this machine's standard library, leaving
   out the q/r/s modules the shared prompts are cut from, which then serve as validation text.
   Otherwise a seeded 2% of the `--data` documents (at least one) is held out.
-- The loop (AdamW, warm-up, cosine decay, checkpoints, `--resume`) is `verispec.training`'s.
+- The loop (AdamW, warm-up, cosine decay, checkpoints, `--resume`) is `verispec.training.loop`'s.
   Validation loss is measured at every checkpoint and at the end, in nats per token and in bits
   per byte of text (comparable across tokenizers).
 
@@ -35,9 +35,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from verispec.corpus import stdlib_files, text_documents
 from verispec.errors import UserError
-from verispec.training import (
+from verispec.training.corpus import stdlib_files, text_documents
+from verispec.training.loop import (
     Schedule,
     StepResult,
     add_run_flags,

@@ -63,10 +63,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from verispec.corpus import stdlib_files, stdlib_root, text_documents
 from verispec.errors import UserError
 from verispec.prompts import Prompt, load_prompts
-from verispec.training import (
+from verispec.training.corpus import stdlib_files, stdlib_root, text_documents
+from verispec.training.loop import (
     Schedule,
     StepResult,
     add_run_flags,
@@ -552,7 +552,7 @@ def train(
     log: Callable[[str], None],
     on_step: Callable[[int], None] | None = None,
 ) -> tuple[PreTrainedModel, dict]:
-    """The shared loop of `verispec.training` over the teacher's examples; with `resume`,
+    """The shared loop of `verispec.training.loop` over the teacher's examples; with `resume`,
     continues from the last checkpoint."""
     schedule = Schedule(
         config.steps, config.lr, config.warmup, config.weight_decay, config.clip, config.checkpoint_every

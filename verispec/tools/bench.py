@@ -49,7 +49,6 @@ from rich.markdown import Markdown
 from tqdm import tqdm
 
 import verispec
-from verispec import check
 from verispec.assemble import build_engine, resolve_models
 from verispec.config import Depth, ModelSettings, SamplingParams, Settings
 from verispec.core.engine import SpeculativeEngine
@@ -58,6 +57,7 @@ from verispec.models import resolve_device, resolve_dtype
 from verispec.prompts import load_prompts
 from verispec.proposers import NgramProposer
 from verispec.stats import RequestStats
+from verispec.tools import check
 
 DEFAULT_DEPTHS = ("1", "2", "4", "6", "8", "auto")
 WARMUP_TOKENS = 8
@@ -271,7 +271,7 @@ def markdown(results: list[Result], prompt_count: int, command: str) -> str:
         *("| " + " | ".join(row) + " |" for row in rows),
         "", "Speedup: over verispec verifier-only, ratio of median tokens/s (prompt prefill included). "
         "Decode speedup: the same without the prefill, from summed times; bound: the decode speedup the measured "
-        "acceptance and round cost allow (see verispec/bench.py); of bound: decode speedup / bound.",
+        "acceptance and round cost allow (see verispec/tools/bench.py); of bound: decode speedup / bound.",
         "", verdict(results, prompt_count), "",
     ]
     return "\n".join(lines)

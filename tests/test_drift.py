@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import make_engine, random_prompts
 from verispec.config import SamplingParams
-from verispec.inspect import inspect_round
+from verispec.core.drift import inspect_round
 
 
 def test_point_mass_proposer():
