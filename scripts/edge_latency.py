@@ -39,9 +39,9 @@ sys.path.insert(0, str(ROOT))
 from tests.serving import ServerProcess, metric  # noqa: E402
 from verispec.cli import DEMO_PROMPTS  # noqa: E402
 from verispec.edge import EdgeClient  # noqa: E402
-from verispec.loadtest import DEFAULT_PROMPTS  # noqa: E402
 from verispec.models.loading import demo_pair  # noqa: E402
 from verispec.prompts import Prompt, load_prompts  # noqa: E402
+from verispec.tools.loadtest import DEFAULT_PROMPTS  # noqa: E402
 
 BUSY = {  # server counters read around each batch: name in the summary -> metric
     "verifier_s": "verispec:verifier_busy_seconds_total",

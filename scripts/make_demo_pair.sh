@@ -22,7 +22,7 @@ verispec train --stdlib --tokenizer "$work/target/final" --out "$work/draft" --l
 #    on 32 windows of the held-out q/r/s modules.
 python - > "$work/eval-prompts.jsonl" <<'PY'
 import json
-from verispec.distill import stdlib_windows
+from verispec.prompts import stdlib_windows
 for w in stdlib_windows(32, seed=3, held_out=True):
     print(json.dumps({"id": w.id, "prompt": w.text}))
 PY

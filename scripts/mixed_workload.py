@@ -34,7 +34,7 @@ from pathlib import Path
 
 import httpx
 
-from verispec.distill import stdlib_windows
+from verispec.prompts import stdlib_windows
 
 FIXED = ("draft", "ngram", "none")
 PER_REQUEST = "per-request"

@@ -41,10 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.serving import ServerProcess, metric  # noqa: E402
-from verispec.loadtest import default_prompts, loadtest  # noqa: E402
 from verispec.models import load_tokenizer  # noqa: E402
 from verispec.models.loading import demo_pair  # noqa: E402
 from verispec.policy import PolicySet, load_policy, parse_policy  # noqa: E402
+from verispec.tools.loadtest import default_prompts, loadtest  # noqa: E402
 
 EXAMPLE = ROOT / "deploy" / "policy" / "rules.example.yaml"
 

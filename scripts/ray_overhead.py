@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.serving import ServerProcess  # noqa: E402
-from verispec.loadtest import default_prompts, loadtest  # noqa: E402
+from verispec.tools.loadtest import default_prompts, loadtest  # noqa: E402
 
 
 def main() -> int:

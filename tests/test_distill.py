@@ -16,7 +16,7 @@ from tests.conftest import llama, save, write_prompts
 from verispec.errors import UserError
 from verispec.models import load_model, load_tokenizer
 from verispec.models.kernels import kernel_library
-from verispec.prompts import load_prompts
+from verispec.prompts import load_prompts, stdlib_windows
 from verispec.training.distill import (
     DistillConfig,
     add_distill_command,
@@ -25,7 +25,6 @@ from verispec.training.distill import (
     greedy_padded,
     kd_loss,
     split_prompts,
-    stdlib_windows,
 )
 
 QUIET = lambda line: None  # noqa: E731

@@ -22,6 +22,7 @@ from pydantic_core import PydanticUndefined
 from verispec.config import (
     AuditSettings,
     BatchSettings,
+    Loaded,
     ModelSettings,
     RoutingSettings,
     SamplingParams,
@@ -50,7 +51,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"verispec: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: tuple[str, ...] = ()) -> None:
+def add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: tuple[str, ...] = ()) -> None:
     """One flag per field of a settings model. The parser keeps (model, skip) in `settings_models`,
     from which the docs' CLI reference is generated."""
     if not hasattr(parser, "settings_models"):
@@ -82,7 +83,7 @@ def add_max_new_tokens_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _common_flags(parser: argparse.ArgumentParser) -> None:
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", type=Path, default=None, help="TOML, YAML or JSON file of settings (flags and VERISPEC_* env vars override it)"
     )
@@ -96,10 +97,10 @@ def _prompt_set_command(commands, name: str, help_text: str, depth_flag: str, de
     command.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     # dest 'depths': the list must not collide with the settings field `depth`.
     command.add_argument(depth_flag, dest="depths", default=argparse.SUPPRESS, metavar="DEPTHS", help=depth_help)
-    _add_settings_flags(command, ModelSettings)
-    _add_settings_flags(command, SpeculationSettings, skip=("depth",))
-    _add_settings_flags(command, SamplingParams, skip=("temperature", "top_k", "top_p", "seed", "stop"))
-    _common_flags(command)
+    add_settings_flags(command, ModelSettings)
+    add_settings_flags(command, SpeculationSettings, skip=("depth",))
+    add_settings_flags(command, SamplingParams, skip=("temperature", "top_k", "top_p", "seed", "stop"))
+    add_common_flags(command)
     return command
 
 
@@ -118,16 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="continue a prompt, streaming verified tokens")
     generate.add_argument("prompt", metavar="PROMPT", help="text to continue; - reads standard input")
-    _add_settings_flags(generate, ModelSettings)
-    _add_settings_flags(generate, SpeculationSettings)
-    _add_settings_flags(generate, SamplingParams)
+    add_settings_flags(generate, ModelSettings)
+    add_settings_flags(generate, SpeculationSettings)
+    add_settings_flags(generate, SamplingParams)
     generate.add_argument(
         "--chat", action="store_true",
         help="treat PROMPT as a user message and apply the model's chat template (as /v1/chat/completions does)",
     )  # fmt: skip
     generate.add_argument("--system", default=None, help="with --chat: a system message before PROMPT")
     generate.add_argument("--stats", action="store_true", help="print speculation statistics after the text")
-    _common_flags(generate)
+    add_common_flags(generate)
     generate.set_defaults(run=_run_generate)
 
     check = _prompt_set_command(
@@ -150,16 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_run_bench)
 
     serve = commands.add_parser("serve", help="serve the OpenAI API (completions, chat completions) over HTTP")
-    _add_settings_flags(serve, ModelSettings)
-    _add_settings_flags(serve, SpeculationSettings)
-    _add_settings_flags(serve, ServerSettings)
-    _add_settings_flags(serve, BatchSettings)
-    _add_settings_flags(serve, RoutingSettings)
-    _add_settings_flags(serve, AuditSettings)
-    _add_settings_flags(serve, TelemetrySettings)
-    _add_settings_flags(serve, ScaleSettings)
+    add_settings_flags(serve, ModelSettings)
+    add_settings_flags(serve, SpeculationSettings)
+    add_settings_flags(serve, ServerSettings)
+    add_settings_flags(serve, BatchSettings)
+    add_settings_flags(serve, RoutingSettings)
+    add_settings_flags(serve, AuditSettings)
+    add_settings_flags(serve, TelemetrySettings)
+    add_settings_flags(serve, ScaleSettings)
     add_max_new_tokens_flag(serve)
-    _common_flags(serve)
+    add_common_flags(serve)
     serve.set_defaults(run=_run_serve)
 
     edge = commands.add_parser(
@@ -201,9 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    flags = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
-    return load_settings(flags, args.config)
+def settings_from(args: argparse.Namespace, cls: type[Loaded] = Settings) -> Loaded:
+    """The command's settings from its parsed flags (given ones only), `--config` and the environment."""
+    flags = {name: value for name, value in vars(args).items() if name in cls.model_fields}
+    return load_settings(flags, getattr(args, "config", None), cls)
 
 
 def _run_generate(args: argparse.Namespace) -> int:

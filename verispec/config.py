@@ -407,6 +407,16 @@ class TelemetrySettings(BaseModel):
 Part = TypeVar("Part", bound=BaseModel)
 
 
+class CommandSettings(BaseSettings):
+    """The base of every command's settings: frozen, read from `VERISPEC_*` environment variables,
+    a config file and flags (see `load_settings`); unknown keys are refused."""
+
+    model_config = SettingsConfigDict(env_prefix="VERISPEC_", frozen=True, extra="forbid")
+
+
+Loaded = TypeVar("Loaded", bound=CommandSettings)
+
+
 class Settings(
     ModelSettings,
     SpeculationSettings,
@@ -417,7 +427,7 @@ class Settings(
     AuditSettings,
     TelemetrySettings,
     ScaleSettings,
-    BaseSettings,
+    CommandSettings,
 ):
     """Everything a `verispec` command reads, flat so that flags and env vars stay short."""
 
@@ -428,11 +438,12 @@ class Settings(
         return cls.model_validate(self.model_dump(include=set(cls.model_fields)))
 
 
-def load_settings(flags: dict[str, Any], config_file: Path | None = None) -> Settings:
-    """Defaults < config file < VERISPEC_* environment < flags. Bad values raise UserError."""
+def load_settings(flags: dict[str, Any], config_file: Path | None = None, cls: type[Loaded] = Settings) -> Loaded:
+    """Defaults < config file < VERISPEC_* environment < flags, for `Settings` (generate, serve, ...)
+    or another command's settings. Bad values raise UserError."""
     file_values = _read_config_file(config_file) if config_file else {}
 
-    class _Layered(Settings):
+    class _Layered(cls):
         @classmethod
         def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
             return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
@@ -441,7 +452,7 @@ def load_settings(flags: dict[str, Any], config_file: Path | None = None) -> Set
         layered = _Layered(**flags)
     except ValidationError as exc:
         raise UserError(describe_validation_error(exc)) from None
-    return Settings.model_construct(**layered.model_dump())
+    return cls.model_construct(**layered.model_dump())
 
 
 def describe_validation_error(exc: ValidationError) -> str:

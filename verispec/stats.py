@@ -111,3 +111,31 @@ class RequestStats:
             mean_depth=sum(self.depths) / len(self.depths) if self.depths else 0.0,
         )
         return out
+
+
+def usage(stats: RequestStats) -> dict:
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.generated_tokens,
+        "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
+    }
+
+
+def speculation_stats(stats: RequestStats, proposer: str | None = None) -> dict:
+    """The per-response extension: what speculation did for this request, and with which proposer."""
+    return {
+        "proposer": proposer,
+        "proposed": stats.proposed,
+        "accepted": stats.accepted,
+        "rejected": stats.rejected,
+        "recovered": stats.recovered,
+        "bonus": stats.bonus,
+        "verifier_calls": stats.verifier_calls,
+        "acceptance_rate": stats.acceptance_rate,
+        "mean_accepted_length": stats.mean_accepted,
+        "tokens_per_verifier_call": stats.tokens_per_verifier_call,
+        "proposer_failures": stats.proposer_failures + stats.proposer_timeouts,
+        "fallback_rounds": stats.fallback_rounds,
+        "mismatch_ms": round(stats.mismatch_s * 1e3, 3),  # time spent on rejected drafts
+    }

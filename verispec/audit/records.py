@@ -21,8 +21,7 @@ from verispec.audit.redact import Redactor
 from verispec.audit.writer import AuditWriter
 from verispec.config import AuditSettings, SamplingParams
 from verispec.core.drift import Mismatch
-from verispec.server.protocol import speculation_stats
-from verispec.stats import RequestStats
+from verispec.stats import RequestStats, speculation_stats
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ class BatchJobSettings(BaseModel):
 
 
 def add_batch_command(commands) -> None:
-    from verispec.cli import _add_settings_flags, _common_flags, add_max_new_tokens_flag
+    from verispec.cli import add_settings_flags, add_common_flags, add_max_new_tokens_flag
 
     command = commands.add_parser(
         "batch", help="answer a JSONL file of OpenAI batch requests offline, resumably",
@@ -76,12 +76,12 @@ def add_batch_command(commands) -> None:
     )  # fmt: skip
     command.add_argument("input", type=Path, metavar="INPUT", help=INPUT_HELP)
     command.add_argument("--output", type=Path, required=True, metavar="OUTPUT", help=BatchJobSettings.model_fields["output"].description)
-    _add_settings_flags(command, BatchJobSettings, skip=("input", "output"))
-    _add_settings_flags(command, ModelSettings)
-    _add_settings_flags(command, SpeculationSettings)
-    _add_settings_flags(command, BatchSettings)
+    add_settings_flags(command, BatchJobSettings, skip=("input", "output"))
+    add_settings_flags(command, ModelSettings)
+    add_settings_flags(command, SpeculationSettings)
+    add_settings_flags(command, BatchSettings)
     add_max_new_tokens_flag(command)
-    _common_flags(command)
+    add_common_flags(command)
     command.set_defaults(run=_run)
 
 

@@ -60,7 +60,6 @@ from verispec.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     Shape,
-    speculation_stats,
     token_budget,
 )
 from verispec.server.reply import ClientGone, Provisional, Reply
@@ -71,6 +70,7 @@ from verispec.server.startup import process_started
 from verispec.server.telemetry import Telemetry
 from verispec.server.underway import Underway, conclude
 from verispec.server.verify import Sessions, verify_routes
+from verispec.stats import speculation_stats
 from verispec.text import chat_text
 
 log = logging.getLogger("verispec.server")

@@ -343,7 +343,7 @@ def default_prompts() -> list[Prompt]:
     """The shared prompt set where this checkout sits beside it, else text every machine has."""
     if DEFAULT_PROMPTS.is_file():
         return load_prompts(DEFAULT_PROMPTS)
-    from verispec.training.distill import stdlib_windows
+    from verispec.prompts import stdlib_windows
 
     return stdlib_windows(64, seed=7, lines=30, held_out=True)
 

@@ -1,46 +1,13 @@
-"""Training text: the standard library's sources (on every machine) and user-given files.
-
-The shared evaluation prompts are cut from standard-library modules whose names start with q, r or
-s, so everything here that reads the standard library leaves those out: a model trained or
-distilled on it is still evaluated on text it never saw."""
+"""Training text: the standard library's sources (on every machine, see `verispec.prompts`) and
+user-given files."""
 
 from __future__ import annotations
 
 import glob
-import sysconfig
 from pathlib import Path
 
 from verispec.errors import UserError
-from verispec.prompts import load_prompts
-
-HELD_OUT_INITIALS = ("q", "r", "s")  # the shared prompts are cut from stdlib modules named so
-# Left out of the reference pair's training corpus, or not Python code (site-packages: other
-# projects; pydoc_data and encodings: text and codec tables).
-STDLIB_SKIPPED = {"test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip", "site-packages",
-                  "__pycache__", "pydoc_data", "encodings"}  # fmt: skip
-
-
-def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def stdlib_files(root: Path | None = None, held_out: bool = False) -> list[Path]:
-    """The standard library's readable .py files in name order: the training side (default), or
-    with `held_out` only the q/r/s modules the shared prompts come from."""
-    root = root or stdlib_root()
-    files = []
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root).parts
-        if any(p in STDLIB_SKIPPED or p.startswith("config-") for p in parts):  # config-*: build scripts
-            continue
-        if any(p.lower().startswith(HELD_OUT_INITIALS) for p in parts) != held_out:
-            continue
-        try:
-            path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        files.append(path)
-    return files
+from verispec.prompts import load_prompts, stdlib_files, stdlib_root  # noqa: F401 (re-exported)
 
 
 def text_documents(sources: tuple[str, ...], flag: str = "--data") -> list[str]:

@@ -64,8 +64,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from verispec.errors import UserError
-from verispec.prompts import Prompt, load_prompts
-from verispec.training.corpus import stdlib_files, stdlib_root, text_documents
+from verispec.prompts import Prompt, load_prompts, stdlib_windows
+from verispec.training.corpus import text_documents
 from verispec.training.loop import (
     Schedule,
     StepResult,
@@ -155,33 +155,6 @@ class Example:
 
 
 # -- data sources ---------------------------------------------------------------------------------
-
-
-def stdlib_windows(
-    count: int, seed: int = 0, lines: int = 40, root: Path | None = None, held_out: bool = False
-) -> list[Prompt]:
-    """`count` windows of `lines` lines from the standard library, none from a held-out module
-    (or, with `held_out`, only from those: evaluation text for models trained on the rest)."""
-    root = root or stdlib_root()
-    candidates: list[tuple[Path, int]] = []
-    for path in stdlib_files(root, held_out=held_out):
-        length = len(path.read_text(encoding="utf-8").splitlines())
-        candidates.extend((path, start) for start in range(0, max(1, length - lines // 2), lines))
-    rng = random.Random(seed)
-    rng.shuffle(candidates)
-    windows = []
-    for path, start in candidates:
-        text = "".join(path.read_text(encoding="utf-8").splitlines(keepends=True)[start : start + lines])
-        if len(text.strip()) < 400:  # mostly blank or a short file tail
-            continue
-        windows.append(Prompt(f"{path.relative_to(root)}:{start + 1}", text))
-        if len(windows) == count:
-            break
-    if len(windows) < count:
-        raise UserError(
-            f"--stdlib-prompts {count}: the standard library under {root} gives only {len(windows)} windows"
-        )
-    return windows
 
 
 def audit_prompts(url: str, model: str | None = None, since: str | None = None) -> list[Prompt]:

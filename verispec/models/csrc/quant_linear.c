@@ -20,6 +20,7 @@
    CPU has it. */
 
 #include <immintrin.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -487,19 +488,36 @@ int quant_rows(int type, const uint8_t* w, int64_t K, const int64_t* ids, int64_
   return 0;
 }
 
-/* The per-thread buffer of a tile's rows over all of K; OpenMP's threads live on, so it is kept. */
+/* The per-thread buffer of a tile's rows over all of K; OpenMP's threads live on, so it is kept,
+   and freed when its thread ends (a caller's thread may not live on). NULL: out of memory, or a
+   size that does not fit size_t; the tests build with -DVS_NO_SCRATCH to take that path. */
 static __thread float* tile_rows;
 static __thread int64_t tile_rows_size;
+static pthread_key_t tile_rows_key;
+static int tile_rows_keyed; /* the key exists: its destructor frees a thread's buffer */
+static pthread_once_t tile_rows_once = PTHREAD_ONCE_INIT;
+
+static void make_tile_rows_key(void) { tile_rows_keyed = pthread_key_create(&tile_rows_key, free) == 0; }
 
 static float* rows_buffer(int64_t floats) {
   if (floats > tile_rows_size) {
     free(tile_rows);
-    tile_rows = aligned_alloc(64, (size_t)(floats * sizeof(float) + 63) / 64 * 64);
+    tile_rows = NULL;
+    tile_rows_size = 0;
+#ifndef VS_NO_SCRATCH
+    if (floats > 0 && floats <= (int64_t)((SIZE_MAX - 63) / sizeof(float)))
+      tile_rows = aligned_alloc(64, ((size_t)floats * sizeof(float) + 63) / 64 * 64);
+#endif
     tile_rows_size = tile_rows ? floats : 0;
+    pthread_once(&tile_rows_once, make_tile_rows_key);
+    if (tile_rows_keyed) pthread_setspecific(tile_rows_key, tile_rows);
   }
   return tile_rows;
 }
 
+/* y (M rows, ldy apart) = x @ w^T (+ bias), or += it. 0; -1 for a type it lacks (or K not a whole
+   number of its blocks), nothing written; -2 out of memory for a pass of more than the fused
+   rows, the tiles that ran out not written (kernels.py: kernel_error). */
 int quant_linear(int type, const float* x, int64_t M, const uint8_t* w, int64_t N, int64_t K, const float* bias,
                  float* y, int64_t ldy, int accumulate, int threads) {
   const struct qtype* t = qtype_of(type);
@@ -521,6 +539,7 @@ int quant_linear(int type, const float* x, int64_t M, const uint8_t* w, int64_t 
     }
     float* s = rows_buffer(4 * K);
     if (!s) {  // out of memory: -2, this tile not written
+      #pragma omp atomic write
       failed = 1;
       continue;
     }

@@ -3,8 +3,9 @@
 
    The lean backend keeps weights that are exactly representable in 16 bits in 16 bits, and
    widens them to float32 in registers here: the arithmetic is float32 on the same values, and a
-   decode step streams half the bytes of a float32 weight. Built by verispec/models/kernels.py
-   with the system C compiler on first use (x86-64 with AVX2, FMA and F16C).
+   decode step streams half the bytes of a float32 weight. Built with the other sources at install
+   time (setup.py), else by verispec/models/kernels.py with the system C compiler on first use
+   (x86-64 with AVX2, FMA and F16C).
 
    Each output y[m, n] is one run of an 8-lane accumulator over k and a fixed lane sum, the same
    whatever the number of rows M in the pass: a position's logits do not depend on whether it was
