@@ -17,8 +17,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastapi import Request
+
 from verispec.config import ServerSettings
 from verispec.errors import UserError
+from verispec.server.errors import APIError
 
 
 @dataclass(frozen=True)
@@ -175,3 +178,22 @@ class RateLimiter:
     async def acheck(self, key_id: str, tokens: int) -> RateDecision:
         """`check` for the event loop: in process it never waits."""
         return self.check(key_id, tokens)
+
+
+def bearer_auth(keys: KeyRing):
+    """The routes' dependency: the caller's API key ID from 'Authorization: Bearer KEY' ('anonymous'
+    when the server has no keys), or a 401."""
+    async def authorize(request: Request) -> str:
+        if not keys.enabled:
+            request.state.key_id = "anonymous"
+            return "anonymous"
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(401, "missing API key: send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
+        key_id = keys.identify(token.strip())
+        if key_id is None:
+            raise APIError(401, "invalid API key", code="invalid_api_key")
+        request.state.key_id = key_id
+        return key_id
+
+    return authorize

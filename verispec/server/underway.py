@@ -1,6 +1,7 @@
 """A request from admission to its end, and its conclusion: the span, the log line and the audit
-record every generation leaves behind, built in one place for the completions, the chat and the
-verify API (a session is one request however many rounds it takes)."""
+record every request leaves behind, built in one place for the completions, the chat and the
+verify API (a session is one request however many rounds it takes), and for the requests refused
+before they were queued (`conclude_refused`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from verispec.server.scheduler import Job
 
 if TYPE_CHECKING:
     from verispec.policy import Violation
-    from verispec.server.app import State
+    from verispec.server.state import State
 
 log = logging.getLogger("verispec.server")
 
@@ -58,7 +59,7 @@ async def conclude(
     tpot = None
     if job.first_token is not None and job.last_token is not None and job.generated > 1:
         tpot = (job.last_token - job.first_token) / (job.generated - 1)
-    identity = state.identities.get(job.proposer) or (state.auditor.identity if state.auditor else None)
+    identity = state.identity(job.proposer)
     attributes = {
         "gen_ai.response.model": state.model_name,
         "gen_ai.response.finish_reasons": [finish_reason] if finish_reason else None,
@@ -105,6 +106,24 @@ async def conclude(
         finish_reason=finish_reason, latency_s=latency, ttft_s=ttft, error=error, mismatches=mismatches,
         identity=identity, edge=underway.edge, policy=[_finding(f) for f in underway.findings] or None,
     )
+    return await _record(state, done, wait)
+
+
+def conclude_refused(
+    state: State, request_id: str, arrived: datetime, endpoint: str, key_id: str | None, status: int, latency_s: float,
+    error: str | None,
+) -> None:
+    """The record of a request refused before it was queued (bad input, key, rate limit, not ready):
+    metadata only. Its log line and count are the access log's (`context.RequestContext`)."""
+    done = Finished(
+        request_id=request_id, arrived=arrived, key_id=key_id, endpoint=endpoint, outcome="rejected", status=status,
+        latency_s=latency_s, error=error,
+    )
+    state.spawn(state.audit_record(done, wait=False))
+
+
+async def _record(state: State, done: Finished, wait: bool) -> bool:
+    """Queue the record; with `wait`, whether it is committed (the acknowledgement waits for that)."""
     if wait:
         return await state.audit_record(done, wait=True)
     state.spawn(state.audit_record(done, wait=False))

@@ -45,7 +45,8 @@ from verispec.server.underway import Underway
 from verispec.stats import speculation_stats, usage
 
 if TYPE_CHECKING:
-    from verispec.server.app import Service, State
+    from verispec.server.service import Service
+    from verispec.server.state import State
 
 log = logging.getLogger("verispec.server")
 

@@ -1,0 +1,226 @@
+"""The OpenAI generation routes: `/v1/completions` and `/v1/chat/completions`, plain or streamed.
+
+A request is checked (`State`: ready, model, prompt, budget, sampling, rate limit), queued on the
+scheduler as a `Job`, and answered from its `Reply` (verified text only, through the policy gate):
+as one JSON body, or as server-sent events ending in `data: [DONE]` once its audit record is
+committed."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from transformers import PreTrainedTokenizerBase
+
+from verispec.audit.records import utc_now
+from verispec.core.engine import Delta
+from verispec.server.errors import APIError, bad_request, retry_later
+from verispec.server.openapi import CHAT_RESPONSES, COMPLETION_RESPONSES
+from verispec.server.protocol import ChatCompletionRequest, CompletionRequest, Shape
+from verispec.server.reply import ClientGone, Provisional, Reply
+from verispec.server.scheduler import Job, Overloaded
+from verispec.server.service import Service
+from verispec.server.state import State
+from verispec.server.underway import Underway
+from verispec.stats import speculation_stats
+from verispec.text import chat_text
+
+
+def completion_routes(state: State, authorize: Callable[[Request], Awaitable[str]]) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/completions", responses=COMPLETION_RESPONSES)
+    async def completions(body: CompletionRequest, request: Request, key_id: str = Depends(authorize)) -> Response:
+        service = state.ready()
+        state.check_model(body)
+        body.refuse_unsupported()
+        prompt_ids, text = await state.prompt(service, body.single_prompt())
+        return await _generate(request, service, body, prompt_ids, text, body.max_tokens, key_id, chat=False)
+
+    @router.post("/v1/chat/completions", responses=CHAT_RESPONSES)
+    async def chat(body: ChatCompletionRequest, request: Request, key_id: str = Depends(authorize)) -> Response:
+        service = state.ready()
+        state.check_model(body)
+        body.refuse_unsupported()
+        tokenizer = service.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise bad_request(
+                f"model '{state.model_name}' has no chat template, so it cannot take messages; use /v1/completions with a prompt",
+                param="messages", code="no_chat_template",
+            )
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            text = await state.off_loop(chat_text, tokenizer, messages)
+        except Exception as exc:  # templates raise on conversations they do not support
+            raise bad_request(f"the model's chat template refused these messages: {exc}", param="messages") from None
+        prompt_ids = await state.tokenize(tokenizer, text, add_special_tokens=False)
+        return await _generate(request, service, body, prompt_ids, text, body.token_limit, key_id, chat=True)
+
+    async def _generate(
+        request: Request, service: Service, body, prompt_ids: list[int], prompt_text: str, max_tokens: int | None,
+        key_id: str, chat: bool,
+    ) -> Response:
+        if not prompt_ids:
+            raise bad_request("the prompt is empty", param="prompt")
+        params = await state.admit(request, service, body, prompt_ids, max_tokens, key_id)
+        if body.provisional:
+            state.allow_provisional(body, service)
+        request_id = request.state.request_id
+        deadline = time.monotonic() + state.server.deadline_s if state.server.deadline_s else None
+        job = Job(request_id, prompt_ids, params, body.depth, deadline, asyncio.get_running_loop())
+        routing_key = {"user": body.user, "task": body.task}.get(state.settings.route_key)
+        if body.proposer is not None:
+            if body.proposer not in service.router.engines:
+                names = ", ".join(sorted(service.router.engines))
+                raise bad_request(f"unknown proposer '{body.proposer}'; this server has: {names}", param="proposer")
+            job.proposer, job.pinned = body.proposer, True
+        else:
+            job.proposer = service.router.choose(routing_key)
+        job.engine, job.route_key = service.router.engines[job.proposer], routing_key
+        job.guarded = not service.router.on_trial(job.proposer)
+        job.provisional = bool(body.provisional)
+        state.metrics.proposer_requests(job.proposer).inc()
+        job.inspect = random.random() < state.audit.mismatch_sample_rate
+        job.keep_rounds = state.telemetry.enabled
+        operation = "chat" if chat else "text_completion"
+        span = state.telemetry.start_request(operation, request.headers, {
+            "gen_ai.request.max_tokens": params.max_new_tokens, "gen_ai.request.temperature": params.temperature,
+            "gen_ai.request.top_p": params.top_p, "gen_ai.request.top_k": params.top_k or None,
+            "gen_ai.request.seed": params.seed, "gen_ai.request.stop_sequences": list(params.stop) or None,
+            "gen_ai.response.id": request_id, "verispec.request_id": request_id, "verispec.api_key_id": key_id,
+            "verispec.inspected": job.inspect, "verispec.provisional": job.provisional or None,
+        })
+        request.state.audited = True  # the record is this handler's from here on
+        underway = Underway(request_id, key_id, request.url.path, operation, job, prompt_ids, prompt_text, params, span, utc_now())
+        finish = functools.partial(state.conclude, underway)
+        try:
+            service.scheduler.submit(job)
+        except Overloaded as exc:
+            state.metrics.outcome("rejected").inc()
+            await finish("rejected", 503, error=str(exc))
+            raise retry_later(503, str(exc), exc.retry_after_s, code="overloaded") from None
+        request.state.job = job
+        reply = Reply(underway, request, state.policy.gate() if state.policy is not None else None, state.metrics)
+        shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + request_id, state.model_name)
+        with_stats = body.speculation_stats if body.speculation_stats is not None else state.server.speculation_stats
+        headers = getattr(request.state, "extra_headers", {})
+        try:
+            first = await reply.next()  # errors before the first token keep their status
+        except ClientGone:
+            await finish("cancelled", 499, error="client disconnected")
+            return Response(status_code=499)  # nobody reads it; the log and metrics record the departure
+        except APIError as exc:
+            job.cancel()
+            await finish(_outcome_of(exc), exc.status, error=exc.message)
+            raise
+        except BaseException:
+            job.cancel()
+            raise
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            events = _sse(reply, shape, first, with_stats, include_usage, finish, state)
+            return StreamingResponse(events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+        delta = first
+        try:
+            while delta.finish_reason is None:
+                delta = await reply.next_verified()
+        except ClientGone:
+            await finish("cancelled", 499, text=reply.released, error="client disconnected")
+            return Response(status_code=499)
+        except APIError as exc:
+            await finish(_outcome_of(exc), exc.status, text=reply.released, error=exc.message)
+            raise
+        finally:
+            job.cancel()  # a no-op once finished; frees the slot if the client left
+        if not await finish(_outcome_of_finish(delta), 200, delta, reply.released, wait=True):  # acknowledged only once recorded
+            raise state.unacknowledged()
+        return JSONResponse(shape.full(reply.released, delta.finish_reason, delta.stats, with_stats, job.proposer), headers=headers)
+
+    return router
+
+
+async def _sse(
+    reply: Reply, shape: Shape, first: Delta | Provisional, with_stats: bool, include_usage: bool, finish, state: State,
+) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format: verified tokens only, then `data: [DONE]`. A
+    client that asked for provisional text also gets named events (which OpenAI's clients never
+    see, as they never ask): `event: provisional` with a round's drafts as soon as they are made,
+    and `event: verdict` with the verifier's answer, just before the round's verified chunk."""
+
+    def event(body: dict, name: str | None = None) -> str:
+        head = f"event: {name}\n" if name else ""
+        return f"{head}data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+    job = reply.job
+    concluded = False
+    tokens: list[int] = list(job.prompt_ids[-_DRAFT_CONTEXT:])  # verified context for decoding drafts
+    rounds = 0
+    try:
+        item = first
+        if shape.chat:
+            yield event(shape.chunk(None, role=True))
+        while True:
+            if isinstance(item, Provisional):
+                text = await state.off_loop(_draft_text, state.service.tokenizer, tokens, item.token_ids)
+                yield event({"id": shape.id, "round": rounds, "token_ids": item.token_ids, "text": text}, "provisional")
+            else:
+                delta = item
+                if job.provisional and delta.round is not None:
+                    verdict = {"id": shape.id, "round": rounds, "proposed": delta.round.proposed, "accepted": delta.round.accepted}
+                    yield event(verdict, "verdict")
+                    rounds += 1
+                if job.provisional:  # the context the next round's drafts are decoded after
+                    tokens = (tokens + delta.token_ids)[-_DRAFT_CONTEXT:]
+                if delta.text:
+                    yield event(shape.chunk(delta.text))
+                if delta.finish_reason is not None:
+                    break
+            try:
+                item = await reply.next()
+            except APIError as exc:  # the stream has begun: the error goes in-band
+                concluded = True
+                await finish(_outcome_of(exc), exc.status, text=reply.released, error=exc.message)
+                yield event(exc.body())
+                yield "data: [DONE]\n\n"
+                return
+            except ClientGone:
+                return
+        final = shape.chunk(None, delta.finish_reason)
+        if with_stats:
+            final["speculation_stats"] = speculation_stats(delta.stats, job.proposer)
+        yield event(final)
+        if include_usage:
+            yield event(shape.usage_chunk(delta.stats))
+        concluded = True
+        if await finish(_outcome_of_finish(delta), 200, delta, reply.released, wait=True):  # [DONE] acknowledges: recorded first
+            yield "data: [DONE]\n\n"
+        else:  # not recorded: an error instead of [DONE], so the client knows it was not acknowledged
+            yield event(state.unacknowledged().body())
+    finally:
+        job.cancel()  # client gone or done: the engine thread drops the job at its next round
+        if not concluded:  # the client left mid-stream
+            await asyncio.shield(finish("cancelled", 499, text=reply.released, error="client disconnected"))
+
+
+_DRAFT_CONTEXT = 8  # verified tokens decoded before a round's drafts, so their text joins up right
+
+
+def _draft_text(tokenizer: PreTrainedTokenizerBase, context: list[int], drafts: list[int]) -> str:
+    """The text drafts add after the verified context (for display: the verified text is final)."""
+    before = tokenizer.decode(context)
+    after = tokenizer.decode(context + drafts)
+    return after[len(before):] if after.startswith(before) else tokenizer.decode(drafts)
+
+
+def _outcome_of_finish(delta: Delta) -> str:
+    return "content_filter" if delta.finish_reason == "content_filter" else "ok"
+
+
+def _outcome_of(exc: APIError) -> str:
+    return {504: "deadline", 503: "cancelled"}.get(exc.status, "error")
