@@ -67,12 +67,14 @@ class build_kernels(build_ext):
                 f"warning: verispec's CPU kernels not built at install ({problem}); they are compiled on first use",
                 file=sys.stderr,
             )
-        if self.inplace:
+        if self.inplace:  # replaced, not rewritten: a process running from this checkout may have it mapped
             for name in (LIBRARY, DIGEST):
+                target = ROOT / PACKAGE / name
                 if (built / name).is_file():
-                    shutil.copyfile(built / name, ROOT / PACKAGE / name)
+                    shutil.copyfile(built / name, target.with_name(name + ".partial"))
+                    os.replace(target.with_name(name + ".partial"), target)
                 else:
-                    (ROOT / PACKAGE / name).unlink(missing_ok=True)
+                    target.unlink(missing_ok=True)
 
     def _compile(self, built: Path) -> str | None:
         """None once the library and its digest are in `built`, else why not."""

@@ -43,7 +43,9 @@ def test_kill_9_under_load_loses_no_acknowledged_record(tiny_models, tmp_path, b
     clients = [threading.Thread(target=client, args=(n,)) for n in range(4)]
     for c in clients:
         c.start()
-    time.sleep(4)
+    deadline = time.monotonic() + 120
+    while len(acknowledged) < 12 and time.monotonic() < deadline:  # enough acknowledged to be worth killing
+        time.sleep(0.05)
     proc.process.send_signal(signal.SIGKILL)  # no shutdown, no flush
     proc.process.wait(10)
     stop.set()

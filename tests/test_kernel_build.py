@@ -135,11 +135,11 @@ def test_the_path_report_and_gauge_say_installed(fresh_load, tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.half().float())
-    lm = load_model(save(model, tmp_path / "model", 64), torch.device("cpu"), torch.float32, backend="lean")
-    report = lm.path_report()
+    path = save(model, tmp_path / "model", 64)
+    report = load_model(path, torch.device("cpu"), torch.float32, backend="lean").path_report()
     assert report["kernel_step"] and report["build"] == "installed", report
     assert _build_gauges(report) == {"installed": 1.0}
-    plain = load_model(save(model, tmp_path / "model", 64), torch.device("cpu"), torch.float32, backend="lean", cpu_kernel=False)
+    plain = load_model(path, torch.device("cpu"), torch.float32, backend="lean", cpu_kernel=False)
     assert plain.path_report()["build"] is None  # --no-cpu-kernel: no build to speak of, and no gauge
     assert _build_gauges(plain.path_report()) == {}
 

@@ -72,6 +72,7 @@ def test_kernel_off_keeps_float32_and_the_same_results():
 
 
 def test_a_failed_build_falls_back_with_a_logged_reason(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(kernels, "INSTALLED_LIBRARY", tmp_path / "none.so")  # as if the install built none
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached: it must build
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     kernel_library.cache_clear()
@@ -87,6 +88,7 @@ def test_a_failed_build_falls_back_with_a_logged_reason(monkeypatch, tmp_path, c
 
 @needs_kernel
 def test_the_kernel_is_built_once_and_reused(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "INSTALLED_LIBRARY", tmp_path / "none.so")  # as if the install built none
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     kernel_library.cache_clear()
     try:

@@ -148,8 +148,9 @@ def test_the_queue_bound_holds_while_a_slot_is_briefly_free():
     import types
 
     from verispec.config import SamplingParams, SpeculationSettings
+    from verispec.server.job import Job, Overloaded
     from verispec.server.metrics import ServerMetrics
-    from verispec.server.scheduler import Job, Overloaded, Scheduler
+    from verispec.server.scheduler import Scheduler
 
     server = ServerSettings(max_running=2, max_waiting=2)
     engine = types.SimpleNamespace(speculation=SpeculationSettings(depth=2))

@@ -9,8 +9,8 @@ sequence and addressed by position, so rolling back rejected drafts is rewinding
 
 Two implementations of that layer: `_eager_step` in torch operators (any device and dtype), and
 on a CPU, where every projection holds 16-bit-exact weights, `_kernel_step`, every layer of a
-pass in one call into the compiled library of `kernels.py` (`csrc/lean_step.c`), which is 2.7x
-faster on the reference target than the torch step and gives a position the same logits at any
+pass in one call into the compiled library of `kernels.py` (`csrc/lean_step.c`), which is faster
+than the torch step (figures: docs/performance.md) and gives a position the same logits at any
 pass width.
 
 Supports Llama, Mistral and Qwen2 checkpoints (RMSNorm, default rotary embeddings, grouped-query

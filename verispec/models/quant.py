@@ -23,7 +23,14 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from verispec.models.kernels import QUANTIZED_FORM, Part, VsProjection, kernel_library, native_projection
+from verispec.models.kernels import (
+    QUANTIZED_FORM,
+    Part,
+    VsProjection,
+    kernel_error,
+    kernel_library,
+    native_projection,
+)
 
 # The block formats the kernel runs: those of the downloads that dominate (Q4_K_M files are
 # Q4_K with Q6_K for some layers; Q8_0; the legacy Q4_0 and Q4_1).
@@ -108,6 +115,8 @@ class QuantLinear:
                 int(part.type), x.data_ptr(), x.shape[0], part.data.data_ptr(), part.out_features, self.in_features,
                 bias, y.data_ptr() + 4 * column, self.out_features, accumulate, threads,
             )  # fmt: skip
+            if done == -2:
+                raise kernel_error(done, "quant_linear")
             if done != 0:
                 raise RuntimeError(f"the quantized kernel does not run {part.type.name}")
 

@@ -21,10 +21,10 @@ from transformers import PreTrainedTokenizerBase
 from verispec.audit.records import utc_now
 from verispec.core.engine import Delta
 from verispec.server.errors import APIError, bad_request, retry_later
+from verispec.server.job import Job, Overloaded
 from verispec.server.openapi import CHAT_RESPONSES, COMPLETION_RESPONSES
 from verispec.server.protocol import ChatCompletionRequest, CompletionRequest, Shape
 from verispec.server.reply import ClientGone, Provisional, Reply
-from verispec.server.scheduler import Job, Overloaded
 from verispec.server.service import Service
 from verispec.server.state import State
 from verispec.server.underway import Underway

@@ -19,8 +19,8 @@ from verispec.errors import UserError
 from verispec.policy import PolicyGate
 from verispec.server import errors
 from verispec.server.errors import APIError, bad_request, retry_later
+from verispec.server.job import Cancelled, DeadlineExceeded, Job, Provisional
 from verispec.server.metrics import ServerMetrics
-from verispec.server.scheduler import Cancelled, DeadlineExceeded, Job, Provisional
 from verispec.server.underway import Underway
 from verispec.stats import RequestStats
 

@@ -21,9 +21,10 @@ from verispec.config import BatchSettings, ModelSettings, RoutingSettings, Sampl
 from verispec.core.engine import SpeculativeEngine
 from verispec.models.loading import weights_digest
 from verispec.server.breaker import CircuitBreaker
+from verispec.server.job import Job
 from verispec.server.metrics import ServerMetrics
 from verispec.server.routing import Canary, Decision, ProposerBandit, Router
-from verispec.server.scheduler import CostModel, Job, Scheduler
+from verispec.server.scheduler import CostModel, Scheduler
 
 log = logging.getLogger("verispec.server")
 

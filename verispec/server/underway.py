@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from verispec.audit.records import Finished
 from verispec.config import SamplingParams
 from verispec.core.engine import Delta
-from verispec.server.scheduler import Job
+from verispec.server.job import Job
 
 if TYPE_CHECKING:
     from verispec.policy import Violation

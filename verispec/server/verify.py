@@ -37,10 +37,10 @@ from verispec.audit.records import utc_now
 from verispec.proposers.base import Proposal
 from verispec.proposers.remote import RemoteDrafts
 from verispec.server.errors import APIError, bad_request, retry_later
+from verispec.server.job import Job, Overloaded
 from verispec.server.openapi import VERIFY_RESPONSES
 from verispec.server.protocol import _Part, _Request
 from verispec.server.reply import Reply
-from verispec.server.scheduler import Job, Overloaded
 from verispec.server.underway import Underway
 from verispec.stats import speculation_stats, usage
 

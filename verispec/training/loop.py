@@ -5,9 +5,9 @@ progress bar, a checkpoint every N steps (weights, optimizer, RNG, history; the 
 and resume from the last checkpoint. Batches are a pure function of (seed, step), so a resumed
 run trains on exactly what an uninterrupted one would.
 
-torch, transformers and tqdm are imported inside the functions that use them: `verispec` builds
-its command line from this module (and train.py, distill.py) for every command, `--help` included,
-and importing them costs seconds."""
+torch, transformers and tqdm are imported inside the functions that use them: `verispec` imports
+this module (through train.py and distill/) to build its command line for every command, `--help`
+included, and importing them costs seconds."""
 
 from __future__ import annotations
 
@@ -242,44 +242,3 @@ def finish_report(
     report["device"] = str(device)
     path.write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-# -- command line shared by `verispec train` and `verispec distill` ----------------------------------
-
-
-def add_typed_flags(command, defaults, table: tuple[tuple[str, type, str], ...]) -> None:
-    """Flags `--name` of a config dataclass, each with its type and its default from `defaults`."""
-    for flag, kind, text in table:
-        default = getattr(defaults, flag[2:].replace("-", "_"))
-        help_text = text if default is None else f"{text} (default: {default})"
-        command.add_argument(flag, type=kind, default=default, help=help_text)
-
-
-def add_run_flags(command, save_dtype: str, save_help: str = "final weights") -> None:
-    """--save-dtype, --resume, --device, --threads and -v."""
-    command.add_argument("--save-dtype", choices=("float32", "float16", "bfloat16"), default=save_dtype,
-                         help=f"{save_help} (default: %(default)s)")  # fmt: skip
-    command.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    command.add_argument(
-        "--device",
-        default="auto",
-        help="auto (CUDA when present), cpu, cuda or cuda:N (default: %(default)s)",
-    )
-    command.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        # Measured on 2 cores shared with two other busy processes: 1 thread decoded 4-5x faster
-        # than 2 (small matrix products stall waiting for a descheduled second thread).
-        help="CPU threads for torch (default: torch's choice; on busy shared cores 1 can be much faster)",
-    )
-    command.add_argument("-v", "--verbose", action="store_true", help="log more")
-
-
-def apply_threads(threads: int | None) -> None:
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be 1 or more, got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)

@@ -4,7 +4,8 @@ For users without a draft of the right tokenizer (train one on the tokenizer of 
 with `--tokenizer`, then `verispec distill` it), and the way the built-in demo pair was made.
 
 - Tokenizer: byte-level BPE (the Hugging Face `tokenizers` library) trained on the corpus, with
-  `<|endoftext|>` as BOS, EOS and padding (id 0), or an existing model's tokenizer (`--tokenizer`).
+  `<|endoftext|>` as BOS, EOS and padding (id 0), or an existing model's tokenizer (`--tokenizer`);
+  see `tokenizer.py`.
 - Model: Llama architecture (RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, tied
   embeddings), so the lean backend runs it; sizes from the flags.
 - Data: the documents, each followed by EOS, concatenated and cut into `--seq-len`+1 token
@@ -31,18 +32,16 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from pydantic import Field, model_validator
 
 from verispec.errors import UserError
 from verispec.training.corpus import stdlib_files, text_documents
 from verispec.training.loop import (
     Schedule,
     StepResult,
-    add_run_flags,
-    add_typed_flags,
-    apply_threads,
     batch_indices,
     checkpoints,
     claim_run,
@@ -52,64 +51,85 @@ from verispec.training.loop import (
     mean,
     save_final,
 )
+from verispec.training.settings import RunSettings, add_data_flag, add_field_flag, field_error, one_of
+from verispec.training.tokenizer import build_tokenizer, bytes_per_token, token_chunks
 
 if TYPE_CHECKING:
     import torch
     from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-EOS = "<|endoftext|>"
 VALIDATION_CHUNKS = 48  # validation loss over at most this many chunks, the same ones every time
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    out: Path
-    data: tuple[str, ...] = ()
-    stdlib: bool = False
-    tokenizer: str | None = None  # a model folder whose tokenizer to use; else train one
-    vocab_size: int = 4096
-    layers: int = 4
-    hidden: int = 256
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int | None = None  # default: 8/3 of hidden, rounded up to a multiple of 64
-    context: int = 1024
-    steps: int = 1000
-    batch_size: int = 16
-    seq_len: int = 256
-    lr: float = 2e-3
-    warmup: int | None = None
-    weight_decay: float = 0.1
-    clip: float = 1.0
-    checkpoint_every: int = 100
-    save_dtype: str = "float16"
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
+class TrainSettings(RunSettings):
+    """What `verispec train` learns from, the model's shape, and the optimisation."""
+
+    out: Path = Field(description="output folder: tokenizer/, checkpoints/, final/, train.json")
+    data: tuple[str, ...] = Field(
+        (), description="JSONL files ('text'/'prompt'), folders of .py files, files, globs"
+    )
+    stdlib: bool = Field(False, description="this machine's Python standard library (q/r/s modules validate)")
+    tokenizer: str | None = Field(
+        None, description="use this model folder's tokenizer instead of training one (e.g. your verifier's)"
+    )
+    vocab_size: int = Field(4096, ge=1, description="BPE vocabulary when training a tokenizer")
+    layers: int = Field(4, ge=1, description="transformer layers")
+    hidden: int = Field(256, ge=1, description="hidden size")
+    heads: int = Field(4, ge=1, description="attention heads")
+    kv_heads: int = Field(2, ge=1, description="key/value heads (grouped-query attention)")
+    intermediate: int | None = Field(
+        None, ge=1, description="SwiGLU width (default: 8/3 of --hidden, rounded up to a multiple of 64)"
+    )
+    context: int = Field(1024, ge=1, description="context window (rotary positions)")
+    steps: int = Field(1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(16, ge=1, description="sequences per step")
+    seq_len: int = Field(256, ge=1, description="tokens per training sequence")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate")
+    warmup: int | None = Field(None, ge=0, description="warm-up steps (default: a twentieth of --steps)")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
+    clip: float = Field(1.0, gt=0, description="gradient norm clip")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (and validation)")
+    seed: int = Field(0, description="seed of initial weights, data order and validation split")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainSettings:
+        one_of(self, ("data", "stdlib"), "one corpus")
+        if self.hidden % self.heads:
+            raise field_error("hidden", f"must be a multiple of --heads {self.heads}", self.hidden)
+        if (self.hidden // self.heads) % 2:
+            raise field_error(
+                "hidden",
+                f"{self.hidden} / --heads {self.heads} = {self.hidden // self.heads} per head; "
+                "rotary embeddings need an even head size",
+                self.hidden,
+            )
+        if self.heads % self.kv_heads:
+            raise field_error("heads", f"must be a multiple of --kv-heads {self.kv_heads}", self.heads)
+        if self.seq_len > self.context:
+            raise field_error("seq_len", f"is longer than the model's --context {self.context}", self.seq_len)
+        return self
 
     def ffn(self) -> int:
         return self.intermediate or 64 * math.ceil(self.hidden * 8 / 3 / 64)
 
     def training_fields(self) -> dict:
         """What a resumed run must share with the run it continues."""
-        kept = {f.name: getattr(self, f.name) for f in fields(self)} | {"intermediate": self.ffn()}
-        for name in ("out", "resume", "checkpoint_every", "device", "save_dtype"):
-            kept.pop(name)
-        return json.loads(json.dumps(kept, default=str))
+        ignored = {"out", "resume", "checkpoint_every", "device", "threads", "save_dtype"}
+        return self.model_dump(mode="json", exclude=ignored) | {"intermediate": self.ffn()}
 
 
-# -- data ----------------------------------------------------------------------------------------
+# -- data and model -------------------------------------------------------------------------------
 
 
-def corpus(config: TrainConfig) -> tuple[list[str], list[str], str]:
+def corpus(settings: TrainSettings) -> tuple[list[str], list[str], str]:
     """Training documents, validation documents, and a line saying what they are."""
-    if config.stdlib:
+    if settings.stdlib:
         train = [p.read_text(encoding="utf-8") for p in stdlib_files()]
         held = [p.read_text(encoding="utf-8") for p in stdlib_files(held_out=True)]
         return train, held, f"standard library: {len(train)} files; validation: {len(held)} q/r/s modules"
-    documents = text_documents(config.data)
+    documents = text_documents(settings.data)
     order = list(range(len(documents)))
-    random.Random(config.seed).shuffle(order)
+    random.Random(settings.seed).shuffle(order)
     held_count = max(1, len(documents) // 50) if len(documents) > 1 else 0
     held = {order[i] for i in range(held_count)}
     train = [d for i, d in enumerate(documents) if i not in held]
@@ -118,91 +138,26 @@ def corpus(config: TrainConfig) -> tuple[list[str], list[str], str]:
     return train, validation, note
 
 
-def build_tokenizer(
-    config: TrainConfig, documents: list[str], log: Callable[[str], None]
-) -> PreTrainedTokenizerBase:
-    """The given model's tokenizer, or a byte-level BPE trained on the documents."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    folder = config.out / "tokenizer"
-    if config.tokenizer is not None:
-        try:
-            return AutoTokenizer.from_pretrained(config.tokenizer)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"--tokenizer {config.tokenizer}: no tokenizer there ({exc})") from None
-    if (folder / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(folder)  # trained by the run being resumed
-    if config.vocab_size < 300:
-        raise UserError(f"--vocab-size {config.vocab_size}: give at least 300 (256 bytes plus merges)")
-    started = time.perf_counter()
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=config.vocab_size,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        min_frequency=2,
-        show_progress=False,
-    )
-    bpe.train_from_iterator(documents, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, pad_token=EOS)
-    tokenizer.model_max_length = config.context
-    tokenizer.save_pretrained(folder)
-    log(
-        f"tokenizer: byte-level BPE, {len(tokenizer)} tokens, trained in {time.perf_counter() - started:.0f}s"
-    )
-    return tokenizer
-
-
-def token_chunks(documents: list[str], tokenizer: PreTrainedTokenizerBase, length: int) -> torch.Tensor:
-    """(N, length) chunks of the documents' tokens, each document followed by EOS."""
-    import torch
-
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    stream: list[int] = []
-    for ids in tokenizer(documents, add_special_tokens=False, verbose=False).input_ids:
-        stream.extend(ids)
-        stream.append(eos)
-    count = len(stream) // length
-    if count == 0:
-        raise UserError(f"the text holds {len(stream)} tokens, fewer than --seq-len + 1 = {length}")
-    return torch.tensor(stream[: count * length], dtype=torch.int32).view(count, length)
-
-
-# -- model ---------------------------------------------------------------------------------------
-
-
-def new_model(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
+def new_model(settings: TrainSettings, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if config.hidden % config.heads:
-        raise UserError(f"--hidden {config.hidden} must be a multiple of --heads {config.heads}")
-    if (config.hidden // config.heads) % 2:
-        raise UserError(
-            f"--hidden {config.hidden} / --heads {config.heads} = {config.hidden // config.heads} per head; "
-            "rotary embeddings need an even head size"
-        )
-    if config.heads % config.kv_heads:
-        raise UserError(f"--heads {config.heads} must be a multiple of --kv-heads {config.kv_heads}")
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     llama = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=config.hidden,
-        intermediate_size=config.ffn(),
-        num_hidden_layers=config.layers,
-        num_attention_heads=config.heads,
-        num_key_value_heads=config.kv_heads,
-        max_position_embeddings=config.context,
+        hidden_size=settings.hidden,
+        intermediate_size=settings.ffn(),
+        num_hidden_layers=settings.layers,
+        num_attention_heads=settings.heads,
+        num_key_value_heads=settings.kv_heads,
+        max_position_embeddings=settings.context,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id,
         initializer_range=0.02,
     )
-    torch.manual_seed(config.seed)
+    torch.manual_seed(settings.seed)
     return LlamaForCausalLM(llama)
 
 
@@ -244,32 +199,8 @@ def earlier_report(out: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _check(config: TrainConfig) -> None:
-    if bool(config.data) == config.stdlib:
-        raise UserError("give one corpus: --data PATH... or --stdlib")
-    for name in (
-        "layers",
-        "hidden",
-        "heads",
-        "kv_heads",
-        "context",
-        "steps",
-        "batch_size",
-        "seq_len",
-        "checkpoint_every",
-    ):
-        if getattr(config, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(config, name)}")
-    if config.lr <= 0:
-        raise UserError(f"--lr must be positive, got {config.lr}")
-    if config.seq_len > config.context:
-        raise UserError(f"--seq-len {config.seq_len} is longer than the model's --context {config.context}")
-    if config.out.exists() and not config.out.is_dir():
-        raise UserError(f"--out {config.out} is a file; give a folder")
-
-
 def train_model(
-    config: TrainConfig, log: Callable[[str], None] = print, on_step: Callable[[int], None] | None = None
+    settings: TrainSettings, log: Callable[[str], None] = print, on_step: Callable[[int], None] | None = None
 ) -> dict:
     """Tokenizer, model, training, validation; returns what train.json holds."""
     import torch
@@ -277,73 +208,72 @@ def train_model(
 
     from verispec.models.loading import resolve_device
 
+    s = settings
     started_wall, started_cpu = time.perf_counter(), time.process_time()
-    _check(config)
-    kept = config.training_fields()
-    claim_run(config.out, kept, config.resume)
-    device = resolve_device(config.device)
+    if s.out.exists() and not s.out.is_dir():
+        raise UserError(f"--out {s.out} is a file; give a folder")
+    kept = s.training_fields()
+    claim_run(s.out, kept, s.resume)
+    device = resolve_device(s.device)
 
-    train_docs, validation_docs, note = corpus(config)
+    train_docs, validation_docs, note = corpus(s)
     log(note)
-    tokenizer = build_tokenizer(config, train_docs, log)
-    chunks = token_chunks(train_docs, tokenizer, config.seq_len + 1)
-    validation = token_chunks(validation_docs, tokenizer, config.seq_len + 1)
-    pick = torch.randperm(len(validation), generator=torch.Generator().manual_seed(config.seed))[
+    tokenizer = build_tokenizer(train_docs, s.out / "tokenizer", s.vocab_size, s.context, s.tokenizer, log)
+    chunks = token_chunks(train_docs, tokenizer, s.seq_len + 1)
+    validation = token_chunks(validation_docs, tokenizer, s.seq_len + 1)
+    pick = torch.randperm(len(validation), generator=torch.Generator().manual_seed(s.seed))[
         :VALIDATION_CHUNKS
     ]
     validation = validation[pick.sort().values]
-    text_bytes = sum(len(d.encode()) for d in validation_docs)
-    text_tokens = sum(
-        len(ids) + 1 for ids in tokenizer(validation_docs, add_special_tokens=False, verbose=False).input_ids
-    )
-    bytes_per_token = text_bytes / text_tokens
+    text_bytes_per_token = bytes_per_token(validation_docs, tokenizer)
 
-    init = config.out / "init"
+    init = s.out / "init"
     if not (init / "config.json").is_file():
-        save_final(new_model(config, tokenizer), tokenizer, init, "float32")
-    model_config = LlamaConfig.from_pretrained(init)
-    parameters = sum(p.numel() for p in LlamaForCausalLM(model_config).parameters())
+        save_final(new_model(s, tokenizer), tokenizer, init, "float32")
+    parameters = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig.from_pretrained(init)).parameters())
     log(
-        f"model: Llama, {config.layers} layers, hidden {config.hidden}, {config.heads} heads ({config.kv_heads} KV), "
-        f"SwiGLU {config.ffn()}, {parameters / 1e6:.2f}M parameters; {len(chunks)} chunks of {config.seq_len} tokens "
-        f"({len(chunks) * config.seq_len / 1e6:.2f}M tokens), {config.steps * config.batch_size / len(chunks):.2f} epochs"
+        f"model: Llama, {s.layers} layers, hidden {s.hidden}, {s.heads} heads ({s.kv_heads} KV), "
+        f"SwiGLU {s.ffn()}, {parameters / 1e6:.2f}M parameters; {len(chunks)} chunks of {s.seq_len} tokens "
+        f"({len(chunks) * s.seq_len / 1e6:.2f}M tokens), {s.steps * s.batch_size / len(chunks):.2f} epochs"
     )
     report: dict = {"data": note, "config": kept, "parameters": parameters, "vocab_size": len(tokenizer),
-                    "train_tokens": len(chunks) * config.seq_len, "bytes_per_token": bytes_per_token, "validation": []}  # fmt: skip
-    earlier = earlier_report(config.out) if config.resume and checkpoints(config.out) else {}
+                    "train_tokens": len(chunks) * s.seq_len, "bytes_per_token": text_bytes_per_token, "validation": []}  # fmt: skip
+    earlier = earlier_report(s.out) if s.resume and checkpoints(s.out) else {}
     if "validation_initial" in earlier:  # a resumed run keeps the figures of the steps it does not redo
-        done = int(checkpoints(config.out)[-1].name.split("-")[1])
+        done = int(checkpoints(s.out)[-1].name.split("-")[1])
         report["validation_initial"] = earlier["validation_initial"]
         report["validation"] = [v for v in earlier.get("validation", []) if v["step"] <= done]
     else:
         initial = LlamaForCausalLM.from_pretrained(init, dtype=torch.float32).to(device).eval()
-        report["validation_initial"] = validation_loss(initial, validation, bytes_per_token, device)
+        report["validation_initial"] = validation_loss(initial, validation, text_bytes_per_token, device)
         del initial
     checkpoint_losses = report["validation"]
     log(f"initial validation: {report['validation_initial']['nats_per_token']:.3f} nats/token")
 
     def step_loss(model: PreTrainedModel, step: int) -> StepResult:
-        batch = chunks[batch_indices(step, config.batch_size, len(chunks), config.seed)]
+        batch = chunks[batch_indices(step, s.batch_size, len(chunks), s.seed)]
         loss, accuracy = next_token_loss(model, batch, device)
         return StepResult(loss, batch.numel(), batch.numel() - len(batch), accuracy)
 
     def on_checkpoint(model: PreTrainedModel, step: int, history: dict) -> None:
-        figures = validation_loss(model, validation, bytes_per_token, device)
+        figures = validation_loss(model, validation, text_bytes_per_token, device)
         checkpoint_losses.append({"step": step, **figures})
-        (config.out / "progress.json").write_text(json.dumps(report, indent=2) + "\n")
+        (s.out / "progress.json").write_text(json.dumps(report, indent=2) + "\n")
         log(
             f"step {step}: validation {figures['nats_per_token']:.3f} nats/token, {figures['bits_per_byte']:.3f} bits/byte"
         )
 
-    model, history = fit(init, config.out, Schedule(config.steps, config.lr, config.warmup, config.weight_decay, config.clip,
-                         config.checkpoint_every), step_loss, device, config.resume, log, "train", on_step, on_checkpoint)  # fmt: skip
-    final = config.out / "final"
-    save_final(model, tokenizer, final, config.save_dtype)
+    schedule = Schedule(s.steps, s.lr, s.warmup, s.weight_decay, s.clip, s.checkpoint_every)
+    model, history = fit(
+        init, s.out, schedule, step_loss, device, s.resume, log, "train", on_step, on_checkpoint
+    )
+    final = s.out / "final"
+    save_final(model, tokenizer, final, s.save_dtype)
     report["final"] = str(final)
     report["validation_final"] = (
         checkpoint_losses[-1]
         if checkpoint_losses
-        else validation_loss(model, validation, bytes_per_token, device)
+        else validation_loss(model, validation, text_bytes_per_token, device)
     )
     report["training"] = {
         "steps": len(history["loss"]),
@@ -354,7 +284,7 @@ def train_model(
         "wall_s": history["wall_s"],
         "cpu_s": history["cpu_s"],
     }
-    finish_report(report, config.out / "train.json", started_wall, started_cpu, device)
+    finish_report(report, s.out / "train.json", started_wall, started_cpu, device)
     return report
 
 
@@ -362,58 +292,25 @@ def train_model(
 
 
 def add_train_command(commands) -> None:
-    defaults = TrainConfig(out=Path())
+    from verispec.cli import add_common_flags, add_settings_flags
+
     command = commands.add_parser(
         "train", help="train a small causal LM (and its tokenizer) from a text corpus"
     )
-    command.add_argument(
-        "--out", type=Path, required=True, help="output folder: tokenizer/, checkpoints/, final/, train.json"
-    )
-    source = command.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--data",
-        nargs="+",
-        metavar="PATH",
-        help="JSONL files ('text'/'prompt'), folders of .py files, files, globs",
-    )
-    source.add_argument(
-        "--stdlib",
-        action="store_true",
-        help="this machine's Python standard library (q/r/s modules validate)",
-    )
-    command.add_argument(
-        "--tokenizer", help="use this model folder's tokenizer instead of training one (e.g. your verifier's)"
-    )
-    add_typed_flags(command, defaults, (
-        ("--vocab-size", int, "BPE vocabulary when training a tokenizer"),
-        ("--layers", int, "transformer layers"),
-        ("--hidden", int, "hidden size"),
-        ("--heads", int, "attention heads"),
-        ("--kv-heads", int, "key/value heads (grouped-query attention)"),
-        ("--intermediate", int, "SwiGLU width (default: 8/3 of --hidden, rounded up to 64)"),
-        ("--context", int, "context window (rotary positions)"),
-        ("--steps", int, "optimizer steps"),
-        ("--batch-size", int, "sequences per step"),
-        ("--seq-len", int, "tokens per training sequence"),
-        ("--lr", float, "peak learning rate"),
-        ("--warmup", int, "warm-up steps (default: 5%% of --steps)"),
-        ("--weight-decay", float, "AdamW weight decay"),
-        ("--clip", float, "gradient norm clip"),
-        ("--checkpoint-every", int, "steps between checkpoints (and validation)"),
-        ("--seed", int, "seed of initial weights, data order and validation split"),
-    ))  # fmt: skip
-    add_run_flags(command, defaults.save_dtype, "final weights; they load as float32 on the CPU either way")
+    add_field_flag(command, TrainSettings, "out", required=True)
+    add_data_flag(command, TrainSettings)
+    add_settings_flags(command, TrainSettings, skip=("out", "data", *RunSettings.model_fields))
+    add_settings_flags(command, RunSettings)
+    add_common_flags(command)
     command.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    apply_threads(args.threads)
-    names = {f.name for f in fields(TrainConfig)} - {"out", "data", "stdlib", "tokenizer"}
-    config = TrainConfig(
-        out=args.out, data=tuple(args.data or ()), stdlib=args.stdlib, tokenizer=args.tokenizer,
-        **{name: getattr(args, name) for name in names},
-    )  # fmt: skip
-    report = train_model(config, log=lambda line: print(line, file=sys.stderr))
+    from verispec.cli import settings_from
+
+    settings = settings_from(args, TrainSettings)
+    settings.apply_threads()
+    report = train_model(settings, log=lambda line: print(line, file=sys.stderr))
     v = report["validation_final"]
     t = report["training"]
     print(

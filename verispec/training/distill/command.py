@@ -1,0 +1,233 @@
+"""`verispec distill`: its settings and flags, the whole run, and its report.
+
+A run evaluates the draft, builds the teacher, trains, saves and evaluates again. Files under
+--out: teacher/ (cached verifier data), eval-verifier.pt (cached verifier greedy continuations of
+the evaluation prompts), checkpoints/step-N/ (draft weights, optimizer, step, RNG), final/ (the
+distilled draft as a Hugging Face model folder), eval.json (before and after agreement, CPU and
+wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, model_validator
+
+from verispec.errors import UserError
+from verispec.training.distill.data import SPLIT_EVAL_LIMIT, split_prompts
+from verispec.training.distill.evaluation import agreement, verifier_continuations
+from verispec.training.distill.loss import train
+from verispec.training.distill.teacher import build_teacher, stop_tokens
+from verispec.training.loop import claim_run, finish_report, mean, save_final
+from verispec.training.settings import RunSettings, add_data_flag, add_field_flag, one_of
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+SOURCES = ("data", "prompts", "stdlib_prompts", "audit_db")
+
+
+class DistillSettings(RunSettings):
+    """What `verispec distill` distils from, how it trains, and how it measures the draft."""
+
+    target: str = Field(description="verifier model folder (the teacher)")
+    draft: str = Field(description="draft model folder to start from (same tokenizer)")
+    out: Path = Field(description="output folder: cache, checkpoints, final/, eval.json")
+    data: tuple[str, ...] = Field(
+        (), description="text mode: JSONL files ('text'/'prompt'), folders or globs of .py files"
+    )
+    prompts: Path | None = Field(
+        None, description="JSONL prompts; distilled on the verifier's greedy continuations"
+    )
+    stdlib_prompts: int | None = Field(
+        None, ge=1, description="N ~40-line windows of this machine's stdlib (q/r/s modules left out)"
+    )
+    audit_db: str | None = Field(
+        None,
+        description="prompts of served requests from an audit trail (sqlite:///... or postgresql://...; content audited)",
+    )
+    audit_model: str | None = Field(
+        None, description="with --audit-db: only requests to this served model name"
+    )
+    audit_since: str | None = Field(
+        None, description="with --audit-db: only requests this recent (ISO time, or an age: 7d)"
+    )
+    off_policy: bool = Field(
+        False, description="train on the prompts' own text, not the verifier's continuations"
+    )
+    steps: int = Field(400, ge=1, description="optimizer steps")
+    batch_size: int = Field(16, ge=1, description="sequences per step")
+    seq_len: int = Field(
+        512, ge=1, description="tokens per training sequence (on-policy: prompt left-trimmed to fit)"
+    )
+    max_new_tokens: int = Field(128, ge=1, description="on-policy continuation length")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate")
+    warmup: int | None = Field(None, ge=0, description="warm-up steps (default: a twentieth of --steps)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    clip: float = Field(1.0, gt=0, description="gradient norm clip")
+    loss: Literal["fkl", "tvd"] = Field(
+        "fkl", description="divergence: forward KL (fkl) or total variation (tvd)"
+    )
+    ce_weight: float = Field(0.0, ge=0, description="weight of cross-entropy on the verifier's argmax")
+    top_k: int = Field(32, ge=1, description="verifier log-probs kept per position")
+    gen_batch_size: int = Field(16, ge=1, description="prompts decoded together by the verifier")
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
+    eval_prompts: Path | None = Field(
+        None,
+        description="held-out JSONL prompts (default: the shared prompts where present, else 32 windows of the "
+        "stdlib's q/r/s modules)",
+    )
+    no_eval: bool = Field(False, description="skip the before/after evaluation")
+    eval_limit: int | None = Field(
+        None,
+        ge=1,
+        description=f"evaluation prompts (default: all; the last {SPLIT_EVAL_LIMIT} when --prompts is the same file)",
+    )
+    eval_new_tokens: int = Field(128, ge=1, description="verifier tokens per evaluation prompt")
+    seed: int = Field(0, description="seed of data order and windows")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DistillSettings:
+        one_of(self, SOURCES, "one training source")
+        return self
+
+    def training_fields(self) -> dict:
+        """What a resumed run must share with the run it continues."""
+        ignored = {"out", "resume", "checkpoint_every", "eval_prompts", "no_eval", "eval_limit", "eval_new_tokens",
+                   "device", "threads", "save_dtype", "gen_batch_size"}  # fmt: skip
+        return self.model_dump(mode="json", exclude=ignored)
+
+
+def _check_inputs(settings: DistillSettings) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
+    """What settings alone cannot tell: the files and models are there and fit together."""
+    from verispec.models.loading import check_compatible, load_tokenizer
+
+    if settings.eval_prompts is not None and not settings.no_eval and not settings.eval_prompts.is_file():
+        raise UserError(f"--eval-prompts {settings.eval_prompts} does not exist")
+    if settings.out.exists() and not settings.out.is_dir():
+        raise UserError(f"--out {settings.out} is a file; give a folder")
+    target_tok, draft_tok = load_tokenizer(settings.target, "target"), load_tokenizer(settings.draft, "draft")
+    check_compatible(target_tok, draft_tok)
+    return target_tok, draft_tok
+
+
+def distill(
+    settings: DistillSettings,
+    log: Callable[[str], None] = print,
+    on_step: Callable[[int], None] | None = None,
+) -> dict:
+    """Evaluate the draft, distil it from the verifier, evaluate again; returns what eval.json holds."""
+    import torch
+    from transformers import AutoConfig
+
+    from verispec.models.loading import load_model, resolve_device
+
+    started_wall, started_cpu = time.perf_counter(), time.process_time()
+    target_tok, draft_tok = _check_inputs(settings)
+    training, evaluation, note = split_prompts(settings)
+    log(note)
+    fields = settings.training_fields()
+    claim_run(settings.out, fields, settings.resume)
+    device = resolve_device(settings.device)
+    torch.manual_seed(settings.seed)
+    random.seed(settings.seed)
+
+    verifier = load_model(settings.target, device, torch.float32, role="target")
+    draft_vocab = AutoConfig.from_pretrained(settings.draft).vocab_size
+    if draft_vocab != verifier.vocab_size:
+        raise UserError(
+            f"the draft's vocabulary ({draft_vocab}) and the verifier's ({verifier.vocab_size}) differ in size; "
+            "distillation matches them token by token"
+        )
+    window = verifier.max_positions
+    if window is not None and settings.seq_len > window:
+        raise UserError(f"--seq-len {settings.seq_len} is beyond the verifier's context window of {window}")
+    report: dict = {"target": settings.target, "draft": settings.draft, "data": note, "config": fields}
+
+    eos = stop_tokens(verifier, target_tok)
+    eval_ids = [target_tok(p.text).input_ids for p in evaluation]
+    longest = max(map(len, eval_ids), default=0) + settings.eval_new_tokens
+    if window is not None and longest > window:
+        raise UserError(
+            f"an evaluation prompt plus --eval-new-tokens is {longest} tokens, beyond the verifier's "
+            f"context window of {window}; lower --eval-new-tokens or use shorter --eval-prompts"
+        )
+    continuations: list[list[int]] = []
+    if evaluation:
+        eval_started = time.process_time()
+        continuations = verifier_continuations(settings, verifier, eval_ids, eos, log)
+        report["eval_verifier_cpu_s"] = time.process_time() - eval_started
+        before = agreement(settings.draft, eval_ids, continuations, device)
+        log(
+            f"before: greedy agreement {before['agreement']:.3f} over {before['positions']} positions of {before['prompts']} prompts"
+        )
+        report["before"] = before
+
+    examples, report["teacher"] = build_teacher(settings, verifier, target_tok, training, log)
+    del verifier
+    log(
+        f"training on {report['teacher']['examples']} examples, {report['teacher']['positions']} distilled positions"
+    )
+    model, history = train(settings, examples, device, log, on_step)
+    final = settings.out / "final"
+    save_final(model, draft_tok, final, settings.save_dtype)
+    report["final"] = str(final)
+    report["training"] = {
+        "steps": len(history["loss"]),
+        "positions": history["positions"],
+        "tokens": history["tokens"],
+        "wall_s": history["wall_s"],
+        "cpu_s": history["cpu_s"],
+        "first_loss": mean(history["loss"][:10]),
+        "last_loss": mean(history["loss"][-10:]),
+        "first_batch_agreement": mean(history["agree"][:10]),
+        "last_batch_agreement": mean(history["agree"][-10:]),
+    }
+    if evaluation:
+        after = agreement(str(final), eval_ids, continuations, device)
+        log(f"after:  greedy agreement {after['agreement']:.3f} (before {report['before']['agreement']:.3f})")
+        report["after"] = after
+    finish_report(report, settings.out / "eval.json", started_wall, started_cpu, device)
+    return report
+
+
+def add_distill_command(commands) -> None:
+    from verispec.cli import add_common_flags, add_settings_flags
+
+    command = commands.add_parser(
+        "distill", help="distil a draft from its verifier to raise greedy agreement"
+    )
+    for name in ("target", "draft", "out"):
+        add_field_flag(command, DistillSettings, name, required=True)
+    add_data_flag(command, DistillSettings)
+    run_fields = tuple(RunSettings.model_fields)
+    add_settings_flags(command, DistillSettings, skip=("target", "draft", "out", "data", *run_fields))
+    add_settings_flags(command, RunSettings)
+    add_common_flags(command)
+    command.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from verispec.cli import settings_from
+
+    settings = settings_from(args, DistillSettings)
+    settings.apply_threads()
+    report = distill(settings, log=lambda line: print(line, file=sys.stderr))
+    for k in ("before", "after"):
+        if k in report:
+            v = report[k]
+            print(
+                f"{k}: greedy agreement {v['agreement']:.4f} ({v['positions']} positions, {v['prompts']} prompts)"
+            )
+    t = report["training"]
+    print(
+        f"trained {t['steps']} steps, {t['tokens']} tokens, {t['positions']} distilled positions; "
+        f"wall {report['wall_s']:.0f}s, CPU {report['cpu_s']:.0f}s; draft in {report['final']}"
+    )
+    return 0
