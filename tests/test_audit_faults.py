@@ -1,7 +1,7 @@
 """The audit trail and the server's input bounds against hostile clients and a failing database,
 over real HTTP, with a real server process writing to a real PostgreSQL.
 
-The guarantee under test is the README's sentence: every response the server acknowledges (a 200
+The guarantee under test is the sentence in docs/observability.md: every response the server acknowledges (a 200
 body, or a stream's `data: [DONE]`) has its audit record committed before it is sent; a record
 that cannot be committed within --audit-ack-timeout-s turns its response into a 503
 (`audit_unavailable`), and /readyz and `verispec:audit_healthy` say so until records commit again.

@@ -29,7 +29,7 @@ def test_generate_streams_text_and_stats(tiny_models):
 
 def test_generate_reads_stdin_and_samples_with_ngram(tiny_models):
     # A fixed depth: under auto the depth follows step costs measured at start, which differ between
-    # processes, and with it the random draws (see the README's sampling row).
+    # processes, and with it the random draws (see docs/usage.md's sampling row).
     args = ("generate", "--target", tiny_models["gpt2"], "--proposer", "ngram", "--temperature", "0.8",
             "--top-k", "20", "--top-p", "0.9", "--seed", "7", "--max-new-tokens", "10", "--depth", "3", "-")
     first, second = verispec(*args, stdin="t4 t5 t4 t5"), verispec(*args, stdin="t4 t5 t4 t5")

@@ -80,3 +80,21 @@ def test_yaml_server_config_with_a_secret_from_env(tmp_path, monkeypatch):
     broken.write_text("port: [\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_settings({}, broken)
+
+
+def test_proposer_names_are_the_registry_s():
+    """Settings check proposer names against `names.py` without loading a proposer; every name there
+    has a builder, and a builder under another name is refused."""
+    from verispec.config import ModelSettings, RoutingSettings
+    from verispec.proposers import REGISTRY, register
+    from verispec.proposers.names import PROPOSER_NAMES
+
+    assert set(REGISTRY) == set(PROPOSER_NAMES)
+    with pytest.raises(ValueError, match="names.py"):
+        register("oracle")
+    for name in PROPOSER_NAMES:
+        assert ModelSettings(proposer=name).proposer == name
+        assert RoutingSettings(proposers=name).proposers == (name,)
+        assert name in ModelSettings.model_fields["proposer"].description
+    with pytest.raises(UserError, match="draft, ngram, none"):
+        load_settings({"proposers": "oracle"})

@@ -270,7 +270,8 @@ def test_command_line_flags(tmp_path, monkeypatch):
         settings("--prompts", "p", "--loss", "kl")
     # one settings source: a config file, then VERISPEC_* variables, then flags
     (tmp_path / "distill.toml").write_text("steps = 7\nlr = 0.01\nbatch_size = 4\n")
-    monkeypatch.setenv("VERISPEC_LR", "0.02")
+    monkeypatch.setenv("VERISPEC_LR", "0.5")  # another command's variable: ignored
+    monkeypatch.setenv("VERISPEC_DISTILL_LR", "0.02")
     layered = settings("--prompts", "p", "--config", str(tmp_path / "distill.toml"), "--batch-size", "2")
     assert (layered.steps, layered.lr, layered.batch_size) == (7, 0.02, 2)
     with pytest.raises(SystemExit):  # the model folders are required flags

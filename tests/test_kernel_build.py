@@ -40,7 +40,7 @@ def fresh_load():
     kernel_library.cache_clear()
 
 
-def test_a_built_wheel_holds_the_compiled_library_and_every_source(tmp_path):
+def test_a_built_wheel_holds_the_demo_pair_the_compiled_library_and_every_source(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
         check=True, capture_output=True, timeout=300,
@@ -52,6 +52,10 @@ def test_a_built_wheel_holds_the_compiled_library_and_every_source(tmp_path):
     sources = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "verispec" / "models" / "csrc").glob("*.c"))
     assert len(sources) >= 4 and all(source in names for source in sources)
     assert {p.name for p in kernels.KERNEL_SOURCES} == {Path(s).name for s in sources}  # every source is built
+    for folder in ("verispec-demo-code", "verispec-demo-code-draft"):  # the built-in demo pair
+        for file in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+            assert f"verispec/demo/{folder}/{file}" in names
+    assert {"verispec/demo/README.md", "verispec/demo/prompts.jsonl"} <= names
     if CANNOT_BUILD is not None:
         return
     assert {"verispec/models/_kernels.so", "verispec/models/_kernels.sha256"} <= names

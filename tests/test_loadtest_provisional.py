@@ -139,7 +139,7 @@ def test_the_requests_opt_in_with_the_flag_only(monkeypatch, provisional):
     bodies: list[dict] = []
     transport = fake_server(bodies)
     real = httpx.AsyncClient
-    monkeypatch.setattr(loadtest.httpx, "AsyncClient", lambda **kw: real(transport=transport, **kw))
+    monkeypatch.setattr(httpx, "AsyncClient", lambda **kw: real(transport=transport, **kw))
     prompts = [Prompt("a", "def f("), Prompt("b", "import ")]
     report = asyncio.run(loadtest.loadtest("http://x", prompts, 1, 2, 8, None, False, 1, 0, 5.0, provisional))
     assert len(bodies) == 2 and all(b.get("provisional") is (True if provisional else None) for b in bodies)

@@ -183,7 +183,7 @@ def test_flags_are_the_settings_fields(tmp_path, monkeypatch):
         3,
         True,
     )
-    monkeypatch.setenv("VERISPEC_LAYERS", "2")
+    monkeypatch.setenv("VERISPEC_TRAIN_LAYERS", "2")
     assert settings("--stdlib").layers == 2 and settings("--stdlib", "--layers", "3").layers == 3
     with pytest.raises(UserError, match="--layers: must be greater than or equal to 1"):
         settings("--stdlib", "--layers", "0")

@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,6 +28,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
 from verispec.errors import UserError
+from verispec.proposers.names import PROPOSER_NAMES, VERIFIER_ONLY, described
 
 Depth = int | Literal["auto"]
 
@@ -40,8 +42,8 @@ class ModelSettings(BaseModel):
         None, description="verifier (target) model: local path or hub id; default: the built-in demo pair (a small Python code model and its distilled draft)"
     )
     draft: str | None = Field(None, description="draft model for --proposer draft: local path or hub id")
-    proposer: Literal["auto", "draft", "ngram", "none"] = Field(
-        "auto", description="proposer: draft model, ngram (prompt lookup), none (verifier only); auto = draft if --draft is given, else ngram"
+    proposer: Literal[("auto", *PROPOSER_NAMES, VERIFIER_ONLY)] = Field(  # the names: verispec/proposers/names.py
+        "auto", description=f"proposer: {described()}; auto = draft if --draft is given, else ngram"
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     backend: Literal["auto", "lean", "transformers"] = Field(
@@ -262,7 +264,9 @@ class RoutingSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     proposers: tuple[str, ...] = Field(
-        (), description="choose per request among these proposers (draft, ngram, none; repeatable) by observed throughput"
+        (),
+        description=f"choose per request among these proposers ({', '.join((*PROPOSER_NAMES, VERIFIER_ONLY))}; "
+        "comma-separated or repeated) by observed throughput",
     )
     route_key: Literal["none", "user", "task"] = Field(
         "none", description="keep the per-request choice's figures per value of this request field (user, or the task extension)"
@@ -280,9 +284,10 @@ class RoutingSettings(BaseModel):
     def _names(cls, value: Any) -> Any:
         items = [value] if isinstance(value, str) else list(value)
         value = tuple(v.strip() for item in items for v in item.split(",") if v.strip())  # --proposers a,b or repeated
-        unknown = [v for v in value if v not in ("draft", "ngram", "none")]
+        choices = (*PROPOSER_NAMES, VERIFIER_ONLY)
+        unknown = [v for v in value if v not in choices]
         if unknown:
-            raise ValueError(f"unknown proposer {unknown[0]!r}; choose among draft, ngram, none")
+            raise ValueError(f"unknown proposer {unknown[0]!r}; choose among {', '.join(choices)}")
         if len(set(value)) != len(value):
             raise ValueError("each proposer once")
         return value
@@ -409,9 +414,22 @@ Part = TypeVar("Part", bound=BaseModel)
 
 class CommandSettings(BaseSettings):
     """The base of every command's settings: frozen, read from `VERISPEC_*` environment variables,
-    a config file and flags (see `load_settings`); unknown keys are refused."""
+    a config file and flags (see `load_settings`); unknown keys are refused. A command whose options
+    are its own (edge, loadtest, audit, distill, train) reads them from `VERISPEC_<COMMAND>_*`
+    (`command_config`), so a variable exported for one command never changes another."""
 
     model_config = SettingsConfigDict(env_prefix="VERISPEC_", frozen=True, extra="forbid")
+
+
+def command_config(command: str) -> SettingsConfigDict:
+    """The settings config of a command with options of its own: `VERISPEC_<COMMAND>_*` variables."""
+    return SettingsConfigDict(env_prefix=f"VERISPEC_{command.upper()}_", frozen=True, extra="forbid", populate_by_name=True)
+
+
+def shared_env(*names: str) -> AliasChoices:
+    """Extra environment names of a field that several commands share (`VERISPEC_API_KEY`); the
+    field's own name still works as a flag and a config key."""
+    return AliasChoices(*(name.lower() for name in names))
 
 
 Loaded = TypeVar("Loaded", bound=CommandSettings)

@@ -84,8 +84,10 @@ def _command(name: str, sub: argparse.ArgumentParser, help_line: str) -> list[st
         for field_name, field in fields:
             from_models.add(field_name)
             flag = _settings_flag(field_name, field, by_dest.get(field_name))
+            alias = getattr(field.validation_alias, "choices", None)  # a variable shared by several commands
+            env = " or ".join(f"`{name.upper()}`" for name in alias) if alias else f"`{prefix}{field_name.upper()}`"
             out.append(
-                f"| {flag} | `{prefix}{field_name.upper()}` | `{field_name}` | {_default(field)} | "
+                f"| {flag} | {env} | `{field_name}` | {_default(field)} | "
                 f"{_cell(field.description or '')} |"
             )
         out.append("")

@@ -8,8 +8,12 @@ import re
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from verispec.config import default_audit_url
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
+
+from verispec.config import CommandSettings, command_config, default_audit_url, shared_env
 from verispec.errors import UserError
 
 _AGO = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
@@ -19,47 +23,85 @@ OUTCOMES = ("ok", "fallback", "error", "cancelled", "deadline", "rejected")
 
 def parse_time(value: str, flag: str) -> datetime:
     """An ISO 8601 time (UTC if no zone is given) or an age such as 30m, 12h, 7d."""
+    try:
+        return _time(value)
+    except ValueError as exc:
+        raise UserError(f"{flag} {value!r}: {exc}") from None
+
+
+def _time(value: str | datetime) -> datetime:
+    if isinstance(value, datetime):  # a config file's date-time (TOML has them)
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
     match = _AGO.fullmatch(value.strip())
     if match:
         return datetime.now(UTC) - timedelta(**{_UNIT[match[2]]: float(match[1])})
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise UserError(f"{flag} {value!r}: give an ISO time (2026-11-25T10:00) or an age (30m, 12h, 7d)") from None
+        raise ValueError("give an ISO time (2026-11-25T10:00) or an age (30m, 12h, 7d)") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+class AuditQuerySettings(CommandSettings):
+    """Which audit records to read, and how to show them."""
+
+    model_config = command_config("audit")
+
+    audit_url: str = Field(
+        default_factory=default_audit_url,
+        validation_alias=shared_env("VERISPEC_AUDIT_URL"),  # the server's own variable
+        description="the audit database to read (the server's --audit-url); default: audit.sqlite3 in the per-user "
+        "data folder, where the server writes by default",
+    )
+    since: datetime | None = Field(None, description="records from this time or age on (ISO time, or 30m / 12h / 7d)")
+    until: datetime | None = Field(None, description="records before this time or age")
+    key: str | None = Field(None, description="API key ID")
+    outcome: Literal[OUTCOMES] | None = Field(None, description=f"only this outcome: {', '.join(OUTCOMES)}")
+    request_id: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="only these request IDs (repeatable; comma-separated in the environment or a config file)"
+    )
+    limit: int | None = Field(None, ge=1, description="at most N records (oldest first)")
+    jsonl: bool = Field(False, description="print JSON lines (every field) instead of a table")
+    mismatches: bool = Field(False, description="with --jsonl or --out: add each record's mismatch samples")
+    out: Path | None = Field(None, description="write JSON lines to this file (implies --jsonl)")
+    quarantined: bool = Field(
+        False, description="instead of records: the records the database refused, as JSON lines (reason, escaped payload)"
+    )
+
+    @field_validator("since", "until", mode="before")
+    @classmethod
+    def _times(cls, value: Any) -> Any:
+        return None if value is None else _time(value)
+
+    @field_validator("request_id", mode="before")
+    @classmethod
+    def _ids(cls, value: Any) -> Any:
+        if isinstance(value, str):  # from the environment or a config file: a comma-separated list
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        return value
+
+
 def add_audit_command(commands) -> None:
+    from verispec.cli import add_common_flags, add_settings_flags
+
     command = commands.add_parser("audit", help="query the audit trail; export records as JSONL")
-    command.add_argument(
-        "--audit-url", default=None, help=f"audit database (default: VERISPEC_AUDIT_URL, else the server's default {default_audit_url()})"
-    )
-    command.add_argument("--since", default=None, help="records from this time or age on (ISO time, or 30m / 12h / 7d)")
-    command.add_argument("--until", default=None, help="records before this time or age")
-    command.add_argument("--key", default=None, help="API key ID")
-    command.add_argument("--outcome", choices=OUTCOMES, default=None, help="only this outcome")
-    command.add_argument("--request-id", action="append", default=None, help="only these request IDs (repeatable)")
-    command.add_argument("--limit", type=int, default=None, help="at most N records (oldest first)")
-    command.add_argument("--jsonl", action="store_true", help="print JSON lines (every field) instead of a table")
-    command.add_argument("--mismatches", action="store_true", help="with --jsonl or --out: add each record's mismatch samples")
-    command.add_argument("--out", type=Path, default=None, help="write JSON lines to this file (implies --jsonl)")
-    command.add_argument(
-        "--quarantined", action="store_true",
-        help="instead of records: the records the database refused, as JSON lines (reason, escaped payload)",
-    )
-    command.add_argument("-v", "--verbose", action="store_true", help="log more")
+    add_settings_flags(command, AuditQuerySettings)
+    add_common_flags(command)
     command.set_defaults(run=run_audit)
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    import os
+    from verispec.cli import settings_from
 
-    url = args.audit_url or os.environ.get("VERISPEC_AUDIT_URL") or default_audit_url()
+    return query(settings_from(args, AuditQuerySettings))
+
+
+def query(settings: AuditQuerySettings) -> int:
+    """Print or export the records `settings` select."""
+    url = settings.audit_url
     if url.lower() == "none":
         raise UserError("auditing is off (--audit-url none); name the database to query")
-    if args.limit is not None and args.limit < 1:
-        raise UserError("--limit must be 1 or more")
-    if args.mismatches and not (args.jsonl or args.out):
+    if settings.mismatches and not (settings.jsonl or settings.out):
         # The table has no column for samples: refuse rather than drop the flag unseen.
         raise UserError("--mismatches needs JSON lines: add --jsonl (print them) or --out FILE (write them)")
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
@@ -67,36 +109,36 @@ def run_audit(args: argparse.Namespace) -> int:
     from verispec.audit.store import AuditStore  # sqlalchemy: only when a database is read
 
     store = AuditStore(url)
-    if args.quarantined:
-        for row in store.quarantined(args.limit):
+    if settings.quarantined:
+        for row in store.quarantined(settings.limit):
             sys.stdout.write(json.dumps(_plain(row)) + "\n")
         store.close()
         return 0
     rows = store.query(
-        since=parse_time(args.since, "--since") if args.since else None,
-        until=parse_time(args.until, "--until") if args.until else None,
-        key_id=args.key,
-        outcome=args.outcome,
-        request_ids=args.request_id,
-        limit=args.limit,
+        since=settings.since,
+        until=settings.until,
+        key_id=settings.key,
+        outcome=settings.outcome,
+        request_ids=list(settings.request_id) or None,
+        limit=settings.limit,
     )
-    if args.jsonl or args.out:
+    if settings.jsonl or settings.out:
         samples: dict[str, list] = {}
-        if args.mismatches and rows:
+        if settings.mismatches and rows:
             for sample in store.mismatch_samples([r["request_id"] for r in rows]):
                 # Request IDs repeat; samples belong to their record (rows older than record IDs: by request ID).
                 samples.setdefault(sample.get("record_id") or sample["request_id"], []).append(_plain(sample))
         lines = []
         for row in rows:
             record = _plain(row)
-            if args.mismatches:
+            if settings.mismatches:
                 record["mismatches"] = samples.get(row["record_id"]) or samples.get(row["request_id"], [])
             lines.append(json.dumps(record))
         text = "".join(line + "\n" for line in lines)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(text)
-            print(f"wrote {len(lines)} records to {args.out}", file=sys.stderr)
+        if settings.out:
+            settings.out.parent.mkdir(parents=True, exist_ok=True)
+            settings.out.write_text(text)
+            print(f"wrote {len(lines)} records to {settings.out}", file=sys.stderr)
         else:
             sys.stdout.write(text)
     else:

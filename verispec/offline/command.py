@@ -64,7 +64,7 @@ class BatchJobSettings(BaseModel):
 
 
 def add_batch_command(commands) -> None:
-    from verispec.cli import add_settings_flags, add_common_flags, add_max_new_tokens_flag
+    from verispec.cli import add_common_flags, add_max_new_tokens_flag, add_settings_flags
 
     command = commands.add_parser(
         "batch", help="answer a JSONL file of OpenAI batch requests offline, resumably",

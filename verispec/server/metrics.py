@@ -2,7 +2,7 @@
 
 Names follow vLLM's (`vllm:` becomes `verispec:`), so dashboards, alerts and routers built for
 vLLM work with a prefix swap; the rest are verispec's own. The engine counts, PromQL derives the
-rates (written out in the README):
+rates (written out in docs/observability.md):
 
     acceptance rate         rate(verispec:spec_decode_num_accepted_tokens_total[5m])
                               / rate(verispec:spec_decode_num_draft_tokens_total[5m])

@@ -56,10 +56,12 @@ from verispec.errors import UserError
 from verispec.models import resolve_device, resolve_dtype
 from verispec.prompts import load_prompts
 from verispec.proposers import NgramProposer
+from verispec.proposers.names import PROPOSER_NAMES
 from verispec.stats import RequestStats
 from verispec.tools import check
+from verispec.tools.settings import BenchOptions
 
-DEFAULT_DEPTHS = ("1", "2", "4", "6", "8", "auto")
+DEFAULT_DEPTHS: tuple[Depth, ...] = BenchOptions.model_fields["depths"].default  # 1,2,4,6,8,auto
 WARMUP_TOKENS = 8
 VERIFIER_ONLY = "verispec verifier-only"
 
@@ -74,7 +76,7 @@ class Run:
 class Configuration:
     name: str
     engine: str  # "verispec" or "transformers"
-    proposer: str  # "none", "draft" or "ngram"
+    proposer: str  # "none" or a proposer's name (verispec/proposers/names.py)
     depth: Depth | None  # None where a fixed depth does not apply (transformers, assisted)
     run: Callable[[list[int], int], Run]  # (prompt ids, max new tokens) -> run
     rates: list[float] = field(default_factory=list)  # tokens/s per (prompt, repeat)
@@ -105,7 +107,7 @@ class Result:
     fraction_of_bound: float | None
 
 
-def parse_depths(raw: Sequence[str]) -> list[Depth]:
+def parse_depths(raw: Sequence[Depth | str]) -> list[Depth]:
     """Depths to bench with the draft model, deduplicated; 0 is verifier-only, always run."""
     return [depth for depth in dict.fromkeys(check.parse_depths(list(raw), flag="--depths")) if depth != 0]
 
@@ -285,7 +287,8 @@ def plot(path: Path, results: list[Result]) -> None:
     figure = Figure(figsize=(8, 5))
     FigureCanvasAgg(figure)
     ax = figure.subplots()
-    for color, proposer in (("C0", "draft"), ("C1", "ngram")):
+    for i, proposer in enumerate(PROPOSER_NAMES):
+        color = f"C{i}"
         mine = [r for r in results if r.engine == "verispec" and r.proposer == proposer]
         fixed = sorted((r.depth, r.speedup_vs_verifier_only) for r in mine if r.depth != "auto")
         if fixed:
@@ -297,7 +300,7 @@ def plot(path: Path, results: list[Result]) -> None:
     ax.axhline(1.0, color="gray", linestyle=":", label=VERIFIER_ONLY)
     peers = [r for r in results if r.engine == "transformers"]
     for i, r in enumerate(peers):
-        ax.axhline(r.speedup_vs_verifier_only or 0, color=f"C{i + 2}", linestyle="--", label=r.name)
+        ax.axhline(r.speedup_vs_verifier_only or 0, color=f"C{i + len(PROPOSER_NAMES)}", linestyle="--", label=r.name)
     ax.set_xlabel("depth (draft tokens per round)")
     ax.set_ylabel("speedup over verispec verifier-only")
     ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: never hides a point
@@ -326,7 +329,7 @@ def versions() -> dict:
 def run_bench(
     settings: Settings,
     prompts_path: Path,
-    depths: Sequence[str] = DEFAULT_DEPTHS,
+    depths: Sequence[Depth | str] = DEFAULT_DEPTHS,
     repeats: int = 1,
     limit: int | None = None,
     out: Path = Path("bench-out"),

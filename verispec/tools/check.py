@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +60,7 @@ class DepthResult:
         }
 
 
-def parse_depths(raw: list[str], flag: str = "--depth") -> list[Depth]:
+def parse_depths(raw: list[Depth | str], flag: str = "--depth") -> list[Depth]:
     depths: list[Depth] = []
     for item in raw:
         try:
@@ -86,12 +87,12 @@ def top2_gap(engine: SpeculativeEngine, context: list[int]) -> float:
 def run_check(
     settings: Settings,
     prompts_path: Path,
-    depths: list[str] | None = None,
+    depths: Sequence[Depth | str] | None = None,
     limit: int | None = None,
     report: Path | None = None,
 ) -> int:
     prompts = load_prompts(prompts_path, limit)
-    depths_under_test = parse_depths(depths) if depths else [settings.depth]
+    depths_under_test = parse_depths(list(depths)) if depths else [settings.depth]
     engine = build_engine(settings)
     console = Console(stderr=True)
     if engine.proposer is None:

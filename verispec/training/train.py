@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field, model_validator
 
+from verispec.config import command_config
 from verispec.errors import UserError
 from verispec.training.corpus import stdlib_files, text_documents
 from verispec.training.loop import (
@@ -63,6 +64,8 @@ VALIDATION_CHUNKS = 48  # validation loss over at most this many chunks, the sam
 
 class TrainSettings(RunSettings):
     """What `verispec train` learns from, the model's shape, and the optimisation."""
+
+    model_config = command_config("train")
 
     out: Path = Field(description="output folder: tokenizer/, checkpoints/, final/, train.json")
     data: tuple[str, ...] = Field(

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
+from verispec.config import command_config
 from verispec.errors import UserError
 from verispec.training.distill.data import SPLIT_EVAL_LIMIT, split_prompts
 from verispec.training.distill.evaluation import agreement, verifier_continuations
@@ -35,6 +36,8 @@ SOURCES = ("data", "prompts", "stdlib_prompts", "audit_db")
 
 class DistillSettings(RunSettings):
     """What `verispec distill` distils from, how it trains, and how it measures the draft."""
+
+    model_config = command_config("distill")
 
     target: str = Field(description="verifier model folder (the teacher)")
     draft: str = Field(description="draft model folder to start from (same tokenizer)")

@@ -1,0 +1,163 @@
+"""What `verispec loadtest` prints: the clients' figures as a rich table, and the `--table` mode's
+cells, scenarios and summary as markdown."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from verispec.tools.loadtest.clients import _ratio
+from verispec.tools.loadtest.scenarios import CHUNKED_STREAMS
+from verispec.tools.loadtest.settings import PROPOSERS
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def f(value, digits=3):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    table = Table(title=f"{report['model']}: {report['concurrency']} concurrent streaming clients, "
+                        f"{report['requests_per_configuration']} requests each, max_tokens {report['max_tokens']}")
+    for column in ("configuration", "ok", "statuses", "p50 s", "p95 s", "p99 s", "TTFT p50 s", "TTFT p95 s", "tokens/s", "req/s"):
+        table.add_column(column, justify="left" if column in ("configuration", "statuses") else "right")
+    for r in report["results"]:
+        statuses = " ".join(f"{k}x{v}" for k, v in r["status_counts"].items())
+        table.add_row(r["name"], str(r["ok"]), statuses, f(r["latency_p50_s"]), f(r["latency_p95_s"]), f(r["latency_p99_s"]),
+                      f(r["ttft_p50_s"]), f(r["ttft_p95_s"]), f(r["tokens_per_s"], 1), f(r["requests_per_s"], 2))
+    console = Console(width=max(Console().width, 140))
+    console.print(table)
+    if len(report["results"]) == 2:
+        a, b = report["results"]
+        if a["tokens_per_s"] and b["tokens_per_s"]:
+            console.print(f"{a['name']} / {b['name']}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
+                            f"p50 latency {b['latency_p50_s'] / a['latency_p50_s']:.2f}x lower" if a["latency_p50_s"] else "")
+    if report.get("provisional"):
+        console.print(provisional_table(report["results"], f))
+
+
+def provisional_table(results: list[dict], f: Callable):
+    """Time to first token, provisional (the first draft, unverified) beside verified, per configuration."""
+    from rich.table import Table
+
+    table = Table(title="time to first token: provisional (first draft token, unverified) vs verified; "
+                        "ratio = provisional / verified, below 1 = drafts come first")
+    columns = ("configuration", "streams with drafts", "provisional p50 s", "provisional p90 s",
+               "verified p50 s", "verified p90 s", "ratio p50", "ratio p90")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    for r in results:
+        table.add_row(r["name"], f"{r['provisional_streams']}/{r['ok']}", f(r["provisional_p50_s"]), f(r["provisional_p90_s"]),
+                      f(r["ttft_p50_s"]), f(r["ttft_p90_s"]),
+                      _num(r["provisional_over_ttft_p50"], suffix="x"), _num(r["provisional_over_ttft_p90"], suffix="x"))
+    return table
+
+
+def reference_scheduler(schedulers: list[str]) -> str:
+    """The scheduler whose verifier-only figures the speculation columns divide by."""
+    return "batched" if "batched" in schedulers else schedulers[0]
+
+
+def table_rows(cells: list[dict]) -> list[dict]:
+    """Each cell's figures with its ratio columns: tok/s over the interleaved scheduler's (same
+    concurrency, same proposer) and over the reference scheduler's verifier-only (same concurrency)."""
+    schedulers = list(dict.fromkeys(c["scheduler"] for c in cells))
+    ref = reference_scheduler(schedulers) if schedulers else "batched"
+    rate = {(c["concurrency"], c["proposer"], c["scheduler"]): c["summary"]["tokens_per_s"] for c in cells}
+    rows = []
+    for c in cells:
+        s = c["summary"]
+        key = (c["concurrency"], c["proposer"])
+        rows.append({
+            "concurrency": c["concurrency"], "proposer": c["proposer"], "scheduler": c["scheduler"],
+            "tokens_per_s": s["tokens_per_s"],
+            "x_interleaved": _ratio(s["tokens_per_s"], rate.get((*key, "interleaved"))),
+            "x_verifier_only": _ratio(s["tokens_per_s"], rate.get((c["concurrency"], "none", ref))),
+            "latency_p50_s": s["latency_p50_s"], "latency_p99_s": s["latency_p99_s"],
+            "ttft_p50_s": s["ttft_p50_s"], "itl_p50_s": s["itl_p50_s"], "itl_p99_s": s["itl_p99_s"],
+            "ok": s["ok"], "requests": s["requests"],
+        })
+    rows.sort(key=lambda r: (r["concurrency"], PROPOSERS.index(r["proposer"]) if r["proposer"] in PROPOSERS else 9,
+                             r["proposer"], r["scheduler"]))
+    return rows
+
+
+def _num(value: float | None, digits: int = 2, scale: float = 1.0, suffix: str = "") -> str:
+    return "-" if value is None else f"{value * scale:.{digits}f}{suffix}"
+
+
+def render_table(cells: list[dict]) -> str:
+    """The cells as a markdown table."""
+    schedulers = list(dict.fromkeys(c["scheduler"] for c in cells))
+    ref = reference_scheduler(schedulers) if schedulers else "batched"
+    head = ["concurrency", "proposer", "scheduler", "tok/s", "x interleaved", f"x {ref} verifier-only",
+            "latency p50/p99 (s)", "TTFT p50 (ms)", "ITL p50/p99 (ms)", "ok"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if i not in (1, 2) else "---" for i in range(len(head))) + "|"]
+    for r in table_rows(cells):
+        lines.append("| " + " | ".join([
+            str(r["concurrency"]), r["proposer"], r["scheduler"], _num(r["tokens_per_s"], 1),
+            _num(r["x_interleaved"], suffix="x"), _num(r["x_verifier_only"], suffix="x"),
+            f"{_num(r['latency_p50_s'])} / {_num(r['latency_p99_s'])}", _num(r["ttft_p50_s"], 0, 1000),
+            f"{_num(r['itl_p50_s'], 1, 1000)} / {_num(r['itl_p99_s'], 1, 1000)}", f"{r['ok']}/{r['requests']}",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def summary_lines(report: dict) -> list[str]:
+    cells = report["cells"]
+    rate = {(c["concurrency"], c["proposer"], c["scheduler"]): c["summary"]["tokens_per_s"] for c in cells}
+    schedulers = list(dict.fromkeys(c["scheduler"] for c in cells))
+    levels = list(dict.fromkeys(c["concurrency"] for c in cells))
+    proposers = list(dict.fromkeys(c["proposer"] for c in cells))
+    lines = []
+    c4 = _ratio(rate.get((4, "none", "batched")), rate.get((4, "none", "interleaved")))
+    lines.append("- verifier-only, concurrency 4, batched / interleaved tok/s: "
+                 + (f"{c4:.2f}x" if c4 is not None else "n/a (needs level 4, proposer none and both schedulers)"))
+    if schedulers:
+        ref = reference_scheduler(schedulers)
+        parts = []
+        for c in levels:
+            ratios = [f"{p} {_num(_ratio(rate.get((c, p, ref)), rate.get((c, 'none', ref))), suffix='x')}"
+                      for p in proposers if p != "none"]
+            if ratios:
+                parts.append(f"c{c}: " + ", ".join(ratios))
+        lines.append(f"- speculation / verifier-only tok/s, {ref} scheduler: " + ("; ".join(parts) or "n/a (no proposer but none)"))
+    for s in report.get("scenarios", {}).get("prefix", []):
+        cached = s["median_cached_tokens_b"]
+        lines.append(f"- prefix, {s['scheduler']}: median TTFT A / TTFT B {_num(s['median_ttft_ratio'], suffix='x')}"
+                     + (f", B's cached_tokens {cached:g}" if cached is not None else ", cached_tokens not reported"))
+    for s in report.get("scenarios", {}).get("chunked", []):
+        lines.append(f"- chunked, {s['scheduler']}: running streams' ITL p99 while the long prompt waits for its first "
+                     f"token / median ITL {_num(s['window_p99_over_median'], suffix='x')} (target: at most 3x on batched); "
+                     f"whole streams p99/median {_num(s['stream_p99_over_median'], suffix='x')}")
+    return lines
+
+
+def render_report(report: dict) -> str:
+    c = report["config"]
+    out = [f"## verispec loadtest --table: {report['model']}",
+           "", f"Greedy streaming completions, max_tokens {c['max_tokens']}, requests per cell "
+               f"{c['requests'] or 'max(8, 4 x concurrency)'}, schedulers run back to back per cell, order alternating.",
+           "", render_table(report["cells"])]
+    prefix = report.get("scenarios", {}).get("prefix")
+    if prefix:
+        out += ["", "### prefix: A = prefix + tail A, then B = same prefix + tail B", "",
+                "| scheduler | prompt tokens (A) | TTFT A (ms) | TTFT B (ms) | TTFT A / B | cached tokens (B) |", "|---|---:|---:|---:|---:|---:|"]
+        for s in prefix:
+            for r in s["rounds"]:
+                out.append(f"| {s['scheduler']} | {r['prompt_tokens_a'] if r['prompt_tokens_a'] is not None else '-'} | "
+                           f"{_num(r['ttft_a_s'], 0, 1000)} | {_num(r['ttft_b_s'], 0, 1000)} | {_num(r['ttft_ratio'], suffix='x')} | "
+                           f"{r['cached_tokens_b'] if r['cached_tokens_b'] is not None else '-'} |")
+    chunked = report.get("scenarios", {}).get("chunked")
+    if chunked:
+        out += ["", f"### chunked: a long prompt arrives among {CHUNKED_STREAMS} running verifier-only streams", "",
+                "| scheduler | long prompt tokens | its TTFT (ms) | window ITL median / p99 (ms) | stream ITL median / p99 (ms) "
+                "| window p99 / median | stream p99 / median |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for s in chunked:
+            out.append(f"| {s['scheduler']} | {s['long_prompt_tokens'] if s['long_prompt_tokens'] is not None else '-'} | "
+                       f"{_num(s['long_ttft_s'], 0, 1000)} | "
+                       f"{_num(s['window_itl_median_s'], 1, 1000)} / {_num(s['window_itl_p99_s'], 1, 1000)} | "
+                       f"{_num(s['itl_median_s'], 1, 1000)} / {_num(s['itl_p99_s'], 1, 1000)} | "
+                       f"{_num(s['window_p99_over_median'], suffix='x')} | {_num(s['stream_p99_over_median'], suffix='x')} |")
+    out += ["", "### summary", "", *summary_lines(report)]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,159 @@
+"""`verispec loadtest`'s settings: the clients' options and the `--table` mode's, read like every
+command's from flags, `VERISPEC_*` environment variables and a config file.
+
+Lists (--levels, --proposers, ...) are comma-separated in a flag, an environment variable or a
+config file's string; a repeated flag or a config file's list works too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import NoDecode
+
+from verispec.config import CommandSettings, command_config, parse_bytes, shared_env
+from verispec.errors import UserError
+from verispec.proposers.names import PROPOSER_NAMES, VERIFIER_ONLY, described
+
+SCHEDULERS = ("batched", "interleaved")
+PROPOSERS = (VERIFIER_ONLY, *PROPOSER_NAMES)  # in the table's row order: the verifier-only baseline first
+SCENARIOS = ("prefix", "chunked")
+
+Names = Annotated[tuple[str, ...], NoDecode]
+
+
+def split_list(text: str, allowed: tuple[str, ...] | None = None) -> list[str]:
+    """'a, b' -> ['a', 'b']; ValueError for a value given twice or, with `allowed`, an unknown one."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if len(set(items)) != len(items):
+        raise ValueError("give each value once")
+    if allowed is not None:
+        unknown = [x for x in items if x not in allowed]
+        if unknown:
+            raise ValueError(f"unknown value {unknown[0]!r}; choose among {', '.join(allowed)}")
+    return items
+
+
+def split_levels(text: str) -> list[int]:
+    items = split_list(text)
+    try:
+        levels = [int(x) for x in items]
+    except ValueError:
+        raise ValueError("give comma-separated integers, e.g. 1,2,4,8") from None
+    if not levels or min(levels) < 1:
+        raise ValueError("give one or more concurrency levels, each 1 or more")
+    return levels
+
+
+def parse_list(text: str, what: str, allowed: tuple[str, ...] | None = None) -> list[str]:
+    """`split_list` for a flag: a bad value is a UserError that names it."""
+    try:
+        return split_list(text, allowed)
+    except ValueError as exc:
+        raise UserError(f"--{what}: {exc} (got {text!r})") from None
+
+
+def parse_levels(text: str) -> list[int]:
+    try:
+        return split_levels(text)
+    except ValueError as exc:
+        raise UserError(f"--levels: {exc} (got {text!r})") from None
+
+
+def _text(value: Any) -> str:
+    """A repeated flag's or a config file's list as one comma-separated string."""
+    return value if isinstance(value, str) else ",".join(str(v) for v in value)
+
+
+class ClientOptions(BaseModel):
+    """Concurrent streaming clients against a running `verispec serve`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = Field("http://127.0.0.1:8000", description="server base URL")
+    prompts: Path | None = Field(
+        None,
+        description="JSONL prompt set; default: the shared prompts where present, else 64 windows of the standard "
+        "library's q/r/s modules, which the demo pair never trained on",
+    )
+    concurrency: int = Field(4, ge=1, description="concurrent clients")
+    requests: int | None = Field(
+        None, ge=1, description="requests per configuration (default: 32); with --table per cell (default: 4 per client, at least 8)"
+    )
+    max_tokens: int | None = Field(None, ge=1, description="max_tokens per request (default: 64; with --table 128)")
+    api_key: SecretStr | None = Field(
+        None, validation_alias=shared_env("VERISPEC_LOADTEST_API_KEY", "VERISPEC_API_KEY"),
+        description="API key, if the server wants one (env: VERISPEC_API_KEY)",
+    )
+    compare_speculation: bool = Field(False, description="alternate speculative and verifier-only phases")
+    provisional: bool = Field(
+        False,
+        description="ask for drafts before their verdict (the `provisional` extension) and report the time to the first "
+        "draft token beside the time to the first verified one",
+    )
+    rounds: int = Field(2, ge=1, description="with --compare-speculation: A/B alternations")
+    warmup: int = Field(2, ge=0, description="requests per configuration before timing; with --table per server and proposer")
+    wait_s: float | None = Field(None, ge=0.0, description="wait this long for the server to be ready (default: 60; with --table 600)")
+    out: Path | None = Field(None, description="also write the report as JSON to this file")
+
+
+class TableOptions(BaseModel):
+    """--table: one `verispec serve` per scheduler on free loopback ports, and a grid of cells measured on them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    table: bool = Field(
+        False,
+        description="measure concurrency x proposer x scheduler cells and the scenarios on servers of its own (--url is not used)",
+    )
+    target: str | None = Field(None, description="the servers' verifier; default: the servers' own, the demo pair")
+    draft: str | None = Field(None, description="the servers' draft model; default: the servers' own")
+    levels: Annotated[tuple[int, ...], NoDecode] = Field((1, 2, 4, 8), description="concurrency levels")
+    schedulers: Names = Field(SCHEDULERS, description=f"one server each: {', '.join(SCHEDULERS)}")
+    proposers: Names = Field(PROPOSERS, description=f"pinned per request: {described()}")
+    scenarios: Names = Field(
+        SCENARIOS, description="prefix (shared-prefix TTFT), chunked (a long prompt among running streams), or none"
+    )
+    prefix_tokens: int = Field(1000, ge=16, description="prefix scenario: tokens of the shared prefix, about")
+    long_tokens: int = Field(1800, ge=16, description="chunked scenario: tokens of the long prompt, about")
+    kv_cache_memory: str | None = Field(None, description="passed to the servers; default: theirs")
+    serve_args: str | None = Field(
+        None,
+        description="more `verispec serve` flags for both servers, one string, given last (they override): "
+        'e.g. "--load-depth-from 2 --load-depth-off 4"',
+    )
+    markdown: Path | None = Field(None, description="also write the table and summary to this file")
+
+    @field_validator("levels", mode="before")
+    @classmethod
+    def _levels(cls, value: Any) -> tuple[int, ...]:
+        return tuple(split_levels(_text(value)))
+
+    @field_validator("schedulers", "proposers", mode="before")
+    @classmethod
+    def _names(cls, value: Any, info) -> tuple[str, ...]:
+        names = split_list(_text(value), SCHEDULERS if info.field_name == "schedulers" else PROPOSERS)
+        if not names:
+            raise ValueError("give one value or more")
+        return tuple(names)
+
+    @field_validator("scenarios", mode="before")
+    @classmethod
+    def _scenarios(cls, value: Any) -> tuple[str, ...]:
+        text = _text(value)
+        return () if text.strip().lower() in ("", "none") else tuple(split_list(text, SCENARIOS))
+
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _memory(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_bytes(value)
+        return value
+
+
+class LoadtestSettings(ClientOptions, TableOptions, CommandSettings):
+    """Everything `verispec loadtest` reads."""
+
+    model_config = command_config("loadtest")
