@@ -98,3 +98,20 @@ def test_proposer_names_are_the_registry_s():
         assert name in ModelSettings.model_fields["proposer"].description
     with pytest.raises(UserError, match="draft, ngram, none"):
         load_settings({"proposers": "oracle"})
+
+
+def test_repeatable_settings_from_the_environment(monkeypatch):
+    """One value per variable, or several as a JSON list; never a traceback for a plain value."""
+    monkeypatch.setenv("VERISPEC_STOP", "abc")
+    monkeypatch.setenv("VERISPEC_REDACT_PATTERNS", r"\bsecret\b")
+    monkeypatch.setenv("VERISPEC_PROPOSERS", "draft,ngram")
+    settings = load_settings({})
+    assert (settings.stop, settings.redact_patterns, settings.proposers) == (("abc",), (r"\bsecret\b",), ("draft", "ngram"))
+    monkeypatch.setenv("VERISPEC_STOP", '["\\n\\n", "a,b"]')
+    monkeypatch.setenv("VERISPEC_PROPOSERS", '["none", "ngram"]')
+    settings = load_settings({})
+    assert (settings.stop, settings.proposers) == (("\n\n", "a,b"), ("none", "ngram"))
+    assert load_settings({"stop": ["x"]}).stop == ("x",)  # flags override
+    monkeypatch.setenv("VERISPEC_PROPOSERS", "draft,oracle")
+    with pytest.raises(UserError, match="--proposers: unknown proposer 'oracle'"):
+        load_settings({})

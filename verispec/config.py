@@ -12,7 +12,7 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -25,12 +25,26 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, InitSettingsSource, NoDecode, SettingsConfigDict, SettingsError
 
 from verispec.errors import UserError
 from verispec.proposers.names import PROPOSER_NAMES, VERIFIER_ONLY, described
 
 Depth = int | Literal["auto"]
+
+
+def strings(value: Any) -> Any:
+    """A repeatable text setting as a tuple: a flag's list, a config file's list, or one variable's
+    text, which holds one value, or several as a JSON list (`VERISPEC_STOP='["\\n\\n", "END"]'`)."""
+    if isinstance(value, str):
+        if value.startswith("["):
+            try:
+                decoded = json.loads(value)
+            except json.JSONDecodeError:
+                return (value,)
+            return tuple(decoded) if isinstance(decoded, list) else (value,)
+        return (value,)
+    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 class ModelSettings(BaseModel):
@@ -110,7 +124,9 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (1 = off)")
     seed: int | None = Field(None, ge=0, description="random seed; the same seed reproduces the same output")
     max_new_tokens: int = Field(128, ge=1, description="stop after this many new tokens")
-    stop: tuple[str, ...] = Field((), description="stop when the output contains this string (repeatable)")
+    stop: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="stop when the output contains this string (repeatable; several in a variable or file: a JSON list)"
+    )
 
     @property
     def greedy(self) -> bool:
@@ -119,8 +135,7 @@ class SamplingParams(BaseModel):
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_as_tuple(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = (value,)
+        value = strings(value)
         if any(not s for s in value):
             raise ValueError("stop strings must not be empty")
         return tuple(value)
@@ -263,7 +278,7 @@ class RoutingSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    proposers: tuple[str, ...] = Field(
+    proposers: Annotated[tuple[str, ...], NoDecode] = Field(
         (),
         description=f"choose per request among these proposers ({', '.join((*PROPOSER_NAMES, VERIFIER_ONLY))}; "
         "comma-separated or repeated) by observed throughput",
@@ -282,8 +297,7 @@ class RoutingSettings(BaseModel):
     @field_validator("proposers", mode="before")
     @classmethod
     def _names(cls, value: Any) -> Any:
-        items = [value] if isinstance(value, str) else list(value)
-        value = tuple(v.strip() for item in items for v in item.split(",") if v.strip())  # --proposers a,b or repeated
+        value = tuple(v.strip() for item in strings(value) for v in item.split(",") if v.strip())  # --proposers a,b or repeated
         choices = (*PROPOSER_NAMES, VERIFIER_ONLY)
         unknown = [v for v in value if v not in choices]
         if unknown:
@@ -310,7 +324,9 @@ class AuditSettings(BaseModel):
     audit_hash_key: SecretStr | None = Field(
         None, description="key of the HMAC that --audit-redaction hash stores (env: VERISPEC_AUDIT_HASH_KEY); unset: plain sha256"
     )
-    redact_patterns: tuple[str, ...] = Field((), description="extra regular expressions to redact (repeatable)")
+    redact_patterns: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="extra regular expressions to redact (repeatable; several in a variable: a JSON list)"
+    )
     audit_retention_days: float = Field(30.0, ge=0.0, description="delete records older than this (0 = keep forever)")
     audit_queue: int = Field(1024, ge=1, description="records buffered for the background writer")
     audit_ack_timeout_s: float = Field(
@@ -327,7 +343,7 @@ class AuditSettings(BaseModel):
     def _patterns(cls, value: Any) -> Any:
         import re
 
-        value = (value,) if isinstance(value, str) else tuple(value)
+        value = strings(value)
         for pattern in value:
             try:
                 re.compile(pattern)
@@ -470,6 +486,8 @@ def load_settings(flags: dict[str, Any], config_file: Path | None = None, cls: t
         layered = _Layered(**flags)
     except ValidationError as exc:
         raise UserError(describe_validation_error(exc)) from None
+    except SettingsError as exc:  # a variable that is not the JSON its field's type needs
+        raise UserError(f"{exc}; check the VERISPEC_* environment variables") from None
     return cls.model_construct(**layered.model_dump())
 
 

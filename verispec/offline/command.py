@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import SettingsConfigDict
 
 from verispec.config import (
     BatchSettings,
@@ -26,7 +27,6 @@ from verispec.config import (
     ServerSettings,
     Settings,
     SpeculationSettings,
-    describe_validation_error,
 )
 from verispec.errors import UserError
 
@@ -85,26 +85,28 @@ def add_batch_command(commands) -> None:
     command.set_defaults(run=_run)
 
 
-def job_settings(args: argparse.Namespace, settings: Settings) -> BatchJobSettings:
-    given = {name: getattr(args, name) for name in BatchJobSettings.model_fields if hasattr(args, name)}
-    # Fields that are also Settings fields (--max-running) are taken from there: env and config file included.
-    given |= {name: getattr(settings, name) for name in BatchJobSettings.model_fields.keys() & Settings.model_fields.keys()}
-    try:
-        job = BatchJobSettings.model_validate(given)
-    except ValidationError as exc:
-        raise UserError(describe_validation_error(exc)) from None
+class BatchCommandSettings(BatchJobSettings, Settings):
+    """Everything `verispec batch` reads: the job's own settings and the engine's, from one config
+    file, `VERISPEC_*` variables and flags."""
+
+    model_config = SettingsConfigDict(env_prefix="VERISPEC_", frozen=True, extra="forbid")
+
+
+def job_settings(args: argparse.Namespace) -> tuple[Settings, BatchJobSettings]:
+    from verispec.cli import settings_from
+
+    loaded = settings_from(args, BatchCommandSettings)
+    job = loaded.part(BatchJobSettings)
     if job.output.resolve() == job.input.resolve():
         raise UserError("--output must not be the input file")
-    return job
+    return loaded.part(Settings), job
 
 
 def _run(args: argparse.Namespace) -> int:
-    from verispec.cli import settings_from
     from verispec.offline.jsonl import read_input, resume
     from verispec.offline.summary import Tally, render, write_summary
 
-    settings = settings_from(args)
-    job = job_settings(args, settings)
+    settings, job = job_settings(args)
     lines = read_input(job.input)
     done = resume(job.output)
     pending = [line for line in lines if line.custom_id not in done]
