@@ -1,10 +1,17 @@
-"""`verispec serve`: an OpenAI-compatible HTTP server around one SpeculativeEngine.
+"""`verispec serve`: an OpenAI-compatible HTTP server around the engine.
 
-- `app.py`      routes: translate between the OpenAI schema and the engine, nothing more
-- `protocol.py` request and response shapes of the OpenAI API (plus our extensions)
-- `scheduler.py` admission control and the engine thread that interleaves requests round by round
-- `breaker.py`  the circuit breaker that turns speculation off when it stops paying
-- `auth.py`     API keys and per-key token-bucket rate limits
-- `metrics.py`  Prometheus metrics, named as vLLM names them
-- `errors.py`   every error a client can cause, in OpenAI's error format
+- `app.py`          the app: health, readiness, metrics, and the routers below
+- `service.py`      what loading makes: engines, scheduler, router and canary, the models' identities
+- `state.py`        the app's state; the checks a request passes before it is queued
+- `completions.py`  /v1/completions and /v1/chat/completions, plain and streamed
+- `verify.py`       /v1/verify: edge proposers' sessions
+- `reply.py`        a request's events, through the policy gate
+- `underway.py`     a request's conclusion, completed or refused: span, log line, audit record
+- `context.py`      request IDs, the access log, a 500 in OpenAI's shape
+- `scheduler.py`, `job.py`  admission control and the engine thread
+- `breaker.py`      the circuit breaker that turns speculation off when it stops paying
+- `routing.py`      per-request proposer choice and the canary
+- `auth.py`, `limits.py`, `shared_limits.py`  API keys, rate limits, body and header bounds
+- `protocol.py`, `openapi.py`, `errors.py`  the OpenAI shapes, the schema, every error a client can cause
+- `metrics.py`, `telemetry.py`, `logs.py`, `startup.py`  what operators see
 """

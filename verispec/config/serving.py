@@ -1,144 +1,24 @@
-"""One typed configuration source.
-
-Each concern is a small frozen pydantic model; `Settings` combines them and reads, in rising
-precedence, built-in defaults, a config file (TOML, YAML or JSON), `VERISPEC_*` environment variables
-and CLI flags. The CLI's flags are generated from these fields (see `cli.py`), so a default is
-written once, here.
-"""
+"""Settings of the server: HTTP and admission, routing among proposers, the audit trail, scale-out
+and telemetry."""
 
 from __future__ import annotations
 
-import json
 import re
-import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
-    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, InitSettingsSource, NoDecode, SettingsConfigDict, SettingsError
+from pydantic_settings import NoDecode
 
-from verispec.errors import UserError
-from verispec.proposers.names import PROPOSER_NAMES, VERIFIER_ONLY, described
-
-Depth = int | Literal["auto"]
-
-
-def strings(value: Any) -> Any:
-    """A repeatable text setting as a tuple: a flag's list, a config file's list, or one variable's
-    text, which holds one value, or several as a JSON list (`VERISPEC_STOP='["\\n\\n", "END"]'`)."""
-    if isinstance(value, str):
-        if value.startswith("["):
-            try:
-                decoded = json.loads(value)
-            except json.JSONDecodeError:
-                return (value,)
-            return tuple(decoded) if isinstance(decoded, list) else (value,)
-        return (value,)
-    return tuple(value) if isinstance(value, list | tuple) else value
-
-
-class ModelSettings(BaseModel):
-    """Which models verify and propose, and where they run."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    target: str | None = Field(
-        None, description="verifier (target) model: local path or hub id; default: the built-in demo pair (a small Python code model and its distilled draft)"
-    )
-    draft: str | None = Field(None, description="draft model for --proposer draft: local path or hub id")
-    proposer: Literal[("auto", *PROPOSER_NAMES, VERIFIER_ONLY)] = Field(  # the names: verispec/proposers/names.py
-        "auto", description=f"proposer: {described()}; auto = draft if --draft is given, else ngram"
-    )
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    backend: Literal["auto", "lean", "transformers"] = Field(
-        "auto", description="forward pass: lean (own Llama/Mistral/Qwen2/GPT-2 implementation) where supported, else transformers"
-    )
-    compile: bool = Field(False, description="compile the lean backend's decode/verify step with torch.compile")
-    cpu_kernel: bool = Field(
-        True,
-        description="lean backend on CPU: keep weights that 16 bits hold exactly in 16 bits and widen them "
-        "in verispec's compiled kernel (float32 arithmetic on the same values, half the bytes per step)",
-    )
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="compute dtype; auto = float32 (exact greedy, see README for reduced precision)"
-    )
-    weights_dtype: Literal["auto", "float16", "bfloat16", "q8_0"] = Field(
-        "auto",
-        description="storage of float weight matrices on the lean backend: auto = as stored; float16, bfloat16 or "
-        "q8_0 round or quantize them so a float32 checkpoint runs on the CPU kernel step (a change of model: "
-        "outputs are exact for the converted model, not the original)",
-    )
-
-
-class SpeculationSettings(BaseModel):
-    """How far and how safely to speculate."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    depth: Depth = Field("auto", description="draft tokens per round: an integer (0 = verifier only) or auto")
-    max_depth: int = Field(8, ge=1, le=64, description="upper bound for --depth auto")
-    draft_confidence: float = Field(
-        0.0,
-        ge=0.0,
-        le=1.0,
-        description="with --depth auto, stop drafting when the draft's top probability falls below this (0 = off)",
-    )
-    proposer_timeout_s: float = Field(
-        1.0, gt=0.0, description="a proposal slower than this is dropped and the round runs verifier-only"
-    )
-    max_proposer_failures: int = Field(
-        3, ge=1, description="consecutive proposer failures after which a request continues verifier-only"
-    )
-    ngram_max: int = Field(5, ge=1, description="longest context suffix the n-gram proposer matches")
-    ngram_min: int = Field(
-        2, ge=1, description="shortest context suffix the n-gram proposer matches (a single shared token predicts little)"
-    )
-
-    @field_validator("depth", mode="before")
-    @classmethod
-    def _parse_depth(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value)
-        if isinstance(value, int) and value < 0:
-            raise ValueError("depth must be 0 or more, or 'auto'")
-        return value
-
-
-class SamplingParams(BaseModel):
-    """Per-request decoding settings. Temperature 0 means greedy."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy; > 0 samples")
-    top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = off)")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (1 = off)")
-    seed: int | None = Field(None, ge=0, description="random seed; the same seed reproduces the same output")
-    max_new_tokens: int = Field(128, ge=1, description="stop after this many new tokens")
-    stop: Annotated[tuple[str, ...], NoDecode] = Field(
-        (), description="stop when the output contains this string (repeatable; several in a variable or file: a JSON list)"
-    )
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_as_tuple(cls, value: Any) -> Any:
-        value = strings(value)
-        if any(not s for s in value):
-            raise ValueError("stop strings must not be empty")
-        return tuple(value)
+from verispec.config.values import strings
+from verispec.proposers.names import PROPOSER_NAMES, VERIFIER_ONLY
 
 
 class ServerSettings(BaseModel):
@@ -221,58 +101,6 @@ class ServerSettings(BaseModel):
         return value
 
 
-class BatchSettings(BaseModel):
-    """The batched engine: how many rows a verifier pass may take, and the KV cache it owns."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    scheduler: Literal["auto", "batched", "interleaved"] = Field(
-        "auto",
-        description="batched: every running request in one verifier pass per step (lean backend only); "
-        "interleaved: one request's round per pass, in turn (the transformers backend always runs this way); "
-        "auto = batched where the backend supports it",
-    )
-    kv_cache_memory: str = Field(
-        "1GiB",
-        description="memory for the verifier's paged KV cache, in bytes or with a unit (512MiB, 2GiB); "
-        "it bounds the tokens all running requests and the prefix cache hold together",
-    )
-    kv_block_size: int = Field(16, ge=8, le=256, multiple_of=8, description="positions per KV cache block")
-    max_pass_tokens: int = Field(
-        128, ge=16, description="rows one verifier pass may take: every running request's round, then prompt chunks up to this"
-    )
-    prefill_slowdown: float = Field(
-        2.0, ge=1.0,
-        description="chunked prefill: while requests are generating, a pass with a prompt chunk may take at most this many "
-        "times as long as their rounds alone (measured pass costs set the chunk), so a long prompt never stalls their streams",
-    )
-    prefix_cache: bool = Field(True, description="keep full KV blocks by a hash of their tokens and reuse them for a shared prefix")
-
-    @field_validator("kv_cache_memory")
-    @classmethod
-    def _memory(cls, value: str) -> str:
-        parse_bytes(value)
-        return value
-
-    @property
-    def kv_cache_bytes(self) -> int:
-        return parse_bytes(self.kv_cache_memory)
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def parse_bytes(text: str | int) -> int:
-    """'1GiB', '512MiB', '2e9' or 1073741824 -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
-    if not match or match.group(2) not in _UNITS:
-        raise ValueError("give bytes as a number with an optional unit: 1073741824, 512MiB, 2GiB, 1.5GB")
-    value = int(float(match.group(1)) * _UNITS[match.group(2)])
-    if value <= 0:
-        raise ValueError("must be more than 0 bytes")
-    return value
-
-
 class RoutingSettings(BaseModel):
     """Several proposers behind one verifier: per-request choice and canary rollouts."""
 
@@ -341,7 +169,6 @@ class AuditSettings(BaseModel):
     @field_validator("redact_patterns", mode="before")
     @classmethod
     def _patterns(cls, value: Any) -> Any:
-        import re
 
         value = strings(value)
         for pattern in value:
@@ -423,103 +250,3 @@ class TelemetrySettings(BaseModel):
     cost_proposer_per_hour: float = Field(
         0.0, ge=0.0, description="cost of the proposer's hardware per hour (0 when it shares the verifier's)"
     )
-
-
-Part = TypeVar("Part", bound=BaseModel)
-
-
-class CommandSettings(BaseSettings):
-    """The base of every command's settings: frozen, read from `VERISPEC_*` environment variables,
-    a config file and flags (see `load_settings`); unknown keys are refused. A command whose options
-    are its own (edge, loadtest, audit, distill, train) reads them from `VERISPEC_<COMMAND>_*`
-    (`command_config`), so a variable exported for one command never changes another."""
-
-    model_config = SettingsConfigDict(env_prefix="VERISPEC_", frozen=True, extra="forbid")
-
-
-def command_config(command: str) -> SettingsConfigDict:
-    """The settings config of a command with options of its own: `VERISPEC_<COMMAND>_*` variables."""
-    return SettingsConfigDict(env_prefix=f"VERISPEC_{command.upper()}_", frozen=True, extra="forbid", populate_by_name=True)
-
-
-def shared_env(*names: str) -> AliasChoices:
-    """Extra environment names of a field that several commands share (`VERISPEC_API_KEY`); the
-    field's own name still works as a flag and a config key."""
-    return AliasChoices(*(name.lower() for name in names))
-
-
-Loaded = TypeVar("Loaded", bound=CommandSettings)
-
-
-class Settings(
-    ModelSettings,
-    SpeculationSettings,
-    SamplingParams,
-    ServerSettings,
-    BatchSettings,
-    RoutingSettings,
-    AuditSettings,
-    TelemetrySettings,
-    ScaleSettings,
-    CommandSettings,
-):
-    """Everything a `verispec` command reads, flat so that flags and env vars stay short."""
-
-    model_config = SettingsConfigDict(env_prefix="VERISPEC_", frozen=True, extra="forbid")
-
-    def part(self, cls: type[Part]) -> Part:
-        """The fields of one concern, as its own frozen model."""
-        return cls.model_validate(self.model_dump(include=set(cls.model_fields)))
-
-
-def load_settings(flags: dict[str, Any], config_file: Path | None = None, cls: type[Loaded] = Settings) -> Loaded:
-    """Defaults < config file < VERISPEC_* environment < flags, for `Settings` (generate, serve, ...)
-    or another command's settings. Bad values raise UserError."""
-    file_values = _read_config_file(config_file) if config_file else {}
-
-    class _Layered(cls):
-        @classmethod
-        def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
-            return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
-
-    try:
-        layered = _Layered(**flags)
-    except ValidationError as exc:
-        raise UserError(describe_validation_error(exc)) from None
-    except SettingsError as exc:  # a variable that is not the JSON its field's type needs
-        raise UserError(f"{exc}; check the VERISPEC_* environment variables") from None
-    return cls.model_construct(**layered.model_dump())
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """One message per bad field, named as a flag (env vars and config keys map to flags one to one),
-    in the user's terms: a union's branches merged into the forms it takes (see `validation.py`)."""
-    from verispec.validation import problems
-
-    parts = []
-    for problem in problems(exc):
-        field = ".".join(str(p) for p in problem.location if not isinstance(p, int)) or "value"
-        parts.append(f"--{field.replace('_', '-')}: {problem.message} (got {problem.input!r})")
-    return "; ".join(parts)
-
-
-_CONFIG_FORMATS = {
-    ".toml": ("TOML", tomllib.loads),
-    ".yaml": ("YAML", yaml.safe_load),
-    ".yml": ("YAML", yaml.safe_load),
-    ".json": ("JSON", json.loads),
-}
-
-
-def _read_config_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
-    text = path.read_text()
-    kind, parse = _CONFIG_FORMATS.get(path.suffix.lower(), ("JSON", json.loads))
-    try:
-        values = parse(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise UserError(f"config file {path} is not valid {kind}: {exc}") from None
-    if not isinstance(values, dict):
-        raise UserError(f"config file {path} must hold a table of settings")
-    return {key.replace("-", "_"): value for key, value in values.items()}

@@ -1,0 +1,148 @@
+"""Settings of the engine: which models, how far to speculate, how to sample, how to batch."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+)
+from pydantic_settings import NoDecode
+
+from verispec.config.values import Depth, parse_bytes, strings
+from verispec.proposers.names import PROPOSER_NAMES, VERIFIER_ONLY, described
+
+
+class ModelSettings(BaseModel):
+    """Which models verify and propose, and where they run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    target: str | None = Field(
+        None, description="verifier (target) model: local path or hub id; default: the built-in demo pair (a small Python code model and its distilled draft)"
+    )
+    draft: str | None = Field(None, description="draft model for --proposer draft: local path or hub id")
+    proposer: Literal[("auto", *PROPOSER_NAMES, VERIFIER_ONLY)] = Field(  # the names: verispec/proposers/names.py
+        "auto", description=f"proposer: {described()}; auto = draft if --draft is given, else ngram"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    backend: Literal["auto", "lean", "transformers"] = Field(
+        "auto", description="forward pass: lean (own Llama/Mistral/Qwen2/GPT-2 implementation) where supported, else transformers"
+    )
+    compile: bool = Field(False, description="compile the lean backend's decode/verify step with torch.compile")
+    cpu_kernel: bool = Field(
+        True,
+        description="lean backend on CPU: keep weights that 16 bits hold exactly in 16 bits and widen them "
+        "in verispec's compiled kernel (float32 arithmetic on the same values, half the bytes per step)",
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="compute dtype; auto = float32 (exact greedy, see README for reduced precision)"
+    )
+    weights_dtype: Literal["auto", "float16", "bfloat16", "q8_0"] = Field(
+        "auto",
+        description="storage of float weight matrices on the lean backend: auto = as stored; float16, bfloat16 or "
+        "q8_0 round or quantize them so a float32 checkpoint runs on the CPU kernel step (a change of model: "
+        "outputs are exact for the converted model, not the original)",
+    )
+
+
+class SpeculationSettings(BaseModel):
+    """How far and how safely to speculate."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    depth: Depth = Field("auto", description="draft tokens per round: an integer (0 = verifier only) or auto")
+    max_depth: int = Field(8, ge=1, le=64, description="upper bound for --depth auto")
+    draft_confidence: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="with --depth auto, stop drafting when the draft's top probability falls below this (0 = off)",
+    )
+    proposer_timeout_s: float = Field(
+        1.0, gt=0.0, description="a proposal slower than this is dropped and the round runs verifier-only"
+    )
+    max_proposer_failures: int = Field(
+        3, ge=1, description="consecutive proposer failures after which a request continues verifier-only"
+    )
+    ngram_max: int = Field(5, ge=1, description="longest context suffix the n-gram proposer matches")
+    ngram_min: int = Field(
+        2, ge=1, description="shortest context suffix the n-gram proposer matches (a single shared token predicts little)"
+    )
+
+    @field_validator("depth", mode="before")
+    @classmethod
+    def _parse_depth(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, int) and value < 0:
+            raise ValueError("depth must be 0 or more, or 'auto'")
+        return value
+
+
+class SamplingParams(BaseModel):
+    """Per-request decoding settings. Temperature 0 means greedy."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy; > 0 samples")
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = off)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (1 = off)")
+    seed: int | None = Field(None, ge=0, description="random seed; the same seed reproduces the same output")
+    max_new_tokens: int = Field(128, ge=1, description="stop after this many new tokens")
+    stop: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="stop when the output contains this string (repeatable; several in a variable or file: a JSON list)"
+    )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_tuple(cls, value: Any) -> Any:
+        value = strings(value)
+        if any(not s for s in value):
+            raise ValueError("stop strings must not be empty")
+        return tuple(value)
+
+
+class BatchSettings(BaseModel):
+    """The batched engine: how many rows a verifier pass may take, and the KV cache it owns."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scheduler: Literal["auto", "batched", "interleaved"] = Field(
+        "auto",
+        description="batched: every running request in one verifier pass per step (lean backend only); "
+        "interleaved: one request's round per pass, in turn (the transformers backend always runs this way); "
+        "auto = batched where the backend supports it",
+    )
+    kv_cache_memory: str = Field(
+        "1GiB",
+        description="memory for the verifier's paged KV cache, in bytes or with a unit (512MiB, 2GiB); "
+        "it bounds the tokens all running requests and the prefix cache hold together",
+    )
+    kv_block_size: int = Field(16, ge=8, le=256, multiple_of=8, description="positions per KV cache block")
+    max_pass_tokens: int = Field(
+        128, ge=16, description="rows one verifier pass may take: every running request's round, then prompt chunks up to this"
+    )
+    prefill_slowdown: float = Field(
+        2.0, ge=1.0,
+        description="chunked prefill: while requests are generating, a pass with a prompt chunk may take at most this many "
+        "times as long as their rounds alone (measured pass costs set the chunk), so a long prompt never stalls their streams",
+    )
+    prefix_cache: bool = Field(True, description="keep full KV blocks by a hash of their tokens and reuse them for a shared prefix")
+
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        parse_bytes(value)
+        return value
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return parse_bytes(self.kv_cache_memory)

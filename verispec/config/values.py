@@ -1,0 +1,37 @@
+"""Values as settings take them: a depth, repeatable text, a size in bytes."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Literal
+
+Depth = int | Literal["auto"]
+
+
+def strings(value: Any) -> Any:
+    """A repeatable text setting as a tuple: a flag's list, a config file's list, or one variable's
+    text, which holds one value, or several as a JSON list (`VERISPEC_STOP='["\\n\\n", "END"]'`)."""
+    if isinstance(value, str):
+        if value.startswith("["):
+            try:
+                decoded = json.loads(value)
+            except json.JSONDecodeError:
+                return (value,)
+            return tuple(decoded) if isinstance(decoded, list) else (value,)
+        return (value,)
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'1GiB', '512MiB', '2e9' or 1073741824 -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    if not match or match.group(2) not in _UNITS:
+        raise ValueError("give bytes as a number with an optional unit: 1073741824, 512MiB, 2GiB, 1.5GB")
+    value = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if value <= 0:
+        raise ValueError("must be more than 0 bytes")
+    return value
