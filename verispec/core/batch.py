@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from verispec.config import BatchSettings, Depth, SamplingParams, SpeculationSettings
 from verispec.core.engine import Delta, Round, accept, emit, inspect, validate
-from verispec.core.goodput import PassCosts, choose_depths, measure_pass_costs
+from verispec.core.goodput import Acceptance, PassCosts, choose_depths, measure_pass_costs
 from verispec.core.kv_cache import BlockTable
 from verispec.core.proposing import Busy, Proposing, TimedOut
 from verispec.core.runner import ModelRunner, Segment
@@ -45,28 +45,6 @@ from verispec.stats import RequestStats
 from verispec.text import TextStream
 
 log = logging.getLogger(__name__)
-
-
-class Acceptance:
-    """A request's decaying estimate of alpha, the chance a draft is accepted given the ones
-    before it were (as `depth.AdaptiveDepth` keeps it), and its rounds without drafts."""
-
-    def __init__(self, prior: float = 0.6, memory: float = 0.9):
-        self.memory = memory
-        self.hits, self.trials = 2.0 * prior, 2.0
-        self.rounds_off = 0
-
-    @property
-    def alpha(self) -> float:
-        return self.hits / self.trials
-
-    def update(self, proposed: int, accepted: int) -> None:
-        if proposed:
-            self.hits = self.memory * self.hits + accepted
-            self.trials = self.memory * self.trials + accepted + (accepted < proposed)
-            self.rounds_off = 0
-        else:
-            self.rounds_off += 1
 
 
 @dataclass(eq=False)

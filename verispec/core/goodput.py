@@ -23,6 +23,29 @@ from dataclasses import dataclass
 from verispec.core.depth import expected_tokens
 
 
+class Acceptance:
+    """A request's decaying estimate of alpha, the chance a draft is accepted given the ones
+    before it were (as `depth.AdaptiveDepth` keeps it), and its rounds without drafts."""
+
+    def __init__(self, prior: float = 0.6, memory: float = 0.9):
+        self.memory = memory
+        self.hits, self.trials = 2.0 * prior, 2.0
+        self.rounds_off = 0
+
+    @property
+    def alpha(self) -> float:
+        return self.hits / self.trials
+
+    def update(self, proposed: int, accepted: int) -> None:
+        if proposed:
+            self.hits = self.memory * self.hits + accepted
+            self.trials = self.memory * self.trials + accepted + (accepted < proposed)
+            self.rounds_off = 0
+        else:
+            self.rounds_off += 1
+
+
+
 @dataclass(frozen=True)
 class PassCosts:
     """Measured seconds of a verifier pass by its total rows (interpolated between samples), and of
