@@ -58,8 +58,8 @@ KERNEL_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in KERNE
 # The library built at install (setup.py) and the digest of what it was built from (sources_digest).
 INSTALLED_LIBRARY = Path(__file__).with_name("_kernels.so")
 INSTALLED_DIGEST = Path(__file__).with_name("_kernels.sha256")
-# A oneDNN call costs about 50 us before any arithmetic (F.linear: about 5 us): prepacking pays
-# only for matrices whose streaming takes longer than that, from about 1 MB of float32.
+# A oneDNN call has a fixed cost before any arithmetic, about ten times F.linear's: prepacking
+# pays only for matrices whose streaming takes longer than that, from about 1 MB of float32.
 PREPACK_MIN_ELEMENTS = 1 << 18
 _NEEDED_CPU_FLAGS = {"avx2", "fma", "f16c"}
 
@@ -90,7 +90,7 @@ class Linear:
         else:
             self.form = "dense"
             # (in, out): for the few rows of a decode or verify pass, `x @ w` on this layout
-            # streams the weight about 1.5x faster on a CPU than F.linear on (out, in).
+            # streams the weight faster on a CPU than F.linear on (out, in).
             self.weight = weight.t().contiguous()
 
     @property
