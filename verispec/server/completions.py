@@ -20,8 +20,8 @@ from transformers import PreTrainedTokenizerBase
 
 from verispec.audit.records import utc_now
 from verispec.core.engine import Delta
-from verispec.server.errors import APIError, bad_request, retry_later
-from verispec.server.job import Job, Overloaded
+from verispec.server.errors import APIError, bad_request
+from verispec.server.job import Job
 from verispec.server.openapi import CHAT_RESPONSES, COMPLETION_RESPONSES
 from verispec.server.protocol import ChatCompletionRequest, CompletionRequest, Shape
 from verispec.server.reply import ClientGone, Provisional, Reply
@@ -99,12 +99,7 @@ def completion_routes(state: State, authorize: Callable[[Request], Awaitable[str
         request.state.audited = True  # the record is this handler's from here on
         underway = Underway(request_id, key_id, request.url.path, operation, job, prompt_ids, prompt_text, params, span, utc_now())
         finish = functools.partial(state.conclude, underway)
-        try:
-            service.scheduler.submit(job)
-        except Overloaded as exc:
-            state.metrics.outcome("rejected").inc()
-            await finish("rejected", 503, error=str(exc))
-            raise retry_later(503, str(exc), exc.retry_after_s, code="overloaded") from None
+        await state.submit(service, underway)
         request.state.job = job
         reply = Reply(underway, request, state.policy.gate() if state.policy is not None else None, state.metrics)
         shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + request_id, state.model_name)

@@ -36,6 +36,7 @@ from verispec.policy import PolicySet, load_policy
 from verispec.server.auth import KeyRing
 from verispec.server.breaker import CircuitBreaker
 from verispec.server.errors import APIError, bad_request, retry_later
+from verispec.server.job import Overloaded
 from verispec.server.metrics import ServerMetrics
 from verispec.server.protocol import token_budget
 from verispec.server.service import Cluster, EngineFactory, Service
@@ -132,6 +133,15 @@ class State:
         """The models behind a request routed to `proposer` (the server's default ones if unknown)."""
         known = self.service.identities.get(proposer) if self.service is not None else None
         return known or (self.auditor.identity if self.auditor else None)
+
+    async def submit(self, service: Service, underway: Underway) -> None:
+        """Queue the request's job; a full queue refuses it (503 with Retry-After), concluded here."""
+        try:
+            service.scheduler.submit(underway.job)
+        except Overloaded as exc:
+            self.metrics.outcome("rejected").inc()  # the scheduler counts every other outcome
+            await self.conclude(underway, "rejected", 503, error=str(exc))
+            raise retry_later(503, str(exc), exc.retry_after_s, code="overloaded") from None
 
     async def conclude(self, underway: Underway, outcome: str, status: int, delta: Delta | None = None, text: str = "",
                        error: str | None = None, wait: bool = False) -> bool:

@@ -36,8 +36,8 @@ from pydantic import Field, StrictFloat, StrictInt
 from verispec.audit.records import utc_now
 from verispec.proposers.base import Proposal
 from verispec.proposers.remote import RemoteDrafts
-from verispec.server.errors import APIError, bad_request, retry_later
-from verispec.server.job import Job, Overloaded
+from verispec.server.errors import APIError, bad_request
+from verispec.server.job import Job
 from verispec.server.openapi import VERIFY_RESPONSES
 from verispec.server.protocol import _Part, _Request
 from verispec.server.reply import Reply
@@ -199,12 +199,7 @@ def verify_routes(state: State, authorize) -> APIRouter:
         })
         request.state.audited = True
         underway = Underway(request_id, key_id, "/v1/verify", "verify", job, prompt_ids, prompt_text, params, span, utc_now(), edge={})
-        try:
-            service.scheduler.submit(job)
-        except Overloaded as exc:
-            metrics.outcome("rejected").inc()
-            await state.conclude(underway, "rejected", 503, error=str(exc))
-            raise retry_later(503, str(exc), exc.retry_after_s, code="overloaded") from None
+        await state.submit(service, underway)
         session = Session(session_id, key_id, underway, Reply(underway, None, state.policy.gate() if state.policy else None, metrics), len(prompt_ids))
         sessions.add(session)
         metrics.verify_sessions.inc()
