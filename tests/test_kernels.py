@@ -30,14 +30,23 @@ def weight(out_features: int, in_features: int, dtype: torch.dtype | None, seed:
 @pytest.mark.parametrize("dtype, form", [(torch.float16, "widen-f16"), (torch.bfloat16, "widen-bf16")])
 @pytest.mark.parametrize("in_features", [512, 1344, 37, 8, 3])  # multiples of 16 and of 8, and ragged tails
 def test_widened_weights_compute_the_float32_product(dtype, form, in_features):
+    """Within the float32 rounding bound of a dot product of this length, whatever order the
+    kernel sums in: |error| <= gamma_n (|x| @ |w|.T + |b|), gamma_n = n u / (1 - n u), u = 2^-24."""
     w = weight(67, in_features, dtype)
-    bias = torch.randn(67) * SCALE[dtype]
+    generator = torch.Generator().manual_seed(in_features)
+    bias = torch.randn(67, generator=generator) * SCALE[dtype]
+    n = in_features + 1  # the bias is one more term
+    gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
     for layer_bias in (None, bias):
         linear = Linear(w, layer_bias)
         assert linear.form == form and linear.weight.dtype == dtype  # half the bytes of float32
         for rows in (1, 2, 3, 4, 5, 9, 16, WIDE):
-            x = torch.randn(rows, in_features)
-            torch.testing.assert_close(linear(x), F.linear(x, w, layer_bias), rtol=1e-5, atol=1e-4 * SCALE[dtype])
+            x = torch.randn(rows, in_features, generator=generator)
+            b = None if layer_bias is None else layer_bias.double()
+            exact = F.linear(x.double(), w.double(), b)
+            bound = gamma * (x.double().abs() @ w.double().abs().T + (0 if b is None else b.abs()))
+            error = (linear(x).double() - exact).abs()
+            assert (error <= bound).all(), f"{rows} rows: error {error.max():.3g} past the bound"
 
 
 @needs_kernel
