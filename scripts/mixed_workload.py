@@ -35,8 +35,9 @@ from pathlib import Path
 import httpx
 
 from verispec.prompts import stdlib_windows
+from verispec.proposers.names import PROPOSER_NAMES, VERIFIER_ONLY
 
-FIXED = ("draft", "ngram", "none")
+FIXED = (*PROPOSER_NAMES, VERIFIER_ONLY)  # every fixed choice the server offers
 PER_REQUEST = "per-request"
 
 
