@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from tests.conftest import EOS, save
 from verispec.core.kv_cache import BlockTable
-from verispec.core.runner import ModelRunner, Segment
+from verispec.core.runner import ModelRunner, Segment, attention_segments
 from verispec.models import load_model
 from verispec.models.kernels import kernel_library
 
@@ -122,18 +122,7 @@ def reference_runner_pass(runner, ids, positions, slots, segments, rows):
     cos, sin, scale = lm.cos.data_ptr(), lm.sin.data_ptr(), hd**-0.5
     position_array = torch.tensor(positions, dtype=torch.int64)
     slot_array = torch.tensor(slots, dtype=torch.int64)
-    seg_row, seg_len, seg_pos, table_start, tables = [], [], [], [], []
-    row = 0
-    for s in segments:
-        seg_row.append(row)
-        seg_len.append(len(s.tokens))
-        seg_pos.append(s.start)
-        table_start.append(len(tables))
-        tables.extend(s.table.blocks)
-        row += len(s.tokens)
-    seg_row, seg_len, seg_pos, table_start, tables = (
-        torch.tensor(a, dtype=torch.int64) for a in (seg_row, seg_len, seg_pos, table_start, tables)
-    )
+    seg_row, seg_len, seg_pos, table_start, tables = attention_segments(segments)
 
     def attend(i, qkv, attn):
         k, v = runner.keys[i].data_ptr(), runner.values[i].data_ptr()

@@ -41,6 +41,21 @@ class Segment:
         return len(self.tokens) if self.logits is None else min(self.logits, len(self.tokens))
 
 
+def attention_segments(segments: Sequence[Segment]) -> tuple[torch.Tensor, ...]:
+    """The attention work of a pass, as the kernel takes it: per segment its first row in the pass,
+    its length, its first position, and where its block table starts in the concatenated tables."""
+    seg_row, seg_len, seg_pos, table_start, tables = [], [], [], [], []
+    row = 0
+    for s in segments:
+        seg_row.append(row)
+        seg_len.append(len(s.tokens))
+        seg_pos.append(s.start)
+        table_start.append(len(tables))
+        tables.extend(s.table.blocks)
+        row += len(s.tokens)
+    return tuple(torch.tensor(a, dtype=torch.int64) for a in (seg_row, seg_len, seg_pos, table_start, tables))
+
+
 def batchable(lm: object) -> str | None:
     """None if the runner can batch passes of `lm`, else why not."""
     if not isinstance(lm, LeanLM):
@@ -96,19 +111,7 @@ class ModelRunner:
         """LeanLM's kernel step over many sequences: its layers in one C call, attention on the paged cache."""
         position_array = torch.tensor(positions, dtype=torch.int64)
         slot_array = torch.tensor(slots, dtype=torch.int64)
-        # Attention work: per segment, its rows, first position and block table.
-        seg_row, seg_len, seg_pos, table_start, tables = [], [], [], [], []
-        row = 0
-        for s in segments:
-            seg_row.append(row)
-            seg_len.append(len(s.tokens))
-            seg_pos.append(s.start)
-            table_start.append(len(tables))
-            tables.extend(s.table.blocks)
-            row += len(s.tokens)
-        seg_row, seg_len, seg_pos, table_start, tables = (
-            torch.tensor(a, dtype=torch.int64) for a in (seg_row, seg_len, seg_pos, table_start, tables)
-        )
+        seg_row, seg_len, seg_pos, table_start, tables = attention_segments(segments)
         if self._pools is None:  # the per-layer pools, described once
             self._pools = address_array(self.keys), address_array(self.values)
         attention = VsAttention(

@@ -59,6 +59,29 @@ static inline __m256 exp8(__m256 x) {
 /* The same function one value at a time (tails), so every element gets the same result. */
 static inline float exp1(float x) { return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x))); }
 
+/* A row of scores, in place, into exp(score - the row's max) (a softmax's numerators); returns
+   their total. Lanes of 8 then the tail, in one fixed order: the dense and the paged attention
+   share it, so a row gets the same bits on either. */
+static inline float exponentiate(float* row, int64_t n) {
+  float top = -INFINITY;
+  int64_t j;
+  for (j = 0; j < n; ++j) top = row[j] > top ? row[j] : top;
+  __m256 sum8 = _mm256_setzero_ps();
+  for (j = 0; j + 8 <= n; j += 8) {
+    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(row + j, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  float lanes[8], total = 0.0f;
+  _mm256_storeu_ps(lanes, sum8);
+  for (int u = 0; u < 8; ++u) total += lanes[u];
+  for (; j < n; ++j) {
+    row[j] = exp1(row[j] - top);
+    total += row[j];
+  }
+  return total;
+}
+
 /* q . k_u for the 8 keys k + u * hd, u < 8, as one vector; every key's sum runs in the same order
    as dot_tail's. */
 static inline __m256 dot8(const float* q, const float* k, int64_t hd) {
@@ -176,22 +199,7 @@ void attention(const float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd, 
         for (; j + 8 <= n; j += 8)
           _mm256_storeu_ps(row + j, _mm256_mul_ps(dot8(q, k + j * hd, hd), _mm256_set1_ps(scale)));
         for (; j < n; ++j) row[j] = dot_tail(q, k + j * hd, hd) * scale;
-        float top = -INFINITY;
-        for (j = 0; j < n; ++j) top = row[j] > top ? row[j] : top;
-        __m256 sum8 = _mm256_setzero_ps();
-        for (j = 0; j + 8 <= n; j += 8) {
-          __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(top)));
-          _mm256_storeu_ps(row + j, e);
-          sum8 = _mm256_add_ps(sum8, e);
-        }
-        float lanes[8], total = 0.0f;
-        _mm256_storeu_ps(lanes, sum8);
-        for (int u = 0; u < 8; ++u) total += lanes[u];
-        for (; j < n; ++j) {
-          row[j] = exp1(row[j] - top);
-          total += row[j];
-        }
-        totals[t] = total;
+        totals[t] = exponentiate(row, n);
         float* o = out + t * H * hd + h * hd;
         for (int64_t i = 0; i < hd; ++i) o[i] = 0.0f;
       }
@@ -278,22 +286,7 @@ __attribute__((noinline)) static float paged_softmax_row(const float* q, const f
       _mm256_storeu_ps(row + j, _mm256_mul_ps(dot8(q, k + (j - first) * hd, hd), _mm256_set1_ps(scale)));
     for (; j < stop; ++j) row[j] = dot_tail(q, k + (j - first) * hd, hd) * scale;
   }
-  float top = -INFINITY;
-  for (j = 0; j < n; ++j) top = row[j] > top ? row[j] : top;
-  __m256 sum8 = _mm256_setzero_ps();
-  for (j = 0; j + 8 <= n; j += 8) {
-    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(top)));
-    _mm256_storeu_ps(row + j, e);
-    sum8 = _mm256_add_ps(sum8, e);
-  }
-  float lanes[8], total = 0.0f;
-  _mm256_storeu_ps(lanes, sum8);
-  for (int u = 0; u < 8; ++u) total += lanes[u];
-  for (; j < n; ++j) {
-    row[j] = exp1(row[j] - top);
-    total += row[j];
-  }
-  return total;
+  return exponentiate(row, n);
 }
 
 /* Row t of the T at positions start.. (output o0 + t * stride, zeroed) gets, for every key j it
