@@ -4,7 +4,7 @@ Prompt and output text reach the database only when the operator opts in (`--aud
 and then only through the Redactor (placeholders for PII and secrets, or a keyed hash). Other text
 a client chose passes the Redactor too, content opt-in or not: stop sequences and error messages
 (which may quote the request). The request ID is the client's `x-request-id` only when the
-Redactor finds nothing in it (the server makes its own otherwise; see `server/app.py`). The same
+Redactor finds nothing in it (the server makes its own otherwise; see `server/context.py`). The same
 Redactor serves logs and traces (`--log-content`), so there is one definition of what is safe.
 
 Each record gets its own key, `record_id`: request IDs are the client's choice and repeat.

@@ -2,7 +2,7 @@
 
 The speedup over verifier-only is priced as the server's cost counters price it
 (`server/scheduler.py`, `_observe` and `_account`): the job's tokens verifier-only cost one
-measured one-token verifier step each (`engine.costs().verify_s[0]`, as `State.load` measures it),
+measured one-token verifier step each (`engine.costs().verify_s[0]`, as `Service.load` measures it),
 plus their prompts' prefill, which both ways pay alike; the actual cost is the engine's busy time
 for the same requests (prefill, propose and verify seconds of their `RequestStats`). Under the
 batched core a pass's time is shared among its requests, so the figure includes what batching

@@ -4,7 +4,7 @@ events when streaming) and OpenAI's error body with every status a client can me
 lists every status and content type the routes can return, and the shape of every JSON body.
 
 Routes take these through their decorators (`responses=COMPLETION_RESPONSES` and so on). The
-models here describe bodies that `protocol.Shape` and `app.py` build as dicts; the fuzz tests
+models here describe bodies that `protocol.Shape` and the routes (`completions.py`, `verify.py`) build as dicts; the fuzz tests
 keep the two in step.
 """
 

@@ -1,7 +1,7 @@
 """The OpenAI API's request and response shapes, and our extensions.
 
 Requests are validated here (types and ranges); what needs the model (prompt length, the chat
-template, the model name) is checked in `app.py`. Unknown fields are ignored, as OpenAI's newer
+template, the model name) is checked in `state.py`. Unknown fields are ignored, as OpenAI's newer
 clients send fields older servers do not know; fields we know but cannot honour (n > 1,
 logprobs, penalties, logit_bias, echo, suffix, best_of) are refused with a clear 400, since
 ignoring them would silently change what the client asked for.
