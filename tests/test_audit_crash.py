@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 import uuid
 
 import httpx
 import pytest
 
-from tests.serving import ServerProcess
+from tests.serving import ServerProcess, wait_for
 from tests.test_audit_store import POSTGRES_URL
 from tests.test_server import PROMPTS
 from verispec.audit.store import AuditStore
@@ -43,14 +42,14 @@ def test_kill_9_under_load_loses_no_acknowledged_record(tiny_models, tmp_path, b
     clients = [threading.Thread(target=client, args=(n,)) for n in range(4)]
     for c in clients:
         c.start()
-    deadline = time.monotonic() + 120
-    while len(acknowledged) < 12 and time.monotonic() < deadline:  # enough acknowledged to be worth killing
-        time.sleep(0.05)
-    proc.process.send_signal(signal.SIGKILL)  # no shutdown, no flush
-    proc.process.wait(10)
-    stop.set()
-    for c in clients:
-        c.join(30)
+    try:  # enough acknowledged to be worth killing
+        wait_for(lambda: len(acknowledged) >= 12, timeout_s=120, what="12 acknowledged requests")
+    finally:
+        proc.process.send_signal(signal.SIGKILL)  # no shutdown, no flush
+        proc.process.wait(10)
+        stop.set()
+        for c in clients:
+            c.join(30)
     assert len(acknowledged) >= 8, proc.log()[-3000:]
 
     store = AuditStore(url)

@@ -26,7 +26,7 @@ from verispec.config.serving import (
     TelemetrySettings,
     default_audit_url,
 )
-from verispec.config.values import Depth, parse_bytes, strings
+from verispec.config.values import Depth, comma_list, parse_bytes, strings
 
 __all__ = [
     "AuditSettings",
@@ -42,6 +42,7 @@ __all__ = [
     "Settings",
     "SpeculationSettings",
     "TelemetrySettings",
+    "comma_list",
     "command_config",
     "default_audit_url",
     "describe_validation_error",

@@ -17,7 +17,7 @@ from pydantic import (
 )
 from pydantic_settings import NoDecode
 
-from verispec.config.values import strings
+from verispec.config.values import comma_list, strings
 from verispec.proposers.names import PROPOSER_NAMES, VERIFIER_ONLY
 
 
@@ -125,14 +125,7 @@ class RoutingSettings(BaseModel):
     @field_validator("proposers", mode="before")
     @classmethod
     def _names(cls, value: Any) -> Any:
-        value = tuple(v.strip() for item in strings(value) for v in item.split(",") if v.strip())  # --proposers a,b or repeated
-        choices = (*PROPOSER_NAMES, VERIFIER_ONLY)
-        unknown = [v for v in value if v not in choices]
-        if unknown:
-            raise ValueError(f"unknown proposer {unknown[0]!r}; choose among {', '.join(choices)}")
-        if len(set(value)) != len(value):
-            raise ValueError("each proposer once")
-        return value
+        return comma_list(strings(value), (*PROPOSER_NAMES, VERIFIER_ONLY), "proposer")  # --proposers a,b or repeated
 
 
 class AuditSettings(BaseModel):

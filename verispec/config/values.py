@@ -1,4 +1,4 @@
-"""Values as settings take them: a depth, repeatable text, a size in bytes."""
+"""Values as settings take them: a depth, repeatable text, a comma-separated list, a size in bytes."""
 
 from __future__ import annotations
 
@@ -21,6 +21,25 @@ def strings(value: Any) -> Any:
             return tuple(decoded) if isinstance(decoded, list) else (value,)
         return (value,)
     return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def comma_list(value: Any, allowed: tuple[str, ...] | None = None, what: str = "value") -> tuple[Any, ...]:
+    """A list setting: 'a, b' (a flag, a variable, a config file's string), ['a,b', 'c'] (a repeated
+    flag) or [2, 4, 'auto'] (a config file's list) -> ('a', 'b', ...) in order, blanks dropped.
+    ValueError for a value given twice or, with `allowed`, an unknown one."""
+    items = [value] if isinstance(value, str) else list(value)
+    values = tuple(
+        part.strip() if isinstance(part, str) else part
+        for item in items
+        for part in (item.split(",") if isinstance(item, str) else [item])
+        if not isinstance(part, str) or part.strip()
+    )
+    if len(set(values)) != len(values):
+        raise ValueError(f"give each {what} once")
+    unknown = [v for v in values if v not in allowed] if allowed is not None else []
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown[0]!r}; choose among {', '.join(allowed)}")
+    return values
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

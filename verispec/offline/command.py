@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic_settings import SettingsConfigDict
 
 from verispec.config import (
     BatchSettings,
@@ -88,8 +87,6 @@ def add_batch_command(commands) -> None:
 class BatchCommandSettings(BatchJobSettings, Settings):
     """Everything `verispec batch` reads: the job's own settings and the engine's, from one config
     file, `VERISPEC_*` variables and flags."""
-
-    model_config = SettingsConfigDict(env_prefix="VERISPEC_", frozen=True, extra="forbid")
 
 
 def job_settings(args: argparse.Namespace) -> tuple[Settings, BatchJobSettings]:

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pydantic_settings import NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
 
-from verispec.config import Depth, Settings, SpeculationSettings
+from verispec.config import Depth, Settings, SpeculationSettings, comma_list
 
 # The sample prompt set that ships in the package, written for the built-in demo pair.
 DEMO_PROMPTS = Path(__file__).resolve().parents[1] / "demo" / "prompts.jsonl"
@@ -23,33 +23,19 @@ DEMO_PROMPTS = Path(__file__).resolve().parents[1] / "demo" / "prompts.jsonl"
 DepthList = Annotated[tuple[Depth, ...], NoDecode]
 
 
-def comma_list(value: Any) -> tuple[Any, ...]:
-    """'2,4,auto', ['2,4', 'auto'] (a repeated flag) or [2, 4, 'auto'] (a config file's list) ->
-    (2, 4, 'auto') as given, blanks dropped; each value once."""
-    items = [value] if isinstance(value, str) else list(value)
-    values = tuple(
-        part.strip() if isinstance(part, str) else part
-        for item in items
-        for part in (item.split(",") if isinstance(item, str) else [item])
-        if not isinstance(part, str) or part.strip()
-    )
-    if len(set(values)) != len(values):
-        raise ValueError("give each value once")
-    return values
-
-
 def depth_list(value: Any) -> tuple[Depth, ...]:
     if value == ():  # check's default (settings validate defaults too): the configured depth
         return ()
     depths = comma_list(value)
     if not depths:
         raise ValueError("give at least one depth, e.g. 4 or 2,4,auto")
+    parsed = []
     for depth in depths:
         try:
-            SpeculationSettings(depth=depth)
+            parsed.append(SpeculationSettings(depth=depth).depth)
         except ValueError:  # pydantic's ValidationError is one
             raise ValueError(f"{depth!r} is not a depth; use integers >= 0 or auto, e.g. 2,4,auto") from None
-    return tuple(SpeculationSettings(depth=depth).depth for depth in depths)
+    return tuple(parsed)
 
 
 class PromptSetOptions(BaseModel):
@@ -64,6 +50,11 @@ class PromptSetOptions(BaseModel):
     )
     limit: int | None = Field(None, ge=1, description="use only the first N prompts")
 
+    @field_validator("depths", mode="before", check_fields=False)  # each command's own depths field
+    @classmethod
+    def _depths(cls, value: Any) -> tuple[Depth, ...]:
+        return depth_list(value)
+
 
 class CheckOptions(PromptSetOptions):
     """`verispec check`: the prompt set, the depths to check, the report."""
@@ -75,11 +66,6 @@ class CheckOptions(PromptSetOptions):
     )
     report: Path | None = Field(None, description="also write the results as JSON to this file")
 
-    @field_validator("depths", mode="before")
-    @classmethod
-    def _depths(cls, value: Any) -> tuple[Depth, ...]:
-        return depth_list(value)
-
 
 class BenchOptions(PromptSetOptions):
     """`verispec bench`: the prompt set, the draft model's depths, passes, the output folder, peers."""
@@ -89,19 +75,10 @@ class BenchOptions(PromptSetOptions):
     out: Path = Field(Path("bench-out"), description="output folder")
     peers: bool = Field(True, description="also time transformers' generate() (plain, assisted, prompt lookup) as peers")
 
-    @field_validator("depths", mode="before")
-    @classmethod
-    def _depths(cls, value: Any) -> tuple[Depth, ...]:
-        return depth_list(value)
-
 
 class CheckSettings(CheckOptions, Settings):
-    """Everything `verispec check` reads."""
-
-    model_config = SettingsConfigDict(env_prefix="VERISPEC_", frozen=True, extra="forbid")
+    """Everything `verispec check` reads (`Settings`' variables and config keys)."""
 
 
 class BenchSettings(BenchOptions, Settings):
-    """Everything `verispec bench` reads."""
-
-    model_config = SettingsConfigDict(env_prefix="VERISPEC_", frozen=True, extra="forbid")
+    """Everything `verispec bench` reads (`Settings`' variables and config keys)."""

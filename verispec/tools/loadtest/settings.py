@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
-from verispec.config import CommandSettings, command_config, parse_bytes, shared_env
+from verispec.config import CommandSettings, comma_list, command_config, parse_bytes, shared_env
 from verispec.errors import UserError
 from verispec.proposers.names import PROPOSER_NAMES, VERIFIER_ONLY, described
 
@@ -24,20 +24,8 @@ SCENARIOS = ("prefix", "chunked")
 Names = Annotated[tuple[str, ...], NoDecode]
 
 
-def split_list(text: str, allowed: tuple[str, ...] | None = None) -> list[str]:
-    """'a, b' -> ['a', 'b']; ValueError for a value given twice or, with `allowed`, an unknown one."""
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if len(set(items)) != len(items):
-        raise ValueError("give each value once")
-    if allowed is not None:
-        unknown = [x for x in items if x not in allowed]
-        if unknown:
-            raise ValueError(f"unknown value {unknown[0]!r}; choose among {', '.join(allowed)}")
-    return items
-
-
-def split_levels(text: str) -> list[int]:
-    items = split_list(text)
+def split_levels(value: Any) -> list[int]:
+    items = comma_list(value)
     try:
         levels = [int(x) for x in items]
     except ValueError:
@@ -48,9 +36,9 @@ def split_levels(text: str) -> list[int]:
 
 
 def parse_list(text: str, what: str, allowed: tuple[str, ...] | None = None) -> list[str]:
-    """`split_list` for a flag: a bad value is a UserError that names it."""
+    """`comma_list` for a flag: a bad value is a UserError that names it."""
     try:
-        return split_list(text, allowed)
+        return list(comma_list(text, allowed))
     except ValueError as exc:
         raise UserError(f"--{what}: {exc} (got {text!r})") from None
 
@@ -60,11 +48,6 @@ def parse_levels(text: str) -> list[int]:
         return split_levels(text)
     except ValueError as exc:
         raise UserError(f"--levels: {exc} (got {text!r})") from None
-
-
-def _text(value: Any) -> str:
-    """A repeated flag's or a config file's list as one comma-separated string."""
-    return value if isinstance(value, str) else ",".join(str(v) for v in value)
 
 
 class ClientOptions(BaseModel):
@@ -129,12 +112,12 @@ class TableOptions(BaseModel):
     @field_validator("levels", mode="before")
     @classmethod
     def _levels(cls, value: Any) -> tuple[int, ...]:
-        return tuple(split_levels(_text(value)))
+        return tuple(split_levels(value))
 
     @field_validator("schedulers", "proposers", mode="before")
     @classmethod
     def _names(cls, value: Any, info) -> tuple[str, ...]:
-        names = split_list(_text(value), SCHEDULERS if info.field_name == "schedulers" else PROPOSERS)
+        names = comma_list(value, SCHEDULERS if info.field_name == "schedulers" else PROPOSERS)
         if not names:
             raise ValueError("give one value or more")
         return tuple(names)
@@ -142,8 +125,8 @@ class TableOptions(BaseModel):
     @field_validator("scenarios", mode="before")
     @classmethod
     def _scenarios(cls, value: Any) -> tuple[str, ...]:
-        text = _text(value)
-        return () if text.strip().lower() in ("", "none") else tuple(split_list(text, SCENARIOS))
+        names = comma_list(value)
+        return () if [str(n).lower() for n in names] in ([], ["none"]) else comma_list(names, SCENARIOS)
 
     @field_validator("kv_cache_memory")
     @classmethod
