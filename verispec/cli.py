@@ -79,6 +79,8 @@ def add_settings_flags(
             default = ",".join(map(str, default))
         help_text = (field.description or "") + (f" (default: {default})" if default is not None else "")
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
+        if field.is_required():  # no default: the flag must be given (distill --target, batch --output)
+            kwargs["required"] = True
         if get_origin(field.annotation) is tuple:  # repeatable: --stop A --stop B
             free_text = field.annotation == tuple[str, ...] and not field.default  # --stop TEXT; --proposers PROPOSERS
             kwargs.update(action="append", metavar="TEXT" if free_text else name.upper())

@@ -74,8 +74,7 @@ def add_batch_command(commands) -> None:
         "verifier pass per step; with --ray they are spread over Ray Data actors.",
     )  # fmt: skip
     command.add_argument("input", type=Path, metavar="INPUT", help=INPUT_HELP)
-    command.add_argument("--output", type=Path, required=True, metavar="OUTPUT", help=BatchJobSettings.model_fields["output"].description)
-    add_settings_flags(command, BatchJobSettings, skip=("input", "output"))
+    add_settings_flags(command, BatchJobSettings, skip=("input",))
     add_settings_flags(command, ModelSettings)
     add_settings_flags(command, SpeculationSettings)
     add_settings_flags(command, BatchSettings)

@@ -1,6 +1,6 @@
 """What `verispec train` and `verispec distill` share in their settings: how a run runs (device,
 threads, resume, the saved weights' dtype), a check's error placed at the flag it concerns, and
-the few flags the generated ones cannot shape.
+the one flag the generated ones cannot shape (--data).
 
 Each command's settings class (`TrainSettings`, `DistillSettings`) subclasses `RunSettings`, so
 one class reads defaults < config file < `VERISPEC_*` environment < flags (`verispec.config`), and
@@ -67,17 +67,9 @@ def one_of(settings: CommandSettings, fields: tuple[str, ...], what: str) -> Non
         )
 
 
-def add_field_flag(
-    command: argparse.ArgumentParser, model: type[CommandSettings], name: str, **kwargs
-) -> None:
-    """The flag of one field that `add_settings_flags` cannot shape (a required one, or one taking
-    several values), with the field's description as its help."""
-    kwargs.setdefault("default", argparse.SUPPRESS)
-    command.add_argument(
-        "--" + name.replace("_", "-"), dest=name, help=model.model_fields[name].description, **kwargs
-    )
-
-
 def add_data_flag(command: argparse.ArgumentParser, model: type[CommandSettings]) -> None:
-    """--data PATH [PATH ...], repeatable: the paths add up."""
-    add_field_flag(command, model, "data", nargs="+", action="extend", metavar="PATH")
+    """--data PATH [PATH ...], repeatable, the paths adding up: a shape `add_settings_flags` does not make."""
+    command.add_argument(
+        "--data", dest="data", default=argparse.SUPPRESS, nargs="+", action="extend", metavar="PATH",
+        help=model.model_fields["data"].description,
+    )

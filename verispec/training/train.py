@@ -52,7 +52,7 @@ from verispec.training.loop import (
     mean,
     save_final,
 )
-from verispec.training.settings import RunSettings, add_data_flag, add_field_flag, field_error, one_of
+from verispec.training.settings import RunSettings, add_data_flag, field_error, one_of
 from verispec.training.tokenizer import build_tokenizer, bytes_per_token, token_chunks
 
 if TYPE_CHECKING:
@@ -300,9 +300,8 @@ def add_train_command(commands) -> None:
     command = commands.add_parser(
         "train", help="train a small causal LM (and its tokenizer) from a text corpus"
     )
-    add_field_flag(command, TrainSettings, "out", required=True)
     add_data_flag(command, TrainSettings)
-    add_settings_flags(command, TrainSettings, skip=("out", "data", *RunSettings.model_fields))
+    add_settings_flags(command, TrainSettings, skip=("data", *RunSettings.model_fields))
     add_settings_flags(command, RunSettings)
     add_common_flags(command)
     command.set_defaults(run=_run)

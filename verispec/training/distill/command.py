@@ -26,7 +26,7 @@ from verispec.training.distill.evaluation import agreement, verifier_continuatio
 from verispec.training.distill.loss import train
 from verispec.training.distill.teacher import build_teacher, stop_tokens
 from verispec.training.loop import claim_run, finish_report, mean, save_final
-from verispec.training.settings import RunSettings, add_data_flag, add_field_flag, one_of
+from verispec.training.settings import RunSettings, add_data_flag, one_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -206,11 +206,8 @@ def add_distill_command(commands) -> None:
     command = commands.add_parser(
         "distill", help="distil a draft from its verifier to raise greedy agreement"
     )
-    for name in ("target", "draft", "out"):
-        add_field_flag(command, DistillSettings, name, required=True)
     add_data_flag(command, DistillSettings)
-    run_fields = tuple(RunSettings.model_fields)
-    add_settings_flags(command, DistillSettings, skip=("target", "draft", "out", "data", *run_fields))
+    add_settings_flags(command, DistillSettings, skip=("data", *RunSettings.model_fields))
     add_settings_flags(command, RunSettings)
     add_common_flags(command)
     command.set_defaults(run=_run)
