@@ -113,7 +113,7 @@ class SpeculativeEngine:
         self.tokenizer = tokenizer
         self.proposer = proposer
         self.speculation = speculation or SpeculationSettings()
-        self.eos_ids = _eos_ids(target, tokenizer)
+        self.eos_ids = stop_tokens(target, tokenizer)
         self._costs = costs  # measured on first use of depth auto unless given
 
     def costs(self) -> StepCosts:
@@ -337,6 +337,6 @@ def _validate(proposal: Proposal, depth: int, vocab_size: int) -> None:
         raise ProposerError(f"draft probabilities of shape {tuple(proposal.probs.shape)}, expected {(n, vocab_size)}")
 
 
-def _eos_ids(target: CausalLM, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+def stop_tokens(target: CausalLM, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     return frozenset(eos | target.eos_token_ids)

@@ -80,7 +80,8 @@ class Service:
         proposers = [e.proposer for e in router.engines.values() if e.proposer is not None]
         batch = build_batch_core(engine, settings.part(BatchSettings), settings.max_running, proposers)
         scheduler = Scheduler(engine, settings, breaker, metrics, cost, batch)
-        service = cls(engine, scheduler, router, _identity(engine, model_name, model_version, settings), identities)
+        # The default engine's identity is already among them (its weights are hashed once).
+        service = cls(engine, scheduler, router, identities[models.proposer], identities)
         scheduler.on_finished = service._routed(metrics)
         scheduler.start()
         roles = {"target": engine.target, "draft": getattr(engine.proposer, "lm", None)}

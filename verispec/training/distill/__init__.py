@@ -31,7 +31,7 @@ from verispec.training.distill.command import DistillSettings, add_distill_comma
 from verispec.training.distill.data import DEFAULT_EVAL_PROMPTS, audit_prompts, split_prompts
 from verispec.training.distill.evaluation import agreement, verifier_continuations
 from verispec.training.distill.loss import batch_loss, kd_loss
-from verispec.training.distill.teacher import Decoded, Example, build_teacher, greedy, stop_tokens
+from verispec.training.distill.teacher import Decoded, Example, build_teacher, greedy
 
 __all__ = [
     "DEFAULT_EVAL_PROMPTS",
@@ -47,6 +47,5 @@ __all__ = [
     "greedy",
     "kd_loss",
     "split_prompts",
-    "stop_tokens",
     "verifier_continuations",
 ]

@@ -24,7 +24,7 @@ from verispec.errors import UserError
 from verispec.training.distill.data import SPLIT_EVAL_LIMIT, split_prompts
 from verispec.training.distill.evaluation import agreement, verifier_continuations
 from verispec.training.distill.loss import train
-from verispec.training.distill.teacher import build_teacher, stop_tokens
+from verispec.training.distill.teacher import build_teacher
 from verispec.training.loop import claim_run, finish_report, mean, save_final
 from verispec.training.settings import RunSettings, add_data_flag, one_of
 
@@ -129,6 +129,7 @@ def distill(
     import torch
     from transformers import AutoConfig
 
+    from verispec.core.engine import stop_tokens
     from verispec.models.loading import load_model, resolve_device
 
     started_wall, started_cpu = time.perf_counter(), time.process_time()
@@ -152,7 +153,6 @@ def distill(
     if window is not None and settings.seq_len > window:
         raise UserError(f"--seq-len {settings.seq_len} is beyond the verifier's context window of {window}")
     report: dict = {"target": settings.target, "draft": settings.draft, "data": note, "config": fields}
-
     eos = stop_tokens(verifier, target_tok)
     eval_ids = [target_tok(p.text).input_ids for p in evaluation]
     longest = max(map(len, eval_ids), default=0) + settings.eval_new_tokens

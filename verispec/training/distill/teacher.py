@@ -71,12 +71,6 @@ def top(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.to(torch.int32).cpu(), values.to(torch.float16).cpu()
 
 
-def stop_tokens(lm: CausalLM, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
-    """Where a greedy decode ends, as in the engine: the tokenizer's EOS and the model's generation EOS ids."""
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    return frozenset(eos | lm.eos_token_ids)
-
-
 def greedy(
     lm: CausalLM, prompts: list[list[int]], max_new_tokens: int, eos: frozenset[int], top_k: int = 0
 ) -> list[Decoded]:
@@ -216,6 +210,8 @@ def build_teacher(
         sequences = text_chunks(settings, tokenizer, training)
         size = max(1, settings.gen_batch_size // 4)  # full-length passes: fewer rows to a shard
     batches = [sequences[i : i + size] for i in range(0, len(sequences), size)]
+    from verispec.core.engine import stop_tokens  # where a greedy decode ends, as in the engine
+
     eos = stop_tokens(verifier, tokenizer)
     digest = fingerprint(
         weights_digest(settings.target),
