@@ -19,7 +19,7 @@ from tests.conftest import run_verispec
 from verispec.cli import main
 from verispec.config import SamplingParams, load_settings
 from verispec.errors import UserError
-from verispec.offline.jsonl import parse_line, resume
+from verispec.offline.jsonl import changed, describe_changed, forget, parse_line, resume
 
 JOB_SIZE = 300
 
@@ -47,11 +47,11 @@ def model_flags(tiny_models, *extra: str) -> list[str]:
 
 
 def read_results(path: Path) -> dict[str, dict]:
-    """Result lines by custom_id; each custom_id exactly once."""
+    """Result lines by custom_id (`line-N` for line N naming none); each custom_id exactly once."""
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    ids = [line["custom_id"] for line in lines]
+    ids = [line["custom_id"] if line["custom_id"] is not None else f"line-{line['line']}" for line in lines]
     assert len(ids) == len(set(ids)), "a custom_id answered twice"
-    return {line["custom_id"]: line for line in lines}
+    return dict(zip(ids, lines, strict=True))
 
 
 def comparable(results: dict[str, dict], speculation: bool = True) -> dict[str, dict]:
@@ -90,19 +90,19 @@ def complete_lines(path: Path) -> int:
     [
         (b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}', "a", None),
         (b'{"custom_id": "a", "url": "/v1/chat/completions", "body": {}}', "a", None),  # method defaults to POST
-        (b'{"custom_id": "a", ', "line-7", None),
-        (b"\xff\xfe", "line-7", None),
-        (b"[1, 2]", "line-7", None),
-        (b'{"custom_id": 5, "url": "/v1/completions", "body": {}}', "line-7", "custom_id"),
-        (b'{"custom_id": "", "url": "/v1/completions", "body": {}}', "line-7", "custom_id"),
+        (b'{"custom_id": "a", ', None, None),  # no custom_id: the line is named by its number
+        (b"\xff\xfe", None, None),
+        (b"[1, 2]", None, None),
+        (b'{"custom_id": 5, "url": "/v1/completions", "body": {}}', None, "custom_id"),
+        (b'{"custom_id": "", "url": "/v1/completions", "body": {}}', None, "custom_id"),
         (b'{"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {}}', "a", "method"),
         (b'{"custom_id": "a", "url": "/v1/embeddings", "body": {}}', "a", "url"),
         (b'{"custom_id": "a", "url": "/v1/completions", "body": "hi"}', "a", "body"),
     ],
 )
-def test_parse_line(raw: bytes, custom_id: str, param: str | None):
+def test_parse_line(raw: bytes, custom_id: str | None, param: str | None):
     line = parse_line(7, raw)
-    assert line.custom_id == custom_id
+    assert line.custom_id == custom_id and line.key == (custom_id or 7)
     if custom_id == "a" and param is None:
         assert line.problem is None
     else:
@@ -113,12 +113,55 @@ def test_resume_cuts_a_partial_last_line(tmp_path):
     out = tmp_path / "out.jsonl"
     whole = '{"custom_id": "a"}\n{"custom_id": "b"}\n'
     out.write_text(whole + '{"custom_id": "c", "resp')
-    assert resume(out) == {"a", "b"}
+    assert resume(out) == {"a": None, "b": None}  # no request_digest: written by an older verispec
     assert out.read_text() == whole
-    assert resume(tmp_path / "missing.jsonl") == set()
+    assert resume(tmp_path / "missing.jsonl") == {}
     out.write_text('{"custom_id": "a"}\nnot a result\n')
     with pytest.raises(UserError, match="line 2 is not a batch result line"):
         resume(out)
+
+
+def test_request_digest():
+    """The digest is the request's, whatever its key order and spacing; any other change counts."""
+    body = {"model": "m", "prompt": "t1 t2", "max_tokens": 4, "temperature": 0}
+    digest = parse_line(1, request("a", body).encode()).digest
+    spaced = json.dumps({"body": dict(reversed(body.items())), "url": "/v1/completions", "custom_id": "a"}, indent=2)
+    assert parse_line(9, spaced.replace("\n", " ").encode()).digest == digest
+    assert parse_line(1, request("other-id", body).encode()).digest == digest
+    for edit in ({"prompt": "t1 t3"}, {"max_tokens": 5}, {"temperature": 0.5}, {"model": "n"}, {"seed": 1}):
+        assert parse_line(1, request("a", {**body, **edit}).encode()).digest != digest, edit
+    assert parse_line(1, request("a", body, url="/v1/chat/completions").encode()).digest != digest
+    assert parse_line(1, b'{"custom_id": ').digest != parse_line(1, b'{"custom_id":  ').digest
+
+
+def test_changed_answers_and_forgetting_them(tmp_path):
+    """Which answers are not their requests' (another digest, or none: an older verispec's line),
+    and removing them leaves every other line as it was."""
+    lines = [parse_line(n, raw.encode()) for n, raw in enumerate(
+        [request("same", {"prompt": "t1"}), request("edited", {"prompt": "t2"}), request("old", {"prompt": "t3"}),
+         "not json", request("new", {"prompt": "t4"})], 1)]  # fmt: skip
+    stale = parse_line(2, request("edited", {"prompt": "t9"}).encode())
+    records = [
+        {"custom_id": "same", "response": {}, "request_digest": lines[0].digest},
+        {"custom_id": "edited", "response": {}, "request_digest": stale.digest},
+        {"custom_id": "old", "response": {}},  # no digest
+        {"custom_id": None, "line": 4, "response": {}, "request_digest": lines[3].digest},
+        {"custom_id": "gone", "response": {}, "request_digest": lines[0].digest},  # not in the input
+    ]
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    done = resume(out)
+    assert done == {"same": lines[0].digest, "edited": stale.digest, "old": None, 4: lines[3].digest, "gone": lines[0].digest}
+    redo = changed(lines, done)
+    assert [line.key for line in redo] == ["edited", "old"]
+    message = describe_changed(redo, done, out)
+    assert "1 request(s) changed" in message and "'edited'" in message and "'same'" not in message
+    assert "1 answer(s) carry no request_digest" in message and "'old'" in message and "--redo-changed" in message
+    out.chmod(0o640)
+    forget(out, {"edited", "old"})
+    kept = [records[0], records[3], records[4]]
+    assert out.read_text() == "".join(json.dumps(r) + "\n" for r in kept)
+    assert out.stat().st_mode & 0o777 == 0o640 and [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
 
 def test_duplicate_ids_refuse_the_job(tmp_path, capsys):
@@ -131,6 +174,64 @@ def test_duplicate_ids_refuse_the_job(tmp_path, capsys):
     assert not (tmp_path / "out.jsonl").exists()
     assert main(["batch", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "out.jsonl")]) == 2
     assert "input file" in capsys.readouterr().err
+
+
+def test_an_unreadable_line_cannot_take_a_real_custom_id(tiny_models, tmp_path):
+    """Line 2 names no custom_id; line 1's real custom_id is `line-2`: two requests, two answers."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(request("line-2", {"prompt": words(0), "max_tokens": 3, "temperature": 0}) + '\n{"custom_id": \n')
+    args = ["batch", str(src), "--output", str(out), *model_flags(tiny_models)]
+    assert in_process(*args) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    by_name = {(r["custom_id"], r.get("line")): r for r in records}
+    assert set(by_name) == {("line-2", None), (None, 2)}
+    assert by_name["line-2", None]["response"]["status_code"] == 200
+    assert by_name[None, 2]["response"]["status_code"] == 400
+    assert by_name["line-2", None]["id"] != by_name[None, 2]["id"]
+    assert in_process(*args) == 0  # both are done: a rerun answers nothing again
+    assert out.read_text().count("\n") == 2
+
+
+def changed_job(tiny_models, tmp_path: Path) -> tuple[list[str], Path]:
+    """A job answered, then its input edited: `b` and `c` keep their ids but ask something else,
+    `a` is as it was (its keys reordered and spaced: the same request)."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    bodies = {"a": {"prompt": words(0), "max_tokens": 4, "temperature": 0},
+              "b": {"prompt": words(1), "max_tokens": 4, "temperature": 0},
+              "c": {"prompt": words(2), "max_tokens": 4, "temperature": 0}}  # fmt: skip
+    src.write_text("".join(request(custom_id, body) + "\n" for custom_id, body in bodies.items()))
+    args = ["batch", str(src), "--output", str(out), "--summary", str(tmp_path / "summary.json"), *model_flags(tiny_models)]
+    assert in_process(*args) == 0
+    a = json.loads(request("a", bodies["a"]))
+    src.write_text("\n".join([
+        json.dumps(dict(reversed(a.items())), indent=None, separators=(", ", " : ")),
+        request("b", {**bodies["b"], "prompt": words(5)}),
+        request("c", {**bodies["c"], "max_tokens": 6}),
+    ]) + "\n")  # fmt: skip
+    return args, out
+
+
+def test_changed_requests_are_refused_and_named(tiny_models, tmp_path, capsys):
+    args, out = changed_job(tiny_models, tmp_path)
+    before = out.read_text()
+    capsys.readouterr()
+    assert in_process(*args) == 2
+    err = capsys.readouterr().err
+    assert "2 request(s)" in err and "'b', 'c'" in err and "'a'" not in err and "--redo-changed" in err
+    assert out.read_text() == before
+
+
+def test_redo_changed_answers_them_again_once(tiny_models, tmp_path):
+    args, out = changed_job(tiny_models, tmp_path)
+    old = read_results(out)
+    assert in_process(*args, "--redo-changed") == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["requests"] == {"total": 3, "ok": 2, "failed": 0, "skipped": 1}
+    results = read_results(out)  # each custom_id once
+    fresh = tmp_path / "fresh.jsonl"
+    assert in_process(args[0], args[1], "--output", str(fresh), *args[6:]) == 0
+    assert comparable(results) == comparable(read_results(fresh))
+    assert results["a"] == old["a"] and results["b"] != old["b"] and results["c"] != old["c"]
+    assert in_process(*args) == 0  # now every answer is the input's: nothing to redo
 
 
 # -- a job: shapes, refusals and greedy output -----------------------------------------------------------
@@ -163,8 +264,14 @@ def test_mixed_file(tiny_models, tmp_path):
     assert set(results) == {"g0", "g1", "g2", "ids", "default-max", "chat", "line-8", "line-9", "bad-body", "bad-url",
                             "too-long", "n2"}  # fmt: skip
     for custom_id, line in results.items():
-        assert set(line) == {"id", "custom_id", "response", "error"} and line["error"] is None
-        assert line["id"] == "batch_req_" + hashlib.sha256(custom_id.encode()).hexdigest()[:24]
+        fields = {"id", "custom_id", "response", "error", "request_digest"}
+        if custom_id.startswith("line-"):  # a line naming no custom_id: named by its number
+            assert line["custom_id"] is None and line["line"] == int(custom_id[5:])
+            fields, named = fields | {"line"}, b"\xff" + custom_id.encode()
+        else:
+            named = custom_id.encode()
+        assert set(line) == fields and line["error"] is None
+        assert line["id"] == "batch_req_" + hashlib.sha256(named).hexdigest()[:24]
         assert set(line["response"]) == {"status_code", "request_id", "body"}
 
     from verispec.assemble import build_engine

@@ -1,13 +1,16 @@
 """`verispec batch INPUT.jsonl --output OUTPUT.jsonl`: the command, and the order of a job.
 
 1. read INPUT (refusing duplicate custom_ids before any model loads);
-2. resume: cut a partial last line off OUTPUT and skip the custom_ids it already answers;
+2. resume: cut a partial last line off OUTPUT and skip the requests it already answers; refuse the
+   job if OUTPUT answers a custom_id for another request than INPUT's (with --redo-changed, remove
+   those answers and answer the requests again);
 3. run the rest locally (`job.py`) or on Ray actors (`ray_job.py`), appending each result line to
    OUTPUT as soon as it is done;
 4. print the summary to stderr (and write it as JSON with --summary).
 
 The job exits 0 once every request has its line, refused and failed ones included: the summary
-counts them, and their lines carry the reason.
+counts them, and their lines carry the reason. It exits 2, answering nothing, when OUTPUT holds
+answers to changed requests and --redo-changed is not given.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ INPUT_HELP = (
     "JSONL file of requests in the OpenAI Batch API's format, one per line: "
     '{"custom_id": "r1", "method": "POST", "url": "/v1/completions", "body": {"model": "any", "prompt": "def f(", '
     '"max_tokens": 64}}; url /v1/completions or /v1/chat/completions. The body is checked as `verispec serve` checks '
-    "a request (its model is not: answers name this job's model). A line that is not valid JSON is answered as "
-    "custom_id line-N (N: its 1-based line number)"
+    "a request (its model is not: answers name this job's model). A line that names no custom_id (not valid JSON, "
+    'say) is answered with "custom_id": null and "line": N, its 1-based line number'
 )
 
 
@@ -50,6 +53,12 @@ class BatchJobSettings(BaseModel):
         description="JSONL file of results, appended to: run the same command again to finish a job that was cut short"
     )
     summary: Path | None = Field(None, description="also write the job's summary as JSON to this file")
+    redo_changed: bool = Field(
+        False,
+        description="answer again the requests whose custom_id OUTPUT answers for another request (an edited "
+        "prompt, other sampling settings) or without a request_digest (an older verispec's output), replacing "
+        "those answers; without it such a job is refused, naming them",
+    )  # fmt: skip
     max_running: int = ServerSettings.model_fields["max_running"]
     workers: int = Field(1, ge=1, description="with --ray: actors, each loading its own engine")
     ray: bool = Field(False, description="spread the job over a Ray cluster with Ray Data (needs verispec[scale])")
@@ -70,8 +79,9 @@ def add_batch_command(commands) -> None:
         description="Answer every request of a JSONL file in the OpenAI Batch API's format and append one result "
         "line per request to OUTPUT, in the order they finish (not the input's), as OpenAI's batch output does. "
         "Run the same command again after a crash or a kill: requests OUTPUT already answers are skipped, and "
-        "every custom_id ends up in OUTPUT exactly once. Requests run batched, --max-running at a time, in one "
-        "verifier pass per step; with --ray they are spread over Ray Data actors.",
+        "every custom_id ends up in OUTPUT exactly once. A request edited since OUTPUT answered it (same "
+        "custom_id) refuses the job, naming it; --redo-changed answers it again. Requests run batched, "
+        "--max-running at a time, in one verifier pass per step; with --ray they are spread over Ray Data actors.",
     )  # fmt: skip
     command.add_argument("input", type=Path, metavar="INPUT", help=INPUT_HELP)
     add_settings_flags(command, BatchJobSettings, skip=("input",))
@@ -99,16 +109,24 @@ def job_settings(args: argparse.Namespace) -> tuple[Settings, BatchJobSettings]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from verispec.offline.jsonl import read_input, resume
+    from verispec.offline.jsonl import changed, describe_changed, forget, read_input, resume
     from verispec.offline.summary import Tally, render, write_summary
 
     settings, job = job_settings(args)
     lines = read_input(job.input)
     done = resume(job.output)
-    pending = [line for line in lines if line.custom_id not in done]
+    redo = changed(lines, done)
+    if redo and not job.redo_changed:
+        raise UserError(describe_changed(redo, done, job.output))
+    if redo:
+        keys = {line.key for line in redo}
+        log.warning("answering %d changed request(s) again: %s", len(redo), ", ".join(line.name for line in redo[:5]))
+        forget(job.output, keys)
+        done = {key: digest for key, digest in done.items() if key not in keys}
+    pending = [line for line in lines if line.key not in done]
     tally = Tally(total=len(lines), skipped=len(lines) - len(pending))
     if len(done) > tally.skipped:
-        log.warning("%s answers %d custom_ids that %s does not hold; they are left as they are",
+        log.warning("%s answers %d requests that %s does not hold; they are left as they are",
                     job.output, len(done) - tally.skipped, job.input)  # fmt: skip
     described = _described(settings, job)
     load_s, wall_s = 0.0, 0.0

@@ -112,10 +112,10 @@ class Worker:
                         self.engine.proposer, depth=prepared.depth,
                     )  # fmt: skip
                 except APIError as exc:
-                    emit(Result(line.custom_id, error_line(line.custom_id, exc), exc.status))
+                    emit(Result(line.name, error_line(line, exc), exc.status))
                     continue
                 except UserError as exc:  # the core's own check of the prompt
-                    emit(Result(line.custom_id, error_line(line.custom_id, bad_request(str(exc))), 400))
+                    emit(Result(line.name, error_line(line, bad_request(str(exc))), 400))
                     continue
                 running[handle] = (prepared, [])
             if not running:
@@ -144,8 +144,8 @@ class Worker:
         stats: RequestStats = delta.stats
         body = prepared.shape.full(text, delta.finish_reason, stats, prepared.with_stats, self.proposer_name)
         return Result(
-            custom_id=prepared.line.custom_id,
-            line=result_line(prepared.line.custom_id, 200, body),
+            name=prepared.line.name,
+            line=result_line(prepared.line, 200, body),
             status=200,
             prompt_tokens=stats.prompt_tokens,
             completion_tokens=stats.generated_tokens,
@@ -156,13 +156,13 @@ class Worker:
         )
 
     def _failed(self, prepared: Prepared, exc: Exception) -> Result:
-        custom_id = prepared.line.custom_id
+        line = prepared.line
         if isinstance(exc, UserError):
             error = bad_request(str(exc))
         else:
-            log.error("request %s failed in the engine: %r", custom_id, exc)
+            log.error("request %s failed in the engine: %r", line.name, exc)
             error = APIError(500, f"the engine failed on this request: {exc!r}; the job's log has the details")
-        return Result(custom_id, error_line(custom_id, error), error.status)
+        return Result(line.name, error_line(line, error), error.status)
 
     def close(self) -> None:
         self.slots.close()

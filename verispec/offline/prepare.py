@@ -66,7 +66,7 @@ def prepare(line: InputLine, context: Context) -> Prepared:
         params = body.sampling(max_new)
     except ValueError as exc:
         raise bad_request(f"invalid sampling settings: {exc}") from None
-    _, request_id = ids(line.custom_id)
+    _, request_id = ids(line)
     shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + request_id, context.model)
     return Prepared(line, prompt_ids, params, body.depth, shape, bool(body.speculation_stats))
 

@@ -21,7 +21,7 @@ from pathlib import Path
 class Result:
     """One request's answer, and what it adds to the job's figures (0 for refused requests)."""
 
-    custom_id: str
+    name: str  # the request, for messages: its custom_id, or its line number where it names none
     line: str  # the output line, newline included
     status: int
     prompt_tokens: int = 0
