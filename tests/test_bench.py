@@ -1,6 +1,9 @@
 """`verispec bench` on the tiny models: the shape of its results, exactness, its files."""
 
 import json
+import re
+from dataclasses import asdict
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,9 +11,11 @@ from matplotlib.image import imread
 
 from tests.conftest import run_verispec, write_prompts
 from verispec.config import load_settings
+from verispec.core.engine import Completion
 from verispec.errors import UserError
 from verispec.stats import RequestStats
-from verispec.tools.bench import analytic_bound, parse_depths, run_bench
+from verispec.tools import bench, check
+from verispec.tools.bench import Configuration, Run, analytic_bound, parse_depths, round_cost, run_bench
 
 REQUIRED = (
     "name", "engine", "proposer", "depth", "tokens_per_s", "speedup_vs_verifier_only",
@@ -119,8 +124,138 @@ def test_parse_depths_drops_zero_and_duplicates():
 )
 def test_analytic_bound(accepted, recovered, proposed_by_position, expected):
     # Round cost equal to one verifier-only step, so the bound is E itself.
-    stats = RequestStats(
-        rounds=2, accepted=accepted, recovered=recovered, proposed_by_position=proposed_by_position, verify_s=2.0
+    stats = RequestStats(rounds=2, accepted=accepted, recovered=recovered, proposed_by_position=proposed_by_position)
+    assert analytic_bound(stats, 1.0) == pytest.approx(expected)
+    assert analytic_bound(stats, 2.0) == pytest.approx(expected / 2)
+
+
+def test_round_cost_is_a_ratio_of_medians():
+    # A round of 2 s against a verifier-only step of 1 s; the one stalled verifier-only run moves nothing.
+    runs = [RequestStats(rounds=2, propose_s=1.0, verify_s=3.0)] * 3
+    baseline = [RequestStats(rounds=4, verify_s=4.0), RequestStats(rounds=4, verify_s=400.0), RequestStats(rounds=2, verify_s=2.0)]
+    assert round_cost(runs, baseline) == pytest.approx(2.0)
+
+
+# -- every printed ratio is the ratio of the figures printed beside it -------------------------------
+
+
+def _number(cell: str) -> tuple[float, float]:
+    """A printed figure ("12.3", "1.25x", "98%") and half its last printed digit: its rounding."""
+    match = re.fullmatch(r"(-?\d+)(?:\.(\d+))?(x|%)?", cell.strip())
+    assert match, f"not a printed figure: {cell!r}"
+    value, half = float(match[1] + "." + (match[2] or "0")), 0.5 * 10.0 ** -len(match[2] or "")
+    return (value / 100, half / 100) if match[3] == "%" else (value, half)
+
+
+def assert_ratio(printed: str, numerator: str, denominator: str) -> None:
+    """`printed` is numerator / denominator, all three as printed, within their rounding."""
+    (r, dr), (a, da), (b, db) = _number(printed), _number(numerator), _number(denominator)
+    low, high = (a - da) / (b + db), (a + da) / (b - db) if b > db else float("inf")  # "0.00x": any ratio
+    assert low - dr <= r <= high + dr, f"{printed} printed beside {numerator} / {denominator} = {a / b:.4f}"
+
+
+def markdown_table(text: str) -> list[dict[str, str]]:
+    lines = [line for line in text.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    header, *rows = ([cell.strip() for cell in line.strip("|").split("|")] for line in lines)
+    return [dict(zip(header, row, strict=True)) for row in rows]
+
+
+def assert_bench_ratios(rows: list[dict[str, str]], results: list[dict]) -> None:
+    """The printed table and the JSON results, row by row: every ratio from its own figures."""
+    base_row, base = rows[0], results[0]
+    assert base["name"] == base_row["configuration"] == "verispec verifier-only"
+    for row, r in zip(rows, results, strict=True):
+        assert row["configuration"] == r["name"]
+        assert_ratio(row["speedup"], row["tokens/s"], base_row["tokens/s"])
+        assert r["speedup_vs_verifier_only"] == pytest.approx(r["tokens_per_s"] / base["tokens_per_s"])
+        if r["engine"] == "transformers":
+            assert row["decode tokens/s"] == row["decode speedup"] == "-" and r["decode_tokens_per_s"] is None
+            continue
+        assert_ratio(row["decode speedup"], row["decode tokens/s"], base_row["decode tokens/s"])
+        assert r["decode_speedup"] == pytest.approx(r["decode_tokens_per_s"] / base["decode_tokens_per_s"])
+        if r["bound_speedup"] is not None:
+            assert_ratio(row["of bound"], row["decode speedup"], row["bound"])
+            assert r["fraction_of_bound"] == pytest.approx(r["decode_speedup"] / r["bound_speedup"])
+
+
+def test_bench_prints_ratios_of_its_printed_figures(bench_out):
+    report = json.loads((bench_out / "results.json").read_text())
+    assert_bench_ratios(markdown_table((bench_out / "results.md").read_text()), report["results"])
+
+
+def _run_stats(total_s: float, rounds: int = 100, drafts: int = 0, accepted: int = 0) -> RequestStats:
+    """One request of 100 tokens; 0.01 s of prefill, the rest split 1:9 between propose and verify."""
+    decode_s = total_s - 0.01
+    return RequestStats(
+        generated_tokens=100, rounds=rounds, proposed=rounds * drafts, accepted=accepted,
+        recovered=rounds if drafts else 0, proposed_by_position=[rounds] * drafts,
+        accepted_by_position=[accepted // drafts] * drafts if drafts else [],
+        prefill_s=0.01, propose_s=0.1 * decode_s if drafts else 0.0, verify_s=(0.9 if drafts else 1.0) * decode_s,
+        total_s=total_s,
     )
-    baseline = RequestStats(rounds=4, verify_s=4.0)
-    assert analytic_bound(stats, baseline) == pytest.approx(expected)
+
+
+def test_one_stalled_run_moves_no_ratio(monkeypatch):
+    """Issue 24, defect 7: one verifier-only run stalled by the machine (here 30 s instead of 1 s)
+    made 'decode speedup' (from summed times) 10x while tokens/s (medians) gave 1.25x."""
+    seconds = {"verifier-only": [1.0, 30.0, 1.0, 1.0], "draft": [0.8] * 4}
+
+    def runner(kind: str, drafts: int):
+        def run(ids: list[int], n: int) -> Run:
+            return Run([7] * 100, _run_stats(seconds[kind][ids[0]], rounds=40 if drafts else 100, drafts=drafts, accepted=60 if drafts else 0))
+
+        return run
+
+    configs = [
+        Configuration("verispec verifier-only", "verispec", "none", 0, runner("verifier-only", 0)),
+        Configuration("verispec draft depth=4", "verispec", "draft", 4, runner("draft", 4)),
+    ]
+    # Wall clock: the engine's own time for its request, so the test owns every second.
+    monkeypatch.setattr(bench, "_timed", lambda config, ids, n, cuda: (run := config.run(ids, n), run.stats.total_s))
+    bench.measure(configs, [[0], [1], [2], [3]], n=100, repeats=1, cuda=False)
+    results = [asdict(r) for r in bench.summarize(configs)]
+    assert_bench_ratios(markdown_table(bench.markdown(bench.summarize(configs), 4, "test")), results)
+    draft = results[1]
+    assert draft["speedup_vs_verifier_only"] == pytest.approx(1.0 / 0.8)
+    assert draft["decode_speedup"] == pytest.approx(0.99 / 0.79)  # the stalled run is one of four: not the median
+
+
+class _FakeEngine:
+    """Completions with given times: (prompt, depth) -> seconds for 100 tokens."""
+
+    def __init__(self, seconds: dict[tuple[str, object], float]):
+        self.seconds = seconds
+        self.proposer = None
+        self.target = SimpleNamespace(name="fake-target")
+        self.tokenizer = SimpleNamespace(decode=lambda ids: "")
+
+    def generate(self, prompt: str, params, depth=None) -> Completion:
+        stats = RequestStats(generated_tokens=100, rounds=100, total_s=self.seconds.get((prompt, depth), 1.0))
+        return Completion([7] * 100, "", "length", stats)
+
+
+def rich_table(text: str) -> list[dict[str, str]]:
+    lines = [line for line in text.splitlines() if line.startswith(("┃", "│"))]
+    header, *rows = ([cell.strip() for cell in re.split("[┃│]", line)[1:-1]] for line in lines)
+    return [dict(zip(header, row, strict=True)) for row in rows]
+
+
+def test_check_prints_ratios_of_its_printed_figures(monkeypatch, capsys, tmp_path):
+    """Issue 24, defect 7: `verispec check --limit 2` printed the median of per-prompt ratios
+    (the mean of two), 17.87x beside tokens/s that give 1.46x, after one stalled verifier-only run."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "a"}\n{"id": "b", "prompt": "b"}\n')
+    # Prompt b's verifier-only run stalled: 50 s for 100 tokens instead of 1 s. Depth 2 takes 1/1.2 s.
+    engine = _FakeEngine({("a", 0): 1.0, ("b", 0): 50.0, ("a", 2): 1 / 1.2, ("b", 2): 1 / 1.2})
+    monkeypatch.setattr(check, "build_engine", lambda settings: engine)
+    report = tmp_path / "check.json"
+    assert check.run_check(load_settings({}), prompts, depths=["2"], report=report) == 0
+    rows = rich_table(capsys.readouterr().out)
+    base_row, row = rows
+    tokens, speedup = (next(name for name in row if name.startswith(prefix)) for prefix in ("tokens/s", "speedup"))
+    assert base_row[speedup] == "1.00x"
+    assert_ratio(row[speedup], row[tokens], base_row[tokens])
+    data = json.loads(report.read_text())
+    depth = data["depths"][0]
+    assert depth["speedup"] == pytest.approx(depth["median_tokens_per_s"] / data["verifier_only"]["median_tokens_per_s"])
+    assert depth["speedup"] == pytest.approx(120 / 51)

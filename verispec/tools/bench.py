@@ -7,10 +7,17 @@ prompt lookup). One warm-up call each is excluded; then, prompt by prompt, all c
 back to back with the starting one rotated, so machine drift and order effects hit all alike.
 Every configuration is timed the same way, by wall clock around the call.
 
-Derived figures (stats merged over all runs of a configuration):
+Derived figures. Times are taken per run, one (prompt, repeat), and reduced by their median over
+the runs, so that one run slowed by the machine (a process descheduled on a shared core) moves no
+figure; counts are summed over the runs. Every printed ratio is the ratio of the figures printed
+beside it, never a statistic of per-run ratios:
 
-    tokens/s              median over (prompt, repeat) of generated tokens / seconds
+    tokens/s              median of generated tokens / wall-clock seconds of the call
     speedup               tokens/s of the configuration / tokens/s of verispec verifier-only
+    decode_tokens_per_s   median of generated tokens / (stats.total_s - stats.prefill_s): without the
+                          prompt's prefill, which is the same for every configuration and which the
+                          bound does not model; verispec only
+    decode_speedup        decode_tokens_per_s of the configuration / that of verispec verifier-only
     acceptance_rate       accepted / proposed
     mean_accepted_tokens  generated tokens / verifier calls (accepted drafts + the verifier's token)
     a                     accepted / (accepted + recovered): the chance a draft position is accepted,
@@ -20,12 +27,9 @@ Derived figures (stats merged over all runs of a configuration):
                           et al. 2023: (1 - a**(k+1)) / (1 - a) when every round proposes k). The
                           proposal lengths are the observed ones (stats.proposed_by_position), so
                           an n-gram proposer that finds no match, or depth auto, is priced as it ran
-    c                     ((propose_s + verify_s) / rounds) / (verify_s / rounds of verifier-only):
+    c                     median of (propose_s + verify_s) / rounds / the same median of verifier-only:
                           the cost of one round in verifier-only decoding steps
     bound_speedup         E / c: the decoding speedup this acceptance and round cost allow
-    decode_speedup        verifier-only decoding seconds per token / this configuration's, prompt
-                          prefill excluded (it is the same for every configuration, and the bound
-                          does not model it); summed times
     fraction_of_bound     decode_speedup / bound_speedup: what is lost to per-round overhead
                           (sampling, bookkeeping, detokenization) and to the gap between the
                           geometric model and the real acceptance pattern
@@ -33,6 +37,7 @@ Derived figures (stats merged over all runs of a configuration):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -81,7 +86,12 @@ class Configuration:
     run: Callable[[list[int], int], Run]  # (prompt ids, max new tokens) -> run
     rates: list[float] = field(default_factory=list)  # tokens/s per (prompt, repeat)
     outputs: dict[int, list[list[int]]] = field(default_factory=dict)  # prompt index -> ids per repeat
-    stats: RequestStats | None = None  # merged over all runs; verispec only
+    runs: list[RequestStats] = field(default_factory=list)  # per (prompt, repeat); verispec only
+
+    @property
+    def stats(self) -> RequestStats | None:
+        """Counts and times summed over all runs."""
+        return functools.reduce(RequestStats.merge, self.runs) if self.runs else None
 
 
 @dataclass
@@ -101,9 +111,10 @@ class Result:
     speedup_vs_peers: dict[str, float | None]
     acceptance_by_position: list[float]
     mean_depth: float | None
-    seconds_per_token: dict[str, float] | None  # prefill, propose, verify, overhead
+    seconds_per_token: dict[str, float] | None  # prefill, propose, verify, overhead (summed times)
     bound_speedup: float | None
-    decode_speedup: float | None
+    decode_tokens_per_s: float | None
+    decode_speedup: float | None  # decode_tokens_per_s / verifier-only's
     fraction_of_bound: float | None
 
 
@@ -179,20 +190,39 @@ def measure(configs: list[Configuration], prompts: list[list[int]], n: int, repe
                 config.rates.append(len(run.token_ids) / seconds)
                 config.outputs.setdefault(index, []).append(run.token_ids)
                 if run.stats is not None:
-                    config.stats = run.stats if config.stats is None else config.stats.merge(run.stats)
+                    config.runs.append(run.stats)
                 progress.update()
     progress.close()
 
 
-def analytic_bound(stats: RequestStats, baseline: RequestStats) -> float | None:
-    """E / c from the module docstring."""
-    if not stats.rounds or not baseline.rounds or not baseline.verify_s:
+def analytic_bound(stats: RequestStats, cost: float | None) -> float | None:
+    """E / c from the module docstring: `stats` summed over the runs, `cost` from round_cost."""
+    if not stats.rounds or not cost:
         return None
     judged = stats.accepted + stats.recovered
     a = stats.accepted / judged if judged else 0.0
     expected = 1.0 + sum(count / stats.rounds * a ** (i + 1) for i, count in enumerate(stats.proposed_by_position))
-    cost = ((stats.propose_s + stats.verify_s) / stats.rounds) / (baseline.verify_s / baseline.rounds)
-    return expected / cost if cost else None
+    return expected / cost
+
+
+def round_cost(runs: list[RequestStats], baseline_runs: list[RequestStats]) -> float | None:
+    """c from the module docstring: median seconds per round over verifier-only's median."""
+    return _ratio(_median(_round_s(s) for s in runs), _median(_round_s(s) for s in baseline_runs))
+
+
+def _round_s(stats: RequestStats) -> float | None:
+    return (stats.propose_s + stats.verify_s) / stats.rounds if stats.rounds else None
+
+
+def _decode_rate(stats: RequestStats) -> float | None:
+    """Generated tokens per second of decoding: the request's time less its prompt's prefill."""
+    decode_s = stats.total_s - stats.prefill_s
+    return stats.generated_tokens / decode_s if decode_s > 0 else None
+
+
+def _median(values) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -200,8 +230,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def summarize(configs: list[Configuration]) -> list[Result]:
+    """One Result per configuration. Each ratio is computed here from the very figures the Result
+    holds (and the table prints): never from per-run ratios, never from other statistics."""
     baseline = configs[0]
     base_rate = statistics.median(baseline.rates)
+    base_decode = _median(_decode_rate(s) for s in baseline.runs)
     reference = {i: runs[0] for i, runs in baseline.outputs.items()}
     peers = [c for c in configs if c.engine == "transformers"]
     results = []
@@ -209,13 +242,13 @@ def summarize(configs: list[Configuration]) -> list[Result]:
         rate = statistics.median(config.rates)
         identical = sum(all(ids == reference[i] for ids in runs) for i, runs in config.outputs.items())
         stats = config.stats
-        speedup = _ratio(rate, base_rate)
-        bound = analytic_bound(stats, baseline.stats) if stats else None
-        decode = _ratio(_decode_s_per_token(baseline.stats), _decode_s_per_token(stats)) if stats else None
+        decode = _median(_decode_rate(s) for s in config.runs)
+        decode_speedup = _ratio(decode, base_decode)
+        bound = analytic_bound(stats, round_cost(config.runs, baseline.runs)) if stats else None
         results.append(
             Result(
                 name=config.name, engine=config.engine, proposer=config.proposer, depth=config.depth,
-                tokens_per_s=rate, speedup_vs_verifier_only=speedup,
+                tokens_per_s=rate, speedup_vs_verifier_only=_ratio(rate, base_rate),
                 acceptance_rate=stats.acceptance_rate if stats else None,
                 mean_accepted_tokens=stats.tokens_per_verifier_call if stats else None,
                 identical_to_verifier_only=identical == len(reference), identical_count=identical,
@@ -223,14 +256,11 @@ def summarize(configs: list[Configuration]) -> list[Result]:
                 acceptance_by_position=stats.acceptance_by_position if stats else [],
                 mean_depth=statistics.fmean(stats.depths) if stats and stats.depths else None,
                 seconds_per_token=_time_split(stats) if stats else None,
-                bound_speedup=bound, decode_speedup=decode, fraction_of_bound=_ratio(decode, bound),
+                bound_speedup=bound, decode_tokens_per_s=decode, decode_speedup=decode_speedup,
+                fraction_of_bound=_ratio(decode_speedup, bound),
             )
         )
     return results
-
-
-def _decode_s_per_token(stats: RequestStats) -> float:
-    return (stats.total_s - stats.prefill_s) / max(stats.generated_tokens, 1)
 
 
 def _time_split(stats: RequestStats) -> dict[str, float]:
@@ -245,12 +275,15 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 
 def table_rows(results: list[Result], prompt_count: int) -> tuple[list[str], list[list[str]]]:
-    header = ["configuration", "depth", "tokens/s", "speedup", "acceptance", "tokens/verifier call", "decode speedup", "bound", "of bound", "identical"]
+    header = [
+        "configuration", "depth", "tokens/s", "speedup", "acceptance", "tokens/verifier call", "decode tokens/s",
+        "decode speedup", "bound", "of bound", "identical",
+    ]
     rows = [
         [
             r.name, "-" if r.depth is None else str(r.depth), f"{r.tokens_per_s:.1f}", _fmt(r.speedup_vs_verifier_only, ".2f", "x"),
-            _fmt(r.acceptance_rate, ".3f"), _fmt(r.mean_accepted_tokens, ".2f"), _fmt(r.decode_speedup, ".2f", "x"),
-            _fmt(r.bound_speedup, ".2f", "x"),
+            _fmt(r.acceptance_rate, ".3f"), _fmt(r.mean_accepted_tokens, ".2f"), _fmt(r.decode_tokens_per_s, ".1f"),
+            _fmt(r.decode_speedup, ".2f", "x"), _fmt(r.bound_speedup, ".2f", "x"),
             _fmt(r.fraction_of_bound, ".0%"), f"{r.identical_count}/{prompt_count}",
         ]
         for r in results
@@ -271,9 +304,10 @@ def markdown(results: list[Result], prompt_count: int, command: str) -> str:
         "# verispec bench", "", f"Command: `{command}`", "",
         "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
         *("| " + " | ".join(row) + " |" for row in rows),
-        "", "Speedup: over verispec verifier-only, ratio of median tokens/s (prompt prefill included). "
-        "Decode speedup: the same without the prefill, from summed times; bound: the decode speedup the measured "
-        "acceptance and round cost allow (see verispec/tools/bench.py); of bound: decode speedup / bound.",
+        "", "tokens/s: median over runs (one prompt, one repeat each), prompt prefill included; speedup: tokens/s "
+        "over verispec verifier-only's. Decode tokens/s: the same median without the prefill; decode speedup: "
+        "decode tokens/s over verifier-only's. Bound: the decode speedup the measured acceptance and round cost "
+        "allow (see verispec/tools/bench.py); of bound: decode speedup / bound.",
         "", verdict(results, prompt_count), "",
     ]
     return "\n".join(lines)
@@ -375,7 +409,7 @@ def run_bench(
     text = markdown(results, len(prompts), command)
     (out / "results.md").write_text(text)
     plot(out / "speedup_vs_depth.png", results)
-    Console(width=max(Console().width, 140)).print(Markdown(text))  # wide: keep the table readable in CI logs
+    Console(width=max(Console().width, 160)).print(Markdown(text))  # wide: keep the table readable in CI logs
     console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'speedup_vs_depth.png'}")
     return 0
 
