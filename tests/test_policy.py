@@ -270,6 +270,161 @@ def test_a_failing_flag_checker_is_flagged_once():
     assert gate.flags == [Violation("check", "flag", 0, 0)]
 
 
+# -- normalised text ---------------------------------------------------------------------------------------
+
+
+def fullwidth(text: str) -> str:
+    return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else "\u3000" for c in text)
+
+
+def every_split(text: str) -> list[list[str]]:
+    """The text in two chunks cut at every position, in three around every position, and a character at a time."""
+    return [[text[:i], text[i:]] for i in range(1, len(text))] + [[text[: i - 1], text[i - 1 : i + 1], text[i + 1 :]] for i in range(1, len(text))] + [list(text)]
+
+
+KEY_BODY = "-----\nMIIEowIBAAKCAQEA"
+OBFUSCATED_KEYS = [  # (case, the header as the output writes it)
+    ("no-break space", KEY_HEADER.replace(" ", "\u00a0")),
+    ("zero-width space", KEY_HEADER.replace("PRIVATE", "PRI\u200bVATE")),
+    ("soft hyphen", KEY_HEADER.replace("PRIVATE", "PRI\u00adVATE")),
+    ("fullwidth letters", fullwidth(KEY_HEADER)),
+    ("combining accent", KEY_HEADER.replace("PRIVATE", "PRIVA\u0301TE")),
+    ("precomposed accent", KEY_HEADER.replace("PRIVATE", "PRIV\u00c1TE")),
+    ("doubled space", KEY_HEADER.replace(" ", "  ")),
+    ("line break", KEY_HEADER.replace("RSA ", "RSA\n")),
+    ("crlf and a tab", KEY_HEADER.replace("RSA ", "RSA\r\n\t")),
+    ("word joiner and bom", KEY_HEADER.replace("RSA", "R\u2060S\ufeffA")),
+    ("lower case, ideographic space", KEY_HEADER.lower().replace(" ", "\u3000")),
+    ("all at once", fullwidth("BEGIN") + "\u00a0\u00a0RS\u200bA\n PRI\u00adVA\u0301TE\u2003KEY"),
+]
+
+
+@pytest.mark.parametrize("case, header", OBFUSCATED_KEYS, ids=[case for case, _ in OBFUSCATED_KEYS])
+def test_an_obfuscated_key_header_is_blocked_however_the_chunks_split_it(case, header):
+    """The defect's variants: the original text before the header goes out, nothing of it or after it."""
+    rules = policy(term("private-key", KEY_HEADER))
+    text = "your key: -----" + header + KEY_BODY
+    for chunks in every_split(text):
+        gate = rules.gate()
+        assert feed_all(gate, chunks) == "your key: -----", (case, chunks)
+        assert gate.violation == Violation("private-key", "block", 15, len(header)), (case, chunks)
+
+
+def test_normalisation_keeps_the_text_it_releases_as_written():
+    gate = policy(term("secret")).gate()
+    text = "ｆｕｌｌ\u00a0width,\u200b  spaced\n\ntext, cafe\u0301 and a s\u00adecre"
+    assert feed_all(gate, list(text)) == text  # as written, exactly: normalised text only decides
+    gate = policy(term("secret")).gate()
+    assert gate.feed("\u200b\u200bab\u200b\u200bcdef\u200b") == "\u200b\u200ba"  # "b..cdef" could start "secret"
+
+
+def test_hold_back_counts_normalised_characters_and_holds_what_lies_between():
+    gate = policy(term("secret")).gate()  # holds back 5 normalised characters
+    assert gate.feed("ok s\u200be\u200bc\u200br\u200be") == "ok "  # "s.e.c.r.e" could start "secret"
+    assert gate.feed("\u200bt!") == ""
+    assert gate.violation == Violation("secret", "block", 3, 11)
+
+
+@pytest.mark.parametrize("card", [
+    "4111\u00a01111\u00a01111\u00a01111", "4111.1111.1111.1111", "4111  1111\u20091111 1111",
+    fullwidth("4111111111111111"), "4111-1111\u200b-1111-1111",
+])  # fmt: skip
+def test_the_example_card_rule_matches_other_separators(card):
+    rules = load_policy(EXAMPLE)
+    text = f"pay with {card} today"
+    for chunks in every_split(text):
+        gate = rules.gate()
+        assert feed_all(gate, chunks) == "pay with ", chunks
+        assert gate.violation.rule == "card-number"
+
+
+def test_a_rule_can_turn_normalisation_off():
+    written = policy(term("private-key", KEY_HEADER, normalise=False))
+    for _, header in OBFUSCATED_KEYS:
+        assert feed_all(written.gate(), ["key: ", header, " body"]) == "key: " + header + " body"
+    assert feed_all(written.gate(), ["key: ", KEY_HEADER.lower(), " body"]) == "key: "
+    exact = policy({"name": "r", "regex": "a  b", "normalise": False, "action": "block"})
+    assert feed_all(exact.gate(), ["xa  by"]) == "x"
+    assert feed_all(policy({"name": "r", "regex": "a  b", "action": "block"}).gate(), ["xa  by"]) == "xa  by"  # one space, normalised
+
+
+def test_a_regex_sees_normalised_text_and_its_own_non_ascii_is_normalised_too():
+    rules = policy({"name": "r", "regex": "(?i)caf\u00e9\\b", "action": "block"})  # 'é' becomes 'e', as in the text
+    for text in ("a cafe!", "a CAFE\u0301!", "a caf\u00e9!", "a ｃａｆｅ!"):
+        gate = rules.gate()
+        assert feed_all(gate, list(text)) == "a ", text
+        assert gate.violation.position == 2
+
+
+# -- the prompt's tail as context ---------------------------------------------------------------------------
+
+
+def test_a_term_begun_in_the_prompt_blocks_the_output_from_its_start():
+    rules = policy(term("private-key", KEY_HEADER))
+    prompt, output = "continue this: -----" + KEY_HEADER[:14], KEY_HEADER[14:] + KEY_BODY
+    for chunks in every_split(output):
+        gate = rules.gate(context=prompt)
+        assert feed_all(gate, chunks) == "", chunks
+        assert gate.violation == Violation("private-key", "block", 0, len(KEY_HEADER) - 14)
+    assert feed_all(rules.gate(), [output]) == output  # without the prompt, nothing to match
+
+
+def test_a_prompt_ending_in_a_key_header_lets_none_of_the_body_out():
+    """The header is the client's own text; the example's body rule starts in it and runs into the output."""
+    rules = load_policy(EXAMPLE)
+    for header in (KEY_HEADER, KEY_HEADER.replace(" ", "\u00a0"), fullwidth(KEY_HEADER)):
+        prompt = "Finish this file:\n-----" + header + "-----"
+        for chunks in every_split("\nMIIEowIBAAKCAQEA\n"):
+            gate = rules.gate(context=prompt)
+            assert feed_all(gate, chunks) == "", chunks
+            assert gate.violation == Violation("private-key-body", "block", 0, 2)
+
+
+def test_a_match_wholly_inside_the_prompt_is_ignored_and_the_prompt_never_released():
+    rules = policy(term("secret"), term("note", "note", action="flag"))
+    gate = rules.gate(context="a note: the secret")
+    assert feed_all(gate, [" is ", "safe"]) == " is safe"
+    assert gate.violation is None and gate.flags == []
+    gate = rules.gate(context="the sec")
+    assert feed_all(gate, ["re", "t is out"]) == "" and gate.violation == Violation("secret", "block", 0, 3)
+
+
+def test_the_prompt_tail_is_bounded_and_counted_after_normalisation():
+    rules = policy(term("private-key", KEY_HEADER))
+    assert rules.context == len(KEY_HEADER) - 1
+    for prompt in ("x" * 100_000 + KEY_HEADER[:9], KEY_HEADER[:9] + "\u200b" * 200, KEY_HEADER[:9] + " \n \t " * 30):
+        gate = rules.gate(context=prompt)
+        assert feed_all(gate, [KEY_HEADER[9:]]) == "" and gate.violation.position == 0
+    assert feed_all(rules.gate(context=KEY_HEADER[:9] + "x" * 21), [KEY_HEADER[9:]]) == KEY_HEADER[9:]
+
+
+def test_a_regex_anchored_at_the_start_sees_no_prompt():
+    rules = policy({"name": "r", "regex": "^Sure", "action": "block"}, {"name": "w", "regex": r"\bbc", "action": "block"})
+    assert rules.context == 2  # "bc" may start one character before the output, and \b reads one before it; ^Sure needs none
+    gate = rules.gate(context="I said: ")
+    assert feed_all(gate, ["Su", "re, here"]) == "" and gate.violation.rule == "r"
+    assert feed_all(rules.gate(context="I said: Sure"), [" thing"]) == " thing"
+    assert feed_all(rules.gate(context="a"), ["bc d"]) == "bc d"  # \b sees the prompt's "a"
+    assert feed_all(rules.gate(context="a "), ["bc d"]) == ""
+
+
+@pytest.mark.parametrize("seed", range(150))
+def test_normalised_matching_does_not_depend_on_where_the_chunks_split(seed):
+    """Obfuscated text with and without a prompt: cut anywhere, the gate decides as on one chunk."""
+    rng = random.Random(5000 + seed)
+    junk = ["\u200b", "\u00ad", "\u00a0", "  ", "\n", "\u0301", "\u2060", "Ｓ", "ｅ", "\u00e9", "\u3000"]
+    pieces = WORDS + junk + ["s", "e", "c", "r", "t", "o", "k", "n"]
+    text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 50)))
+    prompt = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+    rules = policy(term("t", "secret", "token", "to ken"), term("f", "beta", action="flag"),
+                   {"name": "r", "regex": r"\bsec\w\b", "action": "block"})  # fmt: skip
+    whole = rules.gate(context=prompt)
+    expected = feed_all(whole, [text])
+    gate = rules.gate(context=prompt)
+    assert feed_all(gate, random_chunks(rng, text)) == expected
+    assert gate.violation == whole.violation and gate.flags == whole.flags
+
+
 # -- the policy's shape ------------------------------------------------------------------------------------
 
 
@@ -285,8 +440,8 @@ def test_hold_back_is_the_longest_blocking_match_less_one():
 
 def test_the_example_file_loads_and_works():
     rules = load_policy(EXAMPLE)
-    assert rules.names == ("private-key", "card-number", "api-token", "shouting")
-    assert rules.blocks and rules.hold_back == 32
+    assert rules.names == ("private-key", "private-key-body", "card-number", "api-token", "shouting")
+    assert rules.blocks and rules.hold_back == 33
     text = "pay with 4111 1111 1111 1111 today"
     gate = rules.gate()
     chunks = [text[i : i + 3] for i in range(0, len(text), 3)]
@@ -341,6 +496,8 @@ BAD_RULES = [
     ("checker module", {"rules": [rule(checker="no_such_module_here:check")]}, "cannot be imported (ModuleNotFoundError"),
     ("checker name", {"rules": [rule(checker="tests.test_policy:no_such_function")]}, "cannot be imported (AttributeError"),
     ("checker not callable", {"rules": [rule(checker="tests.test_policy:NOT_CALLABLE")]}, "tests.test_policy:NOT_CALLABLE is not callable (int)"),
+    ("normalise on a checker", {"rules": [rule(checker="tests.test_policy:find_bad", normalise=False)]}, "normalise applies to terms and regex rules only"),
+    ("invisible term", {"rules": [rule(terms=["ok", "\u200b\u00ad"])]}, "rules[0] (r): terms[1] is only invisible characters"),
 ]
 
 

@@ -8,20 +8,39 @@ any match that future text can still complete starts within the last `window - 1
 (`PatternRule`), and those are held back. A blocking match therefore never leaves, however
 the tokens split it, and the text before it does, unchanged.
 
+Pattern rules match normalised text unless a rule turns it off (`normalise: false`): each character
+in its compatibility form (NFKC: a fullwidth letter is the letter, a no-break space a space) with
+combining marks dropped, invisible format and control characters dropped, any run of whitespace one
+space, and, for a case-insensitive terms rule, case-folded. A term goes through the same steps, so
+"BEGIN RSA" also matches it written with a no-break space, a soft hyphen or a line break. Normalisation works one character at a time (only a run of
+spaces looks back, at the previous character), so the normalised text only ever grows at its end,
+the same however the text is cut; each normalised character remembers the character it came from
+(`_View.origin`), so windows and hold-back count normalised characters while what is released, and
+where a match is reported, are the original text and its offsets.
+
+Rules can also see the end of the prompt (`gate(context=prompt)`): a match that starts in the
+prompt and reaches into the output blocks from the output's first character; one wholly inside
+the prompt is the client's own text and is ignored; the prompt itself is never released. A regex
+anchored with `^` or `\\A` is anchored to the output and sees no prompt.
+
 Each pattern rule is searched from the first start position it has not decided yet, with
 `finditer(text, pos)` rather than on a slice, so lookbehinds, `\\b` and `^` see the real preceding
 text. A match whose end (plus what the pattern reads past it) touches the end of the text may still
 grow or vanish with the next chunk; the gate decides it then, and at `finish()` everything is final.
 
-Checkers see the whole text after every chunk and at the end; they cannot be bounded, so they get
-what their rule's `hold_back` asks for, and a violation they report inside text already released
-stops the rest. No text ever goes into a log line or an exception: rule names and error types only.
+Checkers see the whole output as written after every chunk and at the end (no prompt, no
+normalisation); they cannot be bounded, so they get what their rule's `hold_back` asks for, and a
+violation they report inside text already released stops the rest. No text ever goes into a log
+line or an exception: rule names and error types only.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+import unicodedata
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -38,15 +57,16 @@ class Violation:
 
     rule: str
     action: str  # block: the response stops before `position`; flag: let through, counted
-    position: int  # character offset in the output text where the match starts
-    length: int  # the match's length as first seen (0 for a checker: it reports only where)
+    position: int  # character offset in the output text (as written) where the match starts; 0 if it starts in the prompt
+    length: int  # the match's length in the output as first seen (0 for a checker: it reports only where)
 
 
 @dataclass(frozen=True)
 class PatternRule:
     """A terms or regex rule, compiled. A match is at most `longest` characters; `lookahead` is how far
     past a match's end the pattern reads (a `\\b`, `$` or `(?=...)`), so a match is final only once
-    that much text follows it."""
+    that much text follows it; `behind`, how far before its start (a `\\b` or `(?<=...)`). Lengths
+    count characters of the text the rule searches: normalised unless `normalise` is off."""
 
     index: int  # place in the file
     name: str
@@ -54,6 +74,10 @@ class PatternRule:
     pattern: re.Pattern[str]
     longest: int
     lookahead: int
+    normalise: bool = True  # search normalised text (see the module's docstring), else the text as written
+    fold: bool = False  # normalised text case-folded too (a case-insensitive terms rule)
+    behind: int = 0
+    anchored: bool = False  # a `^` or `\\A`: anchored to the output's start, so it is shown no prompt
 
     @property
     def settle(self) -> int:
@@ -107,7 +131,8 @@ class PolicySet:
 
     @property
     def hold_back(self) -> int:
-        """Characters the gate keeps back from the client until more text or the end arrives."""
+        """Characters the gate keeps back from the client until more text or the end arrives (of the
+        text its rules search, normalised for most: invisible characters among them are held too)."""
         return max((rule.hold_back for rule in self.rules), default=0)
 
     @property
@@ -118,8 +143,15 @@ class PolicySet:
     def needs_hold_back(self) -> bool:
         return self.hold_back > 0
 
-    def gate(self) -> PolicyGate:
-        return PolicyGate(self)
+    @property
+    def context(self) -> int:
+        """Characters (normalised) of the prompt's end a match reaching into the output can start in or read."""
+        return max((rule.longest - 1 + rule.behind for rule in self.patterns if not rule.anchored), default=0)
+
+    def gate(self, context: str = "") -> PolicyGate:
+        """A gate for one response; `context` is the prompt (or its end: the gate keeps only the last
+        `self.context` characters it needs, counted after normalisation, and never releases them)."""
+        return PolicyGate(self, context)
 
 
 class PolicyGate:
@@ -129,14 +161,27 @@ class PolicyGate:
     at or after `violation.position` is ever released and `feed`/`finish` return "".
     """
 
-    def __init__(self, policy: PolicySet):
+    def __init__(self, policy: PolicySet, context: str = ""):
         self.policy = policy
         self.violation: Violation | None = None
         self.flags: list[Violation] = []
-        self.released = 0  # characters handed out so far
-        self._hold_back = policy.hold_back
-        self._text = ""
-        self._next = [0] * len(policy.patterns)  # per pattern rule: the first start not yet decided
+        self.released = 0  # characters of the output handed out so far
+        self._text = ""  # the output as fed
+        tail = _tail(context, policy.context)
+        views: dict[tuple[bool, bool, bool], _View] = {}  # rules that search the same text share it
+        self._view_of: list[_View] = []  # per pattern rule
+        for rule in policy.patterns:
+            key = (rule.normalise, rule.fold, bool(tail) and not rule.anchored)
+            if key not in views:
+                views[key] = _View(rule.normalise, rule.fold, tail if key[2] else "")
+            self._view_of.append(views[key])
+        self._views = tuple(views.values())
+        self._holds = [  # per view: the normalised characters its blocking rules hold back
+            (view, max(rule.hold_back for rule, of in zip(policy.patterns, self._view_of, strict=True) if of is view))
+            for view in self._views
+        ]
+        self._checker_hold = max((rule.hold_back for rule in policy.checkers), default=0)
+        self._next = [0] * len(policy.patterns)  # per pattern rule: the first start (in its view) not yet decided
         self._seen: set[tuple[str, int]] = set()  # flags already reported
         self._failed: set[str] = set()  # checkers whose error has been counted as a flag
         self._finished = False
@@ -150,6 +195,8 @@ class PolicyGate:
         if not text:
             return ""
         self._text += text
+        for view in self._views:
+            view.feed(text)
         return self._advance(final=False)
 
     def finish(self) -> str:
@@ -176,8 +223,15 @@ class PolicyGate:
         if first is not None:
             self.violation = first
             end = first.position
+        elif final:
+            end = len(self._text)
         else:
-            end = len(self._text) if final else len(self._text) - self._hold_back
+            # Any match still to come starts in the last `hold` characters of its view, so at or after
+            # the original character the first of them came from; invisible characters before it may go.
+            end = len(self._text) - self._checker_hold
+            for view, hold in self._holds:
+                if hold:
+                    end = min(end, view.origin(max(len(view.text) - hold, 0)))
         if end <= self.released:
             return ""
         out, self.released = self._text[self.released : end], end
@@ -185,14 +239,18 @@ class PolicyGate:
 
     def _search(self, i: int, rule: PatternRule, final: bool) -> list[Violation]:
         """New matches of one pattern rule, from the first start it has not decided."""
-        text, found, pos = self._text, [], self._next[i]
+        view = self._view_of[i]
+        text, found, pos = view.text, [], self._next[i]
         for match in rule.pattern.finditer(text, pos):
             start, end = match.span()
             if not final and end + rule.settle > len(text):
                 pos = start  # more text may lengthen or undo this match: decide it with the next chunk
                 break
-            found.append(Violation(rule.name, rule.action, start, end - start))
             pos = max(end, start + 1)
+            first, last = max(view.origin(start), 0), view.origin(end - 1) + 1
+            if last <= 0:
+                continue  # wholly inside the prompt: the client's own text
+            found.append(Violation(rule.name, rule.action, first, last - first))
             if rule.action == "block":
                 break  # the gate stops at the first block
         else:
@@ -223,3 +281,105 @@ class PolicyGate:
             return []
         self._failed.add(rule.name)
         return [Violation(rule.name, rule.action, self.released, 0)]
+
+
+# -- normalised text ---------------------------------------------------------------------------------------
+
+# Letters by their category that show as nothing: the Hangul fillers. Dropped like format characters.
+_BLANK = frozenset("\u115f\u1160\u3164\uffa0")
+_MARKS = ("Mn", "Me")
+
+
+def normalise(text: str, fold: bool = False) -> str:
+    """`text` as the gate matches it (what a rule's terms go through); see the module's docstring."""
+    view = _View(True, fold, "")
+    view.feed(text)
+    return view.text
+
+
+def normalise_pattern(source: str) -> str:
+    """A regex's non-ASCII characters normalised like text, so that a literal 'é' or no-break space in
+    it still matches; ASCII (the regex syntax, escapes and spaces) is left as written."""
+    return "".join(char if char.isascii() else _normal_char(char, False) for char in source)
+
+
+@functools.lru_cache(maxsize=8192)
+def _normal_char(char: str, fold: bool) -> str:
+    """One character's normalised form: " " for any space, "" for an invisible one, else its NFKC form
+    without combining marks ('É', 'E' + U+0301 and a fullwidth 'Ｅ' are all 'E'), case-folded if `fold`.
+    Character by character, so that text normalises the same however it is cut."""
+    if char.isspace():
+        return " "
+    if char in _BLANK or unicodedata.category(char) in ("Cf", "Cc"):
+        return ""
+    text = _unmarked(char)
+    if fold:
+        text = _unmarked(text.casefold())
+    return "".join(" " if c.isspace() else c for c in text)  # e.g. a spacing diaeresis is a space and a mark
+
+
+def _unmarked(text: str) -> str:
+    """NFKD, combining marks dropped, recomposed (NFC: a Hangul syllable stays one character)."""
+    parts = unicodedata.normalize("NFKD", text)
+    kept = "".join(c for c in parts if not (unicodedata.combining(c) or unicodedata.category(c) in _MARKS))
+    return unicodedata.normalize("NFC", kept)
+
+
+class _View:
+    """The text a group of pattern rules searches: the prompt's tail, then the output, normalised or as
+    written. `origin(i)` is the offset in the output of the character `text[i]` came from (negative
+    inside the tail); `origin(len(text))` is the end of what was fed."""
+
+    def __init__(self, normalise: bool, fold: bool, context: str):
+        self.normalise, self.fold = normalise, fold
+        self.text = ""
+        self._where = array("q")  # normalised only: per character of text, its origin
+        self._space = False  # the text ends in a space: more whitespace adds nothing
+        self._start = self._fed = -len(context)
+        self.feed(context)
+
+    def feed(self, raw: str) -> None:
+        if not raw:
+            return
+        base, self._fed = self._fed, self._fed + len(raw)
+        if not self.normalise:
+            self.text += raw
+        elif raw.isascii() and raw.isprintable() and "  " not in raw and not (self._space and raw[0] == " "):
+            self.text += raw.lower() if self.fold else raw  # the common case: every character stays itself
+            self._where.extend(range(base, base + len(raw)))
+            self._space = raw[-1] == " "
+        else:
+            out, where, space = [], self._where, self._space
+            for at, char in enumerate(raw, base):
+                for c in _normal_char(char, self.fold):
+                    if c == " " and space:
+                        continue
+                    space = c == " "
+                    out.append(c)
+                    where.append(at)
+            self._space = space
+            self.text += "".join(out)
+
+    def origin(self, i: int) -> int:
+        if i >= len(self.text):
+            return self._fed
+        return self._where[i] if self.normalise else self._start + i
+
+
+def _tail(prompt: str, need: int) -> str:
+    """The end of the prompt holding more than `need` characters both as written and normalised (a
+    run of spaces counted once), or the whole prompt; at most 64 per character needed, so a prompt
+    padded with invisible characters costs little."""
+    if not prompt or need <= 0:
+        return ""
+    at, stop, written, normal, space = len(prompt), max(len(prompt) - 64 * (need + 1), 0), 0, 0, False
+    while at > stop and (written <= need or normal <= need):
+        at -= 1
+        written += 1
+        char = _normal_char(prompt[at], False)
+        if char == " ":
+            normal += not space
+        elif char:
+            normal += len(char)
+        space = char == " " or (space and not char)
+    return prompt[at:]

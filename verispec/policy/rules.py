@@ -4,8 +4,11 @@ A rule is a list of terms, a regular expression or a checker function, with an a
 stops the response before the match reaches the client, `flag` lets it through and counts it.
 Terms compile to a regex, so every rule but a checker is a regex whose longest match is known;
 that bound is what lets the gate (`gate.py`) stream, holding back only the characters a match
-could still need. The loader refuses what it cannot bound rather than guess, and reports every
-problem as one `UserError` line that names the file, the rule and the field.
+could still need. Terms and regexes match normalised text (NFKC, marks and invisible characters
+dropped, whitespace runs one space; see `gate.py`) unless the rule says `normalise: false`; a
+rule's terms are normalised the same way, a regex's non-ASCII characters too. The loader refuses
+what it cannot bound rather than guess, and reports every problem as one `UserError` line that
+names the file, the rule and the field.
 """
 
 from __future__ import annotations
@@ -19,12 +22,23 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from verispec.errors import UserError
-from verispec.policy.gate import Action, Checker, CheckerRule, PatternRule, PolicySet
+from verispec.policy.gate import (
+    Action,
+    Checker,
+    CheckerRule,
+    PatternRule,
+    PolicySet,
+    normalise,
+    normalise_pattern,
+)
 from verispec.validation import problems
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _KINDS = ("terms", "regex", "checker")
-_ONLY_FOR = {"case_sensitive": "terms", "max_length": "regex", "hold_back": "checker", "on_error": "checker"}
+_ONLY_FOR = {  # the keys only some kinds of rule take
+    "case_sensitive": ("terms",), "max_length": ("regex",), "normalise": ("terms", "regex"),
+    "hold_back": ("checker",), "on_error": ("checker",),
+}
 
 
 class RuleSpec(BaseModel):
@@ -39,6 +53,7 @@ class RuleSpec(BaseModel):
     checker: str = ""  # module:function
     case_sensitive: bool = False
     max_length: int | None = Field(None, ge=1)  # required when the regex's longest match is unbounded
+    normalise: bool = True  # match normalised text (gate.py); false: the text exactly as written
     hold_back: int = Field(0, ge=0)  # characters a blocking checker wants to see before they go out
     on_error: Literal["block", "allow"] = "block"  # block: a checker error counts as a finding of this rule
 
@@ -63,9 +78,9 @@ class RuleSpec(BaseModel):
         if len(given) != 1:
             got = f" (got {' and '.join(given)})" if given else ""
             raise ValueError(f"give exactly one of terms, regex or checker{got}")
-        for key, kind in _ONLY_FOR.items():
-            if key in self.model_fields_set and kind != given[0]:
-                raise ValueError(f"{key} applies to {kind} rules only; remove it from this {given[0]} rule")
+        for key, kinds in _ONLY_FOR.items():
+            if key in self.model_fields_set and given[0] not in kinds:
+                raise ValueError(f"{key} applies to {' and '.join(kinds)} rules only; remove it from this {given[0]} rule")
         return self
 
     @property
@@ -140,22 +155,29 @@ def _describe(exc: ValidationError, raw: dict) -> str:
 def _compile(index: int, spec: RuleSpec, where: str) -> PatternRule | CheckerRule:
     if spec.kind == "checker":
         return CheckerRule(index, spec.name, spec.action, _import(spec.checker, where), spec.hold_back, spec.on_error)
+    fold = spec.kind == "terms" and spec.normalise and not spec.case_sensitive  # case-folded text, not IGNORECASE
     if spec.kind == "terms":
+        terms = spec.terms
+        if spec.normalise:
+            terms = tuple(normalise(term, fold) for term in terms)
+            if "" in terms:
+                raise UserError(f"{where}: terms[{terms.index('')}] is only invisible characters; remove it or set normalise: false")
         # Longest first: a term that starts another one must not hide it (the match's length is reported).
-        terms = sorted(set(spec.terms), key=len, reverse=True)
-        source, flags = "|".join(map(re.escape, terms)), 0 if spec.case_sensitive else re.IGNORECASE
+        terms = sorted(set(terms), key=len, reverse=True)
+        source, flags = "|".join(map(re.escape, terms)), 0 if spec.case_sensitive or spec.normalise else re.IGNORECASE
     else:
-        source, flags = spec.regex, 0
+        source, flags = normalise_pattern(spec.regex) if spec.normalise else spec.regex, 0
     try:
         pattern = re.compile(source, flags)
     except re.error as exc:
         raise UserError(f"{where}: regex does not compile: {exc}") from None
     shape = _measure(source, flags)
-    if shape is None:  # a Python whose parser we cannot read: trust max_length, assume a short lookahead
+    if shape is None:  # a Python whose parser we cannot read: trust max_length, assume short lookarounds
         if spec.max_length is None:
             raise UserError(f"{where}: give max_length, the longest text a match of this regex spans")
-        return PatternRule(index, spec.name, spec.action, pattern, spec.max_length, 2)
-    shortest, longest, lookahead = shape
+        anchored = "^" in source or "\\A" in source
+        return PatternRule(index, spec.name, spec.action, pattern, spec.max_length, 2, spec.normalise, fold, 2, anchored)
+    shortest, longest, lookahead, behind, anchored = shape
     if shortest == 0:
         raise UserError(f"{where}: the regex can match empty text; make it match at least one character")
     if lookahead is None:
@@ -164,7 +186,7 @@ def _compile(index: int, spec: RuleSpec, where: str) -> PatternRule | CheckerRul
         raise UserError(f"{where}: the regex's matches have no upper length (a *, + or {{n,}}); give max_length, the longest text a match spans")
     if longest is not None and spec.max_length is not None and spec.max_length < longest:
         raise UserError(f"{where}: max_length {spec.max_length} is shorter than the regex's longest match ({longest}); raise it or drop it")
-    return PatternRule(index, spec.name, spec.action, pattern, spec.max_length or longest, lookahead)
+    return PatternRule(index, spec.name, spec.action, pattern, spec.max_length or longest, lookahead, spec.normalise, fold, behind, anchored)
 
 
 def _import(target: str, where: str) -> Checker:
@@ -184,16 +206,20 @@ def _import(target: str, where: str) -> Checker:
 # -- how long a regex's match can be, and how far past it the regex reads --------------------------------
 
 
-def _measure(source: str, flags: int) -> tuple[int, int | None, int | None] | None:
-    """(shortest, longest or None if unbounded, lookahead or None if unbounded), read from CPython's
-    regex parser (3.11+: `re._parser`); None where that parser is missing or has changed shape."""
+def _measure(source: str, flags: int) -> tuple[int, int | None, int | None, int, bool] | None:
+    """(shortest, longest or None if unbounded, lookahead or None if unbounded, lookbehind, anchored
+    at the start), read from CPython's regex parser (3.11+: `re._parser`); None where that parser is
+    missing or has changed shape."""
     try:
-        from re import _constants, _parser
+        from re import _constants as c
+        from re import _parser
 
         parsed = _parser.parse(source, flags)
         shortest, longest = parsed.getwidth()
-        unbounded = int(_constants.MAXREPEAT)
-        return shortest, (longest if longest < unbounded else None), _lookahead(parsed, _parser, _constants)
+        unbounded = int(c.MAXREPEAT)
+        anchored = any(op is c.AT and arg in (c.AT_BEGINNING, c.AT_BEGINNING_STRING) for op, arg in _nodes(parsed, _parser))
+        behind = _lookbehind(parsed, _parser, c)
+        return shortest, (longest if longest < unbounded else None), _lookahead(parsed, _parser, c), behind, anchored
     except Exception:
         return None
 
@@ -210,6 +236,18 @@ def _lookahead(parsed, _parser, c) -> int | None:
             if inner >= int(c.MAXREPEAT) or beyond is None:
                 return None
             reach = max(reach, inner + beyond)
+    return reach
+
+
+def _lookbehind(parsed, _parser, c) -> int:
+    """How far before the start of a match the pattern may read: `\\b` and `\\B` one character, a
+    lookbehind its width (fixed: Python requires it)."""
+    reach = 0
+    for op, argument in _nodes(parsed, _parser):
+        if op is c.AT and argument in (c.AT_BOUNDARY, c.AT_NON_BOUNDARY):
+            reach = max(reach, 1)
+        elif op in (c.ASSERT, c.ASSERT_NOT) and argument[0] == -1:
+            reach = max(reach, argument[1].getwidth()[1] + _lookbehind(argument[1], _parser, c))
     return reach
 
 
