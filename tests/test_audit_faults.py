@@ -232,8 +232,7 @@ class Load:
     """Clients sending requests (plain and streaming, unique IDs) until stopped, keeping every outcome."""
 
     def __init__(self, server: ServerProcess, clients: int = 3):
-        # Letters only: a random hex prefix of digits reads as a phone number (09993241-1-0), and the
-        # server rightly replaces such an x-request-id with its own, so its record could not be found.
+        # Unique per run, so that each request's record can be found by its x-request-id.
         self.server, self.run = server, "".join(random.choices(string.ascii_lowercase, k=10))
         self.outcomes: list[tuple[str, int, bool, dict | None, float]] = []
         self._stop = threading.Event()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -118,8 +119,6 @@ def test_bad_urls_are_user_errors(tmp_path):
 
 
 def test_verispec_audit_queries_and_exports_jsonl(tmp_path):
-    import json
-
     from tests.conftest import run_verispec
 
     url = f"sqlite:///{tmp_path / 'audit.sqlite3'}"
@@ -148,3 +147,67 @@ def test_verispec_audit_queries_and_exports_jsonl(tmp_path):
     assert bad.returncode == 2 and "--since" in bad.stderr and "Traceback" not in bad.stderr
     missing = run_verispec("audit", "--audit-url", f"sqlite:///{tmp_path / 'none.db'}")
     assert missing.returncode == 2 and "no audit database" in missing.stderr
+
+
+def _audit(capsys, *argv: str) -> tuple[int, str, str]:
+    from verispec.cli import main
+
+    code = main(["audit", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def quiet_main(monkeypatch):
+    import logging
+
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)  # main() must not touch the test's logging
+
+
+def test_verispec_audit_selects_every_outcome_the_server_writes(tmp_path, capsys, quiet_main):
+    """expired (an idle verify session) and content_filter (the policy gate) were refused by --outcome."""
+    from verispec.audit.outcomes import OUTCOMES
+
+    url = f"sqlite:///{tmp_path / 'audit.sqlite3'}"
+    now = datetime.now(UTC)
+    AuditStore(url).write([record(f"o-{outcome}", now, outcome=outcome) for outcome in OUTCOMES])
+    for outcome in ("expired", "content_filter", *OUTCOMES):
+        code, out, err = _audit(capsys, "--audit-url", url, "--outcome", outcome, "--jsonl")
+        assert code == 0, err
+        assert [json.loads(line)["request_id"] for line in out.splitlines()] == [f"o-{outcome}"]
+
+
+def test_verispec_audit_shows_the_newest_first_and_says_what_it_left_out(tmp_path, capsys, quiet_main):
+    url = f"sqlite:///{tmp_path / 'audit.sqlite3'}"
+    now = datetime.now(UTC)
+    AuditStore(url).write([record(f"n-{i:02d}", now - timedelta(minutes=60 - i)) for i in range(50)])  # n-49 newest
+
+    code, out, err = _audit(capsys, "--audit-url", url)  # a table: the newest screenful
+    assert code == 0, err
+    shown = [f"n-{i:02d}" for i in range(49, 29, -1)]
+    assert [out.index(request_id) for request_id in shown] == sorted(out.index(request_id) for request_id in shown)
+    assert "n-29" not in out and "the 20 newest of 50" in out
+    assert "30 older records not shown" in err and "--limit 0" in err
+
+    code, out, err = _audit(capsys, "--audit-url", url, "--limit", "0")
+    assert code == 0 and all(f"n-{i:02d}" in out for i in range(50)) and "not shown" not in err
+
+    code, out, err = _audit(capsys, "--audit-url", url, "--limit", "3", "--jsonl")
+    assert [json.loads(line)["request_id"] for line in out.splitlines()] == ["n-49", "n-48", "n-47"]
+    assert "47 older records not shown" in err
+
+    code, out, err = _audit(capsys, "--audit-url", url, "--jsonl")  # JSON lines are exports: all of them
+    assert len(out.splitlines()) == 50 and "not shown" not in err
+
+
+def test_count_and_newest_first_follow_the_filters(url):
+    run = uuid.uuid4().hex[:8]
+    store = AuditStore(url)
+    now = datetime.now(UTC)
+    rows = [record(f"{run}-{i}", now + timedelta(seconds=i), outcome="error" if i % 2 else "ok") for i in range(5)]
+    store.write(rows)
+    ids = [r["request_id"] for r in rows]
+    assert store.count(request_ids=ids) == 5 and store.count(request_ids=ids, outcome="error") == 2
+    newest = store.query(request_ids=ids, newest_first=True, limit=2)
+    assert [r["request_id"] for r in newest] == [f"{run}-4", f"{run}-3"]
+    store.close()

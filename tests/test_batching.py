@@ -25,6 +25,7 @@ from verispec.core.runner import ModelRunner, Segment
 from verispec.models import load_model, load_tokenizer
 from verispec.models.kernels import kernel_library
 from verispec.proposers import DraftModelProposer, NgramProposer, Proposal
+from verispec.proposers.remote import RemoteDrafts
 
 pytestmark = pytest.mark.skipif(kernel_library() is None, reason="no C compiler or no AVX2/FMA/F16C here")
 
@@ -294,6 +295,47 @@ def test_cancelling_frees_blocks_at_once(models):
     core.abort(request)
     assert pool.free_blocks == pool.num_blocks
     assert not core.busy
+
+
+def test_parked_sessions_take_no_slot_and_give_their_blocks_first(models):
+    """Verify-API sessions waiting for their clients' drafts (parked) hold no running slot, and
+    their blocks go before anyone else's: a new request runs beside them at once, never preempted;
+    each session's next round admits it again, recomputed, with the output it has alone."""
+    lm = models["target"]
+    per_block = 2 * len(lm.layers) * lm.kv_heads * 16 * lm.head_dim * 4
+    core = engine(models, max_running=2, memory=str(per_block * 65))  # the least a full window needs
+    long = prompts(12, 3, 450, 450)  # 29 blocks each: two parked sessions leave too few for a third
+    greedy = SamplingParams(max_new_tokens=6)
+    alone = {f"s{i}": run(engine(models, max_running=1), [(f"s{i}", p, greedy, None, 0)])[f"s{i}"] for i, p in enumerate(long[:2])}
+    alone |= run(engine(models, max_running=1), [("plain", long[2], SamplingParams(max_new_tokens=40), models["ngram"], 2)])
+
+    speculation = SpeculationSettings(depth=2, proposer_timeout_s=60.0)
+    sessions = {core.add(f"s{i}", p, greedy, speculation, None, remote=RemoteDrafts(Proposal([]))): f"s{i}" for i, p in enumerate(long[:2])}
+    out = {name: [] for name in [*sessions.values(), "plain"]}
+    while not all(s.parked and s in core.running for s in sessions):
+        for request, delta in core.step():
+            out[sessions[request]] += delta.token_ids
+    assert core.active == 0 and len(core.running) == 2  # both slots' requests are parked
+
+    plain = core.add("plain", long[2], SamplingParams(max_new_tokens=40), speculation, models["ngram"])
+    for _ in range(200):
+        for request, delta in core.step():
+            out[sessions.get(request, "plain")] += delta.token_ids
+        if plain not in core.running and plain not in core.waiting:
+            break
+    assert out["plain"] == alone["plain"] and plain.preemptions == 0
+    assert any(s.preemptions for s in sessions)  # a parked session's blocks went to the new request
+    assert all(s.parked for s in sessions) and not any(s.table.blocks for s in sessions if s in core.waiting)
+
+    for _ in range(2 * greedy.max_new_tokens):  # each session's next rounds: drafts come, it is admitted again
+        for session in sessions:
+            if session.parked:
+                session.remote.pending = Proposal([])
+        for request, delta in core.step():
+            out[sessions[request]] += delta.token_ids
+        if not core.busy:
+            break
+    assert {name: out[name] for name in sessions.values()} == {name: alone[name] for name in sessions.values()}
 
 
 class _Hanging:

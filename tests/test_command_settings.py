@@ -15,9 +15,12 @@ import pytest
 
 from verispec.audit.query import AuditQuerySettings
 from verispec.cli import build_parser, main, settings_from
+from verispec.config import Settings
 from verispec.edge.command import EdgeSettings
+from verispec.offline.command import BatchCommandSettings
 from verispec.tools.loadtest import LoadtestSettings
 from verispec.tools.settings import BenchSettings, CheckSettings
+from verispec.training.distill.command import DistillSettings
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +73,7 @@ def test_a_variable_for_one_command_leaves_the_others_alone(monkeypatch):
     monkeypatch.setenv("VERISPEC_DEPTH", "0")  # the engine's depth, for generate and serve
     monkeypatch.setenv("VERISPEC_LIMIT", "3")  # check's and bench's prompt count
     assert read(["edge", "x"], EdgeSettings).depth == "auto"
-    assert read(["audit"], AuditQuerySettings).limit is None
+    assert read(["audit"], AuditQuerySettings).limit is None  # a screenful in the table, all as JSON lines
     assert read(["check"], CheckSettings).limit == 3
     monkeypatch.setenv("VERISPEC_AUDIT_LIMIT", "4")
     monkeypatch.setenv("VERISPEC_AUDIT_URL", "sqlite:///shared.sqlite3")  # the server's own variable, shared
@@ -145,3 +148,40 @@ def test_a_config_file_for_another_command_is_refused_by_name(tmp_path, capsys):
     path = config(tmp_path, "port = 9000\n")
     assert main(["loadtest", "--config", path]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+# -- max_tokens: the OpenAI name of max_new_tokens, wherever it is a setting --------------------------
+
+MAX_TOKENS_COMMANDS = {
+    "generate": (["generate", "x"], Settings),
+    "check": (["check"], CheckSettings),
+    "bench": (["bench"], BenchSettings),
+    "serve": (["serve"], Settings),
+    "batch": (["batch", "in.jsonl", "--output", "out.jsonl"], BatchCommandSettings),
+    "distill": (["distill", "--target", "t", "--draft", "d", "--out", "o", "--stdlib-prompts", "8"], DistillSettings),
+}
+
+
+@pytest.mark.parametrize("command", MAX_TOKENS_COMMANDS)
+def test_max_tokens_is_max_new_tokens_by_its_openai_name(command, tmp_path, monkeypatch):
+    argv, cls = MAX_TOKENS_COMMANDS[command]
+    prefix = cls.model_config["env_prefix"]
+    assert read([*argv, "--max-tokens", "5"], cls).max_new_tokens == 5
+    assert read([*argv, "--max-new-tokens", "6"], cls).max_new_tokens == 6  # the old name still works
+    path = config(tmp_path, "max_tokens = 7\n")
+    assert read([*argv, "--config", path], cls).max_new_tokens == 7
+    monkeypatch.setenv(prefix + "MAX_TOKENS", "8")
+    assert read([*argv, "--config", path], cls).max_new_tokens == 8  # the environment beats the file
+    assert read([*argv, "--config", path, "--max-tokens", "9"], cls).max_new_tokens == 9
+
+
+def test_max_tokens_named_twice_or_bad_is_one_line_naming_max_tokens(tmp_path, monkeypatch, capsys):
+    assert main(["generate", "x", "--max-tokens", "0"]) == 2
+    assert capsys.readouterr().err.startswith("verispec: error: --max-tokens: ")
+    path = config(tmp_path, "max_tokens = 7\nmax_new_tokens = 8\n")
+    assert main(["generate", "x", "--config", path]) == 2
+    assert "max_tokens and max_new_tokens name the same setting" in capsys.readouterr().err
+    monkeypatch.setenv("VERISPEC_MAX_TOKENS", "8")
+    monkeypatch.setenv("VERISPEC_MAX_NEW_TOKENS", "9")
+    assert main(["generate", "x"]) == 2
+    assert "VERISPEC_MAX_TOKENS and VERISPEC_MAX_NEW_TOKENS" in capsys.readouterr().err

@@ -40,7 +40,7 @@ def test_json_config_and_auto_depth(tmp_path):
         ({"top_p": "0"}, "--top-p"),
         ({"temperature": "-1"}, "--temperature"),
         ({"proposer": "oracle"}, "--proposer"),
-        ({"max_new_tokens": "0"}, "--max-new-tokens"),
+        ({"max_new_tokens": "0"}, "--max-tokens"),  # its OpenAI name, the one --help shows first
     ],
 )
 def test_bad_values_name_the_flag(flags, message):

@@ -1,8 +1,10 @@
 """Two-stage patterns over real HTTP, on one server.
 
 The verify API and the edge client: an edge proposer gets exactly the verifier's greedy output and
-samples its distribution; hostile rounds get a clear 4xx and leave the session as it was; sessions
-count against admission, expire when idle and are audited like requests.
+samples its distribution; hostile rounds get a clear 4xx and leave the session as it was; parked
+sessions hold no slot, so one key's sessions never starve another key's requests; a key's open
+sessions are capped; sessions expire when idle and leave whole audit records however they end;
+openings are safe to retry.
 
 Provisional streaming: drafts arrive before their verdict, in order, and the verified chunks are
 exactly the verified-only response; a client that leaves mid-stream frees its slot."""
@@ -48,7 +50,8 @@ def server(models, tmp_path_factory):
     audit = tmp_path_factory.mktemp("audit") / "audit.db"
     proc = ServerProcess(
         ["--target", models["target"], "--draft", models["draft"], "--proposers", "none,draft", "--depth", "3",
-         "--max-running", "3", "--max-waiting", "0",
+         "--max-running", "3", "--max-waiting", "0", "--verify-max-sessions", "3",
+         "--breaker-min-acceptance", "0",  # the random draft keeps drafting, whatever ran before
          "--verify-idle-s", "3", "--audit-url", f"sqlite:///{audit}", "--audit-content", "--max-new-tokens", "48"],
         log_dir=tmp_path_factory.mktemp("logs"),
         env={"VERISPEC_API_KEYS": ",".join(f"{k}:{v}" for k, v in KEYS.items())},
@@ -71,9 +74,9 @@ def client(server, models, tokenizer, proposer="draft", key="alice", **kwargs) -
     return EdgeClient.with_ngram(server.url, model="target", tokenizer=tokenizer, api_key=KEYS[key], **kwargs)
 
 
-def post(server, body: dict, key: str = "alice") -> httpx.Response:
+def post(server, body: dict, key: str = "alice", **headers) -> httpx.Response:
     content = json.dumps({"model": "target", **body})  # NaN goes out as NaN, which Python's json reads back
-    headers = {"Authorization": f"Bearer {KEYS[key]}", "content-type": "application/json"}
+    headers = {"Authorization": f"Bearer {KEYS[key]}", "content-type": "application/json", **headers}
     return httpx.post(server.url + "/v1/verify", content=content, headers=headers, timeout=60)
 
 
@@ -181,11 +184,74 @@ def test_sampling_is_exact_in_distribution(server, models, tokenizer):
     assert _fit(lied, joint) < ALPHA
 
 
-def _open(server, tokenizer, key="alice", **extra) -> dict:
+def _open(server, tokenizer, key="alice", headers=None, **extra) -> dict:
     ids = tokenizer(PROMPTS[2]).input_ids
-    response = post(server, {"prompt": ids, "max_tokens": 30, "temperature": 0, "drafts": [], **extra}, key)
+    response = post(server, {"prompt": ids, "max_tokens": 30, "temperature": 0, "drafts": [], **extra}, key, **(headers or {}))
     assert response.status_code == 200, response.text
     return response.json()
+
+
+@pytest.fixture(scope="module")
+def strict_server(models, tmp_path_factory):
+    """Rate limits of 3 requests a minute per key, and no client-reported distributions."""
+    proc = ServerProcess(
+        ["--target", models["target"], "--proposers", "none", "--rate-limit-rpm", "3", "--no-verify-client-probs",
+         "--max-new-tokens", "16"],
+        log_dir=tmp_path_factory.mktemp("logs"),
+        env={"VERISPEC_API_KEYS": ",".join(f"{k}:{v}" for k, v in KEYS.items())},
+    ).wait_ready()  # fmt: skip
+    yield proc
+    proc.stop_gracefully()
+
+
+def test_rounds_count_against_the_keys_rate_limit(strict_server, tokenizer):
+    """An open session is no way around the key's limits: each round is a request of its key."""
+    opened = _open(strict_server, tokenizer, key="bob")  # 1 of 3
+    rounds = [post(strict_server, {"session_id": opened["session_id"], "drafts": []}, key="bob") for _ in range(3)]
+    assert [r.status_code for r in rounds] == [200, 200, 429], [r.text for r in rounds]
+    assert rounds[-1].json()["error"]["code"] == "rate_limit_exceeded" and "Retry-After" in rounds[-1].headers
+    assert rounds[1].headers["x-ratelimit-remaining-requests"] == "0"
+    other = _open(strict_server, tokenizer, key="alice")  # another key is untouched (this test's 1 of its 3)
+    assert post(strict_server, {"session_id": other["session_id"], "close": True}).status_code == 200
+
+
+def test_client_reported_distributions_can_be_refused(strict_server, tokenizer):
+    """--no-verify-client-probs: a sampled round's draft_probs are refused unless each is a point
+    mass on its draft (exact whatever the client does); drafts sent without them are taken."""
+    sampled = _open(strict_server, tokenizer, temperature=0.9, seed=3)
+    session = {"session_id": sampled["session_id"]}
+    spread = post(strict_server, {**session, "drafts": [5], "draft_probs": [{"ids": [5, 6], "probs": [0.5, 0.5]}]})
+    assert spread.status_code == 400 and spread.json()["error"]["code"] == "client_probs_refused"
+    assert "--no-verify-client-probs" in spread.json()["error"]["message"]
+    point = post(strict_server, {**session, "drafts": [5], "draft_probs": [{"ids": [5], "probs": [1.0]}]})
+    assert point.status_code == 200, point.text
+    if point.json()["finish_reason"] is None:
+        assert post(strict_server, {**session, "close": True}).status_code == 200
+
+
+def test_a_record_says_when_acceptance_rested_on_client_reported_distributions(server, tokenizer):
+    """A client's distributions are its word: the session's record says its rounds relied on them,
+    and a session whose drafts came without any says nothing of the kind."""
+    ids = tokenizer(PROMPTS[1]).input_ids
+    opened = {}
+    for name, probs in (("reported", [{"ids": [5, 6], "probs": [0.5, 0.5]}]), ("point", None)):
+        body = {"prompt": ids, "max_tokens": 8, "temperature": 0.9, "seed": 1, "drafts": [5]}
+        if probs:
+            body["draft_probs"] = probs
+        answer = post(server, body, **{"x-request-id": f"probs-{name}"})
+        assert answer.status_code == 200, answer.text
+        opened[name] = answer.json()
+        if opened[name]["finish_reason"] is None:
+            assert post(server, {"session_id": opened[name]["session_id"], "close": True}).status_code == 200
+    store = AuditStore(f"sqlite:///{server.audit}")
+
+    def records():
+        return {r["request_id"]: r for r in store.query() if r["request_id"].startswith("probs-")}
+
+    wait_for(lambda: len(records()) == 2, what="the two sessions' records")
+    edge = {name: records()[f"probs-{name}"]["speculation"]["edge"] for name in opened}
+    assert edge["reported"]["acceptance"] == "client_reported_probs" and edge["reported"]["client_prob_rounds"] == 1
+    assert "acceptance" not in edge["point"]
 
 
 HOSTILE = [
@@ -249,38 +315,84 @@ def test_hostile_rounds_are_refused_and_the_session_goes_on(server, models, toke
     assert "Traceback" not in server.log()
 
 
-def test_sessions_hold_slots_expire_and_are_audited(server, tokenizer):
-    # --max-running 3, no queue: three open sessions fill the server.
-    sessions = [_open(server, tokenizer) for _ in range(3)]
-    busy = httpx.post(server.url + "/v1/completions", json={"model": "target", "prompt": "t1 t2", "max_tokens": 2},
-                      headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=60)  # fmt: skip
-    assert busy.status_code == 503 and "Retry-After" in busy.headers
-    closed = post(server, {"session_id": sessions[0]["session_id"], "close": True})
+def test_parked_sessions_hold_no_slot_so_another_key_is_served(server, tokenizer):
+    """Bob opens as many sessions as --max-running (3, and no queue) and keeps them alive with
+    empty rounds; parked between rounds they hold no slot, so Alice's requests run at once. A
+    fourth session of Bob's is refused (--verify-max-sessions 3); Alice may still open hers."""
+    sessions = [_open(server, tokenizer, key="bob") for _ in range(3)]
+    body = {"model": "target", "prompt": "t1 t2", "max_tokens": 8, "temperature": 0}
+    alice = {"Authorization": f"Bearer {KEYS['alice']}"}
+    for _ in range(2):
+        served = httpx.post(server.url + "/v1/completions", json=body, headers=alice, timeout=60)
+        assert served.status_code == 200, served.text
+        for session in sessions:  # keep-alive rounds
+            answer = post(server, {"session_id": session["session_id"], "drafts": []}, key="bob")
+            assert answer.status_code == 200, answer.text
+    refused = post(server, {"prompt": "t1 t2", "max_tokens": 4, "drafts": []}, key="bob")
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_sessions"
+    assert "--verify-max-sessions" in refused.json()["error"]["message"]
+    mine = _open(server, tokenizer, key="alice")
+    for session, key in [(mine, "alice"), *((s, "bob") for s in sessions)]:
+        assert post(server, {"session_id": session["session_id"], "close": True}, key=key).status_code == 200
+    assert _open(server, tokenizer, key="bob", close=True)["session_id"]  # a closed one frees its place
+
+
+def test_sessions_expire_and_leave_whole_records(server, tokenizer):
+    """Closed and expired sessions are recorded like finished ones: prompt and completion tokens
+    (those the client received), speculation statistics and round trips."""
+    opened = {why: _open(server, tokenizer, headers={"x-request-id": f"edge-{why}-{i}"}) for i, why in enumerate(("closed", "expired"))}
+    received = {why: len(o["token_ids"]) for why, o in opened.items()}
+    for why, session in opened.items():
+        answer = post(server, {"session_id": session["session_id"], "drafts": [1, 2]}).json()
+        received[why] += len(answer["token_ids"])
+    closed = post(server, {"session_id": opened["closed"]["session_id"], "close": True})
     assert closed.status_code == 200 and closed.json()["finish_reason"] == "closed"
-    # The other two go idle and expire; their slots free and a late round hears why.
-    wait_for(lambda: metric(server.metrics(), "verispec:verify_sessions_open") == 0, what="idle sessions to expire")
-    late = post(server, {"session_id": sessions[1]["session_id"], "drafts": []})
+    # The other goes idle and expires; a late round hears why.
+    wait_for(lambda: metric(server.metrics(), "verispec:verify_sessions_open") == 0, what="the idle session to expire")
+    late = post(server, {"session_id": opened["expired"]["session_id"], "drafts": []})
     assert late.status_code == 410 and late.json()["error"]["code"] == "session_expired"
-    wait_for(lambda: metric(server.metrics(), "verispec:request_outcomes_total", outcome="expired") >= 2, what="expiries counted")
     free = httpx.post(server.url + "/v1/completions", json={"model": "target", "prompt": "t1 t2", "max_tokens": 2},
                       headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=60)  # fmt: skip
     assert free.status_code == 200
-    ids = {s["session_id"] for s in sessions}
 
     store = AuditStore(f"sqlite:///{server.audit}")
 
     def records():
-        return [r for r in store.query() if r["endpoint"] == "/v1/verify"]
+        return {r["request_id"]: r for r in store.query() if r["request_id"].startswith("edge-")}
 
-    wait_for(lambda: len(records()) >= 3, what="the sessions' audit records")
-    by_outcome = {}
-    for record in records():
-        by_outcome.setdefault(record["outcome"], []).append(record)
-    assert len(by_outcome.get("expired", [])) >= 2 and by_outcome.get("cancelled")
-    finished = by_outcome.get("ok", []) + by_outcome.get("fallback", [])
-    assert finished and all(r["speculation"]["edge"]["round_trips"] >= 1 and r["speculation"]["edge"]["bytes"] > 0 for r in finished)
-    assert all(r["proposer"] == "edge" and r["output"] is not None for r in finished)
-    assert ids  # three sessions were opened by this test
+    wait_for(lambda: len(records()) >= 2, what="the sessions' audit records")
+    prompt = len(tokenizer(PROMPTS[2]).input_ids)
+    for why, outcome in (("closed", "cancelled"), ("expired", "expired")):
+        record = next(r for request_id, r in records().items() if request_id.startswith(f"edge-{why}-"))
+        assert record["outcome"] == outcome, record
+        assert record["prompt_tokens"] == prompt and record["completion_tokens"] == received[why] >= 2
+        assert record["output"] and record["speculation"]["proposer"] == "edge"
+        assert record["speculation"]["proposed"] == 2 and record["speculation"]["verifier_calls"] == 2
+        assert record["speculation"]["edge"]["round_trips"] == 2 and record["speculation"]["edge"]["bytes"] > 0
+
+
+def test_an_opening_sent_again_gets_its_session_back(server, tokenizer):
+    """An opening whose answer was lost, sent again with the same Idempotency-Key, gets the same
+    session (no second one holds a place); another body under that key is refused."""
+    key = {"Idempotency-Key": "open-once-1"}
+    first = _open(server, tokenizer, headers=key)
+    again = _open(server, tokenizer, headers=key)
+    assert again == first
+    assert metric(server.metrics(), "verispec:verify_sessions_open") == 1
+    other = post(server, {"prompt": "t1 t2", "max_tokens": 4, "drafts": []}, **key)
+    assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
+    same_key_elsewhere = _open(server, tokenizer, key="bob", headers=key)  # keys are per API key
+    assert same_key_elsewhere["session_id"] != first["session_id"]
+    for session, who in ((first, "alice"), (same_key_elsewhere, "bob")):
+        assert post(server, {"session_id": session["session_id"], "close": True}, key=who).status_code == 200
+
+
+def test_an_opening_that_closes_answers_its_round_and_leaves_nothing_open(server, tokenizer):
+    answer = _open(server, tokenizer, close=True)
+    assert answer["token_ids"] and answer["finish_reason"] is None
+    assert metric(server.metrics(), "verispec:verify_sessions_open") == 0
+    late = post(server, {"session_id": answer["session_id"], "drafts": []})
+    assert late.status_code == 410 and late.json()["error"]["code"] == "session_ended"
 
 
 def test_an_edge_client_that_stops_early_frees_its_slot(server, models, tokenizer):

@@ -17,17 +17,19 @@ from tests.test_batching import exact_pair
 from verispec.audit.store import AuditStore
 from verispec.config import SamplingParams
 from verispec.models.kernels import kernel_library
+from verispec.policy import load_policy
 
 pytestmark = pytest.mark.skipif(kernel_library() is None, reason="no C compiler or no AVX2/FMA/F16C here")
 
-PROMPTS = [" ".join(f"t{(i * 11 + j * 5) % 90 + 1}" for j in range(4 + 3 * i)) for i in range(4)]
+PROMPTS = [" ".join(f"t{(i * 11 + j * 5) % 90 + 1}" for j in range(4 + 3 * i)) for i in range(5)]
 MAX_TOKENS = 40
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Models, the verifier's own greedy outputs, and rules aimed at them: a term across a token
-    boundary, a long regex whose hold-back spans several rounds, and a flag rule."""
+    boundary, a long regex whose hold-back spans several rounds, a flag rule, and a term that starts
+    in a prompt and ends in its output."""
     root = tmp_path_factory.mktemp("policy")
     target, draft = exact_pair(root, seed=31).values()
     engine = make_engine(target, proposer="none")
@@ -40,17 +42,26 @@ def setup(tmp_path_factory):
     phrase = " ".join(words[1][10:15])
     # prompt 2: a flagged word, let through
     flagged = words[2][5]
+    # prompt 4: the prompt's last two characters and the output's first two (the output goes on
+    # right after the prompt), so the term is whole only with the prompt's end
+    across = PROMPTS[4][-2:] + outputs[4][:2]
     rules = {
         "rules": [
             {"name": "boundary-term", "terms": [boundary], "case_sensitive": True, "action": "block"},
             {"name": "long-phrase", "regex": phrase.replace(" ", r"\s+"), "max_length": 40, "action": "block"},
             {"name": "flag-word", "terms": [flagged], "action": "flag"},
+            {"name": "prompt-term", "terms": [across], "case_sensitive": True, "action": "block"},
         ]
     }
     for prompt in PROMPTS:
         assert boundary not in prompt and phrase not in prompt
     path = root / "rules.yaml"
     path.write_text(json.dumps(rules))  # YAML is a superset of JSON
+    policy = load_policy(path)
+    for prompt, output in zip(PROMPTS[:4], outputs[:4], strict=True):  # the prompt-term blocks prompt 4 only
+        with_prompt, alone = policy.gate(context=prompt), policy.gate()
+        assert with_prompt.feed(output) + with_prompt.finish() == alone.feed(output) + alone.finish()
+    assert all(across not in text for text in PROMPTS + outputs), across
     return {"target": target, "draft": draft, "outputs": outputs, "rules": path, "boundary": boundary, "phrase": phrase,
             "flagged": flagged, "audit": root / "audit.db"}  # fmt: skip
 
@@ -95,6 +106,13 @@ def test_blocked_text_never_reaches_the_client(server, setup, stream, case, rule
     assert text == full[: full.index(term)]  # everything before the match, nothing of it
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_term_begun_in_the_prompt_blocks_the_output_from_its_start(server, stream):
+    """The gate sees the prompt's end: the term's first half is there, its second half is the
+    output's first word, so nothing of the output goes out."""
+    assert complete(server, PROMPTS[4], stream=stream) == ("", "content_filter")
+
+
 def test_a_stop_string_that_cuts_the_term_short_ends_normally(server, setup):
     full, term = setup["outputs"][0], setup["boundary"]
     cut = term.split(" ")[1]  # the term's second half: the stop string ends the text before it completes
@@ -112,11 +130,58 @@ def test_flagged_text_goes_through_and_is_counted(server, setup):
     assert metric(server.metrics(), "verispec:policy_violations_total", rule="flag-word", action="flag") >= 1
 
 
-def test_provisional_and_verify_are_refused_under_a_hold_back(server):
+def assert_provisional_and_verify_refused(server) -> None:
     response = httpx.post(server.url + "/v1/completions", json={"model": "target", "prompt": "t1", "stream": True, "provisional": True}, timeout=60)
     assert response.status_code == 400 and response.json()["error"]["code"] == "policy_forbids_provisional"
     response = httpx.post(server.url + "/v1/verify", json={"model": "target", "prompt": "t1", "drafts": []}, timeout=60)
     assert response.status_code == 400 and response.json()["error"]["code"] == "policy_forbids_verify"
+
+
+def test_provisional_and_verify_are_refused_under_a_hold_back(server):
+    assert_provisional_and_verify_refused(server)
+
+
+@pytest.fixture(scope="module")
+def unheld_server(setup, tmp_path_factory):
+    """A policy that blocks but holds nothing back: a one-character term (hold-back 0)."""
+    path = tmp_path_factory.mktemp("unheld") / "rules.yaml"
+    path.write_text(json.dumps({"rules": [{"name": "one-char", "terms": ["~"], "action": "block"}]}))
+    proc = ServerProcess(
+        ["--target", setup["target"], "--draft", setup["draft"], "--depth", "3", "--policy", str(path),
+         "--max-new-tokens", str(MAX_TOKENS)],
+        log_dir=tmp_path_factory.mktemp("logs"),
+    ).wait_ready()  # fmt: skip
+    proc.policy = path
+    yield proc
+    proc.stop_gracefully()
+
+
+def test_provisional_and_verify_are_refused_under_any_blocking_rule(unheld_server):
+    """Drafts shown before the gate has seen them, or a verify round's accepted count, would confirm
+    a blocked continuation even where the policy holds nothing back."""
+    assert load_policy(unheld_server.policy).hold_back == 0
+    assert_provisional_and_verify_refused(unheld_server)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_blocked_response_counts_only_the_tokens_it_sent(server, setup, stream):
+    full, term = setup["outputs"][0], setup["boundary"]
+    released = full[: full.index(term)]
+    # Word-level tokens: a word cut by the match was not sent whole, so it is not counted.
+    whole = len(released.split()) - (0 if released.endswith(" ") or full[len(released)] == " " else 1)
+    body = {"model": "target", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0}
+    if stream:
+        usage = None
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                          json={**body, "stream": True, "stream_options": {"include_usage": True}}) as response:  # fmt: skip
+            for line in response.iter_lines():
+                if line.startswith("data: {") and json.loads(line[6:]).get("usage"):
+                    usage = json.loads(line[6:])["usage"]
+    else:
+        answer = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+        assert answer["choices"][0]["finish_reason"] == "content_filter"
+        usage = answer["usage"]
+    assert usage["completion_tokens"] == whole, (released, usage)
 
 
 def test_logs_audit_and_counter_agree_and_hold_nothing_blocked(server, setup):
@@ -130,7 +195,7 @@ def test_logs_audit_and_counter_agree_and_hold_nothing_blocked(server, setup):
         counts = {rule: 0 for rule in blocked}
         for record in store.query(outcome="content_filter"):
             for finding in record["policy"] or []:
-                if finding["action"] == "block":
+                if finding["action"] == "block" and finding["rule"] in counts:
                     counts[finding["rule"]] += 1
         return counts
 

@@ -295,3 +295,20 @@ def test_the_cover_of_findings_answers_as_the_quadratic_scan_did():
             start = rng.randrange(0, 110)
             end = start + rng.randrange(1, 20)
             assert cover.covers(start, end) == any(f.start <= start and end <= f.end for f in findings)
+
+
+@pytest.mark.parametrize(
+    "identifier, kinds",
+    [
+        ("oc-0522946802", []),  # a phone number to the phone detector; an ID here
+        ("4111111111111111", []),  # a card number by Luhn
+        ("build-10.1.2.3", []),  # an IP address
+        ("sk-proj-" + "Zq7" * 12, ["SECRET"]),
+        ("AKIAIOSFODNN7EXAMPLE", ["SECRET"]),
+        ("EMP-123456", ["CUSTOM"]),  # the operator's own pattern
+    ],
+)
+def test_identifiers_are_checked_for_secrets_emails_and_custom_patterns_only(identifier, kinds):
+    redactor = Redactor(extra_patterns=[r"EMP-\d{6}"])
+    assert [f.kind for f in redactor.identifier_findings(identifier)] == kinds
+    assert [f.kind for f in redactor.identifier_findings("mallory@example.com")] == ["EMAIL"]

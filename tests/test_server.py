@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 
 from tests.conftest import run_verispec
 from tests.serving import ServerProcess, metric
+from verispec.audit.store import AuditStore
 
 # Greedy continuations of this prompt on the tiny llama run to the length limit (no early EOS),
 # so a request with it lasts as many rounds as asked for.
@@ -237,6 +238,24 @@ def test_request_ids(server):
     assert httpx.get(server.url + "/readyz").json()["status"] == "ready"
 
 
+def test_a_request_id_of_digits_is_kept_and_one_holding_a_secret_or_an_email_is_not(server):
+    """IDs are checked for secrets and e-mail addresses only: the phone detector took oc-0522946802 for a number."""
+    body = {"model": "chat-llama", "prompt": "t1", "max_tokens": 1}
+    kept = post(server, "/v1/completions", body, **{"x-request-id": "oc-0522946802"})
+    assert kept.status_code == 200 and kept.headers["x-request-id"] == "oc-0522946802"
+    planted = ("sk-proj-" + "Zq7" * 12, "mallory@example.com")
+    for given in planted:
+        replaced = post(server, "/v1/completions", body, **{"x-request-id": given})
+        assert replaced.status_code == 200 and len(replaced.headers["x-request-id"]) == 32, given
+    store = AuditStore(f"sqlite:///{server.log_path.with_suffix('.sqlite3')}")  # acknowledged: committed
+    try:
+        assert [r["status"] for r in store.query(request_ids=["oc-0522946802"])] == [200]
+        stored = json.dumps(store.query(), default=str)
+    finally:
+        store.close()
+    assert not any(given in stored or given in server.log() for given in planted)
+
+
 # -- metrics ------------------------------------------------------------------------------------------
 
 
@@ -387,8 +406,11 @@ def test_graceful_shutdown_finishes_the_stream_in_flight(tiny_models, tmp_path):
 
 
 def test_shutdown_cancels_what_outlives_the_grace_period(tiny_models, tmp_path):
+    # A round takes 1.5 s (the proposer is let take it): the one under way when the 0.5 s grace ends
+    # is still running when the engine drains, ~1 s before it ends, so the drain cancels the job.
     proc = ServerProcess(
-        ["slow:0.2", "--target", tiny_models["llama"], "--draft", tiny_models["llama-draft"], "--depth", "1", "--grace-s", "0.5"],
+        ["slow:1.5", "--target", tiny_models["llama"], "--draft", tiny_models["llama-draft"], "--depth", "1", "--grace-s", "0.5",
+         "--proposer-timeout-s", "10"],
         module="tests.faulty_server", log_dir=tmp_path,
     ).wait_ready()
     body = {"model": "llama", "prompt": LONG_PROMPT, "max_tokens": 200, "stream": True, "temperature": 0}
@@ -402,10 +424,13 @@ def test_shutdown_cancels_what_outlives_the_grace_period(tiny_models, tmp_path):
                         proc.process.send_signal(signal.SIGTERM)
                     lines.append(line)
         proc.process.wait(15)
-        assert time.monotonic() - signalled < 10  # 200 tokens at 0.2 s a round would take 20 s
+        assert time.monotonic() - signalled < 10  # 200 tokens at 1.5 s a round would take minutes
     finally:
         proc.stop_gracefully()
     assert "data: [DONE]" not in lines  # cut off, not finished
+    log = proc.log()
+    assert "cancelled: the shutdown grace period (--grace-s 0.5) is over" in log, log  # the configured grace, not 0s
+    assert "grace period of 0s" not in log
 
 
 # -- load test ------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from verispec.config import (
     Settings,
     SpeculationSettings,
     TelemetrySettings,
+    also_named,
     load_settings,
 )
 from verispec.errors import UserError
@@ -65,7 +66,8 @@ def add_settings_flags(
     (model, skip) in `settings_models`, from which the docs' CLI reference is generated.
 
     `group`: an argument group of `parser` that lists these flags in --help; `aliases`: more option
-    strings for a field's flag, put first (`check`'s `--depth` for its field `depths`)."""
+    strings for a field's flag, put first (`check`'s `--depth` for its field `depths`). A field's
+    other names (`config.AlsoNamed`) are flags of it too, before its own."""
     if not hasattr(parser, "settings_models"):
         parser.settings_models = []
     parser.settings_models.append((model, skip))
@@ -89,16 +91,22 @@ def add_settings_flags(
         elif field.annotation is bool:
             kwargs.update(action="store_const", const=True)
         else:
-            kwargs.update(metavar=name.upper())
-        flags = [*(aliases or {}).get(name, ()), "--" + name.replace("_", "-")]
+            kwargs.update(metavar=(*also_named(field), name)[0].upper())
+        flags = [*(aliases or {}).get(name, ()), *flag_names(name, field)]
         (group or parser).add_argument(*flags, **kwargs)
 
 
+def flag_names(name: str, field) -> list[str]:
+    """A settings field's flags: its other names' (`config.AlsoNamed`), then its own."""
+    return ["--" + n.replace("_", "-") for n in (*also_named(field), name)]
+
+
 def add_max_new_tokens_flag(parser: argparse.ArgumentParser) -> None:
-    """--max-new-tokens for commands that take OpenAI requests (serve, batch): the budget of a request naming none."""
+    """--max-tokens for commands that take OpenAI requests (serve, batch): the budget of a request naming none."""
+    field = SamplingParams.model_fields["max_new_tokens"]
     parser.add_argument(
-        "--max-new-tokens", dest="max_new_tokens", type=int, default=argparse.SUPPRESS, metavar="N",
-        help=f"max_tokens for requests that send none (default: {SamplingParams.model_fields['max_new_tokens'].default})",
+        *flag_names("max_new_tokens", field), dest="max_new_tokens", type=int, default=argparse.SUPPRESS, metavar="N",
+        help=f"max_tokens for requests that send none (default: {field.default})",
     )
 
 

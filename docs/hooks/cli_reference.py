@@ -57,6 +57,8 @@ def _subparsers_action(parser: argparse.ArgumentParser) -> argparse._SubParsersA
 
 
 def _command(name: str, sub: argparse.ArgumentParser, help_line: str) -> list[str]:
+    from verispec.config import also_named  # importable: the parser was built
+
     positionals = [a for a in sub._actions if not a.option_strings and a.help != argparse.SUPPRESS]
     synopsis = " ".join(["verispec", name, "[OPTIONS]", *(_metavar(a) for a in positionals)])
     out = [f"## `verispec {name}`", "", _sentence(help_line), "", "```", synopsis, "```", ""]
@@ -84,10 +86,12 @@ def _command(name: str, sub: argparse.ArgumentParser, help_line: str) -> list[st
         for field_name, field in fields:
             from_models.add(field_name)
             flag = _settings_flag(field_name, field, by_dest.get(field_name))
+            names = (*also_named(field), field_name)  # a field's other names (max_tokens) come first
             alias = getattr(field.validation_alias, "choices", None)  # a variable shared by several commands
-            env = " or ".join(f"`{name.upper()}`" for name in alias) if alias else f"`{prefix}{field_name.upper()}`"
+            env = " or ".join(f"`{name.upper()}`" for name in alias or [prefix + n for n in names])
+            keys = " or ".join(f"`{name}`" for name in names)
             out.append(
-                f"| {flag} | {env} | `{field_name}` | {_default(field)} | "
+                f"| {flag} | {env} | {keys} | {_default(field)} | "
                 f"{_cell(field.description or '')} |"
             )
         out.append("")
@@ -108,6 +112,8 @@ def _command(name: str, sub: argparse.ArgumentParser, help_line: str) -> list[st
 
 def _settings_flag(name: str, field, action: argparse.Action | None) -> str:
     flag = "--" + name.replace("_", "-")
+    if action is not None and len(action.option_strings) > 1 and action.nargs is None:  # other names: --max-tokens
+        return " / ".join(f"`{s} {action.metavar or name.upper()}`" for s in action.option_strings)
     if action is not None and isinstance(action, argparse.BooleanOptionalAction):
         return " / ".join(f"`{s}`" for s in action.option_strings)
     if field.annotation is bool and field.default is True:

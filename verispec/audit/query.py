@@ -8,17 +8,18 @@ import re
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
+from verispec.audit.outcomes import OUTCOMES, Outcome
 from verispec.config import CommandSettings, command_config, default_audit_url, shared_env
 from verispec.errors import UserError
 
 _AGO = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-OUTCOMES = ("ok", "fallback", "error", "cancelled", "deadline", "rejected")
+TABLE_LIMIT = 20  # records a table shows unless --limit says otherwise: the newest, a screenful
 
 
 def parse_time(value: str, flag: str) -> datetime:
@@ -56,11 +57,13 @@ class AuditQuerySettings(CommandSettings):
     since: datetime | None = Field(None, description="records from this time or age on (ISO time, or 30m / 12h / 7d)")
     until: datetime | None = Field(None, description="records before this time or age")
     key: str | None = Field(None, description="API key ID")
-    outcome: Literal[OUTCOMES] | None = Field(None, description=f"only this outcome: {', '.join(OUTCOMES)}")
+    outcome: Outcome | None = Field(None, description=f"only this outcome: {', '.join(OUTCOMES)}")
     request_id: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="only these request IDs (repeatable; comma-separated in the environment or a config file)"
     )
-    limit: int | None = Field(None, ge=1, description="at most N records (oldest first)")
+    limit: int | None = Field(
+        None, ge=0, description=f"the N newest records (0 = all; default: {TABLE_LIMIT} in the table, all as JSON lines)"
+    )
     jsonl: bool = Field(False, description="print JSON lines (every field) instead of a table")
     mismatches: bool = Field(False, description="with --jsonl or --out: add each record's mismatch samples")
     out: Path | None = Field(None, description="write JSON lines to this file (implies --jsonl)")
@@ -109,19 +112,18 @@ def query(settings: AuditQuerySettings) -> int:
     from verispec.audit.store import AuditStore  # sqlalchemy: only when a database is read
 
     store = AuditStore(url)
+    limit = _limit(settings)
     if settings.quarantined:
-        for row in store.quarantined(settings.limit):
+        for row in store.quarantined(limit, newest_first=True):
             sys.stdout.write(json.dumps(_plain(row)) + "\n")
         store.close()
         return 0
-    rows = store.query(
-        since=settings.since,
-        until=settings.until,
-        key_id=settings.key,
-        outcome=settings.outcome,
-        request_ids=list(settings.request_id) or None,
-        limit=settings.limit,
-    )
+    filters = {
+        "since": settings.since, "until": settings.until, "key_id": settings.key, "outcome": settings.outcome,
+        "request_ids": list(settings.request_id) or None,
+    }
+    rows = store.query(**filters, limit=limit, newest_first=True)
+    total = store.count(**filters) if limit is not None and len(rows) == limit else len(rows)
     if settings.jsonl or settings.out:
         samples: dict[str, list] = {}
         if settings.mismatches and rows:
@@ -142,9 +144,21 @@ def query(settings: AuditQuerySettings) -> int:
         else:
             sys.stdout.write(text)
     else:
-        _print_table(rows)
+        _print_table(rows, total)
+    if total > len(rows):
+        older = total - len(rows)
+        print(f"{older} older {'record' if older == 1 else 'records'} not shown: --limit 0 shows all, --limit N "
+              "the N newest; --since, --until, --key and --outcome narrow the search", file=sys.stderr)  # fmt: skip
     store.close()
     return 0
+
+
+def _limit(settings: AuditQuerySettings) -> int | None:
+    """How many records to read, newest first (None: all): --limit (0 = all), else a screenful for
+    the table and everything for JSON lines, which are exports."""
+    if settings.limit is None:
+        return None if settings.jsonl or settings.out or settings.quarantined else TABLE_LIMIT
+    return settings.limit or None
 
 
 def _plain(row: dict) -> dict:
@@ -156,11 +170,12 @@ def _plain(row: dict) -> dict:
     return out
 
 
-def _print_table(rows: list[dict]) -> None:
+def _print_table(rows: list[dict], total: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{len(rows)} audit records")
+    shown = f"the {len(rows)} newest of {total}" if total > len(rows) else str(len(rows))
+    table = Table(title=f"{shown} audit records, newest first")
     for column in ("time (UTC)", "request id", "key", "endpoint", "outcome", "status", "tokens in/out", "acceptance", "latency s"):
         table.add_column(column)
     for r in rows:

@@ -4,8 +4,9 @@ Prompt and output text reach the database only when the operator opts in (`--aud
 and then only through the Redactor (placeholders for PII and secrets, or a keyed hash). Other text
 a client chose passes the Redactor too, content opt-in or not: stop sequences and error messages
 (which may quote the request). The request ID is the client's `x-request-id` only when the
-Redactor finds nothing in it (the server makes its own otherwise; see `server/context.py`). The same
-Redactor serves logs and traces (`--log-content`), so there is one definition of what is safe.
+Redactor finds no secret or e-mail address in it (`Redactor.identifier_findings`; the server makes
+its own otherwise, see `server/context.py`). The same Redactor serves logs and traces
+(`--log-content`), so there is one definition of what is safe.
 
 Each record gets its own key, `record_id`: request IDs are the client's choice and repeat.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from verispec.audit.outcomes import Outcome
 from verispec.audit.redact import Redactor
 from verispec.audit.writer import AuditWriter
 from verispec.config import AuditSettings, SamplingParams
@@ -42,7 +44,7 @@ class Finished:
     arrived: datetime  # UTC
     key_id: str | None
     endpoint: str
-    outcome: str  # ok, fallback, error, cancelled, deadline, rejected, expired, content_filter
+    outcome: Outcome
     status: int
     params: SamplingParams | None = None
     prompt: str | None = None

@@ -312,11 +312,19 @@ class Redactor:
         """What would be redacted: non-overlapping spans, in order."""
         found = [*_secrets(text), *_cards(text), *_ips(text), *_emails(text)]
         found += list(_phones(text, taken=found))  # last: it skips what the others took
-        for pattern in self.extra:
-            found += [
-                Finding("CUSTOM", m.start(), m.end()) for m in pattern.finditer(text) if m.end() > m.start()
-            ]
-        return _merge(found)
+        return _merge(found + self._custom(text))
+
+    def identifier_findings(self, identifier: str) -> list[Finding]:
+        """What makes an identifier a client chose (its `x-request-id`) unfit to keep: a secret, an
+        e-mail address or a match of the operator's own patterns. Not the phone, card and IP
+        detectors: IDs are runs of digits, dots and dashes by nature, and those would take many for
+        personal data (`oc-0522946802` reads as a phone number, `build-1.2.3.4` as an address)."""
+        return _merge([*_secrets(identifier), *_emails(identifier), *self._custom(identifier)])
+
+    def _custom(self, text: str) -> list[Finding]:
+        return [
+            Finding("CUSTOM", m.start(), m.end()) for pattern in self.extra for m in pattern.finditer(text) if m.end() > m.start()
+        ]
 
     def redact(self, text: str | None) -> str | None:
         if text is None or self.mode == "none":

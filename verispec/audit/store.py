@@ -35,6 +35,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     inspect,
     select,
     text,
@@ -70,7 +71,7 @@ records = Table(
     Column("speculation", JSON),  # acceptance statistics
     Column("latency_s", Float),
     Column("ttft_s", Float),
-    Column("outcome", String(16), nullable=False, index=True),  # ok, fallback, error, cancelled, deadline, rejected, expired, content_filter
+    Column("outcome", String(16), nullable=False, index=True),  # one of audit/outcomes.py's OUTCOMES
     Column("finish_reason", String(16)),
     Column("status", Integer),
     Column("error", Text),
@@ -162,8 +163,8 @@ class AuditStore:
         with self.engine.begin() as conn:
             conn.execute(quarantine.insert(), [storable(quarantine, row)])
 
-    def quarantined(self, limit: int | None = None) -> list[dict[str, Any]]:
-        q = select(quarantine).order_by(quarantine.c.id)
+    def quarantined(self, limit: int | None = None, newest_first: bool = False) -> list[dict[str, Any]]:
+        q = select(quarantine).order_by(quarantine.c.id.desc() if newest_first else quarantine.c.id)
         if limit is not None:
             q = q.limit(limit)
         with self.engine.connect() as conn:
@@ -184,24 +185,31 @@ class AuditStore:
         request_ids: Sequence[str] | None = None,
         limit: int | None = None,
         model: str | None = None,
+        newest_first: bool = False,
     ) -> list[dict[str, Any]]:
-        q = select(records).order_by(records.c.created_at)
-        if model is not None:
-            q = q.where(records.c.model == model)
-        if since is not None:
-            q = q.where(records.c.created_at >= since)
-        if until is not None:
-            q = q.where(records.c.created_at < until)
-        if key_id is not None:
-            q = q.where(records.c.key_id == key_id)
-        if outcome is not None:
-            q = q.where(records.c.outcome == outcome)
-        if request_ids is not None:
-            q = q.where(records.c.request_id.in_(list(request_ids)))
+        """The records that match every filter given, oldest first (or newest first); `limit`: the
+        first so many of them."""
+        order = records.c.created_at.desc() if newest_first else records.c.created_at
+        q = select(records).where(*_matching(since, until, key_id, outcome, request_ids, model)).order_by(order)
         if limit is not None:
             q = q.limit(limit)
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(q)]
+
+    def count(
+        self,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        key_id: str | None = None,
+        outcome: str | None = None,
+        request_ids: Sequence[str] | None = None,
+        model: str | None = None,
+    ) -> int:
+        """How many records `query` would return with these filters and no limit."""
+        q = select(func.count()).select_from(records)
+        q = q.where(*_matching(since, until, key_id, outcome, request_ids, model))
+        with self.engine.connect() as conn:
+            return conn.execute(q).scalar_one()
 
     def mismatch_samples(self, request_ids: Sequence[str]) -> list[dict[str, Any]]:
         q = select(mismatches).where(mismatches.c.request_id.in_(list(request_ids))).order_by(mismatches.c.id)
@@ -210,6 +218,20 @@ class AuditStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _matching(since, until, key_id, outcome, request_ids, model) -> list:
+    """`query`'s filters as conditions on the records table (those given; none: every record)."""
+    c = records.c
+    conditions = [
+        c.created_at >= since if since is not None else None,
+        c.created_at < until if until is not None else None,
+        c.key_id == key_id if key_id is not None else None,
+        c.outcome == outcome if outcome is not None else None,
+        c.request_id.in_(list(request_ids)) if request_ids is not None else None,
+        c.model == model if model is not None else None,
+    ]
+    return [condition for condition in conditions if condition is not None]
 
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL and lone surrogates

@@ -26,9 +26,10 @@ from verispec.config.serving import (
     TelemetrySettings,
     default_audit_url,
 )
-from verispec.config.values import Depth, comma_list, parse_bytes, strings
+from verispec.config.values import AlsoNamed, Depth, also_named, comma_list, parse_bytes, strings
 
 __all__ = [
+    "AlsoNamed",
     "AuditSettings",
     "BatchSettings",
     "CommandSettings",
@@ -42,6 +43,7 @@ __all__ = [
     "Settings",
     "SpeculationSettings",
     "TelemetrySettings",
+    "also_named",
     "comma_list",
     "command_config",
     "default_audit_url",

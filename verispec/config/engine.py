@@ -12,7 +12,7 @@ from pydantic import (
 )
 from pydantic_settings import NoDecode
 
-from verispec.config.values import Depth, parse_bytes, strings
+from verispec.config.values import AlsoNamed, Depth, parse_bytes, strings
 from verispec.proposers.names import PROPOSER_NAMES, VERIFIER_ONLY, described
 
 
@@ -92,7 +92,8 @@ class SamplingParams(BaseModel):
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = off)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (1 = off)")
     seed: int | None = Field(None, ge=0, description="random seed; the same seed reproduces the same output")
-    max_new_tokens: int = Field(128, ge=1, description="stop after this many new tokens")
+    # max_tokens: the OpenAI API's name, which the server, `edge` and `batch`'s input files take.
+    max_new_tokens: Annotated[int, AlsoNamed("max_tokens")] = Field(128, ge=1, description="stop after this many new tokens")
     stop: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="stop when the output contains this string (repeatable; several in a variable or file: a JSON list)"
     )

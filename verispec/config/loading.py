@@ -5,6 +5,7 @@ command's own settings class."""
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ from verispec.config.serving import (
     ServerSettings,
     TelemetrySettings,
 )
+from verispec.config.values import also_named
 from verispec.errors import UserError
 
 Part = TypeVar("Part", bound=BaseModel)
@@ -76,33 +78,67 @@ class Settings(
 
 def load_settings(flags: dict[str, Any], config_file: Path | None = None, cls: type[Loaded] = Settings) -> Loaded:
     """Defaults < config file < VERISPEC_* environment < flags, for `Settings` (generate, serve, ...)
-    or another command's settings. Bad values raise UserError."""
-    file_values = _read_config_file(config_file) if config_file else {}
+    or another command's settings. A setting's other names (`AlsoNamed`) count as its own in the
+    file and the environment. Bad values raise UserError."""
+    file_values = _field_names(_read_config_file(config_file), cls, f"config file {config_file}") if config_file else {}
+    env_values = _other_names_in_environment(cls)
 
     class _Layered(cls):
         @classmethod
         def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
-            return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
+            by_other_names = InitSettingsSource(settings_cls, env_values)  # VERISPEC_MAX_TOKENS and the like
+            return (init_settings, env_settings, by_other_names, InitSettingsSource(settings_cls, file_values))
 
     try:
         layered = _Layered(**flags)
     except ValidationError as exc:
-        raise UserError(describe_validation_error(exc)) from None
+        raise UserError(describe_validation_error(exc, cls)) from None
     except SettingsError as exc:  # a variable that is not the JSON its field's type needs
         raise UserError(f"{exc}; check the VERISPEC_* environment variables") from None
     return cls.model_construct(**layered.model_dump())
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One message per bad field, named as a flag (env vars and config keys map to flags one to one),
-    in the user's terms: a union's branches merged into the forms it takes (see `validation.py`)."""
+def describe_validation_error(exc: ValidationError, cls: type[BaseModel] | None = None) -> str:
+    """One message per bad field, named as a flag (env vars and config keys map to flags one to one;
+    with `cls`, a field's first other name, the one --help shows first), in the user's terms: a
+    union's branches merged into the forms it takes (see `validation.py`)."""
     from verispec.validation import problems
 
     parts = []
     for problem in problems(exc):
         field = ".".join(str(p) for p in problem.location if not isinstance(p, int)) or "value"
+        if cls is not None and field in cls.model_fields:
+            field = (*also_named(cls.model_fields[field]), field)[0]
         parts.append(f"--{field.replace('_', '-')}: {problem.message} (got {problem.input!r})")
     return "; ".join(parts)
+
+
+def _field_names(values: dict[str, Any], cls: type[BaseModel], where: str) -> dict[str, Any]:
+    """`values` with each setting given by another of its names (`AlsoNamed`) under its field's name."""
+    out = dict(values)
+    for name, field in cls.model_fields.items():
+        for other in also_named(field):
+            if other in out:
+                if name in out:
+                    raise UserError(f"{where}: {other} and {name} name the same setting; give one")
+                out[name] = out.pop(other)
+    return out
+
+
+def _other_names_in_environment(cls: type[BaseModel]) -> dict[str, str]:
+    """The settings given in the environment by another of their names (`VERISPEC_MAX_TOKENS`), by
+    field name. Both names set is refused: which one wins would be a guess."""
+    prefix = (cls.model_config.get("env_prefix") or "").upper()
+    environment = {key.upper(): value for key, value in os.environ.items()}
+    values = {}
+    for name, field in cls.model_fields.items():
+        for other in also_named(field):
+            variable, own = prefix + other.upper(), prefix + name.upper()
+            if variable in environment:
+                if own in environment:
+                    raise UserError(f"{variable} and {own} name the same setting; set one")
+                values[name] = environment[variable]
+    return values
 
 
 _CONFIG_FORMATS = {

@@ -49,9 +49,16 @@ class ServerSettings(BaseModel):
         "checkers (module:function); see deploy/policy/rules.example.yaml",
     )
     verify_idle_s: float = Field(
-        30.0, gt=0.0, description="verify API: a session idle this long between rounds expires (its slot and KV are freed)"
+        30.0, gt=0.0, description="verify API: a session idle this long between rounds expires (its KV is freed)"
     )
     verify_max_drafts: int = Field(16, ge=1, le=64, description="verify API: most draft tokens a client may send in one round")
+    verify_max_sessions: int = Field(
+        4, ge=1, description="verify API: most sessions one API key may hold open at once; past it: 429 until one ends"
+    )
+    verify_client_probs: bool = Field(
+        True, description="verify API: take the draft distributions clients report (draft_probs); off: greedy and "
+        "point-mass drafts only, so that no acceptance rests on a client's word",
+    )
     breaker_min_acceptance: float = Field(
         0.1, ge=0.0, le=1.0, description="circuit breaker: turn speculation off when the rolling acceptance rate falls below this"
     )

@@ -1,4 +1,5 @@
-"""Values as settings take them: a depth, repeatable text, a comma-separated list, a size in bytes."""
+"""Values as settings take them: a depth, repeatable text, a comma-separated list, a size in bytes;
+and the other names a setting may go by."""
 
 from __future__ import annotations
 
@@ -6,7 +7,24 @@ import json
 import re
 from typing import Any, Literal
 
+from pydantic.fields import FieldInfo
+
 Depth = int | Literal["auto"]
+
+
+class AlsoNamed:
+    """A setting's other names, as metadata of its field (`Annotated[int, AlsoNamed("max_tokens")]`).
+    Each is as good as the field's own name, as a flag (`--max-tokens`), a `VERISPEC_*` variable and
+    a config-file key; flags, --help and the CLI reference list them first, as the names to use (the
+    field's own stays for the code, and for those who know it)."""
+
+    def __init__(self, *names: str):
+        self.names = names
+
+
+def also_named(field: FieldInfo) -> tuple[str, ...]:
+    """The other names of a settings field (see `AlsoNamed`), or ()."""
+    return next((m.names for m in field.metadata if isinstance(m, AlsoNamed)), ())
 
 
 def strings(value: Any) -> Any:

@@ -2,14 +2,17 @@
 
 - Admission: a waiting request joins while fewer than `max_running` run and the cache has blocks
   for its whole prompt (after the prefix cache's share) plus one spare block per running request.
+  Parked requests (verify-API sessions waiting for their clients' drafts) take no slot; their
+  blocks are the first to go when a request needs them, and a parked request that lost them waits
+  for its drafts before it is admitted again.
 - Rounds: every running request past its prompt runs one round; depths come from the engine
   (`BatchEngine.choose_depths`: configured, or by the batch's goodput).
 - Chunked prefill: prompts get rows, oldest first, up to `max_pass_tokens` when nothing else
   runs; beside running rounds only as many as keep the pass within `prefill_slowdown` times the
   measured cost of those rounds alone, so a long prompt shares passes with running streams and
   never stalls them for more than one small chunk's cost.
-- Preemption: when blocks run out, the newest running request gives all its blocks back and waits
-  first in line, to be recomputed later (its verified tokens are kept: recomputing them gives the
+- Preemption: when blocks run out, a parked request gives its blocks back first, else the newest
+  running request gives all its blocks back and waits first in line, to be recomputed later (its verified tokens are kept: recomputing them gives the
   same bits); nobody is failed. The oldest request always makes progress.
 """
 
@@ -58,11 +61,15 @@ def plan_pass(engine: BatchEngine) -> Plan:
 
 
 def _admit(engine: BatchEngine) -> None:
-    while engine.waiting and len(engine.running) < engine.max_running:
-        request = engine.waiting[0]
-        if not engine.admit(request):
+    for request in [r for r in engine.waiting if not r.parked]:  # a parked one waits for its drafts
+        if engine.active >= engine.max_running:
             return
-        engine.waiting.pop(0)
+        while not engine.admit(request):
+            parked = [r for r in engine.running if r.parked and r.table.blocks]
+            if not parked:
+                return
+            engine._preempt(max(parked, key=lambda r: r.order))  # a parked session's blocks go first
+        engine.waiting.remove(request)
         engine.running.append(request)
 
 
@@ -74,7 +81,7 @@ def _reserve(engine: BatchEngine, plan: Plan, request: BatchRequest, positions: 
             request.table.reserve(positions)
             return True
         except OutOfBlocks:
-            victim = max(engine.running, key=lambda r: r.order)
+            victim = max(engine.running, key=lambda r: (r.parked, r.order))  # parked sessions first
             engine._preempt(victim)
             plan.preempted.append(victim)
             if victim is request:

@@ -3,8 +3,8 @@
 The client drafts with its own model (or n-gram table) next to the user and sends up to k drafts
 per round, with the distributions it drew them from when it samples. The server keeps the
 request's KV between rounds and runs a round only once the client's drafts for it have arrived;
-in between the request is parked: it holds its slot and its cache blocks but takes no rows in a
-verifier pass.
+in between the request is parked: it takes no rows in a verifier pass and holds no running slot;
+its cache blocks stay while memory allows and are the first to go when it runs short.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ log = logging.getLogger("verispec.scale")
 APP_NAME = "verispec"
 NAMESPACE = "verispec"  # of the Ray actors the replicas share
 DEPLOYMENT = "verispec"
+ROUTER = "verispec.scale.router:SessionRouter"
 
 
 def settings_payload(settings: Settings) -> dict[str, Any]:
@@ -64,6 +65,8 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
         "graceful_shutdown_timeout_s": settings.grace_s,
         "health_check_period_s": 5.0,
         "health_check_timeout_s": 30.0,
+        # A verify session's rounds go to the replica that holds it (verispec.scale.sessions).
+        "request_router_config": {"request_router_class": ROUTER},
     }
     if bounds:
         low, high = bounds

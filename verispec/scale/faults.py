@@ -12,7 +12,9 @@ serve --replicas` sets and `deploy/` sets for clusters) and, for the API's paths
 - answers an OpenAI-shaped 503 with Retry-After once the retries are spent, and in OpenAI's
   shape too when Ray refuses for back-pressure or times a request out;
 - ends a stream cut mid-way with an in-band error event (status 503, as the server does for
-  errors after the first token), never with `[DONE]`: the client knows it was not acknowledged.
+  errors after the first token), never with `[DONE]`: the client knows it was not acknowledged;
+- puts a verify round's session id in Ray's session header, for the deployment's router to send
+  the round to the replica that holds the session (`sessions.py`).
 
 A response the replica made itself (JSON errors included) passes through untouched.
 """
@@ -26,6 +28,7 @@ import os
 
 from starlette.middleware import Middleware
 
+from verispec.scale.sessions import VERIFY_PATH, with_session_header
 from verispec.server.errors import APIError, retry_later
 
 log = logging.getLogger("verispec.scale")
@@ -104,6 +107,8 @@ class ReplicaFaults:
             await self.app(scope, receive, send)
             return
         kept, whole = await self._read_body(receive)
+        if whole and scope["path"] == VERIFY_PATH:  # a round goes to the replica that holds its session
+            scope = with_session_header(scope, kept)
         for attempt_no in range(RETRIES + 1):
             attempt = _Attempt(send)
             try:

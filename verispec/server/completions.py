@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from transformers import PreTrainedTokenizerBase
 
+from verispec.audit.outcomes import Outcome
 from verispec.audit.records import utc_now
 from verispec.core.engine import Delta
 from verispec.server.errors import APIError, bad_request
@@ -101,7 +102,7 @@ def completion_routes(state: State, authorize: Callable[[Request], Awaitable[str
         finish = functools.partial(state.conclude, underway)
         await state.submit(service, underway)
         request.state.job = job
-        reply = Reply(underway, request, state.policy.gate() if state.policy is not None else None, state.metrics)
+        reply = Reply(underway, request, state.policy.gate(context=prompt_text) if state.policy is not None else None, state.metrics, service.tokenizer)
         shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + request_id, state.model_name)
         with_stats = body.speculation_stats if body.speculation_stats is not None else state.server.speculation_stats
         headers = getattr(request.state, "extra_headers", {})
@@ -213,9 +214,9 @@ def _draft_text(tokenizer: PreTrainedTokenizerBase, context: list[int], drafts: 
     return after[len(before):] if after.startswith(before) else tokenizer.decode(drafts)
 
 
-def _outcome_of_finish(delta: Delta) -> str:
+def _outcome_of_finish(delta: Delta) -> Outcome:
     return "content_filter" if delta.finish_reason == "content_filter" else "ok"
 
 
-def _outcome_of(exc: APIError) -> str:
+def _outcome_of(exc: APIError) -> Outcome:
     return {504: "deadline", 503: "cancelled"}.get(exc.status, "error")

@@ -34,10 +34,10 @@ class RequestContext:
             return
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-        if request_id == given and self.state.redactor.findings(given):
-            # It looks like a secret or personal data: adopting it would put it in logs and records.
+        if request_id == given and self.state.redactor.identifier_findings(given):
+            # It holds a secret or an e-mail address: adopting it would put that in logs and records.
             request_id = uuid.uuid4().hex
-            log.warning("x-request-id not adopted: the redactor finds personal data or a secret in it; using %s", request_id)
+            log.warning("x-request-id not adopted: the redactor finds a secret or an e-mail address in it; using %s", request_id)
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
         status: int | None = None

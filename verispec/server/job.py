@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from verispec.audit.outcomes import Outcome
 from verispec.config import Depth, SamplingParams
 from verispec.core.engine import Delta, SpeculativeEngine
 from verispec.proposers.remote import RemoteDrafts
@@ -65,12 +66,13 @@ class Job:
     stream: Iterator[Delta] | None = None  # interleaved: the engine's generator for this job
     request: object = None  # batched: its BatchRequest in the core
     remote: RemoteDrafts | None = None  # a verify-API session: its edge client proposes
+    offered: object = None  # a parked session's next drafts (a Proposal), while its round waits for a slot
     provisional: bool = False  # the client wants each round's drafts before their verdict
     cancelled: bool = False
-    cancel_outcome: str = "cancelled"  # what the cancellation is counted as
-    outcome: str | None = None  # ok, cancelled, deadline, error, expired, content_filter
+    cancel_outcome: Outcome = "cancelled"  # what the cancellation is counted as
+    outcome: Outcome | None = None  # set once, by the scheduler, when the job ends
 
-    def cancel(self, outcome: str = "cancelled") -> None:
+    def cancel(self, outcome: Outcome = "cancelled") -> None:
         """Ask the engine thread to drop this job: the client went away (or, with another outcome,
         its session expired, or the policy gate stopped it)."""
         if not self.cancelled:

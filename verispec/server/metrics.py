@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from verispec.audit.outcomes import OUTCOMES
 from verispec.config import ServerSettings
 from verispec.core.drift import Inspection
 from verispec.core.engine import Round
@@ -241,8 +242,9 @@ class ServerMetrics:
         for endpoint in endpoints:
             for status in (200, 400, 401, 404, 429, 499, 500, 503, 504):
                 self.requests(endpoint, status)
-        for outcome in ("ok", "cancelled", "deadline", "error", "rejected", "expired", "content_filter"):
-            self.outcome(outcome)
+        for outcome in OUTCOMES:
+            if outcome != "fallback":  # the audit trail's: the engine thread counts those as ok
+                self.outcome(outcome)
         for reason in ("stop", "length"):
             self.success(reason)
         for state in BreakerState:

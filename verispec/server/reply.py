@@ -4,7 +4,9 @@ for a client that asked for it, provisional drafts before their verdict.
 `Reply.next()` is the handler's one read of a job's events. The policy gate sees verified text
 only, never drafts; text reaches the client only once the gate has passed it, so a blocked match
 is never sent, logged or audited (the handlers keep and conclude with released text only). On a
-blocking finding the reply ends with `finish_reason: "content_filter"` and the job is stopped.
+blocking finding the reply ends with `finish_reason: "content_filter"` and the job is stopped;
+its statistics then count only the tokens whose text was sent (`sent_tokens`), in the usage the
+client reads and in the record alike.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 from dataclasses import replace
 
 from fastapi import Request
+from transformers import PreTrainedTokenizerBase
 
 from verispec.core.engine import Delta
 from verispec.errors import UserError
@@ -21,8 +24,7 @@ from verispec.server import errors
 from verispec.server.errors import APIError, bad_request, retry_later
 from verispec.server.job import Cancelled, DeadlineExceeded, Job, Provisional
 from verispec.server.metrics import ServerMetrics
-from verispec.server.underway import Underway
-from verispec.stats import RequestStats
+from verispec.server.underway import Underway, stats_so_far
 
 
 class ClientGone(Exception):
@@ -30,10 +32,14 @@ class ClientGone(Exception):
 
 
 class Reply:
-    def __init__(self, underway: Underway, request: Request | None, gate: PolicyGate | None, metrics: ServerMetrics):
+    def __init__(self, underway: Underway, request: Request | None, gate: PolicyGate | None, metrics: ServerMetrics,
+                 tokenizer: PreTrainedTokenizerBase | None = None):
         self.underway, self.job, self.request = underway, underway.job, request
-        self.gate, self.metrics = gate, metrics
+        self.gate, self.metrics, self.tokenizer = gate, metrics, tokenizer
         self.text: list[str] = []  # released text: all the client has been sent, and all that is recorded
+        self.token_ids: list[int] = []  # every verified token the job emitted, released or not
+        self.emitted = 0  # characters of verified text the job emitted, before the gate
+        underway.sent_tokens = self.sent_tokens
 
     @property
     def released(self) -> str:
@@ -44,9 +50,31 @@ class Reply:
         each second."""
         item = await _next_event(self.job, self.request)
         if isinstance(item, Delta):
+            self.token_ids += item.token_ids
+            self.emitted += len(item.text)
             item = self._gated(item)
             self.text.append(item.text)
+            if item.finish_reason == "content_filter":
+                item = replace(item, stats=replace(item.stats, generated_tokens=self.sent_tokens()))
         return item
+
+    def sent_tokens(self) -> int:
+        """Tokens the client was sent: every one emitted, unless the gate kept text back or stopped
+        the reply, then the most whose text lies whole within the released text."""
+        released = sum(len(t) for t in self.text)
+        if released >= self.emitted:
+            return len(self.token_ids)
+        if self.tokenizer is None:
+            return 0 if not released else len(self.token_ids)
+        decode = self.tokenizer.decode
+        low, high = 0, len(self.token_ids)
+        while low < high:  # the text of a prefix of the tokens only grows with it
+            mid = (low + high + 1) // 2
+            if len(decode(self.token_ids[:mid], skip_special_tokens=True)) <= released:
+                low = mid
+            else:
+                high = mid - 1
+        return low
 
     async def next_verified(self) -> Delta:
         while not isinstance(item := await self.next(), Delta):
@@ -70,15 +98,7 @@ class Reply:
         findings.append(violation)
         self.metrics.policy_finding(violation.rule, violation.action).inc()
         self.job.cancel("content_filter")  # the engine drops it at its next pass
-        return replace(delta, text=released, finish_reason="content_filter", stats=delta.stats or _stats_so_far(self.underway))
-
-
-def _stats_so_far(underway: Underway) -> RequestStats:
-    """A stopped request's statistics: the batched core's live figures, or what the handler saw."""
-    request = underway.job.request
-    if request is not None and getattr(request, "stats", None) is not None:
-        return request.stats
-    return RequestStats(prompt_tokens=len(underway.prompt_ids), generated_tokens=underway.job.generated)
+        return replace(delta, text=released, finish_reason="content_filter", stats=delta.stats or stats_so_far(self.underway))
 
 
 async def _next_event(job: Job, request: Request | None) -> Delta | Provisional:

@@ -1,8 +1,11 @@
 """Admission control and the engine thread.
 
 Requests wait in a bounded queue for one of `max_running` slots; past the queue's bound they are
-refused at once (the server answers 503), so overload never builds an unbounded backlog. One
-thread owns the engine. Verified tokens go back to the request's asyncio queue as they are
+refused at once (the server answers 503), so overload never builds an unbounded backlog. A
+verify-API session between rounds is parked: it holds no slot (its KV stays in the core while
+memory allows, and goes first when memory runs short), and its next round queues for a slot like
+any request, behind those already waiting, so no key's sessions keep another key's requests
+waiting. One thread owns the engine. Verified tokens go back to the request's asyncio queue as they are
 accepted. Two ways to run the requests:
 
 - batched (the lean backend, by default): every engine step advances all running requests by one
@@ -117,9 +120,12 @@ class Scheduler:
             self._cv.notify()
 
     def offer(self, job: Job, proposal: Proposal) -> None:
-        """A verify-API session's drafts for its next round."""
+        """A verify-API session's drafts for its next round: the session queues for a slot again,
+        behind the requests already waiting (a parked session holds none)."""
         with self._cv:
-            job.remote.pending = proposal
+            job.offered = proposal
+            self._waiting.append(job)
+            self._publish_load()
             self._cv.notify()
 
     @property
@@ -129,7 +135,14 @@ class Scheduler:
 
     @property
     def busy(self) -> int:
-        return len(self._running) + len(self._waiting)
+        """Requests holding or waiting for a slot (parked sessions hold none)."""
+        return self.active + len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        """Running requests that hold a slot: all but the parked verify sessions and the cancelled
+        (which the next pass ends)."""
+        return sum(not job.parked and not job.cancelled for job in self._running)
 
     def drain(self, grace_s: float) -> None:
         """Stop admitting; let in-flight work finish for up to `grace_s`, then cancel the rest."""
@@ -142,7 +155,7 @@ class Scheduler:
                     break
                 self._cv.wait(timeout=min(left, 0.1))
             for job in [*self._running, *self._waiting]:
-                log.warning("request %s cancelled: shutdown grace period of %gs is over", job.request_id, grace_s)
+                log.warning("request %s cancelled: the shutdown grace period (--grace-s %g) is over", job.request_id, self.server.grace_s)
                 job.cancel()
             self._stopped = True
             self._cv.notify_all()
@@ -214,8 +227,11 @@ class Scheduler:
     def _admit(self) -> None:
         """Start queued jobs: an engine stream each (interleaved), or a request in the batched core,
         which admits it to passes as KV memory allows."""
-        while self._waiting and len(self._running) < self.server.max_running:
+        while self._waiting and self.active < self.server.max_running:
             job = self._waiting.popleft()
+            if job.offered is not None:  # a parked session's next round: it is in the core already
+                job.remote.pending, job.offered = job.offered, None
+                continue
             job.admitted = time.monotonic()
             job.speculate = self.breaker.speculating() or not job.guarded
             engine = job.engine or self.engine
@@ -344,7 +360,7 @@ class Scheduler:
         with self._cv:
             if job in self._running:
                 self._running.remove(job)
-            elif job in self._waiting:
+            if job in self._waiting:  # a session's next round may wait while the session runs
                 self._waiting.remove(job)
             self._publish_load()
             self._cv.notify_all()
@@ -362,7 +378,7 @@ class Scheduler:
         return self.depth_cap()
 
     def _publish_load(self) -> None:
-        self.metrics.running.set(len(self._running))
+        self.metrics.running.set(self.active)
         self.metrics.waiting.set(len(self._waiting))
         self.metrics.depth_cap.set(self.depth_cap())
 

@@ -17,6 +17,7 @@ from fastapi import Request
 from transformers import PreTrainedTokenizerBase
 
 from verispec.assemble import resolve_models
+from verispec.audit.outcomes import Outcome
 from verispec.audit.records import Auditor, Finished, Identity
 from verispec.audit.redact import Redactor
 from verispec.audit.store import AuditStore
@@ -91,7 +92,7 @@ class State:
             log.info("policy gate: %d rules from %s, holding back %d characters", len(self.policy.names), self.server.policy, self.policy.hold_back)
             for rule in self.policy.rules:  # every series from zero, so that the alert sees the first finding
                 self.metrics.policy_finding(rule.name, rule.action)
-        self.sessions = Sessions(self.server.verify_idle_s)
+        self.sessions = Sessions(self.server.verify_idle_s, self.server.verify_max_sessions)
         self.started = process_started()
         self.metrics.process_start.set(self.started)
         self._background: set[asyncio.Task] = set()
@@ -143,7 +144,7 @@ class State:
             await self.conclude(underway, "rejected", 503, error=str(exc))
             raise retry_later(503, str(exc), exc.retry_after_s, code="overloaded") from None
 
-    async def conclude(self, underway: Underway, outcome: str, status: int, delta: Delta | None = None, text: str = "",
+    async def conclude(self, underway: Underway, outcome: Outcome, status: int, delta: Delta | None = None, text: str = "",
                        error: str | None = None, wait: bool = False) -> bool:
         """A request's span, log line and audit record (`underway.conclude`); the first request
         served sets the cold-start figure."""
@@ -240,27 +241,33 @@ class State:
             params = body.sampling(max_new)
         except ValueError as exc:
             raise bad_request(f"invalid sampling settings: {exc}") from None
-        limits = await self.limiter.acheck(key_id, len(prompt_ids) + max_new) if self.limiter.enabled else None
-        if limits is not None:
-            request.state.extra_headers = limits.headers
-            if not limits.allowed:
-                raise retry_later(429, limits.reason, limits.retry_after_s, code="rate_limit_exceeded", headers=limits.headers)
+        await self.charge(request, key_id, len(prompt_ids) + max_new)
         return params
+
+    async def charge(self, request: Request, key_id: str, tokens: int) -> None:
+        """Take one request and `tokens` tokens from the key's rate limits, or answer 429."""
+        if not self.limiter.enabled:
+            return
+        limits = await self.limiter.acheck(key_id, tokens)
+        request.state.extra_headers = limits.headers
+        if not limits.allowed:
+            raise retry_later(429, limits.reason, limits.retry_after_s, code="rate_limit_exceeded", headers=limits.headers)
 
     def allow_provisional(self, body, service: Service) -> None:
         """Provisional text is unverified drafts, sent as they are made: only when streaming, only
         from the batched engine (whose step hands drafts out before it scores them), and never
-        under a policy that holds text back (drafts would pass its gate unseen)."""
+        under a policy with a blocking rule (drafts would pass its gate unseen, and the verdict
+        would confirm them, even where the rule holds nothing back)."""
         if not body.stream:
             raise bad_request("provisional text is streamed: set stream to true", param="provisional")
         if service.scheduler.batch is None:
             raise bad_request(
                 "provisional text needs the batched engine; this server runs --scheduler interleaved", param="provisional"
             )
-        if self.policy is not None and self.policy.needs_hold_back:
+        if self.policy is not None and self.policy.blocks:
             raise bad_request(
-                "provisional text is refused under this server's policy: it holds verified text back until its rules "
-                "have passed it, and drafts would reach you unchecked; stream without provisional",
+                "provisional text is refused under this server's policy: it has blocking rules, and drafts would reach "
+                "you before its gate has seen them; stream without provisional",
                 param="provisional", code="policy_forbids_provisional",
             )
 

@@ -5,16 +5,20 @@ before they were queued (`conclude_refused`)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from verispec.audit.outcomes import Outcome
 from verispec.audit.records import Finished
 from verispec.config import SamplingParams
 from verispec.core.engine import Delta
 from verispec.server.job import Job
+from verispec.stats import RequestStats
 
 if TYPE_CHECKING:
     from verispec.policy import Violation
@@ -37,17 +41,32 @@ class Underway:
     arrived: datetime  # UTC, for the record
     edge: dict[str, Any] | None = None  # a verify session's round trips and bytes
     findings: list[Violation] = field(default_factory=list)  # the policy gate's, block and flag
+    sent_tokens: Callable[[], int] | None = None  # tokens the client was sent so far (its Reply's count)
+
+
+def stats_so_far(underway: Underway) -> RequestStats:
+    """A request's statistics when it ends without a last delta (closed, expired, cancelled, stopped
+    by the gate): the batched core's live figures, or what the handler saw."""
+    job = underway.job
+    if job.stats is not None:
+        return job.stats
+    request = job.request
+    if request is not None and getattr(request, "stats", None) is not None:
+        return copy.deepcopy(request.stats)  # the engine thread may still be finishing its round
+    return RequestStats(prompt_tokens=len(underway.prompt_ids), generated_tokens=job.generated)
 
 
 async def conclude(
-    state: State, underway: Underway, outcome: str, status: int, delta: Delta | None = None, text: str = "",
+    state: State, underway: Underway, outcome: Outcome, status: int, delta: Delta | None = None, text: str = "",
     error: str | None = None, wait: bool = False,
 ) -> bool:
     """Metrics aside (the scheduler counts), everything a finished request leaves behind: its span,
     its log line and its audit record. `text` is what the client received, never more. With
     `wait`: whether the record is committed, that is, whether the response may be acknowledged."""
     job = underway.job
-    stats = delta.stats if delta is not None else job.stats
+    stats = delta.stats if delta is not None else stats_so_far(underway)
+    if underway.sent_tokens is not None and stats.generated_tokens != (sent := underway.sent_tokens()):
+        stats = replace(stats, generated_tokens=sent)  # the record counts what the client was sent
     if outcome == "ok" and stats is not None and stats.fallback_rounds:
         outcome = "fallback"
     finish_reason = delta.finish_reason if delta is not None else None
@@ -64,7 +83,7 @@ async def conclude(
         "gen_ai.response.model": state.model_name,
         "gen_ai.response.finish_reasons": [finish_reason] if finish_reason else None,
         "gen_ai.usage.input_tokens": len(underway.prompt_ids),
-        "gen_ai.usage.output_tokens": job.generated,
+        "gen_ai.usage.output_tokens": stats.generated_tokens,
         "verispec.outcome": outcome,
         "verispec.proposer.name": identity.proposer if identity else None,
         "verispec.proposer.version": identity.proposer_version if identity else None,
@@ -90,7 +109,7 @@ async def conclude(
         ttft if outcome in ("ok", "fallback") else None, tpot,
     )
     fields = {"key_id": underway.key_id, "outcome": outcome, "status": status, "prompt_tokens": len(underway.prompt_ids),
-              "completion_tokens": job.generated, "latency_s": round(latency, 4),
+              "completion_tokens": stats.generated_tokens, "latency_s": round(latency, 4),
               "ttft_s": None if ttft is None else round(ttft, 4),
               "acceptance_rate": stats.acceptance_rate if stats is not None else None}
     if blocked is not None:

@@ -11,10 +11,20 @@ proposer; the server runs only the verifier. One `POST /v1/verify` is one round:
 - each answer gives the accepted count and the tokens that extend the verified context (the
   accepted drafts and the recovered or bonus token), decided by the engine's own acceptance rule.
 
-The session keeps its KV on the server between rounds, holds a running slot like a request (it
-counts against admission), expires after `--verify-idle-s` without a round, and leaves one audit
-record when it ends. A round whose answer was lost on the way (a timeout, a hang-up) can be sent
-again: the same position and drafts get the same answer, without a second round.
+Between rounds a session is parked: it holds no running slot (its next round queues for one like
+any request) and keeps its KV while memory allows. One API key holds at most
+`--verify-max-sessions` open sessions, and every round counts against the key's rate limits (one
+request, and its drafts as tokens). A session expires after `--verify-idle-s` without a round and
+leaves one audit record when it ends, however it ends, with the tokens the client received.
+
+Retries are safe: a round whose answer was lost on the way (a timeout, a hang-up) can be sent
+again, and the same position and drafts get the same answer without a second round; an opening
+sent with an `Idempotency-Key` header and lost on the way gets the same session back.
+
+Sampled drafts with `draft_probs` are accepted by the distributions the client reports: a client
+that misreports them biases the output, which the server cannot see. The session's record says
+that acceptance relied on client-reported probabilities, and `--no-verify-client-probs` refuses
+them (greedy and point-mass drafts only: those are exact whatever the client does).
 """
 
 from __future__ import annotations
@@ -23,7 +33,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,6 +45,7 @@ from pydantic import Field, StrictFloat, StrictInt
 from verispec.audit.records import utc_now
 from verispec.proposers.base import Proposal
 from verispec.proposers.remote import RemoteDrafts
+from verispec.scale.sessions import new_session_id
 from verispec.server.errors import APIError, bad_request
 from verispec.server.job import Job
 from verispec.server.openapi import VERIFY_RESPONSES
@@ -52,6 +62,7 @@ log = logging.getLogger("verispec.server")
 
 _TOMBSTONES = 4096  # ended sessions remembered, so that a late call hears why (410), not "unknown" (404)
 _FIXED = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+_IDEMPOTENCY_KEY = "idempotency-key"
 
 
 class DraftDistribution(_Part):
@@ -81,6 +92,7 @@ class Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     rounds: int = 0
     bytes: int = 0
+    client_prob_rounds: int = 0  # rounds accepted by distributions the client reported
     last: tuple[int, tuple[int, ...], dict] | None = None  # (position before, drafts, answer) of the last round
 
     @property
@@ -88,13 +100,34 @@ class Session:
         return self.underway.job
 
 
-class Sessions:
-    """Open sessions by id, each bound to the API key that opened it, and the recently ended."""
+@dataclass
+class Opening:
+    """An opening sent with an Idempotency-Key: what identifies its body, and its answer once made."""
 
-    def __init__(self, idle_s: float):
+    body: str
+    answered: asyncio.Future  # the opening round's answer (a dict), or None when the opening failed
+
+
+class Sessions:
+    """Open sessions by id, each bound to the API key that opened it, the recently ended, and the
+    recent openings by idempotency key."""
+
+    def __init__(self, idle_s: float, max_per_key: int):
         self.idle_s = idle_s
+        self.max_per_key = max_per_key
         self.open: dict[str, Session] = {}
         self.ended: OrderedDict[str, tuple[str, str, tuple | None]] = OrderedDict()  # id -> (key_id, why, last round)
+        self.openings: OrderedDict[tuple[str, str], Opening] = OrderedDict()  # (key_id, idempotency key) -> opening
+        self.opening: dict[str, int] = {}  # key_id -> openings under way, which count against its cap
+
+    def held(self, key_id: str) -> int:
+        """Sessions a key holds open or is opening."""
+        return sum(s.key_id == key_id for s in self.open.values()) + self.opening.get(key_id, 0)
+
+    def remember(self, key: tuple[str, str], opening: Opening) -> None:
+        self.openings[key] = opening
+        while len(self.openings) > _TOMBSTONES:
+            self.openings.popitem(last=False)
 
     def replay(self, session_id: str, key_id: str, position: int | None, drafts: tuple[int, ...]) -> dict | None:
         """The answer to a round sent again, the last one of a session (open or just finished)."""
@@ -152,18 +185,26 @@ def verify_routes(state: State, authorize) -> APIRouter:
                 raise bad_request(f"{name} is not used by the verify API: the client drafts, as deep as it likes", param=name)
         if service.scheduler.batch is None:
             raise bad_request("the verify API needs the batched engine; this server runs --scheduler interleaved")
-        if state.policy is not None and state.policy.needs_hold_back:
+        if state.policy is not None and state.policy.blocks:
             raise bad_request(
-                "the verify API is refused under this server's policy: it holds verified text back until its rules have "
-                "passed it, and a round's tokens are sent as soon as they are verified", code="policy_forbids_verify",
+                "the verify API is refused under this server's policy: it has blocking rules, and a round's tokens go to "
+                "the client as soon as they are verified, and its accepted count would confirm drafts the gate blocks",
+                code="policy_forbids_verify",
             )
-        size = len(await request.body())
+        raw = await request.body()
+        size = len(raw)
         if body.session_id is None:
             if body.prompt is None:
                 raise bad_request("send a prompt to open a session, or a session_id to continue one", param="prompt")
-            return await _open(body, request, service, key_id, size)
+            idempotency = request.headers.get(_IDEMPOTENCY_KEY)
+            if idempotency is None:
+                return _with_limits(await _open(body, request, service, key_id, size), request)
+            return _with_limits(await _open_once(body, request, service, key_id, size, idempotency), request)
+        if request.headers.get(_IDEMPOTENCY_KEY) is not None:
+            raise bad_request("Idempotency-Key is for openings; a round is made safe to retry by its position", param=_IDEMPOTENCY_KEY)
         if given := [name for name in _FIXED if getattr(body, name) is not None]:
-            raise bad_request(f"{', '.join(given)} are fixed when a session opens; send only drafts with a session_id", param=given[0])
+            verb = "is" if len(given) == 1 else "are"
+            raise bad_request(f"{', '.join(given)} {verb} fixed when a session opens; send only drafts with a session_id", param=given[0])
         if (answer := sessions.replay(body.session_id, key_id, body.position, tuple(body.drafts))) is not None:
             request.state.audited = True  # the session's record covers its rounds
             return JSONResponse(answer)  # a round sent again: its answer was lost on the way
@@ -171,9 +212,52 @@ def verify_routes(state: State, authorize) -> APIRouter:
         if session.lock.locked():
             raise APIError(409, "a round of this session is in flight; send the next one after its answer", code="round_in_flight")
         async with session.lock:
-            return await _continue(session, body, request, service, size)
+            return _with_limits(await _continue(session, body, request, service, size), request)
 
-    async def _open(body: VerifyRequest, request: Request, service: Service, key_id: str, size: int) -> Response:
+    async def _open_once(body: VerifyRequest, request: Request, service: Service, key_id: str, size: int, idempotency: str) -> Response:
+        """An opening that may be a retry: the same key and body get the first opening's answer,
+        never a second session."""
+        if not 0 < len(idempotency) <= 128 or not idempotency.isprintable():
+            raise bad_request("Idempotency-Key must be 1 to 128 printable characters", param=_IDEMPOTENCY_KEY)
+        key = (key_id, idempotency)
+        digest = body.model_dump_json(exclude={"close"})
+        while (earlier := sessions.openings.get(key)) is not None:
+            if earlier.body != digest:
+                raise APIError(
+                    422, "this Idempotency-Key opened a session with a different body; use a new key for a new session",
+                    code="idempotency_key_reused", param=_IDEMPOTENCY_KEY,
+                )
+            answer = await asyncio.shield(earlier.answered)
+            if answer is not None:
+                request.state.audited = True  # the first opening's record covers it
+                return JSONResponse(answer)
+            if sessions.openings.get(key) is earlier:  # it failed: this call opens in its place
+                del sessions.openings[key]
+        opening = Opening(digest, asyncio.get_running_loop().create_future())
+        sessions.remember(key, opening)
+        try:
+            response = await _open(body, request, service, key_id, size, opening)
+        finally:
+            if not opening.answered.done():
+                opening.answered.set_result(None)
+        return response
+
+    async def _open(body: VerifyRequest, request: Request, service: Service, key_id: str, size: int, opening: Opening | None = None) -> Response:
+        held = sessions.held(key_id)
+        if held >= sessions.max_per_key:
+            raise APIError(
+                429, f"this API key holds {held} open verify sessions, the most this server allows (--verify-max-sessions "
+                f"{sessions.max_per_key}); close one (\"close\": true) or let it finish", code="too_many_sessions",
+            )
+        sessions.opening[key_id] = sessions.opening.get(key_id, 0) + 1
+        try:
+            return await _open_session(body, request, service, key_id, size, opening)
+        finally:
+            sessions.opening[key_id] -= 1
+            if not sessions.opening[key_id]:
+                del sessions.opening[key_id]
+
+    async def _open_session(body: VerifyRequest, request: Request, service: Service, key_id: str, size: int, opening: Opening | None) -> Response:
         prompt_ids, prompt_text = await state.prompt(service, body.prompt)
         if not prompt_ids:
             raise bad_request("the prompt is empty", param="prompt")
@@ -190,7 +274,7 @@ def verify_routes(state: State, authorize) -> APIRouter:
         job = Job(request_id, prompt_ids, params, None, deadline, asyncio.get_running_loop())
         job.remote, job.proposer, job.pinned, job.guarded = RemoteDrafts(proposal), "edge", True, False
         job.keep_rounds = state.telemetry.enabled
-        session_id = "vs-" + uuid.uuid4().hex
+        session_id = new_session_id(state.cluster.replica if state.cluster is not None else None)  # routable to this replica
         span = state.telemetry.start_request("verify", request.headers, {
             "gen_ai.request.max_tokens": params.max_new_tokens, "gen_ai.request.temperature": params.temperature,
             "gen_ai.request.top_p": params.top_p, "gen_ai.request.top_k": params.top_k or None, "gen_ai.request.seed": params.seed,
@@ -200,12 +284,20 @@ def verify_routes(state: State, authorize) -> APIRouter:
         request.state.audited = True
         underway = Underway(request_id, key_id, "/v1/verify", "verify", job, prompt_ids, prompt_text, params, span, utc_now(), edge={})
         await state.submit(service, underway)
-        session = Session(session_id, key_id, underway, Reply(underway, None, state.policy.gate() if state.policy else None, metrics), len(prompt_ids))
+        gate = state.policy.gate(context=prompt_text) if state.policy else None
+        session = Session(session_id, key_id, underway, Reply(underway, None, gate, metrics, service.tokenizer), len(prompt_ids))
+        session.client_prob_rounds += proposal.probs is not None
         sessions.add(session)
         metrics.verify_sessions.inc()
         opened = {"prompt_token_ids": prompt_ids} if isinstance(body.prompt, str) else {}  # a client without the tokenizer
         async with session.lock:
-            return await _round(session, proposal, size, opened)
+            response = await _round(session, proposal, size, opened)
+            if opening is not None:
+                opening.answered.set_result(session.last[2])
+            if body.close and session.id in sessions.open:  # one round, then closed: nothing left parked
+                session.job.cancel()
+                await _end(session, "closed", "cancelled", 200)
+            return response
 
     async def _continue(session: Session, body: VerifyRequest, request: Request, service: Service, size: int) -> Response:
         if body.position is not None and body.position != session.position:
@@ -215,15 +307,22 @@ def verify_routes(state: State, authorize) -> APIRouter:
             )
         if session.id not in sessions.open:  # ended while this call waited for the lock
             sessions.get(session.id, session.key_id)
-        if body.close:
+        if body.close and not body.drafts:
             request.state.audited = True
             session.job.cancel()
             await _end(session, "closed", "cancelled", 200)
             return JSONResponse({"object": "verify.round", "session_id": session.id, "finish_reason": "closed", "position": session.position})
         proposal = _proposal(body, service, session.underway.params.greedy)
+        await state.charge(request, session.key_id, len(proposal.tokens))  # a round is a request of its key
         request.state.audited = True  # the session's record covers its rounds
+        if proposal.probs is not None:
+            session.client_prob_rounds += 1
         service.scheduler.offer(session.job, proposal)
-        return await _round(session, proposal, size)
+        response = await _round(session, proposal, size)
+        if body.close and session.id in sessions.open:  # the client's last round: answered, then closed
+            session.job.cancel()
+            await _end(session, "closed", "cancelled", 200)
+        return response
 
     async def _round(session: Session, proposal: Proposal, size: int, extra: dict | None = None) -> Response:
         """Wait for the round the drafts are in, and answer it."""
@@ -244,17 +343,21 @@ def verify_routes(state: State, authorize) -> APIRouter:
         proposed = round_.proposed if round_ is not None else 0
         accepted = round_.accepted if round_ is not None else 0
         metrics.client_drafts(session.key_id).inc(proposed)
-        metrics.client_accepted(session.key_id).inc(accepted)
-        answer: dict[str, Any] = {
-            "object": "verify.round", "session_id": session.id, "round": session.rounds, "proposed": proposed,
-            "accepted": accepted, "token_ids": token_ids, "text": delta.text, "position": session.position,
-            "finish_reason": delta.finish_reason, **(extra or {}),
-        }
+        answer: dict[str, Any] = {"object": "verify.round", "session_id": session.id, "round": session.rounds, "proposed": proposed}
+        if blocked:
+            # The gate stopped the text: nothing past the released text, not even how many of the
+            # drafts the verifier would have kept (that would confirm what the gate blocked).
+            answer.update(token_ids=[], text=delta.text, position=session.position, finish_reason="content_filter")
+        else:
+            metrics.client_accepted(session.key_id).inc(accepted)
+            answer.update(accepted=accepted, token_ids=token_ids, text=delta.text, position=session.position, finish_reason=delta.finish_reason)
+        answer.update(extra or {})
         if delta.finish_reason is None and session.job.remote.hint is not None:
             answer["depth_hint"] = session.job.remote.hint  # what pays best for the verifier
         if delta.finish_reason is not None:
-            answer["usage"] = usage(delta.stats)
-            answer["speculation_stats"] = speculation_stats(delta.stats, "edge")
+            answer["usage"] = usage(delta.stats)  # a blocked round's stats count the tokens sent only
+            if not blocked:
+                answer["speculation_stats"] = speculation_stats(delta.stats, "edge")
         body = json.dumps(answer, separators=(",", ":"))
         session.bytes += size + len(body)
         metrics.verify_round_bytes.observe(size + len(body))
@@ -273,6 +376,10 @@ def verify_routes(state: State, authorize) -> APIRouter:
         metrics.verify_round_trips.observe(session.rounds)
         rounds, sent = session.rounds, session.bytes
         session.underway.edge.update(round_trips=rounds, bytes=sent, bytes_per_round=round(sent / rounds) if rounds else 0)
+        if session.client_prob_rounds:
+            # Acceptance in these rounds rested on distributions the client reported, which the
+            # server cannot check: the record must not vouch for the text as the verifier's alone.
+            session.underway.edge.update(acceptance="client_reported_probs", client_prob_rounds=session.client_prob_rounds)
         return await state.conclude(session.underway, outcome, status, delta, session.reply.released, error=error, wait=wait)
 
     async def sweep() -> None:
@@ -293,12 +400,21 @@ def verify_routes(state: State, authorize) -> APIRouter:
     return router
 
 
+def _with_limits(response: Response, request: Request) -> Response:
+    """The key's rate-limit headers on a round's answer, as on any response that took from them."""
+    response.headers.update(getattr(request.state, "extra_headers", {}))
+    return response
+
+
 def _proposal(body: VerifyRequest, service: Service, greedy: bool) -> Proposal:
-    """The client's drafts as the acceptance rule takes them; a 400 for anything it cannot take."""
+    """The client's drafts as the acceptance rule takes them; a 400 for anything it cannot take.
+    Distributions that are point masses on their drafts are taken as no distributions: acceptance
+    then needs nothing of the client's word."""
     drafts = body.drafts
     target = service.engine.target
     vocab = target.vocab_size
-    limit = service.scheduler.server.verify_max_drafts
+    server = service.scheduler.server
+    limit = server.verify_max_drafts
     if len(drafts) > limit:
         raise bad_request(f"{len(drafts)} drafts in one round; this server takes at most {limit} (--verify-max-drafts)", param="drafts")
     if any(not 0 <= t < vocab for t in drafts):
@@ -328,4 +444,12 @@ def _proposal(body: VerifyRequest, service: Service, greedy: bool) -> Proposal:
         if row.get(token, 0.0) <= 0.0:
             raise bad_request(f"{where}: the draft token {token} has no probability in its own distribution", param="draft_probs")
         probs[i, torch.tensor(dist.ids)] = (values / total).float()
+    if bool((probs.max(dim=-1).values >= 1.0 - 1e-6).all()):  # point masses: the same as sending none
+        return Proposal(list(drafts))
+    if not server.verify_client_probs:
+        raise bad_request(
+            "this server takes no client-reported draft distributions (--no-verify-client-probs): send the drafts "
+            "without draft_probs (each is then taken as a point mass, which is exact whatever the client does)",
+            param="draft_probs", code="client_probs_refused",
+        )
     return Proposal(list(drafts), probs.to(target.device))

@@ -15,11 +15,11 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from verispec.config import command_config
+from verispec.config import AlsoNamed, command_config
 from verispec.errors import UserError
 from verispec.training.distill.data import SPLIT_EVAL_LIMIT, split_prompts
 from verispec.training.distill.evaluation import agreement, verifier_continuations
@@ -69,7 +69,7 @@ class DistillSettings(RunSettings):
     seq_len: int = Field(
         512, ge=1, description="tokens per training sequence (on-policy: prompt left-trimmed to fit)"
     )
-    max_new_tokens: int = Field(128, ge=1, description="on-policy continuation length")
+    max_new_tokens: Annotated[int, AlsoNamed("max_tokens")] = Field(128, ge=1, description="on-policy continuation length")
     lr: float = Field(5e-4, gt=0, description="peak learning rate")
     warmup: int | None = Field(None, ge=0, description="warm-up steps (default: a twentieth of --steps)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
