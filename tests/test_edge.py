@@ -292,6 +292,10 @@ def test_hostile_rounds_are_refused_and_the_session_goes_on(server, models, toke
         assert response.json()["error"]["message"]
         if code:
             assert response.json()["error"]["code"] == code
+    fixed = post(server, {**session, "temperature": 0.5, "top_k": 2, "drafts": []}).json()["error"]["message"]
+    assert fixed.startswith("temperature, top_k are fixed when a session opens")
+    fixed = post(server, {**session, "temperature": 0.5, "drafts": []}).json()["error"]["message"]
+    assert fixed.startswith("temperature is fixed when a session opens")
     # Someone else's session does not exist for them (and does not say it exists).
     response = post(server, {**session, "drafts": []}, key="bob")
     assert response.status_code == 404 and response.json()["error"]["code"] == "session_not_found"

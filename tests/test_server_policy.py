@@ -169,3 +169,36 @@ def test_the_queue_bound_holds_while_a_slot_is_briefly_free():
     assert refused.value.retry_after_s >= 1
     assert scheduler.busy == 4
     loop.close()
+
+
+def test_a_free_slot_goes_to_the_key_holding_the_fewest():
+    """Key b fills the slots and queues six more; key a's request, queued last, takes the next free
+    slot: one key's requests never keep another's waiting past its fair share of the slots."""
+    import asyncio
+    import types
+
+    from verispec.config import SamplingParams, SpeculationSettings
+    from verispec.server.job import Job
+    from verispec.server.metrics import ServerMetrics
+    from verispec.server.scheduler import Scheduler
+
+    server = ServerSettings(max_running=2, max_waiting=8)
+    engine = types.SimpleNamespace(speculation=SpeculationSettings(depth=2), stream=lambda *args, **kwargs: iter(()))
+    scheduler = Scheduler(engine, server, breaker(Clock(), []), ServerMetrics("m", server, max_depth=2))
+    loop = asyncio.new_event_loop()
+
+    def job(name: str, key: str) -> Job:
+        return Job(name, [1], SamplingParams(), None, None, loop, events=None, key_id=key)
+
+    for i in range(8):
+        scheduler.submit(job(f"b{i}", "b"))
+    scheduler._admit()
+    assert [j.request_id for j in scheduler._running] == ["b0", "b1"]
+    scheduler.submit(job("a0", "a"))
+    scheduler._running.remove(scheduler._running[0])  # b0 ends
+    scheduler._admit()
+    assert [j.request_id for j in scheduler._running] == ["b1", "a0"]
+    scheduler._running.remove(scheduler._running[0])  # b1 ends: b's queue goes on in its order
+    scheduler._admit()
+    assert [j.request_id for j in scheduler._running] == ["a0", "b2"]
+    loop.close()

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from verispec.config import BatchSettings, Depth, SamplingParams, SpeculationSettings
 from verispec.core.engine import Delta, Round, accept, emit, inspect, validate
-from verispec.core.goodput import Acceptance, PassCosts, choose_depths, measure_pass_costs
+from verispec.core.goodput import Acceptance, LiveCosts, PassCosts, choose_depths, measure_pass_costs
 from verispec.core.kv_cache import BlockTable
 from verispec.core.proposing import Busy, Proposing, TimedOut
 from verispec.core.runner import ModelRunner, Segment
@@ -87,8 +87,9 @@ class BatchRequest:
 
     @property
     def parked(self) -> bool:
-        """Waiting for its edge client's drafts: it keeps its blocks but takes no rows."""
-        return self.remote is not None and self.remote.parked and not self.prefilling
+        """Waiting for its edge client's drafts: it takes no rows and no running slot, and keeps its
+        blocks only while nobody else needs them (preempted, it waits for its drafts to come back)."""
+        return self.remote is not None and self.remote.parked
 
 
 class BatchEngine:
@@ -112,7 +113,8 @@ class BatchEngine:
         self.running: list[BatchRequest] = []
         self.proposing = Proposing()
         self._drafts: dict[int, DraftBatch] = {}  # per draft proposer (by id)
-        self._costs: PassCosts | None = None
+        self._costs: PassCosts | None = None  # set from outside: kept as set (tests pin them)
+        self._live: LiveCosts | None = None  # measured here: they follow the passes run
         self._admitted = 0
         self.preemptions = 0
         # Called with each pass's drafts before the verifier scores them (provisional streaming).
@@ -184,23 +186,26 @@ class BatchEngine:
         return len(self.running) + len(self.waiting)
 
     @property
-    def idle(self) -> bool:
-        """Nothing a pass could do now: no request waits and every running one is parked."""
-        return not self.waiting and all(r.parked for r in self.running)
+    def active(self) -> int:
+        """Running requests that hold a slot: all but the parked ones."""
+        return sum(not r.parked for r in self.running)
 
     def costs(self) -> PassCosts:
-        """Verifier pass cost by rows, measured on first use (for --depth auto)."""
-        if self._costs is None:
+        """Verifier pass cost by rows and the draft pass's (for --depth auto and prompt chunks):
+        measured on first use, then following the passes this engine runs (`goodput.LiveCosts`),
+        so that a measurement taken on a busy machine heals within a few requests."""
+        if self._costs is None and self._live is None:
             max_rows = max(self.batch.max_pass_tokens, self.max_running * 9)
             draft_s = 0.0
             for batch in self._drafts.values():
                 draft_s = max(draft_s, measure_pass_costs(batch.runner, 1).seconds[0])
-            self._costs = measure_pass_costs(self.runner, max_rows, draft_s)
+            prior = measure_pass_costs(self.runner, max_rows, draft_s)
             log.info(
-                "pass costs: %s ms by rows %s, draft pass %.2f ms",
-                [round(s * 1e3, 2) for s in self._costs.seconds], list(self._costs.rows), draft_s * 1e3,
+                "pass costs: %s ms by rows %s, draft pass %.2f ms (measured at start; live passes refine them)",
+                [round(s * 1e3, 2) for s in prior.seconds], list(prior.rows), draft_s * 1e3,
             )
-        return self._costs
+            self._live = LiveCosts(prior)
+        return self._live.current() if self._live is not None else self._costs
 
     def chunk_budget(self, round_rows: int) -> int:
         """Prompt rows this pass may take beside `round_rows` rows of rounds."""
@@ -249,6 +254,8 @@ class BatchEngine:
         logits = self.runner.forward(segments)
         pass_s = time.perf_counter() - t0
         rows = sum(len(s.tokens) for s in segments)
+        if self._live is not None:
+            self._live.observe(rows, pass_s)
 
         deltas = []
         for request, n in plan.chunks:
@@ -339,10 +346,15 @@ class BatchEngine:
         for batch, requests in members.items():
             if isinstance(batch, DraftBatch):
                 items = [(r.session, r.tokens, plan.depths[r], r.draft_policy) for r in requests]
+                t0 = time.perf_counter()
                 try:
                     results[batch] = batch.propose(items)
                 except Exception as exc:  # noqa: BLE001 (every request of the batch falls back)
                     results[batch] = exc
+                else:  # as many draft passes as the longest proposal has tokens (its first pass catches up)
+                    if self._live is not None:
+                        passes = max((len(p.tokens) for p in results[batch]), default=0)
+                        self._live.observe_draft((time.perf_counter() - t0) / max(passes, 1))
         results |= self.proposing.collect(max(0.0, budget - (time.perf_counter() - started)))
         waited = time.perf_counter() - started
         propose_s = {}
@@ -487,8 +499,8 @@ class BatchEngine:
         reused = request.table.reuse_prefix(request.tokens)
         pool = self.runner.pool
         need = pool.blocks_for(len(request.tokens) + 1) - len(request.table.blocks)
-        # Keep a block per running request spare for its next rounds.
-        if need + len(self.running) > pool.free_blocks and self.running:
+        # Keep a block per active request spare for its next rounds.
+        if need + self.active > pool.free_blocks and self.running:
             request.table.free()
             return False
         if request.preemptions == 0:

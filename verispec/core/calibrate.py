@@ -1,4 +1,5 @@
-"""Measuring what a round costs on this machine, for the adaptive depth policy."""
+"""Measuring what a round costs on this machine, for the adaptive depth policy: the first estimate,
+which the rounds the engine runs then refine (`goodput.LiveCosts`)."""
 
 from __future__ import annotations
 

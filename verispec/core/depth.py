@@ -10,7 +10,8 @@ from verispec.config import SpeculationSettings
 
 @dataclass(frozen=True)
 class StepCosts:
-    """Measured cost of the two halves of a round on this machine (see SpeculativeEngine.calibrate)."""
+    """Measured cost of the two halves of a round on this machine (`SpeculativeEngine.costs`: measured
+    at start, then following the rounds the engine runs)."""
 
     verify_s: tuple[float, ...]  # [T-1]: one verifier pass over T tokens, T = 1 .. max_depth+1
     draft_s: float  # one draft token
@@ -49,6 +50,8 @@ class AdaptiveDepth:
     (verifier only) when drafting does not pay. At depth 0 it still probes with one draft token
     every `probe_every` rounds, so that a request whose text turns predictable gets speculation back.
     Within a round the draft model also stops once its own confidence drops (DraftPolicy).
+    `costs` may be replaced between rounds: the engine's follow the rounds it runs, an edge
+    client's its round trips.
     """
 
     def __init__(

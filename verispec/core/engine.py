@@ -26,8 +26,9 @@ from transformers import PreTrainedTokenizerBase
 from verispec.config import Depth, SamplingParams, SpeculationSettings
 from verispec.core.acceptance import Verdict, accept_greedy, accept_stochastic
 from verispec.core.calibrate import measure_step_costs
-from verispec.core.depth import StepCosts, depth_policy
+from verispec.core.depth import AdaptiveDepth, StepCosts, depth_policy
 from verispec.core.drift import Inspection, inspect_round
+from verispec.core.goodput import LiveCosts, PassCosts
 from verispec.core.sampling import request_generator, warp
 from verispec.errors import ProposerError, UserError
 from verispec.models.backend import CausalLM, KVSession
@@ -114,16 +115,26 @@ class SpeculativeEngine:
         self.proposer = proposer
         self.speculation = speculation or SpeculationSettings()
         self.eos_ids = stop_tokens(target, tokenizer)
-        self._costs = costs  # measured on first use of depth auto unless given
+        self._costs = costs  # given: kept as given (tests and benchmarks pin them)
+        self._live: LiveCosts | None = None  # measured here: they follow the rounds run
+        self._step: tuple[PassCosts, StepCosts] | None = None  # the live curve last read, as step costs
 
     def costs(self) -> StepCosts:
-        """Step costs for the adaptive depth policy, measured on first use."""
-        if self._costs is None:
-            self._costs = measure_step_costs(
+        """Step costs for the adaptive depth policy: measured on first use, then following the
+        rounds this engine runs (`goodput.LiveCosts`), so that a measurement taken on a busy
+        machine heals within a few requests."""
+        if self._costs is None and self._live is None:
+            prior = measure_step_costs(
                 self.target, self.proposer, self.speculation.max_depth,
                 proposer_budget_s=20 * self.speculation.proposer_timeout_s,  # a few dozen proposals' worth
             )
-        return self._costs
+            self._live = LiveCosts(PassCosts(tuple(range(1, len(prior.verify_s) + 1)), prior.verify_s, prior.draft_s))
+        if self._live is None:
+            return self._costs
+        live = self._live.current()
+        if self._step is None or self._step[0] is not live:  # its rows are every width, 1 .. max_depth+1
+            self._step = (live, StepCosts(live.seconds, live.draft_s))
+        return self._step[1]
 
     # -- public API -------------------------------------------------------------------------
 
@@ -172,6 +183,8 @@ class SpeculativeEngine:
             accepted = int(verdict.accepted[0])
             request.verifier.rollback(len(request.tokens) + accepted)
             stats.record_round(depth, len(proposal.tokens), accepted)
+            if isinstance(policy, AdaptiveDepth) and self._live is not None:
+                policy.costs = self.costs()  # as the live rounds have them now
             policy.update(len(proposal.tokens), accepted)
             round_ = Round(
                 depth, len(proposal.tokens), accepted,
@@ -250,6 +263,8 @@ class SpeculativeEngine:
         if elapsed > self.speculation.proposer_timeout_s:
             return self._fall_back(request, f"proposal took {elapsed:.3f}s", timeout=True)
         request.consecutive_failures = 0
+        if self._live is not None and proposal.tokens:
+            self._live.observe_draft(elapsed / len(proposal.tokens))
         return proposal
 
     def _fall_back(self, request: _Request, why: str, timeout: bool) -> Proposal:
@@ -270,7 +285,10 @@ class SpeculativeEngine:
         """One verifier pass over the last verified token and the drafts: (k+1, V) logits."""
         t0 = time.perf_counter()
         logits = request.verifier.extend([request.tokens[-1], *proposal.tokens])
-        request.stats.verify_s += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        request.stats.verify_s += elapsed
+        if self._live is not None:
+            self._live.observe(1 + len(proposal.tokens), elapsed)
         return logits
 
     def _accept(self, request: _Request, proposal: Proposal, target_logits: torch.Tensor) -> Verdict:

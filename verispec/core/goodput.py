@@ -11,16 +11,25 @@ Starting from depth 0 everywhere, the choice repeatedly raises one request's dep
 that raises goodput most, until none does. With one request that is the single-stream argmax; as
 the batch fills, each extra row costs more than the few tokens it is expected to add and depths
 shrink to 0, so speculation never lowers throughput and a load-dependent cap is not needed.
+
+pass() and draft() are measured at start (`measure_pass_costs`) and then follow the passes the
+engine runs (`LiveCosts`), so that a start on a busy machine does not price speculation out.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
+import math
 import statistics
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from verispec.core.depth import expected_tokens
+
+log = logging.getLogger(__name__)
 
 
 class Acceptance:
@@ -66,6 +75,106 @@ class PassCosts:
         else:
             r0, r1, s0, s1 = self.rows[i - 1], self.rows[i], self.seconds[i - 1], self.seconds[i]
         return s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
+
+
+class LiveCosts:
+    """Pass costs that follow the passes the engine runs, the start-up measurement only their prior.
+
+    A measurement taken while something else loads the machine can be far off (one taken beside
+    a busy process read 260 ms for passes that take 1 ms), and every later depth choice would pay
+    for it. So the sample row nearest each pass the engine runs keeps the seconds of its last
+    `window` passes, the prior's own counting as one: once two passes came, that row costs their
+    median. A single slow pass moves no median, while a prior 100x off is outvoted by the second
+    pass at its rows.
+
+    A sample row no pass came near takes the ratio to the prior of the nearest rows that did
+    (interpolated between them), so that a prior too high everywhere heals everywhere. A prior off
+    unevenly (the load came and went during the measurement) is capped by the live costs around
+    it too: a pass costs no more than a narrower one scaled by their rows, nor more than a wider
+    one. A width priced too low soon runs and is corrected; one priced too high might never run,
+    which is why the estimates lean low. The draft pass keeps its median the same way.
+    """
+
+    def __init__(self, prior: PassCosts, window: int = 15):
+        self.prior = prior
+        self._ratios = [deque([0.0], maxlen=window) for _ in prior.rows]  # log(pass / prior) per sample row
+        self._medians: list[float | None] = [None] * len(prior.rows)  # None: fewer than two passes near it
+        self._draft = deque([0.0], maxlen=window)
+        self._draft_median: float | None = None
+        self._current: PassCosts | None = prior
+        self._logged = prior
+        self._lock = threading.Lock()  # passes are reported by the engine thread, costs read by any
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """One verifier pass the engine ran: its total rows and its seconds. It counts for the
+        sample row nearest its rows (they lie close: a few percent of cost apart)."""
+        if rows < 1 or seconds <= 0:
+            return
+        i = bisect.bisect_left(self.prior.rows, rows)
+        if i == len(self.prior.rows) or (i > 0 and rows - self.prior.rows[i - 1] < self.prior.rows[i] - rows):
+            i -= 1
+        with self._lock:
+            self._medians[i] = _add(self._ratios[i], math.log(seconds / self.prior.seconds[i]))
+            self._current = None
+
+    def observe_draft(self, seconds: float) -> None:
+        """One draft pass (a draft position for every request drafting)."""
+        if seconds <= 0 or self.prior.draft_s <= 0:
+            return
+        with self._lock:
+            self._draft_median = _add(self._draft, math.log(seconds / self.prior.draft_s))
+            self._current = None
+
+    def current(self) -> PassCosts:
+        changed = False
+        with self._lock:
+            if self._current is None:
+                self._current = self._rebuild()
+                changed = _swing(self._current, self._logged) >= math.log(2)
+            current, logged = self._current, self._logged
+            if changed:
+                self._logged = current
+        if changed:
+            log.info(
+                "pass costs follow the live passes: %s ms by rows %s, draft pass %.2f ms (were %s ms, %.2f ms)",
+                [round(s * 1e3, 2) for s in current.seconds], list(current.rows), current.draft_s * 1e3,
+                [round(s * 1e3, 2) for s in logged.seconds], logged.draft_s * 1e3,
+            )
+        return current
+
+    def _rebuild(self) -> PassCosts:
+        rows, prior, medians = self.prior.rows, self.prior.seconds, self._medians
+        seen = [i for i, m in enumerate(medians) if m is not None]
+        seconds = [p if m is None else p * math.exp(m) for p, m in zip(prior, medians, strict=True)]
+        for i in [i for i, m in enumerate(medians) if m is None] if seen else []:
+            j = bisect.bisect_left(seen, i)
+            below, above = seen[j - 1] if j > 0 else None, seen[j] if j < len(seen) else None
+            if below is None:
+                ratio = medians[above]
+            elif above is None:
+                ratio = medians[below]
+            else:
+                ratio = medians[below] + (medians[above] - medians[below]) * (i - below) / (above - below)
+            estimate = prior[i] * math.exp(ratio)
+            if below is not None:
+                estimate = min(estimate, seconds[below] * rows[i] / rows[below])
+            if above is not None:
+                estimate = min(estimate, seconds[above])
+            seconds[i] = estimate
+        draft_s = self.prior.draft_s * math.exp(self._draft_median or 0.0)
+        return PassCosts(rows, tuple(seconds), draft_s)
+
+
+def _add(window: deque, ratio: float) -> float | None:
+    """Add a pass's log ratio; the window's median once it holds two passes beside the prior's."""
+    window.append(ratio)
+    return statistics.median(window) if len(window) > 2 else None
+
+
+def _swing(a: PassCosts, b: PassCosts) -> float:
+    """The largest log ratio between two curves over the same rows, the draft pass included."""
+    pairs = [*zip(a.seconds, b.seconds, strict=True), (a.draft_s, b.draft_s)]
+    return max((abs(math.log(x / y)) for x, y in pairs if x > 0 and y > 0), default=0.0)
 
 
 def choose_depths(

@@ -27,6 +27,7 @@ token and the most round trips.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -173,7 +174,7 @@ class EdgeClient:
                 if remaining is not None:
                     remaining -= len(answer["token_ids"])
                 stats.proposed += answer["proposed"]
-                stats.accepted += answer["accepted"]
+                stats.accepted += answer.get("accepted", 0)  # none when the policy gate stopped the text
                 hint = answer.get("depth_hint")
                 if self.depth == "auto":
                     drafted = len(proposal.tokens) if proposal is not None else 0
@@ -197,13 +198,16 @@ class EdgeClient:
 
     def _round(self, body: dict, stats: EdgeStats) -> dict:
         payload = httpx.Request("POST", "/v1/verify", json=body).content  # the bytes that travel
+        headers = {"content-type": "application/json"}
+        if "session_id" not in body:  # an opening: its retry gets the same session, never a second
+            headers["idempotency-key"] = uuid.uuid4().hex
         started = time.perf_counter()
-        for attempt in range(3):  # a round whose answer was lost is sent again: the server answers it once
+        for attempt in range(3):  # a call whose answer was lost is sent again: the server answers it once
             try:
-                response = self.http.post("/v1/verify", content=payload, headers={"content-type": "application/json"})
+                response = self.http.post("/v1/verify", content=payload, headers=headers)
                 break
             except httpx.TransportError:
-                if attempt == 2 or "session_id" not in body:
+                if attempt == 2:
                     raise
         stats.wait_s += time.perf_counter() - started
         stats.round_trips += 1

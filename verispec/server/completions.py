@@ -74,7 +74,7 @@ def completion_routes(state: State, authorize: Callable[[Request], Awaitable[str
             state.allow_provisional(body, service)
         request_id = request.state.request_id
         deadline = time.monotonic() + state.server.deadline_s if state.server.deadline_s else None
-        job = Job(request_id, prompt_ids, params, body.depth, deadline, asyncio.get_running_loop())
+        job = Job(request_id, prompt_ids, params, body.depth, deadline, asyncio.get_running_loop(), key_id=key_id)
         routing_key = {"user": body.user, "task": body.task}.get(state.settings.route_key)
         if body.proposer is not None:
             if body.proposer not in service.router.engines:

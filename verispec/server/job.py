@@ -68,6 +68,7 @@ class Job:
     remote: RemoteDrafts | None = None  # a verify-API session: its edge client proposes
     offered: object = None  # a parked session's next drafts (a Proposal), while its round waits for a slot
     provisional: bool = False  # the client wants each round's drafts before their verdict
+    key_id: str | None = None  # the API key it came with: slots are shared fairly among keys
     cancelled: bool = False
     cancel_outcome: Outcome = "cancelled"  # what the cancellation is counted as
     outcome: Outcome | None = None  # set once, by the scheduler, when the job ends

@@ -4,8 +4,10 @@ Requests wait in a bounded queue for one of `max_running` slots; past the queue'
 refused at once (the server answers 503), so overload never builds an unbounded backlog. A
 verify-API session between rounds is parked: it holds no slot (its KV stays in the core while
 memory allows, and goes first when memory runs short), and its next round queues for a slot like
-any request, behind those already waiting, so no key's sessions keep another key's requests
-waiting. One thread owns the engine. Verified tokens go back to the request's asyncio queue as they are
+any request, so no key's sessions keep another key's requests waiting. A free slot goes to the
+waiting request whose key holds the fewest slots (the longest waiting among equals): one key's
+requests and sessions never keep another key's request waiting past its fair share of the slots.
+One thread owns the engine. Verified tokens go back to the request's asyncio queue as they are
 accepted. Two ways to run the requests:
 
 - batched (the lean backend, by default): every engine step advances all running requests by one
@@ -24,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from verispec.config import ServerSettings
@@ -228,7 +230,7 @@ class Scheduler:
         """Start queued jobs: an engine stream each (interleaved), or a request in the batched core,
         which admits it to passes as KV memory allows."""
         while self._waiting and self.active < self.server.max_running:
-            job = self._waiting.popleft()
+            job = self._next_fair()
             if job.offered is not None:  # a parked session's next round: it is in the core already
                 job.remote.pending, job.offered = job.offered, None
                 continue
@@ -252,6 +254,13 @@ class Scheduler:
             self._running.append(job)
             self.metrics.queue_time.observe(job.admitted - job.arrived)
         self._publish_load()
+
+    def _next_fair(self) -> Job:
+        """The waiting job whose key holds the fewest slots; the longest waiting among equals."""
+        held = Counter(job.key_id for job in self._running if not job.parked and not job.cancelled)
+        job = min(self._waiting, key=lambda job: held[job.key_id])  # the first of the least: FIFO within a share
+        self._waiting.remove(job)
+        return job
 
     def _ended(self, job: Job) -> bool:
         """Finish a job that was cancelled or ran past its deadline; True if so."""

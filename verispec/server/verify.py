@@ -271,7 +271,7 @@ def verify_routes(state: State, authorize) -> APIRouter:
         params = await state.admit(request, service, body, prompt_ids, body.max_tokens, key_id)
         request_id = request.state.request_id
         deadline = time.monotonic() + state.server.deadline_s if state.server.deadline_s else None
-        job = Job(request_id, prompt_ids, params, None, deadline, asyncio.get_running_loop())
+        job = Job(request_id, prompt_ids, params, None, deadline, asyncio.get_running_loop(), key_id=key_id)
         job.remote, job.proposer, job.pinned, job.guarded = RemoteDrafts(proposal), "edge", True, False
         job.keep_rounds = state.telemetry.enabled
         session_id = new_session_id(state.cluster.replica if state.cluster is not None else None)  # routable to this replica
