@@ -190,10 +190,12 @@ class BatchEngine:
         """Running requests that hold a slot: all but the parked ones."""
         return sum(not r.parked for r in self.running)
 
-    def costs(self) -> PassCosts:
+    def costs(self, live: bool = True) -> PassCosts:
         """Verifier pass cost by rows and the draft pass's (for --depth auto and prompt chunks):
         measured on first use, then following the passes this engine runs (`goodput.LiveCosts`),
-        so that a measurement taken on a busy machine heals within a few requests."""
+        so that a measurement taken on a busy machine heals within a few requests. With `live`
+        False: the start-up measurement only (a seeded sampled request's, so that its seed
+        reproduces its output in this process)."""
         if self._costs is None and self._live is None:
             max_rows = max(self.batch.max_pass_tokens, self.max_running * 9)
             draft_s = 0.0
@@ -205,7 +207,9 @@ class BatchEngine:
                 [round(s * 1e3, 2) for s in prior.seconds], list(prior.rows), draft_s * 1e3,
             )
             self._live = LiveCosts(prior)
-        return self._live.current() if self._live is not None else self._costs
+        if self._live is None:
+            return self._costs
+        return self._live.current() if live else self._live.prior
 
     def chunk_budget(self, round_rows: int) -> int:
         """Prompt rows this pass may take beside `round_rows` rows of rounds."""
@@ -431,9 +435,10 @@ class BatchEngine:
         return max(0, limit)
 
     def choose_depths(self, requests: list[BatchRequest]) -> dict[BatchRequest, int]:
-        """Fixed depths as configured; depth auto by the batch's goodput (`goodput.py`). A seeded
-        sampled request's depth follows its own acceptance and the single-stream costs only, so
-        that what else shares its batch never changes its random draws."""
+        """Fixed depths as configured; depth auto by the batch's goodput (`goodput.py`). A sampled
+        request's depth follows its own acceptance and the single-stream costs only, so that what
+        else shares its batch never changes its random draws; a seeded one's, the start-up costs
+        (not the live ones), so that its seed reproduces its output in this process."""
         limits = {r: self.depth_limit(r) for r in requests}
         depths = {r: limits[r] for r in requests if r.speculation.depth != "auto" or r.remote is not None}
         auto = [r for r in requests if r not in depths]
@@ -443,7 +448,7 @@ class BatchEngine:
         shared = [r for r in auto if r.params.greedy]
         for request in auto:
             if not request.params.greedy:
-                depths |= self._goodput([request], limits, costs)
+                depths |= self._goodput([request], limits, costs if request.params.seed is None else self.costs(live=False))
         beside = sum(1 + k for k in depths.values())
         return depths | self._goodput(shared, limits, costs, beside)
 

@@ -119,10 +119,10 @@ class SpeculativeEngine:
         self._live: LiveCosts | None = None  # measured here: they follow the rounds run
         self._step: tuple[PassCosts, StepCosts] | None = None  # the live curve last read, as step costs
 
-    def costs(self) -> StepCosts:
+    def costs(self, live: bool = True) -> StepCosts:
         """Step costs for the adaptive depth policy: measured on first use, then following the
         rounds this engine runs (`goodput.LiveCosts`), so that a measurement taken on a busy
-        machine heals within a few requests."""
+        machine heals within a few requests; with `live` False, the first measurement only."""
         if self._costs is None and self._live is None:
             prior = measure_step_costs(
                 self.target, self.proposer, self.speculation.max_depth,
@@ -131,9 +131,9 @@ class SpeculativeEngine:
             self._live = LiveCosts(PassCosts(tuple(range(1, len(prior.verify_s) + 1)), prior.verify_s, prior.draft_s))
         if self._live is None:
             return self._costs
-        live = self._live.current()
-        if self._step is None or self._step[0] is not live:  # its rows are every width, 1 .. max_depth+1
-            self._step = (live, StepCosts(live.seconds, live.draft_s))
+        costs = self._live.current() if live else self._live.prior
+        if self._step is None or self._step[0] is not costs:  # its rows are every width, 1 .. max_depth+1
+            self._step = (costs, StepCosts(costs.seconds, costs.draft_s))
         return self._step[1]
 
     # -- public API -------------------------------------------------------------------------
@@ -165,8 +165,11 @@ class SpeculativeEngine:
         speculation = self.speculation
         if depth is not None:
             speculation = SpeculationSettings.model_validate({**speculation.model_dump(), "depth": depth})
-        # The step costs are measured once per engine, on first use: not this request's time.
-        policy = depth_policy(speculation, self.costs() if speculation.depth == "auto" else None)
+        # The step costs are measured once per engine, on first use: not this request's time. A
+        # seeded sampled request prices depths with that measurement only, never the live rounds:
+        # its random draws follow its depths, so its seed reproduces its output in this process.
+        live = params.greedy or params.seed is None
+        policy = depth_policy(speculation, self.costs(live) if speculation.depth == "auto" else None)
         started = time.perf_counter()
         request = self._start(self.encode(prompt), params, speculation, inspect)
         while True:
@@ -183,7 +186,7 @@ class SpeculativeEngine:
             accepted = int(verdict.accepted[0])
             request.verifier.rollback(len(request.tokens) + accepted)
             stats.record_round(depth, len(proposal.tokens), accepted)
-            if isinstance(policy, AdaptiveDepth) and self._live is not None:
+            if isinstance(policy, AdaptiveDepth) and self._live is not None and live:
                 policy.costs = self.costs()  # as the live rounds have them now
             policy.update(len(proposal.tokens), accepted)
             round_ = Round(
