@@ -41,11 +41,11 @@ from verispec.server.job import Overloaded
 from verispec.server.metrics import ServerMetrics
 from verispec.server.protocol import token_budget
 from verispec.server.service import Cluster, EngineFactory, Service
+from verispec.server.sessions import Sessions
 from verispec.server.shared_limits import limiter_from_settings
 from verispec.server.startup import process_started
 from verispec.server.telemetry import Telemetry
 from verispec.server.underway import Underway, conclude
-from verispec.server.verify import Sessions
 
 log = logging.getLogger("verispec.server")
 
