@@ -1,7 +1,8 @@
 """Build step of the lean backend's CPU kernels at install time; the metadata is in pyproject.toml.
 
-`pip install .`, `pip install -e .` and a built wheel compile `verispec/models/csrc/*.c` with the
-flags of `verispec/models/kernels.py` (KERNEL_SOURCE_NAMES, KERNEL_FLAGS, read from its source:
+`pip install .`, `pip install -e .` and a built wheel compile `verispec/models/csrc/*.c` (which all
+include `csrc/verispec_kernels.h`) with the flags of `verispec/models/kernels.py`
+(KERNEL_SOURCE_NAMES, KERNEL_HEADER_NAMES, KERNEL_FLAGS, read from its source:
 importing it needs torch, which a build environment may lack) into one shared library in the
 package, `verispec/models/_kernels.so`, and write beside it the digest of what it was built from,
 `_kernels.sha256` (kernels.sources_digest), so that a library left over from other sources is
@@ -33,14 +34,14 @@ PACKAGE = Path("verispec") / "models"  # relative to ROOT, as setuptools wants p
 LIBRARY, DIGEST = "_kernels.so", "_kernels.sha256"
 
 
-def kernel_settings() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """KERNEL_SOURCE_NAMES and KERNEL_FLAGS, the literals kernels.py assigns."""
-    wanted = {"KERNEL_SOURCE_NAMES", "KERNEL_FLAGS"}
+def kernel_settings() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """KERNEL_SOURCE_NAMES, KERNEL_HEADER_NAMES and KERNEL_FLAGS, the literals kernels.py assigns."""
+    wanted = {"KERNEL_SOURCE_NAMES", "KERNEL_HEADER_NAMES", "KERNEL_FLAGS"}
     values = {}
     for node in ast.parse((ROOT / PACKAGE / "kernels.py").read_text()).body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and getattr(node.targets[0], "id", None) in wanted:
             values[node.targets[0].id] = ast.literal_eval(node.value)
-    return values["KERNEL_SOURCE_NAMES"], values["KERNEL_FLAGS"]
+    return values["KERNEL_SOURCE_NAMES"], values["KERNEL_HEADER_NAMES"], values["KERNEL_FLAGS"]
 
 
 def sources_digest(sources: list[Path], flags: tuple[str, ...]) -> str:
@@ -83,8 +84,9 @@ class build_kernels(build_ext):
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
         if not compiler:
             return "no C compiler found"
-        names, flags = kernel_settings()
+        names, headers, flags = kernel_settings()
         sources = [ROOT / PACKAGE / "csrc" / name for name in names]
+        headers = [ROOT / PACKAGE / "csrc" / name for name in headers]
         built.mkdir(parents=True, exist_ok=True)
         partial = built / (LIBRARY + ".partial")
         try:
@@ -100,7 +102,7 @@ class build_kernels(build_ext):
             errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.strip().splitlines()[-1:]
             return f"{compiler} failed: {errors[0] if errors else done.returncode}"
         os.replace(partial, built / LIBRARY)
-        (built / DIGEST).write_text(sources_digest(sources, flags) + "\n")
+        (built / DIGEST).write_text(sources_digest(sources + headers, flags) + "\n")
         return None
 
     def get_outputs(self) -> list[str]:
@@ -128,6 +130,7 @@ setup(
         Extension(
             "verispec.models._kernels",
             sources=[(PACKAGE / "csrc" / name).as_posix() for name in kernel_settings()[0]],
+            depends=[(PACKAGE / "csrc" / name).as_posix() for name in kernel_settings()[1]],
             optional=True,
         )
     ],

@@ -52,6 +52,8 @@ def test_a_built_wheel_holds_the_demo_pair_the_compiled_library_and_every_source
     sources = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "verispec" / "models" / "csrc").glob("*.c"))
     assert len(sources) >= 4 and all(source in names for source in sources)
     assert {p.name for p in kernels.KERNEL_SOURCES} == {Path(s).name for s in sources}  # every source is built
+    headers = [p.relative_to(ROOT).as_posix() for p in kernels.KERNEL_HEADERS]  # what the sources include
+    assert headers and all(header in names for header in headers)
     for folder in ("verispec-demo-code", "verispec-demo-code-draft"):  # the built-in demo pair
         for file in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
             assert f"verispec/demo/{folder}/{file}" in names

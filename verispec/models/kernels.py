@@ -24,8 +24,10 @@ module's compiled library, `csrc/layer_ops.c`, and all the layers of a pass in o
 Where the compiled library comes from (`kernel_build()` says which, and why not an earlier one):
 1. `installed`: built at install time by `setup.py` (`pip install .`, `pip install -e .`, a
    wheel) into this package as `_kernels.so`, with the digest of the sources it was built from
-   beside it (`_kernels.sha256`); used only if that digest is the installed sources' (an edited
-   source in an editable checkout makes it stale) and the CPU has AVX2, FMA and F16C.
+   beside it (`_kernels.sha256`: the C files and `csrc/verispec_kernels.h`, the header that
+   declares their boundary once); used only if that digest is the installed sources' (an edited
+   source in an editable checkout makes it stale), the CPU has AVX2, FMA and F16C, and its
+   structures and codes are this module's binding of them (`layout_differences`).
 2. `compiled`: else compiled once per machine on first use with the system C compiler (`$CC`,
    else `cc`) into `$XDG_CACHE_HOME/verispec/kernels` (default `~/.cache/verispec/kernels`).
 3. `unavailable`: where that fails too (no compiler, not x86-64 with AVX2) the torch forms are
@@ -50,11 +52,15 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# setup.py reads these two literals (it cannot import this module: it needs torch) to build the
-# same library at install time.
-KERNEL_SOURCE_NAMES = ("widen_linear.c", "layer_ops.c", "quant_linear.c", "lean_step.c")
+# setup.py reads these three literals (it cannot import this module: it needs torch) to build the
+# same library at install time. The header declares the library's boundary once: every source
+# includes it, this module's ctypes binding mirrors it (tests/test_kernel_abi.py checks the two
+# against the library's vs_layout), and a change to it rebuilds the library (sources_digest).
+KERNEL_SOURCE_NAMES = ("widen_linear.c", "layer_ops.c", "quant_linear.c", "lean_step.c", "layout.c")
+KERNEL_HEADER_NAMES = ("verispec_kernels.h",)
 KERNEL_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 KERNEL_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in KERNEL_SOURCE_NAMES)
+KERNEL_HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in KERNEL_HEADER_NAMES)
 # The library built at install (setup.py) and the digest of what it was built from (sources_digest).
 INSTALLED_LIBRARY = Path(__file__).with_name("_kernels.so")
 INSTALLED_DIGEST = Path(__file__).with_name("_kernels.sha256")
@@ -138,8 +144,8 @@ class Linear:
         return native_projection(parts, self.out_features) if parts else None
 
 
-# Storage forms that csrc/lean_step.c runs, by its vs_part.form code; a GGUF-quantized part is
-# 100 + its GGML type id (quant_linear.c).
+# Storage forms that csrc/lean_step.c runs, by vs_part.form code (csrc/verispec_kernels.h:
+# VS_WIDEN_F16, VS_WIDEN_BF16); a GGUF-quantized part is VS_QUANTIZED + its GGML type id.
 NATIVE_FORMS = {"widen-f16": 1, "widen-bf16": 2}
 QUANTIZED_FORM = 100
 
@@ -173,7 +179,8 @@ def _address_of(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-# The structures of csrc/lean_step.c, field for field.
+# The structures of csrc/verispec_kernels.h, field for field (C_STRUCTURES; tests/test_kernel_abi.py
+# checks every size and offset against the library's vs_layout).
 _i64, _f32, _address = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
@@ -202,7 +209,10 @@ class VsModel(ctypes.Structure):
     ]  # fmt: skip
 
 
-ATTENTION_CONTIGUOUS, ATTENTION_PAGED = 0, 1  # VsAttention.mode
+ATTENTION_CONTIGUOUS, ATTENTION_PAGED = 0, 1  # VsAttention.mode: VS_CONTIGUOUS, VS_PAGED
+# Query rows per contiguous attention call of the kernel step, in C (VS_ATTENTION_ROWS) and in the
+# per-call step (lean.py): its scratch is rows x context.
+ATTENTION_ROWS = 256
 
 
 class VsAttention(ctypes.Structure):
@@ -219,13 +229,21 @@ class VsScratch(ctypes.Structure):
     _fields_ = [("h", _address), ("qkv", _address), ("attn", _address), ("gate_up", _address), ("act", _address)]  # fmt: skip
 
 
+# Each structure of csrc/verispec_kernels.h and its binding here.
+C_STRUCTURES: dict[str, type[ctypes.Structure]] = {
+    "vs_part": VsPart, "vs_projection": VsProjection, "vs_layer": VsLayer, "vs_model": VsModel,
+    "vs_attention": VsAttention, "vs_scratch": VsScratch,
+}  # fmt: skip
+
+
 def address_array(tensors: list[torch.Tensor]) -> ctypes.Array:
     """The tensors' addresses as a C array: VsAttention's per-layer key and value caches (a
     VsAttention given it keeps it alive; the tensors must outlive both)."""
     return (_address * len(tensors))(*(t.data_ptr() for t in tensors))
 
 
-PANEL = 24  # output columns per panel of a packed 16-bit weight (NR in csrc/widen_linear.c)
+PANEL = 24  # output columns per panel of a packed 16-bit weight (VS_PANEL in csrc/verispec_kernels.h)
+PANEL_AVX512 = 32  # the same on the AVX-512 path (VS_PANEL_AVX512); widen_panel() says which runs
 
 
 def _panels(weight: torch.Tensor) -> torch.Tensor:
@@ -302,9 +320,11 @@ def _load() -> tuple[ctypes.CDLL | None, KernelBuild]:
     return library, KernelBuild("compiled", str(path), why_not_installed)
 
 
-def sources_digest(sources: tuple[Path, ...] = KERNEL_SOURCES, flags: tuple[str, ...] = KERNEL_FLAGS) -> str:
-    """sha256 of the flags and every source, name and bytes, in order: what a library is built
-    from. setup.py computes the same at install time and writes it beside the library."""
+def sources_digest(
+    sources: tuple[Path, ...] = KERNEL_SOURCES + KERNEL_HEADERS, flags: tuple[str, ...] = KERNEL_FLAGS
+) -> str:
+    """sha256 of the flags and every source and header, name and bytes, in order: what a library
+    is built from. setup.py computes the same at install time and writes it beside the library."""
     digest = hashlib.sha256(" ".join(flags).encode())
     for source in sources:
         digest.update(f"\n{source.name}\n".encode())
@@ -335,14 +355,65 @@ def _machine_problem() -> str | None:
     return None
 
 
-# What a kernel's nonzero return means (quant_linear, lean_layers, lean_greedy).
-KERNEL_ERRORS = {-1: "a projection form or quantized type the kernel does not run", -2: "out of memory in the kernel"}
+# What a kernel's nonzero return means (quant_linear, lean_layers, lean_greedy): the header's
+# VS_ERROR_UNSUPPORTED and VS_ERROR_NO_MEMORY.
+ERROR_UNSUPPORTED, ERROR_NO_MEMORY = -1, -2
+KERNEL_ERRORS = {
+    ERROR_UNSUPPORTED: "a projection form or quantized type the kernel does not run",
+    ERROR_NO_MEMORY: "out of memory in the kernel",
+}
+
+
+# Each code of csrc/verispec_kernels.h and the value this package uses for it.
+C_CODES = {
+    "VS_WIDEN_F16": NATIVE_FORMS["widen-f16"], "VS_WIDEN_BF16": NATIVE_FORMS["widen-bf16"],
+    "VS_QUANTIZED": QUANTIZED_FORM, "VS_CONTIGUOUS": ATTENTION_CONTIGUOUS, "VS_PAGED": ATTENTION_PAGED,
+    "VS_ERROR_UNSUPPORTED": ERROR_UNSUPPORTED, "VS_ERROR_NO_MEMORY": ERROR_NO_MEMORY,
+    "VS_PANEL": PANEL, "VS_PANEL_AVX512": PANEL_AVX512, "VS_ATTENTION_ROWS": ATTENTION_ROWS,
+}  # fmt: skip
+
+
+def native_layout(library: ctypes.CDLL) -> dict[str, tuple[int, int]]:
+    """The library's description of csrc/verispec_kernels.h as it was compiled (vs_layout): for a
+    structure "vs_part" (sizeof, alignof), for a field "vs_part.form" (offsetof, sizeof), for a
+    code "VS_PAGED" (value, 0)."""
+    i64 = ctypes.c_int64
+    library.vs_layout.argtypes = [i64, ctypes.POINTER(i64), ctypes.POINTER(i64)]
+    library.vs_layout.restype = ctypes.c_char_p
+    layout, a, b = {}, i64(), i64()
+    i = 0
+    while (name := library.vs_layout(i, ctypes.byref(a), ctypes.byref(b))) is not None:
+        layout[name.decode()] = (a.value, b.value)
+        i += 1
+    return layout
+
+
+def binding_layout() -> dict[str, tuple[int, int]]:
+    """This module's binding of the header in vs_layout's terms: what `native_layout` must equal."""
+    layout = {}
+    for c_name, structure in C_STRUCTURES.items():
+        layout[c_name] = (ctypes.sizeof(structure), ctypes.alignment(structure))
+        for field, kind in structure._fields_:
+            layout[f"{c_name}.{field}"] = (getattr(structure, field).offset, ctypes.sizeof(kind))
+    layout.update((name, (value, 0)) for name, value in C_CODES.items())
+    return layout
+
+
+def layout_differences(library: ctypes.CDLL) -> list[str]:
+    """Each structure, field or code on which the library and this binding disagree, as
+    "name: library (a, b), binding (a, b)" (missing on one side: None); empty if none."""
+    native, bound = native_layout(library), binding_layout()
+    return [
+        f"{name}: library {native.get(name)}, binding {bound.get(name)}"
+        for name in sorted(native.keys() | bound.keys())
+        if native.get(name) != bound.get(name)
+    ]
 
 
 def kernel_error(code: int, call: str) -> Exception:
     """The exception for a kernel call's nonzero return: MemoryError for -2, else RuntimeError."""
     message = f"{call} failed ({code}): {KERNEL_ERRORS.get(code, 'unknown error')}"
-    return MemoryError(message) if code == -2 else RuntimeError(message)
+    return MemoryError(message) if code == ERROR_NO_MEMORY else RuntimeError(message)
 
 
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
@@ -389,6 +460,10 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         ctypes.POINTER(VsScratch), pointer, pointer, pointer, i64, i64, pointer, i32,
     ]  # fmt: skip
     library.lean_greedy.restype = i32
+    # csrc/layout.c: the header's layout as compiled (native_layout declares vs_layout).
+    differing = layout_differences(library)
+    if differing:  # a stale or foreign build: calling it would corrupt memory
+        raise OSError(f"its structures or codes are not kernels.py's binding: {', '.join(differing[:4])}")
     return library
 
 
@@ -398,7 +473,7 @@ def _build() -> Path:
     if not compiler:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     digest = hashlib.sha256(" ".join((compiler, *KERNEL_FLAGS)).encode())
-    for source in KERNEL_SOURCES:
+    for source in KERNEL_SOURCES + KERNEL_HEADERS:
         digest.update(source.read_bytes())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "verispec" / "kernels"
     library = cache / f"lean_cpu-{digest.hexdigest()[:16]}.so"

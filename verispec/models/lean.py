@@ -39,6 +39,7 @@ from verispec.models.gguf_file import gguf_path, open_checkpoint
 from verispec.models.kernels import (
     ATTENTION_CONTIGUOUS,
     ATTENTION_PAGED,
+    ATTENTION_ROWS,
     Linear,
     VsAttention,
     VsLayer,
@@ -52,7 +53,6 @@ from verispec.models.kernels import (
 from verispec.models.quant import QuantLinear, QuantWeight, store_as
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
-ATTENTION_ROWS = 256  # query rows per attention call of the kernel step (its scratch is rows x context)
 # GPT-2's activation_function values that the lean backend runs -> F.gelu's `approximate`.
 GPT2_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 

@@ -12,6 +12,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "verispec_kernels.h"
+
 /* Scratch of rows x columns floats, or NULL: out of memory, a size that does not fit size_t, or
    an empty one. Every caller has a path without scratch that gives the same bits. The tests build
    with -DVS_NO_SCRATCH to take those paths. */

@@ -11,102 +11,17 @@
    the caller (LeanLM.kernel_pass in verispec/models/lean.py).
 
    What a pass needs is described by plain structures that the caller builds once (the model, its
-   layers and projections, the per-layer cache pointers) or per pass (positions, segments):
-   kernels.py mirrors them with ctypes. A projection is a list of parts, each a stored matrix
+   layers and projections, the per-layer cache pointers) or per pass (positions, segments),
+   declared with the functions it calls in verispec_kernels.h, which kernels.py binds with ctypes
+   (tests/test_kernel_abi.py checks the two agree). A projection is a list of parts, each a stored matrix
    writing its own columns of the output: one part for a 16-bit widened weight (widen_linear.c), or,
    for a GGUF checkpoint, a fused projection whose q, k and v pieces may be stored in different
    quantized types side by side (quant_linear.c). Built with the other sources by
    verispec/models/kernels.py. */
 
-#include <stdint.h>
 #include <string.h>
 
-/* layer_ops.c */
-void rms_norm(const float* x, int64_t T, int64_t D, const float* weight, float eps, float* out);
-void rope_store(float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* cos_table,
-                const float* sin_table, int64_t start, float* keys, float* values, int64_t P);
-void attention(const float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* keys,
-               const float* values, int64_t P, int64_t start, float scale, float* out, int threads);
-void rope_store_paged(float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* cos_table,
-                      const float* sin_table, const int64_t* positions, const int64_t* slots, float* keys,
-                      float* values, int64_t bs);
-void paged_attention(const float* qkv, int64_t S, const int64_t* seg_row, const int64_t* seg_len,
-                     const int64_t* seg_pos, const int64_t* tables, const int64_t* table_start, int64_t H,
-                     int64_t Hkv, int64_t hd, const float* keys, const float* values, int64_t bs, float scale,
-                     float* out, int threads);
-void silu_mul(const float* gate_up, int64_t T, int64_t F, float* out);
-
-/* quant_linear.c: 0, or nonzero for a type it lacks (-1) or out of memory (-2) */
-int quant_linear(int type, const float* x, int64_t M, const uint8_t* w, int64_t N, int64_t K, const float* bias,
-                 float* y, int64_t ldy, int accumulate, int threads);
-
-/* widen_linear.c */
-void widen_linear_f16(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, const float* bias,
-                      float* y, int64_t ldy, int accumulate, int threads);
-void widen_linear_bf16(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, const float* bias,
-                       float* y, int64_t ldy, int accumulate, int threads);
-
-/* Storage forms of a projection part (kernels.py: NATIVE_FORMS). */
-enum { VS_WIDEN_F16 = 1, VS_WIDEN_BF16 = 2, VS_QUANTIZED = 100 /* + GGML type id */ };
-
-/* One stored matrix of a projection: y[:, column .. column + out_features) = x @ w^T (+ bias).
-   A fused projection (q, k and v stacked) is one part where all of it is stored in one form, or
-   several written side by side where its pieces are stored in different forms. */
-typedef struct {
-  int64_t form;
-  const void* weight;
-  int64_t out_features, in_features;
-  const float* bias; /* this part's out_features values, or NULL */
-  int64_t column;
-} vs_part;
-
-typedef struct {
-  int64_t parts;
-  const vs_part* part;
-  int64_t out_features; /* the output's row stride */
-} vs_projection;
-
-typedef struct {
-  const float* attn_norm;
-  vs_projection qkv; /* D -> (H + 2 Hkv) hd */
-  vs_projection o;   /* H hd -> D, added to the residual */
-  const float* mlp_norm;
-  vs_projection gate_up; /* D -> 2 F */
-  vs_projection down;    /* F -> D, added to the residual */
-} vs_layer;
-
-typedef struct {
-  int64_t layers, hidden, heads, kv_heads, head_dim, ffn;
-  float eps, scale;       /* RMSNorm epsilon; attention scale, hd^-0.5 */
-  const float *cos, *sin; /* rotary tables, (positions, hd) */
-  const vs_layer* layer;
-} vs_model;
-
-/* Where a pass's keys and values go and what its rows attend to.
-   VS_CONTIGUOUS: one sequence, rows at positions start.., per layer a key and a value cache of
-   (Hkv, capacity, hd) (LeanSession). VS_PAGED: rows of several sequences, per layer a key and a
-   value pool of (blocks, Hkv, block_size, hd), each row's position and slot, and the segments as
-   paged_attention takes them (core/runner.py). */
-enum { VS_CONTIGUOUS = 0, VS_PAGED = 1 };
-
-typedef struct {
-  int64_t mode;
-  float* const* keys; /* per layer */
-  float* const* values;
-  int64_t capacity, start;          /* contiguous */
-  const int64_t *positions, *slots; /* paged, per row */
-  int64_t block_size, segments;
-  const int64_t *seg_row, *seg_len, *seg_pos, *tables, *table_start;
-} vs_attention;
-
-/* Per-pass buffers, T rows each: h (D), qkv ((H + 2 Hkv) hd), attn (H hd), gate_up (2 F), act (F). */
-typedef struct {
-  float *h, *qkv, *attn, *gate_up, *act;
-} vs_scratch;
-
-/* Query rows per contiguous attention call, as the per-call step splits a pass (lean.py:
-   ATTENTION_ROWS): its scratch is rows x context. */
-#define ATTENTION_ROWS 256
+#include "verispec_kernels.h"
 
 /* Whether every part of a projection has a form this file knows (quant_linear may still refuse
    a quantized type it lacks). */
@@ -156,8 +71,8 @@ static void attend(const vs_model* m, const vs_attention* a, int64_t i, float* q
     return;
   }
   rope_store(qkv, T, H, Hkv, hd, m->cos, m->sin, a->start, keys, values, a->capacity);
-  for (int64_t first = 0; first < T; first += ATTENTION_ROWS) { /* bounded scratch: rows are independent */
-    int64_t rows = T - first < ATTENTION_ROWS ? T - first : ATTENTION_ROWS;
+  for (int64_t first = 0; first < T; first += VS_ATTENTION_ROWS) { /* bounded scratch: rows are independent */
+    int64_t rows = T - first < VS_ATTENTION_ROWS ? T - first : VS_ATTENTION_ROWS;
     attention(qkv + first * width, rows, H, Hkv, hd, keys, values, a->capacity, a->start + first, m->scale,
               attn + first * H * hd, threads);
   }
@@ -171,11 +86,11 @@ int lean_layers(const vs_model* model, float* x, int64_t T, const vs_attention* 
                 int threads) {
   int64_t D = model->hidden, F = model->ffn;
   int failed;
-  if (kv->mode != VS_CONTIGUOUS && kv->mode != VS_PAGED) return -1;
+  if (kv->mode != VS_CONTIGUOUS && kv->mode != VS_PAGED) return VS_ERROR_UNSUPPORTED;
   for (int64_t i = 0; i < model->layers; ++i) {
     const vs_layer* layer = model->layer + i;
     if (!runnable(&layer->qkv) || !runnable(&layer->o) || !runnable(&layer->gate_up) || !runnable(&layer->down))
-      return -1;
+      return VS_ERROR_UNSUPPORTED;
   }
   for (int64_t i = 0; i < model->layers; ++i) {
     const vs_layer* layer = model->layer + i;
@@ -202,7 +117,7 @@ int lean_greedy(const vs_model* model, const float* embed, const float* norm, co
                 int64_t vocab, vs_attention* kv, const vs_scratch* scratch, float* x, float* h, float* logits,
                 int64_t token, int64_t steps, int64_t* out, int threads) {
   int64_t D = model->hidden;
-  if (kv->mode != VS_CONTIGUOUS || !runnable(head)) return -1;
+  if (kv->mode != VS_CONTIGUOUS || !runnable(head)) return VS_ERROR_UNSUPPORTED;
   if (vocab > head->out_features) vocab = head->out_features;
   for (int64_t s = 0; s < steps; ++s) {
     memcpy(x, embed + token * D, (size_t)D * sizeof(float));

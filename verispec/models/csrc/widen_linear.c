@@ -19,6 +19,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "verispec_kernels.h"
+
 static inline __m256 widen8_f16(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
 }
@@ -49,7 +51,7 @@ static inline float lane_sum(__m256 v) {
    Each output is one fused multiply-add chain over k in ascending order from 0, then the bias,
    then the residual: the same operations whatever the block it falls in and whatever the number
    of rows M, so an output's bits do not depend on the pass (decode, verify, prompt chunk, batch). */
-#define NR 24
+#define NR VS_PANEL /* 24 */
 
 /* One row of a block: (acc + bias), then into y (set, or added to the residual). */
 static inline void finish(float* row, __m256 c0, __m256 c1, __m256 c2, const float* bias, int64_t valid,
@@ -223,7 +225,7 @@ LINEAR(bf16)
    own, then the bias, then the residual: the same operations as the AVX2 path, so the same bits,
    on panels packed 32 wide (`widen_panel()` says which width this CPU's path streams). A pass of
    several rows is bound by the multiply-adds, which a 16-lane FMA does twice as many of. */
-#define NR512 32
+#define NR512 VS_PANEL_AVX512 /* 32 */
 #define PREFETCH 16 /* rows of a panel ahead: a wide pass is busy multiplying, and the hardware
                        prefetcher alone then falls behind the stream of weights */
 
