@@ -25,22 +25,24 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from transformers import PreTrainedTokenizerBase
 
 from verispec.config import BatchSettings, Depth, SamplingParams, SpeculationSettings
+from verispec.core.draft_batch import DraftBatch
 from verispec.core.engine import Delta, Round, accept, emit, inspect, validate
 from verispec.core.goodput import Acceptance, LiveCosts, PassCosts, choose_depths, measure_pass_costs
 from verispec.core.kv_cache import BlockTable
 from verispec.core.proposing import Busy, Proposing, TimedOut
-from verispec.core.runner import ModelRunner, Segment
+from verispec.core.runner import ModelRunner, Segment, batchable
 from verispec.core.sampling import request_generator
 from verispec.core.scheduler import Plan, plan_pass
 from verispec.errors import UserError
 from verispec.proposers.base import DraftPolicy, Proposal, Proposer
-from verispec.proposers.draft import DraftBatch, DraftModelProposer
-from verispec.proposers.ngram import NgramProposer
-from verispec.proposers.remote import RemoteDrafts
+
+if TYPE_CHECKING:
+    from verispec.proposers.remote import RemoteDrafts
 from verispec.stats import RequestStats
 from verispec.text import TextStream
 
@@ -224,19 +226,18 @@ class BatchEngine:
         return rows
 
     def draft_batch(self, proposer: Proposer) -> DraftBatch | None:
-        """The batched drafter of a draft-model proposer whose model the runner can batch."""
-        from verispec.core.runner import batchable
-
-        if not isinstance(proposer, DraftModelProposer) or batchable(proposer.lm) is not None:
+        """The batched drafter of a proposer that offers a draft model the runner can batch."""
+        lm = getattr(proposer, "draft_model", None)
+        if lm is None or batchable(lm) is not None:
             return None
         batch = self._drafts.get(id(proposer))
         if batch is None:
             # As many positions as the verifier's cache holds, in the draft's (smaller) blocks.
             positions = self.runner.pool.num_blocks * self.runner.pool.block_size
-            lm = proposer.lm
             per_position = 2 * len(lm.layers) * lm.kv_heads * lm.head_dim * 4
             memory = max(positions * per_position, (lm.max_positions + 64) * per_position)
-            batch = self._drafts[id(proposer)] = DraftBatch(proposer, memory, self.runner.pool.block_size)
+            batch = DraftBatch(lm, self.target.vocab_size, memory, self.runner.pool.block_size)
+            self._drafts[id(proposer)] = batch
         return batch
 
     # -- the step ---------------------------------------------------------------------------------
@@ -331,7 +332,7 @@ class BatchEngine:
                 if request.session is None:
                     request.session = request.proposer.session()
                 call = lambda r=request: r.session.propose(r.tokens, plan.depths[r], r.draft_policy)  # noqa: E731
-                (inline if isinstance(request.proposer, NgramProposer) else calls)[request] = call
+                (inline if getattr(request.proposer, "inline", False) else calls)[request] = call
                 members[request] = [request]
         for request in plan.rounds:
             if request.remote is not None:

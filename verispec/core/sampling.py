@@ -1,4 +1,4 @@
-"""Logit warping shared by proposer and verifier.
+"""Logit warping shared by proposer and verifier, and a draft model's next-token draw.
 
 Speculative sampling is exact only if the draft and the target distributions are warped the same
 way (temperature, then top-k, then top-p, in the order Hugging Face applies them), so both sides
@@ -7,9 +7,14 @@ call `warp` and nothing else.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from verispec.config import SamplingParams
+
+if TYPE_CHECKING:
+    from verispec.proposers.base import DraftPolicy
 
 
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -43,3 +48,30 @@ def request_generator(seed: int, device: torch.device | str = "cpu") -> torch.Ge
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
+
+
+def align_vocab(logits: torch.Tensor, width: int) -> torch.Tensor:
+    """Draft logits over the target's vocabulary width (embedding matrices are often padded)."""
+    if logits.shape[-1] == width:
+        return logits
+    if logits.shape[-1] > width:
+        return logits[..., :width]
+    return torch.nn.functional.pad(logits, (0, width - logits.shape[-1]), value=float("-inf"))
+
+
+def draw_draft(logits: torch.Tensor, policy: DraftPolicy, first: bool) -> tuple[int | None, torch.Tensor | None]:
+    """The next draft token and, where the acceptance rule or an inspection needs it, its
+    distribution; None once the draft's confidence falls below the policy's floor."""
+    greedy = policy.sampling.greedy
+    if greedy:
+        token = int(logits.argmax())
+        dist = torch.softmax(logits.float(), dim=-1) if policy.min_confidence > 0 or policy.want_probs else None
+        confidence = float(dist[token]) if dist is not None else 1.0
+    else:
+        dist = warp(logits, policy.sampling)
+        confidence = float(dist.max())
+    if not first and confidence < policy.min_confidence:
+        return None, None
+    if not greedy:
+        token = int(sample(dist, policy.generator))
+    return token, dist if (not greedy or policy.want_probs) else None

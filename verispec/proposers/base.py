@@ -56,6 +56,15 @@ class ProposerSession(Protocol):
 
 
 class Proposer(Protocol):
+    """A proposer: its name and a session per request. Two optional capabilities tell the batched
+    engine how to run it; a plug-in without them is called off the engine thread, within its time
+    budget, so that one that hangs holds no pass:
+
+    - `inline` (default False): cheap enough (microseconds) to call on the engine thread;
+    - `draft_model` (default None): a model the engine may run itself, for every request of a pass
+      in one draft pass per position (`core/draft_batch.py`), instead of a session per request.
+    """
+
     name: str
 
     def session(self) -> ProposerSession: ...

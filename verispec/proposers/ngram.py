@@ -16,6 +16,8 @@ from verispec.proposers.base import DraftPolicy, Proposal
 
 class NgramProposer:
     name = "ngram"
+    inline = True  # microseconds of numpy: the batched engine calls it on its own thread
+    draft_model = None
 
     def __init__(self, max_ngram: int, min_ngram: int):
         if not 1 <= min_ngram <= max_ngram:

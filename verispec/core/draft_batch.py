@@ -1,0 +1,98 @@
+"""A draft model drafting for every request of a batched pass at once (`batch.py`): core machinery
+beside the runner it drives, not a proposer of its own. A proposer offers its model for this by
+its `draft_model` (`proposers/base.py`); the draft model proposer does."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from verispec.core.kv_cache import BlockTable
+from verispec.core.runner import ModelRunner, Segment
+from verispec.core.sampling import align_vocab, draw_draft
+from verispec.errors import ProposerError
+from verispec.models.lean import LeanLM
+from verispec.proposers.base import DraftPolicy, Proposal
+
+
+class DraftState:
+    """One request's place in a `DraftBatch`: its blocks in the draft's cache and the tokens they hold."""
+
+    def __init__(self, table: BlockTable):
+        self.table = table
+        self.cached: list[int] = []
+
+
+class DraftBatch:
+    """The draft model drafting for many requests at once: one draft pass per draft position,
+    over the rows of every request still drafting, on a paged cache of its own (`runner.py`).
+
+    Each request's state is kept in step with its verified context as `DraftModelSession` does
+    it: roll back to the longest prefix shared with the context (dropping rejected drafts), feed
+    what is new, then draft. The same requests get the same drafts whatever else is in the batch
+    (the kernel step computes every row alone; sampled drafts draw from the request's generator)."""
+
+    def __init__(self, lm: LeanLM, target_vocab_size: int, memory_bytes: int, block_size: int):
+        self.lm = lm
+        self.target_vocab_size = target_vocab_size
+        self.runner = ModelRunner(lm, memory_bytes, block_size, prefix_cache=True)
+
+    def state(self) -> DraftState:
+        return DraftState(BlockTable(self.runner.pool))
+
+    def release(self, state: DraftState) -> None:
+        state.table.free()
+        state.cached = []
+
+    def propose(self, items: Sequence[tuple[DraftState, Sequence[int], int, DraftPolicy]]) -> list[Proposal]:
+        started = time.perf_counter()
+        window = self.lm.max_positions
+        for _, context, depth, _ in items:
+            if window is not None and len(context) + depth > window:
+                raise ProposerError(f"context of {len(context)} tokens is beyond the draft's window of {window}")
+        segments = []
+        for state, context, _, _ in items:
+            fed = self._catch_up(state, context)
+            segments.append(Segment(fed, len(state.cached), state.table, logits=1))
+            state.cached.extend(fed)
+        logits = [out[-1] for out in self.runner.forward(segments)]
+        for state, context, _, _ in items:
+            state.table.verified(len(context), context)
+        tokens: list[list[int]] = [[] for _ in items]
+        probs: list[list[torch.Tensor]] = [[] for _ in items]
+        active = [i for i, (_, _, depth, _) in enumerate(items) if depth > 0]
+        while active:
+            fed = []
+            for i in active:
+                state, _, depth, policy = items[i]
+                token, dist = draw_draft(align_vocab(logits[i], self.target_vocab_size), policy, first=not tokens[i])
+                if token is None:
+                    continue  # the draft is unsure: stop here
+                tokens[i].append(token)
+                if dist is not None:
+                    probs[i].append(dist)
+                if len(tokens[i]) < depth and time.perf_counter() - started <= policy.time_budget_s:
+                    fed.append(i)
+            if not fed:
+                break
+            segments = [Segment([tokens[i][-1]], len(items[i][0].cached), items[i][0].table, logits=1) for i in fed]
+            for i, out in zip(fed, self.runner.forward(segments), strict=True):
+                items[i][0].cached.append(tokens[i][-1])
+                logits[i] = out[-1]
+            active = fed
+        return [Proposal(t, torch.stack(p) if p else None) for t, p in zip(tokens, probs, strict=True)]
+
+    @staticmethod
+    def _catch_up(state: DraftState, context: Sequence[int]) -> list[int]:
+        """Roll the state back to what it shares with the context; the tokens to feed (at least the last)."""
+        if not state.cached and not state.table.blocks:
+            state.cached = list(context[: state.table.reuse_prefix(context)])
+        limit = min(len(state.cached), len(context) - 1)
+        common = 0
+        while common < limit and state.cached[common] == context[common]:
+            common += 1
+        del state.cached[common:]
+        state.table.computed = common
+        return list(context[common:])
