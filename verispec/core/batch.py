@@ -478,8 +478,8 @@ class BatchEngine:
 
     # -- preemption --------------------------------------------------------------------------------
 
-    def _preempt(self, request: BatchRequest) -> None:
-        """Out of blocks: free this request's blocks and queue it first, to recompute later."""
+    def preempt(self, request: BatchRequest) -> None:
+        """Out of blocks: free this running request's blocks and queue it first, to recompute later."""
         log.info("request %s preempted: the KV cache is full; it resumes once blocks free", request.id)
         self.running.remove(request)
         self._release(request)
@@ -501,7 +501,8 @@ class BatchEngine:
         return True
 
     def admit(self, request: BatchRequest) -> bool:
-        """Take blocks for a waiting request's prefix and prompt if the cache has room."""
+        """Start a waiting request if the cache has blocks for its prefix and prompt: it takes
+        them and runs from the next pass. False, and nothing taken, if not."""
         reused = request.table.reuse_prefix(request.tokens)
         pool = self.runner.pool
         need = pool.blocks_for(len(request.tokens) + 1) - len(request.table.blocks)
@@ -513,6 +514,8 @@ class BatchEngine:
             request.stats.cached_tokens = reused
         self._admitted += 1
         request.order = self._admitted
+        self.waiting.remove(request)
+        self.running.append(request)
         return True
 
     def close(self) -> None:

@@ -68,9 +68,7 @@ def _admit(engine: BatchEngine) -> None:
             parked = [r for r in engine.running if r.parked and r.table.blocks]
             if not parked:
                 return
-            engine._preempt(max(parked, key=lambda r: r.order))  # a parked session's blocks go first
-        engine.waiting.remove(request)
-        engine.running.append(request)
+            engine.preempt(max(parked, key=lambda r: r.order))  # a parked session's blocks go first
 
 
 def _reserve(engine: BatchEngine, plan: Plan, request: BatchRequest, positions: int) -> bool:
@@ -82,7 +80,7 @@ def _reserve(engine: BatchEngine, plan: Plan, request: BatchRequest, positions: 
             return True
         except OutOfBlocks:
             victim = max(engine.running, key=lambda r: (r.parked, r.order))  # parked sessions first
-            engine._preempt(victim)
+            engine.preempt(victim)
             plan.preempted.append(victim)
             if victim is request:
                 return False
