@@ -20,13 +20,20 @@ from verispec.errors import UserError
 from verispec.models import load_model, load_tokenizer
 from verispec.models.kernels import kernel_library
 from verispec.models.loading import model_name
+from verispec.models.quant import QUANTIZED
 from verispec.proposers import NgramProposer
 
 T = GGMLQuantizationType
 CPU = torch.device("cpu")
 # D, F and H * hd are multiples of 256, the block of the K-quants.
 D, F, HEADS, KV_HEADS, LAYERS, VOCAB = 256, 512, 4, 2, 2, 64
-QUANTIZABLE = {T.Q8_0, T.Q4_0, T.Q4_1}  # the gguf package quantizes these; K-quant blocks are drawn at random
+# The gguf package quantizes these; the others' blocks are drawn at random.
+QUANTIZABLE = {T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1}
+# Byte offsets of the float16 fields (d, and dmin) of the blocks drawn at random.
+HALF_FIELDS = {
+    T.IQ4_NL: (0,), T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
+    T.IQ4_XS: (0,), T.IQ2_XXS: (0,),
+}  # fmt: skip
 
 
 def _tiny_llama(seed: int = 7) -> LlamaForCausalLM:
@@ -50,10 +57,8 @@ def _blocks(weight: torch.Tensor, kind: T, rng: np.random.Generator) -> np.ndarr
     rows, blocks = array.shape[0], array.shape[1] // block
     data = rng.integers(0, 256, size=(rows, blocks, size), dtype=np.uint8)
     scales = (rng.random((rows, blocks, 2)) * 2e-3 + 1e-4).astype(np.float16).view(np.uint8)
-    if kind == T.Q4_K:  # d and dmin lead the block
-        data[..., 0:4] = scales.reshape(rows, blocks, 4)
-    else:  # Q6_K: d ends the block
-        data[..., size - 2 : size] = scales.reshape(rows, blocks, 4)[..., 0:2]
+    for i, offset in enumerate(HALF_FIELDS[kind]):
+        data[..., offset : offset + 2] = scales[..., 2 * i : 2 * i + 2]
     return data.reshape(rows, blocks * size)
 
 
@@ -141,7 +146,15 @@ CASES = {
     "q4_0": {"*": T.Q4_0},
     "q4_1": {"*": T.Q4_1, "token_embd": T.Q8_0},
     "q4_k_m": {"*": T.Q4_K, "attn_v": T.Q6_K, "ffn_down": T.Q6_K, "token_embd": T.Q6_K},  # like a Q4_K_M file
+    "q5_0": {"*": T.Q5_0},  # Q4_K_M's type for tensors not a multiple of 256 wide (SmolLM2's 576)
+    "q5_1": {"*": T.Q5_1},  # Q5_K_M's, likewise
+    "iq4_nl": {"*": T.IQ4_NL},
+    "q5_k_m": {"*": T.Q5_K, "attn_v": T.Q6_K, "ffn_down": T.Q5_1, "token_embd": T.Q5_0},
+    "q3_k_m": {"*": T.Q3_K, "attn_v": T.Q5_K, "ffn_down": T.Q4_K},
+    "q2_k": {"*": T.Q2_K, "attn_v": T.Q3_K, "token_embd": T.Q4_K},
+    "iq4_xs": {"*": T.IQ4_XS, "token_embd": T.IQ4_NL},
 }
+QUANTIZED_CASES = {case for case, kinds in CASES.items() if not set(kinds.values()) <= {T.F32, T.F16, T.BF16}}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -165,8 +178,8 @@ def test_a_gguf_file_is_the_model_its_weights_decode_to(gguf_case):
     if kernel_library() is not None:
         report = lm.path_report()
         assert report["kernel_step"] == (case != "f32"), report  # float32 weights 16 bits cannot hold: off
-        quantized = case.startswith("q")
-        assert any(form.startswith("q") for form in report["forms"]) == quantized, report["forms"]
+        quantized = any(part in QUANTIZED.values() for form in report["forms"] for part in form.split("+"))
+        assert quantized == (case in QUANTIZED_CASES), report["forms"]
 
 
 def test_a_position_has_the_same_logits_at_any_pass_width(gguf_case):
@@ -197,9 +210,9 @@ def test_the_served_name_is_the_models_own(tmp_path):
 
 
 def test_an_unsupported_tensor_type_is_refused_naming_it(tmp_path):
-    path = tmp_path / "q5.gguf"
-    write_gguf(path, {"*": T.Q8_0, "ffn_up": T.Q5_0})
-    with pytest.raises(UserError, match=r"blk\.0\.ffn_up\.weight is Q5_0.*supported: .*Q4_K") as error:
+    path = tmp_path / "iq2.gguf"
+    write_gguf(path, {"*": T.Q8_0, "ffn_up": T.IQ2_XXS})
+    with pytest.raises(UserError, match=r"blk\.0\.ffn_up\.weight is IQ2_XXS.*supported: .*Q4_K") as error:
         load_model(str(path), CPU, torch.float32)
     assert "\n" not in str(error.value)
 

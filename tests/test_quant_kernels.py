@@ -18,10 +18,14 @@ if LIBRARY is None:
     pytest.skip("no C compiler or no AVX2/FMA/F16C here", allow_module_level=True)
 
 T = gguf.GGMLQuantizationType
-TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q6_K]
-QUANTIZABLE = {T.Q8_0, T.Q4_0, T.Q4_1}  # gguf's numpy quantizes these; the others are random bytes
+TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS]
+# gguf's numpy quantizes these; the others are random bytes
+QUANTIZABLE = {T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1}
 # Byte offsets of each block's float16 fields (d, and dmin or m).
-HALF_FIELDS = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q4_K: (0, 2), T.Q6_K: (208,)}
+HALF_FIELDS = {
+    T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.IQ4_NL: (0,),
+    T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_XS: (0,),
+}  # fmt: skip
 
 
 def _best_lanes() -> int:
@@ -189,16 +193,16 @@ def test_each_output_independent_of_rows_and_threads(qtype):
 
 
 def test_unsupported_type_or_width():
-    K, N, Q5_0 = 64, 3, 6
+    K, N, IQ2 = 64, 3, int(T.IQ2_XXS)
     w = np.zeros((N, 2 * 22), dtype=np.uint8)
     x = np.ones((1, K), dtype=np.float32)
     y = np.full((1, N), 7.0, dtype=np.float32)
     ids = np.zeros(1, dtype=np.int64)
     assert (
-        LIBRARY.quant_linear(Q5_0, x.ctypes.data, 1, w.ctypes.data, N, K, None, y.ctypes.data, N, 0, 1) == -1
+        LIBRARY.quant_linear(IQ2, x.ctypes.data, 1, w.ctypes.data, N, K, None, y.ctypes.data, N, 0, 1) == -1
     )
-    assert LIBRARY.quant_dequantize(Q5_0, w.ctypes.data, N, K, y.ctypes.data) == -1
-    assert LIBRARY.quant_rows(Q5_0, w.ctypes.data, K, ids.ctypes.data, 1, y.ctypes.data) == -1
+    assert LIBRARY.quant_dequantize(IQ2, w.ctypes.data, N, K, y.ctypes.data) == -1
+    assert LIBRARY.quant_rows(IQ2, w.ctypes.data, K, ids.ctypes.data, 1, y.ctypes.data) == -1
     # K not a whole number of blocks
     assert (
         LIBRARY.quant_linear(int(T.Q4_K), x.ctypes.data, 1, w.ctypes.data, N, K, None, y.ctypes.data, N, 0, 1)

@@ -32,14 +32,23 @@ from verispec.models.kernels import (
     native_projection,
 )
 
-# The block formats the kernel runs: those of the downloads that dominate (Q4_K_M files are
-# Q4_K with Q6_K for some layers; Q8_0; the legacy Q4_0 and Q4_1).
+# The block formats the kernel runs: those llama-quantize writes for the common file types
+# (Q4_K_M files are Q4_K with Q6_K for some layers, and Q5_0 for tensors whose width is not a
+# multiple of 256, as SmolLM2's 576; Q5_K_M files fall back to Q5_1 the same way; Q2_K and Q3_K_*
+# files mix Q2_K, Q3_K, Q4_K and Q5_K; IQ4_XS files fall back to IQ4_NL).
 QUANTIZED = {
     GGMLQuantizationType.Q8_0: "q8_0",
     GGMLQuantizationType.Q4_0: "q4_0",
     GGMLQuantizationType.Q4_1: "q4_1",
+    GGMLQuantizationType.Q5_0: "q5_0",
+    GGMLQuantizationType.Q5_1: "q5_1",
+    GGMLQuantizationType.IQ4_NL: "iq4_nl",
+    GGMLQuantizationType.Q2_K: "q2_k",
+    GGMLQuantizationType.Q3_K: "q3_k",
     GGMLQuantizationType.Q4_K: "q4_k",
+    GGMLQuantizationType.Q5_K: "q5_k",
     GGMLQuantizationType.Q6_K: "q6_k",
+    GGMLQuantizationType.IQ4_XS: "iq4_xs",
 }
 
 

@@ -1,5 +1,6 @@
 /* y = x @ w^T (+ bias) for float32 activations x and GGUF block-quantized weights w (Q8_0, Q4_0,
-   Q4_1, Q4_K, Q6_K), the embedding gather of such rows, and their dequantization.
+   Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS), the embedding gather of such
+   rows, and their dequantization.
 
    The model is exactly "the dequantized weights, in float32": every weight is the float32 value
    that gguf's numpy dequantize gives, bit for bit, and the products and sums are float32 (x is
@@ -25,8 +26,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "verispec_kernels.h"
+
 /* GGML type ids. A row of K weights is K / QK blocks of BYTES bytes each. */
-enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
+enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
+       IQ4_NL = 20, IQ4_XS = 23 };
 #define QK_q8_0 32
 #define QK_q4_0 32
 #define QK_q4_1 32
@@ -37,9 +41,23 @@ enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
 #define BYTES_q4_1 20
 #define BYTES_q4_k 144
 #define BYTES_q6_k 210
+#define QK_q5_0 32
+#define QK_q5_1 32
+#define QK_iq4_nl 32
+#define QK_q2_k 256
+#define QK_q3_k 256
+#define QK_q5_k 256
+#define QK_iq4_xs 256
+#define BYTES_q5_0 22
+#define BYTES_q5_1 24
+#define BYTES_iq4_nl 18
+#define BYTES_q2_k 84
+#define BYTES_q3_k 110
+#define BYTES_q5_k 176
+#define BYTES_iq4_xs 136
 
 /* Weights are decoded in chunks of KC = 256 (8 blocks of 32, or one of 256). For a chunk, prep_T
-   computes the per-block floats (scales, mins: 16 at most) into ctx and, for Q6_K, the 6-bit
+   computes the per-block floats (scales, mins: 32 at most) into ctx and, for Q6_K, the 6-bit
    values as bytes into q; then vec_T_ISA gives vector j of block blk of the chunk, in registers. */
 #define KC 256
 
@@ -148,6 +166,183 @@ static inline void prep_q6_k(const uint8_t* b, int blocks, float* ctx, int8_t* q
   }
 }
 
+/* The types below are decoded by prep into q, as Q6_K is (the blocks of 32 with AVX2 only; see
+   Q5_0): q holds the chunk's weights as small integers (int8), ctx their per-block or
+   per-sub-block floats, and a vector of weights is fl(scale * q), or fl(fl(scale * q) +- offset)
+   (VEC_SCALED and VEC_OFFSET below). As above, the operations are numpy's on the same values: Q5_0 fl(d * (q - 16)), Q5_1 fl(fl(d * q) + m),
+   IQ4_NL fl(d * kv[q]), Q5_K as Q4_K with 5-bit q, Q3_K fl(fl(d * (sc - 32)) * q), Q2_K
+   fl(fl(fl(d * sc) * q) - fl(dmin * m)), IQ4_XS fl(fl(d * (sc - 32)) * kv[q]); every product is
+   exact in float32 (at most 11 + 6 + 7 bits), so an add or subtract rounds once, fused or not. */
+
+/* 16 bytes of nibbles as 32 bytes: the low nibbles, then the high ones. */
+static inline __m256i nibbles32(const uint8_t* p) {
+  __m128i raw = _mm_loadu_si128((const __m128i*)p), mask = _mm_set1_epi8(0x0f);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
+}
+
+/* IQ4_NL's 16 non-linear values (ggml's kvalues_iq4nl), also IQ4_XS's. */
+#define IQ4_VALUES -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113
+static inline __m128i iq4_values16(void) { return _mm_setr_epi8(IQ4_VALUES); }
+
+/* The value of the nibble in each byte. */
+static inline __m256i iq4_values(__m256i nibbles) {
+  return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(iq4_values16()), nibbles);
+}
+
+/* Bit i of bits as byte i of 32: value where it is set, else 0. */
+static inline __m256i bits_to_bytes(uint32_t bits, int value) {
+  const __m256i spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+  __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit), _mm256_set1_epi8((char)value));
+}
+
+/* The blocks of 32 have a prep per ISA: with AVX-512 their weights are looked up in registers in
+   tables of their 16 or 32 values, as Q4_0's (prep: the floats only); with AVX2, which has no
+   such lookup of floats, prep decodes the chunk's weights into q with byte arithmetic on 32 at
+   a time, cheaper than decoding them 8 at a time in 32-bit lanes (measured). */
+
+/* Q5_0 (22 bytes): float16 d, 32 bits of fifth bits (bit i: weight i), nibbles as Q4_0's;
+   q = low | fifth << 4, minus 16. ctx: the blocks' d. */
+static inline void prep_q5_0_avx512(const uint8_t* b, int blocks, float* ctx, int8_t* q) {
+  (void)q;
+  halves8(b, 22, blocks, ctx);
+}
+
+static inline void prep_q5_0_avx2(const uint8_t* b, int blocks, float* ctx, int8_t* q) {
+  halves8(b, 22, blocks, ctx);
+  for (int blk = 0; blk < blocks; ++blk) {
+    const uint8_t* p = b + 22 * blk;
+    uint32_t high;
+    memcpy(&high, p + 2, 4);
+    __m256i v = _mm256_or_si256(nibbles32(p + 6), bits_to_bytes(high, 16));
+    _mm256_storeu_si256((__m256i*)(q + 32 * blk), _mm256_sub_epi8(v, _mm256_set1_epi8(16)));
+  }
+}
+
+/* Q5_1 (24 bytes): float16 d and m, then Q5_0's fifth bits and nibbles, unsigned. ctx: d, then m. */
+static inline void prep_q5_1_avx512(const uint8_t* b, int blocks, float* ctx, int8_t* q) {
+  (void)q;
+  halves8(b, 24, blocks, ctx);
+  halves8(b + 2, 24, blocks, ctx + 8);
+}
+
+static inline void prep_q5_1_avx2(const uint8_t* b, int blocks, float* ctx, int8_t* q) {
+  prep_q5_1_avx512(b, blocks, ctx, q);
+  for (int blk = 0; blk < blocks; ++blk) {
+    const uint8_t* p = b + 24 * blk;
+    uint32_t high;
+    memcpy(&high, p + 4, 4);
+    _mm256_storeu_si256((__m256i*)(q + 32 * blk), _mm256_or_si256(nibbles32(p + 8), bits_to_bytes(high, 16)));
+  }
+}
+
+/* IQ4_NL (18 bytes): Q4_0's layout, each nibble an index into the 16 values. ctx: the blocks' d. */
+static inline void prep_iq4_nl_avx512(const uint8_t* b, int blocks, float* ctx, int8_t* q) {
+  (void)q;
+  halves8(b, 18, blocks, ctx);
+}
+
+static inline void prep_iq4_nl_avx2(const uint8_t* b, int blocks, float* ctx, int8_t* q) {
+  halves8(b, 18, blocks, ctx);
+  for (int blk = 0; blk < blocks; ++blk)
+    _mm256_storeu_si256((__m256i*)(q + 32 * blk), iq4_values(nibbles32(b + 18 * blk + 2)));
+}
+
+/* Q5_K (176 bytes): Q4_K's d, dmin and scales, 32 bytes of fifth bits (bit s of byte i: weight i
+   of sub-block s), then Q4_K's nibbles. ctx: as Q4_K's; q: low | fifth << 4. */
+static inline void prep_q5_k(const uint8_t* b, int blocks, float* ctx, int8_t* q) {
+  prep_q4_k(b, blocks, ctx, q);
+  const __m256i nibble = _mm256_set1_epi8(0x0f), five = _mm256_set1_epi8(16);
+  __m256i high = _mm256_loadu_si256((const __m256i*)(b + 16));
+  for (int j = 0; j < 4; ++j) {
+    __m256i low = _mm256_loadu_si256((const __m256i*)(b + 48 + 32 * j));
+    __m256i bit0 = _mm256_set1_epi8((char)(1 << (2 * j))), bit1 = _mm256_set1_epi8((char)(2 << (2 * j)));
+    __m256i h0 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(high, bit0), bit0), five);
+    __m256i h1 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(high, bit1), bit1), five);
+    _mm256_storeu_si256((__m256i*)(q + 64 * j), _mm256_or_si256(_mm256_and_si256(low, nibble), h0));
+    _mm256_storeu_si256((__m256i*)(q + 64 * j + 32),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(low, 4), nibble), h1));
+  }
+}
+
+/* Q3_K (110 bytes): 32 bytes of high bits, 64 of 2-bit pairs, 12 bytes of 16 6-bit scales,
+   float16 d. Weight 128h + 32s + i has pair s of byte 32h + i and high bit 4h + s of byte i;
+   q = pair - (high ? 0 : 4). Scale t < 16: nibble t / 8 of byte t % 8, and pair t / 4 of byte
+   8 + t % 4 above it, minus 32. ctx: fl(d * scale) of each 16 weights. */
+static inline void prep_q3_k(const uint8_t* b, int blocks, float* ctx, int8_t* q) {
+  (void)blocks;
+  uint32_t u[4], top;  // 4 scales a word, as ggml's dequantize_row_q3_K
+  memcpy(u, b + 96, 8);
+  memcpy(&top, b + 104, 4);
+  const uint32_t low4 = 0x0f0f0f0f, low2 = 0x03030303;
+  u[2] = ((u[0] >> 4) & low4) | (((top >> 4) & low2) << 4);
+  u[3] = ((u[1] >> 4) & low4) | (((top >> 6) & low2) << 4);
+  u[0] = (u[0] & low4) | ((top & low2) << 4);
+  u[1] = (u[1] & low4) | (((top >> 2) & low2) << 4);
+  int8_t scales[16];
+  _mm_storeu_si128((__m128i*)scales, _mm_sub_epi8(_mm_loadu_si128((const __m128i*)u), _mm_set1_epi8(32)));
+  __m256 d = _mm256_set1_ps(_cvtsh_ss((uint16_t)(b[108] | b[109] << 8)));
+  _mm256_storeu_ps(ctx, _mm256_mul_ps(d, f8(i8x8((const uint8_t*)scales))));
+  _mm256_storeu_ps(ctx + 8, _mm256_mul_ps(d, f8(i8x8((const uint8_t*)scales + 8))));
+  const __m256i pair = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4);
+  __m256i high = _mm256_loadu_si256((const __m256i*)b);
+  for (int h = 0; h < 2; ++h) {
+    __m256i pairs = _mm256_loadu_si256((const __m256i*)(b + 32 + 32 * h));
+    for (int sh = 0; sh < 4; ++sh) {
+      __m256i low = _mm256_and_si256(_mm256_srl_epi16(pairs, _mm_cvtsi32_si128(2 * sh)), pair);
+      __m256i bit = _mm256_set1_epi8((char)(1 << (4 * h + sh)));
+      __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(high, bit), bit);
+      _mm256_storeu_si256((__m256i*)(q + 128 * h + 32 * sh), _mm256_sub_epi8(low, _mm256_andnot_si256(set, four)));
+    }
+  }
+}
+
+/* Q2_K (84 bytes): 16 bytes of scales (low nibble) and mins (high) of each 16 weights, 64 bytes of
+   2-bit pairs as Q3_K's, float16 d and dmin. ctx: fl(d * sc) of each 16, then fl(dmin * m). */
+static inline void prep_q2_k(const uint8_t* b, int blocks, float* ctx, int8_t* q) {
+  (void)blocks;
+  __m256 d = _mm256_set1_ps(_cvtsh_ss((uint16_t)(b[80] | b[81] << 8)));
+  __m256 dmin = _mm256_set1_ps(_cvtsh_ss((uint16_t)(b[82] | b[83] << 8)));
+  for (int half = 0; half < 2; ++half) {
+    __m256i sc = u8x8(b + 8 * half);
+    _mm256_storeu_ps(ctx + 8 * half, _mm256_mul_ps(d, f8(_mm256_and_si256(sc, _mm256_set1_epi32(15)))));
+    _mm256_storeu_ps(ctx + 16 + 8 * half, _mm256_mul_ps(dmin, f8(_mm256_srli_epi32(sc, 4))));
+  }
+  const __m256i pair = _mm256_set1_epi8(3);
+  for (int h = 0; h < 2; ++h) {
+    __m256i pairs = _mm256_loadu_si256((const __m256i*)(b + 16 + 32 * h));
+    for (int sh = 0; sh < 4; ++sh)
+      _mm256_storeu_si256((__m256i*)(q + 128 * h + 32 * sh),
+                          _mm256_and_si256(_mm256_srl_epi16(pairs, _mm_cvtsi32_si128(2 * sh)), pair));
+  }
+}
+
+/* IQ4_XS (136 bytes): float16 d, 16 bits of scales' high pairs (pair s: sub-block s), 4 bytes of
+   their low nibbles (nibble s % 2 of byte s / 2), then 8 sub-blocks of 32 as IQ4_NL's 16 bytes.
+   ctx: fl(d * (scale - 32)) of each sub-block. */
+static inline void prep_iq4_xs(const uint8_t* b, int blocks, float* ctx, int8_t* q) {
+  (void)blocks;
+  unsigned high = b[2] | b[3] << 8;
+  int8_t scales[8];
+  for (int s = 0; s < 8; ++s)
+    scales[s] = (int8_t)((((b[4 + s / 2] >> (4 * (s % 2))) & 15) | (((high >> (2 * s)) & 3) << 4)) - 32);
+  _mm256_storeu_ps(ctx, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss((uint16_t)(b[0] | b[1] << 8))),
+                                      f8(i8x8((const uint8_t*)scales))));
+  for (int s = 0; s < 8; ++s) _mm256_storeu_si256((__m256i*)(q + 32 * s), iq4_values(nibbles32(b + 8 + 16 * s)));
+}
+
+/* The other types' prep is the same for both ISAs. */
+#define SAME_PREP(T)                                                                          \
+  static inline void prep_##T##_avx2(const uint8_t* b, int blocks, float* ctx, int8_t* q) {   \
+    prep_##T(b, blocks, ctx, q);                                                              \
+  }                                                                                           \
+  static inline void prep_##T##_avx512(const uint8_t* b, int blocks, float* ctx, int8_t* q) { \
+    prep_##T(b, blocks, ctx, q);                                                              \
+  }
+SAME_PREP(q8_0) SAME_PREP(q4_0) SAME_PREP(q4_1) SAME_PREP(q2_k) SAME_PREP(q3_k) SAME_PREP(q4_k) SAME_PREP(q5_k)
+SAME_PREP(q6_k) SAME_PREP(iq4_xs)
+
 /* ---- AVX2: vector j < QK / 8 of block blk of a chunk ---- */
 
 static inline __m256 vec_q8_0_avx2(const uint8_t* b, const float* ctx, const int8_t* q, int blk, int j) {
@@ -182,6 +377,25 @@ static inline __m256 vec_q6_k_avx2(const uint8_t* b, const float* ctx, const int
   (void)b, (void)blk;
   return _mm256_mul_ps(_mm256_set1_ps(ctx[j >> 1]), f8(i8x8((const uint8_t*)q + 8 * j)));
 }
+
+/* Weight i = blk * QK + 8j of the chunk: fl(scale * q), scale ctx[i / G]; or then + or - the
+   offset ctx[OFF + i / G]. */
+#define VEC_SCALED_AVX2(T, G)                                                                 \
+  static inline __m256 vec_##T##_avx2(const uint8_t* b, const float* ctx, const int8_t* q, int blk, int j) { \
+    (void)b;                                                                                  \
+    int i = blk * QK_##T + 8 * j;                                                             \
+    return _mm256_mul_ps(_mm256_set1_ps(ctx[i / (G)]), f8(i8x8((const uint8_t*)q + i)));      \
+  }
+#define VEC_OFFSET_AVX2(T, G, OFF, OP)                                                        \
+  static inline __m256 vec_##T##_avx2(const uint8_t* b, const float* ctx, const int8_t* q, int blk, int j) { \
+    (void)b;                                                                                  \
+    int i = blk * QK_##T + 8 * j;                                                             \
+    return OP(_mm256_mul_ps(_mm256_set1_ps(ctx[i / (G)]), f8(i8x8((const uint8_t*)q + i))),   \
+              _mm256_set1_ps(ctx[(OFF) + i / (G)]));                                          \
+  }
+VEC_SCALED_AVX2(q5_0, 32) VEC_OFFSET_AVX2(q5_1, 32, 8, _mm256_add_ps) VEC_SCALED_AVX2(iq4_nl, 32)
+VEC_OFFSET_AVX2(q5_k, 32, 8, _mm256_sub_ps) VEC_SCALED_AVX2(q3_k, 16) VEC_OFFSET_AVX2(q2_k, 16, 16, _mm256_sub_ps)
+VEC_SCALED_AVX2(iq4_xs, 32)
 
 /* ---- AVX-512: vector j < QK / 16 of block blk of a chunk ---- */
 
@@ -228,6 +442,54 @@ static inline __m512 vec_q6_k_avx512(const uint8_t* b, const float* ctx, const i
   return _mm512_mul_ps(_mm512_set1_ps(ctx[j]), f16x(i8x16((const uint8_t*)q + 16 * j)));
 }
 
+/* Q5_0 and Q5_1: the 32 values of a block in two tables (q < 16, q >= 16), looked up by 5 bits. */
+static inline __m512 q5_avx512(const uint8_t* p, int j, __m512 low_table, __m512 high_table) {
+  uint32_t high;
+  memcpy(&high, p, 4);
+  __m512i raw = u8x16(p + 4);
+  __m512i index = j ? _mm512_srli_epi32(raw, 4) : _mm512_and_si512(raw, _mm512_set1_epi32(15));
+  index = _mm512_mask_or_epi32(index, (__mmask16)(high >> (16 * j)), index, _mm512_set1_epi32(16));
+  return _mm512_permutex2var_ps(low_table, index, high_table);
+}
+
+static inline __m512 vec_q5_0_avx512(const uint8_t* b, const float* ctx, const int8_t* q, int blk, int j) {
+  (void)q;
+  __m512 d = _mm512_set1_ps(ctx[blk]);
+  __m512 low = _mm512_mul_ps(d, _mm512_sub_ps(iota16(), _mm512_set1_ps(16.0f))), high = _mm512_mul_ps(d, iota16());
+  return q5_avx512(b + blk * 22 + 2, j, low, high);
+}
+
+static inline __m512 vec_q5_1_avx512(const uint8_t* b, const float* ctx, const int8_t* q, int blk, int j) {
+  (void)q;
+  __m512 d = _mm512_set1_ps(ctx[blk]), m = _mm512_set1_ps(ctx[8 + blk]);
+  __m512 low = _mm512_add_ps(_mm512_mul_ps(d, iota16()), m);
+  __m512 high = _mm512_add_ps(_mm512_mul_ps(d, _mm512_add_ps(iota16(), _mm512_set1_ps(16.0f))), m);
+  return q5_avx512(b + blk * 24 + 4, j, low, high);
+}
+
+static inline __m512 vec_iq4_nl_avx512(const uint8_t* b, const float* ctx, const int8_t* q, int blk, int j) {
+  (void)q;
+  __m512 table = _mm512_mul_ps(_mm512_set1_ps(ctx[blk]), f16x(_mm512_cvtepi8_epi32(iq4_values16())));
+  __m512i raw = u8x16(b + blk * 18 + 2);
+  return _mm512_permutexvar_ps(j ? _mm512_srli_epi32(raw, 4) : raw, table);
+}
+
+#define VEC_SCALED_AVX512(T, G)                                                               \
+  static inline __m512 vec_##T##_avx512(const uint8_t* b, const float* ctx, const int8_t* q, int blk, int j) { \
+    (void)b;                                                                                  \
+    int i = blk * QK_##T + 16 * j;                                                            \
+    return _mm512_mul_ps(_mm512_set1_ps(ctx[i / (G)]), f16x(i8x16((const uint8_t*)q + i)));   \
+  }
+#define VEC_OFFSET_AVX512(T, G, OFF, OP)                                                      \
+  static inline __m512 vec_##T##_avx512(const uint8_t* b, const float* ctx, const int8_t* q, int blk, int j) { \
+    (void)b;                                                                                  \
+    int i = blk * QK_##T + 16 * j;                                                            \
+    return OP(_mm512_mul_ps(_mm512_set1_ps(ctx[i / (G)]), f16x(i8x16((const uint8_t*)q + i))), \
+              _mm512_set1_ps(ctx[(OFF) + i / (G)]));                                          \
+  }
+VEC_OFFSET_AVX512(q5_k, 32, 8, _mm512_sub_ps) VEC_SCALED_AVX512(q3_k, 16)
+VEC_OFFSET_AVX512(q2_k, 16, 16, _mm512_sub_ps) VEC_SCALED_AVX512(iq4_xs, 32)
+
 #pragma GCC pop_options
 
 /* ---- kernels, written once for both widths with these names (defined before each use): V a
@@ -241,10 +503,10 @@ static inline __m512 vec_q6_k_avx512(const uint8_t* b, const float* ctx, const i
   static void GLUE(dq_##T##_, ISA)(const uint8_t* b, int64_t count, float* out) {             \
     for (int64_t i = 0; i < count; i += KC / QK_##T) {                                        \
       int blocks = count - i < KC / QK_##T ? (int)(count - i) : KC / QK_##T;                  \
-      float ctx[16];                                                                          \
+      float ctx[32];                                                                          \
       int8_t q[KC] __attribute__((aligned(32)));                                              \
       const uint8_t* chunk = b + i * BYTES_##T;                                               \
-      prep_##T(chunk, blocks, ctx, q);                                                        \
+      GLUE(prep_##T##_, ISA)(chunk, blocks, ctx, q);                                         \
       __asm__ volatile("" : : "r"(ctx) : "memory"); /* as in FUSED */                         \
       for (int blk = 0; blk < blocks; ++blk) {                                                \
         _Pragma("GCC unroll 32") for (int j = 0; j < QK_##T / W; ++j)                         \
@@ -303,13 +565,13 @@ static inline __m512 vec_q6_k_avx512(const uint8_t* b, const float* ctx, const i
       int blocks = (int)((K - k0 < KC ? K - k0 : KC) / QK_##T);                               \
       const uint8_t *b0 = w[0] + k0 / QK_##T * BYTES_##T, *b1 = w[1] + k0 / QK_##T * BYTES_##T; \
       const uint8_t *b2 = w[2] + k0 / QK_##T * BYTES_##T, *b3 = w[3] + k0 / QK_##T * BYTES_##T; \
-      float ctx0[16], ctx1[16], ctx2[16], ctx3[16];                                           \
+      float ctx0[32], ctx1[32], ctx2[32], ctx3[32];                                           \
       int8_t q0[KC] __attribute__((aligned(32))), q1[KC] __attribute__((aligned(32)));        \
       int8_t q2[KC] __attribute__((aligned(32))), q3[KC] __attribute__((aligned(32)));        \
-      prep_##T(b0, blocks, ctx0, q0);                                                         \
-      prep_##T(b1, blocks, ctx1, q1);                                                         \
-      prep_##T(b2, blocks, ctx2, q2);                                                         \
-      prep_##T(b3, blocks, ctx3, q3);                                                         \
+      GLUE(prep_##T##_, ISA)(b0, blocks, ctx0, q0);                                          \
+      GLUE(prep_##T##_, ISA)(b1, blocks, ctx1, q1);                                          \
+      GLUE(prep_##T##_, ISA)(b2, blocks, ctx2, q2);                                          \
+      GLUE(prep_##T##_, ISA)(b3, blocks, ctx3, q3);                                          \
       /* ctx stays in memory, read by broadcast loads: else gcc keeps it in registers and     \
          broadcasts lanes with shuffles, which compete with the arithmetic for port 5 */      \
       __asm__ volatile("" : : "r"(ctx0), "r"(ctx1), "r"(ctx2), "r"(ctx3) : "memory");         \
@@ -365,6 +627,7 @@ static inline float hsum8(__m256 v) {
   DEQUANT(T) FUSED(1, T) FUSED(2, T)                                                          \
   static const fused_fn fused_##T##_avx2[] = {fused1_##T##_avx2, fused2_##T##_avx2};
 TYPE(q8_0) TYPE(q4_0) TYPE(q4_1) TYPE(q4_k) TYPE(q6_k)
+TYPE(q5_0) TYPE(q5_1) TYPE(iq4_nl) TYPE(q2_k) TYPE(q3_k) TYPE(q5_k) TYPE(iq4_xs)
 DENSE(1) DENSE(2)
 static const dense_fn dense_avx2[] = {dense1_avx2, dense2_avx2};
 #undef TYPE
@@ -397,6 +660,7 @@ static inline float hsum16(__m512 v) {
   static const fused_fn fused_##T##_avx512[] = {fused1_##T##_avx512, fused2_##T##_avx512,     \
                                                 fused3_##T##_avx512, fused4_##T##_avx512};
 TYPE(q8_0) TYPE(q4_0) TYPE(q4_1) TYPE(q4_k) TYPE(q6_k)
+TYPE(q5_0) TYPE(q5_1) TYPE(iq4_nl) TYPE(q2_k) TYPE(q3_k) TYPE(q5_k) TYPE(iq4_xs)
 DENSE(1) DENSE(2) DENSE(3) DENSE(4) DENSE(5) DENSE(6)
 static const dense_fn dense_avx512[] = {dense1_avx512, dense2_avx512, dense3_avx512,
                                         dense4_avx512, dense5_avx512, dense6_avx512};
@@ -436,12 +700,21 @@ struct qtype {
 static const struct qtype* qtype_of(int type) {
   static const struct qtype q4_0 = QTYPE(q4_0), q4_1 = QTYPE(q4_1), q8_0 = QTYPE(q8_0);
   static const struct qtype q4_k = QTYPE(q4_k), q6_k = QTYPE(q6_k);
+  static const struct qtype q5_0 = QTYPE(q5_0), q5_1 = QTYPE(q5_1), iq4_nl = QTYPE(iq4_nl);
+  static const struct qtype q2_k = QTYPE(q2_k), q3_k = QTYPE(q3_k), q5_k = QTYPE(q5_k), iq4_xs = QTYPE(iq4_xs);
   switch (type) {
     case Q4_0: return &q4_0;
     case Q4_1: return &q4_1;
     case Q8_0: return &q8_0;
     case Q4_K: return &q4_k;
     case Q6_K: return &q6_k;
+    case Q5_0: return &q5_0;
+    case Q5_1: return &q5_1;
+    case IQ4_NL: return &iq4_nl;
+    case Q2_K: return &q2_k;
+    case Q3_K: return &q3_k;
+    case Q5_K: return &q5_k;
+    case IQ4_XS: return &iq4_xs;
     default: return NULL;
   }
 }
