@@ -196,18 +196,10 @@ class AuditStore:
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(q)]
 
-    def count(
-        self,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        key_id: str | None = None,
-        outcome: str | None = None,
-        request_ids: Sequence[str] | None = None,
-        model: str | None = None,
-    ) -> int:
-        """How many records `query` would return with these filters and no limit."""
-        q = select(func.count()).select_from(records)
-        q = q.where(*_matching(since, until, key_id, outcome, request_ids, model))
+    def count(self, **filters: Any) -> int:
+        """How many records `query` would return with these filters (its own: since, until,
+        key_id, outcome, request_ids, model) and no limit."""
+        q = select(func.count()).select_from(records).where(*_matching(**filters))
         with self.engine.connect() as conn:
             return conn.execute(q).scalar_one()
 
@@ -220,7 +212,7 @@ class AuditStore:
         self.engine.dispose()
 
 
-def _matching(since, until, key_id, outcome, request_ids, model) -> list:
+def _matching(since=None, until=None, key_id=None, outcome=None, request_ids=None, model=None) -> list:
     """`query`'s filters as conditions on the records table (those given; none: every record)."""
     c = records.c
     conditions = [
