@@ -7,13 +7,10 @@ package is installed (apt-get install -y --no-install-recommends prometheus) and
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import re
 import shutil
 import subprocess
-import sys
 import threading
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.scripts import load_script
 from verispec.config import ServerSettings
 from verispec.server.metrics import ServerMetrics
 
@@ -45,14 +43,8 @@ METRIC = re.compile(r"verispec:[A-Za-z0-9_:]+")
 SELECTOR = re.compile(r"(verispec:[A-Za-z0-9_:]+)(\{[^}]*\})?")
 
 
-@functools.cache
 def load_renderer():
-    """scripts/ is not a package: load the renderer from its path (registered first, as dataclasses need)."""
-    spec = importlib.util.spec_from_file_location("render_dashboards", ROOT / "scripts" / "render_dashboards.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("render_dashboards")
 
 
 def dashboard_exprs() -> list[tuple[str, str, str]]:

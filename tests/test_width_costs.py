@@ -4,8 +4,6 @@ assertions). llama.cpp's side comes from a stand-in llama-bench that prints llam
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -14,6 +12,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 
+from tests.scripts import load_script
 from tests.test_batching import exact_pair
 from tests.test_gguf import write_gguf
 from verispec.models.kernels import kernel_library
@@ -35,14 +34,8 @@ print(json.dumps(tests))
 """
 
 
-@functools.cache
 def script():
-    """scripts/ is not a package: load the script from its path (registered first, as dataclasses need)."""
-    spec = importlib.util.spec_from_file_location("width_costs", ROOT / "scripts" / "width_costs.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("width_costs")
 
 
 def printed_rows(out: str) -> dict[str, list[str]]:
