@@ -2,7 +2,7 @@
 
 A step
 
-1. plans the pass (`scheduler.py`): which requests run a round and at what depth, which prompts
+1. plans the pass (`planner.py`): which requests run a round and at what depth, which prompts
    get a chunk of prefill, under the pass's row budget and the KV cache's blocks;
 2. proposes drafts for every round: a draft model for all its requests in one draft pass per
    position, the n-gram lookup per request, both on this thread; any other proposer off this
@@ -34,10 +34,10 @@ from verispec.core.draft_batch import DraftBatch
 from verispec.core.engine import Delta, Round, accept, emit, inspect, validate
 from verispec.core.goodput import Acceptance, LiveCosts, PassCosts, choose_depths, measure_pass_costs
 from verispec.core.kv_cache import BlockTable
+from verispec.core.planner import Plan, plan_pass
 from verispec.core.proposing import Busy, Proposing, TimedOut
 from verispec.core.runner import ModelRunner, Segment, batchable
 from verispec.core.sampling import request_generator
-from verispec.core.scheduler import Plan, plan_pass
 from verispec.errors import UserError
 from verispec.proposers.base import DraftPolicy, Proposal, Proposer
 
