@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from verispec.assemble import build_engine
-from verispec.cli import _quiet_libraries, build_parser, settings_from
+from verispec.cli import build_parser
+from verispec.flags import quiet_libraries, settings_from
 from verispec.server.serve import serve
 
 
@@ -67,7 +68,7 @@ class GatedTokenizer:
 def main() -> int:
     fault, flags = sys.argv[1], sys.argv[2:]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _quiet_libraries()
+    quiet_libraries()
     settings = settings_from(build_parser().parse_args(["serve", *flags]))
 
     def factory(s):

@@ -16,6 +16,7 @@ from pydantic_settings import NoDecode
 from verispec.audit.outcomes import OUTCOMES, Outcome
 from verispec.config import CommandSettings, command_config, default_audit_url, shared_env
 from verispec.errors import UserError
+from verispec.flags import add_common_flags, add_settings_flags, settings_from
 
 _AGO = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -85,7 +86,6 @@ class AuditQuerySettings(CommandSettings):
 
 
 def add_audit_command(commands) -> None:
-    from verispec.cli import add_common_flags, add_settings_flags
 
     command = commands.add_parser("audit", help="query the audit trail; export records as JSONL")
     add_settings_flags(command, AuditQuerySettings)
@@ -94,7 +94,6 @@ def add_audit_command(commands) -> None:
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    from verispec.cli import settings_from
 
     return query(settings_from(args, AuditQuerySettings))
 

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator
 
 from verispec.config import CommandSettings, SamplingParams, command_config, shared_env
 from verispec.errors import UserError
+from verispec.flags import add_common_flags, add_settings_flags, settings_from
 
 
 class EdgeSettings(CommandSettings):
@@ -58,7 +59,6 @@ class EdgeSettings(CommandSettings):
 
 
 def add_edge_command(commands) -> None:
-    from verispec.cli import add_common_flags, add_settings_flags
 
     command = commands.add_parser(
         "edge", help="continue a prompt with a local proposer against a remote verifier (the server's verify API)"
@@ -72,7 +72,6 @@ def add_edge_command(commands) -> None:
 def _run(args: argparse.Namespace) -> int:
     import httpx
 
-    from verispec.cli import settings_from
     from verispec.edge import EdgeClient, EdgeError
 
     settings = settings_from(args, EdgeSettings)

@@ -31,6 +31,7 @@ from verispec.config import (
     SpeculationSettings,
 )
 from verispec.errors import UserError
+from verispec.flags import add_common_flags, add_max_new_tokens_flag, add_settings_flags, settings_from
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,6 @@ class BatchJobSettings(BaseModel):
 
 
 def add_batch_command(commands) -> None:
-    from verispec.cli import add_common_flags, add_max_new_tokens_flag, add_settings_flags
 
     command = commands.add_parser(
         "batch", help="answer a JSONL file of OpenAI batch requests offline, resumably",
@@ -99,7 +99,6 @@ class BatchCommandSettings(BatchJobSettings, Settings):
 
 
 def job_settings(args: argparse.Namespace) -> tuple[Settings, BatchJobSettings]:
-    from verispec.cli import settings_from
 
     loaded = settings_from(args, BatchCommandSettings)
     job = loaded.part(BatchJobSettings)

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from verispec.config import Settings, load_settings
+from verispec.flags import quiet_libraries
 
 log = logging.getLogger("verispec.scale")
 
@@ -98,12 +99,11 @@ class VerispecReplica:
         from ray import serve
 
         from verispec.assemble import build_engine
-        from verispec.cli import _quiet_libraries
         from verispec.scale.shared import ReplicaMetrics, SharedCanary
         from verispec.server.app import Cluster, create_app
         from verispec.server.logs import configure
 
-        _quiet_libraries()
+        quiet_libraries()
         config = load_settings(settings)
         configure(config.log_format, config.log_level)
         context = serve.get_replica_context()

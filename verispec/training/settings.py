@@ -4,7 +4,7 @@ the one flag the generated ones cannot shape (--data).
 
 Each command's settings class (`TrainSettings`, `DistillSettings`) subclasses `RunSettings`, so
 one class reads defaults < config file < `VERISPEC_*` environment < flags (`verispec.config`), and
-its flags are generated from its fields (`verispec.cli.add_settings_flags`).
+its flags are generated from its fields (`verispec.flags.add_settings_flags`).
 """
 
 from __future__ import annotations

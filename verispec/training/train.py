@@ -39,6 +39,7 @@ from pydantic import Field, model_validator
 
 from verispec.config import command_config
 from verispec.errors import UserError
+from verispec.flags import add_common_flags, add_settings_flags, settings_from
 from verispec.training.corpus import stdlib_files, text_documents
 from verispec.training.loop import (
     Schedule,
@@ -295,7 +296,6 @@ def train_model(
 
 
 def add_train_command(commands) -> None:
-    from verispec.cli import add_common_flags, add_settings_flags
 
     command = commands.add_parser(
         "train", help="train a small causal LM (and its tokenizer) from a text corpus"
@@ -308,7 +308,6 @@ def add_train_command(commands) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from verispec.cli import settings_from
 
     settings = settings_from(args, TrainSettings)
     settings.apply_threads()

@@ -10,11 +10,11 @@ import argparse
 import asyncio
 import json
 
+from verispec.flags import add_common_flags, add_settings_flags, settings_from
 from verispec.tools.loadtest.settings import ClientOptions, LoadtestSettings, TableOptions
 
 
 def add_loadtest_command(commands) -> None:
-    from verispec.cli import add_common_flags, add_settings_flags
 
     command = commands.add_parser(
         "loadtest", help="concurrent streaming clients against a running `verispec serve` (--table: servers of its own)",
@@ -32,7 +32,6 @@ def add_loadtest_command(commands) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from verispec.cli import settings_from
     from verispec.prompts import load_prompts
     from verispec.tools.loadtest import default_prompts
     from verispec.tools.loadtest.clients import loadtest

@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 
 from verispec.config import AlsoNamed, command_config
 from verispec.errors import UserError
+from verispec.flags import add_common_flags, add_settings_flags, settings_from
 from verispec.training.distill.data import SPLIT_EVAL_LIMIT, split_prompts
 from verispec.training.distill.evaluation import agreement, verifier_continuations
 from verispec.training.distill.loss import train
@@ -201,7 +202,6 @@ def distill(
 
 
 def add_distill_command(commands) -> None:
-    from verispec.cli import add_common_flags, add_settings_flags
 
     command = commands.add_parser(
         "distill", help="distil a draft from its verifier to raise greedy agreement"
@@ -214,7 +214,6 @@ def add_distill_command(commands) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from verispec.cli import settings_from
 
     settings = settings_from(args, DistillSettings)
     settings.apply_threads()
