@@ -81,6 +81,12 @@ class Job:
         self.cancelled = True
 
     @property
+    def holds_slot(self) -> bool:
+        """Whether it takes one of the running slots: not while parked, nor once cancelled (the
+        next pass ends it)."""
+        return not self.parked and not self.cancelled
+
+    @property
     def parked(self) -> bool:
         """A verify-API session between rounds: nothing for the engine to do until drafts come."""
         return self.request is not None and self.request.parked and not self.cancelled

@@ -33,7 +33,7 @@ class ClientGone(Exception):
 
 class Reply:
     def __init__(self, underway: Underway, request: Request | None, gate: PolicyGate | None, metrics: ServerMetrics,
-                 tokenizer: PreTrainedTokenizerBase | None = None):
+                 tokenizer: PreTrainedTokenizerBase):
         self.underway, self.job, self.request = underway, underway.job, request
         self.gate, self.metrics, self.tokenizer = gate, metrics, tokenizer
         self.text: list[str] = []  # released text: all the client has been sent, and all that is recorded
@@ -61,11 +61,9 @@ class Reply:
     def sent_tokens(self) -> int:
         """Tokens the client was sent: every one emitted, unless the gate kept text back or stopped
         the reply, then the most whose text lies whole within the released text."""
-        released = sum(len(t) for t in self.text)
+        released = len(self.released)
         if released >= self.emitted:
             return len(self.token_ids)
-        if self.tokenizer is None:
-            return 0 if not released else len(self.token_ids)
         decode = self.tokenizer.decode
         low, high = 0, len(self.token_ids)
         while low < high:  # the text of a prefix of the tokens only grows with it

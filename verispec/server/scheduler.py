@@ -142,9 +142,8 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        """Running requests that hold a slot: all but the parked verify sessions and the cancelled
-        (which the next pass ends)."""
-        return sum(not job.parked and not job.cancelled for job in self._running)
+        """Running requests that hold a slot (`Job.holds_slot`)."""
+        return sum(job.holds_slot for job in self._running)
 
     def drain(self, grace_s: float) -> None:
         """Stop admitting; let in-flight work finish for up to `grace_s`, then cancel the rest."""
@@ -257,7 +256,7 @@ class Scheduler:
 
     def _next_fair(self) -> Job:
         """The waiting job whose key holds the fewest slots; the longest waiting among equals."""
-        held = Counter(job.key_id for job in self._running if not job.parked and not job.cancelled)
+        held = Counter(job.key_id for job in self._running if job.holds_slot)
         job = min(self._waiting, key=lambda job: held[job.key_id])  # the first of the least: FIFO within a share
         self._waiting.remove(job)
         return job

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from verispec.server.errors import APIError
@@ -54,11 +56,29 @@ class Sessions:
         self.open: dict[str, Session] = {}
         self.ended: OrderedDict[str, tuple[str, str, tuple | None]] = OrderedDict()  # id -> (key_id, why, last round)
         self.openings: OrderedDict[tuple[str, str], Opening] = OrderedDict()  # (key_id, idempotency key) -> opening
-        self.opening: dict[str, int] = {}  # key_id -> openings under way, which count against its cap
+        self.opening: Counter[str] = Counter()  # key_id -> openings under way, which count against its cap
 
     def held(self, key_id: str) -> int:
         """Sessions a key holds open or is opening."""
-        return sum(s.key_id == key_id for s in self.open.values()) + self.opening.get(key_id, 0)
+        return sum(s.key_id == key_id for s in self.open.values()) + self.opening[key_id]
+
+    @contextmanager
+    def claim(self, key_id: str) -> Iterator[None]:
+        """A place under the key's cap for the session it is opening, until the opening ends (an
+        open session counts itself); a 429 when the key holds all its places."""
+        held = self.held(key_id)
+        if held >= self.max_per_key:
+            raise APIError(
+                429, f"this API key holds {held} open verify sessions, the most this server allows (--verify-max-sessions "
+                f"{self.max_per_key}); close one (\"close\": true) or let it finish", code="too_many_sessions",
+            )
+        self.opening[key_id] += 1
+        try:
+            yield
+        finally:
+            self.opening[key_id] -= 1
+            if not self.opening[key_id]:
+                del self.opening[key_id]
 
     def remember(self, key: tuple[str, str], opening: Opening) -> None:
         self.openings[key] = opening

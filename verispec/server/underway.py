@@ -64,10 +64,10 @@ async def conclude(
     its log line and its audit record. `text` is what the client received, never more. With
     `wait`: whether the record is committed, that is, whether the response may be acknowledged."""
     job = underway.job
-    stats = delta.stats if delta is not None else stats_so_far(underway)
+    stats = (delta.stats if delta is not None else None) or stats_so_far(underway)
     if underway.sent_tokens is not None and stats.generated_tokens != (sent := underway.sent_tokens()):
         stats = replace(stats, generated_tokens=sent)  # the record counts what the client was sent
-    if outcome == "ok" and stats is not None and stats.fallback_rounds:
+    if outcome == "ok" and stats.fallback_rounds:
         outcome = "fallback"
     finish_reason = delta.finish_reason if delta is not None else None
     blocked = next((f for f in underway.findings if f.action == "block"), None)
@@ -89,13 +89,12 @@ async def conclude(
         "verispec.proposer.version": identity.proposer_version if identity else None,
         "verispec.model.version": identity.model_version if identity else None,
     }
-    if stats is not None:
-        attributes.update({
-            "verispec.proposed": stats.proposed, "verispec.accepted": stats.accepted, "verispec.rejected": stats.rejected,
-            "verispec.recovered": stats.recovered, "verispec.bonus": stats.bonus, "verispec.verifier_calls": stats.verifier_calls,
-            "verispec.acceptance_rate": stats.acceptance_rate, "verispec.mean_depth": (sum(stats.depths) / len(stats.depths)) if stats.depths else None,
-            "verispec.fallback_rounds": stats.fallback_rounds, "verispec.mismatch_s": stats.mismatch_s,
-        })
+    attributes.update({
+        "verispec.proposed": stats.proposed, "verispec.accepted": stats.accepted, "verispec.rejected": stats.rejected,
+        "verispec.recovered": stats.recovered, "verispec.bonus": stats.bonus, "verispec.verifier_calls": stats.verifier_calls,
+        "verispec.acceptance_rate": stats.acceptance_rate, "verispec.mean_depth": (sum(stats.depths) / len(stats.depths)) if stats.depths else None,
+        "verispec.fallback_rounds": stats.fallback_rounds, "verispec.mismatch_s": stats.mismatch_s,
+    })
     if underway.edge:
         attributes.update({f"verispec.edge.{name}": value for name, value in underway.edge.items()})
     if underway.findings:
@@ -111,7 +110,7 @@ async def conclude(
     fields = {"key_id": underway.key_id, "outcome": outcome, "status": status, "prompt_tokens": len(underway.prompt_ids),
               "completion_tokens": stats.generated_tokens, "latency_s": round(latency, 4),
               "ttft_s": None if ttft is None else round(ttft, 4),
-              "acceptance_rate": stats.acceptance_rate if stats is not None else None}
+              "acceptance_rate": stats.acceptance_rate}
     if blocked is not None:
         fields.update(policy_rule=blocked.rule, policy_position=blocked.position)
     if state.telemetry_settings.log_content:

@@ -102,8 +102,7 @@ def verify_routes(state: State, authorize) -> APIRouter:
                 "the client as soon as they are verified, and its accepted count would confirm drafts the gate blocks",
                 code="policy_forbids_verify",
             )
-        raw = await request.body()
-        size = len(raw)
+        size = len(await request.body())
         if body.session_id is None:
             if body.prompt is None:
                 raise bad_request("send a prompt to open a session, or a session_id to continue one", param="prompt")
@@ -154,19 +153,8 @@ def verify_routes(state: State, authorize) -> APIRouter:
         return response
 
     async def _open(body: VerifyRequest, request: Request, service: Service, key_id: str, size: int, opening: Opening | None = None) -> Response:
-        held = sessions.held(key_id)
-        if held >= sessions.max_per_key:
-            raise APIError(
-                429, f"this API key holds {held} open verify sessions, the most this server allows (--verify-max-sessions "
-                f"{sessions.max_per_key}); close one (\"close\": true) or let it finish", code="too_many_sessions",
-            )
-        sessions.opening[key_id] = sessions.opening.get(key_id, 0) + 1
-        try:
+        with sessions.claim(key_id):  # the key's cap on open sessions
             return await _open_session(body, request, service, key_id, size, opening)
-        finally:
-            sessions.opening[key_id] -= 1
-            if not sessions.opening[key_id]:
-                del sessions.opening[key_id]
 
     async def _open_session(body: VerifyRequest, request: Request, service: Service, key_id: str, size: int, opening: Opening | None) -> Response:
         prompt_ids, prompt_text = await state.prompt(service, body.prompt)
