@@ -511,6 +511,12 @@ def test_hostile_bytes_sizes_and_hang_ups(server, tokenizer):
     assert nul.status_code == 200  # NUL is valid text, as in /v1/completions
     post(server, {"session_id": nul.json()["session_id"], "close": True})
 
+    opening = {"prompt": "t1 t2", "max_tokens": 4, "temperature": 0, "drafts": []}
+    for bad in ("k" * 129, "a\tb"):  # an Idempotency-Key too long, or not printable
+        refused = post(server, opening, **{"Idempotency-Key": bad})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "idempotency-key", refused.text
+    assert metric(server.metrics(), "verispec:verify_sessions_open") == 0
+
     opened = _open(server, tokenizer)
     round_ = {"session_id": opened["session_id"], "position": opened["position"], "drafts": [1, 2]}
     # The client sends the round and hangs up before the answer comes (a raw socket: however fast
@@ -527,6 +533,8 @@ def test_hostile_bytes_sizes_and_hang_ups(server, tokenizer):
     answer = wait_for(sent_again, what="the abandoned round to finish")  # its answer, the round run once
     assert answer.status_code == 200, answer.text
     assert answer.json()["position"] == opened["position"] + len(answer.json()["token_ids"])
+    keyed = post(server, {**round_, "position": answer.json()["position"], "drafts": []}, **{"Idempotency-Key": "k1"})
+    assert keyed.status_code == 400 and "Idempotency-Key is for openings" in keyed.json()["error"]["message"]
     nxt = post(server, {"session_id": opened["session_id"], "position": answer.json()["position"], "drafts": []})
     assert nxt.status_code == 200 and nxt.json()["round"] == answer.json()["round"] + 1
     post(server, {"session_id": opened["session_id"], "close": True})
