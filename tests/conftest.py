@@ -15,7 +15,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from verispec.config import SpeculationSettings
-from verispec.core.engine import SpeculativeEngine
+from verispec.core.engine import Engine
+from verispec.core.rounds import stop_tokens
+from verispec.core.runner import ModelRunner, batchable
+from verispec.core.session_runner import SessionRunner
 from verispec.models import load_model, load_tokenizer
 from verispec.proposers import DraftModelProposer, NgramProposer
 
@@ -82,7 +85,7 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 
 def make_engine(
     target: str, draft: str | None = None, proposer: str = "draft", backend: str = "auto", **speculation
-) -> SpeculativeEngine:
+) -> Engine:
     device, dtype = torch.device("cpu"), torch.float32
     settings = SpeculationSettings(**speculation)
     target_lm = load_model(target, device, dtype, backend=backend)
@@ -93,7 +96,19 @@ def make_engine(
         prop = NgramProposer(settings.ngram_max, settings.ngram_min)
     else:
         prop = None
-    return SpeculativeEngine(target_lm, load_tokenizer(target), prop, settings)
+    return engine_for(target_lm, load_tokenizer(target), prop, settings)
+
+
+def engine_for(lm, tokenizer, proposer=None, speculation: SpeculationSettings | None = None) -> Engine:
+    """The engine over a loaded target, as `verispec.assemble.build_engine` makes it."""
+    return Engine(engine_runner(lm), tokenizer, stop_tokens(lm, tokenizer), proposer=proposer, speculation=speculation)
+
+
+def engine_runner(lm, memory_bytes: int = 256 << 20):
+    """The runner `verispec` picks for `lm`: the batched one where it can batch, else sessions in turn."""
+    if batchable(lm) is not None:
+        return SessionRunner(lm)
+    return ModelRunner(lm, memory_bytes)
 
 
 def random_prompts(count: int, vocab: int, seed: int, min_len: int = 1, max_len: int = 24) -> list[list[int]]:

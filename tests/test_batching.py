@@ -18,7 +18,7 @@ import torch
 from tests.conftest import EOS, save
 from verispec.config import BatchSettings, SamplingParams, SpeculationSettings
 from verispec.core.acceptance import accept_stochastic
-from verispec.core.batch import BatchEngine
+from verispec.core.engine import Engine
 from verispec.core.goodput import PassCosts, choose_depths
 from verispec.core.kv_cache import BlockPool, BlockTable
 from verispec.core.runner import ModelRunner, Segment
@@ -78,15 +78,15 @@ def _llama(vocab, layers, seed, heads, kv_heads, hidden):
     return LlamaForCausalLM(config)
 
 
-def engine(models, max_running=8, memory="64MiB", max_pass_tokens=128, prefix_cache=True, block_size=16) -> BatchEngine:
+def engine(models, max_running=8, memory="64MiB", max_pass_tokens=128, prefix_cache=True, block_size=16) -> Engine:
     batch = BatchSettings(kv_cache_memory=memory, max_pass_tokens=max_pass_tokens, prefix_cache=prefix_cache, kv_block_size=block_size)
     runner = ModelRunner(models["target"], batch.kv_cache_bytes, batch.kv_block_size, batch.prefix_cache)
-    core = BatchEngine(runner, models["tokenizer"], frozenset({EOS}), batch, max_running)
-    core._costs = COSTS
+    core = Engine(runner, models["tokenizer"], frozenset({EOS}), batch, max_running)
+    core.pin_costs(COSTS)
     return core
 
 
-def run(core: BatchEngine, jobs, arrivals=None, rng=None) -> dict[str, list[int]]:
+def run(core: Engine, jobs, arrivals=None, rng=None) -> dict[str, list[int]]:
     """Run jobs (name, prompt, params, proposer, depth) to the end; `arrivals[name]` = the step at
     which a job is added (default: all at once). Returns each job's tokens."""
     arrivals = arrivals or {}
@@ -263,7 +263,7 @@ def test_prefix_reuse_hits_misses_and_evicts(models):
     assert pool.free_blocks == pool.num_blocks  # nothing held once all finished
 
 
-def run_requests(core: BatchEngine) -> dict:
+def run_requests(core: Engine) -> dict:
     out = {}
     while core.busy:
         for request, delta in core.step():

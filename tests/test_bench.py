@@ -11,7 +11,7 @@ from matplotlib.image import imread
 
 from tests.conftest import run_verispec, write_prompts
 from verispec.config import load_settings
-from verispec.core.engine import Completion
+from verispec.core.rounds import Completion
 from verispec.errors import UserError
 from verispec.stats import RequestStats
 from verispec.tools import bench, check

@@ -6,7 +6,8 @@ import pytest
 
 from tests.conftest import llama, run_verispec, save, write_prompts
 from verispec.config import load_settings
-from verispec.core.engine import Completion, SpeculativeEngine
+from verispec.core.engine import Engine
+from verispec.core.rounds import Completion
 from verispec.tools.check import first_difference, run_check
 
 verispec = run_verispec
@@ -82,16 +83,16 @@ def test_check_passes_and_reports(tiny_models, prompts_file, tmp_path):
 
 def test_check_fails_on_a_mismatch(tiny_models, prompts_file, monkeypatch, capsys):
     """A broken engine (here: one that alters its speculative output) makes the check exit 1."""
-    real = SpeculativeEngine.generate
+    real = Engine.generate
 
-    def broken(self, prompt, params=None, depth=None):
-        out = real(self, prompt, params, depth)
+    def broken(self, prompt, params=None, depth=None, **kwargs):
+        out = real(self, prompt, params, depth, **kwargs)
         if depth == 0:
             return out
         tokens = out.token_ids[:5] + [(out.token_ids[5] + 1) % 64] + out.token_ids[6:]
         return Completion(tokens, out.text, out.finish_reason, out.stats)
 
-    monkeypatch.setattr(SpeculativeEngine, "generate", broken)
+    monkeypatch.setattr(Engine, "generate", broken)
     settings = load_settings({"target": tiny_models["llama"], "draft": tiny_models["llama-draft"], "max_new_tokens": 16})
     assert run_check(settings, prompts_file, depths=["3"]) == 1
     assert "first difference at new token 5" in capsys.readouterr().err

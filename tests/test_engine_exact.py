@@ -5,7 +5,7 @@ import torch
 
 from tests.conftest import EOS, make_engine, random_prompts
 from verispec.config import SamplingParams
-from verispec.core.depth import StepCosts
+from verispec.core.goodput import PassCosts
 
 VOCAB = 64
 DEPTHS = [1, 2, 3, 5, 8, "auto"]
@@ -93,23 +93,16 @@ def test_prompts_hitting_eos(tiny_models):
 
 def test_stats_add_up(llama_engines, monkeypatch):
     """The request's statistics agree with what the engine was seen doing: verifier passes counted
-    at the model, drafts and verdicts from each round, tokens from each delta."""
+    at the runner, drafts and verdicts from each round, tokens from each delta."""
     engine = llama_engines["draft"]
     passes = []
-    open_session = engine.target.session
+    forward = engine.runner.forward
 
-    def counted_session(*args, **kwargs):
-        session = open_session(*args, **kwargs)
-        extend = session.extend
+    def counted(segments):
+        passes.append(sum(len(s.tokens) for s in segments))
+        return forward(segments)
 
-        def counted(tokens, *a, **kw):
-            passes.append(len(tokens))
-            return extend(tokens, *a, **kw)
-
-        session.extend = counted
-        return session
-
-    monkeypatch.setattr(engine.target, "session", counted_session)
+    monkeypatch.setattr(engine.runner, "forward", counted)
     prompt = random_prompts(1, VOCAB, seed=15, min_len=8)[0]
     deltas = list(engine.stream(prompt, greedy(60), depth=4))
     s = deltas[-1].stats
@@ -143,7 +136,7 @@ def test_cancelling_a_stream_stops_generation(llama_engines):
 
 def test_draft_confidence_cuts_proposals_but_not_exactness(tiny_models):
     engine = make_engine(tiny_models["llama"], tiny_models["llama-draft"], draft_confidence=0.5)
-    engine._costs = StepCosts(verify_s=(1.0,) * 9, draft_s=0.01)  # drafting priced as cheap: depth grows
+    engine.pin_costs(PassCosts(tuple(range(1, 10)), (1.0,) * 9, draft_s=0.01))  # drafting priced as cheap: depth grows
     cut = 0
     for prompt in random_prompts(6, VOCAB, seed=16):
         reference = engine.generate(prompt, greedy(40), depth=0)

@@ -4,9 +4,8 @@ import time
 
 import pytest
 
-from tests.conftest import make_engine, random_prompts
+from tests.conftest import engine_for, make_engine, random_prompts
 from verispec.config import SamplingParams, SpeculationSettings
-from verispec.core.engine import SpeculativeEngine
 from verispec.proposers.base import Proposal
 
 VOCAB = 64
@@ -56,7 +55,7 @@ def test_misbehaving_proposer_keeps_output_exact(tiny_models, how, params):
     # The budget sits far from both a normal proposal (a few ms) and a slow one, so that a busy
     # machine cannot turn a normal proposal into a timeout.
     settings = SpeculationSettings(depth=3, proposer_timeout_s=SLOW_S / 4, max_proposer_failures=100)
-    engine = SpeculativeEngine(base.target, base.tokenizer, flaky, settings)
+    engine = engine_for(base.target, base.tokenizer, flaky, settings)
     for prompt in random_prompts(4, VOCAB, seed=20):
         reference = base.generate(prompt, SamplingParams(max_new_tokens=30), depth=0)
         out = engine.generate(prompt, params)
@@ -72,7 +71,7 @@ def test_misbehaving_proposer_keeps_output_exact(tiny_models, how, params):
 
 def test_a_proposer_that_keeps_failing_is_given_up_for_the_request(tiny_models):
     base = make_engine(tiny_models["llama"], tiny_models["llama"])
-    engine = SpeculativeEngine(
+    engine = engine_for(
         base.target, base.tokenizer, Flaky(base.proposer, every=1, how="raise"),
         SpeculationSettings(depth=3, max_proposer_failures=2),
     )

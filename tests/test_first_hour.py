@@ -50,10 +50,10 @@ def test_help_and_audit_import_neither_torch_nor_transformers(tmp_path):
 
 
 def test_package_names_still_load_on_first_use():
-    from verispec.core.engine import SpeculativeEngine
+    from verispec.core.engine import Engine
     from verispec.stats import RequestStats
 
-    assert verispec.SpeculativeEngine is SpeculativeEngine
+    assert verispec.Engine is Engine
     assert verispec.RequestStats is RequestStats
     assert set(verispec.__all__) <= set(dir(verispec))
     with pytest.raises(AttributeError, match="no_such_name"):

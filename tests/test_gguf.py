@@ -13,9 +13,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf import quants as gguf_quants
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.conftest import llama, save
+from tests.conftest import engine_for, llama, save
 from verispec.config import SamplingParams, SpeculationSettings
-from verispec.core.engine import SpeculativeEngine
 from verispec.errors import UserError
 from verispec.models import load_model, load_tokenizer
 from verispec.models.kernels import kernel_library
@@ -254,6 +253,6 @@ def test_weights_dtype_puts_a_float32_checkpoint_on_the_kernel_step(float32_llam
     prompt = " ".join(f"t{i % 9 + 1}" for i in range(30))
     outputs = {}
     for depth in (0, 3):
-        engine = SpeculativeEngine(lm, tokenizer, NgramProposer(4, 1), SpeculationSettings(depth=depth))
+        engine = engine_for(lm, tokenizer, NgramProposer(4, 1), SpeculationSettings(depth=depth))
         outputs[depth] = engine.generate(prompt, SamplingParams(max_new_tokens=24)).token_ids
     assert outputs[0] == outputs[3]

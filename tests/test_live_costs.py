@@ -19,8 +19,7 @@ from tests.conftest import EOS, make_engine, random_prompts, save
 from tests.test_batching import VOCAB, _llama, exact16
 from verispec.config import BatchSettings, SamplingParams, SpeculationSettings
 from verispec.core import goodput
-from verispec.core.batch import BatchEngine
-from verispec.core.depth import StepCosts
+from verispec.core.engine import Engine
 from verispec.core.goodput import SAMPLE_ROWS, LiveCosts, PassCosts, choose_depths
 from verispec.core.runner import ModelRunner
 from verispec.models import load_model, load_tokenizer
@@ -71,23 +70,28 @@ def test_live_costs_keep_the_prior_until_passes_come_and_follow_a_lasting_change
     assert 2.5 < live.current().verify(64) / REAL.verify(64) < 3.5
 
 
-def test_the_single_stream_engine_heals_a_bad_start_up_measurement(tiny_models, monkeypatch, one_kernel_thread):
-    """Step costs measured on a busy machine (tens of ms for passes of a fraction of one, 260 ms
-    for a draft token) follow the rounds the engine runs, its probes with one draft included."""
+def test_a_single_stream_heals_a_bad_start_up_measurement(tiny_models, monkeypatch, one_kernel_thread):
+    """Pass costs measured on a busy machine (tens of ms for passes of a fraction of one, 260 ms
+    for a draft pass) follow the rounds a single stream runs, its probes with one draft included."""
 
-    def under_load(target, proposer, max_depth: int, **kwargs) -> StepCosts:
-        return StepCosts(tuple(0.050 + 0.001 * t for t in range(max_depth + 1)), 0.260)
+    def under_load(runner, max_rows: int, draft_s: float = 0.0, **kwargs) -> PassCosts:
+        if max_rows == 1:  # the draft model's pass
+            return PassCosts((1, 2), (0.260, 0.260))
+        rows = tuple(range(1, max_rows + 1))
+        return PassCosts(rows, tuple(0.050 + 0.001 * r for r in rows), draft_s)
 
-    monkeypatch.setattr("verispec.core.engine.measure_step_costs", under_load)
+    monkeypatch.setattr("verispec.core.engine.measure_pass_costs", under_load)
     engine = make_engine(tiny_models["llama"], tiny_models["llama-draft"], max_depth=4)
+    engine.prepare([engine.proposer])
     prior = engine.costs()
+    assert prior.draft_s == 0.260
     for prompt in random_prompts(4, 64, seed=3):
         engine.generate(prompt, SamplingParams(max_new_tokens=40), depth="auto")
         live = engine.costs()
-        if live.verify_s[0] < prior.verify_s[0] / 8 and live.draft_s < prior.draft_s / 8:
+        if live.verify(1) < prior.verify(1) / 8 and live.draft_s < prior.draft_s / 8:
             break
     else:
-        pytest.fail(f"the step costs did not heal in 4 requests: {prior} -> {engine.costs()}")
+        pytest.fail(f"the pass costs did not heal in 4 requests: {prior} -> {engine.costs()}")
 
 
 @pytest.fixture
@@ -149,7 +153,7 @@ def test_batch_engine_started_under_a_cpu_hog_heals_once_it_goes(cheap_draft_pai
     requests the costs follow the passes run and the requests draft again."""
     target, proposer, tokenizer = cheap_draft_pair
     batch = BatchSettings(kv_cache_memory="32MiB", max_pass_tokens=16)
-    core = BatchEngine(ModelRunner(target, batch.kv_cache_bytes, batch.kv_block_size), tokenizer, frozenset({EOS}), batch, 1)
+    core = Engine(ModelRunner(target, batch.kv_cache_bytes, batch.kv_block_size), tokenizer, frozenset({EOS}), batch, 1)
     core.draft_batch(proposer)  # as the server builds it: the first costs() measures the draft pass too
     try:
         quiet = goodput.measure_pass_costs(core.runner, 2, repeats=9)

@@ -12,7 +12,7 @@ from scipy.stats import chisquare
 from tests.conftest import llama, make_engine, save
 from verispec.config import SamplingParams
 from verispec.core.acceptance import accept_stochastic
-from verispec.core.depth import StepCosts
+from verispec.core.goodput import PassCosts
 from verispec.core.sampling import sample, warp
 
 ALPHA = 1e-4  # false-alarm rate per test
@@ -102,7 +102,7 @@ def test_engine_samples_the_target_distribution(small_vocab_pair, proposer, dept
     target, draft = small_vocab_pair
     engine = make_engine(target, draft, proposer=proposer, ngram_min=1)
     # Price drafting as cheap so that depth auto speculates on these tiny models.
-    engine._costs = StepCosts(verify_s=(1.0,) * 9, draft_s=0.01)
+    engine.pin_costs(PassCosts(tuple(range(1, 10)), (1.0,) * 9, draft_s=0.01))
     engine.eos_ids = frozenset()  # token 0 is an ordinary token here: every sample has two tokens
     expected = exact_two_token_distribution(engine)
     n = 2500

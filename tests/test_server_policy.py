@@ -3,7 +3,7 @@
 import pytest
 
 from verispec.config import ServerSettings
-from verispec.core.engine import Round
+from verispec.core.rounds import Round
 from verispec.errors import UserError
 from verispec.server.auth import KeyRing, RateLimiter
 from verispec.server.breaker import BreakerState, CircuitBreaker

@@ -16,9 +16,9 @@ import httpx
 import pytest
 import torch
 
+from tests.conftest import engine_for
 from tests.serving import ServerProcess
 from verispec.config import SamplingParams, SpeculationSettings
-from verispec.core.engine import SpeculativeEngine
 from verispec.models import load_model, load_tokenizer
 from verispec.models.loading import model_name
 from verispec.proposers import NgramProposer
@@ -50,7 +50,7 @@ def smollm2():
 
 
 def _greedy(lm, tokenizer, prompt, depth: int) -> list[int]:
-    engine = SpeculativeEngine(lm, tokenizer, NgramProposer(4, 1), SpeculationSettings(depth=depth))
+    engine = engine_for(lm, tokenizer, NgramProposer(4, 1), SpeculationSettings(depth=depth))
     return engine.generate(prompt, SamplingParams(max_new_tokens=NEW_TOKENS)).token_ids
 
 

@@ -15,14 +15,17 @@ from typing import TYPE_CHECKING
 from verispec.lazy import lazy_names
 
 if TYPE_CHECKING:
+    from verispec.assemble import build_engine
     from verispec.config import SamplingParams, Settings, SpeculationSettings
-    from verispec.core.engine import Completion, Delta, SpeculativeEngine
+    from verispec.core.engine import Engine
+    from verispec.core.rounds import Completion, Delta
     from verispec.stats import RequestStats
 
 _HOMES = {
-    "Completion": "verispec.core.engine",
-    "Delta": "verispec.core.engine",
-    "SpeculativeEngine": "verispec.core.engine",
+    "Completion": "verispec.core.rounds",
+    "Delta": "verispec.core.rounds",
+    "Engine": "verispec.core.engine",
+    "build_engine": "verispec.assemble",
     "RequestStats": "verispec.stats",
     "SamplingParams": "verispec.config",
     "Settings": "verispec.config",
@@ -32,11 +35,12 @@ _HOMES = {
 __all__ = [
     "Completion",
     "Delta",
+    "Engine",
     "RequestStats",
     "SamplingParams",
     "Settings",
     "SpeculationSettings",
-    "SpeculativeEngine",
+    "build_engine",
 ]
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""Settings in, a ready engine out: resolve defaults, load models, refuse bad pairs."""
+"""Settings in, a ready engine out: resolve defaults, load models, refuse bad pairs, pick the runner."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from pathlib import Path
 import torch
 
 from verispec.config import BatchSettings, ModelSettings, Settings, SpeculationSettings
-from verispec.core.engine import SpeculativeEngine
+from verispec.core.engine import Engine
+from verispec.core.rounds import stop_tokens
+from verispec.core.runner import ModelRunner, batchable
+from verispec.core.session_runner import SessionRunner
 from verispec.errors import UserError
 from verispec.models import (
     CausalLM,
@@ -21,6 +24,7 @@ from verispec.models import (
 )
 from verispec.models.loading import DEMO_DRAFT, DEMO_TARGET
 from verispec.proposers import ProposerInputs, build_proposer
+from verispec.proposers.base import Proposer
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,8 @@ def _load(models: ModelSettings, ref: str, role: str, device: torch.device, dtyp
     )  # fmt: skip
 
 
-def build_engine(settings: Settings) -> SpeculativeEngine:
+def build_engine(settings: Settings) -> Engine:
+    """The engine over the configured target, with the configured proposer as its default."""
     models = resolve_models(settings.part(ModelSettings))
     speculation = settings.part(SpeculationSettings)
     device, dtype = resolve_device(models.device), resolve_dtype(models.dtype)
@@ -87,12 +92,34 @@ def build_engine(settings: Settings) -> SpeculativeEngine:
         draft_lm = _load(models, models.draft, "draft", device, dtype)
     target_lm = _load(models, models.target, "target", device, dtype)
     proposer = build_proposer(models.proposer, ProposerInputs(target=target_lm, draft=draft_lm, speculation=speculation))
-    return SpeculativeEngine(target_lm, tokenizer, proposer, speculation)
+    runner = _runner(target_lm, settings.part(BatchSettings))
+    return Engine(runner, tokenizer, stop_tokens(target_lm, tokenizer), settings.part(BatchSettings), settings.max_running, proposer, speculation)
 
 
-def proposer_engines(engine: SpeculativeEngine, settings: Settings) -> dict[str, SpeculativeEngine]:
-    """Engines sharing `engine`'s verifier, one per proposer named in --proposers, plus 'canary'
-    for --canary-draft. Each keeps its own step costs (a draft's cost differs from an n-gram's)."""
+def _runner(lm: CausalLM, batch: BatchSettings):
+    """The batched runner (every running request in one verifier pass) where the backend batches
+    and --scheduler allows; else each sequence's round on its own KV session, in turn."""
+    why_not = batchable(lm)
+    if batch.scheduler == "interleaved" or (why_not and batch.scheduler == "auto"):
+        log.info("scheduler: interleaved (%s)", why_not or "--scheduler interleaved")
+        return SessionRunner(lm, batch.kv_block_size)
+    if why_not:
+        raise UserError(f"--scheduler batched is not available: {why_not}; use --scheduler interleaved or the lean backend")
+    try:
+        runner = ModelRunner(lm, batch.kv_cache_bytes, batch.kv_block_size, batch.prefix_cache)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    log.info(
+        "scheduler: batched (%d KV blocks of %d positions, %d rows per pass)",
+        runner.pool.num_blocks, runner.pool.block_size, batch.max_pass_tokens,
+    )  # fmt: skip
+    return runner
+
+
+def build_proposers(engine: Engine, settings: Settings) -> dict[str, Proposer | None]:
+    """The proposers a request may be routed to, by name, all drafting for `engine`'s verifier:
+    the configured one (the engine's default), one per name in --proposers, and 'canary' for
+    --canary-draft. None is verifier-only."""
     from verispec.config import RoutingSettings
 
     routing = settings.part(RoutingSettings)
@@ -107,10 +134,9 @@ def proposer_engines(engine: SpeculativeEngine, settings: Settings) -> dict[str,
             drafts[ref] = _load(models, ref, role, device, dtype)
         return drafts[ref]
 
-    engines: dict[str, SpeculativeEngine] = {}
+    proposers: dict[str, Proposer | None] = {models.proposer: engine.proposer}
     for name in routing.proposers:
-        if name == models.proposer:
-            engines[name] = engine  # the configured one, already built
+        if name in proposers:
             continue
         draft = None
         if name == "draft":
@@ -118,38 +144,8 @@ def proposer_engines(engine: SpeculativeEngine, settings: Settings) -> dict[str,
             if ref is None:
                 raise UserError("--proposers draft needs a draft model: pass --draft PATH")
             draft = draft_lm(ref, "draft")
-        inputs = ProposerInputs(target=engine.target, draft=draft, speculation=speculation)
-        engines[name] = SpeculativeEngine(engine.target, engine.tokenizer, build_proposer(name, inputs), speculation)
+        proposers[name] = build_proposer(name, ProposerInputs(target=engine.target, draft=draft, speculation=speculation))
     if routing.canary_draft:
         inputs = ProposerInputs(target=engine.target, draft=draft_lm(routing.canary_draft, "canary draft"), speculation=speculation)
-        engines["canary"] = SpeculativeEngine(engine.target, engine.tokenizer, build_proposer("draft", inputs), speculation)
-    return engines
-
-
-def build_batch_core(engine: SpeculativeEngine, batch: BatchSettings, max_running: int, proposers=()):
-    """The batched core over `engine`'s verifier (every running request in one verifier pass per
-    step), where its backend batches and --scheduler allows; None = interleave rounds instead.
-    `proposers` get their draft batches now, and the pass costs are measured now, not during the
-    first request (depth auto and prompt chunks use them)."""
-    from verispec.core.batch import BatchEngine
-    from verispec.core.runner import ModelRunner, batchable
-
-    why_not = batchable(engine.target)
-    if batch.scheduler == "interleaved" or (why_not and batch.scheduler == "auto"):
-        log.info("scheduler: interleaved (%s)", why_not or "--scheduler interleaved")
-        return None
-    if why_not:
-        raise UserError(f"--scheduler batched is not available: {why_not}; use --scheduler interleaved or the lean backend")
-    try:
-        runner = ModelRunner(engine.target, batch.kv_cache_bytes, batch.kv_block_size, batch.prefix_cache)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    core = BatchEngine(runner, engine.tokenizer, engine.eos_ids, batch, max_running)
-    for proposer in proposers:
-        core.draft_batch(proposer)
-    core.costs()
-    log.info(
-        "scheduler: batched (%d KV blocks of %d positions, %d rows per pass)",
-        runner.pool.num_blocks, runner.pool.block_size, batch.max_pass_tokens,
-    )
-    return core
+        proposers["canary"] = build_proposer("draft", inputs)
+    return proposers

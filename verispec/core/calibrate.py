@@ -1,5 +1,6 @@
-"""Measuring what a round costs on this machine, for the adaptive depth policy: the first estimate,
-which the rounds the engine runs then refine (`goodput.LiveCosts`)."""
+"""Measuring what a proposer's draft token costs on this machine, for depth auto, where the engine
+cannot time it as part of its own passes (`goodput.measure_pass_costs` times the verifier's and a
+batched draft model's passes)."""
 
 from __future__ import annotations
 
@@ -9,55 +10,31 @@ import threading
 import time
 
 from verispec.config import SamplingParams
-from verispec.core.depth import StepCosts
-from verispec.models.backend import CausalLM
 from verispec.proposers.base import DraftPolicy, Proposer
 
 log = logging.getLogger(__name__)
 
 
-def measure_step_costs(
-    target: CausalLM, proposer: Proposer | None, max_depth: int, context_len: int = 256, repeats: int = 5,
-    proposer_budget_s: float = 60.0,
-) -> StepCosts:
-    """Time verifier passes of every width up to max_depth+1, and draft tokens.
-
-    Medians of a few repeats over a synthetic context. A pass's cost depends on its width in ways
-    no formula captures (the kernels chosen for small matrices), so it is measured, not assumed.
-    """
-    widths = max_depth + 1
-    if target.max_positions is not None:
-        context_len = min(context_len, target.max_positions - 2 * widths - 1)
-    context = [i % target.vocab_size for i in range(1, context_len + 1)]
-    session = target.session()
-    session.extend(context, last_only=True)
-    verify = []
-    for width in range(1, widths + 1):
-        samples = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            session.extend(context[:width])
-            samples.append(time.perf_counter() - t0)
-            session.rollback(context_len)
-        verify.append(statistics.median(samples))
-    draft = 0.0
-    if proposer is not None:
-        # On a thread of its own: a proposer that never returns must not hold the start-up either.
-        outcome: list = []
-        thread = threading.Thread(
-            target=lambda: outcome.append(_attempt(_draft_cost, proposer, context, max_depth, repeats)),
-            name="verispec-calibrate-proposer", daemon=True,
-        )
-        thread.start()
-        thread.join(proposer_budget_s)
-        result = outcome[0] if outcome else TimeoutError(f"no answer in {proposer_budget_s:g}s")
-        if isinstance(result, Exception):  # a broken proposer must not take the server down with it
-            log.warning("the proposer failed while its cost was measured (%r); depth auto will keep it off but probe it", result)
-            draft = UNUSABLE_DRAFT_S
-        else:
-            draft = result
-    log.info("step costs: verify %s ms by pass width, draft %.2f ms per token", [round(v * 1e3, 2) for v in verify], draft * 1e3)
-    return StepCosts(tuple(verify), draft)
+def measure_draft_cost(proposer: Proposer, vocab_size: int, max_depth: int, budget_s: float, context_len: int = 256, repeats: int = 5) -> float:
+    """Seconds per draft token of a proposer the engine cannot batch (a plug-in, a lookup, a draft
+    model on the transformers backend): medians of a few proposals over a synthetic context, on a
+    thread of its own, so that a proposer that never returns does not hold the start-up either. A
+    broken proposer is priced so that depth auto keeps it off (but probes it)."""
+    context = [i % vocab_size for i in range(1, context_len + 1)]
+    outcome: list = []
+    thread = threading.Thread(
+        target=lambda: outcome.append(_attempt(_draft_cost, proposer, context, max_depth, repeats)),
+        name="verispec-calibrate-proposer", daemon=True,
+    )
+    thread.start()
+    thread.join(budget_s)
+    result = outcome[0] if outcome else TimeoutError(f"no answer in {budget_s:g}s")
+    if isinstance(result, Exception):  # a broken proposer must not take the server down with it
+        log.warning("the proposer %s failed while its cost was measured (%r); depth auto will keep it off but probe it",
+                    getattr(proposer, "name", proposer), result)  # fmt: skip
+        return UNUSABLE_DRAFT_S
+    log.info("proposer %s: %.3f ms per draft token", getattr(proposer, "name", proposer), result * 1e3)
+    return result
 
 
 UNUSABLE_DRAFT_S = 3600.0  # finite, so that k * cost stays a number at k = 0

@@ -10,8 +10,9 @@ from verispec.config import SpeculationSettings
 
 @dataclass(frozen=True)
 class StepCosts:
-    """Measured cost of the two halves of a round on this machine (`SpeculativeEngine.costs`: measured
-    at start, then following the rounds the engine runs)."""
+    """Measured cost of the two halves of a round, for `AdaptiveDepth`: an edge client's, from its
+    round trips to the verifier and its own draft tokens (the engine prices depths by its passes,
+    `goodput.py`)."""
 
     verify_s: tuple[float, ...]  # [T-1]: one verifier pass over T tokens, T = 1 .. max_depth+1
     draft_s: float  # one draft token

@@ -1,149 +1,94 @@
-"""The speculative decoding loop: propose, score, accept.
+"""The speculative engine: every running request advances one round in ONE verifier pass.
 
-State of one request between rounds: `tokens` holds the prompt and every verified token; the
-verifier's KV cache holds all positions but the last, whose logits the next round needs. A round
+A step
 
-1. proposes up to k draft tokens (`_propose`; any proposer failure falls back to k = 0),
-2. scores `[last] + drafts` with ONE verifier pass, giving k+1 rows of logits (`_score`),
-3. accepts the longest valid prefix and adds the recovered or bonus token (`_accept`),
-4. rolls the verifier's cache back past the rejected drafts and emits the new tokens.
+1. plans the pass (`planner.py`): which requests run a round and at what depth, which prompts
+   get a chunk of prefill, under the pass's row budget and the KV cache's blocks;
+2. proposes drafts for every round (`drafting.py`);
+3. scores every round's rows, the last verified token and the drafts, and every prompt chunk in
+   one pass of the runner (`runner.py`, or `session_runner.py` for a backend that cannot batch);
+4. accepts per request (`rounds.accept`: its own depth, its own generator) and emits the
+   accepted, recovered and bonus tokens (`rounds.emit`).
 
-With k = 0 a round is a plain verifier-only decoding step, so depth 0 is the reference decoding
-the speculative output is checked against.
+With depth 0 a round is a plain verifier-only decoding step, so depth 0 is the reference decoding
+the speculative output is checked against. One stream (`stream`, `generate`: the commands) is a
+batch of one; the server's scheduler steps the same engine for all its requests. A pass's time
+is shared among its requests in proportion to their rows, so per-request statistics, cost and
+the bandit's busy time stay right.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
-from verispec.config import Depth, SamplingParams, SpeculationSettings
-from verispec.core.acceptance import Verdict, accept_greedy, accept_stochastic
-from verispec.core.calibrate import measure_step_costs
-from verispec.core.depth import AdaptiveDepth, StepCosts, depth_policy
-from verispec.core.drift import Inspection, inspect_round
-from verispec.core.goodput import LiveCosts, PassCosts
-from verispec.core.sampling import request_generator, warp
-from verispec.errors import ProposerError, UserError
-from verispec.models.backend import CausalLM, KVSession
-from verispec.proposers.base import DraftPolicy, Proposal, Proposer, ProposerSession
+from verispec.config import BatchSettings, Depth, SamplingParams, SpeculationSettings
+from verispec.core.calibrate import measure_draft_cost
+from verispec.core.drafting import Drafting
+from verispec.core.goodput import LiveCosts, PassCosts, choose_depths, measure_pass_costs
+from verispec.core.kv_cache import BlockTable
+from verispec.core.planner import Plan, plan_pass
+from verispec.core.request import Request
+from verispec.core.rounds import Completion, Delta, Round, accept, emit, inspect
+from verispec.core.runner import Segment
+from verispec.core.sampling import request_generator
+from verispec.errors import UserError
+from verispec.proposers.base import DraftPolicy, Proposal, Proposer
 from verispec.stats import RequestStats
 from verispec.text import TextStream
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Round:
-    """What one round did, for whoever watches the engine live (server metrics, circuit breaker)."""
-
-    depth: int  # drafts asked for
-    proposed: int
-    accepted: int
-    propose_s: float
-    verify_s: float
-    proposer_failed: bool = False  # the proposer raised, returned junk or ran out of time: verifier-only round
-    started_ns: int = 0  # wall clock (time.time_ns), for trace spans
-    ended_ns: int = 0
-    inspection: Inspection | None = None  # inspected requests only, rounds with drafts only
-
-    @property
-    def mismatch_s(self) -> float:
-        """What the rejected drafts cost this round: their share of the proposing time (by drafts)
-        and of the verifier pass (by rows), the time a round without them would not have spent."""
-        rejected = self.proposed - self.accepted
-        if rejected <= 0:
-            return 0.0
-        return self.propose_s * rejected / self.proposed + self.verify_s * rejected / (1 + self.proposed)
+_stream_ids = itertools.count(1)
+DEFAULT: Proposer = object()  # type: ignore[assignment]  # stream(): the engine's own proposer
 
 
-@dataclass(frozen=True)
-class Delta:
-    """What one round adds to a request's output; only verified tokens, ever."""
+class Engine:
+    """Owns the verifier's runner and cache, the waiting and running requests, and the step."""
 
-    token_ids: list[int]
-    text: str  # final text these tokens complete (may lag the tokens, see TextStream)
-    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length" on the last delta
-    stats: RequestStats | None = None  # on the last delta
-    round: Round | None = None
-
-
-@dataclass(frozen=True)
-class Completion:
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    stats: RequestStats
-
-
-@dataclass
-class _Request:
-    """Mutable state of one request in flight."""
-
-    params: SamplingParams
-    tokens: list[int]  # prompt + verified tokens
-    prompt_len: int
-    verifier: KVSession
-    proposer: ProposerSession | None
-    draft_policy: DraftPolicy
-    text: TextStream
-    stats: RequestStats
-    consecutive_failures: int = 0
-
-    @property
-    def generated(self) -> int:
-        return len(self.tokens) - self.prompt_len
-
-
-class SpeculativeEngine:
     def __init__(
         self,
-        target: CausalLM,
+        runner,
         tokenizer: PreTrainedTokenizerBase,
-        proposer: Proposer | None,
+        eos_ids: frozenset[int],
+        batch: BatchSettings | None = None,
+        max_running: int = 8,
+        proposer: Proposer | None = None,
         speculation: SpeculationSettings | None = None,
-        costs: StepCosts | None = None,
     ):
-        self.target = target
+        self.runner = runner
+        self.target = runner.lm
         self.tokenizer = tokenizer
-        self.proposer = proposer
-        self.speculation = speculation or SpeculationSettings()
-        self.eos_ids = stop_tokens(target, tokenizer)
-        self._costs = costs  # given: kept as given (tests and benchmarks pin them)
-        self._live: LiveCosts | None = None  # measured here: they follow the rounds run
-        self._step: tuple[PassCosts, StepCosts] | None = None  # the live curve last read, as step costs
+        self.eos_ids = eos_ids
+        self.batch = batch or BatchSettings()
+        self.max_running = max_running
+        self.proposer = proposer  # the default proposer (a request may bring its own)
+        self.speculation = speculation or SpeculationSettings()  # the default speculation settings
+        self.waiting: list[Request] = []  # admission order; preempted requests go first
+        self.running: list[Request] = []
+        self.drafting = Drafting(runner, self.target.vocab_size)
+        self.drafting.on_draft_pass = self._observe_draft
+        self._costs: PassCosts | None = None  # set from outside: kept as set (tests pin them)
+        self._live: LiveCosts | None = None  # measured here: they follow the passes run
+        self._draft_s: dict[int, float] = {}  # per proposer the engine cannot batch (by id): seconds per draft token
+        self._admitted = 0
+        self.preemptions = 0
+        # Called with each pass's drafts before the verifier scores them (provisional streaming).
+        self.on_proposed: Callable[[dict[Request, Proposal]], None] | None = None
 
-    def costs(self, live: bool = True) -> StepCosts:
-        """Step costs for the adaptive depth policy: measured on first use, then following the
-        rounds this engine runs (`goodput.LiveCosts`), so that a measurement taken on a busy
-        machine heals within a few requests; with `live` False, the first measurement only."""
-        if self._costs is None and self._live is None:
-            prior = measure_step_costs(
-                self.target, self.proposer, self.speculation.max_depth,
-                proposer_budget_s=20 * self.speculation.proposer_timeout_s,  # a few dozen proposals' worth
-            )
-            self._live = LiveCosts(PassCosts(tuple(range(1, len(prior.verify_s) + 1)), prior.verify_s, prior.draft_s))
-        if self._live is None:
-            return self._costs
-        costs = self._live.current() if live else self._live.prior
-        if self._step is None or self._step[0] is not costs:  # its rows are every width, 1 .. max_depth+1
-            self._step = (costs, StepCosts(costs.seconds, costs.draft_s))
-        return self._step[1]
-
-    # -- public API -------------------------------------------------------------------------
+    # -- one stream: a batch of one ----------------------------------------------------------------
 
     def generate(
-        self, prompt: str | Sequence[int], params: SamplingParams | None = None, depth: Depth | None = None
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, depth: Depth | None = None, proposer=DEFAULT
     ) -> Completion:
         token_ids: list[int] = []
         text = []
-        for delta in self.stream(prompt, params, depth):
+        for delta in self.stream(prompt, params, depth, proposer=proposer):
             token_ids += delta.token_ids
             text.append(delta.text)
         assert delta.finish_reason is not None and delta.stats is not None
@@ -156,53 +101,30 @@ class SpeculativeEngine:
         depth: Depth | None = None,
         depth_limit: Callable[[], int] | None = None,
         inspect: bool = False,
+        proposer: Proposer | None = DEFAULT,
     ) -> Iterator[Delta]:
-        """Yield verified tokens round by round. `depth` overrides the configured depth for this
-        request; `depth_limit`, asked before every round, caps it (a server shrinks speculation
-        under load); `inspect` adds drift and mismatch figures to each round (see inspect.py).
+        """Yield one request's verified tokens round by round, stepping the engine on this thread
+        (so nothing else may step it meanwhile: the commands' way; the server steps it for all
+        its requests). `depth` overrides the configured depth for this request; `depth_limit`,
+        asked before every round, caps it; `inspect` adds drift and mismatch figures to each
+        round (see drift.py); `proposer` replaces the engine's default proposer for this request.
         Closing the iterator early cancels the request and frees its caches."""
-        params = params or SamplingParams()
-        speculation = self.speculation
-        if depth is not None:
-            speculation = SpeculationSettings.model_validate({**speculation.model_dump(), "depth": depth})
-        # The step costs are measured once per engine, on first use: not this request's time. A
-        # seeded sampled request prices depths with that measurement only, never the live rounds:
-        # its random draws follow its depths, so its seed reproduces its output in this process.
-        live = params.greedy or params.seed is None
-        policy = depth_policy(speculation, self.costs(live) if speculation.depth == "auto" else None)
-        started = time.perf_counter()
-        request = self._start(self.encode(prompt), params, speculation, inspect)
-        while True:
-            remaining = params.max_new_tokens - request.generated
-            depth = min(policy.depth(), remaining - 1)  # a round emits up to depth + 1 tokens
-            if depth_limit is not None:
-                depth = max(0, min(depth, depth_limit()))
-            stats, before = request.stats, (request.stats.propose_s, request.stats.verify_s, request.stats.fallback_rounds)
-            started_ns = time.time_ns()
-            proposal = self._propose(request, depth)
-            target_logits = self._score(request, proposal)
-            verdict = self._accept(request, proposal, target_logits)
-
-            accepted = int(verdict.accepted[0])
-            request.verifier.rollback(len(request.tokens) + accepted)
-            stats.record_round(depth, len(proposal.tokens), accepted)
-            if isinstance(policy, AdaptiveDepth) and self._live is not None and live:
-                policy.costs = self.costs()  # as the live rounds have them now
-            policy.update(len(proposal.tokens), accepted)
-            round_ = Round(
-                depth, len(proposal.tokens), accepted,
-                propose_s=stats.propose_s - before[0], verify_s=stats.verify_s - before[1],
-                proposer_failed=stats.fallback_rounds > before[2],
-                started_ns=started_ns, ended_ns=time.time_ns(),
-                inspection=self._inspect(request, proposal, target_logits, verdict) if inspect and proposal.tokens else None,
-            )
-            stats.mismatch_s += round_.mismatch_s
-            delta = self._emit(request, proposal.tokens[:accepted] + [int(verdict.next_token[0])], round_)
-            if delta.finish_reason:
-                request.stats.total_s = time.perf_counter() - started
-                yield delta
-                return
-            yield delta
+        request = self.add(
+            f"stream-{next(_stream_ids)}", self.encode(prompt), params or SamplingParams(), self.speculation,
+            self.proposer if proposer is DEFAULT else proposer, depth=depth, depth_limit=depth_limit, inspect=inspect,
+        )  # fmt: skip
+        try:
+            while True:
+                results = self.step()
+                if not results and request in self.waiting and not self.running:
+                    raise UserError("the KV cache cannot hold this request; raise --kv-cache-memory")
+                for owner, delta in results:
+                    if owner is request:
+                        yield delta
+                        if delta.finish_reason:
+                            return
+        finally:
+            self.abort(request)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
@@ -210,154 +132,330 @@ class SpeculativeEngine:
             raise UserError("the prompt is empty; give some text to continue")
         return ids
 
-    # -- the round ----------------------------------------------------------------------------
+    # -- requests in and out ---------------------------------------------------------------------
 
-    def _start(
-        self, prompt_ids: list[int], params: SamplingParams, speculation: SpeculationSettings, inspect: bool = False
-    ) -> _Request:
+    def add(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        speculation: SpeculationSettings,
+        proposer: Proposer | None,
+        depth: Depth | None = None,
+        depth_limit: Callable[[], int] | None = None,
+        inspect: bool = False,
+        remote=None,
+        draft_ahead: bool = False,
+        share_key: str = "",
+    ) -> Request:
+        prompt_ids = list(prompt_ids)
+        if not prompt_ids:
+            raise UserError("the prompt is empty; give some text to continue")
         window = self.target.max_positions
         if window is not None and len(prompt_ids) + params.max_new_tokens > window:
             raise UserError(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds "
                 f"the target's context window of {window} tokens; shorten the prompt or lower max_new_tokens"
             )
+        if depth is not None:
+            speculation = SpeculationSettings.model_validate({**speculation.model_dump(), "depth": depth})
         seed = None if params.greedy else (params.seed if params.seed is not None else secrets.randbits(63))
-        generator = None if seed is None else request_generator(seed, self.target.device)
-        stats = RequestStats(prompt_tokens=len(prompt_ids), seed=seed)
-        # A round never holds more than prompt + max_new_tokens - 1 positions (depth is capped by
-        # the remaining budget), so the cache can be sized exactly.
-        verifier = self.target.session(capacity=len(prompt_ids) + params.max_new_tokens)
-        t0 = time.perf_counter()
-        if len(prompt_ids) > 1:
-            verifier.extend(prompt_ids[:-1], last_only=True)  # the last prompt token opens round one
-        stats.prefill_s = time.perf_counter() - t0
         auto = speculation.depth == "auto"
-        return _Request(
+        table = BlockTable(self.runner.pool)
+        table.capacity = len(prompt_ids) + params.max_new_tokens  # a round never holds more (depth is capped by the budget)
+        request = Request(
+            id=request_id,
             params=params,
-            tokens=list(prompt_ids),
+            tokens=prompt_ids,
             prompt_len=len(prompt_ids),
-            verifier=verifier,
-            proposer=self.proposer.session() if self.proposer else None,
+            speculation=speculation,
+            proposer=proposer,
             draft_policy=DraftPolicy(
                 sampling=params,
-                generator=generator,
+                generator=None if seed is None else request_generator(seed, self.target.device),
                 min_confidence=speculation.draft_confidence if auto else 0.0,
                 time_budget_s=speculation.proposer_timeout_s,
                 want_probs=inspect,
             ),
             text=TextStream(self.tokenizer, params.stop),
-            stats=stats,
+            stats=RequestStats(prompt_tokens=len(prompt_ids), seed=seed),
+            table=table,
+            depth_limit=depth_limit,
+            inspect=inspect,
+            remote=remote,
+            draft_ahead=draft_ahead,
+            share_key=share_key,
         )
+        self.waiting.append(request)
+        return request
 
-    def _propose(self, request: _Request, depth: int) -> Proposal:
-        """Up to `depth` draft tokens; an empty proposal whenever the proposer cannot help."""
-        session = request.proposer
-        if session is None or depth <= 0 or request.consecutive_failures >= self.speculation.max_proposer_failures:
-            return Proposal.empty()
-        t0 = time.perf_counter()
-        try:
-            proposal = session.propose(request.tokens, depth, request.draft_policy)
-            _validate(proposal, depth, self.target.vocab_size)
-        except Exception as exc:  # a proposer bug must never cost the request its exact output
-            return self._fall_back(request, f"proposer failed: {exc!r}", timeout=False)
-        finally:
-            elapsed = time.perf_counter() - t0
-            request.stats.propose_s += elapsed
-        if elapsed > self.speculation.proposer_timeout_s:
-            return self._fall_back(request, f"proposal took {elapsed:.3f}s", timeout=True)
-        request.consecutive_failures = 0
-        if self._live is not None and proposal.tokens:
-            self._live.observe_draft(elapsed / len(proposal.tokens))
-        return proposal
+    def abort(self, request: Request) -> None:
+        """Drop a request (cancelled, past its deadline, finished): its blocks are free at once."""
+        if request in self.running:
+            self.running.remove(request)
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self._release(request)
 
-    def _fall_back(self, request: _Request, why: str, timeout: bool) -> Proposal:
-        stats = request.stats
-        stats.fallback_rounds += 1
-        if timeout:
-            stats.proposer_timeouts += 1
-        else:
-            stats.proposer_failures += 1
-            request.proposer.reset()  # its state may be half-updated
-        request.consecutive_failures += 1
-        log.warning("%s; this round runs verifier-only", why)
-        if request.consecutive_failures == self.speculation.max_proposer_failures:
-            log.warning("%d proposer failures in a row; the request continues verifier-only", request.consecutive_failures)
-        return Proposal.empty()
+    @property
+    def busy(self) -> int:
+        return len(self.running) + len(self.waiting)
 
-    def _score(self, request: _Request, proposal: Proposal) -> torch.Tensor:
-        """One verifier pass over the last verified token and the drafts: (k+1, V) logits."""
-        t0 = time.perf_counter()
-        logits = request.verifier.extend([request.tokens[-1], *proposal.tokens])
-        elapsed = time.perf_counter() - t0
-        request.stats.verify_s += elapsed
+    @property
+    def active(self) -> int:
+        """Running requests that hold a slot: all but the parked ones."""
+        return sum(not r.parked for r in self.running)
+
+    # -- pass costs --------------------------------------------------------------------------------
+
+    def costs(self, live: bool = True) -> PassCosts:
+        """Verifier pass cost by rows and the draft pass's (for --depth auto and prompt chunks):
+        measured on first use, then following the passes this engine runs (`goodput.LiveCosts`),
+        so that a measurement taken on a busy machine heals within a few requests. With `live`
+        False: the start-up measurement only (a seeded sampled request's, so that its seed
+        reproduces its output in this process)."""
+        if self._costs is None and self._live is None:
+            max_rows = max(self.batch.max_pass_tokens, self.max_running * 9)
+            if not self.runner.batches:  # a pass runs its sequences one after another: one's widths
+                max_rows = self.speculation.max_depth + 1
+            draft_s = 0.0
+            for batch in self.drafting.batches.values():
+                draft_s = max(draft_s, measure_pass_costs(batch.runner, 1).seconds[0])
+            prior = measure_pass_costs(self.runner, max_rows, draft_s)
+            log.info(
+                "pass costs: %s ms by rows %s, draft pass %.2f ms (measured at start; live passes refine them)",
+                [round(s * 1e3, 2) for s in prior.seconds], list(prior.rows), draft_s * 1e3,
+            )
+            self._live = LiveCosts(prior)
+        if self._live is None:
+            return self._costs
+        return self._live.current() if live else self._live.prior
+
+    def pin_costs(self, costs: PassCosts) -> None:
+        """Use these pass costs from now on, never measured ones (tests and benchmarks pin them)."""
+        self._costs, self._live = costs, None
+
+    def _observe_draft(self, seconds: float) -> None:
         if self._live is not None:
-            self._live.observe(1 + len(proposal.tokens), elapsed)
-        return logits
+            self._live.observe_draft(seconds)
 
-    def _accept(self, request: _Request, proposal: Proposal, target_logits: torch.Tensor) -> Verdict:
-        return accept(request.params, proposal, target_logits, request.draft_policy.generator)
+    def chunk_budget(self, round_rows: int) -> int:
+        """Prompt rows this pass may take beside `round_rows` rows of rounds."""
+        if not self.runner.chunks_prompts:  # the whole prompt in one pass, as its backend reads it
+            return 1 << 30
+        room = max(self.batch.max_pass_tokens - round_rows, 1)
+        if round_rows == 0:
+            return room
+        costs = self.costs()
+        limit = self.batch.prefill_slowdown * costs.verify(round_rows)
+        rows = 1
+        while rows < room and costs.verify(round_rows + rows + 1) <= limit:
+            rows += 1
+        return rows
 
-    def _inspect(self, request: _Request, proposal: Proposal, target_logits: torch.Tensor, verdict: Verdict) -> Inspection:
-        return inspect(request.params, proposal, target_logits, verdict, request.generated)
+    def draft_batch(self, proposer: Proposer):
+        """The batched drafter of a proposer that offers a draft model the runner can batch."""
+        return self.drafting.batch(proposer)
 
-    def _emit(self, request: _Request, new_tokens: list[int], round_: Round) -> Delta:
-        return emit(request, new_tokens, round_, self.eos_ids)
+    # -- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[tuple[Request, Delta]]:
+        """One pass: a round for every running request past its prompt, prompt chunks for the rest."""
+        plan = plan_pass(self)
+        if not plan.rounds and not plan.chunks:
+            return []
+        started_ns = time.time_ns()
+        self._draft_ahead(plan)
+        announced = {r for r in plan.rounds if r.early is not None}  # shown while the prompt prefilled
+        proposals, propose_s = self.drafting.propose(plan.rounds, plan.depths)
+        if self.on_proposed is not None:
+            self.on_proposed({r: p for r, p in proposals.items() if p.tokens and r not in announced})
+        segments = [Segment([r.tokens[-1], *proposals[r].tokens], r.table.computed, r.table) for r in plan.rounds]
+        segments += [Segment(r.tokens[r.table.computed : r.table.computed + n], r.table.computed, r.table, logits=0) for r, n in plan.chunks]
+        t0 = time.perf_counter()
+        logits = self.runner.forward(segments)
+        pass_s = time.perf_counter() - t0
+        rows = sum(len(s.tokens) for s in segments)
+        if self._live is not None:
+            self._live.observe(rows, pass_s)
+
+        deltas = []
+        for request, n in plan.chunks:
+            request.table.verified(request.table.computed + n, request.tokens)
+            request.stats.prefill_s += pass_s * n / rows
+        ended_ns = time.time_ns()
+        for request, target_logits in zip(plan.rounds, logits, strict=False):
+            proposal = proposals[request]
+            verdict = accept(request.params, proposal, target_logits, request.draft_policy.generator)
+            accepted = int(verdict.accepted[0])
+            request.table.verified(request.table.computed + 1 + accepted, request.tokens + proposal.tokens[:accepted])
+            stats = request.stats
+            share = pass_s * (1 + len(proposal.tokens)) / rows
+            stats.verify_s += share
+            stats.record_round(plan.depths[request], len(proposal.tokens), accepted)
+            request.acceptance.update(len(proposal.tokens), accepted)
+            if request.remote is not None:
+                request.remote.hint = self.remote_hint(request)
+            round_ = Round(
+                plan.depths[request], len(proposal.tokens), accepted,
+                propose_s=propose_s.get(request, 0.0), verify_s=share,
+                proposer_failed=request in self.drafting.failed,
+                started_ns=started_ns, ended_ns=ended_ns,
+                inspection=inspect(request.params, proposal, target_logits, verdict, request.generated)
+                if request.inspect and proposal.tokens else None,
+            )  # fmt: skip
+            stats.mismatch_s += round_.mismatch_s
+            delta = emit(request, proposal.tokens[:accepted] + [int(verdict.next_token[0])], round_, self.eos_ids)
+            if delta.finish_reason:
+                stats.total_s = time.perf_counter() - request.arrived
+                self.abort(request)
+            deltas.append((request, delta))
+        return deltas
+
+    def _draft_ahead(self, plan: Plan) -> None:
+        """Draft the first round of the requests that want it while their prompts prefill, so that
+        the drafts reach their clients before the verifier has read the whole prompt. The first
+        round scores these drafts: the context they continue does not change during prefill, and
+        no other random draw of the request comes between, so the output is what it would be."""
+        ahead = [r for r, _ in plan.chunks if r.draft_ahead and r.early is None and r.proposer is not None]
+        if not ahead:
+            return
+        proposals, _ = self.drafting.propose(ahead, self.choose_depths(ahead))
+        for request in ahead:
+            request.early = proposals[request]
+        if self.on_proposed is not None:
+            self.on_proposed({r: p for r, p in proposals.items() if p.tokens})
+
+    # -- depths ------------------------------------------------------------------------------------
+
+    def depth_limit(self, request: Request) -> int:
+        """The most drafts this request may take this round, before goodput is weighed."""
+        speculation = request.speculation
+        if request.remote is not None:  # as many as the client sent, within the budget
+            pending = request.remote.pending
+            return max(0, min(len(pending.tokens) if pending is not None else 0, request.remaining - 1))
+        if request.proposer is None or request.consecutive_failures >= speculation.max_proposer_failures:
+            return 0
+        if self.drafting.busy(request):  # a plug-in's previous call has not returned
+            return 0
+        limit = speculation.max_depth if speculation.depth == "auto" else int(speculation.depth)
+        limit = min(limit, request.remaining - 1)  # a round emits up to depth + 1 tokens
+        if request.depth_limit is not None:
+            limit = min(limit, request.depth_limit())
+        return max(0, limit)
+
+    def choose_depths(self, requests: list[Request]) -> dict[Request, int]:
+        """Fixed depths as configured; depth auto by the batch's goodput (`goodput.py`). A sampled
+        request's depth follows its own acceptance and the single-stream costs only, so that what
+        else shares its batch never changes its random draws; a seeded one's, the start-up costs
+        (not the live ones), so that its seed reproduces its output in this process."""
+        limits = {r: self.depth_limit(r) for r in requests}
+        depths = {r: limits[r] for r in requests if r.speculation.depth != "auto" or r.remote is not None}
+        auto = [r for r in requests if r not in depths]
+        if not auto or all(limits[r] == 0 for r in auto):
+            return depths | {r: 0 for r in auto}
+        costs = self.costs()
+        # Greedy requests share the pass's price where one pass computes them all; where the
+        # runner runs sequences one after another, each is priced alone.
+        shared = [r for r in auto if r.params.greedy] if self.runner.batches else []
+        for request in auto:
+            if request not in shared:
+                depths |= self._goodput([request], limits, costs if request.params.seed is None else self.costs(live=False))
+        beside = sum(1 + k for k in depths.values())
+        return depths | self._goodput(shared, limits, costs, beside)
+
+    def remote_hint(self, request: Request) -> int:
+        """The depth that pays best for the verifier, by the session's acceptance so far and the
+        measured pass costs, as for a proposer of the server's own (drafting is the client's, so it
+        costs the server nothing). An edge client may follow it to spend the least verifier time per
+        token; its own round trips may argue for deeper drafts."""
+        cap = min(self.batch.max_pass_tokens - 1, max(0, request.remaining - 1), 16)
+        chosen = choose_depths([request.acceptance.alpha], [cap], self.costs(), [0.0])
+        return chosen[0]
+
+    def _goodput(self, requests, limits, costs: PassCosts, base_rows: int = 0) -> dict[Request, int]:
+        if not requests:
+            return {}
+        alphas = [r.acceptance.alpha for r in requests]
+        caps = [limits[r] for r in requests]
+        drafts = [self._draft_cost(r.proposer, costs) for r in requests]
+        chosen = choose_depths(alphas, caps, costs, drafts, base_rows)
+        # A request at depth 0 probes with one draft every 8 rounds, so that text turning
+        # predictable gets speculation back.
+        return {
+            r: (1 if k == 0 and caps[i] > 0 and r.acceptance.rounds_off % 8 == 7 else k)
+            for i, (r, k) in enumerate(zip(requests, chosen, strict=True))
+        }
+
+    def _draft_cost(self, proposer: Proposer | None, costs: PassCosts) -> float:
+        """What one draft token of this proposer costs: a batched draft model's pass as the live
+        passes have it; any other proposer's as measured on its first use (`calibrate.py`)."""
+        if proposer is None:
+            return 0.0
+        if self.drafting.batch(proposer) is not None:
+            return costs.draft_s
+        if id(proposer) not in self._draft_s:
+            speculation = self.speculation
+            self._draft_s[id(proposer)] = measure_draft_cost(
+                proposer, self.target.vocab_size, speculation.max_depth, budget_s=20 * speculation.proposer_timeout_s
+            )
+        return self._draft_s[id(proposer)]
+
+    def prepare(self, proposers: Sequence[Proposer | None] = ()) -> None:
+        """Measure now, not during the first requests, what depth auto and prompt chunks need: the
+        pass costs, and each proposer's draft cost (batched draft models get their caches now)."""
+        for proposer in proposers:
+            self.drafting.batch(proposer)
+        costs = self.costs()
+        for proposer in proposers:
+            self._draft_cost(proposer, costs)
+
+    # -- admission and preemption (`planner.py` decides when) ---------------------------------------
+
+    def admit(self, request: Request) -> bool:
+        """Start a waiting request if the cache has blocks for its prefix and prompt: it takes
+        them and runs from the next pass. False, and nothing taken, if not."""
+        fresh = not request.table.blocks  # a resumed session keeps the blocks it has
+        reused = request.table.reuse_prefix(request.tokens) if fresh else 0
+        pool = self.runner.pool
+        need = pool.blocks_for(len(request.tokens) + 1) - len(request.table.blocks)
+        # Keep a block per active request spare for its next rounds.
+        if need + self.active > pool.free_blocks and self.running:
+            if fresh:
+                request.table.free()
+            return False
+        if request.preemptions == 0 and fresh:
+            request.stats.cached_tokens = reused
+        if request.admitted is None:
+            request.admitted = time.monotonic()
+        self._admitted += 1
+        request.order = self._admitted
+        self.waiting.remove(request)
+        self.running.append(request)
+        return True
+
+    def resume(self, request: Request) -> None:
+        """A parked request's drafts came: it waits for a running slot like any request (keeping
+        its blocks, while memory allows), behind those already waiting."""
+        if request in self.running:
+            self.running.remove(request)
+            self.waiting.append(request)
+
+    def preempt(self, request: Request) -> None:
+        """Out of blocks: free this running request's blocks and queue it first, to recompute later."""
+        log.info("request %s preempted: the KV cache is full; it resumes once blocks free", request.id)
+        self.running.remove(request)
+        self._release(request)
+        request.preemptions += 1
+        self.preemptions += 1
+        self.waiting.insert(0, request)
+
+    def _release(self, request: Request) -> None:
+        request.table.free()
+        self.drafting.release(request)
+
+    def close(self) -> None:
+        self.drafting.close()
 
 
-def accept(params: SamplingParams, proposal: Proposal, target_logits: torch.Tensor, generator: torch.Generator | None) -> Verdict:
-    """The acceptance rule for one request's round: (k+1, V) logits of its drafts."""
-    drafts = torch.tensor([proposal.tokens], dtype=torch.long, device=target_logits.device)  # (1, k)
-    if params.greedy:
-        return accept_greedy(drafts, target_logits[None])
-    draft_probs = None if proposal.probs is None else proposal.probs.to(target_logits.device)[None]
-    return accept_stochastic(drafts, draft_probs, warp(target_logits, params)[None], generator)
-
-
-def inspect(params: SamplingParams, proposal: Proposal, target_logits: torch.Tensor, verdict: Verdict, generated: int) -> Inspection:
-    """Drift and the first mismatch of a round (before its tokens are emitted)."""
-    target_probs = torch.softmax(target_logits.float(), dim=-1) if params.greedy else warp(target_logits, params)
-    return inspect_round(
-        proposal.tokens, proposal.probs, target_probs, int(verdict.accepted[0]), int(verdict.next_token[0]),
-        first_position=generated,
-    )
-
-
-def emit(request, new_tokens: list[int], round_: Round | None, eos_ids: frozenset[int]) -> Delta:
-    """Append verified tokens to a request (`tokens`, `text`, `params`, `stats`) up to EOS, a stop
-    string or the length limit, and say what they add to its output."""
-    emitted: list[int] = []
-    text = []
-    finish = None
-    for token in new_tokens:
-        request.tokens.append(token)
-        emitted.append(token)
-        text.append(request.text.push(token))
-        if token in eos_ids or request.text.stopped:
-            finish = "stop"
-        elif len(request.tokens) - request.prompt_len >= request.params.max_new_tokens:
-            finish = "length"
-        if finish:
-            text.append(request.text.flush())
-            break
-    request.stats.generated_tokens += len(emitted)
-    return Delta(emitted, "".join(text), finish, request.stats if finish else None, round_)
-
-
-def validate(proposal: Proposal, depth: int, vocab_size: int) -> None:
-    """Refuse a proposal the acceptance rule cannot take (ProposerError)."""
-    _validate(proposal, depth, vocab_size)
-
-
-def _validate(proposal: Proposal, depth: int, vocab_size: int) -> None:
-    n = len(proposal.tokens)
-    if n > depth:
-        raise ProposerError(f"proposed {n} tokens for depth {depth}")
-    if any(not 0 <= t < vocab_size for t in proposal.tokens):
-        raise ProposerError("proposed a token id outside the vocabulary")
-    if proposal.probs is not None and tuple(proposal.probs.shape) != (n, vocab_size):
-        raise ProposerError(f"draft probabilities of shape {tuple(proposal.probs.shape)}, expected {(n, vocab_size)}")
-
-
-def stop_tokens(target: CausalLM, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    return frozenset(eos | target.eos_token_ids)
+__all__ = ["Engine", "Request"]

@@ -137,6 +137,8 @@ class BlockTable:
         self.blocks: list[int] = []
         self.keys: list[bytes] = []  # prefix hashes of the registered leading blocks
         self.computed = 0  # positions whose keys and values are in the cache, all verified
+        self.capacity: int | None = None  # the most positions its request will hold, where known
+        self.state: object = None  # the runner's own per-sequence state, if it keeps one (session_runner.py)
 
     def reuse_prefix(self, tokens: Sequence[int]) -> int:
         """Start from the cached blocks of `tokens`' prefix; returns the positions reused. The
@@ -165,7 +167,7 @@ class BlockTable:
 
     def free(self) -> None:
         self.pool.release(self.blocks)
-        self.blocks, self.keys, self.computed = [], [], 0
+        self.blocks, self.keys, self.computed, self.state = [], [], 0, None
 
     def slots(self, start: int, count: int) -> list[int]:
         bs = self.pool.block_size

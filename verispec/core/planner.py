@@ -2,11 +2,14 @@
 
 - Admission: a waiting request joins while fewer than `max_running` run and the cache has blocks
   for its whole prompt (after the prefix cache's share) plus one spare block per running request.
+  A preempted request goes first; then a free slot goes to the request whose share key (the
+  server's API key) holds the fewest running slots, the longest waiting among equals, so one
+  key's requests never keep another key's request waiting past its fair share of the slots.
   Parked requests (verify-API sessions waiting for their clients' drafts) take no slot; their
   blocks are the first to go when a request needs them, and a parked request that lost them waits
   for its drafts before it is admitted again.
 - Rounds: every running request past its prompt runs one round; depths come from the engine
-  (`BatchEngine.choose_depths`: configured, or by the batch's goodput).
+  (`Engine.choose_depths`: configured, or by the batch's goodput).
 - Chunked prefill: prompts get rows, oldest first, up to `max_pass_tokens` when nothing else
   runs; beside running rounds only as many as keep the pass within `prefill_slowdown` times the
   measured cost of those rounds alone, so a long prompt shares passes with running streams and
@@ -18,24 +21,26 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from verispec.core.kv_cache import OutOfBlocks
 
 if TYPE_CHECKING:
-    from verispec.core.batch import BatchEngine, BatchRequest
+    from verispec.core.engine import Engine
+    from verispec.core.request import Request
 
 
 @dataclass
 class Plan:
-    rounds: list[BatchRequest] = field(default_factory=list)
-    depths: dict[BatchRequest, int] = field(default_factory=dict)
-    chunks: list[tuple[BatchRequest, int]] = field(default_factory=list)  # (request, prompt tokens this pass)
-    preempted: list[BatchRequest] = field(default_factory=list)
+    rounds: list[Request] = field(default_factory=list)
+    depths: dict[Request, int] = field(default_factory=dict)
+    chunks: list[tuple[Request, int]] = field(default_factory=list)  # (request, prompt tokens this pass)
+    preempted: list[Request] = field(default_factory=list)
 
 
-def plan_pass(engine: BatchEngine) -> Plan:
+def plan_pass(engine: Engine) -> Plan:
     plan = Plan()
     _admit(engine)
     plan.rounds = [r for r in engine.running if not r.prefilling and not r.parked]
@@ -60,9 +65,10 @@ def plan_pass(engine: BatchEngine) -> Plan:
     return plan
 
 
-def _admit(engine: BatchEngine) -> None:
-    for request in [r for r in engine.waiting if not r.parked]:  # a parked one waits for its drafts
-        if engine.active >= engine.max_running:
+def _admit(engine: Engine) -> None:
+    while engine.active < engine.max_running:
+        request = _next_fair(engine)
+        if request is None:
             return
         while not engine.admit(request):
             parked = [r for r in engine.running if r.parked and r.table.blocks]
@@ -71,7 +77,18 @@ def _admit(engine: BatchEngine) -> None:
             engine.preempt(max(parked, key=lambda r: r.order))  # a parked session's blocks go first
 
 
-def _reserve(engine: BatchEngine, plan: Plan, request: BatchRequest, positions: int) -> bool:
+def _next_fair(engine: Engine) -> Request | None:
+    """The waiting request to admit next: a preempted one first, else the one whose share key
+    holds the fewest running slots, the longest waiting among equals; one that is parked waits
+    for its drafts."""
+    candidates = [r for r in engine.waiting if not r.parked]
+    if not candidates:
+        return None
+    held = Counter(r.share_key for r in engine.running if not r.parked)
+    return min(candidates, key=lambda r: (r.preemptions == 0, held[r.share_key]))  # the first of the least
+
+
+def _reserve(engine: Engine, plan: Plan, request: Request, positions: int) -> bool:
     """Blocks for `positions` positions of `request`, preempting the newest running requests as
     needed; False if `request` itself had to go."""
     while True:

@@ -1,89 +1,40 @@
 """One engine running request lines to result lines, batched as the server batches.
 
-The batched core (`core/batch.py`) holds up to `max_running` requests: each step advances all of
-them by one round in one verifier pass, and a finished request's slot takes the next line at once,
-as the server's scheduler feeds it (`_admit`, `_batched_step`). Where the core is not available
-(the transformers backend, `--scheduler interleaved`) the requests' own streams take a round each
-in turn (`Interleaved`). Greedy output is the verifier's own, token for token; a sampled request
-with a `seed` draws from its own generator, so it does not depend on what shares its passes (with
-`--depth auto` its depth follows the step costs measured at start, so only a fixed `--depth`
-makes it the same in another process).
+The engine (`core/engine.py`) holds up to `max_running` requests: each step advances all of them
+by one round in one verifier pass (on a backend that cannot batch, one after another), and a
+finished request's slot takes the next line at once. Greedy output is the verifier's own, token
+for token; a sampled request with a `seed` draws from its own generator, so it does not depend on
+what shares its passes (with `--depth auto` its depth follows the step costs measured at start,
+so only a fixed `--depth` makes it the same in another process).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 
-from verispec.assemble import build_batch_core, build_engine, resolve_models
-from verispec.config import BatchSettings, Depth, ModelSettings, SamplingParams, Settings, SpeculationSettings
-from verispec.core.engine import Delta, SpeculativeEngine
+from verispec.assemble import build_engine, resolve_models
+from verispec.config import ModelSettings, Settings
+from verispec.core.rounds import Delta
 from verispec.errors import UserError
 from verispec.models.loading import model_name
 from verispec.offline.jsonl import InputLine, error_line, result_line
 from verispec.offline.prepare import Context, Prepared, prepare
 from verispec.offline.summary import Result
-from verispec.proposers.base import Proposer
 from verispec.server.errors import APIError, bad_request
 from verispec.stats import RequestStats
 
 log = logging.getLogger(__name__)
 
 
-class Interleaved:
-    """The batched core's interface over per-request engine streams: a step is one round of each."""
-
-    def __init__(self, engine: SpeculativeEngine):
-        self.engine = engine
-        self.streams: dict[int, Iterator[Delta]] = {}
-        self._next = 0
-
-    def add(
-        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, speculation: SpeculationSettings,
-        proposer: Proposer | None, depth: Depth | None = None,
-    ) -> int:  # fmt: skip
-        self._next += 1
-        self.streams[self._next] = self.engine.stream(prompt_ids, params, depth=depth)
-        return self._next
-
-    def step(self) -> list[tuple[int, Delta | Exception]]:
-        results: list[tuple[int, Delta | Exception]] = []
-        for handle, stream in list(self.streams.items()):
-            try:
-                delta = next(stream)
-            except Exception as exc:  # noqa: BLE001 (this request fails, the others go on)
-                self.abort(handle)
-                results.append((handle, exc))
-                continue
-            if delta.finish_reason is not None:
-                self.abort(handle)
-            results.append((handle, delta))
-        return results
-
-    def abort(self, handle: int) -> None:
-        stream = self.streams.pop(handle, None)
-        if stream is not None:
-            stream.close()
-
-    @property
-    def busy(self) -> int:
-        return len(self.streams)
-
-    def close(self) -> None:
-        for handle in list(self.streams):
-            self.abort(handle)
-
-
 class Worker:
     """Loads the engine once and runs request lines through it, `max_running` at a time."""
 
     def __init__(self, settings: Settings, max_running: int):
-        self.engine = engine = build_engine(settings)
+        self.engine = engine = build_engine(settings.model_copy(update={"max_running": max_running}))
         self.max_running = max_running
-        proposers = [engine.proposer] if engine.proposer is not None else []
-        self.core = build_batch_core(engine, settings.part(BatchSettings), max_running, proposers)
-        self.slots = self.core if self.core is not None else Interleaved(engine)
-        self.scheduler = "batched" if self.core is not None else "interleaved"
+        engine.prepare([engine.proposer])
+        self.scheduler = "batched" if engine.runner.batches else "interleaved"
         models = resolve_models(settings.part(ModelSettings))
         self.context = Context(
             tokenizer=engine.tokenizer, window=engine.target.max_positions, vocab_size=engine.target.vocab_size,
@@ -94,9 +45,7 @@ class Worker:
     def token_s(self) -> float:
         """The verifier-only counterfactual's price: the one-token step, as the live passes have it
         now (a start-up measurement on a busy machine would inflate every saving)."""
-        if self.core is not None:
-            return self.core.costs().verify(1)
-        return self.engine.costs().verify_s[0]
+        return self.engine.costs().verify(1)
 
     def run(self, lines: Iterable[InputLine], emit: Callable[[Result], None]) -> None:
         """Answer every line, calling `emit` with each result as soon as it is done (in the order
@@ -112,7 +61,7 @@ class Worker:
                     break
                 try:
                     prepared = prepare(line, self.context)
-                    handle = self.slots.add(
+                    handle = self.engine.add(
                         line.custom_id, prepared.prompt_ids, prepared.params, self.engine.speculation,
                         self.engine.proposer, depth=prepared.depth,
                     )  # fmt: skip
@@ -126,7 +75,7 @@ class Worker:
             if not running:
                 return
             try:
-                outcomes = self.slots.step()
+                outcomes = self.engine.step()
             except Exception as exc:  # noqa: BLE001 (as the server does: the step's requests end, the job goes on)
                 log.exception("a batched engine step failed; its %d requests are answered with 500", len(running))
                 outcomes = [(handle, exc) for handle in running]
@@ -136,8 +85,7 @@ class Worker:
                 prepared, text = running[handle]
                 if isinstance(outcome, Exception):
                     del running[handle]
-                    if self.core is not None:
-                        self.core.abort(handle)
+                    self.engine.abort(handle)
                     emit(self._failed(prepared, outcome))
                     continue
                 text.append(outcome.text)
@@ -170,4 +118,4 @@ class Worker:
         return Result(line.name, error_line(line, error), error.status)
 
     def close(self) -> None:
-        self.slots.close()
+        self.engine.close()

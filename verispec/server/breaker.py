@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from verispec.core.engine import Round
+from verispec.core.rounds import Round
 
 log = logging.getLogger(__name__)
 

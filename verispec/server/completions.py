@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from verispec.audit.outcomes import Outcome
 from verispec.audit.records import utc_now
-from verispec.core.engine import Delta
+from verispec.core.rounds import Delta
 from verispec.server.errors import APIError, bad_request
 from verispec.server.job import Job
 from verispec.server.openapi import CHAT_RESPONSES, COMPLETION_RESPONSES
@@ -77,13 +77,13 @@ def completion_routes(state: State, authorize: Callable[[Request], Awaitable[str
         job = Job(request_id, prompt_ids, params, body.depth, deadline, asyncio.get_running_loop(), key_id=key_id)
         routing_key = {"user": body.user, "task": body.task}.get(state.settings.route_key)
         if body.proposer is not None:
-            if body.proposer not in service.router.engines:
-                names = ", ".join(sorted(service.router.engines))
+            if body.proposer not in service.router.proposers:
+                names = ", ".join(sorted(service.router.proposers))
                 raise bad_request(f"unknown proposer '{body.proposer}'; this server has: {names}", param="proposer")
             job.proposer, job.pinned = body.proposer, True
         else:
             job.proposer = service.router.choose(routing_key)
-        job.engine, job.route_key = service.router.engines[job.proposer], routing_key
+        job.drafter, job.route_key = service.router.proposers[job.proposer], routing_key
         job.guarded = not service.router.on_trial(job.proposer)
         job.provisional = bool(body.provisional)
         state.metrics.proposer_requests(job.proposer).inc()

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from verispec.audit.outcomes import Outcome
 from verispec.config import Depth, SamplingParams
-from verispec.core.engine import Delta, SpeculativeEngine
+from verispec.proposers.base import Proposer
 from verispec.proposers.remote import RemoteDrafts
 
 
@@ -59,14 +58,12 @@ class Job:
     rounds: list = field(default_factory=list)  # Round, when keep_rounds
     mismatches: list = field(default_factory=list)  # inspect.Mismatch, when inspect
     stats: object = None  # RequestStats, once finished
-    engine: SpeculativeEngine | None = None  # the chosen proposer's engine; None = the scheduler's
+    drafter: Proposer | None = None  # the chosen proposer; None = verifier only
     proposer: str | None = None  # its name, for routing feedback
     route_key: str | None = None
     pinned: bool = False  # the client named the proposer; its figures teach the choice nothing
-    stream: Iterator[Delta] | None = None  # interleaved: the engine's generator for this job
-    request: object = None  # batched: its BatchRequest in the core
+    request: object = None  # its Request in the engine, once admitted
     remote: RemoteDrafts | None = None  # a verify-API session: its edge client proposes
-    offered: object = None  # a parked session's next drafts (a Proposal), while its round waits for a slot
     provisional: bool = False  # the client wants each round's drafts before their verdict
     key_id: str | None = None  # the API key it came with: slots are shared fairly among keys
     cancelled: bool = False

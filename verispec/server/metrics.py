@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from verispec.audit.outcomes import OUTCOMES
 from verispec.config import ServerSettings
 from verispec.core.drift import Inspection
-from verispec.core.engine import Round
+from verispec.core.rounds import Round
 from verispec.server.breaker import BreakerState
 from verispec.stats import RequestStats
 

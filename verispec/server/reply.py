@@ -17,7 +17,7 @@ from dataclasses import replace
 from fastapi import Request
 from transformers import PreTrainedTokenizerBase
 
-from verispec.core.engine import Delta
+from verispec.core.rounds import Delta
 from verispec.errors import UserError
 from verispec.policy import PolicyGate
 from verispec.server import errors

@@ -236,13 +236,13 @@ class Canary:
 
 
 class Router:
-    """The engines a request may go to (one per proposer, all sharing one verifier), and the
+    """The proposers a request may go to, by name (all drafting for the one verifier), and the
     policy that picks one: the canary's split if a canary runs, else the bandit if several
-    proposers are configured, else the one engine."""
+    proposers are configured, else the configured one."""
 
-    def __init__(self, engines: dict[str, object], default: str, bandit: ProposerBandit | None = None,
+    def __init__(self, proposers: dict[str, object], default: str, bandit: ProposerBandit | None = None,
                  canary: Canary | None = None, candidate: str | None = None):
-        self.engines = engines
+        self.proposers = proposers
         self.current = default
         self.bandit = bandit
         self.canary = canary

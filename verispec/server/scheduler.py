@@ -1,24 +1,21 @@
-"""Admission control and the engine thread.
+"""The engine thread, and the bound on what waits for it.
 
-Requests wait in a bounded queue for one of `max_running` slots; past the queue's bound they are
-refused at once (the server answers 503), so overload never builds an unbounded backlog. A
-verify-API session between rounds is parked: it holds no slot (its KV stays in the core while
-memory allows, and goes first when memory runs short), and its next round queues for a slot like
-any request, so no key's sessions keep another key's requests waiting. A free slot goes to the
-waiting request whose key holds the fewest slots (the longest waiting among equals): one key's
-requests and sessions never keep another key's request waiting past its fair share of the slots.
-One thread owns the engine. Verified tokens go back to the request's asyncio queue as they are
-accepted. Two ways to run the requests:
+Requests are refused at once past `max_running + max_waiting` requests holding or waiting for a
+slot (the server answers 503), so overload never builds an unbounded backlog. Below that bound a
+job goes to the engine (`core/engine.py`), which owns admission: up to `max_running` requests
+run, a free slot going to the request whose API key holds the fewest (so one key's requests and
+sessions never keep another key's request waiting past its fair share), and KV memory decides the
+rest (prompts chunked, preemption when blocks run out). A verify-API session between rounds is
+parked: it holds no slot (its KV stays while memory allows, and goes first when memory runs
+short), and its next round waits for a slot like any request.
 
-- batched (the lean backend, by default): every engine step advances all running requests by one
-  round in one verifier pass (`core/batch.py`); the core admits by KV memory, chunks prompts and
-  chooses depths by the batch's goodput, so no load rule is needed here;
-- interleaved (the transformers backend, or `--scheduler interleaved`): each running request gets
-  one speculative round (propose, score, accept) in turn, so a long request never stalls the
-  others' streams. Every round asks the job's depth limit first: 0 when the circuit breaker is
-  open or the job was admitted without speculation, else the load-aware cap, which shrinks from
-  the configured maximum to 0 as the server fills (`load_depth_from` .. `load_depth_off`, over the
-  share of capacity taken by the other requests).
+One thread owns the engine: jobs reach it through an inbox this thread empties before each step,
+and every step advances every running request by one round. Verified tokens go back to the
+request's asyncio queue as they are accepted. Every round asks the job's depth limit first: 0
+when the circuit breaker is open or the job was admitted without speculation; where the runner
+batches, the engine's goodput choice shrinks depths as the batch fills; where it runs sequences
+one after another (`--scheduler interleaved`, the transformers backend) a load-aware cap does,
+from the configured maximum to 0 as the server fills (`load_depth_from` .. `load_depth_off`).
 """
 
 from __future__ import annotations
@@ -26,12 +23,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass
 
 from verispec.config import ServerSettings
-from verispec.core.batch import BatchEngine
-from verispec.core.engine import Delta, SpeculativeEngine
+from verispec.core.engine import Engine
+from verispec.core.request import Request
+from verispec.core.rounds import Delta
 from verispec.errors import UserError
 from verispec.proposers.base import Proposal
 from verispec.server.breaker import CircuitBreaker
@@ -72,33 +70,26 @@ class CostModel:
 
 class Scheduler:
     def __init__(
-        self,
-        engine: SpeculativeEngine,
-        server: ServerSettings,
-        breaker: CircuitBreaker,
-        metrics: ServerMetrics,
-        cost: CostModel | None = None,
-        batch: BatchEngine | None = None,
+        self, engine: Engine, server: ServerSettings, breaker: CircuitBreaker, metrics: ServerMetrics, cost: CostModel | None = None
     ):
         self.engine = engine
-        self.batch = batch  # the batched core; None = interleave rounds
         self.cost = cost or CostModel()
         self.on_finished = None  # called on the engine thread with each job that finished ok
         self._token_s: float | None = None  # moving average of a verifier-only round's time
         self.server = server
         self.breaker = breaker
         self.metrics = metrics
-        self.max_depth = engine.speculation.max_depth if engine.speculation.depth == "auto" else int(engine.speculation.depth)
-        self._waiting: deque[Job] = deque()
-        self._running: list[Job] = []
+        speculation = engine.speculation
+        self.max_depth = speculation.max_depth if speculation.depth == "auto" else int(speculation.depth)
+        self._inbox: deque[Job] = deque()  # submitted, not yet handed to the engine
+        self._offers: deque[tuple[Job, Proposal]] = deque()  # verify-API sessions' next drafts
+        self._jobs: dict[Request, Job] = {}  # every job in the engine, by its request
         self._cv = threading.Condition()
         self._draining = False
         self._stopped = False
         self._typical_s: float | None = None  # moving average of end-to-end latency, for Retry-After
         self._thread = threading.Thread(target=self._loop, name="verispec-engine", daemon=True)
-        self._by_request: dict[object, Job] = {}  # the batched core's requests -> their jobs, this pass
-        if batch is not None:
-            batch.on_proposed = self._proposed
+        engine.on_proposed = self._proposed
 
     # -- the asyncio side ------------------------------------------------------------------
 
@@ -117,16 +108,17 @@ class Scheduler:
                     f"the server is at capacity ({self.server.max_running} running, {self.server.max_waiting} queued); retry shortly",
                     retry_after_s=self._retry_after(),
                 )
-            self._waiting.append(job)
+            self._inbox.append(job)
+            self._waiting_count += 1
             self._publish_load()
             self._cv.notify()
 
     def offer(self, job: Job, proposal: Proposal) -> None:
-        """A verify-API session's drafts for its next round: the session queues for a slot again,
+        """A verify-API session's drafts for its next round: the session waits for a slot again,
         behind the requests already waiting (a parked session holds none)."""
         with self._cv:
-            job.offered = proposal
-            self._waiting.append(job)
+            self._offers.append((job, proposal))
+            self._waiting_count += 1
             self._publish_load()
             self._cv.notify()
 
@@ -138,24 +130,27 @@ class Scheduler:
     @property
     def busy(self) -> int:
         """Requests holding or waiting for a slot (parked sessions hold none)."""
-        return self.active + len(self._waiting)
+        return self._active_count + self._waiting_count
 
     @property
     def active(self) -> int:
         """Running requests that hold a slot (`Job.holds_slot`)."""
-        return sum(job.holds_slot for job in self._running)
+        return self._active_count
+
+    _active_count = 0  # as of the last step, published by the engine thread
+    _waiting_count = 0  # waiting in the engine or the inbox, and offers not yet taken
 
     def drain(self, grace_s: float) -> None:
         """Stop admitting; let in-flight work finish for up to `grace_s`, then cancel the rest."""
         with self._cv:
             self._draining = True
             end = time.monotonic() + grace_s
-            while self._running or self._waiting:
+            while self._jobs or self._inbox:
                 left = end - time.monotonic()
                 if left <= 0:
                     break
                 self._cv.wait(timeout=min(left, 0.1))
-            for job in [*self._running, *self._waiting]:
+            for job in [*self._jobs.values(), *self._inbox]:
                 log.warning("request %s cancelled: the shutdown grace period (--grace-s %g) is over", job.request_id, self.server.grace_s)
                 job.cancel()
             self._stopped = True
@@ -167,135 +162,111 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._running and not self._waiting and not self._stopped:
+                while not self._jobs and not self._inbox and not self._offers and not self._stopped:
                     self._cv.wait()
-                if self._stopped and not self._running and not self._waiting:
+                if self._stopped and not self._jobs and not self._inbox:
                     return
-                if not self._waiting and all(job.parked for job in self._running):
+                if not self._inbox and not self._offers and not self._engine_has_work():
                     # Only sessions waiting for their clients' drafts: sleep until `offer` (or, for a
                     # cancellation or a deadline, the next look).
                     self._cv.wait(timeout=0.25)
-                self._expire_waiting()
-                self._admit()
-                running = list(self._running)
-            if self.batch is None:
-                for job in running:
-                    self._step(job)
-            else:
-                self._batched_step(running)
+                inbox, self._inbox = list(self._inbox), deque()
+                offers, self._offers = list(self._offers), deque()
+            for job in inbox:
+                self._add(job)
+            for job, proposal in offers:
+                if job.outcome is None and job.request is not None:
+                    job.remote.pending = proposal
+                    self.engine.resume(job.request)
+            for job in list(self._jobs.values()):
+                self._ended(job)
+            self._step()
             if self._stopped:
-                with self._cv:
-                    for job in [*self._running, *self._waiting]:
-                        self._finish(job, "cancelled", Cancelled())
+                for job in [*self._jobs.values(), *self._inbox]:
+                    self._finish(job, "cancelled", Cancelled())
                 return
 
-    def _batched_step(self, running: list[Job]) -> None:
-        """One pass of the batched core for all running jobs."""
-        running = [job for job in running if not self._ended(job)]
-        self._by_request = {job.request: job for job in running}
-        try:
-            results = self.batch.step()
-        except Exception as exc:
-            log.exception("a batched engine step failed; its requests are ended")
-            for job in running:
-                self._finish(job, "error", exc)
+    def _engine_has_work(self) -> bool:
+        engine = self.engine
+        return any(not r.parked for r in engine.running) or any(not r.parked for r in engine.waiting)
+
+    def _add(self, job: Job) -> None:
+        """Hand a job to the engine, which admits it as slots and KV memory allow."""
+        if job.cancelled or self._stopped:
+            self._finish(job, job.cancel_outcome if job.cancelled else "cancelled", Cancelled())
             return
-        self.metrics.observe_cache(self.batch)
+        job.speculate = self.breaker.speculating() or not job.guarded
+        try:
+            job.request = self.engine.add(
+                job.request_id, job.prompt_ids, job.params, self.engine.speculation, job.drafter, depth=job.depth,
+                depth_limit=lambda job=job: self._depth_limit(job), inspect=job.inspect, remote=job.remote,
+                draft_ahead=job.provisional, share_key=job.key_id or "",
+            )  # fmt: skip
+        except UserError as exc:  # bad input the handler could not see before the engine ran
+            self._finish(job, "error", exc)
+            return
+        self._jobs[job.request] = job
+        self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+
+    def _step(self) -> None:
+        """One pass of the engine for all its requests."""
+        try:
+            results = self.engine.step()
+        except Exception as exc:
+            log.exception("an engine step failed; its requests are ended")
+            for job in list(self._jobs.values()):
+                if not job.parked:
+                    self._finish(job, "error", exc)
+            return
+        finally:
+            self._count()
+        self.metrics.observe_cache(self.engine)
         now = time.monotonic()
+        for job in self._jobs.values():
+            if job.admitted is None and job.request.admitted is not None:
+                job.admitted = job.request.admitted
+                self.metrics.queue_time.observe(job.admitted - job.arrived)
         for request, delta in results:
-            job = self._by_request.get(request)
+            job = self._jobs.get(request)
             if job is None or job.outcome is not None:
                 continue
             if delta.round is not None:
                 job.engine_s += delta.round.verify_s + delta.round.propose_s
             self._deliver(job, delta, now)
 
+    def _count(self) -> None:
+        """Publish the engine's counts for `submit`'s bound and the load gauges."""
+        engine = self.engine
+        with self._cv:
+            self._active_count = engine.active
+            self._waiting_count = sum(not r.parked for r in engine.waiting) + len(self._inbox) + len(self._offers)
+            self._publish_load()
+
     def _proposed(self, proposals: dict) -> None:
         """A pass's drafts, before they are scored: to the clients that asked for them."""
         for request, proposal in proposals.items():
-            job = self._by_request.get(request)
+            job = self._jobs.get(request)
             if job is not None and job.provisional and not job.cancelled:
                 job._push(Provisional(list(proposal.tokens)))
-
-    def _expire_waiting(self) -> None:
-        now = time.monotonic()
-        for job in list(self._waiting):
-            if job.cancelled or self._stopped:
-                self._finish(job, job.cancel_outcome if job.cancelled else "cancelled", Cancelled())
-            elif job.deadline is not None and now >= job.deadline:
-                self._finish(job, "deadline", DeadlineExceeded("the request's deadline passed while it waited in the queue"))
-
-    def _admit(self) -> None:
-        """Start queued jobs: an engine stream each (interleaved), or a request in the batched core,
-        which admits it to passes as KV memory allows."""
-        while self._waiting and self.active < self.server.max_running:
-            job = self._next_fair()
-            if job.offered is not None:  # a parked session's next round: it is in the core already
-                job.remote.pending, job.offered = job.offered, None
-                continue
-            job.admitted = time.monotonic()
-            job.speculate = self.breaker.speculating() or not job.guarded
-            engine = job.engine or self.engine
-            depth_limit = lambda job=job: self._depth_limit(job)  # noqa: E731
-            if self.batch is None:
-                job.stream = engine.stream(job.prompt_ids, job.params, depth=job.depth, depth_limit=depth_limit, inspect=job.inspect)
-            else:
-                try:
-                    proposer = None if job.remote is not None else engine.proposer  # a session's client proposes
-                    job.request = self.batch.add(
-                        job.request_id, job.prompt_ids, job.params, engine.speculation, proposer, depth=job.depth,
-                        depth_limit=depth_limit, inspect=job.inspect, remote=job.remote, draft_ahead=job.provisional,
-                    )
-                except UserError as exc:
-                    self._finish(job, "error", exc)
-                    continue
-            self.metrics.prompt_tokens.inc(len(job.prompt_ids))
-            self._running.append(job)
-            self.metrics.queue_time.observe(job.admitted - job.arrived)
-        self._publish_load()
-
-    def _next_fair(self) -> Job:
-        """The waiting job whose key holds the fewest slots; the longest waiting among equals."""
-        held = Counter(job.key_id for job in self._running if job.holds_slot)
-        job = min(self._waiting, key=lambda job: held[job.key_id])  # the first of the least: FIFO within a share
-        self._waiting.remove(job)
-        return job
 
     def _ended(self, job: Job) -> bool:
         """Finish a job that was cancelled or ran past its deadline; True if so."""
         if job.cancelled:
             self._finish(job, job.cancel_outcome, Cancelled())
         elif job.deadline is not None and time.monotonic() >= job.deadline:
-            self._finish(job, "deadline", DeadlineExceeded("the request ran past its deadline"))
+            waited = job.request is None or job.request.admitted is None
+            why = "the request's deadline passed while it waited in the queue" if waited else "the request ran past its deadline"
+            self._finish(job, "deadline", DeadlineExceeded(why))
         else:
             return False
         return True
-
-    def _step(self, job: Job) -> None:
-        """One round of one job."""
-        if self._ended(job):
-            return
-        started = time.perf_counter()
-        try:
-            delta = next(job.stream)
-        except UserError as exc:  # bad input the handler could not see before the engine ran
-            self._finish(job, "error", exc)
-            return
-        except Exception as exc:
-            log.exception("request %s failed in the engine", job.request_id)
-            self._finish(job, "error", exc)
-            return
-        job.engine_s += time.perf_counter() - started
-        self._deliver(job, delta, time.monotonic())
-
     def _deliver(self, job: Job, delta: Delta, now: float) -> None:
         """Send a round's tokens to the client and conclude the job on its last delta."""
         self._observe(job, delta, now)
         job._push(delta)
         if delta.finish_reason is not None:
             job.stats = delta.stats
-            if self.batch is not None:
-                job.engine_s += delta.stats.prefill_s
+            job.engine_s += delta.stats.prefill_s
             self.metrics.observe_finished(delta.stats, delta.finish_reason)
             self._account(delta.stats)
             self._finish(job, "ok", None)
@@ -351,10 +322,9 @@ class Scheduler:
         if job.outcome is not None:
             return
         job.outcome = outcome
-        if job.stream is not None:
-            job.stream.close()  # frees the request's KV caches
         if job.request is not None:
-            self.batch.abort(job.request)  # its blocks are free at once
+            self.engine.abort(job.request)  # its blocks are free at once
+            self._jobs.pop(job.request, None)
         if event is not None:
             job._push(event)
         end = time.monotonic()
@@ -366,18 +336,15 @@ class Scheduler:
             if job.generated > 1:
                 self.metrics.tpot.observe((job.last_token - job.first_token) / (job.generated - 1))
         with self._cv:
-            if job in self._running:
-                self._running.remove(job)
-            if job in self._waiting:  # a session's next round may wait while the session runs
-                self._waiting.remove(job)
-            self._publish_load()
+            if job in self._inbox:
+                self._inbox.remove(job)
             self._cv.notify_all()
 
     # -- load ----------------------------------------------------------------------------------
 
     def depth_cap(self) -> int:
-        if self.batch is not None:
-            return self.max_depth  # batched: the goodput choice shrinks depths as the batch fills
+        if self.engine.runner.batches:
+            return self.max_depth  # the goodput choice shrinks depths as the batch fills
         return load_depth_cap(self.busy, self.server, self.max_depth)
 
     def _depth_limit(self, job: Job) -> int:
@@ -386,11 +353,11 @@ class Scheduler:
         return self.depth_cap()
 
     def _publish_load(self) -> None:
-        self.metrics.running.set(self.active)
-        self.metrics.waiting.set(len(self._waiting))
+        self.metrics.running.set(self._active_count)
+        self.metrics.waiting.set(self._waiting_count)
         self.metrics.depth_cap.set(self.depth_cap())
 
     def _retry_after(self) -> float:
         """A rough time until a slot frees: the queue ahead times a typical request's latency."""
         typical = self._typical_s if self._typical_s is not None else 5.0
-        return max(1.0, typical * (len(self._waiting) + 1) / self.server.max_running)
+        return max(1.0, typical * (self._waiting_count + 1) / self.server.max_running)

@@ -1,5 +1,5 @@
-"""The loaded service behind the API: the engines, the scheduler, the router with its canary, and
-the names and weights hashes of the models that answer.
+"""The loaded service behind the API: the engine, the scheduler, the router with its canary and the
+proposers it routes to, and the names and weights hashes of the models that answer.
 
 `Service.load` runs once, in the background (or, on a Ray replica, before the replica is routed
 to): it loads the models, measures the step costs, runs one warm-up request, and starts the
@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from verispec.assemble import build_batch_core, proposer_engines, resolve_models
+from verispec.assemble import build_proposers, resolve_models
 from verispec.audit.records import Identity
-from verispec.config import BatchSettings, ModelSettings, RoutingSettings, SamplingParams, Settings
-from verispec.core.engine import SpeculativeEngine
+from verispec.config import ModelSettings, RoutingSettings, SamplingParams, Settings
+from verispec.core.engine import Engine
 from verispec.models.loading import weights_digest
+from verispec.proposers.base import Proposer
 from verispec.server.breaker import CircuitBreaker
 from verispec.server.job import Job
 from verispec.server.metrics import ServerMetrics
@@ -28,7 +29,7 @@ from verispec.server.scheduler import CostModel, Scheduler
 
 log = logging.getLogger("verispec.server")
 
-EngineFactory = Callable[[Settings], SpeculativeEngine]
+EngineFactory = Callable[[Settings], Engine]
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Cluster:
 class Service:
     """What the API needs once the models are loaded."""
 
-    engine: SpeculativeEngine
+    engine: Engine
     scheduler: Scheduler
     router: Router
     identity: Identity  # the server's default models
@@ -66,21 +67,20 @@ class Service:
         """Load, calibrate, warm up and start the engine thread (minutes on a large model)."""
         started = time.perf_counter()
         engine = engine_factory(settings)
-        # Step costs, measured now rather than during the first request: depth auto needs them,
-        # and the cost model prices the verifier-only counterfactual with the one-token step.
-        token_s = engine.costs().verify_s[0] if engine.proposer is not None else None
+        models = resolve_models(settings.part(ModelSettings))
+        router = _router(engine, models.proposer, settings, metrics, cluster)
+        # Pass and draft costs, measured now rather than during the first request: depth auto needs
+        # them, and the cost model prices the verifier-only counterfactual with the one-token step.
+        engine.prepare(list(router.proposers.values()))
+        token_s = engine.costs().verify(1) if engine.proposer is not None else None
         warm_prompt = engine.tokenizer("def main():").input_ids or [0]
         engine.generate(warm_prompt, SamplingParams(max_new_tokens=4), depth=0)  # the verifier's kernels; no proposer call
-        models = resolve_models(settings.part(ModelSettings))
         model_version = weights_digest(models.target)
-        router = _router(engine, models.proposer, settings, metrics, cluster)
-        identities = {name: _identity(e, model_name, model_version, settings) for name, e in router.engines.items()}
+        identities = {name: _identity(p, model_name, model_version, settings) for name, p in router.proposers.items()}
         identities["edge"] = Identity(model_name, model_version, "edge", "client")  # verify-API sessions
         cost = CostModel(settings.cost_verifier_per_hour, settings.cost_proposer_per_hour, token_s)
-        proposers = [e.proposer for e in router.engines.values() if e.proposer is not None]
-        batch = build_batch_core(engine, settings.part(BatchSettings), settings.max_running, proposers)
-        scheduler = Scheduler(engine, settings, breaker, metrics, cost, batch)
-        # The default engine's identity is already among them (its weights are hashed once).
+        scheduler = Scheduler(engine, settings, breaker, metrics, cost)
+        # The default proposer's identity is already among them (its weights are hashed once).
         service = cls(engine, scheduler, router, identities[models.proposer], identities)
         scheduler.on_finished = service._routed(metrics)
         scheduler.start()
@@ -118,15 +118,11 @@ class Service:
         return finished
 
 
-def _router(
-    engine: SpeculativeEngine, configured: str, settings: Settings, metrics: ServerMetrics, cluster: Cluster | None
-) -> Router:
+def _router(engine: Engine, configured: str, settings: Settings, metrics: ServerMetrics, cluster: Cluster | None) -> Router:
     """The proposers a request may be routed to, the per-request choice among them, and the canary."""
     routing = settings.part(RoutingSettings)
-    engines = {configured: engine, **proposer_engines(engine, settings)}
-    for name, e in engines.items():
-        if e is not engine and e.proposer is not None and e.speculation.depth == "auto":
-            e.costs()
+    proposers = build_proposers(engine, settings)
+    for name in proposers:
         metrics.proposer_requests(name)
     bandit = ProposerBandit(list(routing.proposers)) if len(routing.proposers) > 1 else None
     canary = None
@@ -148,12 +144,12 @@ def _router(
         for verdict in ("promote", "rollback"):
             metrics.canary_decisions(verdict)
     default = configured if bandit is None else routing.proposers[0]
-    return Router(engines, default, bandit, canary, "canary" if canary else None)
+    return Router(proposers, default, bandit, canary, "canary" if canary else None)
 
 
-def _identity(engine: SpeculativeEngine, model_name: str, model_version: str, settings: Settings) -> Identity:
-    """Names and versions of the models behind an engine: weights hashes, or the n-gram settings."""
-    proposer = engine.proposer.name if engine.proposer is not None else "none"
+def _identity(proposer: Proposer | None, model_name: str, model_version: str, settings: Settings) -> Identity:
+    """Names and versions of the models behind a proposer: weights hashes, or the n-gram settings."""
+    proposer = proposer.name if proposer is not None else "none"
     if proposer.startswith("draft:"):
         version = weights_digest(proposer.removeprefix("draft:"))
     elif proposer.startswith("ngram"):

@@ -30,7 +30,7 @@ from verispec.config import (
     Settings,
     TelemetrySettings,
 )
-from verispec.core.engine import Delta
+from verispec.core.rounds import Delta
 from verispec.errors import UserError
 from verispec.models.loading import model_name
 from verispec.policy import PolicySet, load_policy
@@ -254,16 +254,12 @@ class State:
             raise retry_later(429, limits.reason, limits.retry_after_s, code="rate_limit_exceeded", headers=limits.headers)
 
     def allow_provisional(self, body, service: Service) -> None:
-        """Provisional text is unverified drafts, sent as they are made: only when streaming, only
-        from the batched engine (whose step hands drafts out before it scores them), and never
+        """Provisional text is unverified drafts, sent as they are made: only when streaming (the
+        engine's step hands drafts out before it scores them), and never
         under a policy with a blocking rule (drafts would pass its gate unseen, and the verdict
         would confirm them, even where the rule holds nothing back)."""
         if not body.stream:
             raise bad_request("provisional text is streamed: set stream to true", param="provisional")
-        if service.scheduler.batch is None:
-            raise bad_request(
-                "provisional text needs the batched engine; this server runs --scheduler interleaved", param="provisional"
-            )
         if self.policy is not None and self.policy.blocks:
             raise bad_request(
                 "provisional text is refused under this server's policy: it has blocking rules, and drafts would reach "

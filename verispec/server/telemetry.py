@@ -22,7 +22,7 @@ from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from verispec.config import TelemetrySettings
-from verispec.core.engine import Round
+from verispec.core.rounds import Round
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from verispec.audit.outcomes import Outcome
 from verispec.audit.records import Finished
 from verispec.config import SamplingParams
-from verispec.core.engine import Delta
+from verispec.core.rounds import Delta
 from verispec.server.job import Job
 from verispec.stats import RequestStats
 

@@ -94,8 +94,6 @@ def verify_routes(state: State, authorize) -> APIRouter:
         for name in ("depth", "proposer", "provisional"):
             if getattr(body, name) is not None:
                 raise bad_request(f"{name} is not used by the verify API: the client drafts, as deep as it likes", param=name)
-        if service.scheduler.batch is None:
-            raise bad_request("the verify API needs the batched engine; this server runs --scheduler interleaved")
         if state.policy is not None and state.policy.blocks:
             raise bad_request(
                 "the verify API is refused under this server's policy: it has blocking rules, and a round's tokens go to "

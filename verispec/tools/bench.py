@@ -56,11 +56,12 @@ from tqdm import tqdm
 import verispec
 from verispec.assemble import build_engine, resolve_models
 from verispec.config import Depth, ModelSettings, SamplingParams, Settings
-from verispec.core.engine import SpeculativeEngine
+from verispec.core.engine import Engine
 from verispec.errors import UserError
 from verispec.models import resolve_device, resolve_dtype
 from verispec.prompts import load_prompts
 from verispec.proposers import NgramProposer
+from verispec.proposers.base import Proposer
 from verispec.proposers.names import PROPOSER_NAMES
 from verispec.stats import RequestStats
 from verispec.tools import check
@@ -123,19 +124,20 @@ def parse_depths(raw: Sequence[Depth | str]) -> list[Depth]:
     return [depth for depth in dict.fromkeys(check.parse_depths(list(raw), flag="--depths")) if depth != 0]
 
 
-def verispec_configurations(engine: SpeculativeEngine, settings: Settings, depths: list[Depth], has_draft: bool) -> list[Configuration]:
-    def run_with(eng: SpeculativeEngine, depth: Depth) -> Callable[[list[int], int], Run]:
+def verispec_configurations(engine: Engine, settings: Settings, depths: list[Depth], has_draft: bool) -> list[Configuration]:
+    def run_with(proposer: Proposer | None, depth: Depth) -> Callable[[list[int], int], Run]:
         def run(ids: list[int], n: int) -> Run:
-            completion = eng.generate(ids, SamplingParams(max_new_tokens=n), depth=depth)
+            completion = engine.generate(ids, SamplingParams(max_new_tokens=n), depth=depth, proposer=proposer)
             return Run(completion.token_ids, completion.stats)
 
         return run
 
-    # A second engine on the same loaded target: only the proposer differs.
-    ngram = SpeculativeEngine(engine.target, engine.tokenizer, NgramProposer(settings.ngram_max, settings.ngram_min), engine.speculation)
-    configs = [Configuration(VERIFIER_ONLY, "verispec", "none", 0, run_with(engine, 0))]
+    # The same engine for every configuration: only the proposer differs.
+    ngram = NgramProposer(settings.ngram_max, settings.ngram_min)
+    engine.prepare([engine.proposer, ngram])
+    configs = [Configuration(VERIFIER_ONLY, "verispec", "none", 0, run_with(engine.proposer, 0))]
     if has_draft:
-        configs += [Configuration(f"verispec draft depth={d}", "verispec", "draft", d, run_with(engine, d)) for d in depths]
+        configs += [Configuration(f"verispec draft depth={d}", "verispec", "draft", d, run_with(engine.proposer, d)) for d in depths]
     configs += [Configuration(f"verispec ngram depth={d}", "verispec", "ngram", d, run_with(ngram, d)) for d in (4, "auto")]
     return configs
 
@@ -342,7 +344,7 @@ def plot(path: Path, results: list[Result]) -> None:
     figure.savefig(path, dpi=120, bbox_inches="tight")
 
 
-def machine(engine: SpeculativeEngine, device: torch.device) -> dict:
+def machine(engine: Engine, device: torch.device) -> dict:
     draft_lm = getattr(engine.proposer, "lm", None)
     return {
         "platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from verispec.assemble import build_engine
 from verispec.config import Depth, SamplingParams, Settings, SpeculationSettings
-from verispec.core.engine import SpeculativeEngine
+from verispec.core.engine import Engine
 from verispec.errors import UserError
 from verispec.prompts import Prompt, load_prompts
 from verispec.stats import RequestStats
@@ -89,7 +89,7 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def top2_gap(engine: SpeculativeEngine, context: list[int]) -> float:
+def top2_gap(engine: Engine, context: list[int]) -> float:
     """Verifier's top-1 minus top-2 logit after `context`, from one fresh prefill."""
     logits = engine.target.session().extend(context, last_only=True)[-1]
     top = torch.topk(logits, 2).values
@@ -138,7 +138,7 @@ def run_check(
 
 
 def _check_prompt(
-    engine: SpeculativeEngine, prompt: Prompt, params: SamplingParams, baseline: DepthResult, results: list[DepthResult]
+    engine: Engine, prompt: Prompt, params: SamplingParams, baseline: DepthResult, results: list[DepthResult]
 ) -> None:
     reference = engine.generate(prompt.text, params, depth=0)
     baseline.tokens_per_s.append(reference.stats.tokens_per_s or 0.0)
@@ -163,7 +163,7 @@ def _check_prompt(
 
 
 def _print(
-    console: Console, prompts: list[Prompt], baseline: DepthResult, results: list[DepthResult], engine: SpeculativeEngine
+    console: Console, prompts: list[Prompt], baseline: DepthResult, results: list[DepthResult], engine: Engine
 ) -> None:
     proposer = engine.proposer.name if engine.proposer else "none"
     table = Table(

@@ -31,7 +31,7 @@ from verispec.tools.loadtest.scenarios import (
     prefix_scenario,
 )
 from verispec.tools.loadtest.servers import _Server, serve_args
-from verispec.tools.loadtest.settings import LoadtestSettings
+from verispec.tools.loadtest.settings import LoadtestSettings, default_prompts
 
 
 def requests_per_cell(concurrency: int, requests: int | None) -> int:
@@ -138,14 +138,11 @@ def _say(line: str) -> None:
 def run(settings: LoadtestSettings) -> int:
     """The whole --table run: start the servers, measure, print the markdown, stop the servers
     (their logs are kept when anything failed); 1 when a request or a scenario failed."""
-    from verispec.tools.loadtest import default_prompts
-
     if settings.compare_speculation:
         raise UserError("--compare-speculation and --table do not go together: --table compares proposers itself")
     if settings.provisional:
-        raise UserError("--provisional and --table do not go together: the table's verifier-only cells have no drafts "
-                        "and its interleaved server refuses provisional streams; run --provisional with --url against "
-                        "one `verispec serve` (batched, with a proposer)")  # fmt: skip
+        raise UserError("--provisional and --table do not go together: the table's verifier-only cells have no drafts; "
+                        "run --provisional with --url against one `verispec serve` with a proposer")  # fmt: skip
     if settings.target and not settings.draft and "draft" in settings.proposers:
         raise UserError("proposer draft needs --draft with --target (or leave 'draft' out of --proposers)")
     config = {  # written into the report: what produced its figures

@@ -130,7 +130,7 @@ def distill(
     import torch
     from transformers import AutoConfig
 
-    from verispec.core.engine import stop_tokens
+    from verispec.core.rounds import stop_tokens
     from verispec.models.loading import load_model, resolve_device
 
     started_wall, started_cpu = time.perf_counter(), time.process_time()

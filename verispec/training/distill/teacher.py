@@ -210,7 +210,7 @@ def build_teacher(
         sequences = text_chunks(settings, tokenizer, training)
         size = max(1, settings.gen_batch_size // 4)  # full-length passes: fewer rows to a shard
     batches = [sequences[i : i + size] for i in range(0, len(sequences), size)]
-    from verispec.core.engine import stop_tokens  # where a greedy decode ends, as in the engine
+    from verispec.core.rounds import stop_tokens  # where a greedy decode ends, as in the engine
 
     eos = stop_tokens(verifier, tokenizer)
     digest = fingerprint(

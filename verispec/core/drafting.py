@@ -1,0 +1,181 @@
+"""Drafts for every round of a pass: the propose half of the step.
+
+The engine calls its proposers through one protocol (`proposers/base.py`) and two capabilities
+they declare, never by their classes:
+
+- a proposer with a `draft_model` the runner can batch drafts for every request of the pass in
+  one draft pass per position (`draft_batch.py`), on this thread: it is verispec's own pass (its
+  time budget is checked between draft positions), and its kernels' OpenMP team must stay this
+  thread's, for a second team on another thread makes every later pass fight it for the cores;
+- an `inline` proposer (the n-gram lookup: microseconds of our own code) is called on this thread;
+- any other is called off this thread within the time budget (`proposing.py`), so that one that
+  hangs holds no pass.
+
+An edge client's drafts (the verify API) stand in for a proposer. Whatever goes wrong, a proposer
+error, junk, a missed budget, costs the round its drafts, never the output.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from verispec.core.draft_batch import DraftBatch
+from verispec.core.proposing import Busy, Proposing, TimedOut
+from verispec.core.request import Request
+from verispec.core.rounds import validate
+from verispec.core.runner import batchable
+from verispec.proposers.base import Proposal, Proposer
+
+log = logging.getLogger(__name__)
+
+
+class Drafting:
+    def __init__(self, runner, vocab_size: int):
+        self.runner = runner  # the verifier's: draft caches are sized by its pool
+        self.vocab_size = vocab_size
+        self.proposing = Proposing()
+        self.batches: dict[int, DraftBatch] = {}  # per draft proposer (by id)
+        self.failed: set[Request] = set()  # this pass's rounds that fell back to verifier-only
+        self.on_draft_pass: Callable[[float], None] | None = None  # seconds per draft pass, as measured
+
+    def batch(self, proposer: Proposer | None) -> DraftBatch | None:
+        """The batched drafter of a proposer that offers a draft model the runner can batch."""
+        lm = getattr(proposer, "draft_model", None)
+        if lm is None or batchable(lm) is not None:
+            return None
+        batch = self.batches.get(id(proposer))
+        if batch is None:
+            # As many positions as the verifier's cache holds, in the draft's (smaller) blocks.
+            pool = self.runner.pool
+            per_position = 2 * len(lm.layers) * lm.kv_heads * lm.head_dim * 4
+            memory = max(pool.num_blocks * pool.block_size * per_position, (lm.max_positions + 64) * per_position)
+            batch = DraftBatch(lm, self.vocab_size, memory, pool.block_size)
+            self.batches[id(proposer)] = batch
+        return batch
+
+    def busy(self, request: Request) -> bool:
+        """Whether a plug-in's previous call for this request has not returned."""
+        return self.proposing.busy(request)
+
+    def propose(self, rounds: list[Request], depths: dict[Request, int]) -> tuple[dict[Request, Proposal], dict[Request, float]]:
+        """Drafts for every round with a depth; an empty proposal wherever the proposer cannot help.
+        Also the proposing time charged to each request."""
+        self.failed = set()
+        proposals = {r: Proposal.empty() for r in rounds}
+        calls, inline, members = {}, {}, {}
+        for request in rounds:
+            if request.early is not None:  # drafted while its prompt prefilled
+                proposals[request] = request.early.cut(depths[request])
+                request.early = None
+            elif request.remote is not None:
+                proposals[request] = self._remote(request, depths[request])
+            elif depths[request] > 0 and request.proposer is not None:
+                batch = self.batch(request.proposer)
+                if batch is not None:
+                    if request.session is None:
+                        request.session = batch.state()
+                    members.setdefault(batch, []).append(request)
+                    continue
+                if request.session is None:  # a call per request (a stateless proposer's session is shared)
+                    request.session = request.proposer.session()
+                call = lambda r=request: r.session.propose(r.tokens, depths[r], r.draft_policy)  # noqa: E731
+                (inline if getattr(request.proposer, "inline", False) else calls)[request] = call
+                members[request] = [request]
+        drafting = [r for group in members.values() for r in group]
+        budget = min((r.speculation.proposer_timeout_s for r in drafting), default=0.0)
+        started = time.perf_counter()
+        results = self.proposing.start(calls)
+        for key, call in inline.items():
+            try:
+                results[key] = call()
+            except Exception as exc:  # noqa: BLE001
+                results[key] = exc
+        for batch, requests in members.items():
+            if isinstance(batch, DraftBatch):
+                results[batch] = self._draft_batch(batch, requests, depths)
+        results |= self.proposing.collect(max(0.0, budget - (time.perf_counter() - started)))
+        waited = time.perf_counter() - started
+        propose_s = {}
+        for key, requests in members.items():
+            result = results[key]
+            outcomes = result if isinstance(result, list) else [result] * len(requests)
+            for request, outcome in zip(requests, outcomes, strict=True):
+                propose_s[request] = waited / len(drafting)
+                request.stats.propose_s += propose_s[request]
+                if isinstance(outcome, Busy):
+                    request.stats.fallback_rounds += 1
+                    self.failed.add(request)
+                    continue
+                if isinstance(outcome, Proposal):
+                    try:
+                        validate(outcome, depths[request], self.vocab_size)
+                    except Exception as exc:  # noqa: BLE001 (a proposer bug costs a round, never the output)
+                        outcome = exc
+                if isinstance(outcome, Proposal):
+                    proposals[request] = outcome
+                    request.consecutive_failures = 0
+                else:
+                    self._fall_back(request, outcome)
+        return proposals, propose_s
+
+    def _draft_batch(self, batch: DraftBatch, requests: list[Request], depths: dict[Request, int]) -> list[Proposal] | Exception:
+        items = [(r.session, r.tokens, depths[r], r.draft_policy) for r in requests]
+        t0 = time.perf_counter()
+        try:
+            proposals = batch.propose(items)
+        except Exception as exc:  # noqa: BLE001 (every request of the batch falls back)
+            return exc
+        if self.on_draft_pass is not None:  # as many draft passes as the longest proposal has tokens
+            passes = max((len(p.tokens) for p in proposals), default=0)
+            self.on_draft_pass((time.perf_counter() - t0) / max(passes, 1))
+        return proposals
+
+    def _remote(self, request: Request, depth: int) -> Proposal:
+        """The edge client's drafts for this round (the handler checked them; a bad one costs the
+        round its drafts, never the output)."""
+        proposal = request.remote.take(depth)
+        try:
+            validate(proposal, depth, self.vocab_size)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("request %s: the client's drafts were refused: %s; this round runs verifier-only", request.id, exc)
+            request.stats.fallback_rounds += 1
+            self.failed.add(request)
+            return Proposal.empty()
+        return proposal
+
+    def _fall_back(self, request: Request, error: BaseException) -> None:
+        stats = request.stats
+        stats.fallback_rounds += 1
+        self.failed.add(request)
+        if isinstance(error, TimedOut):
+            stats.proposer_timeouts += 1
+            why = f"proposal took longer than {request.speculation.proposer_timeout_s}s"
+        else:
+            stats.proposer_failures += 1
+            why = f"proposer failed: {error!r}"
+            self._reset(request)
+        request.consecutive_failures += 1
+        log.warning("request %s: %s; this round runs verifier-only", request.id, why)
+        if request.consecutive_failures == request.speculation.max_proposer_failures:
+            log.warning("request %s: %d proposer failures in a row; it continues verifier-only", request.id, request.consecutive_failures)
+
+    def _reset(self, request: Request) -> None:
+        """Forget the proposer's state for this request (it may be half-updated)."""
+        if request.session is None or self.proposing.busy(request):
+            return
+        if not self.release(request):
+            request.session.reset()
+
+    def release(self, request: Request) -> bool:
+        """Give back the request's blocks in the draft model's cache; False if it has none there."""
+        batch = self.batch(request.proposer) if request.proposer is not None else None
+        if batch is None or request.session is None:
+            return False
+        batch.release(request.session)
+        request.session = None
+        return True
+
+    def close(self) -> None:
+        self.proposing.close()
