@@ -1,6 +1,8 @@
 """One configuration source: defaults < config file < VERISPEC_* env < flags."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from pydantic import ValidationError
@@ -82,22 +84,70 @@ def test_yaml_server_config_with_a_secret_from_env(tmp_path, monkeypatch):
         load_settings({}, broken)
 
 
-def test_proposer_names_are_the_registry_s():
-    """Settings check proposer names against `names.py` without loading a proposer; every name there
-    has a builder, and a builder under another name is refused."""
+def test_proposer_names_and_builders_are_one_table():
+    """Settings check proposer names against the registry (`names.py`) without loading a proposer;
+    each name's row says where its builder is, and `register` refuses a name once settings have
+    read them."""
     from verispec.config import ModelSettings, RoutingSettings
-    from verispec.proposers import REGISTRY, register
+    from verispec.proposers import builder, register
     from verispec.proposers.names import PROPOSER_NAMES
 
-    assert set(REGISTRY) == set(PROPOSER_NAMES)
-    with pytest.raises(ValueError, match="names.py"):
-        register("oracle")
     for name in PROPOSER_NAMES:
+        assert callable(builder(name))
         assert ModelSettings(proposer=name).proposer == name
         assert RoutingSettings(proposers=name).proposers == (name,)
         assert name in ModelSettings.model_fields["proposer"].description
+    with pytest.raises(RuntimeError, match="before verispec.config is imported"):
+        register("oracle", "an oracle", "oracle_plugin:build")
     with pytest.raises(UserError, match="draft, ngram, none"):
         load_settings({"proposers": "oracle"})
+
+
+# Runs in a fresh interpreter: a plug-in registers before settings are read, and the test process
+# has long since imported verispec.config.
+PLUG_IN = """
+import json, sys
+from verispec.proposers import ProposerInputs, build_proposer, register
+
+register("oracle", "an oracle", "oracle_plugin:build")
+refused = []
+for bad in (("draft", "a draft", "m:f"), ("none", "x", "m:f"), ("a,b", "x", "m:f"), ("solo", "x", "no_function")):
+    try:
+        register(*bad)
+    except ValueError:
+        refused.append(bad[0])
+from verispec.config import ModelSettings, RoutingSettings, SpeculationSettings
+
+built = build_proposer("oracle", ProposerInputs(target=None, draft=None, speculation=SpeculationSettings()))
+print(json.dumps({
+    "proposer": ModelSettings(proposer="oracle").proposer,
+    "proposers": RoutingSettings(proposers="oracle,ngram").proposers,
+    "described": "oracle (an oracle)" in ModelSettings.model_fields["proposer"].description,
+    "built": built,
+    "refused": refused,
+    "heavy": sorted({"torch", "verispec.proposers.draft", "verispec.proposers.ngram"} & set(sys.modules)),
+}))
+"""
+
+
+def test_a_plug_in_registers_a_proposer(tmp_path):
+    """`register` adds a row to the same table: settings accept the name, `build_proposer` imports
+    its builder, and nothing else (no proposer, no torch) is imported on the way."""
+    plug_in = "def build(inputs):\n    return ['oracle', inputs.speculation.ngram_max]\n"
+    (tmp_path / "oracle_plugin.py").write_text(plug_in)
+    result = subprocess.run(
+        [sys.executable, "-c", PLUG_IN], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome == {
+        "proposer": "oracle",
+        "proposers": ["oracle", "ngram"],
+        "described": True,
+        "built": ["oracle", SpeculationSettings().ngram_max],
+        "refused": ["draft", "none", "a,b", "solo"],
+        "heavy": [],
+    }
 
 
 def test_repeatable_settings_from_the_environment(monkeypatch):

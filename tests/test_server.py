@@ -462,8 +462,8 @@ def test_loadtest_against_no_server_is_a_clear_error():
 
 
 def test_loadtest_prompts_default_to_text_every_machine_has(monkeypatch, tmp_path):
-    from verispec.tools import loadtest
+    from verispec.tools.loadtest import settings
 
-    monkeypatch.setattr(loadtest, "DEFAULT_PROMPTS", tmp_path / "absent.jsonl")
-    prompts = loadtest.default_prompts()
+    monkeypatch.setattr(settings, "DEFAULT_PROMPTS", tmp_path / "absent.jsonl")
+    prompts = settings.default_prompts()
     assert len(prompts) == 64 and all(p.text.strip() for p in prompts)

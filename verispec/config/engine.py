@@ -119,8 +119,8 @@ class BatchSettings(BaseModel):
     scheduler: Literal["auto", "batched", "interleaved"] = Field(
         "auto",
         description="batched: every running request in one verifier pass per step (lean backend only); "
-        "interleaved: one request's round per pass, in turn (the transformers backend always runs this way); "
-        "auto = batched where the backend supports it",
+        "interleaved: each running request's round on its own KV session, one after another, in the same engine "
+        "(the transformers backend always runs this way); auto = batched where the backend supports it",
     )
     kv_cache_memory: str = Field(
         "1GiB",

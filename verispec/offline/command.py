@@ -68,7 +68,7 @@ class BatchJobSettings(BaseModel):
     ray_batch_size: int = Field(
         32, ge=1,
         description="with --ray: request lines per Ray Data batch, the unit an actor answers and the driver writes; "
-        "a few times --max-running keeps an actor's batched core full (a killed job redoes the batches in flight)",
+        "a few times --max-running keeps an actor's engine full (a killed job redoes the batches in flight)",
     )  # fmt: skip
 
 

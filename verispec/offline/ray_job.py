@@ -1,7 +1,7 @@
 """`verispec batch --ray`: the pending request lines spread over Ray Data actors.
 
 `ray.data.from_items(lines).map_batches(BatchActor, ...)`: each actor loads the engine once and
-runs its batches of lines through the same `Worker` as a local job (the batched core, up to
+runs its batches of lines through the same `Worker` as a local job (the engine, up to
 `--max-running` requests at a time); the driver iterates the results and is the only writer of the
 output, so the resume guarantee is the local job's. A killed job loses at most the batches in
 flight (`--ray-batch-size` lines each), which the next run answers again.

@@ -2,11 +2,11 @@
 
 The speedup over verifier-only is priced as the server's cost counters price it
 (`server/scheduler.py`, `_observe` and `_account`): the job's tokens verifier-only cost one
-measured one-token verifier step each (`engine.costs().verify_s[0]`, as `Service.load` measures it),
+measured one-token verifier step each (`engine.costs().verify(1)`, as `Service.load` measures it),
 plus their prompts' prefill, which both ways pay alike; the actual cost is the engine's busy time
-for the same requests (prefill, propose and verify seconds of their `RequestStats`). Under the
-batched core a pass's time is shared among its requests, so the figure includes what batching
-saves: it compares against decoding one request at a time without a proposer.
+for the same requests (prefill, propose and verify seconds of their `RequestStats`). A pass's
+time is shared among its requests, so the figure includes what batching saves: it compares
+against decoding one request at a time without a proposer.
 """
 
 from __future__ import annotations

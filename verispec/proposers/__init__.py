@@ -1,19 +1,24 @@
 """Proposers: the protocol, a draft model, and n-gram prompt lookup.
 
-Proposers register a builder under a name; the name is resolved once, when the engine is built,
-never in the speculative step. The names live in `names.py`, which settings read; so that reading
-them costs nothing, this package imports no proposer (nor torch) until one is used: the classes
-below load on first use (module `__getattr__`), and each builder imports its own.
+Each proposer is a row of one table, `names.py`: its name, what it proposes with, and its
+builder as a "module:function" string. Settings read the names there without importing any
+proposer. `build_proposer` resolves the name once, when the engine is built, never in the
+speculative step, and imports only that proposer's builder. The classes below load on first use
+(module `__getattr__`), so that importing this package costs nothing either. A plug-in adds a
+proposer with `register(name, description, "package.module:build")` before `verispec.config` is
+imported; see `names.py`.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from verispec.lazy import lazy_names
-from verispec.proposers.names import PROPOSER_NAMES, VERIFIER_ONLY
+from verispec.proposers import names
+from verispec.proposers.names import register
 
 if TYPE_CHECKING:
     from verispec.config import SpeculationSettings
@@ -33,38 +38,17 @@ class ProposerInputs:
 
 
 ProposerBuilder = Callable[[ProposerInputs], "Proposer"]
-REGISTRY: dict[str, ProposerBuilder] = {}
 
 
-def register(name: str) -> Callable[[ProposerBuilder], ProposerBuilder]:
-    if name not in PROPOSER_NAMES:  # settings would refuse the name before its builder is ever asked
-        raise ValueError(f"proposer {name!r}: add it to verispec/proposers/names.py, which settings check names against")
-
-    def add(builder: ProposerBuilder) -> ProposerBuilder:
-        REGISTRY[name] = builder
-        return builder
-
-    return add
-
-
-@register("draft")
-def _draft(inputs: ProposerInputs) -> Proposer:
-    from verispec.proposers.draft import DraftModelProposer
-
-    assert inputs.draft is not None, "the draft proposer needs a draft model"
-    return DraftModelProposer(inputs.draft, target_vocab_size=inputs.target.vocab_size)
-
-
-@register("ngram")
-def _ngram(inputs: ProposerInputs) -> Proposer:
-    from verispec.proposers.ngram import NgramProposer
-
-    return NgramProposer(inputs.speculation.ngram_max, inputs.speculation.ngram_min)
+def builder(name: str) -> ProposerBuilder:
+    """The builder of proposer `name`, imported from where its row in `names.PROPOSERS` says."""
+    module, _, function = names.PROPOSERS[name].builder.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def build_proposer(name: str, inputs: ProposerInputs) -> Proposer | None:
     """The named proposer, or None for 'none' (verifier only)."""
-    return None if name == VERIFIER_ONLY else REGISTRY[name](inputs)
+    return None if name == names.VERIFIER_ONLY else builder(name)(inputs)
 
 
 _HOMES = {
@@ -81,7 +65,6 @@ __getattr__, __dir__ = lazy_names(__name__, _HOMES)
 
 
 __all__ = [
-    "REGISTRY",
     "DraftModelProposer",
     "DraftPolicy",
     "NgramProposer",
@@ -90,5 +73,6 @@ __all__ = [
     "ProposerInputs",
     "ProposerSession",
     "build_proposer",
+    "builder",
     "register",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,6 +12,15 @@ from verispec.core.sampling import align_vocab, draw_draft
 from verispec.errors import ProposerError
 from verispec.models.backend import CausalLM
 from verispec.proposers.base import DraftPolicy, Proposal
+
+if TYPE_CHECKING:
+    from verispec.proposers import ProposerInputs
+
+
+def build(inputs: ProposerInputs) -> DraftModelProposer:
+    """The "draft" proposer's builder (its row in `verispec/proposers/names.py` names it)."""
+    assert inputs.draft is not None, "the draft proposer needs a draft model"
+    return DraftModelProposer(inputs.draft, target_vocab_size=inputs.target.vocab_size)
 
 
 class DraftModelProposer:

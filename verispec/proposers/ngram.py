@@ -8,10 +8,19 @@ and costs microseconds. It has no distribution: its proposals are point masses.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from verispec.proposers.base import DraftPolicy, Proposal
+
+if TYPE_CHECKING:
+    from verispec.proposers import ProposerInputs
+
+
+def build(inputs: ProposerInputs) -> NgramProposer:
+    """The "ngram" proposer's builder (its row in `verispec/proposers/names.py` names it)."""
+    return NgramProposer(inputs.speculation.ngram_max, inputs.speculation.ngram_min)
 
 
 class NgramProposer:

@@ -1,5 +1,5 @@
 """The Ray Serve deployment: one `VerispecReplica` per replica, each the whole FastAPI app of
-`verispec serve` around its own engine (and its batched core), with the options Ray needs derived
+`verispec serve` around its own engine, with the options Ray needs derived
 from verispec's settings.
 
 `app_builder` is the import path of `deploy/ray/serve.yaml` (`serve run` / `serve deploy`, and
@@ -22,7 +22,6 @@ from verispec.flags import quiet_libraries
 log = logging.getLogger("verispec.scale")
 
 APP_NAME = "verispec"
-NAMESPACE = "verispec"  # of the Ray actors the replicas share
 DEPLOYMENT = "verispec"
 ROUTER = "verispec.scale.router:SessionRouter"
 
@@ -120,10 +119,10 @@ class VerispecReplica:
         return self._app
 
     def check_health(self) -> None:
-        state = self._state
-        if state.load_error:
-            raise RuntimeError(state.load_error)
-        if state.service is not None and not state.service.scheduler.alive:
+        serving = self._state.serving
+        if serving.load_error:
+            raise RuntimeError(serving.load_error)
+        if serving.service is not None and not serving.service.scheduler.alive:
             raise RuntimeError("the engine thread has stopped")
 
 

@@ -17,7 +17,7 @@ import time
 
 from verispec.config import Settings
 from verispec.errors import UserError
-from verispec.scale.deployment import APP_NAME, NAMESPACE, build_application, deployment_options
+from verispec.scale.deployment import APP_NAME, build_application, deployment_options
 
 log = logging.getLogger("verispec.scale")
 
@@ -127,6 +127,7 @@ def _take_down(ray, serve, shutdown_serve: bool, wait_s: float) -> None:
     """Delete the application (replicas get --grace-s to finish their requests), the actors its
     replicas shared, and Serve itself where this command started it; never wait forever on a
     cluster that has gone away."""
+    from verispec.scale.shared import NAMESPACE  # imports Ray, as this command has by now
 
     def take_down() -> None:
         serve.delete(APP_NAME)

@@ -20,10 +20,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from verispec.scale.deployment import NAMESPACE
 from verispec.server.routing import Arm, Canary, Decision
 
 log = logging.getLogger(__name__)
+
+NAMESPACE = "verispec"  # of the Ray actors the replicas share
 
 POST_EVERY_S = 2.0  # how often a replica posts its metrics
 FORGET_AFTER_S = 10.0  # a replica silent this long is gone (killed, or scaled down)

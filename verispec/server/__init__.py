@@ -1,7 +1,7 @@
 """`verispec serve`: an OpenAI-compatible HTTP server around the engine.
 
 - `app.py`          the app: health, readiness, metrics, and the routers below
-- `service.py`      what loading makes: engines, scheduler, router and canary, the models' identities
+- `service.py`      what loading makes: the engine, scheduler, router and canary, the models' identities
 - `state.py`        the app's state; the checks a request passes before it is queued
 - `completions.py`  /v1/completions and /v1/chat/completions, plain and streamed
 - `verify.py`       /v1/verify: edge proposers' sessions

@@ -22,7 +22,7 @@ from verispec.stats import RequestStats
 
 if TYPE_CHECKING:
     from verispec.policy import Violation
-    from verispec.server.state import State
+    from verispec.server.records import Records
 
 log = logging.getLogger("verispec.server")
 
@@ -46,7 +46,7 @@ class Underway:
 
 def stats_so_far(underway: Underway) -> RequestStats:
     """A request's statistics when it ends without a last delta (closed, expired, cancelled, stopped
-    by the gate): the batched core's live figures, or what the handler saw."""
+    by the gate): the engine's live figures, or what the handler saw."""
     job = underway.job
     if job.stats is not None:
         return job.stats
@@ -57,7 +57,7 @@ def stats_so_far(underway: Underway) -> RequestStats:
 
 
 async def conclude(
-    state: State, underway: Underway, outcome: Outcome, status: int, delta: Delta | None = None, text: str = "",
+    records: Records, underway: Underway, outcome: Outcome, status: int, delta: Delta | None = None, text: str = "",
     error: str | None = None, wait: bool = False,
 ) -> bool:
     """Metrics aside (the scheduler counts), everything a finished request leaves behind: its span,
@@ -78,9 +78,9 @@ async def conclude(
     tpot = None
     if job.first_token is not None and job.last_token is not None and job.generated > 1:
         tpot = (job.last_token - job.first_token) / (job.generated - 1)
-    identity = state.identity(job.proposer)
+    identity = records.identity(job.proposer)
     attributes = {
-        "gen_ai.response.model": state.model_name,
+        "gen_ai.response.model": records.model_name,
         "gen_ai.response.finish_reasons": [finish_reason] if finish_reason else None,
         "gen_ai.usage.input_tokens": len(underway.prompt_ids),
         "gen_ai.usage.output_tokens": stats.generated_tokens,
@@ -100,10 +100,10 @@ async def conclude(
     if underway.findings:
         attributes["verispec.policy.rules"] = [f.rule for f in underway.findings]
         attributes["verispec.policy.actions"] = [f.action for f in underway.findings]
-    if state.telemetry_settings.log_content:  # redaction is CPU work: off the event loop
-        redacted = await state.off_loop(lambda: (state.redactor.redact(underway.prompt_text), state.redactor.redact(text)))
+    if records.telemetry_settings.log_content:  # redaction is CPU work: off the event loop
+        redacted = await records.worker.run(lambda: (records.redactor.redact(underway.prompt_text), records.redactor.redact(text)))
         attributes["verispec.prompt"], attributes["verispec.output"] = redacted
-    state.telemetry.end_request(
+    records.telemetry.end_request(
         underway.span, job.rounds, attributes, error, underway.operation, latency,
         ttft if outcome in ("ok", "fallback") else None, tpot,
     )
@@ -113,7 +113,7 @@ async def conclude(
               "acceptance_rate": stats.acceptance_rate}
     if blocked is not None:
         fields.update(policy_rule=blocked.rule, policy_position=blocked.position)
-    if state.telemetry_settings.log_content:
+    if records.telemetry_settings.log_content:
         fields.update(prompt=redacted[0], output=redacted[1])
     log.info("%s %s", underway.operation, outcome, extra=fields)
     # A blocked response's drift samples are dropped: their token ids could spell what the gate held back.
@@ -124,11 +124,11 @@ async def conclude(
         finish_reason=finish_reason, latency_s=latency, ttft_s=ttft, error=error, mismatches=mismatches,
         identity=identity, edge=underway.edge, policy=[_finding(f) for f in underway.findings] or None,
     )
-    return await _record(state, done, wait)
+    return await _record(records, done, wait)
 
 
 def conclude_refused(
-    state: State, request_id: str, arrived: datetime, endpoint: str, key_id: str | None, status: int, latency_s: float,
+    records: Records, request_id: str, arrived: datetime, endpoint: str, key_id: str | None, status: int, latency_s: float,
     error: str | None,
 ) -> None:
     """The record of a request refused before it was queued (bad input, key, rate limit, not ready):
@@ -137,14 +137,14 @@ def conclude_refused(
         request_id=request_id, arrived=arrived, key_id=key_id, endpoint=endpoint, outcome="rejected", status=status,
         latency_s=latency_s, error=error,
     )
-    state.spawn(state.audit_record(done, wait=False))
+    records.spawn(records.audit_record(done, wait=False))
 
 
-async def _record(state: State, done: Finished, wait: bool) -> bool:
+async def _record(records: Records, done: Finished, wait: bool) -> bool:
     """Queue the record; with `wait`, whether it is committed (the acknowledgement waits for that)."""
     if wait:
-        return await state.audit_record(done, wait=True)
-    state.spawn(state.audit_record(done, wait=False))
+        return await records.audit_record(done, wait=True)
+    records.spawn(records.audit_record(done, wait=False))
     return True
 
 

@@ -14,14 +14,12 @@ scenarios (a shared prefix, and a long prompt arriving among running streams); s
 
 The rooms: `settings.py` (the options), `command.py` (the command), `clients.py` (the streaming
 clients and their figures), `report.py` (what is printed), `table.py`, `scenarios.py` and
-`servers.py` (the --table mode). Scripts use `loadtest()` and `default_prompts()` from here.
+`servers.py` (the --table mode). Scripts use `loadtest()` and `default_prompts()` (`settings.py`)
+from here.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from verispec.prompts import Prompt, load_prompts
 from verispec.tools.loadtest.clients import (
     Phase,
     Sample,
@@ -44,27 +42,16 @@ from verispec.tools.loadtest.report import (
 from verispec.tools.loadtest.scenarios import chunked_figures
 from verispec.tools.loadtest.servers import serve_args
 from verispec.tools.loadtest.settings import (
+    DEFAULT_PROMPTS,
     PROPOSERS,
     SCENARIOS,
     SCHEDULERS,
     LoadtestSettings,
+    default_prompts,
     parse_levels,
     parse_list,
 )
 from verispec.tools.loadtest.table import cell_plan, requests_per_cell, run_table
-
-# The shared prompt set, where this checkout sits beside it (../shared).
-DEFAULT_PROMPTS = Path(__file__).resolve().parents[4] / "shared" / "prompts" / "code-completion.jsonl"
-
-
-def default_prompts() -> list[Prompt]:
-    """The shared prompt set where this checkout sits beside it, else text every machine has."""
-    if DEFAULT_PROMPTS.is_file():
-        return load_prompts(DEFAULT_PROMPTS)
-    from verispec.prompts import stdlib_windows
-
-    return stdlib_windows(64, seed=7, lines=30, held_out=True)
-
 
 __all__ = [
     "DEFAULT_PROMPTS",

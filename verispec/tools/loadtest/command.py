@@ -11,7 +11,7 @@ import asyncio
 import json
 
 from verispec.flags import add_common_flags, add_settings_flags, settings_from
-from verispec.tools.loadtest.settings import ClientOptions, LoadtestSettings, TableOptions
+from verispec.tools.loadtest.settings import ClientOptions, LoadtestSettings, TableOptions, default_prompts
 
 
 def add_loadtest_command(commands) -> None:
@@ -33,7 +33,6 @@ def add_loadtest_command(commands) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from verispec.prompts import load_prompts
-    from verispec.tools.loadtest import default_prompts
     from verispec.tools.loadtest.clients import loadtest
     from verispec.tools.loadtest.report import print_report
 

@@ -2,7 +2,8 @@
 command's from flags, `VERISPEC_*` environment variables and a config file.
 
 Lists (--levels, --proposers, ...) are comma-separated in a flag, an environment variable or a
-config file's string; a repeated flag or a config file's list works too.
+config file's string; a repeated flag or a config file's list works too. Without --prompts the
+clients send `default_prompts()`.
 """
 
 from __future__ import annotations
@@ -15,13 +16,23 @@ from pydantic_settings import NoDecode
 
 from verispec.config import CommandSettings, comma_list, command_config, parse_bytes, shared_env
 from verispec.errors import UserError
+from verispec.prompts import Prompt, load_prompts, stdlib_windows
 from verispec.proposers.names import PROPOSER_NAMES, VERIFIER_ONLY, described
 
 SCHEDULERS = ("batched", "interleaved")
 PROPOSERS = (VERIFIER_ONLY, *PROPOSER_NAMES)  # in the table's row order: the verifier-only baseline first
 SCENARIOS = ("prefix", "chunked")
+# The shared prompt set, where this checkout sits beside it (../shared).
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[4] / "shared" / "prompts" / "code-completion.jsonl"
 
 Names = Annotated[tuple[str, ...], NoDecode]
+
+
+def default_prompts() -> list[Prompt]:
+    """The shared prompt set where this checkout sits beside it, else text every machine has."""
+    if DEFAULT_PROMPTS.is_file():
+        return load_prompts(DEFAULT_PROMPTS)
+    return stdlib_windows(64, seed=7, lines=30, held_out=True)
 
 
 def split_levels(value: Any) -> list[int]:
