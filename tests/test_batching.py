@@ -297,6 +297,23 @@ def test_cancelling_frees_blocks_at_once(models):
     assert not core.busy
 
 
+def test_a_free_slot_goes_to_the_key_holding_the_fewest(models):
+    """Key b fills the slots and queues six more; key a's request, queued last, takes the next free
+    slot: one key's requests never keep another's waiting past its fair share of the slots."""
+    core = engine(models, max_running=2)
+    params, speculation = SamplingParams(max_new_tokens=40), SpeculationSettings(depth=0)
+    b = [core.add(f"b{i}", p, params, speculation, None, share_key="b") for i, p in enumerate(prompts(5, 8, 4, 8))]
+    core.step()
+    assert core.running == b[:2]
+    a = core.add("a0", prompts(6, 1, 4, 8)[0], params, speculation, None, share_key="a")
+    core.abort(b[0])  # b0 ends
+    core.step()
+    assert core.running == [b[1], a]
+    core.abort(b[1])  # b1 ends: b's queue goes on in its order
+    core.step()
+    assert core.running == [a, b[2]]
+
+
 def test_parked_sessions_take_no_slot_and_give_their_blocks_first(models):
     """Verify-API sessions waiting for their clients' drafts (parked) hold no running slot, and
     their blocks go before anyone else's: a new request runs beside them at once, never preempted;
