@@ -487,3 +487,30 @@ def test_a_remote_request_is_parked_between_its_clients_rounds(models):
         tokens += [t for r, delta in core.step() if r is request for t in delta.token_ids]
     assert tokens == expected
     core.abort(other)
+
+
+def test_greedy_drafts_in_one_native_call_are_the_loops_drafts(models):
+    """A batch of greedy drafts runs after its first token in one native call over the paged cache
+    (`lean_greedy_paged`): every request gets the drafts the loop of one pass per position gives
+    it, at its own depth, and its draft cache holds the same tokens after."""
+    from verispec.core.draft_batch import DraftBatch
+    from verispec.proposers.base import DraftPolicy
+
+    draft = models["draft"].draft_model
+    contexts = prompts(31, 5, 3, 40)
+    depths = [0, 1, 3, 6, 8]
+    drafted = {}
+    for native in (True, False):
+        batch = DraftBatch(draft, models["target"].vocab_size, 64 << 20, 16)
+        if not native:
+            batch._greedy_native = lambda items: False
+        assert batch.runner.greedy_native()
+        states = [batch.state() for _ in contexts]
+        policy = DraftPolicy(sampling=SamplingParams())
+        rounds = []
+        for extra in ([], [5, 9]):  # a second proposal over longer contexts: the caches are caught up first
+            items = [(state, context + extra, depth, policy) for state, context, depth in zip(states, contexts, depths, strict=True)]
+            rounds.append([p.tokens for p in batch.propose(items)])
+        drafted[native] = (rounds, [list(state.cached) for state in states])
+    assert drafted[True] == drafted[False]
+    assert [len(t) for t in drafted[True][0][0]] == depths

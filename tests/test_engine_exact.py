@@ -144,3 +144,28 @@ def test_draft_confidence_cuts_proposals_but_not_exactness(tiny_models):
         assert out.token_ids == reference.token_ids
         cut += sum(out.stats.depths) - out.stats.proposed
     assert cut > 0  # the unsure draft gave fewer drafts than the rounds asked for
+
+
+@pytest.mark.parametrize("backend", ["transformers", "lean"])
+def test_sequences_in_turn_on_their_own_sessions_are_each_alone(tiny_models, backend):
+    """A backend that cannot batch runs in the same engine, each running request's round on its
+    own KV session in turn (`core/session_runner.py`): several requests stepped together, one of
+    them preempted and recomputed midway, give each the tokens it has alone."""
+    from verispec.core.engine import Engine
+    from verispec.core.session_runner import SessionRunner
+
+    base = make_engine(tiny_models["llama"], tiny_models["llama-draft"], backend=backend, depth=3)
+    engine = Engine(SessionRunner(base.target), base.tokenizer, base.eos_ids, max_running=3, proposer=base.proposer, speculation=base.speculation)
+    prompts = random_prompts(4, VOCAB, seed=44, min_len=4)
+    alone = [engine.generate(p, greedy(24)).token_ids for p in prompts]
+    requests = {engine.add(f"r{i}", p, greedy(24), engine.speculation, engine.proposer): i for i, p in enumerate(prompts)}
+    out = {i: [] for i in requests.values()}
+    steps = 0
+    while engine.busy:
+        for request, delta in engine.step():
+            out[requests[request]] += delta.token_ids
+        steps += 1
+        if steps == 4:  # the newest running request gives its session up and is recomputed later
+            engine.preempt(max(engine.running, key=lambda r: r.order))
+    assert [out[i] for i in range(len(prompts))] == alone
+    assert sum(r.preemptions for r in requests) == 1

@@ -60,6 +60,8 @@ class DraftBatch:
         logits = [out[-1] for out in self.runner.forward(segments)]
         for state, context, _, _ in items:
             state.table.verified(len(context), context)
+        if self._greedy_native(items):
+            return self._greedy(items, logits)
         tokens: list[list[int]] = [[] for _ in items]
         probs: list[list[torch.Tensor]] = [[] for _ in items]
         active = [i for i, (_, _, depth, _) in enumerate(items) if depth > 0]
@@ -83,6 +85,35 @@ class DraftBatch:
                 logits[i] = out[-1]
             active = fed
         return [Proposal(t, torch.stack(p) if p else None) for t, p in zip(tokens, probs, strict=True)]
+
+    def _greedy_native(self, items) -> bool:
+        """Whether the whole draft can run in one native call: greedy drafts with no confidence
+        floor and no distributions wanted, on the kernel step."""
+        return self.runner.greedy_native() and all(
+            policy.sampling.greedy and policy.min_confidence == 0 and not policy.want_probs for _, _, _, policy in items
+        )
+
+    def _greedy(self, items, logits: list[torch.Tensor]) -> list[Proposal]:
+        """Greedy drafts for every item in one native call after the first token (`ModelRunner.greedy`):
+        the tokens the loop in `propose` would choose, without Python's cost per draft position
+        (most of a small draft's step). Rows that want fewer drafts than the deepest are cut."""
+        vocab = min(logits[0].shape[-1], self.target_vocab_size) if logits else 0
+        firsts = [int(align_vocab(row, self.target_vocab_size).argmax()) for row in logits]
+        drafting = [i for i, (_, _, depth, _) in enumerate(items) if depth > 1]
+        steps = max((items[i][2] for i in drafting), default=1) - 1
+        rest: dict[int, list[int]] = {}
+        if drafting:
+            states = [items[i][0] for i in drafting]
+            rows = self.runner.greedy(
+                [state.table for state in states], [firsts[i] for i in drafting], [len(state.cached) for state in states], steps, vocab
+            )  # fmt: skip
+            rest = dict(zip(drafting, rows, strict=True))
+        proposals = []
+        for i, (state, _, depth, _) in enumerate(items):
+            drafted = ([firsts[i], *rest.get(i, [])])[:depth]
+            state.cached.extend(drafted[:-1])  # the last draft is never fed: if accepted it comes with the context
+            proposals.append(Proposal(drafted))
+        return proposals
 
     @staticmethod
     def _catch_up(state: DraftState, context: Sequence[int]) -> list[int]:

@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from verispec.core.kv_cache import BlockPool, BlockTable
 from verispec.models.kernels import ATTENTION_PAGED, VsAttention, address_array, kernel_library
-from verispec.models.lean import LeanLM, _rotate
+from verispec.models.lean import LeanLM
+from verispec.models.reference import PagedCache, reference_forward
 
 
 @dataclass
@@ -67,6 +67,9 @@ def batchable(lm: object) -> str | None:
 
 
 class ModelRunner:
+    batches = True  # one pass computes the rows of many sequences
+    chunks_prompts = True  # a prompt may be read in chunks beside other sequences' rounds
+
     def __init__(self, lm: LeanLM, memory_bytes: int, block_size: int = 16, prefix_cache: bool = True):
         self.lm = lm
         self.kernel = lm.kernel_step and kernel_library() is not None
@@ -91,13 +94,25 @@ class ModelRunner:
         """Run one pass; per segment the logits of its wanted rows (n, V) float32, or None."""
         for segment in segments:
             segment.table.reserve(segment.start + len(segment.tokens))
-        ids = torch.tensor([t for s in segments for t in s.tokens], dtype=torch.long, device=self.lm.device)
-        positions = [p for s in segments for p in range(s.start, s.start + len(s.tokens))]
-        slots = [slot for s in segments for slot in s.table.slots(s.start, len(s.tokens))]
-        rows, row = [], 0
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        wanted: list[int] = []
         for s in segments:
-            row += len(s.tokens)
-            rows.extend(range(row - s.wanted, row))
+            n = len(s.tokens)
+            tokens.extend(s.tokens)
+            positions.extend(range(s.start, s.start + n))
+            slots.extend(s.table.slots(s.start, n))
+            wanted.extend(range(len(tokens) - s.wanted, len(tokens)))
+        if self.kernel and tokens:  # on the CPU: from an int64 array, a fraction of torch.tensor's fixed cost
+            from array import array
+
+            ids = torch.frombuffer(array("q", tokens), dtype=torch.long)
+        else:
+            ids = torch.tensor(tokens, dtype=torch.long, device=self.lm.device)
+        rows: list[int] | slice = wanted
+        if wanted and wanted[-1] - wanted[0] == len(wanted) - 1:  # consecutive (a decode, a round): no index
+            rows = slice(wanted[0], wanted[-1] + 1)
         step = self._kernel_pass if self.kernel else self._torch_pass
         logits = step(ids, positions, slots, segments, rows).float()
         out: list[torch.Tensor | None] = []
@@ -109,52 +124,67 @@ class ModelRunner:
 
     def _kernel_pass(self, ids, positions, slots, segments, rows) -> torch.Tensor:
         """LeanLM's kernel step over many sequences: its layers in one C call, attention on the paged cache."""
-        position_array = torch.tensor(positions, dtype=torch.int64)
-        slot_array = torch.tensor(slots, dtype=torch.int64)
-        seg_row, seg_len, seg_pos, table_start, tables = attention_segments(segments)
+        from array import array
+
+        # Every index array of the pass in one int64 array (no tensors: a few microseconds, where a
+        # torch.tensor each cost more than the attention of a short decode): the rows' positions and
+        # slots, then attention_segments' arrays (per segment its first row, length, first position
+        # and where its block table starts in the tables that follow).
+        seg_row, seg_len, seg_pos, table_start, tables = [], [], [], [], []
+        row = 0
+        for s in segments:
+            seg_row.append(row)
+            seg_len.append(len(s.tokens))
+            seg_pos.append(s.start)
+            table_start.append(len(tables))
+            tables.extend(s.table.blocks)
+            row += len(s.tokens)
+        index = array("q", positions)
+        for part in (slots, seg_row, seg_len, seg_pos, table_start, tables):
+            index.extend(part)
+        T, S, size = len(positions), len(segments), index.itemsize
+        at = index.buffer_info()[0]  # `index` lives until this returns, past the C call
         if self._pools is None:  # the per-layer pools, described once
             self._pools = address_array(self.keys), address_array(self.values)
         attention = VsAttention(
-            mode=ATTENTION_PAGED, keys=self._pools[0], values=self._pools[1], positions=position_array.data_ptr(),
-            slots=slot_array.data_ptr(), block_size=self.pool.block_size, segments=len(segments),
-            seg_row=seg_row.data_ptr(), seg_len=seg_len.data_ptr(), seg_pos=seg_pos.data_ptr(),
-            tables=tables.data_ptr(), table_start=table_start.data_ptr(),
+            mode=ATTENTION_PAGED, keys=self._pools[0], values=self._pools[1], positions=at, slots=at + T * size,
+            block_size=self.pool.block_size, segments=S, seg_row=at + 2 * T * size, seg_len=at + (2 * T + S) * size,
+            seg_pos=at + (2 * T + 2 * S) * size, table_start=at + (2 * T + 3 * S) * size,
+            tables=at + (2 * T + 4 * S) * size,
         )  # fmt: skip
         return self.lm.kernel_pass(ids, attention, rows)
 
+    def greedy(self, tables: Sequence[BlockTable], tokens: list[int], positions: list[int], steps: int, vocab: int) -> list[list[int]]:
+        """For each sequence, `steps` greedy tokens after `tokens[s]`, fed at `positions[s]` on, in
+        one native call (`LeanLM.greedy_paged`): the tokens a pass per step would choose, without
+        Python's cost per step. Each table gets blocks for every position fed first (OutOfBlocks
+        if the pool runs out). Only where `greedy_native()`."""
+        for table, position in zip(tables, positions, strict=True):
+            table.reserve(position + steps)
+        table_start, blocks = [], []
+        for table in tables:
+            table_start.append(len(blocks))
+            blocks.extend(table.blocks)
+        starts, block_ids = torch.tensor(table_start, dtype=torch.int64), torch.tensor(blocks, dtype=torch.int64)
+        if self._pools is None:
+            self._pools = address_array(self.keys), address_array(self.values)
+        attention = VsAttention(
+            mode=ATTENTION_PAGED, keys=self._pools[0], values=self._pools[1], block_size=self.pool.block_size,
+            tables=block_ids.data_ptr(), table_start=starts.data_ptr(),
+        )  # fmt: skip
+        return self.lm.greedy_paged(attention, tokens, positions, steps, vocab)
+
+    def greedy_native(self) -> bool:
+        """Whether `greedy` runs here (the kernel step, and a head on the kernel)."""
+        return self.kernel and self.lm.greedy_native()
+
     def _torch_pass(self, ids, positions, slots, segments, rows) -> torch.Tensor:
-        """LeanLM._eager_step over many sequences, on torch operators (any device)."""
-        lm = self.lm
-        T = ids.shape[0]
-        H, Hkv, hd, bs = lm.heads, lm.kv_heads, lm.head_dim, self.pool.block_size
-        device = ids.device
-        position_t = torch.tensor(positions, device=device)
-        slot_t = torch.tensor(slots, device=device)
-        block_t, offset_t = slot_t // bs, slot_t % bs
-        cos, sin = lm.cos[position_t][None], lm.sin[position_t][None]  # (1, T, hd)
-        x = F.embedding(ids, lm.embed)
-        for layer, keys, values in zip(lm.layers, self.keys, self.values, strict=True):
-            h = F.rms_norm(x, (x.shape[-1],), layer.attn_norm, lm.eps)
-            q, k, v = layer.qkv(h).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-            q = _rotate(q.view(T, H, hd).transpose(0, 1), cos, sin)  # (H, T, hd)
-            k = _rotate(k.view(T, Hkv, hd).transpose(0, 1), cos, sin)  # (Hkv, T, hd)
-            keys[block_t, :, offset_t] = k.transpose(0, 1).to(keys.dtype)
-            values[block_t, :, offset_t] = v.view(T, Hkv, hd).to(values.dtype)
-            attn = torch.empty((H, T, hd), dtype=q.dtype, device=device)
-            row = 0
-            for s in segments:
-                n, end = len(s.tokens), s.start + len(s.tokens)
-                table = torch.tensor(s.table.blocks[: self.pool.blocks_for(end)], device=device)
-                seq_k = keys[table].permute(1, 0, 2, 3).reshape(Hkv, -1, hd)[:, :end]
-                seq_v = values[table].permute(1, 0, 2, 3).reshape(Hkv, -1, hd)[:, :end]
-                mask = torch.arange(end, device=device)[None, :] <= torch.arange(s.start, end, device=device)[:, None]
-                attn[:, row : row + n] = F.scaled_dot_product_attention(
-                    q[:, row : row + n], seq_k, seq_v, attn_mask=mask, enable_gqa=Hkv != H
-                )
-                row += n
-            x = x + layer.o(attn.transpose(0, 1).reshape(T, H * hd))
-            h = F.rms_norm(x, (x.shape[-1],), layer.mlp_norm, lm.eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
-        x = x[rows]
-        return lm.lm_head(F.rms_norm(x, (x.shape[-1],), lm.norm, lm.eps))
+        """LeanLM's torch forward (`models/reference.py`, its `_eager_step`) over many sequences, on
+        torch operators (any device): each row's key and value stored in its sequence's blocks, each
+        segment attending over its sequence's blocks, gathered."""
+        spans = []  # per segment: its first position, its rows, its sequence's blocks up to its end
+        for s in segments:
+            end = s.start + len(s.tokens)
+            spans.append((s.start, len(s.tokens), s.table.blocks[: self.pool.blocks_for(end)]))
+        cache = PagedCache(self.lm, self.keys, self.values, self.pool.block_size, positions, slots, spans)
+        return reference_forward(self.lm, ids, cache, rows)

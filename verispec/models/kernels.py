@@ -460,6 +460,11 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         ctypes.POINTER(VsScratch), pointer, pointer, pointer, i64, i64, pointer, i32,
     ]  # fmt: skip
     library.lean_greedy.restype = i32
+    library.lean_greedy_paged.argtypes = [
+        ctypes.POINTER(VsModel), pointer, pointer, ctypes.POINTER(VsProjection), i64, ctypes.POINTER(VsAttention),
+        ctypes.POINTER(VsScratch), pointer, pointer, pointer, i64, pointer, pointer, i64, pointer, i32,
+    ]  # fmt: skip
+    library.lean_greedy_paged.restype = i32
     # csrc/layout.c: the header's layout as compiled (native_layout declares vs_layout).
     differing = layout_differences(library)
     if differing:  # a stale or foreign build: calling it would corrupt memory

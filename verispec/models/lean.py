@@ -7,11 +7,11 @@ write into the cache at the current position, attention over the cache, the outp
 one fused gate/up projection, SwiGLU and the down projection. The cache is allocated once per
 sequence and addressed by position, so rolling back rejected drafts is rewinding `length`.
 
-Two implementations of that layer: `_eager_step` in torch operators (any device and dtype), and
-on a CPU, where every projection holds 16-bit-exact weights, `_kernel_step`, every layer of a
-pass in one call into the compiled library of `kernels.py` (`csrc/lean_step.c`), which is faster
-than the torch step (figures: docs/performance.md) and gives a position the same logits at any
-pass width.
+Two implementations of that layer: `_eager_step`, the one torch forward of `reference.py` (any
+device and dtype; the batched runner runs the same one on its paged cache), and on a CPU, where
+every projection holds 16-bit-exact weights, `_kernel_step`, every layer of a pass in one call
+into the compiled library of `kernels.py` (`csrc/lean_step.c`), which is faster than the torch
+step (figures: docs/performance.md) and gives a position the same logits at any pass width.
 
 Supports Llama, Mistral and Qwen2 checkpoints (RMSNorm, default rotary embeddings, grouped-query
 attention, SwiGLU, optional QKV bias, tied or untied embeddings) stored as safetensors, and GPT-2
@@ -51,6 +51,8 @@ from verispec.models.kernels import (
     kernel_library,
 )
 from verispec.models.quant import QuantLinear, QuantWeight, store_as
+from verispec.models.reference import ContiguousCache, llama_layers, reference_forward
+from verispec.models.reference import causal_mask as _causal_mask  # noqa: F401 (lean_gpt2 imports it from here)
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
 # GPT-2's activation_function values that the lean backend runs -> F.gelu's `approximate`.
@@ -207,6 +209,9 @@ class LeanLM(LeanModel):
         config, folder = self.config, self.folder
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        # Grouped-query attention, decided here: torch.compile(dynamic=True) makes the head counts
+        # symbolic in the step, and scaled_dot_product_attention's enable_gqa takes only a bool.
+        self.gqa = self.kv_heads != self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
@@ -333,6 +338,26 @@ class LeanLM(LeanModel):
             raise kernel_error(failed, "lean_greedy")
         return out.tolist()
 
+    def greedy_paged(self, attention: VsAttention, tokens: list[int], positions: list[int], steps: int, vocab: int) -> list[list[int]]:
+        """`greedy` for several sequences of a paged cache at once (`ModelRunner.greedy`): per row,
+        `steps` greedy tokens after `tokens[s]`, fed from `positions[s]` on, in one native call."""
+        S, D = len(tokens), self.embed.shape[1]
+        flat, offsets, _ = self._scratch(S)
+        scratch = VsScratch(*(flat.data_ptr() + 4 * o for o in offsets))
+        x, h = torch.empty(S * D), torch.empty(S * D)
+        logits = torch.empty(S * self.lm_head.out_features)
+        fed = torch.tensor(tokens, dtype=torch.int64)
+        at = torch.tensor(positions, dtype=torch.int64)
+        out = torch.empty(S * steps, dtype=torch.int64)
+        failed = kernel_library().lean_greedy_paged(
+            ctypes.byref(self.native), self.embed.data_ptr(), self.norm.data_ptr(), ctypes.byref(self.lm_head.projection),
+            vocab, ctypes.byref(attention), ctypes.byref(scratch), x.data_ptr(), h.data_ptr(), logits.data_ptr(),
+            S, fed.data_ptr(), at.data_ptr(), steps, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if failed:
+            raise kernel_error(failed, "lean_greedy_paged")
+        return out.view(S, steps).tolist()
+
     def kernel_pass(
         self, ids: torch.Tensor, attention: VsAttention, rows: slice | list[int], per_op: bool = False
     ) -> torch.Tensor:
@@ -347,7 +372,7 @@ class LeanLM(LeanModel):
         flat, offsets, widths = self._scratch(T)
         if per_op or self.native is None:
             buffers = [flat[o : o + T * w].view(T, w) for o, w in zip(offsets, widths, strict=True)]
-            self._layers_per_op(x, attention, *buffers)
+            llama_layers(self.layers, x, _KernelOps(self, attention, *buffers))  # x accumulates in place
         else:
             base = flat.data_ptr()
             scratch = VsScratch(*(base + 4 * o for o in offsets))
@@ -364,30 +389,52 @@ class LeanLM(LeanModel):
         ops.rms_norm(x.data_ptr(), x.shape[0], D, self.norm.data_ptr(), self.eps, h.data_ptr())
         return self.lm_head(h)
 
-    def _layers_per_op(
-        self, x: torch.Tensor, attention: VsAttention, h: torch.Tensor, qkv: torch.Tensor, attn: torch.Tensor,
-        gate_up: torch.Tensor, act: torch.Tensor,
-    ) -> None:  # fmt: skip
-        """lean_layers' loop in Python, one C call per operation."""
-        ops = kernel_library()
-        T, D = x.shape
-        ffn, eps = act.shape[1], self.eps
-        for i, layer in enumerate(self.layers):
-            ops.rms_norm(x.data_ptr(), T, D, layer.attn_norm.data_ptr(), eps, h.data_ptr())
-            layer.qkv.into(h, qkv)
-            self._attend_per_op(i, attention, qkv, attn)
-            layer.o.into(attn, x, accumulate=True)
-            ops.rms_norm(x.data_ptr(), T, D, layer.mlp_norm.data_ptr(), eps, h.data_ptr())
-            layer.gate_up.into(h, gate_up)
-            ops.silu_mul(gate_up.data_ptr(), T, ffn, act.data_ptr())
-            layer.down.into(act, x, accumulate=True)
+    def _eager_step(
+        self, ids: torch.Tensor, start: int, keys: list[torch.Tensor], values: list[torch.Tensor], last_only: bool
+    ) -> torch.Tensor:
+        """The torch forward (`reference.py`) of ids (T,) at positions start.., over a session's caches."""
+        cache = ContiguousCache(self, keys, values, start, ids.shape[0])
+        return reference_forward(self, ids, cache, slice(-1, None) if last_only else slice(None))
 
-    def _attend_per_op(self, i: int, a: VsAttention, qkv: torch.Tensor, attn: torch.Tensor) -> None:
+
+class _KernelOps:
+    """`llama_layers`' operations as one call each into the compiled kernels, on a pass's buffers
+    (`LeanLM._scratch`: h, qkv, attn, gate_up, act), attending as `attention` says: the layers run
+    this way are lean_step.c's `lean_layers` driven from Python, the same bits, so the Python
+    structure is the torch forward's and only the operations differ. What a model whose
+    projections have no native descriptor runs, and what scripts/profile_step.py times operation
+    by operation (it counts the calls through this module's `kernel_library`)."""
+
+    def __init__(
+        self, lm: LeanLM, attention: VsAttention, h: torch.Tensor, qkv: torch.Tensor, attn: torch.Tensor,
+        gate_up: torch.Tensor, act: torch.Tensor,
+    ):  # fmt: skip
+        self.lm, self.attention = lm, attention
+        self.h, self.attn, self.act = h, attn, act
+        self.buffers = {"qkv": qkv, "gate_up": gate_up}
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        kernel_library().rms_norm(x.data_ptr(), *x.shape, weight.data_ptr(), self.lm.eps, self.h.data_ptr())
+        return self.h
+
+    def project(self, linear: Linear | QuantLinear, h: torch.Tensor, buffer: str) -> torch.Tensor:
+        linear.into(h, self.buffers[buffer])
+        return self.buffers[buffer]
+
+    def add_projection(self, x: torch.Tensor, linear: Linear | QuantLinear, y: torch.Tensor) -> torch.Tensor:
+        linear.into(y, x, accumulate=True)
+        return x
+
+    def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        kernel_library().silu_mul(gate_up.data_ptr(), *self.act.shape, self.act.data_ptr())
+        return self.act
+
+    def attend(self, i: int, qkv: torch.Tensor) -> torch.Tensor:
         """lean_step.c's `attend`: store the rows' rotated keys and values in layer i's cache and
         write their attention output."""
-        ops = kernel_library()
-        T, H, Hkv, hd = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
-        cos, sin, scale, threads = self.cos.data_ptr(), self.sin.data_ptr(), hd**-0.5, torch.get_num_threads()
+        ops, lm, a, attn = kernel_library(), self.lm, self.attention, self.attn
+        T, H, Hkv, hd = qkv.shape[0], lm.heads, lm.kv_heads, lm.head_dim
+        cos, sin, scale, threads = lm.cos.data_ptr(), lm.sin.data_ptr(), hd**-0.5, torch.get_num_threads()
         k, v = a.keys[i], a.values[i]
         if a.mode == ATTENTION_PAGED:
             q = qkv.data_ptr()
@@ -396,7 +443,7 @@ class LeanLM(LeanModel):
                 q, a.segments, a.seg_row, a.seg_len, a.seg_pos, a.tables, a.table_start, H, Hkv, hd,
                 k, v, a.block_size, scale, attn.data_ptr(), threads,
             )  # fmt: skip
-            return
+            return attn
         ops.rope_store(qkv.data_ptr(), T, H, Hkv, hd, cos, sin, a.start, k, v, a.capacity)
         for first in range(0, T, ATTENTION_ROWS):  # bounded scratch: rows are independent
             rows = min(ATTENTION_ROWS, T - first)
@@ -404,34 +451,7 @@ class LeanLM(LeanModel):
                 qkv[first].data_ptr(), rows, H, Hkv, hd, k, v, a.capacity, a.start + first, scale,
                 attn[first].data_ptr(), threads,
             )  # fmt: skip
-
-    def _eager_step(
-        self, ids: torch.Tensor, start: int, keys: list[torch.Tensor], values: list[torch.Tensor], last_only: bool
-    ) -> torch.Tensor:
-        T = ids.shape[0]
-        end = start + T
-        H, Hkv, hd = self.heads, self.kv_heads, self.head_dim
-        cos, sin = self.cos[start:end], self.sin[start:end]  # (T, hd)
-        # Query i sits at position start+i and sees keys 0..start+i.
-        mask = None if T == 1 else _causal_mask(start, end, ids.device)
-        x = F.embedding(ids, self.embed)  # (T, D)
-        for layer, layer_keys, layer_values in zip(self.layers, keys, values, strict=True):
-            h = F.rms_norm(x, (x.shape[-1],), layer.attn_norm, self.eps)
-            qkv = layer.qkv(h)
-            q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-            q = _rotate(q.view(T, H, hd).transpose(0, 1), cos, sin)  # (H, T, hd)
-            layer_keys[:, start:end] = _rotate(k.view(T, Hkv, hd).transpose(0, 1), cos, sin)
-            layer_values[:, start:end] = v.view(T, Hkv, hd).transpose(0, 1)
-            attn = F.scaled_dot_product_attention(
-                q, layer_keys[:, :end], layer_values[:, :end], attn_mask=mask, enable_gqa=Hkv != H
-            )  # (H, T, hd)
-            x = x + layer.o(attn.transpose(0, 1).reshape(T, H * hd))
-            h = F.rms_norm(x, (x.shape[-1],), layer.mlp_norm, self.eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
-        if last_only:
-            x = x[-1:]
-        return self.lm_head(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps))
+        return attn
 
 
 class LeanSession:
@@ -474,19 +494,6 @@ class LeanSession:
         # Stale entries past `length` are never attended (attention stops at the current end)
         # and are overwritten by the next extend.
         self.length = min(self.length, length)
-
-
-
-def _causal_mask(start: int, end: int, device: torch.device) -> torch.Tensor:
-    positions = torch.arange(end, device=device)
-    return positions[None, :] <= positions[start:end, None]  # (T, end) True = may attend
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, rotate-half form: x * cos + rotate_half(x) * sin. x (H, T, hd)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
 
 
 def _load_weights(folder: Path) -> dict[str, torch.Tensor]:

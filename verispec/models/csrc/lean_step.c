@@ -19,6 +19,7 @@
    quantized types side by side (quant_linear.c). Built with the other sources by
    verispec/models/kernels.py. */
 
+#include <stdlib.h>
 #include <string.h>
 
 #include "verispec_kernels.h"
@@ -132,4 +133,57 @@ int lean_greedy(const vs_model* model, const float* embed, const float* norm, co
     out[s] = token = best;
   }
   return 0;
+}
+
+/* lean_greedy over S sequences of the paged cache at once (the batched draft model's loop): row s
+   feeds tokens[s] at position positions[s] of its sequence, whose block table starts at
+   kv->tables + kv->table_start[s] (blocks reserved for every position the steps reach), takes
+   the first maximal logit among the first `vocab` as its next token, feeds it, and so on, `steps`
+   times; out[s * steps + i] is row s's i-th choice; tokens[s] ends as its last choice and
+   positions[s] advances by `steps`. Each step is the pass the runner makes for these rows (every
+   row computed alone, lean_layers over S rows, final rms_norm, head projection), so row s's tokens
+   are those a pass per step would choose, whatever the other rows. x, h: S x D floats; logits:
+   S x head->out_features floats; scratch: S rows. 0, or lean_layers' or the head's error. */
+int lean_greedy_paged(const vs_model* model, const float* embed, const float* norm, const vs_projection* head,
+                      int64_t vocab, const vs_attention* kv, const vs_scratch* scratch, float* x, float* h,
+                      float* logits, int64_t S, int64_t* tokens, int64_t* positions, int64_t steps, int64_t* out,
+                      int threads) {
+  if (kv->mode != VS_PAGED || !runnable(head)) return VS_ERROR_UNSUPPORTED;
+  int64_t D = model->hidden, V = head->out_features, bs = kv->block_size;
+  if (vocab > V) vocab = V;
+  int64_t* work = malloc(sizeof(int64_t) * 3 * (size_t)S);
+  if (!work) return VS_ERROR_NO_MEMORY;
+  int64_t *slots = work, *seg_row = work + S, *seg_len = work + 2 * S;
+  vs_attention a = *kv; /* the rows' positions are their segments' first positions */
+  a.positions = positions;
+  a.slots = slots;
+  a.segments = S;
+  a.seg_row = seg_row;
+  a.seg_len = seg_len;
+  a.seg_pos = positions;
+  for (int64_t s = 0; s < S; ++s) {
+    seg_row[s] = s;
+    seg_len[s] = 1;
+  }
+  int failed = 0;
+  for (int64_t i = 0; i < steps; ++i) {
+    for (int64_t s = 0; s < S; ++s) {
+      int64_t p = positions[s];
+      slots[s] = kv->tables[kv->table_start[s] + p / bs] * bs + p % bs;
+      memcpy(x + s * D, embed + tokens[s] * D, (size_t)D * sizeof(float));
+    }
+    if ((failed = lean_layers(model, x, S, &a, scratch, threads))) break;
+    rms_norm(x, S, D, norm, model->eps, h);
+    if ((failed = project(head, h, S, logits, 0, threads))) break;
+    for (int64_t s = 0; s < S; ++s) {
+      const float* row = logits + s * V;
+      int64_t best = 0;
+      for (int64_t v = 1; v < vocab; ++v)
+        if (row[v] > row[best]) best = v; /* the first maximal one, as torch.argmax */
+      out[s * steps + i] = tokens[s] = best;
+      positions[s] += 1;
+    }
+  }
+  free(work);
+  return failed;
 }
