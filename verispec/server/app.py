@@ -1,4 +1,5 @@
-"""`create_app(settings)`: the FastAPI app, as a short list of routes over the app's `State`.
+"""`create_app(settings)`: the FastAPI app, as a short list of routes over the app's services
+(`State`: intake, safety, records, serving).
 
 The app starts listening at once and loads its `Service` in a background thread: `/healthz`
 answers from the first moment, `/readyz` and the API answer 503 (with Retry-After) until the
@@ -39,35 +40,36 @@ __all__ = ["Cluster", "EngineFactory", "State", "create_app"]
 
 def create_app(settings: Settings, engine_factory: EngineFactory = build_engine, cluster: Cluster | None = None) -> FastAPI:
     state = State(settings, engine_factory, cluster)
-    authorize = bearer_auth(state.keys)
-    verifying = verify_routes(state, authorize)
+    serving, records = state.serving, state.records
+    authorize = bearer_auth(state.intake.keys)
+    verifying = verify_routes(
+        serving=serving, intake=state.intake, safety=state.safety, records=records, metrics=state.metrics, authorize=authorize,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if state.writer is not None:
-            state.writer.start()
+        records.start()
         if cluster is None:  # listen at once; /readyz says when the models are in
-            threading.Thread(target=state.load, name="verispec-load", daemon=True).start()
+            threading.Thread(target=serving.load, name="verispec-load", daemon=True).start()
         else:  # a replica: Ray routes to it once this returns, so it returns warm
-            await asyncio.to_thread(state.load)
-            if state.load_error:
-                raise RuntimeError(state.load_error)
+            await asyncio.to_thread(serving.load)
+            if serving.load_error:
+                raise RuntimeError(serving.load_error)
         sweeper = asyncio.ensure_future(_sweep_sessions(verifying, state.server.verify_idle_s))
         yield
-        state.draining = True
-        state.metrics.ready.set(0)
+        serving.stop_admitting()
         sweeper.cancel()
         await verifying.close_all()
-        if state.service is not None:
+        if serving.service is not None:
             # uvicorn has already given open requests the grace period; cancel what is left.
-            await asyncio.to_thread(state.service.scheduler.drain, 0.0)
+            await asyncio.to_thread(serving.service.scheduler.drain, 0.0)
         await state.close()
 
     app = FastAPI(title="verispec", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.verispec = state
     errors.install(app)
     app.add_middleware(BoundedBody, max_bytes=state.server.max_body_bytes, timeout_s=state.server.body_timeout_s)
-    app.add_middleware(RequestContext, state=state)  # outermost: its request ID and audit cover the limits' refusals
+    app.add_middleware(RequestContext, records=records, metrics=state.metrics)  # outermost: its request ID and audit cover the limits' refusals
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -76,21 +78,19 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
     @app.get("/readyz", responses=READY_RESPONSES)
     async def readyz() -> JSONResponse:
         try:
-            service = state.ready()
+            service = serving.ready()
         except APIError as exc:
             return JSONResponse({"status": exc.code, "message": exc.message}, status_code=503, headers=exc.headers)
-        body = {"status": "ready", "model": state.model_name, "breaker": state.breaker.state.name.lower(), "kernel": service.paths}
+        body = {"status": "ready", "model": state.model_name, "breaker": serving.breaker.state.name.lower(), "kernel": service.paths}
         if cluster is not None:
             body["replica"] = cluster.replica
         return JSONResponse(body)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
-        if state.service is not None:
-            state.metrics.breaker_state.set(int(state.breaker.state))  # the cool-down ends on a clock, not an event
-        if state.writer is not None:  # read at scrape time: a stuck writer cannot report itself
-            state.metrics.audit_healthy.set(0 if state.audit_problem() else 1)
-            state.metrics.audit_queue.set(state.writer.queued)
+        if serving.service is not None:
+            state.metrics.breaker_state.set(int(serving.breaker.state))  # the cool-down ends on a clock, not an event
+        records.observe()  # read at scrape time: a stuck writer cannot report itself
         text = generate_latest(state.metrics.registry)
         if cluster is not None:
             text = await asyncio.to_thread(cluster.metrics, text)
@@ -103,7 +103,10 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
             "data": [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "verispec"}],
         }
 
-    app.include_router(completion_routes(state, authorize))
+    app.include_router(completion_routes(
+        serving=serving, intake=state.intake, safety=state.safety, records=records, worker=state.worker, metrics=state.metrics,
+        authorize=authorize,
+    ))
     app.include_router(verifying)
     return app
 

@@ -1,9 +1,9 @@
 """The OpenAI generation routes: `/v1/completions` and `/v1/chat/completions`, plain or streamed.
 
-A request is checked (`State`: ready, model, prompt, budget, sampling, rate limit), queued on the
-scheduler as a `Job`, and answered from its `Reply` (verified text only, through the policy gate):
-as one JSON body, or as server-sent events ending in `data: [DONE]` once its audit record is
-committed."""
+A request is checked (`Serving.ready`; `Intake`: model, prompt, budget, sampling, rate limit;
+`Safety`: provisional text), queued on the scheduler as a `Job` (`Serving.submit`), answered
+from its `Reply` (verified text only, through the policy gate) as one JSON body or as server-sent
+events ending in `data: [DONE]` once its audit record is committed (`Records.conclude`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import asyncio
 import functools
 import json
 import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Depends, Request
@@ -22,45 +21,53 @@ from verispec.audit.outcomes import Outcome
 from verispec.audit.records import utc_now
 from verispec.core.rounds import Delta
 from verispec.server.errors import APIError, bad_request
+from verispec.server.intake import Intake
 from verispec.server.job import Job
+from verispec.server.metrics import ServerMetrics
 from verispec.server.openapi import CHAT_RESPONSES, COMPLETION_RESPONSES
 from verispec.server.protocol import ChatCompletionRequest, CompletionRequest, Shape
+from verispec.server.records import Records
 from verispec.server.reply import ClientGone, Provisional, Reply
+from verispec.server.safety import Safety
 from verispec.server.service import Service
-from verispec.server.state import State
+from verispec.server.serving import Serving
 from verispec.server.underway import Underway
+from verispec.server.worker import CpuWorker
 from verispec.stats import speculation_stats
 from verispec.text import chat_text
 
 
-def completion_routes(state: State, authorize: Callable[[Request], Awaitable[str]]) -> APIRouter:
+def completion_routes(
+    *, serving: Serving, intake: Intake, safety: Safety, records: Records, worker: CpuWorker, metrics: ServerMetrics,
+    authorize: Callable[[Request], Awaitable[str]],
+) -> APIRouter:
     router = APIRouter()
 
     @router.post("/v1/completions", responses=COMPLETION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request, key_id: str = Depends(authorize)) -> Response:
-        service = state.ready()
-        state.check_model(body)
+        service = serving.ready()
+        intake.check_model(body)
         body.refuse_unsupported()
-        prompt_ids, text = await state.prompt(service, body.single_prompt())
+        prompt_ids, text = await intake.prompt(service, body.single_prompt())
         return await _generate(request, service, body, prompt_ids, text, body.max_tokens, key_id, chat=False)
 
     @router.post("/v1/chat/completions", responses=CHAT_RESPONSES)
     async def chat(body: ChatCompletionRequest, request: Request, key_id: str = Depends(authorize)) -> Response:
-        service = state.ready()
-        state.check_model(body)
+        service = serving.ready()
+        intake.check_model(body)
         body.refuse_unsupported()
         tokenizer = service.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise bad_request(
-                f"model '{state.model_name}' has no chat template, so it cannot take messages; use /v1/completions with a prompt",
+                f"model '{intake.model_name}' has no chat template, so it cannot take messages; use /v1/completions with a prompt",
                 param="messages", code="no_chat_template",
             )
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            text = await state.off_loop(chat_text, tokenizer, messages)
+            text = await worker.run(chat_text, tokenizer, messages)
         except Exception as exc:  # templates raise on conversations they do not support
             raise bad_request(f"the model's chat template refused these messages: {exc}", param="messages") from None
-        prompt_ids = await state.tokenize(tokenizer, text, add_special_tokens=False)
+        prompt_ids = await intake.tokenize(tokenizer, text, add_special_tokens=False)
         return await _generate(request, service, body, prompt_ids, text, body.token_limit, key_id, chat=True)
 
     async def _generate(
@@ -69,28 +76,28 @@ def completion_routes(state: State, authorize: Callable[[Request], Awaitable[str
     ) -> Response:
         if not prompt_ids:
             raise bad_request("the prompt is empty", param="prompt")
-        params = await state.admit(request, service, body, prompt_ids, max_tokens, key_id)
+        params = await intake.admit(request, service, body, prompt_ids, max_tokens, key_id)
         if body.provisional:
-            state.allow_provisional(body, service)
+            safety.allow_provisional(body)
         request_id = request.state.request_id
-        deadline = time.monotonic() + state.server.deadline_s if state.server.deadline_s else None
-        job = Job(request_id, prompt_ids, params, body.depth, deadline, asyncio.get_running_loop(), key_id=key_id)
-        routing_key = {"user": body.user, "task": body.task}.get(state.settings.route_key)
+        deadline = serving.deadline()
+        routing_key = {"user": body.user, "task": body.task}.get(serving.settings.route_key)
         if body.proposer is not None:
             if body.proposer not in service.router.proposers:
                 names = ", ".join(sorted(service.router.proposers))
                 raise bad_request(f"unknown proposer '{body.proposer}'; this server has: {names}", param="proposer")
-            job.proposer, job.pinned = body.proposer, True
+            proposer, pinned = body.proposer, True
         else:
-            job.proposer = service.router.choose(routing_key)
-        job.drafter, job.route_key = service.router.proposers[job.proposer], routing_key
-        job.guarded = not service.router.on_trial(job.proposer)
-        job.provisional = bool(body.provisional)
-        state.metrics.proposer_requests(job.proposer).inc()
-        job.inspect = random.random() < state.audit.mismatch_sample_rate
-        job.keep_rounds = state.telemetry.enabled
+            proposer, pinned = service.router.choose(routing_key), False
+        job = Job(
+            request_id, prompt_ids, params, body.depth, deadline, asyncio.get_running_loop(), key_id=key_id,
+            drafter=service.router.proposers[proposer], proposer=proposer, route_key=routing_key, pinned=pinned,
+            guarded=not service.router.on_trial(proposer), provisional=bool(body.provisional),
+            inspect=random.random() < records.audit.mismatch_sample_rate, keep_rounds=records.telemetry.enabled,
+        )  # its ask is fixed from here on: the engine thread reads it
+        metrics.proposer_requests(job.proposer).inc()
         operation = "chat" if chat else "text_completion"
-        span = state.telemetry.start_request(operation, request.headers, {
+        span = records.telemetry.start_request(operation, request.headers, {
             "gen_ai.request.max_tokens": params.max_new_tokens, "gen_ai.request.temperature": params.temperature,
             "gen_ai.request.top_p": params.top_p, "gen_ai.request.top_k": params.top_k or None,
             "gen_ai.request.seed": params.seed, "gen_ai.request.stop_sequences": list(params.stop) or None,
@@ -99,12 +106,12 @@ def completion_routes(state: State, authorize: Callable[[Request], Awaitable[str
         })
         request.state.audited = True  # the record is this handler's from here on
         underway = Underway(request_id, key_id, request.url.path, operation, job, prompt_ids, prompt_text, params, span, utc_now())
-        finish = functools.partial(state.conclude, underway)
-        await state.submit(service, underway)
+        finish = functools.partial(records.conclude, underway)
+        await serving.submit(service, underway)
         request.state.job = job
-        reply = Reply(underway, request, state.policy.gate(context=prompt_text) if state.policy is not None else None, state.metrics, service.tokenizer)
-        shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + request_id, state.model_name)
-        with_stats = body.speculation_stats if body.speculation_stats is not None else state.server.speculation_stats
+        reply = Reply(underway, request, safety.gate(context=prompt_text), metrics, service.tokenizer)
+        shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + request_id, intake.model_name)
+        with_stats = body.speculation_stats if body.speculation_stats is not None else serving.server.speculation_stats
         headers = getattr(request.state, "extra_headers", {})
         try:
             first = await reply.next()  # errors before the first token keep their status
@@ -120,7 +127,7 @@ def completion_routes(state: State, authorize: Callable[[Request], Awaitable[str
             raise
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            events = _sse(reply, shape, first, with_stats, include_usage, finish, state)
+            events = _sse(reply, shape, first, with_stats, include_usage, finish, records, worker)
             return StreamingResponse(events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
         delta = first
         try:
@@ -135,14 +142,15 @@ def completion_routes(state: State, authorize: Callable[[Request], Awaitable[str
         finally:
             job.cancel()  # a no-op once finished; frees the slot if the client left
         if not await finish(_outcome_of_finish(delta), 200, delta, reply.released, wait=True):  # acknowledged only once recorded
-            raise state.unacknowledged()
+            raise records.unacknowledged()
         return JSONResponse(shape.full(reply.released, delta.finish_reason, delta.stats, with_stats, job.proposer), headers=headers)
 
     return router
 
 
 async def _sse(
-    reply: Reply, shape: Shape, first: Delta | Provisional, with_stats: bool, include_usage: bool, finish, state: State,
+    reply: Reply, shape: Shape, first: Delta | Provisional, with_stats: bool, include_usage: bool, finish, records: Records,
+    worker: CpuWorker,
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format: verified tokens only, then `data: [DONE]`. A
     client that asked for provisional text also gets named events (which OpenAI's clients never
@@ -163,7 +171,7 @@ async def _sse(
             yield event(shape.chunk(None, role=True))
         while True:
             if isinstance(item, Provisional):
-                text = await state.off_loop(_draft_text, state.service.tokenizer, tokens, item.token_ids)
+                text = await worker.run(_draft_text, reply.tokenizer, tokens, item.token_ids)
                 yield event({"id": shape.id, "round": rounds, "token_ids": item.token_ids, "text": text}, "provisional")
             else:
                 delta = item
@@ -197,7 +205,7 @@ async def _sse(
         if await finish(_outcome_of_finish(delta), 200, delta, reply.released, wait=True):  # [DONE] acknowledges: recorded first
             yield "data: [DONE]\n\n"
         else:  # not recorded: an error instead of [DONE], so the client knows it was not acknowledged
-            yield event(state.unacknowledged().body())
+            yield event(records.unacknowledged().body())
     finally:
         job.cancel()  # client gone or done: the engine thread drops the job at its next round
         if not concluded:  # the client left mid-stream

@@ -1,11 +1,37 @@
 """A request as the engine thread sees it (`Job`), and the events it sends back to the request's
-handler: verified `Delta`s, `Provisional` drafts, an exception, or `Cancelled`."""
+handler: verified `Delta`s, `Provisional` drafts, an exception, or `Cancelled`.
+
+A job crosses threads: the event loop builds and submits it, the engine thread runs it, and the
+event loop reads it again once it has concluded. Each part has one writer:
+
+- the ask (`Ask`, frozen; its fields read-only on the job): request_id, prompt_ids, params, depth,
+  deadline, key_id, drafter, proposer, route_key, pinned, guarded, remote, provisional, inspect,
+  keep_rounds. Set by the event loop when the handler builds the job, before submission; read by
+  both. `remote` is fixed; the `RemoteDrafts` it points to is the verify session's own channel
+  (`pending`: the engine thread, from the scheduler's offers; `hint`: the engine thread writes it,
+  the handler reads it after the round's event).
+- the channel: `loop`, `events`. The asyncio queue is the event loop's alone; the engine thread
+  puts on it only through `send` (`loop.call_soon_threadsafe`).
+- progress: request, speculate, admitted, first_token, last_token, generated, engine_s, rounds,
+  mismatches, stats, outcome. Written by the engine thread only, from submission to the job's end
+  (`outcome` once, last). The event loop reads them when it concludes the request: after the
+  last event as a rule; a request concluded early (the client gone, a session closed or expired)
+  reads them while the engine thread may still be finishing its round, so such a reading is a
+  snapshot (single values; lists copied, `Request.stats` deep-copied: `underway.stats_so_far`).
+- cancellation: `cancel()` from any thread (the handler on the event loop, the policy gate, the
+  session sweeper, the scheduler's drain in a worker thread); `cancelled` and `cancel_outcome`
+  are read by the engine thread each pass. Guarded by a lock: the first cancellation's outcome
+  is the one counted.
+- `arrived`: set at creation, never written again.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 from verispec.audit.outcomes import Outcome
 from verispec.config import Depth, SamplingParams
@@ -36,46 +62,106 @@ class Provisional:
     token_ids: list[int]
 
 
-@dataclass(eq=False)
-class Job:
+@dataclass(frozen=True, eq=False)
+class Ask:
+    """What a request asks of the engine, fixed before it is submitted (event loop) and read by the
+    engine thread. `prompt_ids` is never mutated."""
+
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    depth: Depth | None  # per-request override of the configured depth
-    deadline: float | None  # time.monotonic() value; None = no deadline
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # Delta | Exception | Cancelled
-    arrived: float = field(default_factory=time.monotonic)
-    admitted: float | None = None
-    first_token: float | None = None
-    last_token: float | None = None
-    generated: int = 0
-    engine_s: float = 0.0  # engine-thread time spent on this job's rounds (prefills included)
-    speculate: bool = True  # decided at admission by the circuit breaker
-    guarded: bool = True  # the breaker governs this job; a canary candidate is judged by the canary instead
-    inspect: bool = False  # sampled for drift and mismatch figures
-    keep_rounds: bool = False  # for trace spans
-    rounds: list = field(default_factory=list)  # Round, when keep_rounds
-    mismatches: list = field(default_factory=list)  # inspect.Mismatch, when inspect
-    stats: object = None  # RequestStats, once finished
+    depth: Depth | None = None  # per-request override of the configured depth
+    deadline: float | None = None  # time.monotonic() value; None = no deadline
+    key_id: str | None = None  # the API key it came with: slots are shared fairly among keys
     drafter: Proposer | None = None  # the chosen proposer; None = verifier only
     proposer: str | None = None  # its name, for routing feedback
     route_key: str | None = None
     pinned: bool = False  # the client named the proposer; its figures teach the choice nothing
-    request: object = None  # its Request in the engine, once admitted
+    guarded: bool = True  # the breaker governs this job; a canary candidate is judged by the canary instead
     remote: RemoteDrafts | None = None  # a verify-API session: its edge client proposes
     provisional: bool = False  # the client wants each round's drafts before their verdict
-    key_id: str | None = None  # the API key it came with: slots are shared fairly among keys
-    cancelled: bool = False
-    cancel_outcome: Outcome = "cancelled"  # what the cancellation is counted as
-    outcome: Outcome | None = None  # set once, by the scheduler, when the job ends
+    inspect: bool = False  # sampled for drift and mismatch figures
+    keep_rounds: bool = False  # for trace spans
+
+
+def _asked(name: str) -> property:
+    return property(lambda job: getattr(job.ask, name), doc=f"The ask's `{name}`: fixed before submission.")
+
+
+class Job:
+    """One request in the engine. `Job(request_id, prompt_ids, params, depth, deadline, loop,
+    **ask)`: the rest of `Ask`'s fields by name; `events` is a new queue unless one is given."""
+
+    request_id = _asked("request_id")
+    prompt_ids = _asked("prompt_ids")
+    params = _asked("params")
+    depth = _asked("depth")
+    deadline = _asked("deadline")
+    key_id = _asked("key_id")
+    drafter = _asked("drafter")
+    proposer = _asked("proposer")
+    route_key = _asked("route_key")
+    pinned = _asked("pinned")
+    guarded = _asked("guarded")
+    remote = _asked("remote")
+    provisional = _asked("provisional")
+    inspect = _asked("inspect")
+    keep_rounds = _asked("keep_rounds")
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        depth: Depth | None,
+        deadline: float | None,
+        loop: asyncio.AbstractEventLoop,
+        events: asyncio.Queue | None = None,
+        **ask: Any,
+    ):
+        self.ask = Ask(request_id, prompt_ids, params, depth, deadline, **ask)
+        self.arrived = time.monotonic()
+        # The channel: the event loop's; the engine thread reaches it through `send` only.
+        self.loop = loop
+        # Delta | Provisional | Exception | Cancelled, for the handler
+        self.events: asyncio.Queue = asyncio.Queue() if events is None else events
+        # Progress: the engine thread's, from submission on.
+        self.request: Any = None  # its Request in the engine, once admitted
+        self.speculate = True  # decided when the engine takes it, by the circuit breaker
+        self.admitted: float | None = None
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self.generated = 0
+        self.engine_s = 0.0  # engine-thread time spent on this job's rounds (prefills included)
+        self.rounds: list = []  # Round, when keep_rounds
+        self.mismatches: list = []  # inspect.Mismatch, when inspect
+        self.stats: Any = None  # RequestStats, once finished
+        self.outcome: Outcome | None = None  # set once, by the scheduler, when the job ends
+        # Cancellation: any thread, under the lock.
+        self._cancel_lock = threading.Lock()
+        self._cancel_outcome: Outcome | None = None
+
+    def __repr__(self) -> str:
+        return f"Job({self.request_id!r}, outcome={self.outcome!r}, cancelled={self.cancelled})"
 
     def cancel(self, outcome: Outcome = "cancelled") -> None:
         """Ask the engine thread to drop this job: the client went away (or, with another outcome,
-        its session expired, or the policy gate stopped it)."""
-        if not self.cancelled:
-            self.cancel_outcome = outcome
-        self.cancelled = True
+        its session expired, or the policy gate stopped it). The first cancellation's outcome
+        stands. Safe from any thread."""
+        with self._cancel_lock:
+            if self._cancel_outcome is None:
+                self._cancel_outcome = outcome
+
+    @property
+    def cancelled(self) -> bool:
+        with self._cancel_lock:
+            return self._cancel_outcome is not None
+
+    @property
+    def cancel_outcome(self) -> Outcome:
+        """What the cancellation is counted as ("cancelled" until there is one)."""
+        with self._cancel_lock:
+            return self._cancel_outcome or "cancelled"
 
     @property
     def holds_slot(self) -> bool:
@@ -88,7 +174,8 @@ class Job:
         """A verify-API session between rounds: nothing for the engine to do until drafts come."""
         return self.request is not None and self.request.parked and not self.cancelled
 
-    def _push(self, item) -> None:
+    def send(self, item) -> None:
+        """Put an event on the job's queue from the engine thread (through its event loop)."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)
         except RuntimeError:  # the event loop is gone (shutdown): nobody is listening

@@ -247,7 +247,7 @@ class Scheduler:
         for request, proposal in proposals.items():
             job = self._jobs.get(request)
             if job is not None and job.provisional and not job.cancelled:
-                job._push(Provisional(list(proposal.tokens)))
+                job.send(Provisional(list(proposal.tokens)))
 
     def _ended(self, job: Job) -> bool:
         """Finish a job that was cancelled or ran past its deadline; True if so."""
@@ -263,7 +263,7 @@ class Scheduler:
     def _deliver(self, job: Job, delta: Delta, now: float) -> None:
         """Send a round's tokens to the client and conclude the job on its last delta."""
         self._observe(job, delta, now)
-        job._push(delta)
+        job.send(delta)
         if delta.finish_reason is not None:
             job.stats = delta.stats
             job.engine_s += delta.stats.prefill_s
@@ -326,7 +326,7 @@ class Scheduler:
             self.engine.abort(job.request)  # its blocks are free at once
             self._jobs.pop(job.request, None)
         if event is not None:
-            job._push(event)
+            job.send(event)
         end = time.monotonic()
         self.metrics.outcome(outcome).inc()
         if outcome == "ok":

@@ -46,7 +46,7 @@ def serve(settings: Settings, engine_factory: EngineFactory = build_engine) -> i
     app = create_app(settings, engine_factory)
     state = app.state.verispec
     log.info("settings:\n%s", "\n".join(describe(settings)))
-    if not state.keys.enabled:
+    if not state.intake.keys.enabled:
         log.warning("no API keys configured: anyone who can reach %s:%d may use this server", settings.host, settings.port)
     config = uvicorn.Config(
         app,
@@ -59,8 +59,8 @@ def serve(settings: Settings, engine_factory: EngineFactory = build_engine) -> i
         http=header_timeout_protocol(settings.header_timeout_s),  # slowloris: headers must arrive in time
     )
     server = uvicorn.Server(config)
-    state.on_fatal = lambda: setattr(server, "should_exit", True)
+    state.serving.on_fatal = lambda: setattr(server, "should_exit", True)
     server.run()
-    if state.load_error:
-        raise UserError(state.load_error)
+    if state.serving.load_error:
+        raise UserError(state.serving.load_error)
     return 0

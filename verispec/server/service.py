@@ -3,7 +3,7 @@ proposers it routes to, and the names and weights hashes of the models that answ
 
 `Service.load` runs once, in the background (or, on a Ray replica, before the replica is routed
 to): it loads the models, measures the step costs, runs one warm-up request, and starts the
-engine thread. Until it returns the API answers 503 (`State.ready`).
+engine thread. Until it returns the API answers 503 (`Serving.ready`).
 """
 
 from __future__ import annotations

@@ -54,8 +54,12 @@ from verispec.server.underway import Underway
 from verispec.stats import speculation_stats, usage
 
 if TYPE_CHECKING:
+    from verispec.server.intake import Intake
+    from verispec.server.metrics import ServerMetrics
+    from verispec.server.records import Records
+    from verispec.server.safety import Safety
     from verispec.server.service import Service
-    from verispec.server.state import State
+    from verispec.server.serving import Serving
 
 log = logging.getLogger("verispec.server")
 
@@ -79,27 +83,23 @@ class VerifyRequest(_Request):
     close: bool = False  # end the session now (the client stopped early)
 
 
-def verify_routes(state: State, authorize) -> APIRouter:
+def verify_routes(
+    *, serving: Serving, intake: Intake, safety: Safety, records: Records, metrics: ServerMetrics, authorize,
+) -> APIRouter:
     router = APIRouter()
-    sessions: Sessions = state.sessions
-    metrics = state.metrics
+    sessions = Sessions(serving.server.verify_idle_s, serving.server.verify_max_sessions)  # this router's alone
 
     @router.post("/v1/verify", responses=VERIFY_RESPONSES)
     async def verify(body: VerifyRequest, request: Request, key_id: str = Depends(authorize)) -> Response:
-        service = state.ready()
-        state.check_model(body)
+        service = serving.ready()
+        intake.check_model(body)
         body.refuse_unsupported()
         if body.stream:
             raise bad_request("the verify API answers each round in one response; leave stream unset", param="stream")
         for name in ("depth", "proposer", "provisional"):
             if getattr(body, name) is not None:
                 raise bad_request(f"{name} is not used by the verify API: the client drafts, as deep as it likes", param=name)
-        if state.policy is not None and state.policy.blocks:
-            raise bad_request(
-                "the verify API is refused under this server's policy: it has blocking rules, and a round's tokens go to "
-                "the client as soon as they are verified, and its accepted count would confirm drafts the gate blocks",
-                code="policy_forbids_verify",
-            )
+        safety.allow_verify()
         size = len(await request.body())
         if body.session_id is None:
             if body.prompt is None:
@@ -155,7 +155,7 @@ def verify_routes(state: State, authorize) -> APIRouter:
             return await _open_session(body, request, service, key_id, size, opening)
 
     async def _open_session(body: VerifyRequest, request: Request, service: Service, key_id: str, size: int, opening: Opening | None) -> Response:
-        prompt_ids, prompt_text = await state.prompt(service, body.prompt)
+        prompt_ids, prompt_text = await intake.prompt(service, body.prompt)
         if not prompt_ids:
             raise bad_request("the prompt is empty", param="prompt")
         if body.position is not None and body.position != len(prompt_ids):
@@ -165,14 +165,16 @@ def verify_routes(state: State, authorize) -> APIRouter:
         except ValueError as exc:
             raise bad_request(f"invalid sampling settings: {exc}") from None
         proposal = _proposal(body, service, greedy)  # checked before the rate limits take from the key
-        params = await state.admit(request, service, body, prompt_ids, body.max_tokens, key_id)
+        params = await intake.admit(request, service, body, prompt_ids, body.max_tokens, key_id)
         request_id = request.state.request_id
-        deadline = time.monotonic() + state.server.deadline_s if state.server.deadline_s else None
-        job = Job(request_id, prompt_ids, params, None, deadline, asyncio.get_running_loop(), key_id=key_id)
-        job.remote, job.proposer, job.pinned, job.guarded = RemoteDrafts(proposal), "edge", True, False
-        job.keep_rounds = state.telemetry.enabled
-        session_id = new_session_id(state.cluster.replica if state.cluster is not None else None)  # routable to this replica
-        span = state.telemetry.start_request("verify", request.headers, {
+        deadline = serving.deadline()
+        job = Job(
+            request_id, prompt_ids, params, None, deadline, asyncio.get_running_loop(), key_id=key_id,
+            remote=RemoteDrafts(proposal), proposer="edge", pinned=True, guarded=False, keep_rounds=records.telemetry.enabled,
+        )  # its ask is fixed from here on: the engine thread reads it
+        cluster = serving.cluster
+        session_id = new_session_id(cluster.replica if cluster is not None else None)  # routable to this replica
+        span = records.telemetry.start_request("verify", request.headers, {
             "gen_ai.request.max_tokens": params.max_new_tokens, "gen_ai.request.temperature": params.temperature,
             "gen_ai.request.top_p": params.top_p, "gen_ai.request.top_k": params.top_k or None, "gen_ai.request.seed": params.seed,
             "gen_ai.response.id": session_id, "verispec.request_id": request_id, "verispec.api_key_id": key_id,
@@ -180,8 +182,8 @@ def verify_routes(state: State, authorize) -> APIRouter:
         })
         request.state.audited = True
         underway = Underway(request_id, key_id, "/v1/verify", "verify", job, prompt_ids, prompt_text, params, span, utc_now(), edge={})
-        await state.submit(service, underway)
-        gate = state.policy.gate(context=prompt_text) if state.policy else None
+        await serving.submit(service, underway)
+        gate = safety.gate(context=prompt_text)
         session = Session(session_id, key_id, underway, Reply(underway, None, gate, metrics, service.tokenizer), len(prompt_ids))
         session.client_prob_rounds += proposal.probs is not None
         sessions.add(session)
@@ -210,7 +212,7 @@ def verify_routes(state: State, authorize) -> APIRouter:
             await _end(session, "closed", "cancelled", 200)
             return JSONResponse({"object": "verify.round", "session_id": session.id, "finish_reason": "closed", "position": session.position})
         proposal = _proposal(body, service, session.underway.params.greedy)
-        await state.charge(request, session.key_id, len(proposal.tokens))  # a round is a request of its key
+        await intake.charge(request, session.key_id, len(proposal.tokens))  # a round is a request of its key
         request.state.audited = True  # the session's record covers its rounds
         if proposal.probs is not None:
             session.client_prob_rounds += 1
@@ -262,7 +264,7 @@ def verify_routes(state: State, authorize) -> APIRouter:
         if delta.finish_reason is not None:
             outcome = "content_filter" if blocked else "ok"
             if not await _end(session, "finished", outcome, 200, delta=delta, wait=True):
-                raise state.unacknowledged()  # the answer that ends a session is its acknowledgement
+                raise records.unacknowledged()  # the answer that ends a session is its acknowledgement
         return Response(body, media_type="application/json")
 
     async def _end(session: Session, why: str, outcome: str, status: int, delta=None, error: str | None = None, wait: bool = False) -> bool:
@@ -277,7 +279,7 @@ def verify_routes(state: State, authorize) -> APIRouter:
             # Acceptance in these rounds rested on distributions the client reported, which the
             # server cannot check: the record must not vouch for the text as the verifier's alone.
             session.underway.edge.update(acceptance="client_reported_probs", client_prob_rounds=session.client_prob_rounds)
-        return await state.conclude(session.underway, outcome, status, delta, session.reply.released, error=error, wait=wait)
+        return await records.conclude(session.underway, outcome, status, delta, session.reply.released, error=error, wait=wait)
 
     async def sweep() -> None:
         """Expire idle sessions: their slots and KV go to others."""
