@@ -65,6 +65,30 @@ def gpt2(vocab_size: int, layers: int, seed: int) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
+def exact16_family_model(kind: str, vocab: int, seed: int, initializer_range: float):
+    """A tiny Llama or Qwen2 ("llama", "qwen2") whose weights 16 bits hold exactly, so the lean
+    backend runs it on the kernel step: grouped-query attention, head size 64; Qwen2 with a random
+    q/k/v bias (a fresh model's is zero)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    shape = dict(
+        vocab_size=vocab, hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, initializer_range=initializer_range, bos_token_id=EOS,
+        eos_token_id=EOS, tie_word_embeddings=False,
+    )  # fmt: skip
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**shape))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, use_sliding_window=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+            p.copy_(p.half().float())
+    return model
+
+
 def save(model, path: Path, vocab_size: int) -> str:
     model.save_pretrained(path)
     save_tokenizer(path, vocab_size)

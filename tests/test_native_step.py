@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import EOS, save
+from tests.conftest import exact16_family_model, save
 from verispec.core.kv_cache import BlockTable
 from verispec.core.runner import ModelRunner, Segment, attention_segments
 from verispec.models import load_model
@@ -31,23 +31,7 @@ ROWS = 256  # rows per contiguous attention call
 def lm(request, tmp_path_factory):
     """A tiny 16-bit-exact model on the kernel step: grouped-query attention, head size 64;
     Qwen2 adds a q/k/v bias (random here: a fresh model's is zero)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(31)
-    shape = dict(
-        vocab_size=VOCAB, hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.15, bos_token_id=EOS,
-        eos_token_id=EOS, tie_word_embeddings=False,
-    )  # fmt: skip
-    if request.param == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**shape))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**shape, use_sliding_window=False))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
-            p.copy_(p.half().float())
+    model = exact16_family_model(request.param, VOCAB, seed=31, initializer_range=0.15)
     path = save(model, tmp_path_factory.mktemp(request.param) / "model", VOCAB)
     lm = load_model(path, torch.device("cpu"), torch.float32, backend="lean")
     assert lm.kernel_step and lm.native is not None, "the test model must run the one-call kernel step"
@@ -122,7 +106,7 @@ def reference_runner_pass(runner, ids, positions, slots, segments, rows):
     cos, sin, scale = lm.cos.data_ptr(), lm.sin.data_ptr(), hd**-0.5
     position_array = torch.tensor(positions, dtype=torch.int64)
     slot_array = torch.tensor(slots, dtype=torch.int64)
-    seg_row, seg_len, seg_pos, table_start, tables = attention_segments(segments)
+    seg_row, seg_len, seg_pos, table_start, tables = (torch.tensor(a, dtype=torch.int64) for a in attention_segments(segments))
 
     def attend(i, qkv, attn):
         k, v = runner.keys[i].data_ptr(), runner.values[i].data_ptr()

@@ -15,7 +15,7 @@ import random
 import pytest
 import torch
 
-from tests.conftest import EOS, save
+from tests.conftest import exact16_family_model, save
 from verispec.core.kv_cache import BlockTable
 from verispec.core.runner import ModelRunner, Segment
 from verispec.models import load_model
@@ -33,23 +33,7 @@ needs_kernel = pytest.mark.skipif(kernel_library() is None, reason="no C compile
 def pair(request, tmp_path_factory):
     """(kernel, torch): one 16-bit-exact checkpoint on the kernel step and on the torch forward;
     grouped-query attention, head size 64, and for Qwen2 a random q/k/v bias."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(41)
-    shape = dict(
-        vocab_size=VOCAB, hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1, bos_token_id=EOS,
-        eos_token_id=EOS, tie_word_embeddings=False,
-    )  # fmt: skip
-    if request.param == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**shape))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**shape, use_sliding_window=False))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
-            p.copy_(p.half().float())
+    model = exact16_family_model(request.param, VOCAB, seed=41, initializer_range=0.1)
     path = save(model, tmp_path_factory.mktemp(request.param) / "model", VOCAB)
     kernel = load_model(path, CPU, F32, backend="lean")
     reference = load_model(path, CPU, F32, backend="lean", cpu_kernel=False)

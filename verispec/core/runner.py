@@ -14,6 +14,7 @@ are exact up to the rounding of batched operators.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,9 +42,10 @@ class Segment:
         return len(self.tokens) if self.logits is None else min(self.logits, len(self.tokens))
 
 
-def attention_segments(segments: Sequence[Segment]) -> tuple[torch.Tensor, ...]:
+def attention_segments(segments: Sequence[Segment]) -> tuple[list[int], ...]:
     """The attention work of a pass, as the kernel takes it: per segment its first row in the pass,
-    its length, its first position, and where its block table starts in the concatenated tables."""
+    its length, its first position, and where its block table starts in the concatenated tables
+    (the last list)."""
     seg_row, seg_len, seg_pos, table_start, tables = [], [], [], [], []
     row = 0
     for s in segments:
@@ -53,7 +55,7 @@ def attention_segments(segments: Sequence[Segment]) -> tuple[torch.Tensor, ...]:
         table_start.append(len(tables))
         tables.extend(s.table.blocks)
         row += len(s.tokens)
-    return tuple(torch.tensor(a, dtype=torch.int64) for a in (seg_row, seg_len, seg_pos, table_start, tables))
+    return seg_row, seg_len, seg_pos, table_start, tables
 
 
 def batchable(lm: object) -> str | None:
@@ -92,21 +94,18 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, segments: Sequence[Segment]) -> list[torch.Tensor | None]:
         """Run one pass; per segment the logits of its wanted rows (n, V) float32, or None."""
-        for segment in segments:
-            segment.table.reserve(segment.start + len(segment.tokens))
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         wanted: list[int] = []
         for s in segments:
             n = len(s.tokens)
+            s.table.reserve(s.start + n)
             tokens.extend(s.tokens)
             positions.extend(range(s.start, s.start + n))
             slots.extend(s.table.slots(s.start, n))
             wanted.extend(range(len(tokens) - s.wanted, len(tokens)))
         if self.kernel and tokens:  # on the CPU: from an int64 array, a fraction of torch.tensor's fixed cost
-            from array import array
-
             ids = torch.frombuffer(array("q", tokens), dtype=torch.long)
         else:
             ids = torch.tensor(tokens, dtype=torch.long, device=self.lm.device)
@@ -115,6 +114,8 @@ class ModelRunner:
             rows = slice(wanted[0], wanted[-1] + 1)
         step = self._kernel_pass if self.kernel else self._torch_pass
         logits = step(ids, positions, slots, segments, rows).float()
+        if len(segments) == 1:  # its wanted rows are all the logits
+            return [logits if segments[0].wanted else None]
         out: list[torch.Tensor | None] = []
         offset = 0
         for s in segments:
@@ -124,34 +125,27 @@ class ModelRunner:
 
     def _kernel_pass(self, ids, positions, slots, segments, rows) -> torch.Tensor:
         """LeanLM's kernel step over many sequences: its layers in one C call, attention on the paged cache."""
-        from array import array
-
-        # Every index array of the pass in one int64 array (no tensors: a few microseconds, where a
-        # torch.tensor each cost more than the attention of a short decode): the rows' positions and
-        # slots, then attention_segments' arrays (per segment its first row, length, first position
-        # and where its block table starts in the tables that follow).
-        seg_row, seg_len, seg_pos, table_start, tables = [], [], [], [], []
-        row = 0
-        for s in segments:
-            seg_row.append(row)
-            seg_len.append(len(s.tokens))
-            seg_pos.append(s.start)
-            table_start.append(len(tables))
-            tables.extend(s.table.blocks)
-            row += len(s.tokens)
+        # Every index array of the pass in one int64 array, not in tensors (each torch.tensor cost
+        # more than a short decode's attention): the rows' positions and slots, then
+        # attention_segments' arrays (per segment its first row, length, first position and where
+        # its block table starts in the tables that follow).
         index = array("q", positions)
-        for part in (slots, seg_row, seg_len, seg_pos, table_start, tables):
+        for part in (slots, *attention_segments(segments)):
             index.extend(part)
         T, S, size = len(positions), len(segments), index.itemsize
         at = index.buffer_info()[0]  # `index` lives until this returns, past the C call
-        if self._pools is None:  # the per-layer pools, described once
-            self._pools = address_array(self.keys), address_array(self.values)
-        attention = VsAttention(
-            mode=ATTENTION_PAGED, keys=self._pools[0], values=self._pools[1], positions=at, slots=at + T * size,
-            block_size=self.pool.block_size, segments=S, seg_row=at + 2 * T * size, seg_len=at + (2 * T + S) * size,
-            seg_pos=at + (2 * T + 2 * S) * size, table_start=at + (2 * T + 3 * S) * size,
-            tables=at + (2 * T + 4 * S) * size,
-        )  # fmt: skip
+        attention = getattr(self, "_attention", None)
+        if attention is None:  # the pools, described once; a runner runs one pass at a time
+            if self._pools is None:
+                self._pools = address_array(self.keys), address_array(self.values)
+            attention = VsAttention(
+                mode=ATTENTION_PAGED, keys=self._pools[0], values=self._pools[1], block_size=self.pool.block_size
+            )
+            self._attention = attention
+        attention.positions, attention.slots, attention.segments = at, at + T * size, S
+        attention.seg_row, attention.seg_len = at + 2 * T * size, at + (2 * T + S) * size
+        attention.seg_pos, attention.table_start = at + (2 * T + 2 * S) * size, at + (2 * T + 3 * S) * size
+        attention.tables = at + (2 * T + 4 * S) * size
         return self.lm.kernel_pass(ids, attention, rows)
 
     def greedy(self, tables: Sequence[BlockTable], tokens: list[int], positions: list[int], steps: int, vocab: int) -> list[list[int]]:
