@@ -211,3 +211,34 @@ def test_small_scratch_and_the_scratch_free_path_give_the_same_bits(small_scratc
         want = torch.cat([expected[s][first : first + T] for s, first, T in segments])
         for threads in (1, 2):
             assert torch.equal(batch.paged(segments, threads, small_scratch), want)
+
+
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory):
+    """layer_ops.c built to sweep the cache in runs of one group of 8 positions and to prefetch one
+    group on: runs that split every block, and the keys' prefetch crossing into the values at once."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    built = tmp_path_factory.mktemp("short-runs") / "layer_ops.so"
+    source = next(path for path in kernels.KERNEL_SOURCES if path.name == "layer_ops.c")
+    defines = ["-DPAGED_RUN_FLOATS=8", "-DPAGED_AHEAD_FLOATS=8"]
+    subprocess.run(
+        [compiler, *kernels.KERNEL_FLAGS, *defines, str(source), "-lm", "-o", str(built)],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    library = ctypes.CDLL(str(built))
+    library.paged_attention.argtypes = ops.paged_attention.argtypes
+    library.paged_attention.restype = None
+    return library
+
+
+# head sizes that are not a multiple of 8 (the values' sums past the last vector), a block of 8
+# positions, and blocks longer than the runs the cache is swept in (64 positions at head size 64)
+@pytest.mark.parametrize("hd, bs", [(12, 24), (20, 8), (64, 128)])
+def test_paged_attention_at_other_head_and_block_sizes(short_runs, hd, bs):
+    batch = Batch(8, 2, hd, bs, seed=hd * bs)
+    expected = {s: batch.expected(s, threads=1) for s in range(len(SEQUENCES))}
+    for segments in (whole_segments(), split_segments()):
+        want = torch.cat([expected[s][first : first + T] for s, first, T in segments])
+        for library in (ops, short_runs):
+            for threads in (1, 2):
+                assert torch.equal(batch.paged(segments, threads, library), want), (segments, threads)

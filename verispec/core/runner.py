@@ -85,9 +85,12 @@ class ModelRunner:
                 f"one request at the model's full window of {lm.max_positions} positions needs {need} bytes"
             )
         self.pool = BlockPool(num_blocks, block_size, prefix_cache)
+        # Left unwritten (no page is touched until a block is used: a command that runs one short
+        # request pays for what it uses, not for --kv-cache-memory): a position is only ever read
+        # after its own pass wrote it.
         shape = (num_blocks, lm.kv_heads, block_size, lm.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=lm.device) for _ in lm.layers]
-        self.values = [torch.zeros(shape, dtype=dtype, device=lm.device) for _ in lm.layers]
+        self.keys = [torch.empty(shape, dtype=dtype, device=lm.device) for _ in lm.layers]
+        self.values = [torch.empty(shape, dtype=dtype, device=lm.device) for _ in lm.layers]
         self.bytes_per_block = per_block
         self._pools = None  # self.keys and self.values as the kernel step's per-layer address arrays
 

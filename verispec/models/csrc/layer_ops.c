@@ -61,13 +61,11 @@ static inline __m256 exp8(__m256 x) {
 /* The same function one value at a time (tails), so every element gets the same result. */
 static inline float exp1(float x) { return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x))); }
 
-/* A row of scores, in place, into exp(score - the row's max) (a softmax's numerators); returns
-   their total. Lanes of 8 then the tail, in one fixed order: the dense and the paged attention
-   share it, so a row gets the same bits on either. */
-static inline float exponentiate(float* row, int64_t n) {
-  float top = -INFINITY;
+/* A row of scores, in place, into exp(score - top) (a softmax's numerators, top the row's max);
+   returns their total. Lanes of 8 then the tail, in one fixed order: the dense and the paged
+   attention share it, so a row gets the same bits on either. */
+static inline float exponentiate_from(float* row, int64_t n, float top) {
   int64_t j;
-  for (j = 0; j < n; ++j) top = row[j] > top ? row[j] : top;
   __m256 sum8 = _mm256_setzero_ps();
   for (j = 0; j + 8 <= n; j += 8) {
     __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(top)));
@@ -82,6 +80,29 @@ static inline float exponentiate(float* row, int64_t n) {
     total += row[j];
   }
   return total;
+}
+
+/* exponentiate_from over the row's max: the largest score that is not NaN, -INFINITY if none. */
+static inline float exponentiate(float* row, int64_t n) {
+  float top = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) top = row[j] > top ? row[j] : top;
+  return exponentiate_from(row, n, top);
+}
+
+/* exponentiate's `top`, 8 lanes at a time (the scalar loop's chain of dependent maxima is a good
+   part of a verify pass's softmax): `row[j] > top ? row[j] : top` per lane, as vmaxps computes
+   it with the running maximum second (kept for a NaN), then over the lanes and the tail the same
+   way. The maximum is the same value; only where it is zero may its sign differ, which changes
+   no result: x - (+0) and x - (-0) differ only for x = -0, and exp8 gives 1 for either zero. */
+static inline float row_max(const float* row, int64_t n) {
+  __m256 top8 = _mm256_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) top8 = _mm256_max_ps(_mm256_loadu_ps(row + j), top8);
+  float lanes[8], top = -INFINITY;
+  _mm256_storeu_ps(lanes, top8);
+  for (int u = 0; u < 8; ++u) top = lanes[u] > top ? lanes[u] : top;
+  for (; j < n; ++j) top = row[j] > top ? row[j] : top;
+  return top;
 }
 
 /* q . k_u for the 8 keys k + u * hd, u < 8, as one vector; every key's sum runs in the same order
@@ -210,7 +231,7 @@ void attention(const float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd, 
         for (int64_t t = (j > start ? j - start : 0); t < T; ++t) {
           float p = scores[t * end + j] / totals[t];
           float* o = out + t * H * hd + h * hd;
-          for (int64_t i = 0; i < hd; ++i) o[i] += p * vj[i];
+          for (int64_t i = 0; i < hd; ++i) o[i] = fmaf(p, vj[i], o[i]);
         }
       }
     }
@@ -274,39 +295,133 @@ static inline int64_t paged_chunk_rows(int64_t context) {
   return rows < 1 ? 1 : rows > PAGED_MAX_ROWS ? PAGED_MAX_ROWS : rows;
 }
 
-/* attention's softmax of one row over keys 0..n-1 of KV head g, into row[0..n-1] (unnormalised
-   exponentials), with the same operations in the same order; returns their total. Not inlined:
-   in the work loop the running max was kept on the stack, a third slower. */
-__attribute__((noinline)) static float paged_softmax_row(const float* q, const float* keys, const int64_t* table,
-                                                         int64_t g, int64_t Hkv, int64_t bs, int64_t hd, int64_t n,
-                                                         float scale, float* row) {
-  int64_t j = 0;
-  for (int64_t b = 0; j < n; ++b) {  /* blocks start at multiples of 8: dot8 from 0, the tail in the last */
-    const float* k = paged_block(keys, table, g, b, Hkv, bs, hd);
-    int64_t first = b * bs, stop = n < first + bs ? n : first + bs;
-    for (; j + 8 <= stop; j += 8)
-      _mm256_storeu_ps(row + j, _mm256_mul_ps(dot8(q, k + (j - first) * hd, hd), _mm256_set1_ps(scale)));
-    for (; j < stop; ++j) row[j] = dot_tail(q, k + (j - first) * hd, hd) * scale;
+/* Prefetching. A KV head's block (bs positions of hd floats: 4 KB at 16 x 64) is one run of
+   lines, and the sequence's next block is elsewhere in the pool: the hardware prefetchers, which
+   follow a run of lines, do not cross to it, so without help every block would start with a
+   stall to memory. The sweeps below ask for the positions about PAGED_AHEAD_FLOATS floats on
+   while they work, and go through the cache in runs of up to PAGED_RUN_FLOATS floats of one
+   block (each run's keys or values read once for every row, each row's accumulators kept in
+   registers through a run); the keys' sweep runs on into the first values, which the values'
+   sweep reads next. None of this changes the arithmetic or its order. */
+#ifndef PAGED_AHEAD_FLOATS
+#define PAGED_AHEAD_FLOATS 2048
+#endif
+#ifndef PAGED_RUN_FLOATS
+#define PAGED_RUN_FLOATS 4096
+#endif
+
+/* Positions of hd floats in about `floats` floats, in whole groups of 8, at least one group. */
+static inline int64_t paged_positions(int64_t floats, int64_t hd) {
+  int64_t n = floats / hd / 8 * 8;
+  return n > 8 ? n : 8;
+}
+
+/* Where a sweep asks next: position block * bs + offset (offset a multiple of 8) of KV head g of
+   one sequence's keys, then of its values if `then` is set; stepped without dividing. */
+typedef struct {
+  const float *pool, *then;
+  const int64_t* table;
+  int64_t g, Hkv, bs, hd, end, block, offset;
+} paged_cursor;
+
+static inline paged_cursor paged_cursor_at(const float* pool, const float* then, const int64_t* table, int64_t g,
+                                           int64_t Hkv, int64_t bs, int64_t hd, int64_t end, int64_t j) {
+  paged_cursor c = {pool, then, table, g, Hkv, bs, hd, end, j / bs, j % bs};
+  return c;
+}
+
+/* Ask for the cursor's group of 8 positions (in one block: bs and the offset are multiples of
+   8; lines past the sequence's end but in its block are harmless) and move on; nothing past the
+   last group. */
+static inline void paged_prefetch(paged_cursor* c) {
+  if (c->block * c->bs + c->offset >= c->end) {
+    if (!c->then) return;
+    c->pool = c->then, c->then = NULL, c->block = 0, c->offset = 0;
   }
-  return exponentiate(row, n);
+  const char* p = (const char*)(paged_block(c->pool, c->table, c->g, c->block, c->Hkv, c->bs, c->hd) + c->offset * c->hd);
+  for (int64_t i = 0; i < 8 * c->hd * (int64_t)sizeof(float); i += 64) __builtin_prefetch(p + i, 0, 3);
+  if ((c->offset += 8) == c->bs) c->offset = 0, c->block += 1;
+}
+
+/* attention's scores for the T rows at positions start.. (row t: query q0 + t * qstride, sees
+   keys 0..start+t of KV head g) into scores + t * end, end = start + T: q . k_j * scale, by dot8
+   over groups of 8 keys from key 0 and dot_tail for the last few, exactly as attention computes
+   them. A run of keys at a time for every row that sees it: each key is read from memory once. */
+__attribute__((noinline)) static void paged_scores(const float* q0, int64_t qstride, const float* keys,
+                                                   const float* values, const int64_t* table, int64_t g, int64_t Hkv,
+                                                   int64_t bs, int64_t hd, int64_t start, int64_t T, float scale,
+                                                   float* scores) {
+  int64_t end = start + T, run = paged_positions(PAGED_RUN_FLOATS, hd);
+  __m256 scale8 = _mm256_set1_ps(scale);
+  paged_cursor ahead = paged_cursor_at(keys, values, table, g, Hkv, bs, hd, end, 0);
+  for (int64_t j = 0; j < paged_positions(PAGED_AHEAD_FLOATS, hd); j += 8) paged_prefetch(&ahead);
+  for (int64_t b = 0, j = 0; j < end; ++b) {
+    const float* k = paged_block(keys, table, g, b, Hkv, bs, hd);
+    for (int64_t first = b * bs, stop = end < first + bs ? end : first + bs, last; j < stop; j = last) {
+      last = stop < j + run ? stop : j + run;  /* the run j..last-1 */
+      for (int64_t u = j; u < last; u += 8) paged_prefetch(&ahead);
+      for (int64_t t = j > start ? j - start : 0; t < T; ++t) {
+        const float* q = q0 + t * qstride;
+        float* row = scores + t * end;
+        int64_t n = start + t + 1, seen = n < last ? n : last, i = j;
+        for (; i + 8 <= seen; i += 8) _mm256_storeu_ps(row + i, _mm256_mul_ps(dot8(q, k + (i - first) * hd, hd), scale8));
+        for (; i < seen; ++i) row[i] = dot_tail(q, k + (i - first) * hd, hd) * scale;
+      }
+    }
+  }
+}
+
+/* o[0 .. 8 nv) += p[u] * v_u[0 .. 8 nv) for u < count (v_u = v + u * hd), u ascending: one fma
+   per element and value, as attention's `o[i] = fmaf(p, vj[i], o[i])`. Inlined with a constant
+   nv, those vectors of o stay in registers. */
+static inline __attribute__((always_inline)) void weigh_vectors(const float* p, const float* v, int64_t hd,
+                                                                int64_t count, float* o, int nv) {
+  __m256 acc[8];
+  for (int u = 0; u < nv; ++u) acc[u] = _mm256_loadu_ps(o + 8 * u);
+  for (int64_t j = 0; j < count; ++j) {
+    __m256 pj = _mm256_set1_ps(p[j]);
+    for (int u = 0; u < nv; ++u) acc[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + j * hd + 8 * u), acc[u]);
+  }
+  for (int u = 0; u < nv; ++u) _mm256_storeu_ps(o + 8 * u, acc[u]);
 }
 
 /* Row t of the T at positions start.. (output o0 + t * stride, zeroed) gets, for every key j it
-   sees, ascending, scores[t * end + j] / totals[t] times value j; value j is read once, into
-   every row that sees it. Not inlined, for the same reason. */
-__attribute__((noinline)) static void paged_weigh_values(const float* scores, const float* totals,
-                                                          const float* values, const int64_t* table, int64_t g,
-                                                          int64_t Hkv, int64_t bs, int64_t hd, int64_t start,
-                                                          int64_t T, float* o0, int64_t stride) {
-  int64_t end = start + T;
+   sees, ascending, weights[t * end + j] times value j: attention's sums, in its order. A run of
+   values at a time for every row that sees it: each value is read from memory once. */
+__attribute__((noinline)) static void paged_weigh(const float* weights, const float* values, const int64_t* table,
+                                                  int64_t g, int64_t Hkv, int64_t bs, int64_t hd, int64_t start,
+                                                  int64_t T, float* o0, int64_t stride) {
+  int64_t end = start + T, vec = hd / 8 * 8, run = paged_positions(PAGED_RUN_FLOATS, hd);
+  int64_t prefetched = paged_positions(PAGED_AHEAD_FLOATS, hd);  /* by paged_scores */
+  paged_cursor ahead = paged_cursor_at(values, NULL, table, g, Hkv, bs, hd, end, prefetched < end ? prefetched : end);
   for (int64_t b = 0, j = 0; j < end; ++b) {
     const float* v = paged_block(values, table, g, b, Hkv, bs, hd);
-    for (int64_t from = b * bs, stop = end < from + bs ? end : from + bs; j < stop; ++j) {
-      const float* vj = v + (j - from) * hd;
-      for (int64_t t = (j > start ? j - start : 0); t < T; ++t) {
-        float p = scores[t * end + j] / totals[t];
+    for (int64_t first = b * bs, stop = end < first + bs ? end : first + bs, last; j < stop; j = last) {
+      last = stop < j + run ? stop : j + run;  /* the run j..last-1 */
+      if (T == 1)  /* with more rows, their arithmetic hides the jumps and prefetching cost more */
+        for (int64_t u = j; u < last; u += 8) paged_prefetch(&ahead);
+      const float* vj = v + (j - first) * hd;
+      for (int64_t t = j > start ? j - start : 0; t < T; ++t) {
+        int64_t n = start + t + 1, count = (n < last ? n : last) - j;
+        const float* p = weights + t * end + j;
         float* o = o0 + t * stride;
-        for (int64_t i = 0; i < hd; ++i) o[i] += p * vj[i];
+        for (int64_t i = 0; i < vec; i += 64) {
+          switch ((vec - i) / 8) {
+            case 1: weigh_vectors(p, vj + i, hd, count, o + i, 1); break;
+            case 2: weigh_vectors(p, vj + i, hd, count, o + i, 2); break;
+            case 3: weigh_vectors(p, vj + i, hd, count, o + i, 3); break;
+            case 4: weigh_vectors(p, vj + i, hd, count, o + i, 4); break;
+            case 5: weigh_vectors(p, vj + i, hd, count, o + i, 5); break;
+            case 6: weigh_vectors(p, vj + i, hd, count, o + i, 6); break;
+            case 7: weigh_vectors(p, vj + i, hd, count, o + i, 7); break;
+            default: weigh_vectors(p, vj + i, hd, count, o + i, 8);
+          }
+        }
+        for (int64_t i = vec; i < hd; ++i) {  /* head sizes that are not a multiple of 8 */
+          float a = o[i];
+          for (int64_t u = 0; u < count; ++u) a = fmaf(p[u], vj[u * hd + i], a);
+          o[i] = a;
+        }
       }
     }
   }
@@ -355,13 +470,13 @@ static void paged_attend_unbuffered(const float* q, const float* keys, const flo
     for (int u = 0; u < 8; ++u) {
       const float* vj = paged_at(values, table, g, j + u, Hkv, bs, hd);
       float p = s[u] / total;
-      for (int64_t i = 0; i < hd; ++i) o[i] += p * vj[i];
+      for (int64_t i = 0; i < hd; ++i) o[i] = fmaf(p, vj[i], o[i]);
     }
   }
   for (; j < n; ++j) {
     const float* vj = paged_at(values, table, g, j, Hkv, bs, hd);
     float p = exp1(rounded1(dot_tail(q, paged_at(keys, table, g, j, Hkv, bs, hd), hd) * scale) - top) / total;
-    for (int64_t i = 0; i < hd; ++i) o[i] += p * vj[i];
+    for (int64_t i = 0; i < hd; ++i) o[i] = fmaf(p, vj[i], o[i]);
   }
 }
 
@@ -386,7 +501,6 @@ void paged_attention(const float* qkv, int64_t S, const int64_t* seg_row, const 
   {
     float* scores = NULL;  /* grown as needed, at most PAGED_SCRATCH_FLOATS */
     int64_t capacity = 0;
-    float totals[PAGED_MAX_ROWS];
     #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < S * chunks * H; ++item) {
       int64_t h = item % H, c = item / H % chunks, s = item / H / chunks;
@@ -409,12 +523,18 @@ void paged_attention(const float* qkv, int64_t S, const int64_t* seg_row, const 
                                   o0 + t * H * hd);
         continue;
       }
-      for (int64_t t = 0; t < T; ++t) {
-        totals[t] = paged_softmax_row(q0 + t * width, keys, table, g, Hkv, bs, hd, start + t + 1, scale, scores + t * end);
+      paged_scores(q0, width, keys, values, table, g, Hkv, bs, hd, start, T, scale, scores);
+      for (int64_t t = 0; t < T; ++t) {  /* each row's softmax: exponentials over their total */
+        float* row = scores + t * end;
+        int64_t n = start + t + 1, j = 0;
+        float total = exponentiate_from(row, n, row_max(row, n));
+        __m256 total8 = _mm256_set1_ps(total);
+        for (; j + 8 <= n; j += 8) _mm256_storeu_ps(row + j, _mm256_div_ps(_mm256_loadu_ps(row + j), total8));
+        for (; j < n; ++j) row[j] = row[j] / total;
         float* o = o0 + t * H * hd;
         for (int64_t i = 0; i < hd; ++i) o[i] = 0.0f;
       }
-      paged_weigh_values(scores, totals, values, table, g, Hkv, bs, hd, start, T, o0, H * hd);
+      paged_weigh(scores, values, table, g, Hkv, bs, hd, start, T, o0, H * hd);
     }
     free(scores);
   }
