@@ -132,7 +132,9 @@ def engine_runner(lm, memory_bytes: int = 256 << 20):
     """The runner `verispec` picks for `lm`: the batched one where it can batch, else sessions in turn."""
     if batchable(lm) is not None:
         return SessionRunner(lm)
-    return ModelRunner(lm, memory_bytes)
+    per_block = 2 * len(lm.layers) * lm.kv_heads * 16 * lm.head_dim * 4
+    window = (lm.max_positions // 16 + 1) * per_block  # the least the runner takes: one full window
+    return ModelRunner(lm, max(memory_bytes, 2 * window))
 
 
 def random_prompts(count: int, vocab: int, seed: int, min_len: int = 1, max_len: int = 24) -> list[list[int]]:

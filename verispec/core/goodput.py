@@ -216,11 +216,15 @@ def measure_pass_costs(runner, max_rows: int, draft_s: float = 0.0, context: int
     from verispec.core.kv_cache import BlockTable
     from verispec.core.runner import Segment
 
-    vocab = runner.lm.vocab_size
+    vocab, window = runner.lm.vocab_size, runner.lm.max_positions
+    if window is not None:  # a small model's window bounds both: rows first, the context the rest
+        max_rows = max(1, min(max_rows, window // 2))
+        context = max(0, min(context, window - max_rows))
     tokens = [1 + i % (vocab - 1) for i in range(context + max_rows)]
     table = BlockTable(runner.pool)
     try:
-        runner.forward([Segment(tokens[:context], 0, table, logits=0)])
+        if context:
+            runner.forward([Segment(tokens[:context], 0, table, logits=0)])
         rows, seconds = [], []
         for width in [r for r in SAMPLE_ROWS if r <= max_rows] or [1]:
             samples = []
