@@ -380,7 +380,8 @@ def run_bench(
     console = Console(stderr=True)
     models = resolve_models(settings.part(ModelSettings))
     device, dtype = resolve_device(models.device), resolve_dtype(models.dtype)
-    engine = build_engine(settings)
+    # Without the prefix cache: every configuration reads each prompt itself, as a lone request would.
+    engine = build_engine(settings.model_copy(update={"prefix_cache": False}))
     notes = []
     if models.draft is None:
         notes.append(f"no draft model (proposer {models.proposer}): draft configurations and transformers assisted skipped")
