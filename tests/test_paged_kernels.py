@@ -189,11 +189,16 @@ def test_paged_attention_is_the_contiguous_kernel_bit_for_bit(H, Hkv, hd, bs):
 def small_scratch(tmp_path_factory):
     """layer_ops.c built with 64 floats of scratch per work item: work items of a few rows, and
     rows whose context does not fit done by the scratch-free path."""
+    return layer_ops_built_with(tmp_path_factory.mktemp("small-scratch"), ["-DPAGED_SCRATCH_FLOATS=64"])
+
+
+def layer_ops_built_with(folder, defines: list[str]):
+    """layer_ops.c compiled alone with these defines, its paged_attention bound as the kernels' is."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    built = tmp_path_factory.mktemp("small-scratch") / "layer_ops.so"
+    built = folder / "layer_ops.so"
     source = next(path for path in kernels.KERNEL_SOURCES if path.name == "layer_ops.c")
     subprocess.run(
-        [compiler, *kernels.KERNEL_FLAGS, "-DPAGED_SCRATCH_FLOATS=64", str(source), "-lm", "-o", str(built)],
+        [compiler, *kernels.KERNEL_FLAGS, *defines, str(source), "-lm", "-o", str(built)],
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
     library = ctypes.CDLL(str(built))
@@ -217,18 +222,7 @@ def test_small_scratch_and_the_scratch_free_path_give_the_same_bits(small_scratc
 def short_runs(tmp_path_factory):
     """layer_ops.c built to sweep the cache in runs of one group of 8 positions and to prefetch one
     group on: runs that split every block, and the keys' prefetch crossing into the values at once."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    built = tmp_path_factory.mktemp("short-runs") / "layer_ops.so"
-    source = next(path for path in kernels.KERNEL_SOURCES if path.name == "layer_ops.c")
-    defines = ["-DPAGED_RUN_FLOATS=8", "-DPAGED_AHEAD_FLOATS=8"]
-    subprocess.run(
-        [compiler, *kernels.KERNEL_FLAGS, *defines, str(source), "-lm", "-o", str(built)],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    library = ctypes.CDLL(str(built))
-    library.paged_attention.argtypes = ops.paged_attention.argtypes
-    library.paged_attention.restype = None
-    return library
+    return layer_ops_built_with(tmp_path_factory.mktemp("short-runs"), ["-DPAGED_RUN_FLOATS=8", "-DPAGED_AHEAD_FLOATS=8"])
 
 
 # head sizes that are not a multiple of 8 (the values' sums past the last vector), a block of 8
