@@ -154,7 +154,7 @@ def test_batch_engine_started_under_a_cpu_hog_heals_once_it_goes(cheap_draft_pai
     target, proposer, tokenizer = cheap_draft_pair
     batch = BatchSettings(kv_cache_memory="32MiB", max_pass_tokens=16)
     core = Engine(ModelRunner(target, batch.kv_cache_bytes, batch.kv_block_size), tokenizer, frozenset({EOS}), batch, 1)
-    core.draft_batch(proposer)  # as the server builds it: the first costs() measures the draft pass too
+    core.drafting.batch(proposer)  # as the server builds it: the first costs() measures the draft pass too
     try:
         quiet = goodput.measure_pass_costs(core.runner, 2, repeats=9)
         with cpu_hog():

@@ -253,10 +253,6 @@ class Engine:
             rows += 1
         return rows
 
-    def draft_batch(self, proposer: Proposer):
-        """The batched drafter of a proposer that offers a draft model the runner can batch."""
-        return self.drafting.batch(proposer)
-
     # -- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[tuple[Request, Delta]]:

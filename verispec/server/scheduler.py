@@ -84,6 +84,8 @@ class Scheduler:
         self._inbox: deque[Job] = deque()  # submitted, not yet handed to the engine
         self._offers: deque[tuple[Job, Proposal]] = deque()  # verify-API sessions' next drafts
         self._jobs: dict[Request, Job] = {}  # every job in the engine, by its request
+        self._active_count = 0  # slots held as of the last step, published by the engine thread
+        self._waiting_count = 0  # waiting in the engine or the inbox, and offers not yet taken
         self._cv = threading.Condition()
         self._draining = False
         self._stopped = False
@@ -136,9 +138,6 @@ class Scheduler:
     def active(self) -> int:
         """Running requests that hold a slot (`Job.holds_slot`)."""
         return self._active_count
-
-    _active_count = 0  # as of the last step, published by the engine thread
-    _waiting_count = 0  # waiting in the engine or the inbox, and offers not yet taken
 
     def drain(self, grace_s: float) -> None:
         """Stop admitting; let in-flight work finish for up to `grace_s`, then cancel the rest."""
