@@ -137,6 +137,21 @@ def engine_runner(lm, memory_bytes: int = 256 << 20):
     return ModelRunner(lm, max(memory_bytes, 2 * window))
 
 
+def written_cache(runner, tables, lengths: list[int]) -> list[torch.Tensor]:
+    """Per layer, keys then values: the pool positions each sequence has written (its first `lengths`
+    positions, block by block), in table order. The rest of a pool is never written (the runner
+    leaves it uninitialised), so two runners are compared on these alone."""
+    size = runner.pool.block_size
+    out = []
+    for pool in runner.keys + runner.values:
+        parts = []
+        for table, length in zip(tables, lengths, strict=True):
+            for i, block in enumerate(table.blocks[: -(-length // size)]):
+                parts.append(pool[block, :, : min(size, length - i * size)].flatten())
+        out.append(torch.cat(parts))
+    return out
+
+
 def random_prompts(count: int, vocab: int, seed: int, min_len: int = 1, max_len: int = 24) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (count,), generator=g)
