@@ -204,6 +204,8 @@ for cli in llama-cli llama-completion; do
     fi
 done
 [ "$CLI_FOUND" = 1 ] || log "warning: no CLI target (llama-cli / llama-completion) in this tree"
+# llama-quantize makes the GGUF files of every type that the kernel tests compare against
+has_target llama-quantize && TARGETS+=(llama-quantize)
 for t in llama-server llama-bench; do
     has_target "$t" || { echo "error: target $t not in this tree" >&2; exit 1; }
 done

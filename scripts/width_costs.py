@@ -1,7 +1,8 @@
 """The cost of a pass by width for one model file, beside llama.cpp's on the same file, in one run:
 
     python scripts/width_costs.py MODEL [--context 400] [--widths 1,2,4,5,8,16,32] [--batch 1,2,4,8]
-        [--prefill 128] [--repeats 100] [--warm-up 5] [--threads 2] [--llama-bench PATH] [--json OUT]
+        [--prefill 128] [--repeats 100] [--warm-up 5] [--threads 2] [--activations float,q8]
+        [--llama-bench PATH] [--json OUT]
 
 MODEL (a Hugging Face folder or a GGUF file) is loaded as `verispec serve` loads it. Every pass
 starts at --context cached positions and is rolled back after: width W is W rows of one sequence
@@ -12,6 +13,9 @@ cases are interleaved: each repeat runs every case once, the first one rotating,
 drift hits all alike; --warm-up repeats first are not counted. Printed per case: the median, its
 multiple of the decode step (the ratio of the two printed medians), ms per row, and GFMA/s =
 weight-matrix elements x rows / seconds (attention not counted, the head only for rows with logits).
+--activations float,q8 loads the model once per numeric model (`--activations` of verispec; q8 is
+for block-quantized weights) and interleaves both sets of cases in the same rounds; each set's
+multiples are of its own decode step.
 
 Where MODEL is a GGUF file and llama-bench is found (--llama-bench, else $LLAMACPP_DIR/bin, default
 ~/.cache/verispec/llama.cpp/bin as scripts/build_llamacpp.sh builds it, else PATH), one run of
@@ -43,6 +47,7 @@ from rich.table import Table
 from verispec.config import BatchSettings
 from verispec.core.kv_cache import BlockTable
 from verispec.core.runner import ModelRunner, Segment, batchable
+from verispec.errors import UserError
 from verispec.models import load_model
 from verispec.models.gguf_file import gguf_path
 from verispec.models.kernels import kernel_library
@@ -194,12 +199,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=100, help="timed rounds over every case")
     parser.add_argument("--warm-up", type=int, default=5, help="rounds run first and not counted")
     parser.add_argument("--threads", type=int, default=2, help="torch threads here, -t for llama-bench")
+    parser.add_argument("--activations", type=lambda text: [a for a in text.split(",") if a], default=["float"],
+                        help="float, q8, or float,q8 to compare the two side by side")
     parser.add_argument("--llama-bench", type=Path, default=None, help=f"llama-bench binary (default: {LLAMA_BENCH}, else PATH)")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here as JSON")
     args = parser.parse_args(argv)
     args.widths = sorted({1, *args.widths})
     if min(args.widths + args.batch + [args.prefill, args.context - 1, args.repeats - 1, args.warm_up]) < 0:
         parser.error("sizes, --context and --repeats must be positive")
+    if not args.activations or set(args.activations) - {"float", "q8"}:
+        parser.error("--activations takes float, q8 or float,q8")
     if args.llama_bench is not None and not args.llama_bench.is_file():
         parser.error(f"no llama-bench at {args.llama_bench}")
     return args
@@ -210,16 +219,24 @@ def main(argv: list[str] | None = None) -> dict:
     console, notes = Console(width=160), []
     torch.set_num_threads(args.threads)
     load_before = tuple(round(x, 2) for x in os.getloadavg())
-    lm = load_model(args.model, torch.device("cpu"), torch.float32)
-    limit = getattr(lm, "max_positions", None)
-    if limit and args.context + max(args.widths + [args.prefill]) > limit:
-        sys.exit(f"error: context {args.context} plus the widest pass exceeds the model's {limit} positions")
-
-    cases = width_cases(lm, args.context, args.widths, args.prefill)
-    batched, why = batch_cases(lm, args.context, args.batch)
-    if why and args.batch:
-        notes.append(f"batch of one-row sequences: skipped, {why}")
-    measure(cases + batched, args.repeats, args.warm_up)
+    groups = []  # per numeric model: its model and its cases, width 1 first
+    for activations in args.activations:
+        try:
+            lm = load_model(args.model, torch.device("cpu"), torch.float32, activations=activations)
+        except UserError as exc:
+            sys.exit(f"error: {exc}")
+        limit = getattr(lm, "max_positions", None)
+        if limit and args.context + max(args.widths + [args.prefill]) > limit:
+            sys.exit(f"error: context {args.context} plus the widest pass exceeds the model's {limit} positions")
+        cases = width_cases(lm, args.context, args.widths, args.prefill)
+        batched, why = batch_cases(lm, args.context, args.batch)
+        if why and args.batch:
+            notes.append(f"batch of one-row sequences: skipped, {why}")
+        if len(args.activations) > 1:
+            for case in cases + batched:
+                case.name += f" ({activations})"
+        groups.append((lm, cases + batched))
+    measure([case for _, cases in groups for case in cases], args.repeats, args.warm_up)
 
     gguf, llama, llama_command = gguf_path(args.model), {}, None
     bench = args.llama_bench or (LLAMA_BENCH if LLAMA_BENCH.is_file() else shutil.which("llama-bench"))
@@ -236,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
             notes.append(f"llama.cpp: llama-bench failed, {exc}")
 
     weights = weight_counts(lm)
-    rows = build_rows(cases + batched, weights, llama)
+    rows = [row for _, cases in groups for row in build_rows(cases, weights, llama)]
     load_after = tuple(round(x, 2) for x in os.getloadavg())
     console.print(f"{args.model}: context {args.context}, {args.threads} threads, medians of {args.repeats} interleaved repeats "
                   f"({args.warm_up} warm-up not counted); x decode = ms / width 1's ms", highlight=False, soft_wrap=True)  # fmt: skip
@@ -250,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "command": shlex.join(["python", "scripts/width_costs.py", *(sys.argv[1:] if argv is None else argv)]),
         "model": args.model, "context": args.context, "threads": args.threads, "repeats": args.repeats,
-        "warm_up": args.warm_up, "weights": list(weights) if weights else None, "path": getattr(lm, "path_report", dict)(),
+        "warm_up": args.warm_up, "weights": list(weights) if weights else None,
+        "paths": [getattr(model, "path_report", dict)() for model, _ in groups],
         "loadavg_before": list(load_before), "loadavg_after": list(load_after), "rows": [asdict(r) for r in rows],
         "llama_bench": {"command": llama_command, "ms": llama} if llama_command else None, "notes": notes,
     }  # fmt: skip

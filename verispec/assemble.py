@@ -75,7 +75,7 @@ def portable_model_refs(values: dict) -> dict:
 def _load(models: ModelSettings, ref: str, role: str, device: torch.device, dtype: torch.dtype) -> CausalLM:
     return load_model(
         ref, device, dtype, role=role, backend=models.backend, cpu_kernel=models.cpu_kernel, compile=models.compile,
-        weights_dtype=models.weights_dtype,
+        weights_dtype=models.weights_dtype, activations=models.activations,
     )  # fmt: skip
 
 

@@ -47,6 +47,13 @@ class ModelSettings(BaseModel):
         "q8_0 round or quantize them so a float32 checkpoint runs on the CPU kernel step (a change of model: "
         "outputs are exact for the converted model, not the original)",
     )
+    activations: Literal["float", "q8"] = Field(
+        "float",
+        description="arithmetic of block-quantized weights (GGUF files, --weights-dtype q8_0) on the CPU kernel: "
+        "float = float32 activations times the exact dequantized weights; q8 = activations quantized to 8 bits per "
+        "block of 32 and integer dot products, as llama.cpp runs them (faster; a change of model, shown in /readyz "
+        "and audit records; outputs stay exact for it at any depth and batch)",
+    )
 
 
 class SpeculationSettings(BaseModel):

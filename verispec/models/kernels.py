@@ -56,8 +56,8 @@ log = logging.getLogger(__name__)
 # same library at install time. The header declares the library's boundary once: every source
 # includes it, this module's ctypes binding mirrors it (tests/test_kernel_abi.py checks the two
 # against the library's vs_layout), and a change to it rebuilds the library (sources_digest).
-KERNEL_SOURCE_NAMES = ("widen_linear.c", "layer_ops.c", "quant_linear.c", "lean_step.c", "layout.c")
-KERNEL_HEADER_NAMES = ("verispec_kernels.h",)
+KERNEL_SOURCE_NAMES = ("widen_linear.c", "layer_ops.c", "quant_linear.c", "quant_int8.c", "lean_step.c", "layout.c")
+KERNEL_HEADER_NAMES = ("verispec_kernels.h", "quant_blocks.h")
 KERNEL_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 KERNEL_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in KERNEL_SOURCE_NAMES)
 KERNEL_HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in KERNEL_HEADER_NAMES)
@@ -148,6 +148,7 @@ class Linear:
 # VS_WIDEN_F16, VS_WIDEN_BF16); a GGUF-quantized part is VS_QUANTIZED + its GGML type id.
 NATIVE_FORMS = {"widen-f16": 1, "widen-bf16": 2}
 QUANTIZED_FORM = 100
+QUANTIZED_Q8_FORM = 200  # the same weights times activations quantized to 8 bits (csrc/quant_int8.c)
 
 
 class Part(NamedTuple):
@@ -367,7 +368,7 @@ KERNEL_ERRORS = {
 # Each code of csrc/verispec_kernels.h and the value this package uses for it.
 C_CODES = {
     "VS_WIDEN_F16": NATIVE_FORMS["widen-f16"], "VS_WIDEN_BF16": NATIVE_FORMS["widen-bf16"],
-    "VS_QUANTIZED": QUANTIZED_FORM, "VS_CONTIGUOUS": ATTENTION_CONTIGUOUS, "VS_PAGED": ATTENTION_PAGED,
+    "VS_QUANTIZED": QUANTIZED_FORM, "VS_QUANTIZED_Q8": QUANTIZED_Q8_FORM, "VS_CONTIGUOUS": ATTENTION_CONTIGUOUS, "VS_PAGED": ATTENTION_PAGED,
     "VS_ERROR_UNSUPPORTED": ERROR_UNSUPPORTED, "VS_ERROR_NO_MEMORY": ERROR_NO_MEMORY,
     "VS_PANEL": PANEL, "VS_PANEL_AVX512": PANEL_AVX512, "VS_ATTENTION_ROWS": ATTENTION_ROWS,
 }  # fmt: skip
@@ -443,11 +444,15 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         "quant_dequantize": [i32, pointer, i64, i64, pointer],
         "quant_rows": [i32, pointer, i64, pointer, i64, pointer],
         "quant_set_lanes": [i32],
+        "quant_linear_q8": [i32, pointer, i64, pointer, i64, i64, pointer, pointer, i64, i32, i32],
+        "quant_q8_isa": [i32],
+        "quant_q8_pack": [i32, pointer, i64, i64, pointer],
     }
     for name, arguments in quant_signatures.items():
         function = getattr(library, name)
         function.argtypes = arguments
         function.restype = i32
+    library.quant_q8_packed_bytes.argtypes, library.quant_q8_packed_bytes.restype = [i32, i64, i64], i64
     # csrc/lean_step.c: every layer of a pass in one call; 0, or quant_linear's codes (`kernel_error`).
     library.lean_layers.argtypes = [
         ctypes.POINTER(VsModel), pointer, i64, ctypes.POINTER(VsAttention), ctypes.POINTER(VsScratch), i32,

@@ -135,13 +135,20 @@ class LeanModel:
         parts = list(weight) if isinstance(weight, list | tuple) else [weight]
         kernel = self.kernel and not self.compiled and self.device.type == "cpu"
         if all(isinstance(p, QuantWeight) for p in parts) and kernel and kernel_library() is not None:
-            return QuantLinear(parts, None if bias is None else bias.float())
+            return QuantLinear(parts, None if bias is None else bias.float(), self.requested_activations)
         if any(isinstance(p, QuantWeight) for p in parts):  # the same values in float32, on the float path
             self.dequantized += 1
         stacked = torch.cat([p.dequantize() if isinstance(p, QuantWeight) else p for p in parts])
         stacked = stacked.to(device=self.device, dtype=self.dtype)
         bias = None if bias is None else bias.to(device=self.device, dtype=self.dtype)
         return Linear(stacked, bias, kernel=kernel, prepack=not self.compiled)
+
+    requested_activations = "float"  # LeanLM's --activations: the arithmetic of its block-quantized weights
+
+    @property
+    def activations(self) -> str:
+        """"q8" where block-quantized matrices run with 8-bit activations, else "float"."""
+        return "q8" if any(getattr(linear, "activations", "float") == "q8" for linear in self.linears()) else "float"
 
     def path_report(self) -> dict:
         """Which form every weight matrix runs in, whether passes run on the CPU kernel step,
@@ -172,7 +179,8 @@ class LeanModel:
                 "--weights-dtype float16, bfloat16 or q8_0 puts them on the kernel (a change of model)"
             )
         return {
-            "kernel_step": on, "forms": forms, "why": why, "avoidable": avoidable, "dequantized": self.dequantized,
+            "kernel_step": on, "forms": forms, "activations": self.activations, "why": why, "avoidable": avoidable,
+            "dequantized": self.dequantized,
             "build": None if build is None else build.source,
         }  # fmt: skip
 
@@ -204,8 +212,10 @@ class LeanLM(LeanModel):
         kernel: bool = True,
         compile: bool = False,
         weights_dtype: str = "auto",
+        activations: str = "float",
     ):
         super().__init__(path, device, dtype, kernel, compile)
+        self.requested_activations = activations
         config, folder = self.config, self.folder
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads

@@ -91,26 +91,47 @@ def load_model(
     cpu_kernel: bool = True,
     compile: bool = False,
     weights_dtype: str = "auto",
+    activations: str = "float",
 ) -> CausalLM:
     """Load with the lean backend where it supports the checkpoint (backend 'auto' or 'lean'),
     else with transformers. `cpu_kernel`: let the lean backend use its compiled CPU kernel
     (models/kernels.py); `compile`: compile its step with torch.compile; `weights_dtype`: the
-    storage of float weight matrices (quant.store_as), a documented change of model."""
+    storage of float weight matrices (quant.store_as), a documented change of model; `activations`:
+    "q8" runs block-quantized weights with 8-bit activations (csrc/quant_int8.c), another one."""
     ref = _check_reference(ref, role)
     gguf = gguf_path(ref)
     if gguf is not None and backend == "transformers":
         raise UserError(f"the {role} model {ref} is a GGUF file, which the lean backend runs; use --backend auto or lean")
     if weights_dtype != "auto" and backend == "transformers":
         raise UserError("--weights-dtype needs the lean backend; use --backend auto or lean")
+    if activations != "float" and backend == "transformers":
+        raise UserError("--activations q8 needs the lean backend; use --backend auto or lean")
     if backend in ("auto", "lean"):
         unsupported = lean_support(ref)
         if unsupported is None:
             if gguf is None and AutoConfig.from_pretrained(ref).model_type == "gpt2":
-                if weights_dtype != "auto":
-                    raise UserError("--weights-dtype is for Llama-family models; lean GPT-2 runs weights as stored")
+                if weights_dtype != "auto" or activations != "float":
+                    raise UserError(
+                        "--weights-dtype and --activations are for Llama-family models; lean GPT-2 runs weights as stored"
+                    )
                 lm = LeanGPT2(ref, device, dtype, kernel=cpu_kernel, compile=compile)
             else:
-                lm = LeanLM(ref, device, dtype, kernel=cpu_kernel, compile=compile, weights_dtype=weights_dtype)
+                lm = LeanLM(
+                    ref, device, dtype, kernel=cpu_kernel, compile=compile, weights_dtype=weights_dtype,
+                    activations=activations,
+                )  # fmt: skip
+            if activations != lm.activations:  # nothing block-quantized to run with 8-bit activations
+                if role == "target" and getattr(lm, "dequantized", 0):
+                    raise UserError(
+                        f"--activations {activations} needs the compiled CPU kernel, and it is unavailable here "
+                        f"({lm.path_report()['why']}); leave --activations at float"
+                    )
+                if role == "target":
+                    raise UserError(
+                        f"--activations {activations} runs block-quantized weights, and the {role} model {ref} has "
+                        "none: load a GGUF file, or add --weights-dtype q8_0 (each a change of model)"
+                    )
+                log.info("%s model %s has no block-quantized weights: its activations stay float32", role, ref)
             _log_path(lm, role)
             return lm
         if backend == "lean":
@@ -118,6 +139,8 @@ def load_model(
         log.info("%s model %s runs on transformers: lean backend does not support %s", role, ref, unsupported)
     if compile:
         raise UserError(f"--compile needs the lean backend, but the {role} model {ref} runs on transformers")
+    if activations != "float":
+        raise UserError(f"--activations {activations} needs the lean backend, but the {role} model {ref} runs on transformers")
     try:
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
     except (OSError, ValueError) as exc:
@@ -138,6 +161,8 @@ def _log_path(lm: CausalLM, role: str) -> None:
     state = "on" if path["kernel_step"] else "off"
     # off for a reason the user can change (the weights' storage, a missing compiler): a warning, seen without -v
     level = logging.WARNING if path["avoidable"] else logging.INFO
+    if path.get("activations") == "q8":
+        forms += "; activations quantized to 8 bits (--activations q8)"
     log.log(level, "%s model %s: kernel step %s (%s); weight matrices: %s", role, lm.name, state, path["why"], forms)
     if path["dequantized"]:
         log.warning(

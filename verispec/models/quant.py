@@ -25,6 +25,7 @@ from gguf import quants as gguf_quants
 
 from verispec.models.kernels import (
     QUANTIZED_FORM,
+    QUANTIZED_Q8_FORM,
     Part,
     VsProjection,
     kernel_error,
@@ -92,9 +93,15 @@ def check_shape(type: GGMLQuantizationType, in_features: int, name: str) -> None
 class QuantLinear:
     """y = x @ W.T (+ bias) for a weight made of quantized parts stacked by rows (a fused q/k/v
     projection may hold two formats, e.g. Q4_K and Q6_K in a Q4_K_M file): each part writes its
-    columns of y, dequantized in registers by the compiled kernel."""
+    columns of y, dequantized in registers by the compiled kernel. `activations`: "float" multiplies
+    float32 activations by the exact dequantized weights (csrc/quant_linear.c); "q8" quantizes each
+    row's activations to 8 bits per block of 32 and multiplies integers (csrc/quant_int8.c), as
+    llama.cpp does: faster, and a different model, chosen by the user (ModelSettings.activations)."""
 
-    def __init__(self, parts: Sequence[QuantWeight], bias: torch.Tensor | None = None):
+    def __init__(self, parts: Sequence[QuantWeight], bias: torch.Tensor | None = None, activations: str = "float"):
+        if activations not in ("float", "q8"):
+            raise ValueError(f"activations must be float or q8, not {activations!r}")
+        self.activations = activations
         self.parts = list(parts)
         self.in_features = self.parts[0].in_features
         self.out_features = sum(part.out_features for part in self.parts)
@@ -102,12 +109,25 @@ class QuantLinear:
         self.form = "+".join(dict.fromkeys(part.form for part in self.parts))
         self._library = kernel_library()
         self._columns = np.cumsum([0] + [part.out_features for part in self.parts[:-1]]).tolist()
+        # What the kernel streams: the blocks as stored, or with q8 activations their rows
+        # interleaved 8 at a time once here (csrc/quant_int8.c: quant_q8_pack).
+        self._streamed = [part.data if activations == "float" else self._packed(part) for part in self.parts]
+
+    def _packed(self, part: QuantWeight) -> torch.Tensor:
+        size = self._library.quant_q8_packed_bytes(int(part.type), part.out_features, self.in_features)
+        if size <= 0:
+            raise RuntimeError(f"8-bit activations do not run {part.type.name}")
+        packed = torch.empty(size, dtype=torch.uint8)
+        data = part.data.contiguous()
+        if self._library.quant_q8_pack(int(part.type), data.data_ptr(), part.out_features, self.in_features, packed.data_ptr()):
+            raise RuntimeError(f"8-bit activations do not run {part.type.name}")
+        return packed
 
     on_kernel = True
 
     @property
     def nbytes(self) -> int:
-        return sum(part.data.numel() for part in self.parts)
+        return sum(weight.numel() for weight in self._streamed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().contiguous()
@@ -118,10 +138,11 @@ class QuantLinear:
     def into(self, x: torch.Tensor, y: torch.Tensor, accumulate: bool = False) -> None:
         """y = x @ W.T + bias, or y += it; x and y contiguous float32. Every row is computed alone."""
         threads = torch.get_num_threads()
-        for part, column in zip(self.parts, self._columns, strict=True):
+        kernel = self._library.quant_linear_q8 if self.activations == "q8" else self._library.quant_linear
+        for part, weight, column in zip(self.parts, self._streamed, self._columns, strict=True):
             bias = None if self.bias is None else self.bias[column:].data_ptr()
-            done = self._library.quant_linear(
-                int(part.type), x.data_ptr(), x.shape[0], part.data.data_ptr(), part.out_features, self.in_features,
+            done = kernel(
+                int(part.type), x.data_ptr(), x.shape[0], weight.data_ptr(), part.out_features, self.in_features,
                 bias, y.data_ptr() + 4 * column, self.out_features, accumulate, threads,
             )  # fmt: skip
             if done == -2:
@@ -130,12 +151,16 @@ class QuantLinear:
                 raise RuntimeError(f"the quantized kernel does not run {part.type.name}")
 
 
+    @property
+    def _form(self) -> int:
+        return QUANTIZED_Q8_FORM if self.activations == "q8" else QUANTIZED_FORM
+
     def native_parts(self) -> list[Part]:
         """Its parts as the one-call step (`csrc/lean_step.c`) runs them, each writing its columns."""
         return [
-            Part(QUANTIZED_FORM + int(part.type), part.data, part.out_features, self.in_features,
+            Part(self._form + int(part.type), weight, part.out_features, self.in_features,
                  None if self.bias is None else self.bias[column:], column)
-            for part, column in zip(self.parts, self._columns, strict=True)
+            for part, weight, column in zip(self.parts, self._streamed, self._columns, strict=True)
         ]  # fmt: skip
 
     @functools.cached_property

@@ -50,9 +50,11 @@ static int project(const vs_projection* projection, const float* x, int64_t M, f
         widen_linear_bf16(x, M, p->weight, p->out_features, p->in_features, p->bias, out, projection->out_features,
                           accumulate, threads);
         break;
-      default: { /* VS_QUANTIZED + GGML type id */
-        int failed = quant_linear((int)(p->form - VS_QUANTIZED), x, M, p->weight, p->out_features, p->in_features,
-                                  p->bias, out, projection->out_features, accumulate, threads);
+      default: { /* VS_QUANTIZED or VS_QUANTIZED_Q8 + GGML type id */
+        int q8 = p->form >= VS_QUANTIZED_Q8;
+        int failed = (q8 ? quant_linear_q8 : quant_linear)((int)(p->form - (q8 ? VS_QUANTIZED_Q8 : VS_QUANTIZED)), x, M,
+                                                           p->weight, p->out_features, p->in_features, p->bias, out,
+                                                           projection->out_features, accumulate, threads);
         if (failed) return failed;
       }
     }

@@ -18,7 +18,12 @@
 /* ---- codes ---- */
 
 /* Storage forms of a projection part (kernels.py: NATIVE_FORMS, QUANTIZED_FORM). */
-enum { VS_WIDEN_F16 = 1, VS_WIDEN_BF16 = 2, VS_QUANTIZED = 100 /* + GGML type id (quant_linear.c) */ };
+enum {
+  VS_WIDEN_F16 = 1,
+  VS_WIDEN_BF16 = 2,
+  VS_QUANTIZED = 100,    /* + GGML type id: float activations (quant_linear.c) */
+  VS_QUANTIZED_Q8 = 200, /* + GGML type id: activations quantized to 8 bits (quant_int8.c) */
+};
 
 /* vs_attention.mode (kernels.py: ATTENTION_CONTIGUOUS, ATTENTION_PAGED). */
 enum { VS_CONTIGUOUS = 0, VS_PAGED = 1 };
@@ -42,7 +47,7 @@ enum { VS_ERROR_UNSUPPORTED = -1, VS_ERROR_NO_MEMORY = -2 };
    A fused projection (q, k and v stacked) is one part where all of it is stored in one form, or
    several written side by side where its pieces are stored in different forms. */
 typedef struct {
-  int64_t form; /* VS_WIDEN_F16, VS_WIDEN_BF16, or VS_QUANTIZED + GGML type id */
+  int64_t form; /* VS_WIDEN_F16, VS_WIDEN_BF16, or VS_QUANTIZED(_Q8) + GGML type id */
   const void* weight;
   int64_t out_features, in_features;
   const float* bias; /* this part's out_features values, or NULL */
@@ -123,6 +128,16 @@ int quant_linear(int type, const float* x, int64_t M, const uint8_t* w, int64_t 
 int quant_dequantize(int type, const uint8_t* w, int64_t rows, int64_t K, float* out);
 int quant_rows(int type, const uint8_t* w, int64_t K, const int64_t* ids, int64_t n, float* out);
 int quant_set_lanes(int lanes);
+
+/* quant_int8.c: the same weights, repacked at load (quant_q8_pack into quant_q8_packed_bytes; 0
+   for a type it lacks), times activations quantized to 8 bits per block of 32 (integer dot
+   products); 0, VS_ERROR_UNSUPPORTED or VS_ERROR_NO_MEMORY. quant_q8_isa: 0 the best this CPU
+   has, 2 force AVX2 (tests); returns the one in use (512: AVX-512 VNNI, 2: AVX2). */
+int64_t quant_q8_packed_bytes(int type, int64_t N, int64_t K);
+int quant_q8_pack(int type, const uint8_t* w, int64_t N, int64_t K, uint8_t* out);
+int quant_linear_q8(int type, const float* x, int64_t M, const uint8_t* packed, int64_t N, int64_t K, const float* bias,
+                    float* y, int64_t ldy, int accumulate, int threads);
+int quant_q8_isa(int isa);
 
 /* lean_step.c: every layer of a pass in one call, and the draft model's greedy loop; 0, or a
    VS_ERROR_ code. */
