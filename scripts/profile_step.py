@@ -2,7 +2,7 @@
 step (width k+1) of the verifier, and a draft step, on the chosen backend.
 
     python scripts/profile_step.py [--target T] [--draft D] [--backend lean|transformers] [--width 4]
-                                   [--steps 50] [--per-op]
+                                   [--steps 50] [--per-op] [--activations float|q8]
 
 Prints each step's time (the median of --steps passes, untimed inside) and the weight bytes it has
 to stream, which on a CPU bounds a step from below (bytes / memory bandwidth), then where the
@@ -24,7 +24,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from verispec.models import kernels, lean, load_model, reference_pair
+from verispec.models import kernels, lean, load_model, quant, reference_pair
 
 
 def weight_bytes(lm) -> int:
@@ -103,14 +103,19 @@ def _time_kernel_calls(lm, session, tokens, context: int, steps: int) -> str:
 
             return call
 
-    plain_into = kernels.Linear.into
+    plain = {cls: cls.into for cls in (kernels.Linear, quant.QuantLinear)}
 
-    def timed_into(linear, *args, **kwargs):
-        start = time.perf_counter()
-        plain_into(linear, *args, **kwargs)
-        spent[f"linear {names.get(id(linear), '?')}"] += time.perf_counter() - start
+    def timed(cls):
+        def timed_into(linear, *args, **kwargs):
+            start = time.perf_counter()
+            plain[cls](linear, *args, **kwargs)
+            spent[f"linear {names.get(id(linear), '?')}"] += time.perf_counter() - start
 
-    lean.kernel_library, kernels.Linear.into = (lambda: Timed()), timed_into
+        return timed_into
+
+    lean.kernel_library = lambda: Timed()
+    for cls in plain:
+        cls.into = timed(cls)
     try:
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -118,7 +123,9 @@ def _time_kernel_calls(lm, session, tokens, context: int, steps: int) -> str:
             session.rollback(context)
         total = time.perf_counter() - t0
     finally:
-        lean.kernel_library, kernels.Linear.into = kernels.kernel_library, plain_into
+        lean.kernel_library = kernels.kernel_library
+        for cls, into in plain.items():
+            cls.into = into
     rows = sorted(spent.items(), key=lambda item: -item[1])
     rows.append(("python and torch (embedding, buffers, dispatch)", total - sum(spent.values())))
     lines = [
@@ -141,14 +148,15 @@ def main() -> None:
         action="store_true",
         help="kernel step: the layers one kernel call per operation, timed by operation",
     )
+    parser.add_argument("--activations", default="float", choices=("float", "q8"), help="as verispec's --activations")
     args = parser.parse_args()
     cpu, f32 = torch.device("cpu"), torch.float32
-    target = load_model(args.target, cpu, f32, backend=args.backend)
+    target = load_model(args.target, cpu, f32, backend=args.backend, activations=args.activations)
     options = dict(steps=args.steps, per_op=args.per_op)
     decode = profile_step(target, "verifier decode", 1, **options)
     profile_step(target, "verifier verify", args.width, **options)
     if args.draft:
-        draft = load_model(args.draft, cpu, f32, role="draft", backend=args.backend)
+        draft = load_model(args.draft, cpu, f32, role="draft", backend=args.backend, activations=args.activations)
         step = profile_step(draft, "draft step", 1, **options)
         print(f"\ndraft step / verifier decode step: {step / decode:.3f}")
         vocab = getattr(target, "vocab_size", draft.vocab_size)

@@ -186,60 +186,6 @@ void rope_store(float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const
   }
 }
 
-static void paged_attend_unbuffered(const float* q, const float* keys, const float* values, const int64_t* table,
-                                    int64_t g, int64_t Hkv, int64_t bs, int64_t hd, int64_t n, float scale,
-                                    float* o);
-
-/* out (T, H hd): for query row t (position start+t) and head h, softmax(q . k_j * scale) over
-   cache positions j <= start+t of its KV head (grouped-query: H / Hkv query heads per KV head),
-   applied to the values. A head's T rows are done together, so each cached key and value is
-   read once per pass; each row's sums still run over j in ascending order as if it were alone.
-   Out of memory for that scratch, a thread does its rows one at a time without it (the paged
-   path's, over the cache as one block of P positions): the same bits, more slowly. */
-void attention(const float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* keys,
-               const float* values, int64_t P, int64_t start, float scale, float* out, int threads) {
-  int64_t width = (H + 2 * Hkv) * hd, group = H / Hkv, end = start + T;
-  static const int64_t one_block[1] = {0};
-  #pragma omp parallel num_threads(threads)
-  {
-    float* scores = scratch_floats(T, end);  /* row t: scores[t * end + j] */
-    float* totals = scratch_floats(T, 1);
-    #pragma omp for schedule(static)
-    for (int64_t h = 0; h < H; ++h) {
-      const float* k = keys + (h / group) * P * hd;
-      const float* v = values + (h / group) * P * hd;
-      if (!scores || !totals) {
-        for (int64_t t = 0; t < T; ++t)
-          paged_attend_unbuffered(qkv + t * width + h * hd, k, v, one_block, 0, 1, P, hd, start + t + 1, scale,
-                                  out + t * H * hd + h * hd);
-        continue;
-      }
-      for (int64_t t = 0; t < T; ++t) {
-        const float* q = qkv + t * width + h * hd;
-        float* row = scores + t * end;
-        int64_t n = start + t + 1;
-        int64_t j = 0;
-        for (; j + 8 <= n; j += 8)
-          _mm256_storeu_ps(row + j, _mm256_mul_ps(dot8(q, k + j * hd, hd), _mm256_set1_ps(scale)));
-        for (; j < n; ++j) row[j] = dot_tail(q, k + j * hd, hd) * scale;
-        totals[t] = exponentiate(row, n);
-        float* o = out + t * H * hd + h * hd;
-        for (int64_t i = 0; i < hd; ++i) o[i] = 0.0f;
-      }
-      for (int64_t j = 0; j < end; ++j) {  /* value j once, into every row that sees it */
-        const float* vj = v + j * hd;
-        for (int64_t t = (j > start ? j - start : 0); t < T; ++t) {
-          float p = scores[t * end + j] / totals[t];
-          float* o = out + t * H * hd + h * hd;
-          for (int64_t i = 0; i < hd; ++i) o[i] = fmaf(p, vj[i], o[i]);
-        }
-      }
-    }
-    free(scores);
-    free(totals);
-  }
-}
-
 /* The paged KV cache of a batch of sequences: per layer a key pool and a value pool, each
    (num_blocks, Hkv, bs, hd); position p of a sequence lives in block table[p / bs] at offset
    p % bs, its slot is block * bs + offset. bs is a multiple of 8, so the 8 keys j..j+7 from a j
@@ -538,6 +484,19 @@ void paged_attention(const float* qkv, int64_t S, const int64_t* seg_row, const 
     }
     free(scores);
   }
+}
+
+/* out (T, H hd): for query row t (position start+t) and head h, softmax(q . k_j * scale) over
+   cache positions j <= start+t of its KV head (grouped-query: H / Hkv query heads per KV head),
+   applied to the values. The contiguous cache (Hkv, P, hd) is the paged pool of one block of P
+   positions, so this is paged_attention over one segment with the table {0}: the same sweeps
+   (each key and value read once for all the rows, accumulators in registers, prefetch), the same
+   bits as the paged cache gives those positions. */
+void attention(const float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* keys,
+               const float* values, int64_t P, int64_t start, float scale, float* out, int threads) {
+  static const int64_t zero[1] = {0};
+  const int64_t rows[1] = {T}, position[1] = {start};
+  paged_attention(qkv, 1, zero, rows, position, zero, zero, H, Hkv, hd, keys, values, P, scale, out, threads);
 }
 
 /* out (T, F) = silu(gate) * up, gate_up (T, 2F) = [gate | up]. */

@@ -84,26 +84,28 @@ typedef void (*prep_fn)(const uint8_t* b, int blocks, float* ctx, int8_t* q);
 
 /* Per type: its prep; G, the weights sharing a scale (ctx[i / G] for weight i of a chunk); mins,
    where they start in ctx (ctx[mins + i / G]), or -1 without; negative, whether w = s * q - m;
-   nibble, the offset of its 4-bit integers (stored as q + nibble - 1 in 4 bits), or 0 for bytes. */
+   nibble, the offset of its 4-bit integers (stored as q + nibble - 1 in 4 bits), or 0 for bytes;
+   half, whether its scales and mins are the file's float16 values, kept in 16 bits (the bytes a
+   decode streams are then the file's), else products of them, kept in float32. */
 struct format {
   int type, qk, bytes;
   prep_fn prep;
-  int group, mins, negative, nibble;
+  int group, mins, negative, nibble, half;
 };
 
 static const struct format formats[] = {
-  {Q8_0, QK_q8_0, BYTES_q8_0, iprep_q8_0, 32, -1, 0, 0},
-  {Q4_0, QK_q4_0, BYTES_q4_0, iprep_q4_0, 32, -1, 0, 9},
-  {Q4_1, QK_q4_1, BYTES_q4_1, iprep_q4_1, 32, 8, 0, 1},
-  {Q5_0, QK_q5_0, BYTES_q5_0, iprep_q5_0, 32, -1, 0, 0},
-  {Q5_1, QK_q5_1, BYTES_q5_1, iprep_q5_1, 32, 8, 0, 0},
-  {IQ4_NL, QK_iq4_nl, BYTES_iq4_nl, iprep_iq4_nl, 32, -1, 0, 0},
-  {Q2_K, QK_q2_k, BYTES_q2_k, iprep_q2_k, 16, 16, 1, 0},
-  {Q3_K, QK_q3_k, BYTES_q3_k, iprep_q3_k, 16, -1, 0, 0},
-  {Q4_K, QK_q4_k, BYTES_q4_k, iprep_q4_k, 32, 8, 1, 1},
-  {Q5_K, QK_q5_k, BYTES_q5_k, iprep_q5_k, 32, 8, 1, 0},
-  {Q6_K, QK_q6_k, BYTES_q6_k, iprep_q6_k, 16, -1, 0, 0},
-  {IQ4_XS, QK_iq4_xs, BYTES_iq4_xs, iprep_iq4_xs, 32, -1, 0, 0},
+  {Q8_0, QK_q8_0, BYTES_q8_0, iprep_q8_0, 32, -1, 0, 0, 1},
+  {Q4_0, QK_q4_0, BYTES_q4_0, iprep_q4_0, 32, -1, 0, 9, 1},
+  {Q4_1, QK_q4_1, BYTES_q4_1, iprep_q4_1, 32, 8, 0, 1, 1},
+  {Q5_0, QK_q5_0, BYTES_q5_0, iprep_q5_0, 32, -1, 0, 0, 1},
+  {Q5_1, QK_q5_1, BYTES_q5_1, iprep_q5_1, 32, 8, 0, 0, 1},
+  {IQ4_NL, QK_iq4_nl, BYTES_iq4_nl, iprep_iq4_nl, 32, -1, 0, 0, 1},
+  {Q2_K, QK_q2_k, BYTES_q2_k, iprep_q2_k, 16, 16, 1, 0, 0},
+  {Q3_K, QK_q3_k, BYTES_q3_k, iprep_q3_k, 16, -1, 0, 0, 0},
+  {Q4_K, QK_q4_k, BYTES_q4_k, iprep_q4_k, 32, 8, 1, 1, 0},
+  {Q5_K, QK_q5_k, BYTES_q5_k, iprep_q5_k, 32, 8, 1, 0, 0},
+  {Q6_K, QK_q6_k, BYTES_q6_k, iprep_q6_k, 16, -1, 0, 0, 0},
+  {IQ4_XS, QK_iq4_xs, BYTES_iq4_xs, iprep_iq4_xs, 32, -1, 0, 0, 0},
 };
 
 static const struct format* format_of(int type) {
@@ -114,7 +116,8 @@ static const struct format* format_of(int type) {
 
 /* Bytes of one group of a tile: the 8 scales, the 8 mins, the integers. */
 static inline int64_t group_bytes(const struct format* f) {
-  return 32 + (f->mins >= 0 ? 32 : 0) + (f->nibble ? 4 : 8) * f->group;
+  int floats = f->half ? 16 : 32;
+  return floats + (f->mins >= 0 ? floats : 0) + (f->nibble ? 4 : 8) * f->group;
 }
 
 int64_t quant_q8_packed_bytes(int type, int64_t N, int64_t K) {
@@ -141,9 +144,17 @@ int quant_q8_pack(int type, const uint8_t* w, int64_t N, int64_t K, uint8_t* out
         f->prep(w + n * row_bytes + k0 / f->qk * f->bytes, blocks, ctx, q);
         for (int i = 0; i < blocks * f->qk; i += G) {
           uint8_t* p = out + (t * groups + (k0 + i) / G) * gbytes;
-          ((float*)p)[r] = ctx[i / G];
-          if (f->mins >= 0) ((float*)(p + 32))[r] = f->negative ? -ctx[f->mins + i / G] : ctx[f->mins + i / G];
-          uint8_t* v = p + (f->mins >= 0 ? 64 : 32);
+          float scale = ctx[i / G], min = f->mins >= 0 ? ctx[f->mins + i / G] : 0.0f;
+          int floats = f->half ? 16 : 32;
+          if (f->half) { /* float16 values widened by the prep: exact back in 16 bits */
+            uint16_t h = _cvtss_sh(scale, 0), m = _cvtss_sh(f->negative ? -min : min, 0);
+            memcpy(p + 2 * r, &h, 2);
+            if (f->mins >= 0) memcpy(p + floats + 2 * r, &m, 2);
+          } else {
+            memcpy(p + 4 * r, &scale, 4);
+            if (f->mins >= 0) ((float*)(p + floats))[r] = f->negative ? -min : min;
+          }
+          uint8_t* v = p + (f->mins >= 0 ? 2 * floats : floats);
           for (int c = 0; c < G; ++c) {
             int quad = c / 4, at = 4 * r + c % 4;
             if (f->nibble)  /* quads 0..3 in the low nibbles of runs 0..3, quads 4..7 in their high */
@@ -212,16 +223,18 @@ static int quantize_rows(const float* x, int64_t M, int64_t K, int G, acts_t* a)
 
 typedef void (*tile_fn)(const acts_t*, int64_t, int64_t, const uint8_t*, int, float*, int64_t, int, const float*, int);
 
-/* MR rows from row m of the activations; G, MINS and NIBBLE compile-time constants. */
-#define TILE_BODY(MR, G, MINS, NIBBLE)                                                        \
+/* MR rows from row m of the activations; G, MINS, NIBBLE and HALF compile-time constants. */
+#define FLOATS(HALF, p) ((HALF) ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p))) : _mm256_loadu_ps((const float*)(p)))
+#define TILE_BODY(MR, G, MINS, NIBBLE, HALF)                                                  \
   {                                                                                           \
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
-    const int64_t groups = K / (G), gbytes = 32 + ((MINS) ? 32 : 0) + ((NIBBLE) ? 4 : 8) * (G); \
+    const int floats = (HALF) ? 16 : 32;                                                      \
+    const int64_t groups = K / (G), gbytes = floats * ((MINS) ? 2 : 1) + ((NIBBLE) ? 4 : 8) * (G); \
     const int8_t* xq = a->q + m * K;                                                          \
     const int offset = (NIBBLE) ? nibble_offset : OFFSET;                                     \
     for (int64_t b = 0; b < groups; ++b) {                                                    \
       const uint8_t* p = tile + b * gbytes;                                                   \
-      const uint8_t* v = p + ((MINS) ? 64 : 32);                                              \
+      const uint8_t* v = p + floats * ((MINS) ? 2 : 1);                                       \
       const int64_t k = b * (G);                                                              \
       __m256i dot[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()}; \
       if (NIBBLE) {                                                                           \
@@ -242,13 +255,13 @@ typedef void (*tile_fn)(const acts_t*, int64_t, int64_t, const uint8_t*, int, fl
             dot[r] = BYTES(dot[r], w, _mm256_set1_epi32(*(const int32_t*)(xq + r * K + k + 4 * j))); \
         }                                                                                     \
       }                                                                                       \
-      __m256 scale = _mm256_loadu_ps((const float*)p);                                        \
+      __m256 scale = FLOATS(HALF, p), mins = (MINS) ? FLOATS(HALF, p + floats) : scale;       \
       _Pragma("GCC unroll 4") for (int r = 0; r < (MR); ++r) {                                \
         int64_t row = m + r;                                                                  \
         __m256i exact = _mm256_sub_epi32(dot[r], _mm256_set1_epi32(offset * a->s[row * groups + b])); \
         __m256 sd = _mm256_mul_ps(scale, _mm256_set1_ps(a->d[row * (K / 32) + k / 32]));      \
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), sd, acc[r]);                      \
-        if (MINS) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps((const float*)(p + 32)), _mm256_set1_ps(a->ds[row * groups + b]), acc[r]); \
+        if (MINS) acc[r] = _mm256_fmadd_ps(mins, _mm256_set1_ps(a->ds[row * groups + b]), acc[r]); \
       }                                                                                       \
     }                                                                                         \
     for (int r = 0; r < (MR); ++r) {                                                          \
@@ -261,25 +274,26 @@ typedef void (*tile_fn)(const acts_t*, int64_t, int64_t, const uint8_t*, int, fl
     }                                                                                         \
   }
 
-#define TILE(ISA, MR, NAME, G, MINS, NIBBLE)                                                  \
+#define TILE(ISA, MR, NAME, G, MINS, NIBBLE, HALF)                                            \
   static void ISA##_##NAME##_##MR(const acts_t* a, int64_t m, int64_t K, const uint8_t* tile, int nibble_offset, \
                                   float* y, int64_t ldy, int valid, const float* bias, int accumulate) \
-  TILE_BODY(MR, G, MINS, NIBBLE)
-/* The variants: 4-bit integers (G 32) or bytes (G 32 or 16), with or without mins. */
-#define VARIANT(ISA, NAME, G, MINS, NIBBLE)                                                   \
-  TILE(ISA, 1, NAME, G, MINS, NIBBLE) TILE(ISA, 2, NAME, G, MINS, NIBBLE)                     \
-  TILE(ISA, 3, NAME, G, MINS, NIBBLE) TILE(ISA, 4, NAME, G, MINS, NIBBLE)
+  TILE_BODY(MR, G, MINS, NIBBLE, HALF)
+/* The variants: 4-bit integers (G 32) or bytes (G 32 or 16), with or without mins, with
+   float16 or float32 scales; each for 1 to 4 rows. */
+#define VARIANT(ISA, NAME, G, MINS, NIBBLE, HALF)                                             \
+  TILE(ISA, 1, NAME, G, MINS, NIBBLE, HALF) TILE(ISA, 2, NAME, G, MINS, NIBBLE, HALF)         \
+  TILE(ISA, 3, NAME, G, MINS, NIBBLE, HALF) TILE(ISA, 4, NAME, G, MINS, NIBBLE, HALF)
+#define ROWS_OF(ISA, NAME) {ISA##_##NAME##_1, ISA##_##NAME##_2, ISA##_##NAME##_3, ISA##_##NAME##_4}
 #define VARIANTS(ISA)                                                                         \
-  VARIANT(ISA, nibbles, 32, 0, 1) VARIANT(ISA, nibbles_mins, 32, 1, 1)                        \
-  VARIANT(ISA, bytes32, 32, 0, 0) VARIANT(ISA, bytes32_mins, 32, 1, 0)                        \
-  VARIANT(ISA, bytes16, 16, 0, 0) VARIANT(ISA, bytes16_mins, 16, 1, 0)                        \
-  static const tile_fn ISA##_tiles[6][4] = {                                                  \
-    {ISA##_nibbles_1, ISA##_nibbles_2, ISA##_nibbles_3, ISA##_nibbles_4},                     \
-    {ISA##_nibbles_mins_1, ISA##_nibbles_mins_2, ISA##_nibbles_mins_3, ISA##_nibbles_mins_4}, \
-    {ISA##_bytes32_1, ISA##_bytes32_2, ISA##_bytes32_3, ISA##_bytes32_4},                     \
-    {ISA##_bytes32_mins_1, ISA##_bytes32_mins_2, ISA##_bytes32_mins_3, ISA##_bytes32_mins_4}, \
-    {ISA##_bytes16_1, ISA##_bytes16_2, ISA##_bytes16_3, ISA##_bytes16_4},                     \
-    {ISA##_bytes16_mins_1, ISA##_bytes16_mins_2, ISA##_bytes16_mins_3, ISA##_bytes16_mins_4}, \
+  VARIANT(ISA, nibbles, 32, 0, 1, 0) VARIANT(ISA, nibbles_mins, 32, 1, 1, 0)                  \
+  VARIANT(ISA, bytes32, 32, 0, 0, 0) VARIANT(ISA, bytes32_mins, 32, 1, 0, 0)                  \
+  VARIANT(ISA, bytes16, 16, 0, 0, 0) VARIANT(ISA, bytes16_mins, 16, 1, 0, 0)                  \
+  VARIANT(ISA, half_nibbles, 32, 0, 1, 1) VARIANT(ISA, half_nibbles_mins, 32, 1, 1, 1)        \
+  VARIANT(ISA, half_bytes32, 32, 0, 0, 1) VARIANT(ISA, half_bytes32_mins, 32, 1, 0, 1)        \
+  static const tile_fn ISA##_tiles[10][4] = {                                                 \
+    ROWS_OF(ISA, nibbles), ROWS_OF(ISA, nibbles_mins), ROWS_OF(ISA, bytes32), ROWS_OF(ISA, bytes32_mins), \
+    ROWS_OF(ISA, bytes16), ROWS_OF(ISA, bytes16_mins), ROWS_OF(ISA, half_nibbles), ROWS_OF(ISA, half_nibbles_mins), \
+    ROWS_OF(ISA, half_bytes32), ROWS_OF(ISA, half_bytes32_mins),                              \
   };
 
 /* AVX2: maddubs takes unsigned times signed bytes, and its 16-bit pair sums must not saturate:
@@ -331,7 +345,7 @@ int quant_linear_q8(int type, const float* x, int64_t M, const uint8_t* packed, 
   acts_t a;
   if (quantize_rows(x, M, K, f->group, &a)) return VS_ERROR_NO_MEMORY;
   if (!isa_in_use) quant_q8_isa(0);
-  int variant = f->nibble ? (f->mins >= 0) : 2 + 2 * (f->group == 16) + (f->mins >= 0);
+  int variant = (f->nibble ? 0 : f->group == 32 ? 2 : 4) + (f->mins >= 0) + (f->half ? 6 : 0);
   const tile_fn* tiles = (isa_in_use == 512 ? vnni_tiles : avx2_tiles)[variant];
   int64_t tile_bytes = K / f->group * group_bytes(f);
   int nibble_offset = f->nibble - 1;
