@@ -210,6 +210,15 @@ def reference_pair() -> tuple[str, str] | None:
     return None
 
 
+def numeric_model(weights_dtype: str = "auto", activations: str = "float") -> str:
+    """The change of model the user chose beside the weights, as a suffix of their digest in a
+    model's identity ("" for the checkpoint as stored, float32 activations): audit records and
+    metrics then say which arithmetic produced an output, not only which file."""
+    chosen = [f"weights={weights_dtype}"] if weights_dtype != "auto" else []
+    chosen += [f"activations={activations}"] if activations != "float" else []
+    return "".join(f"+{part}" for part in chosen)
+
+
 def weights_digest(ref: str) -> str:
     """Content hash of a model's weights (sha256 over its weight files, in name order), so that a
     record or a metric says which weights produced it, not only which folder name."""

@@ -19,7 +19,7 @@ from verispec.assemble import build_proposers, resolve_models
 from verispec.audit.records import Identity
 from verispec.config import ModelSettings, RoutingSettings, SamplingParams, Settings
 from verispec.core.engine import Engine
-from verispec.models.loading import weights_digest
+from verispec.models.loading import numeric_model, weights_digest
 from verispec.proposers.base import Proposer
 from verispec.server.breaker import CircuitBreaker
 from verispec.server.job import Job
@@ -75,7 +75,7 @@ class Service:
         token_s = engine.costs().verify(1) if engine.proposer is not None else None
         warm_prompt = engine.tokenizer("def main():").input_ids or [0]
         engine.generate(warm_prompt, SamplingParams(max_new_tokens=4), depth=0)  # the verifier's kernels; no proposer call
-        model_version = weights_digest(models.target)
+        model_version = weights_digest(models.target) + numeric_model(models.weights_dtype, models.activations)
         identities = {name: _identity(p, model_name, model_version, settings) for name, p in router.proposers.items()}
         identities["edge"] = Identity(model_name, model_version, "edge", "client")  # verify-API sessions
         cost = CostModel(settings.cost_verifier_per_hour, settings.cost_proposer_per_hour, token_s)
