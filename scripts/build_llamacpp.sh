@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-server, llama-bench and CLI from the llama.cpp tree
+# Build llama.cpp's llama-server, llama-bench, llama-quantize and CLI from the llama.cpp tree
 # vendored in the llama-cpp-python sdist, for side-by-side benchmarks
 # (scripts/vs_llamacpp.py). The sdist comes from PyPI through pip, so the build
 # needs no git clone and no network beyond the package index.
@@ -24,7 +24,7 @@
 #   sdist/   the downloaded .tar.gz
 #   src/     the extracted sdist (vendor/llama.cpp is the source tree)
 #   build/   the cmake build tree
-#   bin/     llama-server, llama-bench, llama-cli (+ llama-completion when present)
+#   bin/     llama-server, llama-bench, llama-quantize, llama-cli (+ llama-completion when present)
 #
 # Rerunnable: when every binary already sits in bin/, built from the same sdist
 # with the same flags (bin/.stamp), it prints their paths and exits; an

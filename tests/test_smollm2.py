@@ -63,18 +63,25 @@ def test_the_file_loads_as_itself(smollm2):
     assert "<|im_start|>assistant" in chat_prompt(tokenizer, [{"role": "user", "content": "hi"}])[0]
 
 
-def test_greedy_output_equals_transformers_on_the_dequantized_model(smollm2):
+def transformers_reading(path: Path):
+    """The GGUF file as transformers reads it: its own dequantization and rotary row order, into
+    a float32 LlamaForCausalLM."""
     from transformers import AutoConfig, LlamaForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    lm, tokenizer, prompts = smollm2
-    config = AutoConfig.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     with torch.device("meta"):
         skeleton = LlamaForCausalLM(config)
-    tensors = load_gguf_checkpoint(str(GGUF), return_tensors=True, model_to_load=skeleton)["tensors"]
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
     reference = LlamaForCausalLM(config).eval()
     missing, _ = reference.load_state_dict(tensors, strict=False)
     assert set(missing) <= {"lm_head.weight"}  # tied to the embedding
+    return reference
+
+
+def test_greedy_output_equals_transformers_on_the_dequantized_model(smollm2):
+    lm, tokenizer, prompts = smollm2
+    reference = transformers_reading(GGUF)
     for prompt in prompts:
         with torch.inference_mode():
             out = reference.generate(
@@ -90,6 +97,24 @@ def test_speculative_output_equals_verifier_only_on_the_q4_1_model(smollm2, dept
     lm, tokenizer, prompts = smollm2
     for prompt in prompts:
         assert _greedy(lm, tokenizer, prompt, depth) == _greedy(lm, tokenizer, prompt, 0)
+
+
+@pytest.fixture(scope="module")
+def smollm2_q8(smollm2):
+    _, tokenizer, prompts = smollm2
+    return load_model(str(GGUF), torch.device("cpu"), torch.float32, activations="q8"), tokenizer, prompts
+
+
+def test_q8_activations_are_exact_under_speculation_and_close_to_float(smollm2, smollm2_q8):
+    """--activations q8: speculative greedy output is its own verifier-only output, and its
+    logits stay near the float model's (8-bit activations, not another model wholesale)."""
+    lm, tokenizer, prompts = smollm2_q8
+    assert lm.path_report()["activations"] == "q8"
+    for prompt in prompts[:2]:
+        assert _greedy(lm, tokenizer, prompt, 3) == _greedy(lm, tokenizer, prompt, 0)
+    ours, theirs = lm.session().extend(prompts[0]), smollm2[0].session().extend(prompts[0])
+    assert (ours - theirs).abs().max() <= 0.1 * theirs.abs().max()
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.8
 
 
 def test_chat_through_the_openai_client_stops_at_the_end_of_turn(tmp_path):
@@ -121,3 +146,6 @@ def test_generate_chat_on_the_command_line():
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout and "<|im_end|>" not in done.stdout
     assert "kernel step on" in done.stderr and "q4_1" in done.stderr
+    done = run_verispec("generate", "--target", str(GGUF), "--max-new-tokens", "8", "--activations", "q8", "-v", CODE[0])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() and "activations quantized to 8 bits (--activations q8)" in done.stderr
