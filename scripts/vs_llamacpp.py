@@ -23,7 +23,7 @@ verispec stops at EOS (it has no ignore_eos), llama.cpp does not: tokens/s are p
 on both sides, so the figures compare, but a verispec request that hits EOS early is shorter.
 
     python scripts/vs_llamacpp.py [--gguf F.gguf] [--prompts P.jsonl] [--max-new-tokens 128]
-        [--threads 2] [--repeats 1] [--llama-dir ~/.cache/verispec/llama.cpp/bin] [--out docs/vs-llamacpp]
+        [--threads 2] [--repeats 1] [--activations float|q8] [--llama-dir ~/.cache/verispec/llama.cpp/bin] [--out docs/vs-llamacpp]
         [--skip-verispec] [--skip-llamacpp] [--no-llama-bench]
 
 Build llama.cpp first with scripts/build_llamacpp.sh. --prompts is JSONL, one object per line:
@@ -404,7 +404,8 @@ def write_prompt_file(prompts: list[Prompt], path: Path) -> Path:
 def run_verispec_bench(args, prompts: list[Prompt], report: Report, workdir: Path) -> dict | None:
     prompt_file = args.out / "prompts.jsonl"
     out = workdir / "verispec-bench"  # its results.json goes into ours whole
-    command = [*verispec_command(args), "bench", "--target", str(args.gguf), "--proposer", "ngram", "--no-peers",
+    command = [*verispec_command(args), "bench", "--target", str(args.gguf), "--activations", args.activations,
+               "--proposer", "ngram", "--no-peers",
                "--prompts", str(prompt_file), "--max-new-tokens", str(args.max_new_tokens),
                "--repeats", str(args.repeats), "--out", str(out)]
     report.commands["verispec bench"] = f"OMP_NUM_THREADS={args.threads} MKL_NUM_THREADS={args.threads} " + shlex.join(command)
@@ -432,7 +433,8 @@ def run_verispec_bench(args, prompts: list[Prompt], report: Report, workdir: Pat
 def run_verispec_texts(args, prompts: list[Prompt], report: Report, logdir: Path) -> dict[str, str] | None:
     """verispec's greedy verifier-only text per prompt, from one `verispec serve` (one model load)."""
     port = free_port()
-    command = [*verispec_command(args), "serve", "--target", str(args.gguf), "--proposer", "none", "--depth", "0",
+    command = [*verispec_command(args), "serve", "--target", str(args.gguf), "--activations", args.activations,
+               "--proposer", "none", "--depth", "0",
                "--host", "127.0.0.1", "--port", str(port), "--audit-url", "none", "--max-running", "1",
                "--served-model-name", VERISPEC_MODEL_NAME, "--log-format", "text", "--deadline-s", "0"]
     report.commands["verispec serve"] = f"OMP_NUM_THREADS={args.threads} MKL_NUM_THREADS={args.threads} " + shlex.join(command)
@@ -612,6 +614,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=Path, default=None, help="JSONL prompts (default: 6 chat questions + 4 shared code windows)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts (a quick smoke run)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--activations", default="float", choices=("float", "q8"), help="verispec's --activations")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp -t and verispec's OMP/MKL threads")
     parser.add_argument("--repeats", type=int, default=1, help="timed passes over the prompts, each side")
     parser.add_argument("--llama-dir", type=Path, default=DEFAULT_LLAMA_DIR, help="folder with llama-server and llama-bench")

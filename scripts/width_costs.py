@@ -1,7 +1,7 @@
 """The cost of a pass by width for one model file, beside llama.cpp's on the same file, in one run:
 
     python scripts/width_costs.py MODEL [--context 400] [--widths 1,2,4,5,8,16,32] [--batch 1,2,4,8]
-        [--prefill 128] [--repeats 100] [--warm-up 5] [--threads 2] [--activations float,q8]
+        [--prefill 128] [--repeats 100] [--warm-up 5] [--threads 2] [--activations float,q8] [--weights-dtype q8_0]
         [--llama-bench PATH] [--json OUT]
 
 MODEL (a Hugging Face folder or a GGUF file) is loaded as `verispec serve` loads it. Every pass
@@ -201,6 +201,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads here, -t for llama-bench")
     parser.add_argument("--activations", type=lambda text: [a for a in text.split(",") if a], default=["float"],
                         help="float, q8, or float,q8 to compare the two side by side")
+    parser.add_argument("--weights-dtype", default="auto", choices=("auto", "float16", "bfloat16", "q8_0"),
+                        help="as verispec's --weights-dtype (q8_0 lets a float checkpoint take --activations q8)")
     parser.add_argument("--llama-bench", type=Path, default=None, help=f"llama-bench binary (default: {LLAMA_BENCH}, else PATH)")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here as JSON")
     args = parser.parse_args(argv)
@@ -222,7 +224,9 @@ def main(argv: list[str] | None = None) -> dict:
     groups = []  # per numeric model: its model and its cases, width 1 first
     for activations in args.activations:
         try:
-            lm = load_model(args.model, torch.device("cpu"), torch.float32, activations=activations)
+            lm = load_model(
+                args.model, torch.device("cpu"), torch.float32, weights_dtype=args.weights_dtype, activations=activations
+            )
         except UserError as exc:
             sys.exit(f"error: {exc}")
         limit = getattr(lm, "max_positions", None)

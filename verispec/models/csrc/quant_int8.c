@@ -227,7 +227,8 @@ typedef void (*tile_fn)(const acts_t*, int64_t, int64_t, const uint8_t*, int, fl
 #define FLOATS(HALF, p) ((HALF) ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p))) : _mm256_loadu_ps((const float*)(p)))
 #define TILE_BODY(MR, G, MINS, NIBBLE, HALF)                                                  \
   {                                                                                           \
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+    __m256 acc[8];                                                                            \
+    for (int r = 0; r < (MR); ++r) acc[r] = _mm256_setzero_ps();                              \
     const int floats = (HALF) ? 16 : 32;                                                      \
     const int64_t groups = K / (G), gbytes = floats * ((MINS) ? 2 : 1) + ((NIBBLE) ? 4 : 8) * (G); \
     const int8_t* xq = a->q + m * K;                                                          \
@@ -236,13 +237,14 @@ typedef void (*tile_fn)(const acts_t*, int64_t, int64_t, const uint8_t*, int, fl
       const uint8_t* p = tile + b * gbytes;                                                   \
       const uint8_t* v = p + floats * ((MINS) ? 2 : 1);                                       \
       const int64_t k = b * (G);                                                              \
-      __m256i dot[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()}; \
+      __m256i dot[8];                                                                         \
+      for (int r = 0; r < (MR); ++r) dot[r] = _mm256_setzero_si256();                         \
       if (NIBBLE) {                                                                           \
         _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c) {                                 \
           __m256i raw = _mm256_loadu_si256((const __m256i*)(v + 32 * c));                     \
           __m256i low = _mm256_and_si256(raw, _mm256_set1_epi8(15));                          \
           __m256i high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(15));   \
-          _Pragma("GCC unroll 4") for (int r = 0; r < (MR); ++r) {                            \
+          _Pragma("GCC unroll 8") for (int r = 0; r < (MR); ++r) {                            \
             const int8_t* x = xq + r * K + k;                                                 \
             dot[r] = NIBBLES(dot[r], low, _mm256_set1_epi32(*(const int32_t*)(x + 4 * c)));   \
             dot[r] = NIBBLES(dot[r], high, _mm256_set1_epi32(*(const int32_t*)(x + 4 * c + 16))); \
@@ -251,12 +253,12 @@ typedef void (*tile_fn)(const acts_t*, int64_t, int64_t, const uint8_t*, int, fl
       } else {                                                                                \
         _Pragma("GCC unroll 8") for (int j = 0; j < (G) / 4; ++j) {                           \
           __m256i w = PREPARE(_mm256_loadu_si256((const __m256i*)(v + 32 * j)));              \
-          _Pragma("GCC unroll 4") for (int r = 0; r < (MR); ++r)                              \
+          _Pragma("GCC unroll 8") for (int r = 0; r < (MR); ++r)                              \
             dot[r] = BYTES(dot[r], w, _mm256_set1_epi32(*(const int32_t*)(xq + r * K + k + 4 * j))); \
         }                                                                                     \
       }                                                                                       \
       __m256 scale = FLOATS(HALF, p), mins = (MINS) ? FLOATS(HALF, p + floats) : scale;       \
-      _Pragma("GCC unroll 4") for (int r = 0; r < (MR); ++r) {                                \
+      _Pragma("GCC unroll 8") for (int r = 0; r < (MR); ++r) {                                \
         int64_t row = m + r;                                                                  \
         __m256i exact = _mm256_sub_epi32(dot[r], _mm256_set1_epi32(offset * a->s[row * groups + b])); \
         __m256 sd = _mm256_mul_ps(scale, _mm256_set1_ps(a->d[row * (K / 32) + k / 32]));      \
@@ -279,18 +281,23 @@ typedef void (*tile_fn)(const acts_t*, int64_t, int64_t, const uint8_t*, int, fl
                                   float* y, int64_t ldy, int valid, const float* bias, int accumulate) \
   TILE_BODY(MR, G, MINS, NIBBLE, HALF)
 /* The variants: 4-bit integers (G 32) or bytes (G 32 or 16), with or without mins, with
-   float16 or float32 scales; each for 1 to 4 rows. */
+   float16 or float32 scales; each for 1 to 8 rows (AVX2's 16 registers hold the accumulators
+   of 4, AVX-512's 32 those of 8: quant_linear_q8 takes tiles of that many rows). */
 #define VARIANT(ISA, NAME, G, MINS, NIBBLE, HALF)                                             \
   TILE(ISA, 1, NAME, G, MINS, NIBBLE, HALF) TILE(ISA, 2, NAME, G, MINS, NIBBLE, HALF)         \
-  TILE(ISA, 3, NAME, G, MINS, NIBBLE, HALF) TILE(ISA, 4, NAME, G, MINS, NIBBLE, HALF)
-#define ROWS_OF(ISA, NAME) {ISA##_##NAME##_1, ISA##_##NAME##_2, ISA##_##NAME##_3, ISA##_##NAME##_4}
+  TILE(ISA, 3, NAME, G, MINS, NIBBLE, HALF) TILE(ISA, 4, NAME, G, MINS, NIBBLE, HALF)         \
+  TILE(ISA, 5, NAME, G, MINS, NIBBLE, HALF) TILE(ISA, 6, NAME, G, MINS, NIBBLE, HALF)         \
+  TILE(ISA, 7, NAME, G, MINS, NIBBLE, HALF) TILE(ISA, 8, NAME, G, MINS, NIBBLE, HALF)
+#define ROWS_OF(ISA, NAME)                                                                    \
+  {ISA##_##NAME##_1, ISA##_##NAME##_2, ISA##_##NAME##_3, ISA##_##NAME##_4,                    \
+   ISA##_##NAME##_5, ISA##_##NAME##_6, ISA##_##NAME##_7, ISA##_##NAME##_8}
 #define VARIANTS(ISA)                                                                         \
   VARIANT(ISA, nibbles, 32, 0, 1, 0) VARIANT(ISA, nibbles_mins, 32, 1, 1, 0)                  \
   VARIANT(ISA, bytes32, 32, 0, 0, 0) VARIANT(ISA, bytes32_mins, 32, 1, 0, 0)                  \
   VARIANT(ISA, bytes16, 16, 0, 0, 0) VARIANT(ISA, bytes16_mins, 16, 1, 0, 0)                  \
   VARIANT(ISA, half_nibbles, 32, 0, 1, 1) VARIANT(ISA, half_nibbles_mins, 32, 1, 1, 1)        \
   VARIANT(ISA, half_bytes32, 32, 0, 0, 1) VARIANT(ISA, half_bytes32_mins, 32, 1, 0, 1)        \
-  static const tile_fn ISA##_tiles[10][4] = {                                                 \
+  static const tile_fn ISA##_tiles[10][8] = {                                                 \
     ROWS_OF(ISA, nibbles), ROWS_OF(ISA, nibbles_mins), ROWS_OF(ISA, bytes32), ROWS_OF(ISA, bytes32_mins), \
     ROWS_OF(ISA, bytes16), ROWS_OF(ISA, bytes16_mins), ROWS_OF(ISA, half_nibbles), ROWS_OF(ISA, half_nibbles_mins), \
     ROWS_OF(ISA, half_bytes32), ROWS_OF(ISA, half_bytes32_mins),                              \
@@ -347,13 +354,13 @@ int quant_linear_q8(int type, const float* x, int64_t M, const uint8_t* packed, 
   if (!isa_in_use) quant_q8_isa(0);
   int variant = (f->nibble ? 0 : f->group == 32 ? 2 : 4) + (f->mins >= 0) + (f->half ? 6 : 0);
   const tile_fn* tiles = (isa_in_use == 512 ? vnni_tiles : avx2_tiles)[variant];
-  int64_t tile_bytes = K / f->group * group_bytes(f);
+  int64_t tile_bytes = K / f->group * group_bytes(f), most = isa_in_use == 512 ? 8 : 4;
   int nibble_offset = f->nibble - 1;
   #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
   for (int64_t t = 0; t < (N + 7) / 8; ++t) {
     int valid = N - 8 * t < 8 ? (int)(N - 8 * t) : 8;
-    for (int64_t m = 0; m < M; m += 4) {
-      int rows = M - m < 4 ? (int)(M - m) : 4;
+    for (int64_t m = 0; m < M; m += most) {
+      int rows = M - m < most ? (int)(M - m) : (int)most;
       tiles[rows - 1](&a, m, K, packed + t * tile_bytes, nibble_offset, y + m * ldy + 8 * t, ldy, valid,
                       bias ? bias + 8 * t : NULL, accumulate);
     }
