@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.test_quant_kernels import LIBRARY, TYPES, T, dequantize, same_bits, weights, width
+from tests.test_quant_kernels import LIBRARY, TYPES, T, dequantize, linear, same_bits, weights, width
 
 ISAS = sorted({LIBRARY.quant_q8_isa(0), 2}, reverse=True)
 
@@ -43,15 +43,7 @@ def packed(qtype, w: np.ndarray, N: int, K: int) -> np.ndarray:
 
 def linear_q8(qtype, x, w, N, bias=None, y=None, accumulate=False, threads=2) -> np.ndarray:
     """q8(x) @ w^T for w already packed."""
-    M, K = x.shape
-    if y is None:
-        y = np.full((M, N), np.nan, dtype=np.float32)
-    status = LIBRARY.quant_linear_q8(
-        int(qtype), x.ctypes.data, M, w.ctypes.data, N, K, None if bias is None else bias.ctypes.data,
-        y.ctypes.data, y.shape[1], int(accumulate), threads,
-    )  # fmt: skip
-    assert status == 0
-    return y
+    return linear(qtype, x, w, N, bias, y, accumulate, threads, kernel=LIBRARY.quant_linear_q8)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)

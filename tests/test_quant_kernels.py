@@ -85,11 +85,12 @@ def dequantize(qtype, w: np.ndarray, K: int) -> np.ndarray:
     return out
 
 
-def linear(qtype, x, w, N, bias=None, y=None, accumulate=False, threads=2) -> np.ndarray:
+def linear(qtype, x, w, N, bias=None, y=None, accumulate=False, threads=2, kernel=None) -> np.ndarray:
+    """x @ w^T by `kernel` (quant_linear; quant_linear_q8 takes w as quant_q8_pack left it)."""
     M, K = x.shape
     if y is None:
         y = np.full((M, N), np.nan, dtype=np.float32)
-    status = LIBRARY.quant_linear(
+    status = (kernel or LIBRARY.quant_linear)(
         int(qtype), x.ctypes.data, M, w.ctypes.data, N, K, None if bias is None else bias.ctypes.data,
         y.ctypes.data, y.shape[1], int(accumulate), threads,
     )  # fmt: skip
