@@ -120,18 +120,18 @@ def load_model(
                     ref, device, dtype, kernel=cpu_kernel, compile=compile, weights_dtype=weights_dtype,
                     activations=activations,
                 )  # fmt: skip
-            if activations != lm.activations:  # nothing block-quantized to run with 8-bit activations
-                if role == "target" and getattr(lm, "dequantized", 0):
-                    raise UserError(
-                        f"--activations {activations} needs the compiled CPU kernel, and it is unavailable here "
-                        f"({lm.path_report()['why']}); leave --activations at float"
-                    )
-                if role == "target":
-                    raise UserError(
-                        f"--activations {activations} runs block-quantized weights, and the {role} model {ref} has "
-                        "none: load a GGUF file, or add --weights-dtype q8_0 (each a change of model)"
-                    )
+            if activations != lm.activations and role != "target":
                 log.info("%s model %s has no block-quantized weights: its activations stay float32", role, ref)
+            elif activations != lm.activations and lm.dequantized:  # quantized, but no kernel to run them on
+                raise UserError(
+                    f"--activations {activations} needs the compiled CPU kernel, and it is unavailable here "
+                    f"({lm.path_report()['why']}); leave --activations at float"
+                )
+            elif activations != lm.activations:
+                raise UserError(
+                    f"--activations {activations} runs block-quantized weights, and the {role} model {ref} has "
+                    "none: load a GGUF file, or add --weights-dtype q8_0 (each a change of model)"
+                )
             _log_path(lm, role)
             return lm
         if backend == "lean":

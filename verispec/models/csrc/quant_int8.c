@@ -260,7 +260,7 @@ typedef void (*tile_fn)(const acts_t*, int64_t, int64_t, const uint8_t*, int, fl
       __m256 scale = FLOATS(HALF, p), mins = (MINS) ? FLOATS(HALF, p + floats) : scale;       \
       _Pragma("GCC unroll 8") for (int r = 0; r < (MR); ++r) {                                \
         int64_t row = m + r;                                                                  \
-        __m256i exact = _mm256_sub_epi32(dot[r], _mm256_set1_epi32(offset * a->s[row * groups + b])); \
+        __m256i exact = offset ? _mm256_sub_epi32(dot[r], _mm256_set1_epi32(offset * a->s[row * groups + b])) : dot[r]; \
         __m256 sd = _mm256_mul_ps(scale, _mm256_set1_ps(a->d[row * (K / 32) + k / 32]));      \
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), sd, acc[r]);                      \
         if (MINS) acc[r] = _mm256_fmadd_ps(mins, _mm256_set1_ps(a->ds[row * groups + b]), acc[r]); \
