@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -104,10 +105,68 @@ class SamplingParams(BaseModel):
     stop: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="stop when the output contains this string (repeatable; several in a variable or file: a JSON list)"
     )
+    stop_token_ids: Annotated[tuple[int, ...], NoDecode] = Field(
+        (), description="also stop at these token ids (repeatable), as at the model's end-of-sequence token"
+    )
+    ignore_eos: bool = Field(False, description="do not stop at the end-of-sequence token: generate max_new_tokens (stop strings and ids still stop)")
+    min_tokens: int = Field(0, ge=0, description="generate at least this many tokens before an end-of-sequence or stop token may end the output")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="drop tokens less likely than min_p times the most likely one (0 = off)")
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="subtract this from the logit of every token the output holds already (OpenAI's presence_penalty)"
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="subtract this times its count in the output from every token's logit (OpenAI's frequency_penalty)"
+    )
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, le=10.0,
+        description="divide the positive logits (multiply the negative ones) of tokens in the prompt or the output by this (1 = off)",
+    )  # fmt: skip
+    logit_bias: Annotated[dict[int, float], NoDecode] = Field(
+        default_factory=dict, description='add to the logits of these token ids, as JSON: {"50256": -100} (-100 bans a token, 100 forces it)'
+    )
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="return each output token's log-probability and this many most likely alternatives (0 = the token's only)"
+    )
+    sampled_acceptance: Literal["coupled", "rejection"] = Field(
+        "coupled",
+        description="sampled requests: coupled = each position's random draw comes from the seed and the position, and a draft "
+        "is kept exactly when it is the verifier's own draw, so a seed gives the same text at any depth, proposer, batch and "
+        "load; rejection = speculative sampling's rejection rule (the same distribution; a seed reproduces only the same run)",
+    )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def processed(self) -> bool:
+        """Whether logits change before the choice (`core/processing.py`): penalties, bias, a token floor."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias or self.min_tokens
+        )
+
+    @field_validator("stop_token_ids", mode="before")
+    @classmethod
+    def _token_ids(cls, value: Any) -> Any:
+        if isinstance(value, str):  # a variable's text: one id, or a JSON list
+            value = json.loads(value) if value.strip().startswith("[") else [value]
+        if isinstance(value, list | tuple):
+            return tuple(int(v) if isinstance(v, str) and v.strip().isdigit() else v for v in value)
+        return value
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias(cls, value: Any) -> Any:
+        if isinstance(value, str):  # a flag or variable: a JSON object
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError('give logit_bias as a JSON object of token ids to biases: {"50256": -100}') from None
+        if isinstance(value, dict):
+            for bias in value.values():
+                if isinstance(bias, int | float) and not isinstance(bias, bool) and not -100 <= bias <= 100:
+                    raise ValueError("each bias must be between -100 and 100")
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -31,7 +31,17 @@ def accept_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> Ve
 
     draft_tokens (B, k), target_logits (B, k+1, V): row i scores the token after draft i-1.
     """
-    target_tokens = target_logits.argmax(dim=-1)  # (B, k+1)
+    return accept_chosen(draft_tokens, target_logits.argmax(dim=-1))
+
+
+def accept_chosen(draft_tokens: torch.Tensor, target_tokens: torch.Tensor) -> Verdict:
+    """Keep drafts while they equal the verifier's own choice at their position (its argmax, or its
+    coupled draw: `sampling.PositionNoise`); then add the verifier's choice after them. A coupled
+    draw is a sample of the verifier's distribution fixed by the seed and the position, so the
+    output is exactly the verifier-only sample, whatever was drafted.
+
+    draft_tokens (B, k), target_tokens (B, k+1).
+    """
     agree = draft_tokens == target_tokens[:, :-1]  # (B, k)
     accepted = agree.long().cumprod(dim=-1).sum(dim=-1)  # (B,) length of the agreeing prefix
     next_token = target_tokens.gather(1, accepted[:, None]).squeeze(1)

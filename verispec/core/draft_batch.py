@@ -69,7 +69,8 @@ class DraftBatch:
             fed = []
             for i in active:
                 state, _, depth, policy = items[i]
-                token, dist = draw_draft(align_vocab(logits[i], self.target_vocab_size), policy, first=not tokens[i])
+                position = len(items[i][1]) + len(tokens[i])
+                token, dist = draw_draft(align_vocab(logits[i], self.target_vocab_size), policy, first=not tokens[i], position=position)
                 if token is None:
                     continue  # the draft is unsure: stop here
                 tokens[i].append(token)

@@ -33,10 +33,11 @@ from verispec.core.drafting import Drafting
 from verispec.core.goodput import LiveCosts, PassCosts, choose_depths, measure_pass_costs
 from verispec.core.kv_cache import BlockTable
 from verispec.core.planner import Plan, plan_pass
+from verispec.core.processing import Processing, check_token_ids
 from verispec.core.request import Request
-from verispec.core.rounds import Completion, Delta, Round, accept, emit, inspect
+from verispec.core.rounds import Completion, Delta, Round, accept, emit, inspect, token_logprobs
 from verispec.core.runner import Segment
-from verispec.core.sampling import request_generator
+from verispec.core.sampling import PositionNoise, request_generator
 from verispec.errors import UserError
 from verispec.proposers.base import DraftPolicy, Proposal, Proposer
 from verispec.stats import RequestStats
@@ -159,7 +160,13 @@ class Engine:
             )
         if depth is not None:
             speculation = SpeculationSettings.model_validate({**speculation.model_dump(), "depth": depth})
+        problem = check_token_ids(params, self.target.vocab_size)
+        if problem is not None:
+            raise UserError(problem)
         seed = None if params.greedy else (params.seed if params.seed is not None else secrets.randbits(63))
+        device = self.target.device
+        noise = PositionNoise(seed, self.target.vocab_size, device) if seed is not None and params.sampled_acceptance == "coupled" else None
+        stop_ids = (frozenset() if params.ignore_eos else self.eos_ids) | frozenset(params.stop_token_ids)
         auto = speculation.depth == "auto"
         table = BlockTable(self.runner.pool)
         table.capacity = len(prompt_ids) + params.max_new_tokens  # a round never holds more (depth is capped by the budget)
@@ -172,7 +179,8 @@ class Engine:
             proposer=proposer,
             draft_policy=DraftPolicy(
                 sampling=params,
-                generator=None if seed is None else request_generator(seed, self.target.device),
+                generator=None if seed is None else request_generator(seed, device),
+                noise=noise,
                 min_confidence=speculation.draft_confidence if auto else 0.0,
                 time_budget_s=speculation.proposer_timeout_s,
                 want_probs=inspect,
@@ -185,6 +193,9 @@ class Engine:
             remote=remote,
             draft_ahead=draft_ahead,
             share_key=share_key,
+            stop_ids=stop_ids,
+            processing=Processing(params, prompt_ids, stop_ids, self.target.vocab_size, device) if params.processed else None,
+            noise=noise,
         )
         self.waiting.append(request)
         return request
@@ -212,8 +223,8 @@ class Engine:
         """Verifier pass cost by rows and the draft pass's (for --depth auto and prompt chunks):
         measured on first use, then following the passes this engine runs (`goodput.LiveCosts`),
         so that a measurement taken on a busy machine heals within a few requests. With `live`
-        False: the start-up measurement only (a seeded sampled request's, so that its seed
-        reproduces its output in this process)."""
+        False: the start-up measurement only (a seeded request sampled by the rejection rule, so
+        that its seed reproduces its output in this process)."""
         if self._costs is None and self._live is None:
             max_rows = max(self.batch.max_pass_tokens, self.max_running * 9)
             if not self.runner.batches:  # a pass runs its sequences one after another: one's widths
@@ -282,7 +293,10 @@ class Engine:
         ended_ns = time.time_ns()
         for request, target_logits in zip(plan.rounds, logits, strict=False):
             proposal = proposals[request]
-            verdict = accept(request.params, proposal, target_logits, request.draft_policy.generator)
+            if request.processing is not None:
+                target_logits = request.processing.apply(target_logits, proposal.tokens, request.generated)
+            position = len(request.tokens)  # the output position row 0 scores
+            verdict = accept(request.params, proposal, target_logits, request.draft_policy.generator, request.noise, position)
             accepted = int(verdict.accepted[0])
             request.table.verified(request.table.computed + 1 + accepted, request.tokens + proposal.tokens[:accepted])
             stats = request.stats
@@ -301,7 +315,12 @@ class Engine:
                 if request.inspect and proposal.tokens else None,
             )  # fmt: skip
             stats.mismatch_s += round_.mismatch_s
-            delta = emit(request, proposal.tokens[:accepted] + [int(verdict.next_token[0])], round_, self.eos_ids)
+            new_tokens = proposal.tokens[:accepted] + [int(verdict.next_token[0])]
+            top = request.params.logprobs
+            logprobs = None if top is None else token_logprobs(target_logits, new_tokens, top)
+            delta = emit(request, new_tokens, round_, request.stop_ids, logprobs)
+            if request.processing is not None:
+                request.processing.observe(delta.token_ids)
             if delta.finish_reason:
                 stats.total_s = time.perf_counter() - request.arrived
                 self.abort(request)
@@ -341,22 +360,25 @@ class Engine:
         return max(0, limit)
 
     def choose_depths(self, requests: list[Request]) -> dict[Request, int]:
-        """Fixed depths as configured; depth auto by the batch's goodput (`goodput.py`). A sampled
-        request's depth follows its own acceptance and the single-stream costs only, so that what
-        else shares its batch never changes its random draws; a seeded one's, the start-up costs
-        (not the live ones), so that its seed reproduces its output in this process."""
+        """Fixed depths as configured; depth auto by the batch's goodput (`goodput.py`). A request
+        sampled by the rejection rule draws its randomness round by round, so its depth follows its
+        own acceptance and the single-stream costs only, so that what else shares its batch never
+        changes its draws; a seeded one's, the start-up costs (not the live ones), so that its seed
+        reproduces its output in this process. Greedy and coupled requests emit the same tokens at
+        any depth, so theirs follow the batch's live costs."""
         limits = {r: self.depth_limit(r) for r in requests}
         depths = {r: limits[r] for r in requests if r.speculation.depth != "auto" or r.remote is not None}
         auto = [r for r in requests if r not in depths]
         if not auto or all(limits[r] == 0 for r in auto):
             return depths | {r: 0 for r in auto}
         costs = self.costs()
-        # Greedy requests share the pass's price where one pass computes them all; where the
-        # runner runs sequences one after another, each is priced alone.
-        shared = [r for r in auto if r.params.greedy] if self.runner.batches else []
+        # Requests whose output no depth changes share the pass's price where one pass computes them
+        # all; where the runner runs sequences one after another, each is priced alone.
+        shared = [r for r in auto if r.draws_by_position] if self.runner.batches else []
         for request in auto:
             if request not in shared:
-                depths |= self._goodput([request], limits, costs if request.params.seed is None else self.costs(live=False))
+                fixed = request.params.seed is not None and not request.draws_by_position
+                depths |= self._goodput([request], limits, self.costs(live=False) if fixed else costs)
         beside = sum(1 + k for k in depths.values())
         return depths | self._goodput(shared, limits, costs, beside)
 

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 from verispec.config import SamplingParams, SpeculationSettings
 from verispec.core.goodput import Acceptance
 from verispec.core.kv_cache import BlockTable
+from verispec.core.processing import Processing
+from verispec.core.sampling import PositionNoise
 from verispec.proposers.base import DraftPolicy, Proposal, Proposer
 from verispec.stats import RequestStats
 from verispec.text import TextStream
@@ -48,6 +50,15 @@ class Request:
     order: int = 0  # admission order: the newest is preempted first
     share_key: str = ""  # whose share of the running slots it takes (the server's API key)
     admitted: float | None = None  # time.monotonic() of its first admission
+    stop_ids: frozenset[int] = frozenset()  # tokens that end it: EOS (unless ignored) and its stop_token_ids
+    processing: Processing | None = None  # penalties, bias, a token floor (`processing.py`), where asked for
+    noise: PositionNoise | None = None  # a coupled sampled request's per-position draws
+
+    @property
+    def draws_by_position(self) -> bool:
+        """Whether its output is fixed whatever the depth (greedy, or coupled sampling): its depth may
+        then follow the batch's live costs without changing what it emits."""
+        return self.params.greedy or self.noise is not None
 
     @property
     def generated(self) -> int:

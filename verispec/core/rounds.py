@@ -10,9 +10,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from verispec.config import SamplingParams
-from verispec.core.acceptance import Verdict, accept_greedy, accept_stochastic
+from verispec.core.acceptance import Verdict, accept_chosen, accept_greedy, accept_stochastic
 from verispec.core.drift import Inspection, inspect_round
-from verispec.core.sampling import warp
+from verispec.core.sampling import PositionNoise, warp
 from verispec.errors import ProposerError
 from verispec.models.backend import CausalLM
 from verispec.proposers.base import Proposal
@@ -52,6 +52,7 @@ class Delta:
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length" on the last delta
     stats: RequestStats | None = None  # on the last delta
     round: Round | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token, where the request asked for them
 
 
 @dataclass(frozen=True)
@@ -62,13 +63,45 @@ class Completion:
     stats: RequestStats
 
 
-def accept(params: SamplingParams, proposal: Proposal, target_logits: torch.Tensor, generator: torch.Generator | None) -> Verdict:
-    """The acceptance rule for one request's round: (k+1, V) logits of its drafts."""
+def accept(
+    params: SamplingParams, proposal: Proposal, target_logits: torch.Tensor, generator: torch.Generator | None,
+    noise: PositionNoise | None = None, position: int = 0,
+) -> Verdict:
+    """The acceptance rule for one request's round: (k+1, V) processed logits of its drafts, the
+    first scoring output position `position`. Greedy: the argmax; coupled sampling (`noise`):
+    each position's own draw; else speculative sampling's rejection rule, drawing from `generator`."""
     drafts = torch.tensor([proposal.tokens], dtype=torch.long, device=target_logits.device)  # (1, k)
     if params.greedy:
         return accept_greedy(drafts, target_logits[None])
+    target_probs = warp(target_logits, params)
+    if noise is not None:
+        return accept_chosen(drafts, noise.choose(target_probs, range(position, position + len(target_probs)))[None])
     draft_probs = None if proposal.probs is None else proposal.probs.to(target_logits.device)[None]
-    return accept_stochastic(drafts, draft_probs, warp(target_logits, params)[None], generator)
+    return accept_stochastic(drafts, draft_probs, target_probs[None], generator)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """An output token's log-probability under the verifier (after the request's processing: bias
+    and penalties, before temperature and truncation), and the most likely tokens at its position."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(target_logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Row i of (n, V) processed logits scored tokens[i]."""
+    logprobs = torch.log_softmax(target_logits[: len(tokens)].float(), dim=-1)
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logprobs.device)[:, None]).squeeze(-1).tolist()
+    alternatives = logprobs.topk(top, dim=-1) if top else None
+    out = []
+    for i, token in enumerate(tokens):
+        best = ()
+        if alternatives is not None:
+            best = tuple(zip(alternatives.indices[i].tolist(), alternatives.values[i].tolist(), strict=True))
+        out.append(TokenLogprob(token, chosen[i], best))
+    return out
 
 
 def inspect(params: SamplingParams, proposal: Proposal, target_logits: torch.Tensor, verdict: Verdict, generated: int) -> Inspection:
@@ -80,9 +113,12 @@ def inspect(params: SamplingParams, proposal: Proposal, target_logits: torch.Ten
     )
 
 
-def emit(request, new_tokens: list[int], round_: Round | None, eos_ids: frozenset[int]) -> Delta:
-    """Append verified tokens to a request (`tokens`, `text`, `params`, `stats`) up to EOS, a stop
-    string or the length limit, and say what they add to its output."""
+def emit(
+    request, new_tokens: list[int], round_: Round | None, eos_ids: frozenset[int], logprobs: list[TokenLogprob] | None = None
+) -> Delta:
+    """Append verified tokens to a request (`tokens`, `text`, `params`, `stats`) up to EOS (or
+    another of `eos_ids`), a stop string or the length limit, and say what they add to its output
+    (with `logprobs`, one per new token, those of the emitted ones)."""
     emitted: list[int] = []
     text = []
     finish = None
@@ -98,7 +134,8 @@ def emit(request, new_tokens: list[int], round_: Round | None, eos_ids: frozense
             text.append(request.text.flush())
             break
     request.stats.generated_tokens += len(emitted)
-    return Delta(emitted, "".join(text), finish, request.stats if finish else None, round_)
+    kept = None if logprobs is None else logprobs[: len(emitted)]
+    return Delta(emitted, "".join(text), finish, request.stats if finish else None, round_, kept)
 
 
 def validate(proposal: Proposal, depth: int, vocab_size: int) -> None:

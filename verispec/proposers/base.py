@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from verispec.config import SamplingParams
+
+if TYPE_CHECKING:
+    from verispec.core.sampling import PositionNoise
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,8 @@ class DraftPolicy:
     """How one request wants its drafts made; fixed for the request's lifetime."""
 
     sampling: SamplingParams
-    generator: torch.Generator | None = None  # the request's generator (draft sampling draws from it)
+    generator: torch.Generator | None = None  # the request's generator (rejection sampling's draft draws)
+    noise: PositionNoise | None = None  # a coupled request's per-position noise (its draft draws use it)
     min_confidence: float = 0.0  # stop drafting once the draft's top probability falls below this
     time_budget_s: float = float("inf")  # stop drafting once a proposal has taken this long
     want_probs: bool = False  # return draft distributions even when greedy (inspected requests)

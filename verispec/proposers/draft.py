@@ -77,7 +77,7 @@ class DraftModelSession:
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
         for i in range(depth):
-            token, dist = draw_draft(logits, policy, first=i == 0)
+            token, dist = draw_draft(logits, policy, first=i == 0, position=len(context) + i)
             if token is None:
                 break  # the draft is unsure; further tokens would mostly be rejected
             if dist is not None:

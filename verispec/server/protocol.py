@@ -2,9 +2,10 @@
 
 Requests are validated here (types and ranges); what needs the model (prompt length, the chat
 template, the model name) is checked in `state.py`. Unknown fields are ignored, as OpenAI's newer
-clients send fields older servers do not know; fields we know but cannot honour (n > 1,
-logprobs, penalties, logit_bias, echo, suffix, best_of) are refused with a clear 400, since
-ignoring them would silently change what the client asked for.
+clients send fields older servers do not know; fields we know but cannot honour (n > 1, echo,
+suffix, best_of > 1, tools) are refused with a clear 400, since ignoring them would silently
+change what the client asked for. Every control is applied per verified position, so each is
+exact under speculation (`core/processing.py`).
 
 Types are strict, as OpenAI's are: `true` is not a token count, `"yes"` does not turn streaming
 on, `[true, false]` is not a list of token ids (a JSON integer still fills a number field). Every
@@ -16,6 +17,9 @@ stop sequences): they are valid Unicode, code and data can hold them, and the to
 
 Extensions (send them with the openai client's `extra_body`):
 - `top_k`: keep the k most likely tokens (0 = off);
+- as vLLM names them: `repetition_penalty`, `min_p`, `min_tokens`, `stop_token_ids`, `ignore_eos`;
+- `sampled_acceptance`: "coupled" (default: a seed gives the same text at any depth, proposer and
+  load) or "rejection" (speculative sampling's rejection rule);
 - `depth`: speculation depth for this request, an integer (0 = verifier only) or "auto";
 - `speculation_stats`: add a `speculation_stats` object to the response (the final chunk when
   streaming);
@@ -112,10 +116,17 @@ class _Request(_Part):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: UserName | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    # extensions
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(None, max_length=1024)
+    # extensions, named as vLLM names them
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    min_tokens: int | None = Field(None, ge=0)
+    stop_token_ids: list[int] | None = Field(None, max_length=64)
+    ignore_eos: bool | None = None
+    sampled_acceptance: Literal["coupled", "rejection"] | None = None
+    # extensions of our own
     depth: Depth | None = None
     speculation_stats: bool | None = None
     task: Tag | None = None  # a tag the per-request proposer choice may key on
@@ -145,6 +156,16 @@ class _Request(_Part):
             raise ValueError("stop sequences must not be empty")
         return value
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not (key.isascii() and key.isdigit()) or len(key) > 9:
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {key[:20]!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"the bias of token {key} must lie between -100 and 100")
+        return value
+
     @field_validator("depth", mode="before")
     @classmethod
     def _depth(cls, value: Any) -> Any:
@@ -155,14 +176,20 @@ class _Request(_Part):
     def refuse_unsupported(self) -> None:
         if self.n != 1:
             raise bad_request("only n=1 is supported; send several requests for several completions", param="n")
-        if self.presence_penalty or self.frequency_penalty:
-            raise bad_request("presence_penalty and frequency_penalty are not supported; leave them at 0", param="presence_penalty")
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported", param="logit_bias")
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        """How many alternatives per token the response's logprobs list; None: no logprobs."""
+        return None
 
     def sampling(self, max_new_tokens: int) -> SamplingParams:
-        """Omitted fields take OpenAI's defaults: temperature 1, top_p 1."""
+        """Omitted fields take OpenAI's defaults: temperature 1, top_p 1, no penalties."""
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        given = {
+            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty, "min_p": self.min_p, "min_tokens": self.min_tokens,
+            "ignore_eos": self.ignore_eos, "sampled_acceptance": self.sampled_acceptance,
+        }  # fmt: skip
         return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
@@ -170,22 +197,28 @@ class _Request(_Part):
             seed=self.seed,
             max_new_tokens=max_new_tokens,
             stop=tuple(stop),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+            logprobs=self.top_logprobs_wanted,
+            **{k: v for k, v in given.items() if v is not None},
         )
 
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
     best_of: int | None = None
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
         if self.echo:
             raise bad_request("echo is not supported", param="echo")
-        if self.logprobs is not None:
-            raise bad_request("logprobs are not supported", param="logprobs")
         if self.suffix:
             raise bad_request("suffix (insertion) is not supported", param="suffix")
         if self.best_of not in (None, 1):
@@ -227,12 +260,17 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.logprobs:
-            raise bad_request("logprobs are not supported", param="logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
         if self.tools:
             raise bad_request("tools (function calling) are not supported", param="tools")
 
