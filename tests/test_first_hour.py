@@ -86,6 +86,7 @@ def test_check_runs_on_the_demo_pair_with_the_sample_prompts(tmp_path):
     assert written["prompts"] == str(DEMO_PROMPTS)
     assert written["prompt_count"] == 2
     assert written["depths"][0]["identical"] == 2
+    assert written["sampled"]["depths"][0]["identical"] == 2  # seeded samples: the verifier-only text at depth 2
 
 
 def test_check_help_shows_the_prompt_format_and_default():

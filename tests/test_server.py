@@ -130,6 +130,77 @@ def test_sampling_with_a_seed_reproduces(server):
     assert first["choices"][0]["text"] == second["choices"][0]["text"]
 
 
+CONTROLS = {"frequency_penalty": 0.9, "presence_penalty": 0.5, "repetition_penalty": 1.3, "logit_bias": {"5": 4.0, "9": -100}, "min_tokens": 6}
+
+
+def test_controls_over_http_equal_verispec_generate_and_hold_under_speculation(server, chat_target, tiny_models):
+    """Penalties, bias and a token floor: the server's output is `verispec generate`'s with the same
+    flags, at depth 0 and speculating alike."""
+    flags = ("--frequency-penalty", "0.9", "--presence-penalty", "0.5", "--repetition-penalty", "1.3",
+             "--logit-bias", '{"5": 4.0, "9": -100}', "--min-tokens", "6")  # fmt: skip
+    for prompt in PROMPTS[:2]:
+        expected = cli_generate(chat_target, tiny_models["llama-draft"], prompt, 20, *flags)
+        plain = cli_generate(chat_target, tiny_models["llama-draft"], prompt, 20)
+        assert expected != plain  # the controls bite
+        for depth in (0, 3):
+            body = {"model": "chat-llama", "prompt": prompt, "max_tokens": 20, "temperature": 0, "depth": depth, **CONTROLS}
+            response = post(server, "/v1/completions", body)
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["text"] == expected
+
+
+def test_logprobs_are_the_verifiers_at_any_depth_streamed_or_not(server):
+    body = {"model": "chat-llama", "prompt": LONG_PROMPT, "max_tokens": 12, "temperature": 0, "logprobs": 3, **CONTROLS}
+    answers = [post(server, "/v1/completions", {**body, "depth": depth}).json()["choices"][0] for depth in (0, 2, "auto")]
+    reference = answers[0]["logprobs"]
+    for answer in answers[1:]:  # this float32 model runs on torch's matmul, whose last bits follow the pass's
+        # width (the kernel step is bitwise the same at any width: tests/test_controls.py)
+        assert answer["logprobs"]["tokens"] == reference["tokens"]
+        assert answer["logprobs"]["token_logprobs"] == pytest.approx(reference["token_logprobs"], abs=1e-5)
+    assert len(reference["tokens"]) == 12
+    assert "".join(reference["tokens"]).replace("t", " t").split() == answers[0]["text"].split()
+    for token, logprob, top in zip(reference["tokens"], reference["token_logprobs"], reference["top_logprobs"], strict=True):
+        assert len(top) == 3 and logprob <= 0
+        assert max(top.values()) == pytest.approx(logprob)  # greedy: the chosen token is the most likely
+        assert top[token] == pytest.approx(logprob)
+    assert reference["text_offset"] == [sum(map(len, reference["tokens"][:i])) for i in range(12)]
+
+    events = stream_events(server, body)
+    streamed = [c["choices"][0]["logprobs"] for c in events[:-1] if c["choices"] and c["choices"][0]["logprobs"]]
+    assert [t for chunk in streamed for t in chunk["tokens"]] == reference["tokens"]
+    assert [lp for chunk in streamed for lp in chunk["token_logprobs"]] == reference["token_logprobs"]
+    assert [o for chunk in streamed for o in chunk["text_offset"]] == reference["text_offset"]
+    no_logprobs = post(server, "/v1/completions", {**body, "logprobs": None}).json()
+    assert no_logprobs["choices"][0]["logprobs"] is None
+
+
+def test_the_openai_client_reads_logprobs_and_controls(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY)
+    messages = [{"role": "user", "content": "t1 t2"}]
+    chat = client.chat.completions.create(
+        model="chat-llama", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2,
+        frequency_penalty=0.5, logit_bias={"7": 2.0},
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(item.top_logprobs) == 2 and bytes(item.bytes).decode() == item.token for item in content)
+    assert "".join(item.token for item in content).replace("t", " t").split() == chat.choices[0].message.content.split()
+    stream = client.chat.completions.create(
+        model="chat-llama", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2,
+        frequency_penalty=0.5, logit_bias={"7": 2.0}, stream=True,
+    )
+    streamed = [item for chunk in stream if chunk.choices and chunk.choices[0].logprobs for item in chunk.choices[0].logprobs.content]
+    assert [(i.token, i.logprob) for i in streamed] == [(i.token, i.logprob) for i in content]
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        client.chat.completions.create(model="chat-llama", messages=messages, max_tokens=2, top_logprobs=2)
+
+
+def test_a_seed_gives_the_same_sample_at_any_depth_over_http(server):
+    body = {"model": "chat-llama", "prompt": LONG_PROMPT, "max_tokens": 16, "temperature": 1.0, "seed": 5, "frequency_penalty": 0.3}
+    texts = {post(server, "/v1/completions", {**body, "depth": depth}).json()["choices"][0]["text"] for depth in (0, 1, 3, "auto")}
+    assert len(texts) == 1
+
+
 # -- the openai client -------------------------------------------------------------------------------
 
 
@@ -196,8 +267,15 @@ def test_a_key_given_with_no_id_works(server):
         ({"model": "chat-llama", "prompt": "t1", "top_p": 0}, "top_p", "greater than 0"),
         ({"model": "chat-llama", "prompt": "t1", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
         ({"model": "chat-llama", "prompt": "t1", "n": 2}, "n", "only n=1"),
-        ({"model": "chat-llama", "prompt": "t1", "logprobs": 2}, "logprobs", "logprobs"),
-        ({"model": "chat-llama", "prompt": "t1", "frequency_penalty": 0.5}, "presence_penalty", "not supported"),
+        ({"model": "chat-llama", "prompt": "t1", "logprobs": 21}, "logprobs", "less than or equal to 20"),
+        ({"model": "chat-llama", "prompt": "t1", "frequency_penalty": 2.5}, "frequency_penalty", "less than or equal to 2"),
+        ({"model": "chat-llama", "prompt": "t1", "logit_bias": {"999": 1}}, "logit_bias", "token id 999, outside this model's vocabulary of 64"),
+        ({"model": "chat-llama", "prompt": "t1", "logit_bias": {"t5": 1}}, "logit_bias", "keys must be token ids"),
+        ({"model": "chat-llama", "prompt": "t1", "logit_bias": {"5": 101}}, "logit_bias", "between -100 and 100"),
+        ({"model": "chat-llama", "prompt": "t1", "stop_token_ids": [64]}, "stop_token_ids", "token id 64, outside"),
+        ({"model": "chat-llama", "prompt": "t1", "repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+        ({"model": "chat-llama", "prompt": "t1", "sampled_acceptance": "fast"}, "sampled_acceptance", "'coupled' or 'rejection'"),
+        ({"model": "chat-llama", "prompt": "t1", "echo": True}, "echo", "not supported"),
         ({"model": "chat-llama", "prompt": "t1", "stop": [""]}, "stop", "must not be empty"),
         ({"model": "chat-llama", "prompt": ["t1", "t2"]}, "prompt", "one prompt per request"),
         ({"model": "chat-llama", "prompt": ""}, "prompt", "empty"),

@@ -134,7 +134,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     from verispec.assemble import build_engine
     from verispec.text import chat_prompt
-    from verispec.tools.report import stats_table
+    from verispec.tools.report import logprobs_table, stats_table
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
@@ -151,11 +151,14 @@ def _run_generate(args: argparse.Namespace) -> int:
             _, prompt = chat_prompt(engine.tokenizer, messages)
         except ValueError as exc:
             raise UserError(f"--chat: {exc}; give a plain prompt to continue instead") from None
-    delta = None
+    delta, logprobs = None, []
     for delta in engine.stream(prompt, settings.part(SamplingParams)):
         sys.stdout.write(delta.text)
         sys.stdout.flush()
+        logprobs += delta.logprobs or []
     sys.stdout.write("\n")
+    if settings.logprobs is not None:
+        Console(stderr=True).print(logprobs_table(logprobs, engine.tokenizer))
     if args.stats and delta is not None and delta.stats is not None:
         proposer = engine.proposer.name if engine.proposer is not None else "none"
         Console(stderr=True).print(stats_table(delta.stats, title=f"finish: {delta.finish_reason}", proposer=proposer))
@@ -166,7 +169,10 @@ def _run_check(args: argparse.Namespace) -> int:
     from verispec.tools.check import run_check
 
     settings = settings_from(args, CheckSettings)
-    return run_check(settings, settings.prompts, depths=settings.depths or None, limit=settings.limit, report=settings.report)
+    return run_check(
+        settings, settings.prompts, depths=settings.depths or None, limit=settings.limit, report=settings.report,
+        sampled=settings.sampled,
+    )
 
 
 def _run_bench(args: argparse.Namespace) -> int:

@@ -7,6 +7,9 @@ belongs to a stop string.
 
 from __future__ import annotations
 
+import functools
+import re
+
 from transformers import PreTrainedTokenizerBase
 
 
@@ -77,3 +80,54 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
     adds none), as /v1/chat/completions tokenizes it."""
     text = chat_text(tokenizer, messages)
     return text, tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as a printable character: the printable Latin-1
+    bytes as themselves, the others as the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class TokenBytes:
+    """The bytes each token id stands for, in one tokenizer's vocabulary, and its text on its own:
+    a byte-level BPE token can be half of a UTF-8 character, so valid UTF-8 reads as text and
+    anything else as `bytes:\\xNN..` (as OpenAI writes such tokens)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.byte_level = backend is not None and type(backend.decoder).__name__ == "ByteLevel"
+        self.special = set(tokenizer.all_special_ids)
+
+    @functools.cache  # noqa: B019  (one per tokenizer, kept as long as its server)
+    def of(self, token: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if piece is None:
+            return b""
+        if token in self.special:
+            return piece.encode()
+        if self.byte_level and all(char in _BYTE_OF_CHAR for char in piece):
+            return bytes(_BYTE_OF_CHAR[char] for char in piece)
+        if found := _BYTE_PIECE.fullmatch(piece):  # sentencepiece's byte fallback
+            return bytes([int(found.group(1), 16)])
+        if piece.startswith("▁"):  # sentencepiece's word boundary
+            return piece.replace("▁", " ").encode()
+        return self.tokenizer.decode([token]).encode()
+
+    def text(self, token: int) -> str:
+        raw = self.of(token)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+@functools.cache
+def token_bytes(tokenizer: PreTrainedTokenizerBase) -> TokenBytes:
+    return TokenBytes(tokenizer)

@@ -162,7 +162,7 @@ class Engine:
             speculation = SpeculationSettings.model_validate({**speculation.model_dump(), "depth": depth})
         problem = check_token_ids(params, self.target.vocab_size)
         if problem is not None:
-            raise UserError(problem)
+            raise UserError(problem[1])
         seed = None if params.greedy else (params.seed if params.seed is not None else secrets.randbits(63))
         device = self.target.device
         noise = PositionNoise(seed, self.target.vocab_size, device) if seed is not None and params.sampled_acceptance == "coupled" else None

@@ -75,10 +75,11 @@ class Processing:
         return out
 
 
-def check_token_ids(params: SamplingParams, vocab_size: int) -> str | None:
-    """What is wrong with the token ids a request names (bias, stop ids), for the user; None if nothing."""
+def check_token_ids(params: SamplingParams, vocab_size: int) -> tuple[str, str] | None:
+    """What is wrong with the token ids a request names (bias, stop ids), for the user, as (the
+    field, the message); None if nothing."""
     for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
         outside = [t for t in ids if not 0 <= t < vocab_size]
         if outside:
-            return f"{name} names token id {outside[0]}, outside this model's vocabulary of {vocab_size} tokens (ids 0 to {vocab_size - 1})"
+            return name, f"{name} names token id {outside[0]}, outside this model's vocabulary of {vocab_size} tokens (ids 0 to {vocab_size - 1})"
     return None

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 
 from verispec.assemble import build_engine, resolve_models
 from verispec.config import ModelSettings, Settings
-from verispec.core.rounds import Delta
+from verispec.core.rounds import Delta, TokenLogprob
 from verispec.errors import UserError
 from verispec.models.loading import model_name
 from verispec.offline.jsonl import InputLine, error_line, result_line
@@ -51,7 +51,7 @@ class Worker:
         """Answer every line, calling `emit` with each result as soon as it is done (in the order
         requests finish, not the input's)."""
         pending = iter(lines)
-        running: dict[object, tuple[Prepared, list[str]]] = {}
+        running: dict[object, tuple[Prepared, list[str], list[TokenLogprob]]] = {}
         exhausted = False
         while True:
             while not exhausted and len(running) < self.max_running:
@@ -71,7 +71,7 @@ class Worker:
                 except UserError as exc:  # the core's own check of the prompt
                     emit(Result(line.name, error_line(line, bad_request(str(exc))), 400))
                     continue
-                running[handle] = (prepared, [])
+                running[handle] = (prepared, [], [])
             if not running:
                 return
             try:
@@ -82,20 +82,21 @@ class Worker:
             for handle, outcome in outcomes:
                 if handle not in running:
                     continue
-                prepared, text = running[handle]
+                prepared, text, logprobs = running[handle]
                 if isinstance(outcome, Exception):
                     del running[handle]
                     self.engine.abort(handle)
                     emit(self._failed(prepared, outcome))
                     continue
                 text.append(outcome.text)
+                logprobs += outcome.logprobs or []
                 if outcome.finish_reason is not None:
                     del running[handle]
-                    emit(self._done(prepared, "".join(text), outcome))
+                    emit(self._done(prepared, "".join(text), outcome, logprobs))
 
-    def _done(self, prepared: Prepared, text: str, delta: Delta) -> Result:
+    def _done(self, prepared: Prepared, text: str, delta: Delta, logprobs: list[TokenLogprob]) -> Result:
         stats: RequestStats = delta.stats
-        body = prepared.shape.full(text, delta.finish_reason, stats, prepared.with_stats, self.proposer_name)
+        body = prepared.shape.full(text, delta.finish_reason, stats, prepared.with_stats, self.proposer_name, logprobs)
         return Result(
             name=prepared.line.name,
             line=result_line(prepared.line, 200, body),

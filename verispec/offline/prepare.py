@@ -15,8 +15,10 @@ from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
 from verispec.config import Depth, SamplingParams
+from verispec.core.processing import check_token_ids
 from verispec.offline.jsonl import CHAT, InputLine, ids
 from verispec.server.errors import bad_request, invalid_request
+from verispec.server.logprobs import LogprobFormat
 from verispec.server.protocol import ChatCompletionRequest, CompletionRequest, Shape, token_budget
 from verispec.text import chat_text
 
@@ -66,8 +68,12 @@ def prepare(line: InputLine, context: Context) -> Prepared:
         params = body.sampling(max_new)
     except ValueError as exc:
         raise bad_request(f"invalid sampling settings: {exc}") from None
+    problem = check_token_ids(params, context.vocab_size)
+    if problem is not None:
+        raise bad_request(problem[1], param=problem[0])
     _, request_id = ids(line)
-    shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + request_id, context.model)
+    logprobs = None if params.logprobs is None else LogprobFormat(chat, context.tokenizer)
+    shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + request_id, context.model, logprobs)
     return Prepared(line, prompt_ids, params, body.depth, shape, bool(body.speculation_stats))
 
 

@@ -23,6 +23,7 @@ from verispec.core.rounds import Delta
 from verispec.server.errors import APIError, bad_request
 from verispec.server.intake import Intake
 from verispec.server.job import Job
+from verispec.server.logprobs import LogprobFormat
 from verispec.server.metrics import ServerMetrics
 from verispec.server.openapi import CHAT_RESPONSES, COMPLETION_RESPONSES
 from verispec.server.protocol import ChatCompletionRequest, CompletionRequest, Shape
@@ -110,7 +111,8 @@ def completion_routes(
         await serving.submit(service, underway)
         request.state.job = job
         reply = Reply(underway, request, safety.gate(context=prompt_text), metrics, service.tokenizer)
-        shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + request_id, intake.model_name)
+        logprobs = None if params.logprobs is None else LogprobFormat(chat, service.tokenizer)
+        shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + request_id, intake.model_name, logprobs)
         with_stats = body.speculation_stats if body.speculation_stats is not None else serving.server.speculation_stats
         headers = getattr(request.state, "extra_headers", {})
         try:
@@ -143,7 +145,8 @@ def completion_routes(
             job.cancel()  # a no-op once finished; frees the slot if the client left
         if not await finish(_outcome_of_finish(delta), 200, delta, reply.released, wait=True):  # acknowledged only once recorded
             raise records.unacknowledged()
-        return JSONResponse(shape.full(reply.released, delta.finish_reason, delta.stats, with_stats, job.proposer), headers=headers)
+        body = shape.full(reply.released, delta.finish_reason, delta.stats, with_stats, job.proposer, reply.released_logprobs)
+        return JSONResponse(body, headers=headers)
 
     return router
 
@@ -181,8 +184,8 @@ async def _sse(
                     rounds += 1
                 if job.provisional:  # the context the next round's drafts are decoded after
                     tokens = (tokens + delta.token_ids)[-_DRAFT_CONTEXT:]
-                if delta.text:
-                    yield event(shape.chunk(delta.text))
+                if delta.text or delta.logprobs:
+                    yield event(shape.chunk(delta.text, logprobs=delta.logprobs))
                 if delta.finish_reason is not None:
                     break
             try:

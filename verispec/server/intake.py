@@ -11,6 +11,7 @@ from fastapi import Request
 from transformers import PreTrainedTokenizerBase
 
 from verispec.config import SamplingParams, ServerSettings
+from verispec.core.processing import check_token_ids
 from verispec.server.auth import KeyRing
 from verispec.server.errors import bad_request, retry_later
 from verispec.server.metrics import ServerMetrics
@@ -86,6 +87,9 @@ class Intake:
             params = body.sampling(max_new)
         except ValueError as exc:
             raise bad_request(f"invalid sampling settings: {exc}") from None
+        problem = check_token_ids(params, service.engine.target.vocab_size)
+        if problem is not None:
+            raise bad_request(problem[1], param=problem[0])
         await self.charge(request, key_id, len(prompt_ids) + max_new)
         return params
 

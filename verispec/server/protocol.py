@@ -50,7 +50,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from verispec.config import Depth, SamplingParams
+from verispec.core.rounds import TokenLogprob
 from verispec.server.errors import bad_request
+from verispec.server.logprobs import LogprobFormat
 from verispec.stats import RequestStats, speculation_stats, usage
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -282,32 +284,43 @@ class ChatCompletionRequest(_Request):
 class Shape:
     """Builds response bodies of one endpoint: `text_completion` or `chat.completion`."""
 
-    def __init__(self, chat: bool, request_id: str, model: str):
-        self.chat, self.id, self.model = chat, request_id, model
+    def __init__(self, chat: bool, request_id: str, model: str, logprobs: LogprobFormat | None = None):
+        self.chat, self.id, self.model, self.logprobs = chat, request_id, model, logprobs
         self.created = int(time.time())
+
+    def _logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
+        return None if self.logprobs is None else self.logprobs.render(entries or [])
 
     def _envelope(self, obj: str, choices: list[dict]) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
-    def full(self, text: str, finish_reason: str, stats: RequestStats, with_stats: bool, proposer: str | None = None) -> dict:
+    def full(
+        self, text: str, finish_reason: str, stats: RequestStats, with_stats: bool, proposer: str | None = None,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> dict:
+        rendered = self._logprobs(logprobs)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": rendered, "finish_reason": finish_reason}
             body = self._envelope("chat.completion", [choice])
         else:
-            body = self._envelope("text_completion", [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}])
+            body = self._envelope("text_completion", [{"index": 0, "text": text, "logprobs": rendered, "finish_reason": finish_reason}])
         body["usage"] = usage(stats)
         if with_stats:
             body["speculation_stats"] = speculation_stats(stats, proposer)
         return body
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict:
+    def chunk(
+        self, text: str | None, finish_reason: str | None = None, role: bool = False, logprobs: list[TokenLogprob] | None = None
+    ) -> dict:
+        """A streamed chunk; `logprobs` (of the tokens this chunk releases) only where asked for."""
+        rendered = None if logprobs is None else self._logprobs(logprobs)
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": rendered, "finish_reason": finish_reason}
             return self._envelope("chat.completion.chunk", [choice])
-        return self._envelope("text_completion", [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}])
+        return self._envelope("text_completion", [{"index": 0, "text": text or "", "logprobs": rendered, "finish_reason": finish_reason}])
 
     def usage_chunk(self, stats: RequestStats) -> dict:
         body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])

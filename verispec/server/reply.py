@@ -17,7 +17,7 @@ from dataclasses import replace
 from fastapi import Request
 from transformers import PreTrainedTokenizerBase
 
-from verispec.core.rounds import Delta
+from verispec.core.rounds import Delta, TokenLogprob
 from verispec.errors import UserError
 from verispec.policy import PolicyGate
 from verispec.server import errors
@@ -39,6 +39,8 @@ class Reply:
         self.text: list[str] = []  # released text: all the client has been sent, and all that is recorded
         self.token_ids: list[int] = []  # every verified token the job emitted, released or not
         self.emitted = 0  # characters of verified text the job emitted, before the gate
+        self.logprobs: list[TokenLogprob] = []  # of every token emitted, where the request asked for them
+        self.logprobs_sent = 0  # how many of them the client was sent
         underway.sent_tokens = self.sent_tokens
 
     @property
@@ -56,7 +58,21 @@ class Reply:
             self.text.append(item.text)
             if item.finish_reason == "content_filter":
                 item = replace(item, stats=replace(item.stats, generated_tokens=self.sent_tokens()))
+            if item.logprobs is not None:
+                item = replace(item, logprobs=self._released_logprobs(item.logprobs))
         return item
+
+    def _released_logprobs(self, new: list[TokenLogprob]) -> list[TokenLogprob]:
+        """The logprobs of the tokens whose text the client now holds: a token the gate keeps back
+        keeps its log-probability back too (it can tell what the text was)."""
+        self.logprobs += new
+        sent = self.logprobs_sent
+        self.logprobs_sent = max(sent, self.sent_tokens())
+        return self.logprobs[sent : self.logprobs_sent]
+
+    @property
+    def released_logprobs(self) -> list[TokenLogprob]:
+        return self.logprobs[: self.logprobs_sent]
 
     def sent_tokens(self) -> int:
         """Tokens the client was sent: every one emitted, unless the gate kept text back or stopped

@@ -1,9 +1,12 @@
 """`verispec check`: is the speculative output the verifier's own, prompt by prompt?
 
 Every prompt is greedy-decoded verifier-only (depth 0) and then at each depth under test, one
-after the other, so machine drift hits all configurations alike. Any difference fails the check
-and is shown with the verifier's top-2 logit gap at that position: a gap near zero means a
-near-tie that floating-point noise can flip; a large gap means a real bug.
+after the other, so machine drift hits all configurations alike; with `sampled` (the default) it
+is decoded again sampled with a seed of its own (temperature 1), where the coupled acceptance rule
+must give the verifier-only sample at every depth. The request's controls (penalties, bias, a
+token floor) apply to both. Any difference fails the check and is shown with the verifier's top-2
+logit gap at that position: a gap near zero means a near-tie that floating-point noise can flip;
+a large gap means a real bug.
 
 Speed: tokens/s is the median over prompts, and a depth's speedup is its tokens/s over
 verifier-only's, the two figures printed beside it. Not the median of per-prompt ratios: with few
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +106,7 @@ def run_check(
     depths: Sequence[Depth | str] | None = None,
     limit: int | None = None,
     report: Path | None = None,
+    sampled: bool = True,
 ) -> int:
     prompts = load_prompts(prompts_path, limit)
     depths_under_test = parse_depths(list(depths)) if depths else [settings.depth]
@@ -109,32 +114,45 @@ def run_check(
     console = Console(stderr=True)
     if engine.proposer is None:
         console.print("[yellow]proposer is 'none': every depth decodes verifier-only[/]")
-    params = SamplingParams(max_new_tokens=settings.max_new_tokens)
+    controls = settings.part(SamplingParams).model_dump(exclude={"temperature", "top_k", "top_p", "seed", "stop"})
+    modes = {"greedy": SamplingParams(**controls, temperature=0.0)}
+    if sampled:
+        modes["sampled"] = SamplingParams(**controls, temperature=1.0)
 
     for depth in [0, *depths_under_test]:  # warm-up, excluded from timing
         engine.generate(prompts[0].text, SamplingParams(max_new_tokens=8), depth=depth)
 
-    baseline = DepthResult(depth=0)
-    results = [DepthResult(depth=d) for d in depths_under_test]
+    baselines = {mode: DepthResult(depth=0) for mode in modes}
+    results = {mode: [DepthResult(depth=d) for d in depths_under_test] for mode in modes}
     for prompt in tqdm(prompts, desc="checking", unit="prompt", file=sys.stderr):
-        _check_prompt(engine, prompt, params, baseline, results)
+        for mode, params in modes.items():
+            if not params.greedy:  # a seed of the prompt's own, the same in every run
+                params = params.model_copy(update={"seed": zlib.crc32(prompt.id.encode())})
+            _check_prompt(engine, prompt, params, baselines[mode], results[mode])
 
-    _print(console, prompts, baseline, results, engine)
+    for mode in modes:
+        _print(console, prompts, baselines[mode], results[mode], engine, mode)
+    failed = sum(len(r.mismatches) for rows in results.values() for r in rows)
+    if failed:
+        console.print(f"[red]{failed} mismatching output(s)[/]")
+    else:
+        console.print(f"[green]all {len(prompts)} prompts identical at every depth checked ({', '.join(modes)})[/]")
     if report:
         report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(
-            json.dumps(
-                {
-                    "settings": settings.model_dump(mode="json"),
-                    "prompts": str(prompts_path),
-                    "prompt_count": len(prompts),
-                    "verifier_only": {"median_tokens_per_s": baseline.median_tokens_per_s},
-                    "depths": [r.summary(baseline) for r in results],
-                },
-                indent=2,
-            )
-        )
-    return 1 if any(r.mismatches for r in results) else 0
+        summary = {
+            "settings": settings.model_dump(mode="json"),
+            "prompts": str(prompts_path),
+            "prompt_count": len(prompts),
+            "verifier_only": {"median_tokens_per_s": baselines["greedy"].median_tokens_per_s},
+            "depths": [r.summary(baselines["greedy"]) for r in results["greedy"]],
+        }
+        if sampled:
+            summary["sampled"] = {
+                "verifier_only": {"median_tokens_per_s": baselines["sampled"].median_tokens_per_s},
+                "depths": [r.summary(baselines["sampled"]) for r in results["sampled"]],
+            }
+        report.write_text(json.dumps(summary, indent=2))
+    return 1 if failed else 0
 
 
 def _check_prompt(
@@ -163,11 +181,12 @@ def _check_prompt(
 
 
 def _print(
-    console: Console, prompts: list[Prompt], baseline: DepthResult, results: list[DepthResult], engine: Engine
+    console: Console, prompts: list[Prompt], baseline: DepthResult, results: list[DepthResult], engine: Engine,
+    mode: str = "greedy",
 ) -> None:
     proposer = engine.proposer.name if engine.proposer else "none"
     table = Table(
-        title=f"verispec check: {len(prompts)} prompts, target {engine.target.name}, proposer {proposer}",
+        title=f"verispec check ({mode}): {len(prompts)} prompts, target {engine.target.name}, proposer {proposer}",
         caption="speedup: tokens/s (median over prompts) over verifier-only's",
     )
     for column in ("depth", "identical", "acceptance", "tokens/verifier call", "tokens/s (median)", "speedup"):
@@ -192,11 +211,6 @@ def _print(
                 "end of output" if m.speculative_token is None else f"{decode([m.speculative_token])!r} (id {m.speculative_token})"
             )
             console.print(
-                f"[red]MISMATCH[/] prompt {m.prompt_id}, depth {r.depth}: first difference at new token {m.position}: "
+                f"[red]MISMATCH[/] ({mode}) prompt {m.prompt_id}, depth {r.depth}: first difference at new token {m.position}: "
                 f"verifier-only {verifier}, speculative {speculative}; verifier top-2 logit gap {m.verifier_top2_gap:.2e}"
             )
-    failed = sum(len(r.mismatches) for r in results)
-    if failed:
-        console.print(f"[red]{failed} mismatching output(s)[/]")
-    else:
-        console.print(f"[green]all {len(prompts)} prompts identical at every depth checked[/]")

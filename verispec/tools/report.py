@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from rich.table import Table
+from transformers import PreTrainedTokenizerBase
 
+from verispec.core.rounds import TokenLogprob
 from verispec.stats import RequestStats
+from verispec.text import token_bytes
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -40,4 +43,17 @@ def stats_table(stats: RequestStats, title: str | None = None, proposer: str | N
         rows.append(("seed", str(stats.seed)))
     for name, value in rows:
         table.add_row(name, value)
+    return table
+
+
+def logprobs_table(entries: list[TokenLogprob], tokenizer: PreTrainedTokenizerBase) -> Table:
+    """`generate --logprobs N`: each output token, its log-probability under the verifier, and the
+    N most likely tokens at its position."""
+    vocab = token_bytes(tokenizer)
+    table = Table(title="logprobs (verifier, after the request's bias and penalties)")
+    for column in ("#", "token", "logprob", "most likely"):
+        table.add_column(column, justify="right" if column in ("#", "logprob") else "left")
+    for i, entry in enumerate(entries):
+        top = "  ".join(f"{vocab.text(t)!r} {lp:.3f}" for t, lp in entry.top)
+        table.add_row(str(i), repr(vocab.text(entry.token)), f"{entry.logprob:.4f}", top)
     return table

@@ -65,6 +65,11 @@ class CheckOptions(PromptSetOptions):
         "setting (config key depth, VERISPEC_DEPTH)",
     )
     report: Path | None = Field(None, description="also write the results as JSON to this file")
+    sampled: bool = Field(
+        True,
+        description="also decode each prompt sampled (temperature 1, a seed per prompt) and check the text is the "
+        "verifier-only sample at every depth (the coupled acceptance rule reproduces it)",
+    )
 
 
 class BenchOptions(PromptSetOptions):

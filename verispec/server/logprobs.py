@@ -1,0 +1,46 @@
+"""Log-probabilities in OpenAI's response shapes.
+
+The engine gives each output token's log-probability under the verifier (`TokenLogprob`: after
+the request's bias and penalties, before temperature), identical at any depth. Here they become
+what clients read: `/v1/completions` lists `tokens`, `token_logprobs`, `top_logprobs` (a map per
+token) and `text_offset`; chat lists `content` entries of `token`, `logprob`, `bytes` and
+`top_logprobs`. A token's text is its own bytes (`text.TokenBytes`).
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+from verispec.core.rounds import TokenLogprob
+from verispec.text import token_bytes
+
+
+class LogprobFormat:
+    """Renders one response's logprobs, chunk by chunk (completions' text offsets run on)."""
+
+    def __init__(self, chat: bool, tokenizer: PreTrainedTokenizerBase, offset: int = 0):
+        self.chat, self.vocab = chat, token_bytes(tokenizer)
+        self.offset = offset  # characters before the next token, for completions' text_offset
+
+    def render(self, entries: list[TokenLogprob]) -> dict:
+        return self._chat(entries) if self.chat else self._completion(entries)
+
+    def _chat(self, entries: list[TokenLogprob]) -> dict:
+        def item(token: int, logprob: float) -> dict:
+            return {"token": self.vocab.text(token), "logprob": logprob, "bytes": list(self.vocab.of(token))}
+
+        content = [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
+        return {"content": content, "refusal": None}
+
+    def _completion(self, entries: list[TokenLogprob]) -> dict:
+        tokens = [self.vocab.text(e.token) for e in entries]
+        offsets = []
+        for text in tokens:
+            offsets.append(self.offset)
+            self.offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{self.vocab.text(t): lp for t, lp in e.top} for e in entries],
+            "text_offset": offsets,
+        }
