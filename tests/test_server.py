@@ -273,7 +273,7 @@ def test_a_key_given_with_no_id_works(server):
         ({"model": "chat-llama", "prompt": "t1", "logit_bias": {"t5": 1}}, "logit_bias", "keys must be token ids"),
         ({"model": "chat-llama", "prompt": "t1", "logit_bias": {"5": 101}}, "logit_bias", "between -100 and 100"),
         ({"model": "chat-llama", "prompt": "t1", "stop_token_ids": [64]}, "stop_token_ids", "token id 64, outside"),
-        ({"model": "chat-llama", "prompt": "t1", "repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+        ({"model": "chat-llama", "prompt": "t1", "repetition_penalty": 1e-300}, "repetition_penalty", "greater than or equal to 0.01"),
         ({"model": "chat-llama", "prompt": "t1", "sampled_acceptance": "fast"}, "sampled_acceptance", "'coupled' or 'rejection'"),
         ({"model": "chat-llama", "prompt": "t1", "echo": True}, "echo", "not supported"),
         ({"model": "chat-llama", "prompt": "t1", "stop": [""]}, "stop", "must not be empty"),
@@ -545,3 +545,17 @@ def test_loadtest_prompts_default_to_text_every_machine_has(monkeypatch, tmp_pat
     monkeypatch.setattr(settings, "DEFAULT_PROMPTS", tmp_path / "absent.jsonl")
     prompts = settings.default_prompts()
     assert len(prompts) == 64 and all(p.text.strip() for p in prompts)
+
+
+def test_a_banned_token_among_the_alternatives_reads_minus_9999(chat_target):
+    """-inf (a token floor's ban) is no JSON number; OpenAI writes -9999.0 for it."""
+    from verispec.core.rounds import TokenLogprob
+    from verispec.server.logprobs import LogprobFormat
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_target)
+    entry = TokenLogprob(5, -0.5, ((5, -0.5), (0, float("-inf"))))
+    completion = LogprobFormat(False, tokenizer).render([entry])
+    assert completion["top_logprobs"] == [{"t5": -0.5, "<|endoftext|>": -9999.0}]
+    chat = LogprobFormat(True, tokenizer).render([entry])
+    assert [t["logprob"] for t in chat["content"][0]["top_logprobs"]] == [-0.5, -9999.0]
+    json.dumps(chat, allow_nan=False)

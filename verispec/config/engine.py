@@ -118,8 +118,9 @@ class SamplingParams(BaseModel):
         0.0, ge=-2.0, le=2.0, description="subtract this times its count in the output from every token's logit (OpenAI's frequency_penalty)"
     )
     repetition_penalty: float = Field(
-        1.0, gt=0.0, le=10.0,
-        description="divide the positive logits (multiply the negative ones) of tokens in the prompt or the output by this (1 = off)",
+        1.0, ge=0.01, le=10.0,
+        description="divide the positive logits (multiply the negative ones) of tokens in the prompt or the output by this "
+        "(1 = off; below 1 favours repeats)",
     )  # fmt: skip
     logit_bias: Annotated[dict[int, float], NoDecode] = Field(
         default_factory=dict, description='add to the logits of these token ids, as JSON: {"50256": -100} (-100 bans a token, 100 forces it)'

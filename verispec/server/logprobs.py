@@ -4,15 +4,26 @@ The engine gives each output token's log-probability under the verifier (`TokenL
 the request's bias and penalties, before temperature), identical at any depth. Here they become
 what clients read: `/v1/completions` lists `tokens`, `token_logprobs`, `top_logprobs` (a map per
 token) and `text_offset`; chat lists `content` entries of `token`, `logprob`, `bytes` and
-`top_logprobs`. A token's text is its own bytes (`text.TokenBytes`).
+`top_logprobs`. A token's text is its own bytes (`text.TokenBytes`). A token the request's
+controls ban (a token floor's stop tokens) has log-probability -inf, which JSON cannot carry:
+it reads -9999.0, as in OpenAI's answers.
 """
 
 from __future__ import annotations
+
+import math
 
 from transformers import PreTrainedTokenizerBase
 
 from verispec.core.rounds import TokenLogprob
 from verispec.text import token_bytes
+
+
+BANNED = -9999.0
+
+
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else BANNED
 
 
 class LogprobFormat:
@@ -27,7 +38,7 @@ class LogprobFormat:
 
     def _chat(self, entries: list[TokenLogprob]) -> dict:
         def item(token: int, logprob: float) -> dict:
-            return {"token": self.vocab.text(token), "logprob": logprob, "bytes": list(self.vocab.of(token))}
+            return {"token": self.vocab.text(token), "logprob": _finite(logprob), "bytes": list(self.vocab.of(token))}
 
         content = [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
         return {"content": content, "refusal": None}
@@ -40,7 +51,7 @@ class LogprobFormat:
             self.offset += len(text)
         return {
             "tokens": tokens,
-            "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{self.vocab.text(t): lp for t, lp in e.top} for e in entries],
+            "token_logprobs": [_finite(e.logprob) for e in entries],
+            "top_logprobs": [{self.vocab.text(t): _finite(lp) for t, lp in e.top} for e in entries],
             "text_offset": offsets,
         }
