@@ -214,3 +214,26 @@ def test_cli_messages_are_in_the_users_terms(flags, message):
     with pytest.raises(UserError) as caught:
         load_settings(flags)
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"logit_bias": {str(i): 1.0 for i in range(1025)}}, "logit_bias"),  # past the 1024 entries OpenAI allows
+        ({"logit_bias": {"99999999999999999999": 1.0}}, "logit_bias"),  # no int64 wrap-around
+        ({"logit_bias": {"-1": 1.0}}, "logit_bias"),
+        ({"logit_bias": {"5": "1"}}, "logit_bias.5"),
+        ({"logit_bias": {"5": float("nan")}}, "logit_bias"),  # Python's JSON reader takes NaN: the range check must
+        ({"logit_bias": [5, 1]}, "logit_bias"),
+        ({"stop_token_ids": list(range(65))}, "stop_token_ids"),
+        ({"stop_token_ids": [True]}, "stop_token_ids[0]"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 2**70}, "min_tokens"),
+        ({"logprobs": True}, "logprobs"),  # completions take a count, not chat's switch
+        ({"presence_penalty": float("inf")}, "presence_penalty"),
+        ({"temperature": float("nan")}, "temperature"),
+    ],
+)
+def test_hostile_controls_are_400(server, fields, param):
+    error = refused(send(server, completion(prompt="t1", max_tokens=2, **fields)))
+    assert error["param"] == param, error

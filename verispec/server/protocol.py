@@ -186,6 +186,8 @@ class _Request(_Part):
 
     def sampling(self, max_new_tokens: int) -> SamplingParams:
         """Omitted fields take OpenAI's defaults: temperature 1, top_p 1, no penalties."""
+        if self.min_tokens is not None and self.min_tokens > max_new_tokens:
+            raise bad_request(f"min_tokens ({self.min_tokens}) is more than max_tokens ({max_new_tokens}) allows", param="min_tokens")
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
         given = {
             "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
