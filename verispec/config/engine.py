@@ -91,6 +91,41 @@ class SpeculationSettings(BaseModel):
         return value
 
 
+class ResponseFormat(BaseModel):
+    """What the output must be (OpenAI's `response_format`): free text, any JSON object, JSON that
+    a schema allows, and as extensions a regular expression's match or a grammar's sentence (Lark
+    syntax, as llguidance reads it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
+    json_schema: dict[str, Any] | None = None  # {"name": ..., "schema": {...}, "strict": true}
+    regex: str | None = None
+    grammar: str | None = None
+
+    @property
+    def constrained(self) -> bool:
+        return self.type != "text"
+
+    def key(self) -> tuple[str, str]:
+        """(kind, spec) in one canonical spelling: equal formats share a compiled grammar."""
+        if self.type == "json_schema":
+            return self.type, json.dumps((self.json_schema or {}).get("schema", {}), sort_keys=True, separators=(",", ":"))
+        return self.type, {"regex": self.regex, "grammar": self.grammar}.get(self.type) or ""
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and not isinstance(value.get("schema", {}), dict):
+            raise ValueError("json_schema.schema must be a JSON Schema object")
+        return value
+
+    def model_post_init(self, context: Any) -> None:
+        needs = {"json_schema": "json_schema", "regex": "regex", "grammar": "grammar"}.get(self.type)
+        if needs is not None and getattr(self, needs) is None:
+            raise ValueError(f"response_format of type {self.type} needs its '{needs}' field")
+
+
 class SamplingParams(BaseModel):
     """Per-request decoding settings. Temperature 0 means greedy."""
 
@@ -128,6 +163,11 @@ class SamplingParams(BaseModel):
     logprobs: int | None = Field(
         None, ge=0, le=20, description="return each output token's log-probability and this many most likely alternatives (0 = the token's only)"
     )
+    response_format: Annotated[ResponseFormat | None, NoDecode] = Field(
+        None,
+        description='constrain the output, as JSON: {"type": "json_object"}, {"type": "json_schema", "json_schema": '
+        '{"name": "n", "schema": {...}}}, {"type": "regex", "regex": "..."} or {"type": "grammar", "grammar": "(Lark)"}',
+    )
     sampled_acceptance: Literal["coupled", "rejection"] = Field(
         "coupled",
         description="sampled requests: coupled = each position's random draw comes from the seed and the position, and a draft "
@@ -145,6 +185,20 @@ class SamplingParams(BaseModel):
         return bool(
             self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias or self.min_tokens
         )
+
+    @property
+    def constrained(self) -> bool:
+        return self.response_format is not None and self.response_format.constrained
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _format(cls, value: Any) -> Any:
+        if isinstance(value, str):  # a flag or variable: a JSON object
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError('give response_format as a JSON object, e.g. {"type": "json_object"}') from None
+        return value
 
     @field_validator("stop_token_ids", mode="before")
     @classmethod

@@ -25,11 +25,13 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from verispec.config import BatchSettings, Depth, SamplingParams, SpeculationSettings
 from verispec.core.calibrate import measure_draft_cost
 from verispec.core.drafting import Drafting
+from verispec.core.grammar import compiled
 from verispec.core.goodput import LiveCosts, PassCosts, choose_depths, measure_pass_costs
 from verispec.core.kv_cache import BlockTable
 from verispec.core.planner import Plan, plan_pass
@@ -46,6 +48,7 @@ from verispec.text import TextStream
 log = logging.getLogger(__name__)
 
 _stream_ids = itertools.count(1)
+JUMP_FORWARD_MAX = 16  # tokens a grammar forces that one round may take
 DEFAULT: Proposer = object()  # type: ignore[assignment]  # stream(): the engine's own proposer
 
 
@@ -167,6 +170,9 @@ class Engine:
         device = self.target.device
         noise = PositionNoise(seed, self.target.vocab_size, device) if seed is not None and params.sampled_acceptance == "coupled" else None
         stop_ids = (frozenset() if params.ignore_eos else self.eos_ids) | frozenset(params.stop_token_ids)
+        grammar = None
+        if params.constrained:  # compiled once per format (the server compiles it off this thread first)
+            grammar = compiled(params.response_format, self.tokenizer, self.target.vocab_size).start()
         auto = speculation.depth == "auto"
         table = BlockTable(self.runner.pool)
         table.capacity = len(prompt_ids) + params.max_new_tokens  # a round never holds more (depth is capped by the budget)
@@ -196,6 +202,7 @@ class Engine:
             stop_ids=stop_ids,
             processing=Processing(params, prompt_ids, stop_ids, self.target.vocab_size, device) if params.processed else None,
             noise=noise,
+            grammar=grammar,
         )
         self.waiting.append(request)
         return request
@@ -274,7 +281,12 @@ class Engine:
         started_ns = time.time_ns()
         self._draft_ahead(plan)
         announced = {r for r in plan.rounds if r.early is not None}  # shown while the prompt prefilled
-        proposals, propose_s = self.drafting.propose(plan.rounds, plan.depths)
+        drafted = {r: 0 if r.forced else d for r, d in plan.depths.items()}
+        proposals, propose_s = self.drafting.propose(plan.rounds, drafted)
+        masks = {}
+        for request in plan.rounds:
+            if request.grammar is not None:
+                proposals[request], masks[request] = self._within_grammar(request, proposals[request])
         if self.on_proposed is not None:
             self.on_proposed({r: p for r, p in proposals.items() if p.tokens and r not in announced})
         segments = [Segment([r.tokens[-1], *proposals[r].tokens], r.table.computed, r.table) for r in plan.rounds]
@@ -295,6 +307,8 @@ class Engine:
             proposal = proposals[request]
             if request.processing is not None:
                 target_logits = request.processing.apply(target_logits, proposal.tokens, request.generated)
+            if request in masks:
+                target_logits = _masked(target_logits, masks[request], request.stop_ids)
             position = len(request.tokens)  # the output position row 0 scores
             verdict = accept(request.params, proposal, target_logits, request.draft_policy.generator, request.noise, position)
             accepted = int(verdict.accepted[0])
@@ -321,11 +335,25 @@ class Engine:
             delta = emit(request, new_tokens, round_, request.stop_ids, logprobs)
             if request.processing is not None:
                 request.processing.observe(delta.token_ids)
+            if request.grammar is not None and not delta.finish_reason:
+                request.grammar.advance(delta.token_ids)
             if delta.finish_reason:
                 stats.total_s = time.perf_counter() - request.arrived
                 self.abort(request)
             deltas.append((request, delta))
         return deltas
+
+    def _within_grammar(self, request: Request, proposal: Proposal) -> tuple[Proposal, torch.Tensor]:
+        """A constrained request's drafts (the tokens its grammar forces, else its proposer's up to
+        the first one the grammar forbids: that one could never be accepted, so it costs no row)
+        and the grammar's mask at every row that scores them."""
+        if request.forced:
+            proposal = Proposal(request.forced)  # certain: the grammar leaves the verifier no other token
+        masks, allowed = request.grammar.masks_for(proposal.tokens)
+        if allowed < len(proposal.tokens):
+            proposal = proposal.cut(allowed)
+            masks = masks[: allowed + 1]
+        return proposal, masks.to(self.target.device)
 
     def _draft_ahead(self, plan: Plan) -> None:
         """Draft the first round of the requests that want it while their prompts prefill, so that
@@ -360,6 +388,24 @@ class Engine:
         return max(0, limit)
 
     def choose_depths(self, requests: list[Request]) -> dict[Request, int]:
+        """Each request's depth this round (`_depths`), or, where its grammar forces the next tokens,
+        as many of those as it may take: they are proposed for free (jump-forward) and the verifier
+        keeps all of them, one pass for several tokens. A request at depth 0 (verifier only) and an
+        edge client's session jump nowhere."""
+        depths = self._depths(requests)
+        for request in requests:
+            request.forced = []
+            if request.grammar is None or request.remote is not None or request.speculation.depth == 0:
+                continue
+            cap = min(JUMP_FORWARD_MAX, request.remaining - 1, self.batch.max_pass_tokens - 1)
+            if request.depth_limit is not None:
+                cap = min(cap, max(request.depth_limit(), 1))
+            request.forced = request.grammar.forced()[: max(cap, 0)]
+            if request.forced:
+                depths[request] = len(request.forced)
+        return depths
+
+    def _depths(self, requests: list[Request]) -> dict[Request, int]:
         """Fixed depths as configured; depth auto by the batch's goodput (`goodput.py`). A request
         sampled by the rejection rule draws its randomness round by round, so its depth follows its
         own acceptance and the single-stream costs only, so that what else shares its batch never
@@ -477,3 +523,13 @@ class Engine:
 
 
 __all__ = ["Engine", "Request"]
+
+
+def _masked(logits: torch.Tensor, masks: torch.Tensor, stop_ids: frozenset[int]) -> torch.Tensor:
+    """Logits with every token the grammar forbids at -inf. A row left with no token at all (a
+    token floor that holds back the end the grammar has reached) may end: its stop tokens stay."""
+    out = logits.float().masked_fill(~masks, float("-inf"))
+    dead = torch.isneginf(out).all(dim=-1).nonzero()[:, 0]
+    if len(dead) and stop_ids:
+        out[dead[:, None], torch.tensor(sorted(stop_ids), device=out.device)] = 0.0
+    return out

@@ -17,6 +17,7 @@ from verispec.stats import RequestStats
 from verispec.text import TextStream
 
 if TYPE_CHECKING:
+    from verispec.core.grammar import Matcher
     from verispec.proposers.remote import RemoteDrafts
 
 
@@ -53,6 +54,8 @@ class Request:
     stop_ids: frozenset[int] = frozenset()  # tokens that end it: EOS (unless ignored) and its stop_token_ids
     processing: Processing | None = None  # penalties, bias, a token floor (`processing.py`), where asked for
     noise: PositionNoise | None = None  # a coupled sampled request's per-position draws
+    grammar: Matcher | None = None  # what its output must be (`grammar.py`), where it asked for a format
+    forced: list[int] = field(default_factory=list)  # this round's drafts: the tokens its grammar forces
 
     @property
     def draws_by_position(self) -> bool:

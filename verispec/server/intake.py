@@ -11,7 +11,9 @@ from fastapi import Request
 from transformers import PreTrainedTokenizerBase
 
 from verispec.config import SamplingParams, ServerSettings
+from verispec.core.grammar import compiled
 from verispec.core.processing import check_token_ids
+from verispec.errors import UserError
 from verispec.server.auth import KeyRing
 from verispec.server.errors import bad_request, retry_later
 from verispec.server.metrics import ServerMetrics
@@ -90,6 +92,11 @@ class Intake:
         problem = check_token_ids(params, service.engine.target.vocab_size)
         if problem is not None:
             raise bad_request(problem[1], param=problem[0])
+        if params.constrained:  # compiled here, off the event loop; the engine finds it compiled
+            try:
+                await self.worker.run(compiled, params.response_format, service.tokenizer, service.engine.target.vocab_size)
+            except UserError as exc:
+                raise bad_request(str(exc), param="response_format") from None
         await self.charge(request, key_id, len(prompt_ids) + max_new)
         return params
 

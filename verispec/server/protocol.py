@@ -34,6 +34,7 @@ Extensions (send them with the openai client's `extra_body`):
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Annotated, Any, Literal
@@ -49,13 +50,16 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from verispec.config import Depth, SamplingParams
+from verispec.config import Depth, ResponseFormat, SamplingParams
 from verispec.core.rounds import TokenLogprob
 from verispec.server.errors import bad_request
 from verispec.server.logprobs import LogprobFormat
 from verispec.stats import RequestStats, speculation_stats, usage
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_SCHEMA_CHARS = 64 << 10  # a JSON schema, as JSON text
+MAX_REGEX_CHARS = 4 << 10
+MAX_GRAMMAR_CHARS = 64 << 10
 
 
 def _no_nul(value: str) -> str:
@@ -106,6 +110,39 @@ class StreamOptions(_Part):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Part):
+    name: Name = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatBody(_Part):
+    """OpenAI's `response_format`; `regex` and `grammar` (Lark syntax) are our extensions."""
+
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
+    json_schema: JsonSchemaFormat | None = None
+    regex: str | None = Field(None, max_length=MAX_REGEX_CHARS)
+    grammar: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS)
+
+    @model_validator(mode="after")
+    def _complete(self) -> ResponseFormatBody:
+        needs = {"json_schema": "json_schema", "regex": "regex", "grammar": "grammar"}.get(self.type)
+        if needs is not None and getattr(self, needs) is None:
+            raise ValueError(f"a response_format of type '{self.type}' needs its '{needs}' field")
+        if self.json_schema is not None and self.json_schema.schema_ is not None:
+            if len(json.dumps(self.json_schema.schema_)) > MAX_SCHEMA_CHARS:
+                raise ValueError(f"the JSON schema is larger than {MAX_SCHEMA_CHARS // 1024} KiB")
+        return self
+
+    def settings(self) -> ResponseFormat:
+        schema = None
+        if self.json_schema is not None:
+            spec = self.json_schema
+            schema = {"name": spec.name, "schema": spec.schema_ or {}, "strict": bool(spec.strict)}
+        return ResponseFormat(type=self.type, json_schema=schema, regex=self.regex, grammar=self.grammar)
+
+
 class _Request(_Part):
     model: Name
     max_tokens: int | None = Field(None, ge=1)
@@ -128,6 +165,7 @@ class _Request(_Part):
     stop_token_ids: list[int] | None = Field(None, max_length=64)
     ignore_eos: bool | None = None
     sampled_acceptance: Literal["coupled", "rejection"] | None = None
+    response_format: ResponseFormatBody | None = None
     # extensions of our own
     depth: Depth | None = None
     speculation_stats: bool | None = None
@@ -204,6 +242,7 @@ class _Request(_Part):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
             logprobs=self.top_logprobs_wanted,
+            response_format=None if self.response_format is None else self.response_format.settings(),
             **{k: v for k, v in given.items() if v is not None},
         )
 

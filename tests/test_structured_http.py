@@ -1,0 +1,142 @@
+"""Structured outputs over real HTTP: the openai client's own `chat.completions.parse()`, schemas
+and regular expressions on completions and chat, streamed or not, exact under speculation, and
+hostile formats answered with a clear 400 in bounded time.
+
+One server of the reference pair (a byte-level BPE code model, which can write JSON), its target
+given a ChatML-style chat template in a folder of links to the shared files."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel
+
+from tests.conftest import SHARED_MODELS
+from tests.serving import ServerProcess
+
+pytestmark = pytest.mark.skipif(not (SHARED_MODELS / "ref-code-target").is_dir(), reason="the reference pair is not in ../shared/models")
+MODEL = "code-chat"
+TEMPLATE = (
+    "{% for m in messages %}<|endoftext|>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|endoftext|>assistant\n{% endif %}"
+)
+
+
+class Point(BaseModel):
+    x: int
+    y: int
+    label: str
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("structured") / MODEL
+    folder.mkdir()
+    source = SHARED_MODELS / "ref-code-target"
+    for item in source.iterdir():
+        if item.name != "tokenizer_config.json":
+            (folder / item.name).symlink_to(item)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
+    proc = ServerProcess(
+        ["--target", str(folder), "--draft", str(SHARED_MODELS / "ref-code-draft-distilled"), "--max-new-tokens", "96"],
+        log_dir=tmp_path_factory.mktemp("logs"),
+    ).wait_ready()
+    yield proc
+    proc.stop_gracefully()
+
+
+def post(server, body: dict, path: str = "/v1/completions") -> httpx.Response:
+    return httpx.post(server.url + path, json={"model": MODEL, **body}, timeout=120)
+
+
+def test_the_openai_clients_parse_returns_the_pydantic_object(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    completion = client.chat.completions.parse(
+        model=MODEL, messages=[{"role": "user", "content": "A point as JSON"}], response_format=Point, temperature=0,
+        max_tokens=96,
+    )
+    message = completion.choices[0].message
+    assert isinstance(message.parsed, Point), message.content
+    assert completion.choices[0].finish_reason == "stop"
+
+
+def test_a_schema_holds_and_speculation_changes_no_token_streamed_or_not(server):
+    schema = {
+        "type": "object",
+        "properties": {"id": {"type": "integer"}, "name": {"type": "string", "maxLength": 16}, "ok": {"type": "boolean"}},
+        "required": ["id", "name", "ok"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "row", "schema": schema, "strict": True}}
+    body = {"prompt": "rows = [\n    ", "max_tokens": 96, "temperature": 0, "response_format": fmt}
+    texts = {depth: post(server, {**body, "depth": depth}).json()["choices"][0]["text"] for depth in (0, 3, "auto")}
+    assert len(set(texts.values())) == 1, texts
+    jsonschema.validate(json.loads(texts[0]), schema)
+    with httpx.stream("POST", server.url + "/v1/completions", json={"model": MODEL, **body, "stream": True}, timeout=120) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == texts[0]
+
+
+def test_a_regex_and_a_seeded_sample_on_chat(server):
+    fmt = {"type": "regex", "regex": r"[A-Z][a-z]{2,8} [0-9]{1,3}"}
+    body = {"messages": [{"role": "user", "content": "a name and a number"}], "max_tokens": 32, "temperature": 1.0, "seed": 3,
+            "response_format": fmt}  # fmt: skip
+    texts = {d: post(server, {**body, "depth": d}, "/v1/chat/completions").json()["choices"][0]["message"]["content"] for d in (0, 4)}
+    assert len(set(texts.values())) == 1
+    assert __import__("re").fullmatch(fmt["regex"], texts[0])
+
+
+@pytest.mark.parametrize(
+    "fmt, message",
+    [
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {f"k{i}": {"type": "string", "description": "d" * 64} for i in range(1200)}}}}, "larger than 64 KiB"),
+        ({"type": "regex", "regex": "(a"}, "invalid regex"),
+        ({"type": "json_schema"}, "needs its 'json_schema' field"),
+        ({"type": "xml"}, "response_format.type"),
+    ],
+)
+def test_hostile_formats_are_400_within_seconds(server, fmt, message):
+    start = time.monotonic()
+    response = post(server, {"prompt": "x = ", "max_tokens": 8, "response_format": fmt})
+    assert time.monotonic() - start < 10
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] is not None and error["param"].startswith("response_format"), error
+    if message:
+        assert message in error["message"], error
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        {"type": "regex", "regex": "((a{1,100}){1,100}){1,100}"},
+        {"type": "regex", "regex": "((a|aa)*){1000}"},
+        {"type": "grammar", "grammar": 'start: s\ns: s s | "a"'},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}}},
+    ],
+)
+def test_formats_that_explode_end_in_bounded_time_never_a_500(server, fmt):
+    """Each is refused at compile time (400) or runs within llguidance's fuel limits; whichever the
+    engine decides, the answer comes in seconds and is no 5xx."""
+    start = time.monotonic()
+    response = post(server, {"prompt": "x = ", "max_tokens": 8, "response_format": fmt})
+    assert time.monotonic() - start < 20
+    assert response.status_code in (200, 400), response.text
+
+
+def test_a_recursive_schema_is_followed(server):
+    """A tree by $ref (recursion the schema means, not a loop): it compiles and holds."""
+    node = {"type": "object", "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#"}, "maxItems": 2}},
+            "required": ["v", "kids"], "additionalProperties": False}  # fmt: skip
+    fmt = {"type": "json_schema", "json_schema": {"name": "tree", "schema": node}}
+    response = post(server, {"prompt": "tree = ", "max_tokens": 96, "temperature": 0, "response_format": fmt})
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    if choice["finish_reason"] == "stop":  # a deep tree may run past max_tokens; what came is still a prefix
+        jsonschema.validate(json.loads(choice["text"]), node)
