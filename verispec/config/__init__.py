@@ -8,7 +8,13 @@ settings class on `CommandSettings`. The CLI's flags are generated from these fi
 `cli.py`), and so is the docs' CLI reference, so a default is written once, here.
 """
 
-from verispec.config.engine import BatchSettings, ModelSettings, ResponseFormat, SamplingParams, SpeculationSettings
+from verispec.config.engine import (
+    BatchSettings,
+    ModelSettings,
+    ResponseFormat,
+    SamplingParams,
+    SpeculationSettings,
+)
 from verispec.config.loading import (
     CommandSettings,
     Loaded,

@@ -31,8 +31,8 @@ from transformers import PreTrainedTokenizerBase
 from verispec.config import BatchSettings, Depth, SamplingParams, SpeculationSettings
 from verispec.core.calibrate import measure_draft_cost
 from verispec.core.drafting import Drafting
-from verispec.core.grammar import compiled
 from verispec.core.goodput import LiveCosts, PassCosts, choose_depths, measure_pass_costs
+from verispec.core.grammar import compiled
 from verispec.core.kv_cache import BlockTable
 from verispec.core.planner import Plan, plan_pass
 from verispec.core.processing import Processing, check_token_ids

@@ -18,7 +18,6 @@ from transformers import PreTrainedTokenizerBase
 from verispec.core.rounds import TokenLogprob
 from verispec.text import token_bytes
 
-
 BANNED = -9999.0
 
 
