@@ -168,11 +168,13 @@ def test_sampling_is_exact_in_distribution(server, models, tokenizer):
     # Power: a client whose drafts do not come from the distribution it reports (it always sends
     # the least likely token of its support) gets them accepted at the wrong rate, and its output
     # drifts; the same test sees it. (Sending no distribution at all is exact: each draft is then
-    # a point mass, just accepted less often.)
+    # a point mass, just accepted less often.) That holds for the rejection rule, which reads the
+    # reported distributions; the default coupled rule never reads them, so no lie can bias it.
     lying = client(server, models, tokenizer, "target", depth=1)
     honest_round = lying._round
 
     def misreported(body, stats):
+        body["sampled_acceptance"] = "rejection"
         for i, dist in enumerate(body.get("draft_probs", [])):
             body["drafts"][i] = min(zip(dist["probs"], dist["ids"], strict=True))[1]
         return honest_round(body, stats)

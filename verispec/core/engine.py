@@ -201,7 +201,6 @@ class Engine:
             share_key=share_key,
             stop_ids=stop_ids,
             processing=Processing(params, prompt_ids, stop_ids, self.target.vocab_size, device) if params.processed else None,
-            noise=noise,
             grammar=grammar,
         )
         self.waiting.append(request)

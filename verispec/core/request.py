@@ -53,9 +53,13 @@ class Request:
     admitted: float | None = None  # time.monotonic() of its first admission
     stop_ids: frozenset[int] = frozenset()  # tokens that end it: EOS (unless ignored) and its stop_token_ids
     processing: Processing | None = None  # penalties, bias, a token floor (`processing.py`), where asked for
-    noise: PositionNoise | None = None  # a coupled sampled request's per-position draws
     grammar: Matcher | None = None  # what its output must be (`grammar.py`), where it asked for a format
     forced: list[int] = field(default_factory=list)  # this round's drafts: the tokens its grammar forces
+
+    @property
+    def noise(self) -> PositionNoise | None:
+        """A coupled sampled request's per-position draws (its drafts are drawn with them too)."""
+        return self.draft_policy.noise
 
     @property
     def draws_by_position(self) -> bool:

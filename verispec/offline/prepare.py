@@ -15,13 +15,16 @@ from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
 from verispec.config import Depth, SamplingParams
-from verispec.core.grammar import compiled
-from verispec.core.processing import check_token_ids
-from verispec.errors import UserError
 from verispec.offline.jsonl import CHAT, InputLine, ids
 from verispec.server.errors import bad_request, invalid_request
 from verispec.server.logprobs import LogprobFormat
-from verispec.server.protocol import ChatCompletionRequest, CompletionRequest, Shape, token_budget
+from verispec.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Shape,
+    check_sampling,
+    token_budget,
+)
 from verispec.text import chat_text
 
 
@@ -70,14 +73,7 @@ def prepare(line: InputLine, context: Context) -> Prepared:
         params = body.sampling(max_new)
     except ValueError as exc:
         raise bad_request(f"invalid sampling settings: {exc}") from None
-    problem = check_token_ids(params, context.vocab_size)
-    if problem is not None:
-        raise bad_request(problem[1], param=problem[0])
-    if params.constrained:
-        try:
-            compiled(params.response_format, context.tokenizer, context.vocab_size)
-        except UserError as exc:
-            raise bad_request(str(exc), param="response_format") from None
+    check_sampling(params, context.tokenizer, context.vocab_size)
     _, request_id = ids(line)
     logprobs = None if params.logprobs is None else LogprobFormat(chat, context.tokenizer)
     shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + request_id, context.model, logprobs)

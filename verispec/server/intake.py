@@ -11,13 +11,10 @@ from fastapi import Request
 from transformers import PreTrainedTokenizerBase
 
 from verispec.config import SamplingParams, ServerSettings
-from verispec.core.grammar import compiled
-from verispec.core.processing import check_token_ids
-from verispec.errors import UserError
 from verispec.server.auth import KeyRing
 from verispec.server.errors import bad_request, retry_later
 from verispec.server.metrics import ServerMetrics
-from verispec.server.protocol import token_budget
+from verispec.server.protocol import check_sampling, token_budget
 from verispec.server.shared_limits import limiter_from_settings
 from verispec.server.worker import CpuWorker
 
@@ -89,14 +86,7 @@ class Intake:
             params = body.sampling(max_new)
         except ValueError as exc:
             raise bad_request(f"invalid sampling settings: {exc}") from None
-        problem = check_token_ids(params, service.engine.target.vocab_size)
-        if problem is not None:
-            raise bad_request(problem[1], param=problem[0])
-        if params.constrained:  # compiled here, off the event loop; the engine finds it compiled
-            try:
-                await self.worker.run(compiled, params.response_format, service.tokenizer, service.engine.target.vocab_size)
-            except UserError as exc:
-                raise bad_request(str(exc), param="response_format") from None
+        await self.worker.run(check_sampling, params, service.tokenizer, service.engine.target.vocab_size)
         await self.charge(request, key_id, len(prompt_ids) + max_new)
         return params
 

@@ -51,7 +51,10 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from verispec.config import Depth, ResponseFormat, SamplingParams
+from verispec.core.grammar import compiled
+from verispec.core.processing import check_token_ids
 from verispec.core.rounds import TokenLogprob
+from verispec.errors import UserError
 from verispec.server.errors import bad_request
 from verispec.server.logprobs import LogprobFormat
 from verispec.stats import RequestStats, speculation_stats, usage
@@ -320,6 +323,20 @@ class ChatCompletionRequest(_Request):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def check_sampling(params: SamplingParams, tokenizer, vocab_size: int) -> None:
+    """What the model must say of a request's settings: its token ids in the vocabulary, its
+    format compiled (cached, so the engine finds it done; run it off the event loop). A 400 naming
+    the field otherwise."""
+    problem = check_token_ids(params, vocab_size)
+    if problem is not None:
+        raise bad_request(problem[1], param=problem[0])
+    if params.constrained:
+        try:
+            compiled(params.response_format, tokenizer, vocab_size)
+        except UserError as exc:
+            raise bad_request(str(exc), param="response_format") from None
 
 
 class Shape:
