@@ -1,6 +1,7 @@
-"""Structured outputs over real HTTP: the openai client's own `chat.completions.parse()`, schemas
-and regular expressions on completions and chat, streamed or not, exact under speculation, and
-hostile formats answered with a clear 400 in bounded time.
+"""Structured outputs and tool calls over real HTTP: the openai client's own
+`chat.completions.parse()`, schemas and regular expressions on completions and chat, tool calls
+as the client's types read them, streamed or not, exact under speculation, and hostile formats
+and tools answered with a clear 400 in bounded time.
 
 One server of the reference pair (a byte-level BPE code model, which can write JSON), its target
 given a ChatML-style chat template in a folder of links to the shared files."""
@@ -140,3 +141,124 @@ def test_a_recursive_schema_is_followed(server):
     choice = response.json()["choices"][0]
     if choice["finish_reason"] == "stop":  # a deep tree may run past max_tokens; what came is still a prefix
         jsonschema.validate(json.loads(choice["text"]), node)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["c", "f"]}},
+                   "required": ["city", "unit"], "additionalProperties": False},
+}}  # fmt: skip
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 8}}, "required": ["zone"], "additionalProperties": False,
+}}}  # fmt: skip
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+
+
+def test_a_required_tool_call_parses_in_the_clients_types_identical_across_depths_and_streams(server):
+    calls = {}
+    for depth in (0, 3, "auto"):
+        completion = client(server).chat.completions.create(
+            model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False, temperature=0,
+            max_tokens=96, extra_body={"depth": depth},
+        )
+        choice = completion.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        assert choice.message.tool_calls and choice.message.content is None
+        for call in choice.message.tool_calls:
+            assert call.type == "function" and call.id.startswith("call_")
+            schema = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]["parameters"]
+            jsonschema.validate(json.loads(call.function.arguments), schema)
+        calls[depth] = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+    assert len({json.dumps(v) for v in calls.values()}) == 1, calls
+    with client(server).chat.completions.stream(
+        model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False, temperature=0,
+        max_tokens=96,
+    ) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion().choices[0]
+    assert final.finish_reason == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in final.message.tool_calls] == calls[0]
+
+
+def test_parallel_calls_arrive_each_whole_with_its_index_streamed_or_not(server):
+    """This code model, made to call, calls again and again: each finished call is read, in order;
+    the one max_tokens cut short stays text."""
+    body = {"messages": ASK, "tools": [WEATHER, TIME], "tool_choice": "required", "temperature": 0, "max_tokens": 160}
+    message = post(server, body, "/v1/chat/completions").json()["choices"][0]["message"]
+    whole = [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]]
+    assert len(whole) >= 2
+    calls, content = [], []
+    for chunk in client(server).chat.completions.create(model=MODEL, stream=True, **body):
+        delta = chunk.choices[0].delta
+        content.append(delta.content or "")
+        for call in delta.tool_calls or ():
+            assert call.index == len(calls) and call.id.startswith("call_")
+            calls.append((call.function.name, call.function.arguments))
+    assert calls == whole
+    assert ("".join(content) or None) == message["content"]  # the call max_tokens cut short, as text
+
+
+def test_a_named_function_is_the_one_call_and_none_means_no_call(server):
+    named = client(server).chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_time"}},
+        temperature=0, max_tokens=64,
+    ).choices[0]
+    assert [c.function.name for c in named.message.tool_calls] == ["get_time"]
+    json.loads(named.message.tool_calls[0].function.arguments)
+    plain = client(server).chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="none", temperature=0, max_tokens=16,
+    ).choices[0]
+    assert plain.message.tool_calls is None and plain.finish_reason in ("stop", "length")
+    one = client(server).chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False, temperature=0,
+        max_tokens=96,
+    ).choices[0]
+    assert len(one.message.tool_calls) == 1
+
+
+def test_a_conversation_with_calls_and_their_results_goes_on(server):
+    messages = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_7", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_7", "content": "sunny, 22"},
+    ]  # fmt: skip
+    response = post(server, {"messages": messages, "tools": [WEATHER], "max_tokens": 8, "temperature": 0}, "/v1/chat/completions")
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"tool_choice": "required"}, "tool_choice"),  # no tools
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "launch"}}}, "tool_choice"),
+        ({"tools": [WEATHER, WEATHER]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools"),
+        ({"tools": [{"type": "retrieval"}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, "tools"),
+        ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+            f"p{i}": {"type": "string", "description": "d" * 64} for i in range(1200)}}}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}}}],
+          "tool_choice": "required"}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+            "x": {"type": "string", "pattern": "((a|aa)*){1000}"}}}}}], "tool_choice": "required"}, "tools"),
+    ],
+)
+def test_hostile_tools_are_400_within_seconds(server, extra, param):
+    start = time.monotonic()
+    response = post(server, {"messages": ASK, "max_tokens": 8, **extra}, "/v1/chat/completions")
+    assert time.monotonic() - start < 10
+    if response.status_code == 200:  # a pattern llguidance can follow within its fuel: bounded, and no 5xx
+        assert "pattern" in json.dumps(extra)
+        return
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] is not None and error["param"].startswith(param), error

@@ -66,13 +66,13 @@ class TextStream:
         return ""
 
 
-def chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
-    """A conversation as the model expects it: its chat template applied, with the turn of the
-    assistant opened. Raises ValueError where the model has no chat template (and whatever the
-    template raises on a conversation it does not take)."""
+def chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict] | None = None) -> str:
+    """A conversation as the model expects it: its chat template applied (with `tools` where the
+    template renders them), with the turn of the assistant opened. Raises ValueError where the
+    model has no chat template (and whatever the template raises on a conversation it does not take)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the model has no chat template")
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[str, list[int]]:

@@ -19,7 +19,9 @@ from transformers import PreTrainedTokenizerBase
 
 from verispec.audit.outcomes import Outcome
 from verispec.audit.records import utc_now
+from verispec.core.grammar import compiled
 from verispec.core.rounds import Delta
+from verispec.errors import UserError
 from verispec.server.errors import APIError, bad_request
 from verispec.server.intake import Intake
 from verispec.server.job import Job
@@ -35,7 +37,7 @@ from verispec.server.serving import Serving
 from verispec.server.underway import Underway
 from verispec.server.worker import CpuWorker
 from verispec.stats import speculation_stats
-from verispec.text import chat_text
+from verispec.tool_calls import Reader, constraint, render
 
 
 def completion_routes(
@@ -63,17 +65,29 @@ def completion_routes(
                 f"model '{intake.model_name}' has no chat template, so it cannot take messages; use /v1/completions with a prompt",
                 param="messages", code="no_chat_template",
             )
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [m.turn() for m in body.messages]
+        functions, choice = body.functions(), body.tool_choice_name
         try:
-            text = await worker.run(chat_text, tokenizer, messages)
+            text = await worker.run(render, tokenizer, messages, functions, choice)
         except Exception as exc:  # templates raise on conversations they do not support
             raise bad_request(f"the model's chat template refused these messages: {exc}", param="messages") from None
+        reader = None
+        if choice != "none":
+            parallel = body.parallel_tool_calls is not False and choice in ("auto", "required")  # a named function: one call
+            fmt = constraint(tokenizer, functions, choice, parallel)
+            if fmt is not None:  # compiled here, so that a schema it cannot follow is the tools' 400
+                try:
+                    await worker.run(compiled, fmt, tokenizer, service.engine.target.vocab_size)
+                except UserError as exc:
+                    raise bad_request(f"the tools' parameter schemas cannot be followed: {exc}", param="tools") from None
+                body.constrain_to(fmt)
+            reader = Reader(tokenizer, functions, parallel)
         prompt_ids = await intake.tokenize(tokenizer, text, add_special_tokens=False)
-        return await _generate(request, service, body, prompt_ids, text, body.token_limit, key_id, chat=True)
+        return await _generate(request, service, body, prompt_ids, text, body.token_limit, key_id, chat=True, reader=reader)
 
     async def _generate(
         request: Request, service: Service, body, prompt_ids: list[int], prompt_text: str, max_tokens: int | None,
-        key_id: str, chat: bool,
+        key_id: str, chat: bool, reader: Reader | None = None,
     ) -> Response:
         if not prompt_ids:
             raise bad_request("the prompt is empty", param="prompt")
@@ -129,7 +143,7 @@ def completion_routes(
             raise
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            events = _sse(reply, shape, first, with_stats, include_usage, finish, records, worker)
+            events = _sse(reply, shape, first, with_stats, include_usage, finish, records, worker, reader)
             return StreamingResponse(events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
         delta = first
         try:
@@ -145,7 +159,13 @@ def completion_routes(
             job.cancel()  # a no-op once finished; frees the slot if the client left
         if not await finish(_outcome_of_finish(delta), 200, delta, reply.released, wait=True):  # acknowledged only once recorded
             raise records.unacknowledged()
-        body = shape.full(reply.released, delta.finish_reason, delta.stats, with_stats, job.proposer, reply.released_logprobs)
+        text, calls = reply.released, None
+        if reader is not None:
+            content, _ = reader.feed(text)
+            rest, _ = reader.finish()
+            text, calls = content + rest, reader.calls
+        finish_reason = "tool_calls" if calls and delta.finish_reason == "stop" else delta.finish_reason
+        body = shape.full(text, finish_reason, delta.stats, with_stats, job.proposer, reply.released_logprobs, calls)
         return JSONResponse(body, headers=headers)
 
     return router
@@ -153,12 +173,13 @@ def completion_routes(
 
 async def _sse(
     reply: Reply, shape: Shape, first: Delta | Provisional, with_stats: bool, include_usage: bool, finish, records: Records,
-    worker: CpuWorker,
+    worker: CpuWorker, reader: Reader | None = None,
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format: verified tokens only, then `data: [DONE]`. A
     client that asked for provisional text also gets named events (which OpenAI's clients never
     see, as they never ask): `event: provisional` with a round's drafts as soon as they are made,
-    and `event: verdict` with the verifier's answer, just before the round's verified chunk."""
+    and `event: verdict` with the verifier's answer, just before the round's verified chunk. With
+    tools (`reader`), text that may be a call is held back and each call is sent whole once read."""
 
     def event(body: dict, name: str | None = None) -> str:
         head = f"event: {name}\n" if name else ""
@@ -184,8 +205,16 @@ async def _sse(
                     rounds += 1
                 if job.provisional:  # the context the next round's drafts are decoded after
                     tokens = (tokens + delta.token_ids)[-_DRAFT_CONTEXT:]
-                if delta.text or delta.logprobs:
-                    yield event(shape.chunk(delta.text, logprobs=delta.logprobs))
+                text, calls = delta.text, []
+                if reader is not None:
+                    called = len(reader.calls)
+                    text, new = reader.feed(delta.text)
+                    if delta.finish_reason is not None:
+                        rest, _ = reader.finish()
+                        text += rest
+                    calls = list(enumerate(new, called))
+                if text or delta.logprobs or calls:
+                    yield event(shape.chunk(text, logprobs=delta.logprobs, tool_calls=calls))
                 if delta.finish_reason is not None:
                     break
             try:
@@ -198,7 +227,8 @@ async def _sse(
                 return
             except ClientGone:
                 return
-        final = shape.chunk(None, delta.finish_reason)
+        called = reader is not None and reader.calls
+        final = shape.chunk(None, "tool_calls" if called and delta.finish_reason == "stop" else delta.finish_reason)
         if with_stats:
             final["speculation_stats"] = speculation_stats(delta.stats, job.proposer)
         yield event(final)

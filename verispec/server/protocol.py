@@ -2,9 +2,9 @@
 
 Requests are validated here (types and ranges); what needs the model (prompt length, the chat
 template, the model name) is checked in `state.py`. Unknown fields are ignored, as OpenAI's newer
-clients send fields older servers do not know; fields we know but cannot honour (n > 1, echo,
-suffix, best_of > 1, tools) are refused with a clear 400, since ignoring them would silently
-change what the client asked for. Every control is applied per verified position, so each is
+clients send fields older servers do not know; fields we know but cannot honour (suffix,
+best_of > 1) are refused with a clear 400, since ignoring them would silently change what the
+client asked for. Every control is applied per verified position, so each is
 exact under speculation (`core/processing.py`).
 
 Types are strict, as OpenAI's are: `true` is not a token count, `"yes"` does not turn streaming
@@ -44,6 +44,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StringConstraints,
     field_validator,
     model_validator,
@@ -58,11 +59,14 @@ from verispec.errors import UserError
 from verispec.server.errors import bad_request
 from verispec.server.logprobs import LogprobFormat
 from verispec.stats import RequestStats, speculation_stats, usage
+from verispec.tool_calls import Function, ToolCall
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_SCHEMA_CHARS = 64 << 10  # a JSON schema, as JSON text
 MAX_REGEX_CHARS = 4 << 10
 MAX_GRAMMAR_CHARS = 64 << 10
+MAX_TOOLS = 128  # as OpenAI
+MAX_TOOLS_CHARS = 64 << 10  # every tool's declaration, as JSON text
 
 
 def _no_nul(value: str) -> str:
@@ -225,6 +229,9 @@ class _Request(_Part):
         """How many alternatives per token the response's logprobs list; None: no logprobs."""
         return None
 
+    def output_format(self) -> ResponseFormat | None:
+        return None if self.response_format is None else self.response_format.settings()
+
     def sampling(self, max_new_tokens: int) -> SamplingParams:
         """Omitted fields take OpenAI's defaults: temperature 1, top_p 1, no penalties."""
         if self.min_tokens is not None and self.min_tokens > max_new_tokens:
@@ -245,7 +252,7 @@ class _Request(_Part):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
             logprobs=self.top_logprobs_wanted,
-            response_format=None if self.response_format is None else self.response_format.settings(),
+            response_format=self.output_format(),
             **{k: v for k, v in given.items() if v is not None},
         )
 
@@ -286,10 +293,28 @@ class ContentPart(_Part):
     text: str | None = None
 
 
+FunctionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class FunctionCallBody(_Part):
+    name: FunctionName
+    arguments: str = Field(max_length=MAX_TOOLS_CHARS)
+
+
+class ToolCallBody(_Part):
+    """An assistant's earlier call, sent back in the conversation."""
+
+    id: Name = Field(max_length=64)
+    type: Literal["function"] = "function"
+    function: FunctionCallBody
+
+
 class ChatMessage(_Part):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: Name | None = None
+    tool_calls: list[ToolCallBody] | None = Field(None, max_length=MAX_TOOLS)
+    tool_call_id: Name | None = Field(None, max_length=64)
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -301,13 +326,57 @@ class ChatMessage(_Part):
             parts.append(part.text)
         return "".join(parts)
 
+    def turn(self) -> dict[str, Any]:
+        """As the chat template (and `tool_calls.render`) takes it."""
+        turn: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            turn["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            turn["tool_call_id"] = self.tool_call_id
+        return turn
+
+
+class FunctionBody(_Part):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # the arguments always follow the schema where a call is required
+
+
+class ToolBody(_Part):
+    type: Literal["function"]
+    function: FunctionBody
+
+
+class NamedFunction(_Part):
+    name: FunctionName
+
+
+class ToolChoiceBody(_Part):
+    type: Literal["function"]
+    function: NamedFunction
+
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Any] | None = None
+    tools: list[ToolBody] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceBody | None = None
+    parallel_tool_calls: bool | None = None
+    _tool_format: ResponseFormat | None = PrivateAttr(None)
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, value: list[ToolBody] | None) -> list[ToolBody] | None:
+        if value:
+            names = [tool.function.name for tool in value]
+            if len(set(names)) != len(names):
+                raise ValueError("two tools have the same function name")
+            if len(json.dumps([tool.model_dump(exclude_none=True) for tool in value])) > MAX_TOOLS_CHARS:
+                raise ValueError(f"the tools' declarations are larger than {MAX_TOOLS_CHARS // 1024} KiB")
+        return value
 
     @property
     def top_logprobs_wanted(self) -> int | None:
@@ -317,8 +386,36 @@ class ChatCompletionRequest(_Request):
         super().refuse_unsupported()
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
-        if self.tools:
-            raise bad_request("tools (function calling) are not supported", param="tools")
+        if self.tool_choice is not None and not self.tools and self.tool_choice != "none":
+            raise bad_request("tool_choice needs tools to choose from", param="tool_choice")
+        choice = self.tool_choice_name
+        if choice not in ("none", "auto", "required") and choice not in {f.name for f in self.functions()}:
+            raise bad_request(f"tool_choice names function '{choice}', which is not among the tools", param="tool_choice")
+        if choice not in ("none", "auto") and self.response_format is not None and self.response_format.type != "text":
+            raise bad_request(
+                "a required tool call and a response_format cannot both constrain the reply; drop one", param="response_format"
+            )
+
+    def functions(self) -> list[Function]:
+        return [
+            Function(t.function.name, t.function.description, t.function.parameters or {"type": "object", "properties": {}})
+            for t in self.tools or ()
+        ]
+
+    @property
+    def tool_choice_name(self) -> str:
+        """"none", "auto", "required" or the function's name; with no tools, "none"."""
+        if not self.tools:
+            return "none"
+        choice = self.tool_choice or "auto"
+        return choice if isinstance(choice, str) else choice.function.name
+
+    def constrain_to(self, fmt: ResponseFormat | None) -> None:
+        """The format the tool choice requires (calls only), in place of `response_format`."""
+        self._tool_format = fmt
+
+    def output_format(self) -> ResponseFormat | None:
+        return self._tool_format or super().output_format()
 
     @property
     def token_limit(self) -> int | None:
@@ -354,11 +451,14 @@ class Shape:
 
     def full(
         self, text: str, finish_reason: str, stats: RequestStats, with_stats: bool, proposer: str | None = None,
-        logprobs: list[TokenLogprob] | None = None,
+        logprobs: list[TokenLogprob] | None = None, tool_calls: list[ToolCall] | None = None,
     ) -> dict:
         rendered = self._logprobs(logprobs)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": rendered, "finish_reason": finish_reason}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if tool_calls:
+                message.update(content=text or None, tool_calls=[call.body() for call in tool_calls])
+            choice = {"index": 0, "message": message, "logprobs": rendered, "finish_reason": finish_reason}
             body = self._envelope("chat.completion", [choice])
         else:
             body = self._envelope("text_completion", [{"index": 0, "text": text, "logprobs": rendered, "finish_reason": finish_reason}])
@@ -368,14 +468,18 @@ class Shape:
         return body
 
     def chunk(
-        self, text: str | None, finish_reason: str | None = None, role: bool = False, logprobs: list[TokenLogprob] | None = None
+        self, text: str | None, finish_reason: str | None = None, role: bool = False, logprobs: list[TokenLogprob] | None = None,
+        tool_calls: list[tuple[int, ToolCall]] = (),
     ) -> dict:
-        """A streamed chunk; `logprobs` (of the tokens this chunk releases) only where asked for."""
+        """A streamed chunk; `logprobs` (of the tokens this chunk releases) only where asked for;
+        `tool_calls` whole, each with its index among the reply's calls."""
         rendered = None if logprobs is None else self._logprobs(logprobs)
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text:
                 delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = [call.body(index) for index, call in tool_calls]
             choice = {"index": 0, "delta": delta, "logprobs": rendered, "finish_reason": finish_reason}
             return self._envelope("chat.completion.chunk", [choice])
         return self._envelope("text_completion", [{"index": 0, "text": text or "", "logprobs": rendered, "finish_reason": finish_reason}])
