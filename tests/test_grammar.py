@@ -252,6 +252,56 @@ def test_several_eos_ids_are_allowed_together_at_the_end(tok):
     assert mask[0] and mask[7] and mask.sum() == 2
 
 
+def test_a_requests_stop_tokens_end_the_output_exactly_where_eos_may(tok, eos):
+    """A request's other stop tokens (a second end-of-turn id, its stop_token_ids) are ends, as EOS
+    is: allowed wherever the output may end, and nowhere else, not even as text the grammar takes."""
+    (seven,), (newline,), (five,) = ids(tok, "7"), ids(tok, "\n"), ids(tok, "5")
+    m = compile_constraint("regex", "[0-9]+", tok, V).start([seven, newline])
+    mask = m.allowed()
+    assert mask[five] and not mask[seven] and not mask[newline] and not mask[eos]  # "7" is a digit: here, an end
+    assert not m.allows(seven) and m.masks_for([seven])[1] == 0
+    with pytest.raises(ValueError, match="not allowed"):
+        m.advance([seven])
+    m.advance([five])
+    mask = m.allowed()
+    assert mask[seven] and mask[newline] and mask[eos] and m.allows(newline) and m.allows(seven)
+    masks, n = m.masks_for([five, newline])
+    assert n == 2 and masks[2][[seven, newline, eos]].all()  # after an end: only ends
+    m.advance([newline])
+    assert m.done
+    m.rollback(1)
+    assert torch.equal(m.allowed(), mask)
+
+
+def test_a_stop_token_the_format_needs_as_text_is_never_forced_nor_allowed(tok):
+    """Where the grammar wants a stop token as text, the output cannot end: the matcher forces nothing
+    up to it, offers no draft leading to it, and says at that row that the request contradicts itself."""
+    (dash,) = ids(tok, "-")
+    constraint = compile_constraint("regex", r"[0-9]{3}-[0-9]{4}", tok, V)
+    m = constraint.start([dash])
+    prefix = ids(tok, "555")
+    masks, n = m.masks_for(prefix)
+    assert n == len(prefix) - 1 and masks[n + 1 :].all()  # the last digit leads where no token may follow
+    m.advance(prefix)
+    assert m.forced() == []
+    with pytest.raises(UserError, match=r"stop tokens \[13\] as text at output token 2"):
+        m.allowed()
+    with pytest.raises(UserError, match="stop tokens"):
+        m.masks_for([dash])
+    plain = constraint.start()
+    plain.advance(prefix)
+    assert plain.forced() == [dash]  # without the stop token, the grammar forces it
+
+
+def test_forced_tokens_stop_before_a_stop_token(tok):
+    schema = {"type": "object", "properties": {"temperature_celsius": {"type": "integer"}},
+              "required": ["temperature_celsius"], "additionalProperties": False}  # fmt: skip
+    constraint = compile_constraint("json_schema", schema, tok, V)
+    forced = constraint.start().forced()
+    assert len(forced) > 3
+    assert constraint.start([forced[2]]).forced() == forced[:2]
+
+
 def test_tokenizer_adaptation_is_cached_per_tokenizer(tok):
     a = compile_constraint("regex", "a+", tok, V)
     b = compile_constraint("regex", "b+", tok, V)

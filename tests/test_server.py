@@ -168,7 +168,8 @@ def test_logprobs_are_the_verifiers_at_any_depth_streamed_or_not(server):
     events = stream_events(server, body)
     streamed = [c["choices"][0]["logprobs"] for c in events[:-1] if c["choices"] and c["choices"][0]["logprobs"]]
     assert [t for chunk in streamed for t in chunk["tokens"]] == reference["tokens"]
-    assert [lp for chunk in streamed for lp in chunk["token_logprobs"]] == reference["token_logprobs"]
+    streamed_logprobs = [lp for chunk in streamed for lp in chunk["token_logprobs"]]
+    assert streamed_logprobs == pytest.approx(reference["token_logprobs"], abs=1e-5)  # its depth is the server's: auto
     assert [o for chunk in streamed for o in chunk["text_offset"]] == reference["text_offset"]
     no_logprobs = post(server, "/v1/completions", {**body, "logprobs": None}).json()
     assert no_logprobs["choices"][0]["logprobs"] is None
@@ -199,6 +200,61 @@ def test_a_seed_gives_the_same_sample_at_any_depth_over_http(server):
     body = {"model": "chat-llama", "prompt": LONG_PROMPT, "max_tokens": 16, "temperature": 1.0, "seed": 5, "frequency_penalty": 0.3}
     texts = {post(server, "/v1/completions", {**body, "depth": depth}).json()["choices"][0]["text"] for depth in (0, 1, 3, "auto")}
     assert len(texts) == 1
+
+
+def test_n_choices_are_each_their_own_seeds_sample_streamed_or_not(server):
+    """Choice i of a seeded request is the sample of seed + i, at any depth; the stream carries the
+    same choices by index, each with its final chunk, and usage counts the prompt once."""
+    body = {"model": "chat-llama", "prompt": LONG_PROMPT, "max_tokens": 12, "temperature": 1.0, "seed": 11}
+    alone = [post(server, "/v1/completions", {**body, "seed": 11 + i}).json()["choices"][0]["text"] for i in range(3)]
+    response = post(server, "/v1/completions", {**body, "n": 3, "depth": 3}).json()
+    assert [c["index"] for c in response["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in response["choices"]] == alone
+    single = post(server, "/v1/completions", {**body, "seed": 11}).json()["usage"]
+    assert response["usage"]["prompt_tokens"] == single["prompt_tokens"]
+    assert response["usage"]["completion_tokens"] == sum(
+        post(server, "/v1/completions", {**body, "seed": 11 + i}).json()["usage"]["completion_tokens"] for i in range(3)
+    )
+    events = stream_events(server, {**body, "n": 3, "depth": "auto", "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]" and events[-2]["usage"] == response["usage"]
+    texts, finished = ["", "", ""], []
+    for event in events[:-2]:
+        (choice,) = event["choices"]
+        texts[choice["index"]] += choice["text"]
+        if choice["finish_reason"] is not None:
+            finished.append(choice["index"])
+    assert texts == alone and sorted(finished) == [0, 1, 2]
+
+
+def test_echo_returns_the_prompt_and_its_logprobs_first_at_any_depth_streamed_or_not(server):
+    body = {"model": "chat-llama", "prompt": LONG_PROMPT, "max_tokens": 6, "temperature": 0, "echo": True, "logprobs": 2}
+    plain = post(server, "/v1/completions", {**body, "echo": False, "logprobs": None}).json()["choices"][0]["text"]
+    answers = [post(server, "/v1/completions", {**body, "depth": depth}).json()["choices"][0] for depth in (0, 3, "auto")]
+    for answer in answers[1:]:  # torch's float32 matmul: the last bits follow the pass's width (as above)
+        assert answer["text"] == answers[0]["text"] and answer["logprobs"]["tokens"] == answers[0]["logprobs"]["tokens"]
+        assert answer["logprobs"]["token_logprobs"][1:] == pytest.approx(answers[0]["logprobs"]["token_logprobs"][1:], abs=1e-5)
+    choice = answers[0]
+    assert choice["text"] == LONG_PROMPT + plain
+    logprobs = choice["logprobs"]
+    usage = post(server, "/v1/completions", body).json()["usage"]
+    assert len(logprobs["tokens"]) == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert all(isinstance(lp, float) and lp <= 0 for lp in logprobs["token_logprobs"][1:])
+    assert all(len(top) <= 2 for top in logprobs["top_logprobs"][1:])
+    assert logprobs["text_offset"] == sorted(logprobs["text_offset"])
+    events = stream_events(server, body)
+    streamed = [e["choices"][0] for e in events if e != "[DONE]" and e["choices"]]
+    assert streamed[0]["text"] == LONG_PROMPT  # the prompt comes first, in one chunk
+    assert "".join(c["text"] for c in streamed) == choice["text"]
+    streamed_logprobs = sum((c["logprobs"]["token_logprobs"] for c in streamed if c["logprobs"]), [])
+    assert streamed_logprobs[0] is None and streamed_logprobs[1:] == pytest.approx(logprobs["token_logprobs"][1:], abs=1e-5)
+
+
+def test_n_greedy_choices_are_one_answer_and_chat_takes_n_too(server):
+    body = {"model": "chat-llama", "messages": [{"role": "user", "content": "t1 t2"}], "max_tokens": 8, "temperature": 0}
+    choices = post(server, "/v1/chat/completions", {**body, "n": 2}).json()["choices"]
+    assert len(choices) == 2 and choices[0]["message"] == choices[1]["message"]
+    assert choices[0]["message"]["content"] == post(server, "/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
 
 
 # -- the openai client -------------------------------------------------------------------------------
@@ -266,7 +322,8 @@ def test_a_key_given_with_no_id_works(server):
         ({"model": "chat-llama", "prompt": "t1", "temperature": 3}, "temperature", "less than or equal to 2"),
         ({"model": "chat-llama", "prompt": "t1", "top_p": 0}, "top_p", "greater than 0"),
         ({"model": "chat-llama", "prompt": "t1", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
-        ({"model": "chat-llama", "prompt": "t1", "n": 2}, "n", "only n=1"),
+        ({"model": "chat-llama", "prompt": "t1", "n": 17}, "n", "less than or equal to 16"),
+        ({"model": "chat-llama", "prompt": "t1", "n": 2, "stream": True, "provisional": True}, "n", "provisional streams carry one choice"),
         ({"model": "chat-llama", "prompt": "t1", "logprobs": 21}, "logprobs", "less than or equal to 20"),
         ({"model": "chat-llama", "prompt": "t1", "frequency_penalty": 2.5}, "frequency_penalty", "less than or equal to 2"),
         ({"model": "chat-llama", "prompt": "t1", "logit_bias": {"999": 1}}, "logit_bias", "token id 999, outside this model's vocabulary of 64"),
@@ -275,7 +332,6 @@ def test_a_key_given_with_no_id_works(server):
         ({"model": "chat-llama", "prompt": "t1", "stop_token_ids": [64]}, "stop_token_ids", "token id 64, outside"),
         ({"model": "chat-llama", "prompt": "t1", "repetition_penalty": 1e-300}, "repetition_penalty", "greater than or equal to 0.01"),
         ({"model": "chat-llama", "prompt": "t1", "sampled_acceptance": "fast"}, "sampled_acceptance", "'coupled' or 'rejection'"),
-        ({"model": "chat-llama", "prompt": "t1", "echo": True}, "echo", "not supported"),
         ({"model": "chat-llama", "prompt": "t1", "stop": [""]}, "stop", "must not be empty"),
         ({"model": "chat-llama", "prompt": ["t1", "t2"]}, "prompt", "one prompt per request"),
         ({"model": "chat-llama", "prompt": ""}, "prompt", "empty"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import jsonschema
@@ -262,3 +263,20 @@ def test_hostile_tools_are_400_within_seconds(server, extra, param):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] is not None and error["param"].startswith(param), error
+
+
+def test_a_format_that_fails_mid_request_is_a_400_for_its_client_alone(server):
+    """A regex that compiles within the limits, then runs out of lexer fuel after a few dozen a's
+    (min_tokens keeps the model writing them): its client gets a 400 that says so, while a request
+    running beside it in the same passes gets its answer, the same text as alone."""
+    good = {"prompt": "def handler(event):\n    data = ", "max_tokens": 96, "temperature": 0, "depth": 0}
+    alone = post(server, good).json()["choices"][0]["text"]
+    bad = {"prompt": "x = ", "max_tokens": 64, "min_tokens": 64, "depth": 0,
+           "response_format": {"type": "regex", "regex": "((a{1,100}){1,100}){1,95}"}}  # fmt: skip
+    with ThreadPoolExecutor(2) as pool:
+        good_response, bad_response = pool.map(lambda body: post(server, body), [good, bad])
+    assert bad_response.status_code == 400, bad_response.text
+    assert "too costly to follow" in bad_response.json()["error"]["message"]
+    assert good_response.status_code == 200, good_response.text
+    assert good_response.json()["choices"][0]["text"] == alone
+    assert good_response.json()["usage"]["completion_tokens"] > 40  # one pass a token: it outlived the failing one

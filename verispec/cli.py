@@ -151,12 +151,16 @@ def _run_generate(args: argparse.Namespace) -> int:
             _, prompt = chat_prompt(engine.tokenizer, messages)
         except ValueError as exc:
             raise UserError(f"--chat: {exc}; give a plain prompt to continue instead") from None
-    delta, logprobs = None, []
+    delta, logprobs, prompt_logprobs = None, [], []
     for delta in engine.stream(prompt, settings.part(SamplingParams)):
         sys.stdout.write(delta.text)
         sys.stdout.flush()
         logprobs += delta.logprobs or []
+        prompt_logprobs += delta.prompt_logprobs or []  # on the first delta only
     sys.stdout.write("\n")
+    if settings.prompt_logprobs is not None:
+        title = "prompt logprobs (verifier, after the request's bias)"  # position 0 has none
+        Console(stderr=True).print(logprobs_table(prompt_logprobs, engine.tokenizer, title, first=1))
     if settings.logprobs is not None:
         Console(stderr=True).print(logprobs_table(logprobs, engine.tokenizer))
     if args.stats and delta is not None and delta.stats is not None:

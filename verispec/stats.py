@@ -113,11 +113,13 @@ class RequestStats:
         return out
 
 
-def usage(stats: RequestStats) -> dict:
+def usage(stats: RequestStats, *more: RequestStats) -> dict:
+    """OpenAI's `usage` of a response: its prompt once, the completion tokens of all its choices."""
+    completion = stats.generated_tokens + sum(s.generated_tokens for s in more)
     return {
         "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.generated_tokens,
-        "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+        "completion_tokens": completion,
+        "total_tokens": stats.prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
     }
 

@@ -163,6 +163,11 @@ class SamplingParams(BaseModel):
     logprobs: int | None = Field(
         None, ge=0, le=20, description="return each output token's log-probability and this many most likely alternatives (0 = the token's only)"
     )
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=20,
+        description="also return each prompt token's log-probability given the tokens before it (from the second on; "
+        "the verifier's logits with logit_bias only) and this many most likely alternatives (0 = the token's only)",
+    )  # fmt: skip
     response_format: Annotated[ResponseFormat | None, NoDecode] = Field(
         None,
         description='constrain the output, as JSON: {"type": "json_object"}, {"type": "json_schema", "json_schema": '

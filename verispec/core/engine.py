@@ -36,6 +36,7 @@ from verispec.core.grammar import compiled
 from verispec.core.kv_cache import BlockTable
 from verispec.core.planner import Plan, plan_pass
 from verispec.core.processing import Processing, check_token_ids
+from verispec.core.prompt_logprobs import cacheable, rows_to_score, score_rows
 from verispec.core.request import Request
 from verispec.core.rounds import Completion, Delta, Round, accept, emit, inspect, token_logprobs
 from verispec.core.runner import Segment
@@ -92,11 +93,13 @@ class Engine:
     ) -> Completion:
         token_ids: list[int] = []
         text = []
+        first: Delta | None = None
         for delta in self.stream(prompt, params, depth, proposer=proposer):
+            first = first or delta
             token_ids += delta.token_ids
             text.append(delta.text)
-        assert delta.finish_reason is not None and delta.stats is not None
-        return Completion(token_ids, "".join(text), delta.finish_reason, delta.stats)
+        assert first is not None and delta.finish_reason is not None and delta.stats is not None
+        return Completion(token_ids, "".join(text), delta.finish_reason, delta.stats, first.prompt_logprobs)
 
     def stream(
         self,
@@ -124,6 +127,8 @@ class Engine:
                     raise UserError("the KV cache cannot hold this request; raise --kv-cache-memory")
                 for owner, delta in results:
                     if owner is request:
+                        if isinstance(delta, UserError):  # its format could not be followed
+                            raise delta
                         yield delta
                         if delta.finish_reason:
                             return
@@ -172,7 +177,7 @@ class Engine:
         stop_ids = (frozenset() if params.ignore_eos else self.eos_ids) | frozenset(params.stop_token_ids)
         grammar = None
         if params.constrained:  # compiled once per format (the server compiles it off this thread first)
-            grammar = compiled(params.response_format, self.tokenizer, self.target.vocab_size).start()
+            grammar = compiled(params.response_format, self.tokenizer, self.target.vocab_size).start(stop_ids)
         auto = speculation.depth == "auto"
         table = BlockTable(self.runner.pool)
         table.capacity = len(prompt_ids) + params.max_new_tokens  # a round never holds more (depth is capped by the budget)
@@ -202,6 +207,7 @@ class Engine:
             stop_ids=stop_ids,
             processing=Processing(params, prompt_ids, stop_ids, self.target.vocab_size, device) if params.processed else None,
             grammar=grammar,
+            prompt_logprobs=None if params.prompt_logprobs is None else [],
         )
         self.waiting.append(request)
         return request
@@ -272,8 +278,10 @@ class Engine:
 
     # -- the step ---------------------------------------------------------------------------------
 
-    def step(self) -> list[tuple[Request, Delta]]:
-        """One pass: a round for every running request past its prompt, prompt chunks for the rest."""
+    def step(self) -> list[tuple[Request, Delta | UserError]]:
+        """One pass: a round for every running request past its prompt, prompt chunks for the rest.
+        A request whose format cannot be followed (its grammar ran out of fuel, or allows no token)
+        ends alone: its entry is that UserError instead of a Delta, and the pass goes on without it."""
         plan = plan_pass(self)
         if not plan.rounds and not plan.chunks:
             return []
@@ -282,14 +290,25 @@ class Engine:
         announced = {r for r in plan.rounds if r.early is not None}  # shown while the prompt prefilled
         drafted = {r: 0 if r.forced else d for r, d in plan.depths.items()}
         proposals, propose_s = self.drafting.propose(plan.rounds, drafted)
-        masks = {}
+        masks, failed = {}, []
         for request in plan.rounds:
-            if request.grammar is not None:
+            if request.grammar is None:
+                continue
+            try:
                 proposals[request], masks[request] = self._within_grammar(request, proposals[request])
+            except UserError as exc:
+                failed.append(self._fail(request, exc))
+                del proposals[request]
+        if failed:
+            plan.rounds = [r for r in plan.rounds if r in proposals]
+            if not plan.rounds and not plan.chunks:
+                return failed
         if self.on_proposed is not None:
             self.on_proposed({r: p for r, p in proposals.items() if p.tokens and r not in announced})
         segments = [Segment([r.tokens[-1], *proposals[r].tokens], r.table.computed, r.table) for r in plan.rounds]
-        segments += [Segment(r.tokens[r.table.computed : r.table.computed + n], r.table.computed, r.table, logits=0) for r, n in plan.chunks]
+        for r, n in plan.chunks:  # a chunk writes keys and values; logits only for rows scoring prompt logprobs
+            start = r.table.computed
+            segments.append(Segment(r.tokens[start : start + n], start, r.table, logits=rows_to_score(r, start, n)))
         t0 = time.perf_counter()
         logits = self.runner.forward(segments)
         pass_s = time.perf_counter() - t0
@@ -298,7 +317,9 @@ class Engine:
             self._live.observe(rows, pass_s)
 
         deltas = []
-        for request, n in plan.chunks:
+        for (request, n), chunk_logits in zip(plan.chunks, logits[len(plan.rounds) :], strict=True):
+            if chunk_logits is not None:
+                score_rows(request, request.table.computed + n, chunk_logits)
             request.table.verified(request.table.computed + n, request.tokens)
             request.stats.prefill_s += pass_s * n / rows
         ended_ns = time.time_ns()
@@ -335,12 +356,23 @@ class Engine:
             if request.processing is not None:
                 request.processing.observe(delta.token_ids)
             if request.grammar is not None and not delta.finish_reason:
-                request.grammar.advance(delta.token_ids)
+                try:
+                    request.grammar.advance(delta.token_ids)
+                except UserError as exc:
+                    failed.append(self._fail(request, exc))
+                    continue
             if delta.finish_reason:
                 stats.total_s = time.perf_counter() - request.arrived
                 self.abort(request)
             deltas.append((request, delta))
-        return deltas
+        return failed + deltas
+
+    def _fail(self, request: Request, error: UserError) -> tuple[Request, UserError]:
+        """End a request whose format cannot be followed, alone: its step entry is the error."""
+        log.info("request %s ended: %s", request.id, error)
+        request.stats.total_s = time.perf_counter() - request.arrived
+        self.abort(request)
+        return request, error
 
     def _within_grammar(self, request: Request, proposal: Proposal) -> tuple[Proposal, torch.Tensor]:
         """A constrained request's drafts (the tokens its grammar forces, else its proposer's up to
@@ -399,7 +431,10 @@ class Engine:
             cap = min(JUMP_FORWARD_MAX, request.remaining - 1, self.batch.max_pass_tokens - 1)
             if request.depth_limit is not None:
                 cap = min(cap, max(request.depth_limit(), 1))
-            request.forced = request.grammar.forced()[: max(cap, 0)]
+            try:
+                request.forced = request.grammar.forced()[: max(cap, 0)]
+            except UserError:  # the matcher failed for good: the round's masks fail too and end it (`step`)
+                continue
             if request.forced:
                 depths[request] = len(request.forced)
         return depths
@@ -479,7 +514,7 @@ class Engine:
         """Start a waiting request if the cache has blocks for its prefix and prompt: it takes
         them and runs from the next pass. False, and nothing taken, if not."""
         fresh = not request.table.blocks  # a resumed session keeps the blocks it has
-        reused = request.table.reuse_prefix(request.tokens) if fresh else 0
+        reused = request.table.reuse_prefix(cacheable(request)) if fresh else 0
         pool = self.runner.pool
         need = pool.blocks_for(len(request.tokens) + 1) - len(request.table.blocks)
         # Keep a block per active request spare for its next rounds.
@@ -525,10 +560,14 @@ __all__ = ["Engine", "Request"]
 
 
 def _masked(logits: torch.Tensor, masks: torch.Tensor, stop_ids: frozenset[int]) -> torch.Tensor:
-    """Logits with every token the grammar forbids at -inf. A row left with no token at all (a
-    token floor that holds back the end the grammar has reached) may end: its stop tokens stay."""
+    """Logits with every token the grammar forbids at -inf. A row left with no token at all is one
+    where the grammar allows nothing but its end and a token floor (`min_tokens`) holds the stop
+    tokens back: the output ends there all the same, on the stop tokens the grammar allows (the
+    matcher allows all of the request's stop tokens exactly where the output may end, and never
+    leaves a row empty, `Matcher.masks_for`)."""
     out = logits.float().masked_fill(~masks, float("-inf"))
     dead = torch.isneginf(out).all(dim=-1).nonzero()[:, 0]
     if len(dead) and stop_ids:
-        out[dead[:, None], torch.tensor(sorted(stop_ids), device=out.device)] = 0.0
+        rows, stops = dead[:, None], torch.tensor(sorted(stop_ids), device=out.device)
+        out[rows, stops] = torch.zeros((), device=out.device).masked_fill(~masks[rows, stops], float("-inf"))
     return out

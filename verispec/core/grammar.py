@@ -9,18 +9,25 @@ gives each request its own `Matcher`, which follows the accepted tokens. A specu
 matcher for the masks at every draft position at once (`masks_for`), leaving its state untouched; the
 engine then `advance`s by the tokens it keeps. Rolled-back tokens cost nothing to undo (`rollback`).
 
+A constraint is compiled with the tokenizer's EOS as its end (so that one compiled constraint serves every
+request of a format); each request's matcher ends on all of the request's stop tokens as well (a model's
+second end-of-turn id, a client's `stop_token_ids`). Under a format a stop token means the end and nothing
+else: every one is allowed exactly where the output may end, and nowhere else, not even where the grammar
+would take the same token as text.
+
 A spec that is invalid, too large or too costly raises `UserError`. llguidance builds lexer states as
 tokens arrive, so a spec can also run out of fuel mid-request: the matcher then raises `UserError` too.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -192,6 +199,13 @@ def compiled(
     return constraint
 
 
+def _forget(constraint: Constraint) -> None:
+    with _TOKENIZERS_LOCK:
+        for cache in _COMPILED.values():
+            for key in [k for k, v in cache.items() if v is constraint]:
+                del cache[key]
+
+
 @dataclass(frozen=True)
 class Constraint:
     """A compiled constraint: immutable, shareable across requests with the same spec and tokenizer."""
@@ -203,9 +217,10 @@ class Constraint:
     tokenizer_vocab: int  # llguidance's: mask bits it computes (padded or cut to vocab_size)
     _initial: llguidance.LLMatcher = field(repr=False)  # at the start, lexer warmed; copied per request
 
-    def start(self) -> Matcher:
-        """A fresh matcher for one request, at the start of its output."""
-        return Matcher(self, self._initial.deep_copy())
+    def start(self, stop_ids: Iterable[int] = ()) -> Matcher:
+        """A fresh matcher for one request, at the start of its output, that ends on `stop_ids` (the
+        request's stop tokens, within the model's vocabulary) as it ends on the constraint's EOS."""
+        return Matcher(self, self._initial.deep_copy(), stop_ids)
 
 
 class _Words:
@@ -234,11 +249,19 @@ class _Words:
 
 class Matcher:
     """One request's position in its constraint. Follows accepted tokens only; drafts are explored with
-    `masks_for`, which leaves the state as it found it."""
+    `masks_for`, which leaves the state as it found it.
 
-    def __init__(self, constraint: Constraint, matcher: llguidance.LLMatcher):
+    Its end tokens (`end_ids`: the constraint's EOS and the request's stop tokens) are allowed exactly
+    where the output may end; taking one there is taking llguidance's EOS."""
+
+    def __init__(self, constraint: Constraint, matcher: llguidance.LLMatcher, stop_ids: Iterable[int] = ()):
         self.constraint = constraint
         self._m = matcher
+        self.end_ids = frozenset(constraint.eos_ids) | frozenset(stop_ids)
+        if any(not 0 <= t < constraint.vocab_size for t in self.end_ids):
+            raise ValueError(f"end token ids {sorted(self.end_ids)} must lie within the vocabulary ({constraint.vocab_size})")
+        self._ends = np.array(sorted(self.end_ids))
+        self._eos = list(constraint.eos_ids)  # the ends llguidance knows: its mask sets them where it may end
         self._words = _Words(constraint.tokenizer_vocab)
         self._consumed = 0  # tokens taken (EOS included): the most `rollback` can undo
         # EOS tokens taken after the grammar was complete: llguidance accepts them without recording
@@ -246,8 +269,11 @@ class Matcher:
         self._unrecorded = 0
 
     def _check(self) -> None:
-        """A matcher that ran out of fuel mid-request is dead: say so as the request's error."""
+        """A matcher that ran out of fuel mid-request is dead: say so as the request's error. Its
+        constraint leaves the cache: requests of one constraint share its lexer's states and their
+        budget, so a later request of the same format starts from a fresh compile instead."""
         if self._m.is_error():
+            _forget(self.constraint)
             raise UserError(f"the {self.constraint.kind.replace('_', ' ')} is too costly to follow at output "
                             f"token {self._consumed}: {_first_lines(self._m.get_error())}")  # fmt: skip
 
@@ -255,32 +281,57 @@ class Matcher:
         self._m.unsafe_compute_mask_ptr(*words.pointer(row))
         self._check()
 
+    def _rows(self, words: _Words, rows: int) -> tuple[np.ndarray, int | None]:
+        """`words` as (R, V) bool, in its first `rows` rows the end tokens set where the output may end
+        and cleared elsewhere, and the first of those rows that allows no token at all (None if none)."""
+        bools = words.bools(self.constraint.vocab_size)
+        filled = bools[:rows]
+        filled[:, self._ends] = filled[:, self._eos].any(axis=1)[:, None]
+        empty = ~filled.any(axis=1)
+        return bools, (int(empty.argmax()) if empty.any() else None)
+
+    def _no_token(self, words: _Words, row: int) -> UserError:
+        """The error for row `row`, which allows no token: llguidance's own mask was empty, or held
+        nothing but stop tokens, which the grammar wants as text where the output cannot end."""
+        kind, at = self.constraint.kind.replace("_", " "), self._consumed + row
+        if not words.bools(self.constraint.vocab_size)[row].any():
+            return UserError(f"the {kind} allows no token at output token {at}")
+        stops = sorted(self.end_ids - set(self._eos))
+        return UserError(
+            f"the {kind} needs one of the request's stop tokens {stops} as text at output token {at}, where a "
+            "stop token may only end the output; leave it out of stop_token_ids or change the format"
+        )
+
     def allowed(self) -> torch.Tensor:
-        """(V,) bool: the tokens allowed next. EOS ids are set exactly where the output may end;
-        ids past the tokenizer's vocabulary (model padding rows) are False."""
+        """(V,) bool: the tokens allowed next. End tokens are set exactly where the output may end;
+        ids past the tokenizer's vocabulary (model padding rows) are False. Raises UserError where no
+        token at all may come (`_no_token`)."""
         self._fill(self._words)
-        return torch.from_numpy(self._words.bools(self.constraint.vocab_size)[0])
+        bools, empty = self._rows(self._words, 1)
+        if empty is not None:
+            raise self._no_token(self._words, 0)
+        return torch.from_numpy(bools[0])
 
     def allows(self, token: int) -> bool:
         """Whether `token` may come next, without computing a whole mask."""
+        if token in self.end_ids:  # as the mask has it: llguidance's validate refuses EOS
+            return self._m.is_accepting()  # once the grammar is complete
         if not 0 <= token < self.constraint.tokenizer_vocab:  # llguidance errors out on those
             return False
-        if token in self.constraint.eos_ids:  # as the mask has it: llguidance's validate refuses EOS
-            return self._m.is_accepting()  # once the grammar is complete
         ok = self._m.validate_tokens([token]) == 1
         self._check()
         return ok
 
     def _take(self, token: int) -> bool:
         """Take one token if it is allowed; False (and no change) if not."""
-        if token in self.constraint.eos_ids and 0 <= token < self.constraint.tokenizer_vocab:
+        if token in self.end_ids:
             if not self._m.is_accepting():
                 return False
             if self._m.is_stopped():
                 self._unrecorded += 1
-            elif not self._m.consume_token(token):
+            elif not self._m.consume_token(self._eos[0]):
                 self._check()
-                raise RuntimeError(f"llguidance refused EOS {token} in an accepting state")
+                raise RuntimeError(f"llguidance refused EOS {self._eos[0]} in an accepting state")
         elif not (0 <= token < self.constraint.tokenizer_vocab and self._m.try_consume_tokens([token]) == 1):
             self._check()
             return False
@@ -309,27 +360,29 @@ class Matcher:
     def forced(self) -> list[int]:
         """The tokens the constraint forces next, whatever the model says (e.g. the rest of a fixed key),
         for a jump-forward proposal; [] if none. Tokenized so as not to split a token the model would
-        write whole: llguidance holds back a last token that could still merge with what follows."""
+        write whole: llguidance holds back a last token that could still merge with what follows. Cut
+        before a stop token: one the grammar forces is text, where the output cannot end."""
         tokens = self._m.compute_ff_tokens()
         self._check()
-        return tokens
+        return list(itertools.takewhile(lambda t: t not in self.end_ids, tokens))
 
     @property
     def done(self) -> bool:
-        """Whether the output is complete: nothing but EOS may follow (or EOS was taken)."""
+        """Whether the output is complete: nothing but an end token may follow (or one was taken)."""
         return self._m.is_stopped() and not self._m.is_error()
 
     def masks_for(self, drafts: Sequence[int]) -> tuple[torch.Tensor, int]:
         """Masks for a speculative round: ((k+1, V) bool, n). Row j is `allowed()` after drafts[:j], for j
-        up to n, the number of leading drafts that are themselves allowed; rows past n are all True (the
-        verifier keeps nothing there: row n already refuses drafts[n]; True keeps softmax finite). The
-        matcher's state is the same afterwards."""
+        up to n, the number of leading drafts that are themselves allowed (and lead to a row that allows
+        some token); rows past n are all True (the verifier keeps nothing there: row n already refuses
+        drafts[n]; True keeps softmax finite). The matcher's state is the same afterwards. Raises
+        UserError where row 0 allows no token (`allowed`) or the matcher fails (`_check`)."""
         words = _Words(self.constraint.tokenizer_vocab, rows=len(drafts) + 1)
         n = 0
         try:
             self._fill(words, 0)
             for token in drafts:
-                if not (0 <= token < self.constraint.tokenizer_vocab and words.allows(n, token)):
+                if not self._in_mask(words, n, token):
                     break
                 if not self._take(token):
                     raise RuntimeError(f"llguidance refused token {token} that its own mask allowed")
@@ -338,6 +391,16 @@ class Matcher:
         finally:
             if not self._m.is_error():
                 self.rollback(n)
-        masks = words.bools(self.constraint.vocab_size)
+        masks, empty = self._rows(words, n + 1)
+        if empty == 0:
+            raise self._no_token(words, 0)
+        if empty is not None:  # drafts[empty - 1] leads where no token may follow: no draft for the verifier
+            n = empty - 1
         masks[n + 1 :] = True
         return torch.from_numpy(masks), n
+
+    def _in_mask(self, words: _Words, row: int, token: int) -> bool:
+        """Whether row `row` of llguidance's masks allows `token`, an end token where it may end."""
+        if token in self.end_ids:
+            return any(words.allows(row, eos) for eos in self._eos)
+        return 0 <= token < self.constraint.tokenizer_vocab and words.allows(row, token)

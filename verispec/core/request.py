@@ -18,6 +18,7 @@ from verispec.text import TextStream
 
 if TYPE_CHECKING:
     from verispec.core.grammar import Matcher
+    from verispec.core.rounds import TokenLogprob
     from verispec.proposers.remote import RemoteDrafts
 
 
@@ -55,6 +56,8 @@ class Request:
     processing: Processing | None = None  # penalties, bias, a token floor (`processing.py`), where asked for
     grammar: Matcher | None = None  # what its output must be (`grammar.py`), where it asked for a format
     forced: list[int] = field(default_factory=list)  # this round's drafts: the tokens its grammar forces
+    # Where asked for: its prompt's positions 1.. scored so far (`prompt_logprobs.py`), all of them by its first Delta.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def noise(self) -> PositionNoise | None:

@@ -53,6 +53,8 @@ class Delta:
     stats: RequestStats | None = None  # on the last delta
     round: Round | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token, where the request asked for them
+    # On a request's first delta, where it asked for them: its prompt's positions 1..n-1 (`prompt_logprobs.py`).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Completion:
     text: str
     finish_reason: str
     stats: RequestStats
+    prompt_logprobs: list[TokenLogprob] | None = None  # where asked for, as on its first Delta
 
 
 def accept(
@@ -86,7 +89,7 @@ class TokenLogprob:
     and penalties, before temperature and truncation), and the most likely tokens at its position."""
 
     token: int
-    logprob: float
+    logprob: float | None  # None only for an echoed prompt's first token, which nothing scores
     top: tuple[tuple[int, float], ...] = ()
 
 
@@ -118,7 +121,9 @@ def emit(
 ) -> Delta:
     """Append verified tokens to a request (`tokens`, `text`, `params`, `stats`) up to EOS (or
     another of `eos_ids`), a stop string or the length limit, and say what they add to its output
-    (with `logprobs`, one per new token, those of the emitted ones)."""
+    (with `logprobs`, one per new token, those of the emitted ones). A request's first delta
+    carries its prompt logprobs, where it asked for them."""
+    first = len(request.tokens) == request.prompt_len
     emitted: list[int] = []
     text = []
     finish = None
@@ -135,7 +140,8 @@ def emit(
             break
     request.stats.generated_tokens += len(emitted)
     kept = None if logprobs is None else logprobs[: len(emitted)]
-    return Delta(emitted, "".join(text), finish, request.stats if finish else None, round_, kept)
+    prompt = request.prompt_logprobs if first else None
+    return Delta(emitted, "".join(text), finish, request.stats if finish else None, round_, kept, prompt)
 
 
 def validate(proposal: Proposal, depth: int, vocab_size: int) -> None:

@@ -76,9 +76,10 @@ class Intake:
         prompt_ids: list[int],
         max_tokens: int | None,
         key_id: str,
+        choices: int = 1,
     ) -> SamplingParams:
         """The token budget in the model's window, the sampling settings, and the key's rate limits
-        (which it takes from)."""
+        (which it takes from: the prompt once, the budget once per choice)."""
         max_new = token_budget(
             service.engine.target.max_positions, len(prompt_ids), max_tokens, self.max_new_tokens
         )
@@ -87,7 +88,7 @@ class Intake:
         except ValueError as exc:
             raise bad_request(f"invalid sampling settings: {exc}") from None
         await self.worker.run(check_sampling, params, service.tokenizer, service.engine.target.vocab_size)
-        await self.charge(request, key_id, len(prompt_ids) + max_new)
+        await self.charge(request, key_id, len(prompt_ids) + choices * max_new)
         return params
 
     async def charge(self, request: Request, key_id: str, tokens: int) -> None:

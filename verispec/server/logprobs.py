@@ -6,7 +6,8 @@ what clients read: `/v1/completions` lists `tokens`, `token_logprobs`, `top_logp
 token) and `text_offset`; chat lists `content` entries of `token`, `logprob`, `bytes` and
 `top_logprobs`. A token's text is its own bytes (`text.TokenBytes`). A token the request's
 controls ban (a token floor's stop tokens) has log-probability -inf, which JSON cannot carry:
-it reads -9999.0, as in OpenAI's answers.
+it reads -9999.0, as in OpenAI's answers. With `echo`, completions list the prompt's tokens
+first, the first of them with null log-probability (nothing comes before it to score it).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from verispec.text import token_bytes
 BANNED = -9999.0
 
 
-def _finite(logprob: float) -> float:
-    return logprob if math.isfinite(logprob) else BANNED
+def _finite(logprob: float | None) -> float | None:
+    """JSON-safe; None stays None (an echoed prompt's first token, which nothing scores)."""
+    return logprob if logprob is None or math.isfinite(logprob) else BANNED
 
 
 class LogprobFormat:
@@ -51,6 +53,6 @@ class LogprobFormat:
         return {
             "tokens": tokens,
             "token_logprobs": [_finite(e.logprob) for e in entries],
-            "top_logprobs": [{self.vocab.text(t): _finite(lp) for t, lp in e.top} for e in entries],
+            "top_logprobs": [None if e.logprob is None else {self.vocab.text(t): _finite(lp) for t, lp in e.top} for e in entries],
             "text_offset": offsets,
         }

@@ -34,9 +34,11 @@ Extensions (send them with the openai client's `extra_body`):
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -158,7 +160,7 @@ class _Request(_Part):
     top_k: int | None = Field(None, ge=-1)  # -1 = off, as in vLLM
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=16)  # choices; each one a job of its own, the prompt's KV shared by the prefix cache
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: UserName | None = None
@@ -221,8 +223,8 @@ class _Request(_Part):
         return value
 
     def refuse_unsupported(self) -> None:
-        if self.n != 1:
-            raise bad_request("only n=1 is supported; send several requests for several completions", param="n")
+        if self.n > 1 and self.provisional:
+            raise bad_request("provisional streams carry one choice; send n=1 with provisional", param="n")
 
     @property
     def top_logprobs_wanted(self) -> int | None:
@@ -257,6 +259,15 @@ class _Request(_Part):
         )
 
 
+def choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice `index` of a request with `n` > 1: the first is the request as sent; each other draws
+    with its own seed (the request's seed + index, so a seeded request reproduces all its choices),
+    or unseeded where the request is."""
+    if index == 0 or params.seed is None:
+        return params
+    return params.model_copy(update={"seed": (params.seed + index) % 2**63})
+
+
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
@@ -268,10 +279,14 @@ class CompletionRequest(_Request):
     def top_logprobs_wanted(self) -> int | None:
         return self.logprobs
 
+    def sampling(self, max_new_tokens: int) -> SamplingParams:
+        params = super().sampling(max_new_tokens)
+        if self.echo and self.logprobs is not None:  # the prompt's own, to echo with it
+            params = params.model_copy(update={"prompt_logprobs": self.logprobs})
+        return params
+
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.echo:
-            raise bad_request("echo is not supported", param="echo")
         if self.suffix:
             raise bad_request("suffix (insertion) is not supported", param="suffix")
         if self.best_of not in (None, 1):
@@ -442,52 +457,82 @@ class Shape:
     def __init__(self, chat: bool, request_id: str, model: str, logprobs: LogprobFormat | None = None):
         self.chat, self.id, self.model, self.logprobs = chat, request_id, model, logprobs
         self.created = int(time.time())
+        self._formats: dict[int, LogprobFormat] = {}  # each choice's own (completions' text offsets run on per choice)
 
-    def _logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
-        return None if self.logprobs is None else self.logprobs.render(entries or [])
+    def _logprobs(self, entries: list[TokenLogprob] | None, index: int = 0) -> dict | None:
+        if self.logprobs is None:
+            return None
+        if index not in self._formats:
+            self._formats[index] = copy.copy(self.logprobs)
+        return self._formats[index].render(entries or [])
 
     def _envelope(self, obj: str, choices: list[dict]) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+    def choice(
+        self, index: int, text: str, finish_reason: str, logprobs: list[TokenLogprob] | None = None,
+        tool_calls: list[ToolCall] | None = None,
+    ) -> dict:
+        rendered = self._logprobs(logprobs, index)
+        if not self.chat:
+            return {"index": index, "text": text, "logprobs": rendered, "finish_reason": finish_reason}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if tool_calls:
+            message.update(content=text or None, tool_calls=[call.body() for call in tool_calls])
+        return {"index": index, "message": message, "logprobs": rendered, "finish_reason": finish_reason}
 
     def full(
         self, text: str, finish_reason: str, stats: RequestStats, with_stats: bool, proposer: str | None = None,
         logprobs: list[TokenLogprob] | None = None, tool_calls: list[ToolCall] | None = None,
     ) -> dict:
-        rendered = self._logprobs(logprobs)
-        if self.chat:
-            message: dict[str, Any] = {"role": "assistant", "content": text}
-            if tool_calls:
-                message.update(content=text or None, tool_calls=[call.body() for call in tool_calls])
-            choice = {"index": 0, "message": message, "logprobs": rendered, "finish_reason": finish_reason}
-            body = self._envelope("chat.completion", [choice])
-        else:
-            body = self._envelope("text_completion", [{"index": 0, "text": text, "logprobs": rendered, "finish_reason": finish_reason}])
-        body["usage"] = usage(stats)
-        if with_stats:
-            body["speculation_stats"] = speculation_stats(stats, proposer)
+        return self.full_many([Answer(text, finish_reason, stats, proposer, logprobs, tool_calls)], with_stats)
+
+    def full_many(self, answers: list[Answer], with_stats: bool) -> dict:
+        """The response of `n` choices: usage counts the prompt once and every choice's tokens;
+        speculation statistics are the response's with one choice, each choice's with several."""
+        choices = [self.choice(i, a.text, a.finish_reason, a.logprobs, a.tool_calls) for i, a in enumerate(answers)]
+        if with_stats and len(answers) > 1:
+            for choice, answer in zip(choices, answers, strict=True):
+                choice["speculation_stats"] = speculation_stats(answer.stats, answer.proposer)
+        body = self._envelope("chat.completion" if self.chat else "text_completion", choices)
+        body["usage"] = usage(*(a.stats for a in answers))
+        if with_stats and len(answers) == 1:
+            body["speculation_stats"] = speculation_stats(answers[0].stats, answers[0].proposer)
         return body
 
     def chunk(
         self, text: str | None, finish_reason: str | None = None, role: bool = False, logprobs: list[TokenLogprob] | None = None,
-        tool_calls: list[tuple[int, ToolCall]] = (),
+        tool_calls: list[tuple[int, ToolCall]] = (), index: int = 0,
     ) -> dict:
-        """A streamed chunk; `logprobs` (of the tokens this chunk releases) only where asked for;
-        `tool_calls` whole, each with its index among the reply's calls."""
-        rendered = None if logprobs is None else self._logprobs(logprobs)
+        """A streamed chunk of choice `index`; `logprobs` (of the tokens this chunk releases) only
+        where asked for; `tool_calls` whole, each with its index among the choice's calls."""
+        rendered = None if logprobs is None else self._logprobs(logprobs, index)
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text:
                 delta["content"] = text
             if tool_calls:
-                delta["tool_calls"] = [call.body(index) for index, call in tool_calls]
-            choice = {"index": 0, "delta": delta, "logprobs": rendered, "finish_reason": finish_reason}
+                delta["tool_calls"] = [call.body(i) for i, call in tool_calls]
+            choice = {"index": index, "delta": delta, "logprobs": rendered, "finish_reason": finish_reason}
             return self._envelope("chat.completion.chunk", [choice])
-        return self._envelope("text_completion", [{"index": 0, "text": text or "", "logprobs": rendered, "finish_reason": finish_reason}])
+        return self._envelope("text_completion", [{"index": index, "text": text or "", "logprobs": rendered, "finish_reason": finish_reason}])
 
-    def usage_chunk(self, stats: RequestStats) -> dict:
+    def usage_chunk(self, *stats: RequestStats) -> dict:
         body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
-        body["usage"] = usage(stats)
+        body["usage"] = usage(*stats)
         return body
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One choice of a finished response, as the client reads it."""
+
+    text: str
+    finish_reason: str
+    stats: RequestStats
+    proposer: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 def token_budget(window: int | None, prompt_len: int, requested: int | None, default: int) -> int:

@@ -41,6 +41,7 @@ class Reply:
         self.emitted = 0  # characters of verified text the job emitted, before the gate
         self.logprobs: list[TokenLogprob] = []  # of every token emitted, where the request asked for them
         self.logprobs_sent = 0  # how many of them the client was sent
+        self.prompt_logprobs: list[TokenLogprob] | None = None  # positions 1.. of the prompt, where asked for (echo)
         underway.sent_tokens = self.sent_tokens
 
     @property
@@ -52,6 +53,8 @@ class Reply:
         each second."""
         item = await _next_event(self.job, self.request)
         if isinstance(item, Delta):
+            if item.prompt_logprobs is not None:
+                self.prompt_logprobs = item.prompt_logprobs
             self.token_ids += item.token_ids
             self.emitted += len(item.text)
             item = self._gated(item)

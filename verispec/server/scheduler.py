@@ -229,6 +229,9 @@ class Scheduler:
             job = self._jobs.get(request)
             if job is None or job.outcome is not None:
                 continue
+            if isinstance(delta, UserError):  # this request alone could not go on (its format): a 400 for it
+                self._finish(job, "error", delta)
+                continue
             if delta.round is not None:
                 job.engine_s += delta.round.verify_s + delta.round.propose_s
             self._deliver(job, delta, now)

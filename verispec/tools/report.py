@@ -46,14 +46,18 @@ def stats_table(stats: RequestStats, title: str | None = None, proposer: str | N
     return table
 
 
-def logprobs_table(entries: list[TokenLogprob], tokenizer: PreTrainedTokenizerBase) -> Table:
+def logprobs_table(
+    entries: list[TokenLogprob], tokenizer: PreTrainedTokenizerBase,
+    title: str = "logprobs (verifier, after the request's bias and penalties)", first: int = 0,
+) -> Table:
     """`generate --logprobs N`: each output token, its log-probability under the verifier, and the
-    N most likely tokens at its position."""
+    N most likely tokens at its position (`--prompt-logprobs N`: the prompt's, from position
+    `first` = 1)."""
     vocab = token_bytes(tokenizer)
-    table = Table(title="logprobs (verifier, after the request's bias and penalties)")
+    table = Table(title=title)
     for column in ("#", "token", "logprob", "most likely"):
         table.add_column(column, justify="right" if column in ("#", "logprob") else "left")
-    for i, entry in enumerate(entries):
+    for i, entry in enumerate(entries, start=first):
         top = "  ".join(f"{vocab.text(t)!r} {lp:.3f}" for t, lp in entry.top)
         table.add_row(str(i), repr(vocab.text(entry.token)), f"{entry.logprob:.4f}", top)
     return table
