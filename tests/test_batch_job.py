@@ -63,6 +63,11 @@ def comparable(results: dict[str, dict], speculation: bool = True) -> dict[str, 
         line["response"]["body"].pop("created", None)
         if not speculation:
             line["response"]["body"].pop("speculation_stats", None)
+            for choice in line["response"]["body"].get("choices", ()):  # the tiny float32 model runs on torch's
+                if choice.get("logprobs"):  # matmul, whose last bits follow the pass's width: values compared apart
+                    lp = choice["logprobs"]
+                    del lp["token_logprobs"]
+                    lp["top_logprobs"] = [None if t is None else sorted(t) for t in lp["top_logprobs"]]
         out[custom_id] = line
     return out
 
@@ -251,18 +256,19 @@ def test_mixed_file(tiny_models, tmp_path):
         request("bad-body", {"prompt": "t1", "max_tokens": -1}),
         request("bad-url", {"input": "t1"}, url="/v1/embeddings"),
         request("too-long", {"prompt": " ".join(["t3"] * 600)}),
-        request("n2", {"prompt": "t4", "n": 2}),
+        request("n2", {"prompt": "t4", "n": 17}),
+        request("n3", {"prompt": words(4), "n": 3, "temperature": 1.0, "seed": 9, "max_tokens": 5, "echo": True, "logprobs": 1}),
     ]
     src, out, summary = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "summary.json"
     src.write_text("\n".join(lines) + "\n")
     args = ["batch", str(src), "--output", str(out), "--summary", str(summary), "--max-new-tokens", "7", *model_flags(tiny_models)]
     done = run_verispec(*args)
     assert done.returncode == 0, done.stderr
-    assert "12 requests: 5 ok, 7 failed, 0 skipped" in done.stderr
+    assert "13 requests: 6 ok, 7 failed, 0 skipped" in done.stderr
 
     results = read_results(out)
     assert set(results) == {"g0", "g1", "g2", "ids", "default-max", "chat", "line-8", "line-9", "bad-body", "bad-url",
-                            "too-long", "n2"}  # fmt: skip
+                            "too-long", "n2", "n3"}  # fmt: skip
     for custom_id, line in results.items():
         fields = {"id", "custom_id", "response", "error", "request_digest"}
         if custom_id.startswith("line-"):  # a line naming no custom_id: named by its number
@@ -292,6 +298,15 @@ def test_mixed_file(tiny_models, tmp_path):
         assert body["usage"]["completion_tokens"] == len(reference.token_ids)
         assert body["usage"]["prompt_tokens"] == (3 if custom_id == "ids" else 12)
 
+    n3 = results["n3"]["response"]["body"]
+    assert [c["index"] for c in n3["choices"]] == [0, 1, 2]
+    for i, choice in enumerate(n3["choices"]):  # choice i: the verifier-only sample of seed 9 + i, after the echoed prompt
+        sample = engine.generate(words(4), SamplingParams(max_new_tokens=5, temperature=1.0, seed=9 + i), depth=0)
+        assert choice["text"] == words(4) + sample.text
+        logprobs = choice["logprobs"]
+        assert logprobs["token_logprobs"][0] is None and len(logprobs["tokens"]) == 12 + len(sample.token_ids)
+    assert n3["usage"]["prompt_tokens"] == 12 and n3["usage"]["completion_tokens"] == 15
+
     refused = {"chat": ("messages", "no_chat_template"), "line-8": (None, None), "line-9": ("custom_id", None),
                "bad-body": ("max_tokens", None), "bad-url": ("url", None), "too-long": ("prompt", "context_length_exceeded"),
                "n2": ("n", None)}  # fmt: skip
@@ -304,21 +319,24 @@ def test_mixed_file(tiny_models, tmp_path):
         assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code), custom_id
 
     figures = json.loads(summary.read_text())
-    assert figures["requests"] == {"total": 12, "ok": 5, "failed": 7, "skipped": 0}
-    assert figures["completion_tokens"] == sum(results[c]["response"]["body"]["usage"]["completion_tokens"] for c in expected)
+    assert figures["requests"] == {"total": 13, "ok": 6, "failed": 7, "skipped": 0}
+    assert figures["completion_tokens"] == sum(results[c]["response"]["body"]["usage"]["completion_tokens"] for c in [*expected, "n3"])
     assert figures["settings"]["runner"] == "batched" and figures["speedup_vs_verifier_only"] > 0
 
     # Without the batched core (the transformers backend, --scheduler interleaved): the same answers.
     interleaved = tmp_path / "interleaved.jsonl"
     assert in_process(*args[:2], "--output", str(interleaved), *args[4:], "--scheduler", "interleaved") == 0
     assert comparable(read_results(interleaved), speculation=False) == comparable(results, speculation=False)
+    for one, other in zip(read_results(interleaved)["n3"]["response"]["body"]["choices"], results["n3"]["response"]["body"]["choices"], strict=True):
+        assert one["logprobs"]["token_logprobs"][0] is None and other["logprobs"]["token_logprobs"][0] is None
+        assert one["logprobs"]["token_logprobs"][1:] == pytest.approx(other["logprobs"]["token_logprobs"][1:], abs=1e-5)
     assert json.loads(summary.read_text())["settings"]["runner"] == "interleaved"
 
     before = out.read_text()
     again = run_verispec(*args)  # nothing left to do: no model loads, the output stays as it is
     assert again.returncode == 0, again.stderr
     assert out.read_text() == before
-    assert json.loads(summary.read_text())["requests"] == {"total": 12, "ok": 0, "failed": 0, "skipped": 12}
+    assert json.loads(summary.read_text())["requests"] == {"total": 13, "ok": 0, "failed": 0, "skipped": 13}
 
 
 # -- resuming a killed job ---------------------------------------------------------------------------------

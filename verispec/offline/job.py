@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from verispec.assemble import build_engine, resolve_models
 from verispec.config import ModelSettings, Settings
@@ -22,7 +23,9 @@ from verispec.offline.jsonl import InputLine, error_line, result_line
 from verispec.offline.prepare import Context, Prepared, prepare
 from verispec.offline.summary import Result
 from verispec.server.errors import APIError, bad_request
+from verispec.server.protocol import Answer, answer, echoed_logprobs
 from verispec.stats import RequestStats
+from verispec.tool_calls import Reader
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +52,10 @@ class Worker:
 
     def run(self, lines: Iterable[InputLine], emit: Callable[[Result], None]) -> None:
         """Answer every line, calling `emit` with each result as soon as it is done (in the order
-        requests finish, not the input's)."""
+        requests finish, not the input's). A line of `n` choices is `n` requests of the engine,
+        answered together once all have finished (or with the first one's error)."""
         pending = iter(lines)
-        running: dict[object, tuple[Prepared, list[str], list[TokenLogprob]]] = {}
+        running: dict[object, _Choice] = {}
         exhausted = False
         while True:
             while not exhausted and len(running) < self.max_running:
@@ -61,17 +65,22 @@ class Worker:
                     break
                 try:
                     prepared = prepare(line, self.context)
-                    handle = self.engine.add(
-                        line.custom_id, prepared.prompt_ids, prepared.params, self.engine.speculation,
-                        self.engine.proposer, depth=prepared.depth,
-                    )  # fmt: skip
+                    answers = _Answers(prepared)
+                    for index in range(prepared.n):
+                        handle = self.engine.add(
+                            f"{line.custom_id}/{index}" if prepared.n > 1 else line.custom_id, prepared.prompt_ids,
+                            prepared.choice(index), self.engine.speculation, self.engine.proposer, depth=prepared.depth,
+                        )  # fmt: skip
+                        running[handle] = _Choice(answers, index, prepared.tools() if prepared.tools else None)
                 except APIError as exc:
                     emit(Result(line.name, error_line(line, exc), exc.status))
                     continue
                 except UserError as exc:  # the core's own check of the prompt
+                    for handle in [h for h, c in running.items() if c.answers.prepared.line is line]:
+                        self.engine.abort(handle)
+                        del running[handle]
                     emit(Result(line.name, error_line(line, bad_request(str(exc))), 400))
                     continue
-                running[handle] = (prepared, [], [])
             if not running:
                 return
             try:
@@ -82,31 +91,36 @@ class Worker:
             for handle, outcome in outcomes:
                 if handle not in running:
                     continue
-                prepared, text, logprobs = running[handle]
-                if isinstance(outcome, Exception):
-                    del running[handle]
-                    self.engine.abort(handle)
-                    emit(self._failed(prepared, outcome))
+                choice = running[handle]
+                answers = choice.answers
+                if isinstance(outcome, Exception):  # the line's answer is this error: its other choices end too
+                    for other in [h for h, c in running.items() if c.answers is answers]:
+                        del running[other]
+                        self.engine.abort(other)
+                    emit(self._failed(answers.prepared, outcome))
                     continue
-                text.append(outcome.text)
-                logprobs += outcome.logprobs or []
+                choice.take(outcome)
                 if outcome.finish_reason is not None:
                     del running[handle]
-                    emit(self._done(prepared, "".join(text), outcome, logprobs))
+                    answers.done[choice.index] = choice.answer(outcome, self.proposer_name)
+                    if len(answers.done) == answers.prepared.n:
+                        emit(self._done(answers))
 
-    def _done(self, prepared: Prepared, text: str, delta: Delta, logprobs: list[TokenLogprob]) -> Result:
-        stats: RequestStats = delta.stats
-        body = prepared.shape.full(text, delta.finish_reason, stats, prepared.with_stats, self.proposer_name, logprobs)
+    def _done(self, answers: _Answers) -> Result:
+        prepared = answers.prepared
+        done = [answers.done[i] for i in range(prepared.n)]
+        body = prepared.shape.full_many(done, prepared.with_stats)
+        stats: list[RequestStats] = [a.stats for a in done]
         return Result(
             name=prepared.line.name,
             line=result_line(prepared.line, 200, body),
             status=200,
-            prompt_tokens=stats.prompt_tokens,
-            completion_tokens=stats.generated_tokens,
-            proposed=stats.proposed,
-            accepted=stats.accepted,
-            busy_s=stats.prefill_s + stats.propose_s + stats.verify_s,
-            verifier_only_s=stats.generated_tokens * self.token_s() + stats.prefill_s,
+            prompt_tokens=stats[0].prompt_tokens,
+            completion_tokens=sum(s.generated_tokens for s in stats),
+            proposed=sum(s.proposed for s in stats),
+            accepted=sum(s.accepted for s in stats),
+            busy_s=sum(s.prefill_s + s.propose_s + s.verify_s for s in stats),
+            verifier_only_s=sum(s.generated_tokens * self.token_s() + s.prefill_s for s in stats),
         )
 
     def _failed(self, prepared: Prepared, exc: Exception) -> Result:
@@ -120,3 +134,36 @@ class Worker:
 
     def close(self) -> None:
         self.engine.close()
+
+
+@dataclass(eq=False)
+class _Answers:
+    """A line's finished choices, by index."""
+
+    prepared: Prepared
+    done: dict[int, Answer] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Choice:
+    """One running choice of a line: its text and logprobs so far."""
+
+    answers: _Answers
+    index: int
+    reader: Reader | None
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+    def take(self, delta: Delta) -> None:
+        self.text.append(delta.text)
+        self.logprobs += delta.logprobs or []
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
+
+    def answer(self, last: Delta, proposer: str) -> Answer:
+        prepared = self.answers.prepared
+        echo = None
+        if prepared.echo is not None:
+            echo = (prepared.echo[0], echoed_logprobs(prepared.echo[1], self.prompt_logprobs))
+        return answer("".join(self.text), last, proposer, self.logprobs, self.reader, echo)

@@ -9,6 +9,7 @@ and `stream` is ignored (a result line holds the whole response).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -22,10 +23,12 @@ from verispec.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     Shape,
+    chat_prompt_text,
     check_sampling,
+    choice_params,
     token_budget,
 )
-from verispec.text import chat_text
+from verispec.tool_calls import Reader
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,12 @@ class Prepared:
     depth: Depth | None  # the request's `depth` extension
     shape: Shape
     with_stats: bool  # the request's `speculation_stats` extension
+    n: int = 1  # choices, each a request of the engine's (`choice_params`: seed + index)
+    echo: tuple[str, int] | None = None  # the prompt's text and first token, where the request asked for `echo`
+    tools: Callable[[], Reader] | None = None  # a tool-call reader per choice, where the request has tools
+
+    def choice(self, index: int) -> SamplingParams:
+        return choice_params(self.params, index)
 
 
 def prepare(line: InputLine, context: Context) -> Prepared:
@@ -62,10 +71,15 @@ def prepare(line: InputLine, context: Context) -> Prepared:
     body.refuse_unsupported()
     if body.proposer is not None and body.proposer != context.proposer:
         raise bad_request(f"unknown proposer '{body.proposer}'; this job has: {context.proposer}", param="proposer")
+    tools = echo = None
     if chat:
-        prompt_ids, limit = _chat_ids(body, context), body.token_limit
+        text, tools = chat_prompt_text(body, context.tokenizer, context.vocab_size, context.model)
+        prompt_ids, limit = _tokenize(context.tokenizer, text, add_special_tokens=False), body.token_limit
     else:
         prompt_ids, limit = _completion_ids(body, context), body.max_tokens
+        if body.echo and prompt_ids:
+            prompt = body.single_prompt()
+            echo = (prompt if isinstance(prompt, str) else context.tokenizer.decode(prompt_ids), prompt_ids[0])
     if not prompt_ids:
         raise bad_request("the prompt is empty", param="prompt")
     max_new = token_budget(context.window, len(prompt_ids), limit, context.max_new_tokens)
@@ -77,7 +91,7 @@ def prepare(line: InputLine, context: Context) -> Prepared:
     _, request_id = ids(line)
     logprobs = None if params.logprobs is None else LogprobFormat(chat, context.tokenizer)
     shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + request_id, context.model, logprobs)
-    return Prepared(line, prompt_ids, params, body.depth, shape, bool(body.speculation_stats))
+    return Prepared(line, prompt_ids, params, body.depth, shape, bool(body.speculation_stats), body.n, echo, tools)
 
 
 def _completion_ids(body: CompletionRequest, context: Context) -> list[int]:
@@ -87,20 +101,6 @@ def _completion_ids(body: CompletionRequest, context: Context) -> list[int]:
     if any(not 0 <= t < context.vocab_size for t in prompt):
         raise bad_request(f"prompt token ids must lie in [0, {context.vocab_size})", param="prompt")
     return list(prompt)
-
-
-def _chat_ids(body: ChatCompletionRequest, context: Context) -> list[int]:
-    if not getattr(context.tokenizer, "chat_template", None):
-        raise bad_request(
-            f"model '{context.model}' has no chat template, so it cannot take messages; use /v1/completions with a prompt",
-            param="messages", code="no_chat_template",
-        )  # fmt: skip
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    try:
-        text = chat_text(context.tokenizer, messages)
-    except Exception as exc:  # templates raise on conversations they do not support
-        raise bad_request(f"the model's chat template refused these messages: {exc}", param="messages") from None
-    return _tokenize(context.tokenizer, text, add_special_tokens=False)
 
 
 def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str, **kwargs) -> list[int]:

@@ -20,16 +20,22 @@ from transformers import PreTrainedTokenizerBase
 
 from verispec.audit.outcomes import Outcome
 from verispec.audit.records import utc_now
-from verispec.core.grammar import compiled
 from verispec.core.rounds import Delta, TokenLogprob
-from verispec.errors import UserError
 from verispec.server.errors import APIError, bad_request
 from verispec.server.intake import Intake
 from verispec.server.job import Job
 from verispec.server.logprobs import LogprobFormat
 from verispec.server.metrics import ServerMetrics
 from verispec.server.openapi import CHAT_RESPONSES, COMPLETION_RESPONSES
-from verispec.server.protocol import Answer, ChatCompletionRequest, CompletionRequest, Shape
+from verispec.server.protocol import (
+    Answer,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Shape,
+    answer,
+    chat_prompt_text,
+    echoed_logprobs,
+)
 from verispec.server.protocol import choice_params as choice_params_of
 from verispec.server.records import Records
 from verispec.server.reply import ClientGone, Provisional, Reply
@@ -39,7 +45,7 @@ from verispec.server.serving import Serving
 from verispec.server.underway import Underway
 from verispec.server.worker import CpuWorker
 from verispec.stats import speculation_stats
-from verispec.tool_calls import Reader, ToolCall, constraint, render
+from verispec.tool_calls import Reader, ToolCall
 
 
 def completion_routes(
@@ -62,28 +68,7 @@ def completion_routes(
         intake.check_model(body)
         body.refuse_unsupported()
         tokenizer = service.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            raise bad_request(
-                f"model '{intake.model_name}' has no chat template, so it cannot take messages; use /v1/completions with a prompt",
-                param="messages", code="no_chat_template",
-            )
-        messages = [m.turn() for m in body.messages]
-        functions, choice = body.functions(), body.tool_choice_name
-        try:
-            text = await worker.run(render, tokenizer, messages, functions, choice)
-        except Exception as exc:  # templates raise on conversations they do not support
-            raise bad_request(f"the model's chat template refused these messages: {exc}", param="messages") from None
-        tools = None
-        if choice != "none":
-            parallel = body.parallel_tool_calls is not False and choice in ("auto", "required")  # a named function: one call
-            fmt = constraint(tokenizer, functions, choice, parallel)
-            if fmt is not None:  # compiled here, so that a schema it cannot follow is the tools' 400
-                try:
-                    await worker.run(compiled, fmt, tokenizer, service.engine.target.vocab_size)
-                except UserError as exc:
-                    raise bad_request(f"the tools' parameter schemas cannot be followed: {exc}", param="tools") from None
-                body.constrain_to(fmt)
-            tools = functools.partial(Reader, tokenizer, functions, parallel)  # one per choice
+        text, tools = await worker.run(chat_prompt_text, body, tokenizer, service.engine.target.vocab_size, intake.model_name)
         prompt_ids = await intake.tokenize(tokenizer, text, add_special_tokens=False)
         return await _generate(request, service, body, prompt_ids, text, body.token_limit, key_id, chat=True, tools=tools)
 
@@ -339,13 +324,12 @@ class Choice:
 
     def echoed(self) -> tuple[str, list[TokenLogprob] | None] | None:
         """Once, where the request asked for `echo`: the prompt's text, with its logprobs where asked
-        for (the first token's null). Called with the first verified delta at hand."""
+        for. Called with the first verified delta at hand."""
         if self.echo is None or self._echoed:
             return None
         self._echoed = True
         text, first = self.echo
-        scored = self.reply.prompt_logprobs
-        return text, None if scored is None else [TokenLogprob(first, None), *scored]
+        return text, echoed_logprobs(first, self.reply.prompt_logprobs)
 
     async def complete(self) -> Delta:
         delta = self.first
@@ -354,15 +338,8 @@ class Choice:
         return delta
 
     def answer(self, last: Delta) -> Answer:
-        text, calls, logprobs = self.reply.released, None, self.reply.released_logprobs
-        if self.reader is not None:
-            content, _ = self.reader.feed(text)
-            rest, _ = self.reader.finish()
-            text, calls = content + rest, self.reader.calls
-        if (echoed := self.echoed()) is not None:
-            text = echoed[0] + text
-            logprobs = None if echoed[1] is None else echoed[1] + logprobs
-        return Answer(text, _finish_reason(self.reader, last), last.stats, self.job.proposer, logprobs, calls)
+        released = self.reply.released
+        return answer(released, last, self.job.proposer, self.reply.released_logprobs, self.reader, self.echoed())
 
 
 async def _abandon(choices: list[Choice], outcome: Outcome, status: int, error: str) -> None:

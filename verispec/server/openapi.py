@@ -55,7 +55,8 @@ class SpeculationStats(BaseModel):
     mismatch_ms: float = Field(description="time spent on drafts the verifier rejected: their share of proposing and verifying")
 
 
-FinishReason = Literal["stop", "length", "content_filter"]  # content_filter: the policy gate stopped it
+# content_filter: the policy gate stopped it; tool_calls: the reply ended with tool calls
+FinishReason = Literal["stop", "length", "content_filter", "tool_calls"]
 
 
 class _Envelope(BaseModel):
@@ -70,11 +71,12 @@ class _Envelope(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     """`/v1/completions` with `logprobs`: per output token, its text, its log-probability under
-    the verifier, the `logprobs` most likely tokens at its position, and where its text starts."""
+    the verifier, the `logprobs` most likely tokens at its position, and where its text starts.
+    With `echo`, the prompt's tokens first, the first of them null (nothing scores it)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
@@ -100,6 +102,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: FinishReason
+    speculation_stats: SpeculationStats | None = Field(None, description="each choice's, with n > 1")
 
 
 class Completion(_Envelope):
@@ -108,9 +111,25 @@ class Completion(_Envelope):
     usage: Usage
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON text")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class StreamedToolCall(ToolCall):
+    index: int = Field(description="the call's place among the choice's calls; each call comes whole, in one chunk")
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(description="null where the reply is tool calls only")
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -118,6 +137,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None
     finish_reason: FinishReason
+    speculation_stats: SpeculationStats | None = Field(None, description="each choice's, with n > 1")
 
 
 class ChatCompletion(_Envelope):
@@ -145,6 +165,7 @@ class CompletionChunk(_Envelope):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[StreamedToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

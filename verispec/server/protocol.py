@@ -35,9 +35,11 @@ Extensions (send them with the openai client's `extra_body`):
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -56,12 +58,12 @@ from pydantic_core import PydanticCustomError
 from verispec.config import Depth, ResponseFormat, SamplingParams
 from verispec.core.grammar import compiled
 from verispec.core.processing import check_token_ids
-from verispec.core.rounds import TokenLogprob
+from verispec.core.rounds import Delta, TokenLogprob
 from verispec.errors import UserError
 from verispec.server.errors import bad_request
 from verispec.server.logprobs import LogprobFormat
 from verispec.stats import RequestStats, speculation_stats, usage
-from verispec.tool_calls import Function, ToolCall
+from verispec.tool_calls import Function, Reader, ToolCall, constraint, render
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_SCHEMA_CHARS = 64 << 10  # a JSON schema, as JSON text
@@ -435,6 +437,59 @@ class ChatCompletionRequest(_Request):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def chat_prompt_text(
+    body: ChatCompletionRequest, tokenizer, vocab_size: int, model: str
+) -> tuple[str, Callable[[], Reader] | None]:
+    """A chat request's prompt text through the model's template, with its tools where it has them,
+    and then a maker of a `Reader` per choice (None: no calls to read). A required or named call
+    constrains the reply: its grammar is compiled here (a 400 naming `tools` if it cannot be) and set
+    on the body. CPU work: run it off the event loop."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise bad_request(
+            f"model '{model}' has no chat template, so it cannot take messages; use /v1/completions with a prompt",
+            param="messages", code="no_chat_template",
+        )  # fmt: skip
+    functions, choice = body.functions(), body.tool_choice_name
+    try:
+        text = render(tokenizer, [m.turn() for m in body.messages], functions, choice)
+    except Exception as exc:  # templates raise on conversations they do not support
+        raise bad_request(f"the model's chat template refused these messages: {exc}", param="messages") from None
+    if choice == "none":
+        return text, None
+    parallel = body.parallel_tool_calls is not False and choice in ("auto", "required")  # a named function: one call
+    fmt = constraint(tokenizer, functions, choice, parallel)
+    if fmt is not None:
+        try:
+            compiled(fmt, tokenizer, vocab_size)
+        except UserError as exc:
+            raise bad_request(f"the tools' parameter schemas cannot be followed: {exc}", param="tools") from None
+        body.constrain_to(fmt)
+    return text, functools.partial(Reader, tokenizer, functions, parallel)
+
+
+def answer(
+    text: str, last: Delta, proposer: str | None, logprobs: list[TokenLogprob] | None, reader: Reader | None = None,
+    echo: tuple[str, list[TokenLogprob] | None] | None = None,
+) -> Answer:
+    """A finished choice as the client reads it: its tool calls read out of `text`, the prompt
+    before it where the request asked for `echo` (with its logprobs, where asked for)."""
+    calls = None
+    if reader is not None:
+        content, _ = reader.feed(text)
+        rest, _ = reader.finish()
+        text, calls = content + rest, reader.calls
+    if echo is not None:
+        text = echo[0] + text
+        logprobs = None if echo[1] is None else echo[1] + (logprobs or [])
+    reason = "tool_calls" if calls and last.finish_reason == "stop" else last.finish_reason
+    return Answer(text, reason, last.stats, proposer, logprobs, calls)
+
+
+def echoed_logprobs(first_token: int, scored: list[TokenLogprob] | None) -> list[TokenLogprob] | None:
+    """An echoed prompt's logprobs: its first token's null, then the engine's (None where not asked for)."""
+    return None if scored is None else [TokenLogprob(first_token, None), *scored]
 
 
 def check_sampling(params: SamplingParams, tokenizer, vocab_size: int) -> None:
