@@ -35,7 +35,7 @@ while `verispec.proposers` is in `proposers`.
                   never imports a concrete proposer (draft, ngram, remote)
     proposers     the concrete proposers, and the package that builds one by name
     assembly      settings in, a ready engine out (assemble)
-    services      what the server calls on for each request: policy gate, audit trail
+    services      what the server calls on for each request: policy gate, audit trail, tool calls
     applications  server, scale (the server on Ray), edge, offline batch, tools, training
     cli           the root parser
 
@@ -75,7 +75,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("verispec.core", "verispec.proposers.base")),
     ("proposers", ("verispec.proposers",)),
     ("assembly", ("verispec.assemble",)),
-    ("services", ("verispec.policy", "verispec.audit")),
+    ("services", ("verispec.policy", "verispec.audit", "verispec.tool_calls")),
     (
         "applications",
         (

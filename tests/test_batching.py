@@ -43,7 +43,11 @@ def exact16(model):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    paths = exact_pair(tmp_path_factory.mktemp("batch-models"), seed=11)
+    return kernel_models(exact_pair(tmp_path_factory.mktemp("batch-models"), seed=11))
+
+
+def kernel_models(paths: dict[str, str]) -> dict:
+    """The pair at `paths` (`exact_pair`) on the lean backend's kernel step, with each proposer."""
     cpu, f32 = torch.device("cpu"), torch.float32
     target_lm = load_model(paths["target"], cpu, f32, backend="lean")
     draft_lm = load_model(paths["draft"], cpu, f32, role="draft", backend="lean")

@@ -514,6 +514,8 @@ def test_hostile_bytes_sizes_and_hang_ups(server, tokenizer):
     post(server, {"session_id": nul.json()["session_id"], "close": True})
 
     opening = {"prompt": "t1 t2", "max_tokens": 4, "temperature": 0, "drafts": []}
+    several = post(server, {**opening, "n": 2})
+    assert several.status_code == 400 and several.json()["error"]["param"] == "n", several.text
     for bad in ("k" * 129, "a\tb"):  # an Idempotency-Key too long, or not printable
         refused = post(server, opening, **{"Idempotency-Key": bad})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "idempotency-key", refused.text

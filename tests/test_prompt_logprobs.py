@@ -17,12 +17,10 @@ import torch
 from pydantic import ValidationError
 
 from tests.conftest import SHARED_MODELS, SHARED_PROMPTS, make_engine, run_verispec
-from tests.test_batching import engine, exact_pair, prompts
+from tests.test_batching import engine, exact_pair, kernel_models, prompts
 from verispec.config import SamplingParams, SpeculationSettings
 from verispec.core.rounds import TokenLogprob, token_logprobs
-from verispec.models import load_model, load_tokenizer
 from verispec.models.kernels import kernel_library
-from verispec.proposers import DraftModelProposer, NgramProposer
 
 kernel = pytest.mark.skipif(kernel_library() is None, reason="no C compiler or no AVX2/FMA/F16C here")
 TOL = 1e-4  # float32 kernel step against float64 log-softmax of the HF forward (see the module docstring)
@@ -31,20 +29,10 @@ TOL = 1e-4  # float32 kernel step against float64 log-softmax of the HF forward 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     paths = exact_pair(tmp_path_factory.mktemp("prompt-logprob-models"), seed=31)
-    cpu, f32 = torch.device("cpu"), torch.float32
-    target_lm = load_model(paths["target"], cpu, f32, backend="lean")
-    draft_lm = load_model(paths["draft"], cpu, f32, role="draft", backend="lean")
-    assert target_lm.kernel_step, "the test models must run the kernel step"
     from transformers import AutoModelForCausalLM
 
-    return {
-        "target": target_lm,
-        "tokenizer": load_tokenizer(paths["target"]),
-        "draft": DraftModelProposer(draft_lm, target_vocab_size=target_lm.vocab_size),
-        "ngram": NgramProposer(4, 1),
-        "none": None,
-        "hf": AutoModelForCausalLM.from_pretrained(paths["target"], dtype=f32).eval(),
-    }
+    hf = AutoModelForCausalLM.from_pretrained(paths["target"], dtype=torch.float32).eval()
+    return {**kernel_models(paths), "hf": hf}
 
 
 def reference(hf, prompt: list[int], top: int, bias: dict[int, float] | None = None) -> list[tuple[float, list[int]]]:

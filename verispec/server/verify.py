@@ -96,6 +96,8 @@ def verify_routes(
         body.refuse_unsupported()
         if body.stream:
             raise bad_request("the verify API answers each round in one response; leave stream unset", param="stream")
+        if body.n != 1:
+            raise bad_request("a verify session is one sequence: n must be 1; open a session per sample", param="n")
         for name in ("depth", "proposer", "provisional"):
             if getattr(body, name) is not None:
                 raise bad_request(f"{name} is not used by the verify API: the client drafts, as deep as it likes", param=name)
