@@ -187,6 +187,38 @@ def test_sampling_is_exact_in_distribution(server, models, tokenizer):
     assert _fit(lied, joint) < ALPHA
 
 
+def test_rounds_carry_the_verifiers_logprobs_whatever_the_drafts(server, tokenizer):
+    """A session opened with `logprobs` gets each round's tokens' logprobs, as completions give them:
+    the same whether the tokens came one per round or as accepted drafts, and the same as
+    /v1/completions' for the prompt."""
+    ids = tokenizer(PROMPTS[1]).input_ids
+    opening = {"prompt": ids, "max_tokens": 12, "temperature": 0, "logprobs": 2}
+
+    def session(chunk: int, known: list[int]) -> tuple[list[int], list[float], list[str]]:
+        answer = post(server, {**opening, "drafts": known[:chunk]}).json()
+        tokens, logprobs, texts = [], [], []
+        while True:
+            tokens += answer["token_ids"]
+            logprobs += answer["logprobs"]["token_logprobs"]
+            texts += answer["logprobs"]["tokens"]
+            assert all(len(top) <= 2 for top in answer["logprobs"]["top_logprobs"])
+            if answer["finish_reason"] is not None:
+                return tokens, logprobs, texts
+            drafts = known[len(tokens) : len(tokens) + chunk]
+            answer = post(server, {"session_id": answer["session_id"], "position": answer["position"], "drafts": drafts}).json()
+
+    one_by_one = session(0, [])
+    drafted = session(4, one_by_one[0])
+    assert drafted[0] == one_by_one[0] and drafted[2] == one_by_one[2]
+    assert drafted[1] == pytest.approx(one_by_one[1], abs=1e-5)
+    body = {"model": "target", "prompt": ids, "max_tokens": 12, "temperature": 0, "logprobs": 2}
+    completion = httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=60)
+    reference = completion.json()["choices"][0]["logprobs"]
+    assert reference["tokens"] == one_by_one[2] and reference["token_logprobs"] == pytest.approx(one_by_one[1], abs=1e-5)
+    again = post(server, {"session_id": "vs-none", "position": 3, "drafts": [], "logprobs": 1})
+    assert again.status_code == 400 and again.json()["error"]["param"] == "logprobs"  # fixed when the session opens
+
+
 def _open(server, tokenizer, key="alice", headers=None, **extra) -> dict:
     ids = tokenizer(PROMPTS[2]).input_ids
     response = post(server, {"prompt": ids, "max_tokens": 30, "temperature": 0, "drafts": [], **extra}, key, **(headers or {}))

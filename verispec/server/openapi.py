@@ -285,6 +285,7 @@ class VerifyRound(BaseModel):
     accepted: int | None = Field(None, description="the longest prefix of them the verifier kept")
     token_ids: list[int] | None = Field(None, description="what extends the verified context: accepted drafts, then the recovered or bonus token")
     text: str | None = Field(None, description="the verified text these tokens add")
+    logprobs: CompletionLogprobs | None = Field(None, description="with the opening's `logprobs`: these tokens', as completions give them")
     position: int = Field(description="verified tokens now, prompt included: the next round's position")
     finish_reason: Literal["stop", "length", "content_filter", "closed"] | None
     usage: Usage | None = None

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from verispec.server.errors import APIError
 from verispec.server.job import Job
+from verispec.server.logprobs import LogprobFormat
 from verispec.server.reply import Reply
 from verispec.server.underway import Underway
 
@@ -32,6 +33,7 @@ class Session:
     bytes: int = 0
     client_prob_rounds: int = 0  # rounds accepted by distributions the client reported
     last: tuple[int, tuple[int, ...], dict] | None = None  # (position before, drafts, answer) of the last round
+    logprobs: LogprobFormat | None = None  # where the opening asked for logprobs (text offsets run on over rounds)
 
     @property
     def job(self) -> Job:

@@ -46,6 +46,7 @@ from verispec.proposers.remote import RemoteDrafts
 from verispec.scale.sessions import new_session_id
 from verispec.server.errors import APIError, bad_request
 from verispec.server.job import Job
+from verispec.server.logprobs import LogprobFormat
 from verispec.server.openapi import VERIFY_RESPONSES
 from verispec.server.protocol import _Part, _Request
 from verispec.server.reply import Reply
@@ -63,7 +64,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("verispec.server")
 
-_FIXED = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+_FIXED = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs")
 _IDEMPOTENCY_KEY = "idempotency-key"
 
 
@@ -81,6 +82,11 @@ class VerifyRequest(_Request):
     drafts: list[StrictInt] = Field(default_factory=list)
     draft_probs: list[DraftDistribution] | None = None
     close: bool = False  # end the session now (the client stopped early)
+    logprobs: int | None = Field(None, ge=0, le=20)  # each round's verified tokens' logprobs, as completions give them
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
 def verify_routes(
@@ -187,6 +193,8 @@ def verify_routes(
         await serving.submit(service, underway)
         gate = safety.gate(context=prompt_text)
         session = Session(session_id, key_id, underway, Reply(underway, None, gate, metrics, service.tokenizer), len(prompt_ids))
+        if params.logprobs is not None:
+            session.logprobs = LogprobFormat(False, service.tokenizer)
         session.client_prob_rounds += proposal.probs is not None
         sessions.add(session)
         metrics.verify_sessions.inc()
@@ -252,6 +260,8 @@ def verify_routes(
         else:
             metrics.client_accepted(session.key_id).inc(accepted)
             answer.update(accepted=accepted, token_ids=token_ids, text=delta.text, position=session.position, finish_reason=delta.finish_reason)
+            if session.logprobs is not None:  # those of the tokens whose text the gate released
+                answer["logprobs"] = session.logprobs.render(delta.logprobs or [])
         answer.update(extra or {})
         if delta.finish_reason is None and session.job.remote.hint is not None:
             answer["depth_hint"] = session.job.remote.hint  # what pays best for the verifier
