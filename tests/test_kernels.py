@@ -150,7 +150,7 @@ def test_the_avx512_path_gives_the_avx2_paths_bits(dtype):
     try:
         for out_features, in_features in ((200, 130), (1536, 64), (33, 40)):
             weight, bias = torch.randn(out_features, in_features).to(dtype), torch.randn(out_features)
-            for rows in (1, 2, 3, 4, 5, 6, 7, 13):
+            for rows in (1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 24, 25, 37):  # AVX-512 tiles: up to 12 rows, evened
                 x = torch.randn(rows, in_features)
                 outputs = []
                 for width in (24, 32):

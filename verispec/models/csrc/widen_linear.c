@@ -220,7 +220,7 @@ static inline int64_t panel_group(group_t* g, const uint16_t* w, int64_t N, int6
 LINEAR(f16)
 LINEAR(bf16)
 
-/* ---- AVX-512: panels of NR512 = 32 columns (two 16-lane registers a row), up to 6 rows a tile ----
+/* ---- AVX-512: panels of NR512 = 32 columns (two 16-lane registers a row), up to 12 rows a tile ----
    Each output is still one fused multiply-add chain over k of x[m, k] * w[n, k] in a lane of its
    own, then the bias, then the residual: the same operations as the AVX2 path, so the same bits,
    on panels packed 32 wide (`widen_panel()` says which width this CPU's path streams). A pass of
@@ -256,12 +256,16 @@ static inline void finish512(float* row, __m512 c0, __m512 c1, const float* bias
     C0 = _mm512_fmadd_ps(a, W0, C0);                                                          \
     C1 = _mm512_fmadd_ps(a, W1, C1);                                                          \
   }
-/* MR rows (<= 6) over one panel. */
+/* MR rows (<= 12) over one panel: 24 accumulators, the two widened panel rows and a broadcast
+   take 27 of the 32 registers, so a pass of up to 12 rows streams each weight once. */
+#define MR512 12
 #define KERNEL512(MR, KIND)                                                                   \
   static void k512_##MR##_##KIND(const float* x, int64_t K, const uint16_t* panel, float* y, int64_t ldy, \
                                  int64_t valid, const float* bias, int accumulate) {          \
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;  \
     __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;                  \
+    __m512 c60 = c00, c61 = c00, c70 = c00, c71 = c00, c80 = c00, c81 = c00;                  \
+    __m512 c90 = c00, c91 = c00, ca0 = c00, ca1 = c00, cb0 = c00, cb1 = c00;                  \
     for (int64_t k = 0; k < K; ++k) {                                                         \
       const uint16_t* q = panel + k * NR512;                                                  \
       _mm_prefetch((const char*)(q + PREFETCH * NR512), _MM_HINT_T0);                          \
@@ -272,6 +276,12 @@ static inline void finish512(float* row, __m512 c0, __m512 c1, const float* bias
       if (MR > 3) STEP512(3, w0, w1, c30, c31)                                                \
       if (MR > 4) STEP512(4, w0, w1, c40, c41)                                                \
       if (MR > 5) STEP512(5, w0, w1, c50, c51)                                                \
+      if (MR > 6) STEP512(6, w0, w1, c60, c61)                                                \
+      if (MR > 7) STEP512(7, w0, w1, c70, c71)                                                \
+      if (MR > 8) STEP512(8, w0, w1, c80, c81)                                                \
+      if (MR > 9) STEP512(9, w0, w1, c90, c91)                                                \
+      if (MR > 10) STEP512(10, w0, w1, ca0, ca1)                                              \
+      if (MR > 11) STEP512(11, w0, w1, cb0, cb1)                                              \
     }                                                                                         \
     finish512(y, c00, c01, bias, valid, accumulate);                                          \
     if (MR > 1) finish512(y + ldy, c10, c11, bias, valid, accumulate);                        \
@@ -279,6 +289,12 @@ static inline void finish512(float* row, __m512 c0, __m512 c1, const float* bias
     if (MR > 3) finish512(y + 3 * ldy, c30, c31, bias, valid, accumulate);                    \
     if (MR > 4) finish512(y + 4 * ldy, c40, c41, bias, valid, accumulate);                    \
     if (MR > 5) finish512(y + 5 * ldy, c50, c51, bias, valid, accumulate);                    \
+    if (MR > 6) finish512(y + 6 * ldy, c60, c61, bias, valid, accumulate);                    \
+    if (MR > 7) finish512(y + 7 * ldy, c70, c71, bias, valid, accumulate);                    \
+    if (MR > 8) finish512(y + 8 * ldy, c80, c81, bias, valid, accumulate);                    \
+    if (MR > 9) finish512(y + 9 * ldy, c90, c91, bias, valid, accumulate);                    \
+    if (MR > 10) finish512(y + 10 * ldy, ca0, ca1, bias, valid, accumulate);                  \
+    if (MR > 11) finish512(y + 11 * ldy, cb0, cb1, bias, valid, accumulate);                  \
   }
 /* One row over 4 panels at once (8 chains in flight instead of 2; see wide1). */
 #define WIDE512(KIND)                                                                         \
@@ -308,12 +324,36 @@ static inline void finish512(float* row, __m512 c0, __m512 c1, const float* bias
     finish512(y + 2 * NR512, c20, c21, b[2], valid[2], accumulate);                           \
     finish512(y + 3 * NR512, c30, c31, b[3], valid[3], accumulate);                           \
   }
+/* Rows `rows` (1 to MR512) of a tile over one panel. */
+#define TILE512(KIND)                                                                         \
+  static inline void tile512_##KIND(int64_t rows, const float* x, int64_t K, const uint16_t* panel, float* y, \
+                                    int64_t ldy, int64_t valid, const float* bias, int accumulate) { \
+    switch (rows) {                                                                           \
+      case 12: k512_12_##KIND(x, K, panel, y, ldy, valid, bias, accumulate); break;           \
+      case 11: k512_11_##KIND(x, K, panel, y, ldy, valid, bias, accumulate); break;           \
+      case 10: k512_10_##KIND(x, K, panel, y, ldy, valid, bias, accumulate); break;           \
+      case 9: k512_9_##KIND(x, K, panel, y, ldy, valid, bias, accumulate); break;             \
+      case 8: k512_8_##KIND(x, K, panel, y, ldy, valid, bias, accumulate); break;             \
+      case 7: k512_7_##KIND(x, K, panel, y, ldy, valid, bias, accumulate); break;             \
+      case 6: k512_6_##KIND(x, K, panel, y, ldy, valid, bias, accumulate); break;             \
+      case 5: k512_5_##KIND(x, K, panel, y, ldy, valid, bias, accumulate); break;             \
+      case 4: k512_4_##KIND(x, K, panel, y, ldy, valid, bias, accumulate); break;             \
+      case 3: k512_3_##KIND(x, K, panel, y, ldy, valid, bias, accumulate); break;             \
+      case 2: k512_2_##KIND(x, K, panel, y, ldy, valid, bias, accumulate); break;             \
+      default: k512_1_##KIND(x, K, panel, y, ldy, valid, bias, accumulate); break;            \
+    }                                                                                         \
+  }
+/* A pass of M rows sweeps each panel ceil(M / 12) times, in tiles as even as they come (13 rows:
+   7 + 6, not 12 + 1), so no sweep is spent on a small remainder. One row over a whole group of
+   panels takes w512 (more chains in flight). Every output's chain is the same in any tile. */
 #define LINEAR512(KIND)                                                                       \
   KERNEL512(1, KIND) KERNEL512(2, KIND) KERNEL512(3, KIND) KERNEL512(4, KIND) KERNEL512(5, KIND) \
-  KERNEL512(6, KIND) WIDE512(KIND)                                                            \
+  KERNEL512(6, KIND) KERNEL512(7, KIND) KERNEL512(8, KIND) KERNEL512(9, KIND) KERNEL512(10, KIND) \
+  KERNEL512(11, KIND) KERNEL512(12, KIND) WIDE512(KIND) TILE512(KIND)                         \
   static void linear_avx512_##KIND(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, \
                                    const float* bias, float* y, int64_t ldy, int accumulate, int threads) { \
-    int64_t panels = (N + NR512 - 1) / NR512, groups = (panels + GROUP - 1) / GROUP, tiled = M / 6 * 6; \
+    int64_t panels = (N + NR512 - 1) / NR512, groups = (panels + GROUP - 1) / GROUP;          \
+    int64_t tiles = (M + MR512 - 1) / MR512, rows = M / tiles, longer = M % tiles;            \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                        \
     for (int64_t g = 0; g < groups; ++g) {                                                    \
       group_t group;                                                                          \
@@ -322,24 +362,16 @@ static inline void finish512(float* row, __m512 c0, __m512 c1, const float* bias
       const int64_t* valid = group.valid;                                                     \
       const float* const* b = group.bias;                                                     \
       float* out = y + first * NR512;                                                         \
-      for (int64_t i = 0; i < count; ++i) {                                                   \
-        for (int64_t m = 0; m < tiled; m += 6)                                                \
-          k512_6_##KIND(x + m * K, K, panel[i], out + m * ldy + i * NR512, ldy, valid[i], b[i], accumulate); \
-        const float* xr = x + tiled * K;                                                      \
-        float* yr = out + tiled * ldy + i * NR512;                                            \
-        switch (M - tiled) {                                                                  \
-          case 5: k512_5_##KIND(xr, K, panel[i], yr, ldy, valid[i], b[i], accumulate); break; \
-          case 4: k512_4_##KIND(xr, K, panel[i], yr, ldy, valid[i], b[i], accumulate); break; \
-          case 3: k512_3_##KIND(xr, K, panel[i], yr, ldy, valid[i], b[i], accumulate); break; \
-          case 2: k512_2_##KIND(xr, K, panel[i], yr, ldy, valid[i], b[i], accumulate); break; \
-          case 1:                                                                             \
-            if (count == GROUP) {                                                             \
-              if (i == 0) w512_##KIND(xr, K, panel, out + tiled * ldy, valid, b, accumulate); \
-            } else                                                                            \
-              k512_1_##KIND(xr, K, panel[i], yr, ldy, valid[i], b[i], accumulate);            \
-            break;                                                                            \
-        }                                                                                     \
+      if (M == 1 && count == GROUP) {                                                         \
+        w512_##KIND(x, K, panel, out, valid, b, accumulate);                                  \
+        continue;                                                                             \
       }                                                                                       \
+      for (int64_t i = 0; i < count; ++i)                                                     \
+        for (int64_t t = 0, m = 0; t < tiles; ++t) {                                          \
+          int64_t r = rows + (t < longer);                                                    \
+          tile512_##KIND(r, x + m * K, K, panel[i], out + m * ldy + i * NR512, ldy, valid[i], b[i], accumulate); \
+          m += r;                                                                             \
+        }                                                                                     \
     }                                                                                         \
   }
 
