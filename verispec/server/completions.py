@@ -3,7 +3,12 @@
 A request is checked (`Serving.ready`; `Intake`: model, prompt, budget, sampling, rate limit;
 `Safety`: provisional text), queued on the scheduler as a `Job` (`Serving.submit`), answered
 from its `Reply` (verified text only, through the policy gate) as one JSON body or as server-sent
-events ending in `data: [DONE]` once its audit record is committed (`Records.conclude`)."""
+events ending in `data: [DONE]` once its audit record is committed (`Records.conclude`).
+
+A request of `n` choices is `n` jobs (`Choice`), each with its own seed (`choice_params`) and
+record; the first starts alone, so that the others find the prompt's KV in the prefix cache. A
+chat request with tools reads its calls out of each choice's text (`tool_calls.Reader`); `echo`
+puts the prompt, and its logprobs, before a choice's output."""
 
 from __future__ import annotations
 
