@@ -324,6 +324,63 @@ static inline void finish512(float* row, __m512 c0, __m512 c1, const float* bias
     finish512(y + 2 * NR512, c20, c21, b[2], valid[2], accumulate);                           \
     finish512(y + 3 * NR512, c30, c31, b[3], valid[3], accumulate);                           \
   }
+/* MR rows (<= 6) over two panels at once: 24 accumulators, four widened panel halves and a
+   broadcast (29 registers); each broadcast feeds 4 multiply-adds instead of 2. */
+#define STEP512X2(R, C00, C01, C10, C11)                                                      \
+  {                                                                                           \
+    __m512 a = _mm512_set1_ps(x[(R) * K + k]);                                                \
+    C00 = _mm512_fmadd_ps(a, w00, C00);                                                       \
+    C01 = _mm512_fmadd_ps(a, w01, C01);                                                       \
+    C10 = _mm512_fmadd_ps(a, w10, C10);                                                       \
+    C11 = _mm512_fmadd_ps(a, w11, C11);                                                       \
+  }
+#define FINISH512X2(R, C00, C01, C10, C11)                                                    \
+  {                                                                                           \
+    finish512(y + (R) * ldy, C00, C01, b[0], valid[0], accumulate);                           \
+    finish512(y + (R) * ldy + NR512, C10, C11, b[1], valid[1], accumulate);                   \
+  }
+#define KERNEL512X2(MR, KIND)                                                                 \
+  static void k512x2_##MR##_##KIND(const float* x, int64_t K, const uint16_t* const* p, float* y, int64_t ldy, \
+                                   const int64_t* valid, const float* const* b, int accumulate) { \
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, b00 = a00, b01 = a00, b10 = a00, b11 = a00; \
+    __m512 c00 = a00, c01 = a00, c10 = a00, c11 = a00, d00 = a00, d01 = a00, d10 = a00, d11 = a00; \
+    __m512 e00 = a00, e01 = a00, e10 = a00, e11 = a00, f00 = a00, f01 = a00, f10 = a00, f11 = a00; \
+    const uint16_t *p0 = p[0], *p1 = p[1];                                                    \
+    for (int64_t k = 0; k < K; ++k) {                                                         \
+      const uint16_t *q0 = p0 + k * NR512, *q1 = p1 + k * NR512;                              \
+      _mm_prefetch((const char*)(q0 + PREFETCH * NR512), _MM_HINT_T0);                         \
+      _mm_prefetch((const char*)(q1 + PREFETCH * NR512), _MM_HINT_T0);                         \
+      __m512 w00 = widen16_##KIND(q0), w01 = widen16_##KIND(q0 + 16);                         \
+      __m512 w10 = widen16_##KIND(q1), w11 = widen16_##KIND(q1 + 16);                         \
+      STEP512X2(0, a00, a01, a10, a11)                                                        \
+      if (MR > 1) STEP512X2(1, b00, b01, b10, b11)                                            \
+      if (MR > 2) STEP512X2(2, c00, c01, c10, c11)                                            \
+      if (MR > 3) STEP512X2(3, d00, d01, d10, d11)                                            \
+      if (MR > 4) STEP512X2(4, e00, e01, e10, e11)                                            \
+      if (MR > 5) STEP512X2(5, f00, f01, f10, f11)                                            \
+    }                                                                                         \
+    FINISH512X2(0, a00, a01, a10, a11)                                                        \
+    if (MR > 1) FINISH512X2(1, b00, b01, b10, b11)                                            \
+    if (MR > 2) FINISH512X2(2, c00, c01, c10, c11)                                            \
+    if (MR > 3) FINISH512X2(3, d00, d01, d10, d11)                                            \
+    if (MR > 4) FINISH512X2(4, e00, e01, e10, e11)                                            \
+    if (MR > 5) FINISH512X2(5, f00, f01, f10, f11)                                            \
+  }
+#define PAIR512(KIND)                                                                         \
+  KERNEL512X2(1, KIND) KERNEL512X2(2, KIND) KERNEL512X2(3, KIND) KERNEL512X2(4, KIND)         \
+  KERNEL512X2(5, KIND) KERNEL512X2(6, KIND)                                                   \
+  static inline void pair512_##KIND(int64_t rows, const float* x, int64_t K, const uint16_t* const* p, float* y, \
+                                    int64_t ldy, const int64_t* valid, const float* const* b, int accumulate) { \
+    switch (rows) {                                                                           \
+      case 6: k512x2_6_##KIND(x, K, p, y, ldy, valid, b, accumulate); break;                  \
+      case 5: k512x2_5_##KIND(x, K, p, y, ldy, valid, b, accumulate); break;                  \
+      case 4: k512x2_4_##KIND(x, K, p, y, ldy, valid, b, accumulate); break;                  \
+      case 3: k512x2_3_##KIND(x, K, p, y, ldy, valid, b, accumulate); break;                  \
+      case 2: k512x2_2_##KIND(x, K, p, y, ldy, valid, b, accumulate); break;                  \
+      default: k512x2_1_##KIND(x, K, p, y, ldy, valid, b, accumulate); break;                 \
+    }                                                                                         \
+  }
+
 /* Rows `rows` (1 to MR512) of a tile over one panel. */
 #define TILE512(KIND)                                                                         \
   static inline void tile512_##KIND(int64_t rows, const float* x, int64_t K, const uint16_t* panel, float* y, \
@@ -343,17 +400,21 @@ static inline void finish512(float* row, __m512 c0, __m512 c1, const float* bias
       default: k512_1_##KIND(x, K, panel, y, ldy, valid, bias, accumulate); break;            \
     }                                                                                         \
   }
-/* A pass of M rows sweeps each panel ceil(M / 12) times, in tiles as even as they come (13 rows:
-   7 + 6, not 12 + 1), so no sweep is spent on a small remainder. One row over a whole group of
-   panels takes w512 (more chains in flight). Every output's chain is the same in any tile. */
+/* A pass of M rows takes the panels two at a time, in tiles of up to 6 rows as even as they come
+   (13 rows: 5 + 4 + 4, not 6 + 6 + 1), so no sweep is spent on a small remainder; a group's odd
+   last panel takes tiles of up to 12 rows. Two panels a tile beat 12 rows a tile by 7-17% at every
+   width from 2 to 64 (scripts/widen_ab.py): a broadcast feeds 4 multiply-adds, and the second sweep
+   of a panel pair comes from L2. One row over a whole group of panels takes w512 (more chains in
+   flight). Every output's chain is the same in any tile. */
 #define LINEAR512(KIND)                                                                       \
   KERNEL512(1, KIND) KERNEL512(2, KIND) KERNEL512(3, KIND) KERNEL512(4, KIND) KERNEL512(5, KIND) \
   KERNEL512(6, KIND) KERNEL512(7, KIND) KERNEL512(8, KIND) KERNEL512(9, KIND) KERNEL512(10, KIND) \
-  KERNEL512(11, KIND) KERNEL512(12, KIND) WIDE512(KIND) TILE512(KIND)                         \
+  KERNEL512(11, KIND) KERNEL512(12, KIND) WIDE512(KIND) TILE512(KIND) PAIR512(KIND)          \
   static void linear_avx512_##KIND(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, \
                                    const float* bias, float* y, int64_t ldy, int accumulate, int threads) { \
     int64_t panels = (N + NR512 - 1) / NR512, groups = (panels + GROUP - 1) / GROUP;          \
     int64_t tiles = (M + MR512 - 1) / MR512, rows = M / tiles, longer = M % tiles;            \
+    int64_t pair_tiles = (M + 5) / 6, pair_rows = M / pair_tiles, pair_longer = M % pair_tiles; \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                        \
     for (int64_t g = 0; g < groups; ++g) {                                                    \
       group_t group;                                                                          \
@@ -366,7 +427,14 @@ static inline void finish512(float* row, __m512 c0, __m512 c1, const float* bias
         w512_##KIND(x, K, panel, out, valid, b, accumulate);                                  \
         continue;                                                                             \
       }                                                                                       \
-      for (int64_t i = 0; i < count; ++i)                                                     \
+      int64_t i = 0;                                                                          \
+      for (; i + 2 <= count; i += 2) /* pairs of panels, in tiles of up to 6 rows */          \
+          for (int64_t t = 0, m = 0; t < pair_tiles; ++t) {                                   \
+            int64_t r = pair_rows + (t < pair_longer);                                        \
+            pair512_##KIND(r, x + m * K, K, panel + i, out + m * ldy + i * NR512, ldy, valid + i, b + i, accumulate); \
+            m += r;                                                                           \
+          }                                                                                   \
+      for (; i < count; ++i)                                                                  \
         for (int64_t t = 0, m = 0; t < tiles; ++t) {                                          \
           int64_t r = rows + (t < longer);                                                    \
           tile512_##KIND(r, x + m * K, K, panel[i], out + m * ldy + i * NR512, ldy, valid[i], b[i], accumulate); \
