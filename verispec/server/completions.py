@@ -190,7 +190,6 @@ async def _sse(
     and `event: verdict` with the verifier's answer, just before the round's verified chunk. With
     tools (`reader`), text that may be a call is held back and each call is sent whole once read."""
 
-    event = _event
     reply, finish, reader, first = choice.reply, choice.finish, choice.reader, choice.first
     job = reply.job
     concluded = False
@@ -199,24 +198,24 @@ async def _sse(
     try:
         item = first
         if shape.chat:
-            yield event(shape.chunk(None, role=True))
+            yield _event(shape.chunk(None, role=True))
         while True:
             if isinstance(item, Provisional):
                 text = await worker.run(_draft_text, reply.tokenizer, tokens, item.token_ids)
-                yield event({"id": shape.id, "round": rounds, "token_ids": item.token_ids, "text": text}, "provisional")
+                yield _event({"id": shape.id, "round": rounds, "token_ids": item.token_ids, "text": text}, "provisional")
             else:
                 delta = item
                 if job.provisional and delta.round is not None:
                     verdict = {"id": shape.id, "round": rounds, "proposed": delta.round.proposed, "accepted": delta.round.accepted}
-                    yield event(verdict, "verdict")
+                    yield _event(verdict, "verdict")
                     rounds += 1
                 if job.provisional:  # the context the next round's drafts are decoded after
                     tokens = (tokens + delta.token_ids)[-_DRAFT_CONTEXT:]
                 if (echoed := choice.echoed()) is not None:
-                    yield event(shape.chunk(echoed[0], logprobs=echoed[1]))
+                    yield _event(shape.chunk(echoed[0], logprobs=echoed[1]))
                 text, calls = _read(reader, delta)
                 if text or delta.logprobs or calls:
-                    yield event(shape.chunk(text, logprobs=delta.logprobs, tool_calls=calls))
+                    yield _event(shape.chunk(text, logprobs=delta.logprobs, tool_calls=calls))
                 if delta.finish_reason is not None:
                     break
             try:
@@ -224,7 +223,7 @@ async def _sse(
             except APIError as exc:  # the stream has begun: the error goes in-band
                 concluded = True
                 await finish(_outcome_of(exc), exc.status, text=reply.released, error=exc.message)
-                yield event(exc.body())
+                yield _event(exc.body())
                 yield "data: [DONE]\n\n"
                 return
             except ClientGone:
@@ -232,14 +231,14 @@ async def _sse(
         final = shape.chunk(None, _finish_reason(reader, delta))
         if with_stats:
             final["speculation_stats"] = speculation_stats(delta.stats, job.proposer)
-        yield event(final)
+        yield _event(final)
         if include_usage:
-            yield event(shape.usage_chunk(delta.stats))
+            yield _event(shape.usage_chunk(delta.stats))
         concluded = True
         if await finish(_outcome_of_finish(delta), 200, delta, reply.released, wait=True):  # [DONE] acknowledges: recorded first
             yield "data: [DONE]\n\n"
         else:  # not recorded: an error instead of [DONE], so the client knows it was not acknowledged
-            yield event(records.unacknowledged().body())
+            yield _event(records.unacknowledged().body())
     finally:
         job.cancel()  # client gone or done: the engine thread drops the job at its next round
         if not concluded:  # the client left mid-stream
