@@ -215,6 +215,9 @@ def test_rounds_carry_the_verifiers_logprobs_whatever_the_drafts(server, tokeniz
     completion = httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=60)
     reference = completion.json()["choices"][0]["logprobs"]
     assert reference["tokens"] == one_by_one[2] and reference["token_logprobs"] == pytest.approx(one_by_one[1], abs=1e-5)
+    for bad in (21, -1, True, "2"):  # out of range, or not an integer
+        refused = post(server, {**opening, "drafts": [], "logprobs": bad})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs", refused.text
     again = post(server, {"session_id": "vs-none", "position": 3, "drafts": [], "logprobs": 1})
     assert again.status_code == 400 and again.json()["error"]["param"] == "logprobs"  # fixed when the session opens
 
