@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 # includes it, this module's ctypes binding mirrors it (tests/test_kernel_abi.py checks the two
 # against the library's vs_layout), and a change to it rebuilds the library (sources_digest).
 KERNEL_SOURCE_NAMES = ("widen_linear.c", "layer_ops.c", "quant_linear.c", "quant_int8.c", "lean_step.c", "layout.c")
-KERNEL_HEADER_NAMES = ("verispec_kernels.h", "quant_blocks.h")
+KERNEL_HEADER_NAMES = ("verispec_kernels.h", "quant_blocks.h", "team.h")
 KERNEL_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 KERNEL_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in KERNEL_SOURCE_NAMES)
 KERNEL_HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in KERNEL_HEADER_NAMES)

@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "team.h"
 #include "verispec_kernels.h"
 
 /* Scratch of rows x columns floats, or NULL: out of memory, a size that does not fit size_t, or
@@ -432,18 +433,18 @@ static void paged_attend_unbuffered(const float* q, const float* keys, const flo
    positions 0..p. Each row's output is the bits attention gives it over a contiguous cache,
    whatever the segments, their order and the thread count. Work items are (segment, head,
    chunk of rows); a chunk reads each value once for all its rows. */
-void paged_attention(const float* qkv, int64_t S, const int64_t* seg_row, const int64_t* seg_len,
-                     const int64_t* seg_pos, const int64_t* tables, const int64_t* table_start, int64_t H,
-                     int64_t Hkv, int64_t hd, const float* keys, const float* values, int64_t bs, float scale,
-                     float* out, int threads) {
+void paged_attention_team(const float* qkv, int64_t S, const int64_t* seg_row, const int64_t* seg_len,
+                          const int64_t* seg_pos, const int64_t* tables, const int64_t* table_start, int64_t H,
+                          int64_t Hkv, int64_t hd, const float* keys, const float* values, int64_t bs, float scale,
+                          float* out) {
   int64_t width = (H + 2 * Hkv) * hd, group = H / Hkv, chunks = 0;
   for (int64_t s = 0; s < S; ++s) {
     int64_t rows = paged_chunk_rows(seg_pos[s] + seg_len[s]);
     int64_t n = (seg_len[s] + rows - 1) / rows;
     chunks = n > chunks ? n : chunks;
   }
-  /* every segment gets `chunks` slots (no list to allocate); slots past its rows are empty */
-  #pragma omp parallel num_threads(threads)
+  /* every segment gets `chunks` slots (no list to allocate); slots past its rows are empty; the
+     team (team.h) shares them out */
   {
     float* scores = NULL;  /* grown as needed, at most PAGED_SCRATCH_FLOATS */
     int64_t capacity = 0;
@@ -484,6 +485,14 @@ void paged_attention(const float* qkv, int64_t S, const int64_t* seg_row, const 
     }
     free(scores);
   }
+}
+
+void paged_attention(const float* qkv, int64_t S, const int64_t* seg_row, const int64_t* seg_len,
+                     const int64_t* seg_pos, const int64_t* tables, const int64_t* table_start, int64_t H,
+                     int64_t Hkv, int64_t hd, const float* keys, const float* values, int64_t bs, float scale,
+                     float* out, int threads) {
+  VS_TEAM(threads, paged_attention_team(qkv, S, seg_row, seg_len, seg_pos, tables, table_start, H, Hkv, hd, keys,
+                                        values, bs, scale, out));
 }
 
 /* out (T, H hd): for query row t (position start+t) and head h, softmax(q . k_j * scale) over

@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "team.h"
 #include "verispec_kernels.h"
 
 /* Whether every part of a projection has a form this file knows (quant_linear may still refuse
@@ -34,79 +35,113 @@ static int runnable(const vs_projection* projection) {
   return 1;
 }
 
-/* y (M rows of projection->out_features floats) = x @ W^T (+ bias), or += it; 0, or quant_linear's
-   error. */
+/* y (M rows of projection->out_features floats) = x @ W^T (+ bias), or += it, by the team of the
+   step (team.h: every thread calls it); 0, or the error every thread gets alike; an error met by
+   one thread (out of memory) goes to shared->failed. */
 static int project(const vs_projection* projection, const float* x, int64_t M, float* y, int accumulate,
-                   int threads) {
+                   vs_shared* shared) {
   for (int64_t i = 0; i < projection->parts; ++i) {
     const vs_part* p = projection->part + i;
     float* out = y + p->column;
+    int64_t ldy = projection->out_features;
+    int failed = 0;
     switch (p->form) {
       case VS_WIDEN_F16:
-        widen_linear_f16(x, M, p->weight, p->out_features, p->in_features, p->bias, out, projection->out_features,
-                         accumulate, threads);
+        widen_team_f16(x, M, p->weight, p->out_features, p->in_features, p->bias, out, ldy, accumulate);
         break;
       case VS_WIDEN_BF16:
-        widen_linear_bf16(x, M, p->weight, p->out_features, p->in_features, p->bias, out, projection->out_features,
-                          accumulate, threads);
+        widen_team_bf16(x, M, p->weight, p->out_features, p->in_features, p->bias, out, ldy, accumulate);
         break;
       default: { /* VS_QUANTIZED or VS_QUANTIZED_Q8 + GGML type id */
         int q8 = p->form >= VS_QUANTIZED_Q8;
-        int failed = (q8 ? quant_linear_q8 : quant_linear)((int)(p->form - (q8 ? VS_QUANTIZED_Q8 : VS_QUANTIZED)), x, M,
-                                                           p->weight, p->out_features, p->in_features, p->bias, out,
-                                                           projection->out_features, accumulate, threads);
-        if (failed) return failed;
+        failed = (q8 ? quant_q8_team : quant_team)((int)(p->form - (q8 ? VS_QUANTIZED_Q8 : VS_QUANTIZED)), x, M,
+                                                   p->weight, p->out_features, p->in_features, p->bias, out, ldy,
+                                                   accumulate, shared);
       }
     }
+    if (failed) return failed;
+    if (shared->failed) return shared->failed; /* read after the loop's closing barrier: alike for all */
   }
   return 0;
 }
 
+/* The T rows of a row-wise operation shared out among the team (one thread for a single row). */
+#define EACH_ROW(T, t) _Pragma("omp for schedule(static)") for (int64_t t = 0; t < (T); ++t)
+
 /* Store the rows' rotated keys and values in layer i's cache, and write their attention output. */
-static void attend(const vs_model* m, const vs_attention* a, int64_t i, float* qkv, int64_t T, float* attn,
-                   int threads) {
+static void attend(const vs_model* m, const vs_attention* a, int64_t i, float* qkv, int64_t T, float* attn) {
   int64_t H = m->heads, Hkv = m->kv_heads, hd = m->head_dim, width = (H + 2 * Hkv) * hd;
   float *keys = a->keys[i], *values = a->values[i];
   if (a->mode == VS_PAGED) {
-    rope_store_paged(qkv, T, H, Hkv, hd, m->cos, m->sin, a->positions, a->slots, keys, values, a->block_size);
-    paged_attention(qkv, a->segments, a->seg_row, a->seg_len, a->seg_pos, a->tables, a->table_start, H, Hkv, hd,
-                    keys, values, a->block_size, m->scale, attn, threads);
+    EACH_ROW(T, t)
+    rope_store_paged(qkv + t * width, 1, H, Hkv, hd, m->cos, m->sin, a->positions + t, a->slots + t, keys, values,
+                     a->block_size);
+    paged_attention_team(qkv, a->segments, a->seg_row, a->seg_len, a->seg_pos, a->tables, a->table_start, H, Hkv,
+                         hd, keys, values, a->block_size, m->scale, attn);
     return;
   }
-  rope_store(qkv, T, H, Hkv, hd, m->cos, m->sin, a->start, keys, values, a->capacity);
+  EACH_ROW(T, t)
+  rope_store(qkv + t * width, 1, H, Hkv, hd, m->cos, m->sin, a->start + t, keys, values, a->capacity);
+  static const int64_t zero[1] = {0};
   for (int64_t first = 0; first < T; first += VS_ATTENTION_ROWS) { /* bounded scratch: rows are independent */
-    int64_t rows = T - first < VS_ATTENTION_ROWS ? T - first : VS_ATTENTION_ROWS;
-    attention(qkv + first * width, rows, H, Hkv, hd, keys, values, a->capacity, a->start + first, m->scale,
-              attn + first * H * hd, threads);
+    int64_t rows[1] = {T - first < VS_ATTENTION_ROWS ? T - first : VS_ATTENTION_ROWS}, at[1] = {a->start + first};
+    /* attention(): the contiguous cache is the paged pool of one block of capacity positions */
+    paged_attention_team(qkv + first * width, 1, zero, rows, at, zero, zero, H, Hkv, hd, keys, values, a->capacity,
+                         m->scale, attn + first * H * hd);
   }
 }
 
-/* Run every layer over the T rows of the residual stream x (T, D), in place. 0 on success; -1,
-   before touching anything, if a projection has a form this file does not know or the attention
-   mode is unknown; quant_linear's error if it refuses a part (x and the cache rows of the pass are
-   then partly written). */
+/* Run every layer over the T rows of the residual stream x (T, D), in place, in one parallel region
+   of `threads` (team.h): each operation's work is shared out among threads that stay in the step.
+   0 on success; -1, before touching anything, if a projection has a form this file does not know
+   or the attention mode is unknown; quant_linear's error if it refuses a part (x and the cache
+   rows of the pass are then partly written). */
 int lean_layers(const vs_model* model, float* x, int64_t T, const vs_attention* kv, const vs_scratch* scratch,
                 int threads) {
   int64_t D = model->hidden, F = model->ffn;
-  int failed;
   if (kv->mode != VS_CONTIGUOUS && kv->mode != VS_PAGED) return VS_ERROR_UNSUPPORTED;
   for (int64_t i = 0; i < model->layers; ++i) {
     const vs_layer* layer = model->layer + i;
     if (!runnable(&layer->qkv) || !runnable(&layer->o) || !runnable(&layer->gate_up) || !runnable(&layer->down))
       return VS_ERROR_UNSUPPORTED;
   }
-  for (int64_t i = 0; i < model->layers; ++i) {
-    const vs_layer* layer = model->layer + i;
-    rms_norm(x, T, D, layer->attn_norm, model->eps, scratch->h);
-    if ((failed = project(&layer->qkv, scratch->h, T, scratch->qkv, 0, threads))) return failed;
-    attend(model, kv, i, scratch->qkv, T, scratch->attn, threads);
-    if ((failed = project(&layer->o, scratch->attn, T, x, 1, threads))) return failed;
-    rms_norm(x, T, D, layer->mlp_norm, model->eps, scratch->h);
-    if ((failed = project(&layer->gate_up, scratch->h, T, scratch->gate_up, 0, threads))) return failed;
-    silu_mul(scratch->gate_up, T, F, scratch->act);
-    if ((failed = project(&layer->down, scratch->act, T, x, 1, threads))) return failed;
+  vs_shared shared = {0, NULL};
+  int team = threads > 0 ? threads : 1;
+  #pragma omp parallel num_threads(team)
+  {
+    int failed = 0;
+    for (int64_t i = 0; i < model->layers && !failed; ++i) {
+      const vs_layer* layer = model->layer + i;
+      EACH_ROW(T, t) rms_norm(x + t * D, 1, D, layer->attn_norm, model->eps, scratch->h + t * D);
+      if ((failed = project(&layer->qkv, scratch->h, T, scratch->qkv, 0, &shared))) break;
+      attend(model, kv, i, scratch->qkv, T, scratch->attn);
+      if ((failed = project(&layer->o, scratch->attn, T, x, 1, &shared))) break;
+      EACH_ROW(T, t) rms_norm(x + t * D, 1, D, layer->mlp_norm, model->eps, scratch->h + t * D);
+      if ((failed = project(&layer->gate_up, scratch->h, T, scratch->gate_up, 0, &shared))) break;
+      EACH_ROW(T, t) silu_mul(scratch->gate_up + t * 2 * F, 1, F, scratch->act + t * F);
+      if ((failed = project(&layer->down, scratch->act, T, x, 1, &shared))) break;
+    }
+    if (failed) {
+      #pragma omp atomic write
+      shared.failed = failed;
+    }
   }
-  return 0;
+  return shared.failed;
+}
+
+/* The head's projection, on a team of its own. */
+static int project_alone(const vs_projection* head, const float* h, int64_t M, float* logits, int threads) {
+  vs_shared shared = {0, NULL};
+  int team = threads > 0 ? threads : 1;
+  #pragma omp parallel num_threads(team)
+  {
+    int failed = project(head, h, M, logits, 0, &shared);
+    if (failed) {
+      #pragma omp atomic write
+      shared.failed = failed;
+    }
+  }
+  return shared.failed;
 }
 
 /* The draft model's inner loop, greedy: feed `token` at position kv->start, take the first
@@ -128,7 +163,7 @@ int lean_greedy(const vs_model* model, const float* embed, const float* norm, co
     if (failed) return failed;
     kv->start += 1;
     rms_norm(x, 1, D, norm, model->eps, h);
-    if ((failed = project(head, h, 1, logits, 0, threads))) return failed;
+    if ((failed = project_alone(head, h, 1, logits, threads))) return failed;
     int64_t best = 0;
     for (int64_t v = 1; v < vocab; ++v)
       if (logits[v] > logits[best]) best = v; /* the first maximal one, as torch.argmax */
@@ -176,7 +211,7 @@ int lean_greedy_paged(const vs_model* model, const float* embed, const float* no
     }
     if ((failed = lean_layers(model, x, S, &a, scratch, threads))) break;
     rms_norm(x, S, D, norm, model->eps, h);
-    if ((failed = project(head, h, S, logits, 0, threads))) break;
+    if ((failed = project_alone(head, h, S, logits, threads))) break;
     for (int64_t s = 0; s < S; ++s) {
       const float* row = logits + s * V;
       int64_t best = 0;

@@ -36,6 +36,7 @@
 #include <string.h>
 
 #include "quant_blocks.h"
+#include "team.h"
 #include "verispec_kernels.h"
 
 /* ---- weights as integers: the types whose float-path prep leaves q empty decode it here ---- */
@@ -341,6 +342,47 @@ int quant_q8_isa(int isa) {
   return isa_in_use;
 }
 
+/* The team body (team.h) of quant_linear_q8: one thread quantizes the rows into shared->acts, then
+   the tiles of 8 outputs are shared out; out of memory sets shared->failed, and nothing is written. */
+int quant_q8_team(int type, const float* x, int64_t M, const uint8_t* packed, int64_t N, int64_t K,
+                  const float* bias, float* y, int64_t ldy, int accumulate, vs_shared* shared) {
+  const struct format* f = format_of(type);
+  if (!f || K % f->qk) return VS_ERROR_UNSUPPORTED;
+  if (M <= 0 || N <= 0) return 0;
+  #pragma omp single
+  {
+    acts_t* made = malloc(sizeof(acts_t));
+    if (made && quantize_rows(x, M, K, f->group, made)) {
+      free(made);
+      made = NULL;
+    }
+    if (!made) shared->failed = VS_ERROR_NO_MEMORY;
+    shared->acts = made;
+    if (!isa_in_use) quant_q8_isa(0);
+  } /* its barrier: every thread sees acts (or the failure) */
+  const acts_t* a = shared->acts;
+  if (!a) return 0;
+  int variant = (f->nibble ? 0 : f->group == 32 ? 2 : 4) + (f->mins >= 0) + (f->half ? 6 : 0);
+  const tile_fn* tiles = (isa_in_use == 512 ? vnni_tiles : avx2_tiles)[variant];
+  int64_t tile_bytes = K / f->group * group_bytes(f), most = isa_in_use == 512 ? 8 : 4;
+  int nibble_offset = f->nibble - 1;
+  #pragma omp for schedule(guided)
+  for (int64_t t = 0; t < (N + 7) / 8; ++t) {
+    int valid = N - 8 * t < 8 ? (int)(N - 8 * t) : 8;
+    for (int64_t m = 0; m < M; m += most) {
+      int rows = M - m < most ? (int)(M - m) : (int)most;
+      tiles[rows - 1](a, m, K, packed + t * tile_bytes, nibble_offset, y + m * ldy + 8 * t, ldy, valid,
+                      bias ? bias + 8 * t : NULL, accumulate);
+    }
+  } /* its barrier: every tile is done with acts */
+  #pragma omp single nowait
+  {
+    free(a->q);
+    free((void*)a);
+  }
+  return 0;
+}
+
 /* y (M rows, ldy apart) = q8(x) @ w^T (+ bias), or += it, w as quant_q8_pack left it. 0;
    VS_ERROR_UNSUPPORTED for a type it lacks (or K not a whole number of its blocks), nothing
    written; VS_ERROR_NO_MEMORY. */
@@ -348,23 +390,7 @@ int quant_linear_q8(int type, const float* x, int64_t M, const uint8_t* packed, 
                     const float* bias, float* y, int64_t ldy, int accumulate, int threads) {
   const struct format* f = format_of(type);
   if (!f || K % f->qk) return VS_ERROR_UNSUPPORTED;
-  if (M <= 0 || N <= 0) return 0;
-  acts_t a;
-  if (quantize_rows(x, M, K, f->group, &a)) return VS_ERROR_NO_MEMORY;
-  if (!isa_in_use) quant_q8_isa(0);
-  int variant = (f->nibble ? 0 : f->group == 32 ? 2 : 4) + (f->mins >= 0) + (f->half ? 6 : 0);
-  const tile_fn* tiles = (isa_in_use == 512 ? vnni_tiles : avx2_tiles)[variant];
-  int64_t tile_bytes = K / f->group * group_bytes(f), most = isa_in_use == 512 ? 8 : 4;
-  int nibble_offset = f->nibble - 1;
-  #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
-  for (int64_t t = 0; t < (N + 7) / 8; ++t) {
-    int valid = N - 8 * t < 8 ? (int)(N - 8 * t) : 8;
-    for (int64_t m = 0; m < M; m += most) {
-      int rows = M - m < most ? (int)(M - m) : (int)most;
-      tiles[rows - 1](&a, m, K, packed + t * tile_bytes, nibble_offset, y + m * ldy + 8 * t, ldy, valid,
-                      bias ? bias + 8 * t : NULL, accumulate);
-    }
-  }
-  free(a.q);
-  return 0;
+  vs_shared shared = {0, NULL};
+  VS_TEAM(threads, quant_q8_team(type, x, M, packed, N, K, bias, y, ldy, accumulate, &shared));
+  return shared.failed;
 }

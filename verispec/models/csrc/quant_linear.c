@@ -27,6 +27,7 @@
 #include <string.h>
 
 #include "quant_blocks.h"
+#include "team.h"
 #include "verispec_kernels.h"
 
 /* ---- AVX2: vector j < QK / 8 of block blk of a chunk ---- */
@@ -474,18 +475,16 @@ static float* rows_buffer(int64_t floats) {
   return tile_rows;
 }
 
-/* y (M rows, ldy apart) = x @ w^T (+ bias), or += it. 0; -1 for a type it lacks (or K not a whole
-   number of its blocks), nothing written; -2 out of memory for a pass of more than the fused
-   rows, the tiles that ran out not written (kernels.py: kernel_error). */
-int quant_linear(int type, const float* x, int64_t M, const uint8_t* w, int64_t N, int64_t K, const float* bias,
-                 float* y, int64_t ldy, int accumulate, int threads) {
+/* The team body (team.h) of quant_linear: the tiles of 4 outputs shared out; a tile out of memory
+   sets shared->failed. */
+int quant_team(int type, const float* x, int64_t M, const uint8_t* w, int64_t N, int64_t K, const float* bias,
+               float* y, int64_t ldy, int accumulate, vs_shared* shared) {
   const struct qtype* t = qtype_of(type);
   if (!t || K % t->qk) return -1;
   if (M <= 0 || N <= 0) return 0;
   const struct variant* v = variant_of(t);
   int64_t tiles = (N + 3) / 4, row_bytes = K / t->qk * t->bytes;
-  int failed = 0;
-  #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
+  #pragma omp for schedule(guided)
   for (int64_t p = 0; p < tiles; ++p) {
     int64_t n = p * 4;
     int valid = N - n < 4 ? (int)(N - n) : 4;
@@ -499,7 +498,7 @@ int quant_linear(int type, const float* x, int64_t M, const uint8_t* w, int64_t 
     float* s = rows_buffer(4 * K);
     if (!s) {  // out of memory: -2, this tile not written
       #pragma omp atomic write
-      failed = 1;
+      shared->failed = -2;
       continue;
     }
     for (int c = 0; c < 4; ++c) v->dequantize(rows[c], K / t->qk, s + c * K);
@@ -508,5 +507,17 @@ int quant_linear(int type, const float* x, int64_t M, const uint8_t* w, int64_t 
       v->dense[r - 1](x + m * K, K, s, y + m * ldy + n, ldy, valid, b, accumulate);
     }
   }
-  return failed ? -2 : 0;
+  return 0;
+}
+
+/* y (M rows, ldy apart) = x @ w^T (+ bias), or += it. 0; -1 for a type it lacks (or K not a whole
+   number of its blocks), nothing written; -2 out of memory for a pass of more than the fused
+   rows, the tiles that ran out not written (kernels.py: kernel_error). */
+int quant_linear(int type, const float* x, int64_t M, const uint8_t* w, int64_t N, int64_t K, const float* bias,
+                 float* y, int64_t ldy, int accumulate, int threads) {
+  const struct qtype* t = qtype_of(type);
+  if (!t || K % t->qk) return -1;
+  vs_shared shared = {0, NULL};
+  VS_TEAM(threads, quant_team(type, x, M, w, N, K, bias, y, ldy, accumulate, &shared));
+  return shared.failed;
 }

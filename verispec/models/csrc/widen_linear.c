@@ -19,6 +19,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "team.h"
 #include "verispec_kernels.h"
 
 static inline __m256 widen8_f16(const uint16_t* p) {
@@ -169,9 +170,9 @@ static inline int64_t panel_group(group_t* g, const uint16_t* w, int64_t N, int6
 #define LINEAR(KIND)                                                                          \
   KERNEL(1, KIND) KERNEL(2, KIND) KERNEL(3, KIND) KERNEL(4, KIND) WIDE(KIND)                  \
   static void linear_avx2_##KIND(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, \
-                                 const float* bias, float* y, int64_t ldy, int accumulate, int threads) { \
+                                 const float* bias, float* y, int64_t ldy, int accumulate) {  \
     int64_t panels = (N + NR - 1) / NR, groups = (panels + GROUP - 1) / GROUP, tiled = M / 4 * 4; \
-    _Pragma("omp parallel for num_threads(threads) schedule(static)")                        \
+    _Pragma("omp for schedule(guided)") /* team.h */                                           \
     for (int64_t g = 0; g < groups; ++g) {                                                    \
       group_t group;                                                                          \
       int64_t first = g * GROUP, count = panel_group(&group, w, N, K, bias, NR, panels, first); \
@@ -411,11 +412,11 @@ static inline void finish512(float* row, __m512 c0, __m512 c1, const float* bias
   KERNEL512(6, KIND) KERNEL512(7, KIND) KERNEL512(8, KIND) KERNEL512(9, KIND) KERNEL512(10, KIND) \
   KERNEL512(11, KIND) KERNEL512(12, KIND) WIDE512(KIND) TILE512(KIND) PAIR512(KIND)          \
   static void linear_avx512_##KIND(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, \
-                                   const float* bias, float* y, int64_t ldy, int accumulate, int threads) { \
+                                   const float* bias, float* y, int64_t ldy, int accumulate) { \
     int64_t panels = (N + NR512 - 1) / NR512, groups = (panels + GROUP - 1) / GROUP;          \
     int64_t tiles = (M + MR512 - 1) / MR512, rows = M / tiles, longer = M % tiles;            \
     int64_t pair_tiles = (M + 5) / 6, pair_rows = M / pair_tiles, pair_longer = M % pair_tiles; \
-    _Pragma("omp parallel for num_threads(threads) schedule(static)")                        \
+    _Pragma("omp for schedule(guided)") /* team.h */                                           \
     for (int64_t g = 0; g < groups; ++g) {                                                    \
       group_t group;                                                                          \
       int64_t first = g * GROUP, count = panel_group(&group, w, N, K, bias, NR512, panels, first); \
@@ -468,14 +469,25 @@ int widen_force_panel(int width) {
   return panel_width;
 }
 
+/* The team bodies (team.h): every thread of a team calls them, the groups of panels shared out. */
+void widen_team_f16(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, const float* bias, float* y,
+                    int64_t ldy, int accumulate) {
+  if (widen_panel() == NR512) linear_avx512_f16(x, M, w, N, K, bias, y, ldy, accumulate);
+  else linear_avx2_f16(x, M, w, N, K, bias, y, ldy, accumulate);
+}
+
+void widen_team_bf16(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, const float* bias, float* y,
+                     int64_t ldy, int accumulate) {
+  if (widen_panel() == NR512) linear_avx512_bf16(x, M, w, N, K, bias, y, ldy, accumulate);
+  else linear_avx2_bf16(x, M, w, N, K, bias, y, ldy, accumulate);
+}
+
 void widen_linear_f16(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, const float* bias,
                       float* y, int64_t ldy, int accumulate, int threads) {
-  if (widen_panel() == NR512) linear_avx512_f16(x, M, w, N, K, bias, y, ldy, accumulate, threads);
-  else linear_avx2_f16(x, M, w, N, K, bias, y, ldy, accumulate, threads);
+  VS_TEAM(threads, widen_team_f16(x, M, w, N, K, bias, y, ldy, accumulate));
 }
 
 void widen_linear_bf16(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, const float* bias,
                        float* y, int64_t ldy, int accumulate, int threads) {
-  if (widen_panel() == NR512) linear_avx512_bf16(x, M, w, N, K, bias, y, ldy, accumulate, threads);
-  else linear_avx2_bf16(x, M, w, N, K, bias, y, ldy, accumulate, threads);
+  VS_TEAM(threads, widen_team_bf16(x, M, w, N, K, bias, y, ldy, accumulate));
 }
