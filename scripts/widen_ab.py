@@ -32,9 +32,8 @@ LAYERS = 8
 
 
 def build(sources: Path, out: Path) -> ctypes.CDLL:
-    names = [s.name for s in kernels.KERNEL_SOURCES]
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    subprocess.run([compiler, *kernels.KERNEL_FLAGS, *(str(sources / n) for n in names), "-lm", "-o", str(out)], check=True)
+    compiler = shutil.which("cc") or shutil.which("gcc")  # every C file of that revision's csrc
+    subprocess.run([compiler, *kernels.KERNEL_FLAGS, *map(str, sorted(sources.glob("*.c"))), "-lm", "-o", str(out)], check=True)
     library = ctypes.CDLL(str(out))
     library.widen_linear_f16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]  # fmt: skip
