@@ -21,6 +21,7 @@ from verispec.core.runner import ModelRunner, batchable
 from verispec.core.session_runner import SessionRunner
 from verispec.models import load_model, load_tokenizer
 from verispec.proposers import DraftModelProposer, NgramProposer
+from verispec.proposers.suffix import SuffixProposer
 
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "prompts" / "code-completion.jsonl"
@@ -118,6 +119,8 @@ def make_engine(
         prop = DraftModelProposer(draft_lm, target_vocab_size=target_lm.vocab_size)
     elif proposer == "ngram":
         prop = NgramProposer(settings.ngram_max, settings.ngram_min)
+    elif proposer == "suffix":
+        prop = SuffixProposer(settings.suffix_cache_tokens, settings.ngram_min)
     else:
         prop = None
     return engine_for(target_lm, load_tokenizer(target), prop, settings)

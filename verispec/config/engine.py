@@ -80,6 +80,16 @@ class SpeculationSettings(BaseModel):
     ngram_min: int = Field(
         2, ge=1, description="shortest context suffix the n-gram proposer matches (a single shared token predicts little)"
     )
+    suffix_cache_tokens: int = Field(
+        262144,
+        ge=16,
+        description="tokens of earlier requests' prompts and outputs the suffix proposer keeps per API key (the oldest go first)",
+    )
+    suffix_shared: bool = Field(
+        False,
+        description="one suffix-cache pool for every API key: drafts from one tenant's text can then serve another, "
+        "whose acceptance timing may reveal it (off: a pool per key)",
+    )
 
     @field_validator("depth", mode="before")
     @classmethod

@@ -31,6 +31,14 @@ from verispec.proposers.base import Proposal, Proposer
 log = logging.getLogger(__name__)
 
 
+def open_session(proposer: Proposer, share_key: str = ""):
+    """A request's session; a proposer that keeps what earlier requests said (the suffix cache)
+    takes the request's API key, whose pool the session reads and writes."""
+    if getattr(proposer, "per_key", False):
+        return proposer.session(share_key)
+    return proposer.session()
+
+
 class Drafting:
     def __init__(self, runner, vocab_size: int):
         self.runner = runner  # the verifier's: draft caches are sized by its pool
@@ -79,7 +87,7 @@ class Drafting:
                     members.setdefault(batch, []).append(request)
                     continue
                 if request.session is None:  # a call per request (a stateless proposer's session is shared)
-                    request.session = request.proposer.session()
+                    request.session = open_session(request.proposer, request.share_key)
                 call = lambda r=request: r.session.propose(r.tokens, depths[r], r.draft_policy)  # noqa: E731
                 (inline if getattr(request.proposer, "inline", False) else calls)[request] = call
                 members[request] = [request]

@@ -73,6 +73,8 @@ class Engine:
         self.batch = batch or BatchSettings()
         self.max_running = max_running
         self.proposer = proposer  # the default proposer (a request may bring its own)
+        # proposers that learn from every finished request, whichever proposer served it (`learn`)
+        self.learners: list[Proposer] = [proposer] if hasattr(proposer, "learn") else []
         self.speculation = speculation or SpeculationSettings()  # the default speculation settings
         self.waiting: list[Request] = []  # admission order; preempted requests go first
         self.running: list[Request] = []
@@ -364,6 +366,9 @@ class Engine:
             if delta.finish_reason:
                 stats.total_s = time.perf_counter() - request.arrived
                 self.abort(request)
+                for learner in self.learners:  # its own sessions told it already
+                    if learner is not request.proposer:
+                        learner.learn(request.tokens, request.share_key)
             deltas.append((request, delta))
         return failed + deltas
 
@@ -504,6 +509,8 @@ class Engine:
         pass costs, and each proposer's draft cost (batched draft models get their caches now)."""
         for proposer in proposers:
             self.drafting.batch(proposer)
+            if hasattr(proposer, "learn") and proposer not in self.learners:
+                self.learners.append(proposer)
         costs = self.costs()
         for proposer in proposers:
             self._draft_cost(proposer, costs)

@@ -1,4 +1,4 @@
-"""Proposers: the protocol, a draft model, and n-gram prompt lookup.
+"""Proposers: the protocol, a draft model, n-gram prompt lookup and a suffix cache of earlier requests.
 
 Each proposer is a row of one table, `names.py`: its name, what it proposes with, and its
 builder as a "module:function" string. Settings read the names there without importing any
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from verispec.proposers.base import DraftPolicy, Proposal, Proposer, ProposerSession
     from verispec.proposers.draft import DraftModelProposer
     from verispec.proposers.ngram import NgramProposer
+    from verispec.proposers.suffix import SuffixProposer
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ _HOMES = {
     "Proposal": "verispec.proposers.base",
     "Proposer": "verispec.proposers.base",
     "ProposerSession": "verispec.proposers.base",
+    "SuffixProposer": "verispec.proposers.suffix",
 }
 
 
@@ -72,6 +74,7 @@ __all__ = [
     "Proposer",
     "ProposerInputs",
     "ProposerSession",
+    "SuffixProposer",
     "build_proposer",
     "builder",
     "register",

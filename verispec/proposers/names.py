@@ -30,6 +30,7 @@ class Registered(NamedTuple):
 PROPOSERS: dict[str, Registered] = {
     "draft": Registered("a draft model", "verispec.proposers.draft:build"),
     "ngram": Registered("n-gram prompt lookup", "verispec.proposers.ngram:build"),
+    "suffix": Registered("a suffix cache of earlier requests' text", "verispec.proposers.suffix:build"),
 }
 PROPOSER_NAMES = tuple(PROPOSERS)
 VERIFIER_ONLY = "none"  # no proposer: every round is one verifier token
