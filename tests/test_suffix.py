@@ -19,7 +19,8 @@ def pool_of(*sequences, capacity=1000, key_length=2) -> SuffixPool:
 
 
 def indexed(pool: SuffixPool) -> set[int]:
-    return {sequence for positions in pool.index.values() for sequence, _ in positions}
+    """The sequences that some key's latest position is in."""
+    return {position >> 32 for position in pool.head.values()}
 
 
 def test_proposes_what_followed_the_contexts_end_in_an_earlier_sequence():
@@ -64,10 +65,13 @@ def test_one_sequence_longer_than_the_pool_keeps_its_end():
     assert pool.lookup([21, 22], 2) == []
 
 
-def test_a_key_keeps_its_latest_positions_only():
-    pool = pool_of(*([1, 2, i] for i in range(10, 10 + 2 * CANDIDATES)))
-    assert len(pool.index[(1, 2)]) == CANDIDATES
-    assert pool.lookup([1, 2], 1) == [10 + 2 * CANDIDATES - 1]
+def test_a_lookup_compares_the_latest_candidates_only():
+    long_match = [7, 8, 9, 1, 2, 50]
+    assert pool_of(long_match, *([5, 1, 2, i] for i in range(10, 10 + CANDIDATES - 1))).lookup(
+        [7, 8, 9, 1, 2], 1
+    ) == [50]
+    pool = pool_of(long_match, *([5, 1, 2, i] for i in range(10, 10 + CANDIDATES)))
+    assert pool.lookup([7, 8, 9, 1, 2], 1) == [10 + CANDIDATES - 1]  # the long match is 9th latest
 
 
 def test_a_session_adds_its_verified_tokens_and_its_own_text_counts():
