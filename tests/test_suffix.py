@@ -134,12 +134,24 @@ def test_a_repeated_request_is_drafted_from_the_first(suffix_engine):
     assert again.stats.rounds <= 10
 
 
-def test_requests_another_proposer_served_teach_it_too(tiny_models):
+def test_requests_another_proposer_or_depth_0_served_teach_it_too(tiny_models):
     engine = make_engine(tiny_models["llama"], proposer="suffix")
-    prompt = random_prompts(1, VOCAB, seed=23, min_len=20, max_len=20)[0]
-    out = engine.generate(prompt, SamplingParams(max_new_tokens=12, ignore_eos=True), depth=0, proposer=None)
-    assert out.stats.proposed == 0  # verifier-only served it
-    assert engine.proposer.session().propose(prompt, 4).tokens == out.token_ids[:4]
+    prompts = random_prompts(2, VOCAB, seed=23, min_len=20, max_len=20)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    served = [
+        engine.generate(prompts[0], params, depth=3, proposer=None),
+        engine.generate(prompts[1], params, depth=0),
+    ]
+    for prompt, out in zip(prompts, served, strict=True):
+        assert out.stats.proposed == 0  # verifier-only served it
+        assert engine.proposer.session().propose(prompt, 4).tokens == out.token_ids[:4]
+
+
+def test_a_served_requests_last_round_reaches_the_pool(suffix_engine):
+    prompt = random_prompts(1, VOCAB, seed=24, min_len=20, max_len=20)[0]
+    out = suffix_engine.generate(prompt, SamplingParams(max_new_tokens=16, ignore_eos=True), depth=3)
+    pool = suffix_engine.proposer.pools[""]
+    assert list(pool.sequences.values())[-1][0].tolist() == prompt + out.token_ids
 
 
 @pytest.fixture(scope="module")

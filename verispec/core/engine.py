@@ -366,11 +366,18 @@ class Engine:
             if delta.finish_reason:
                 stats.total_s = time.perf_counter() - request.arrived
                 self.abort(request)
-                for learner in self.learners:  # its own sessions told it already
-                    if learner is not request.proposer:
-                        learner.learn(request.tokens, request.share_key)
+                self._teach(request)
             deltas.append((request, delta))
         return failed + deltas
+
+    def _teach(self, request: Request) -> None:
+        """Give a finished request's text to the proposers that learn from every request (its own
+        proposer included, whose session saw all but its last round)."""
+        learners = self.learners
+        if hasattr(request.proposer, "learn") and request.proposer not in learners:
+            learners = [*learners, request.proposer]
+        for learner in learners:
+            learner.learn(request.tokens, request.share_key, request.session)
 
     def _fail(self, request: Request, error: UserError) -> tuple[Request, UserError]:
         """End a request whose format cannot be followed, alone: its step entry is the error."""

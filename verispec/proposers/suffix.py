@@ -190,8 +190,13 @@ class SuffixProposer:
         """A request's session, reading and writing its tenant's pool."""
         return SuffixSession(self, self.pool(share_key))
 
-    def learn(self, tokens: Sequence[int], share_key: str = SHARED) -> None:
-        """Add a finished request that another proposer served (the engine calls this, `learners`)."""
+    def learn(self, tokens: Sequence[int], share_key: str = SHARED, session: object = None) -> None:
+        """A finished request's prompt and output (the engine calls this for every request): the
+        tokens its session of this proposer has not added yet, or all of them as a new sequence."""
+        if isinstance(session, SuffixSession) and session.proposer is self:
+            with self.lock:
+                session.add(tokens)
+            return
         pool = self.pool(share_key)
         with self.lock:
             pool.extend(pool.open(), tokens)
@@ -208,11 +213,15 @@ class SuffixSession:
 
     def propose(self, context: Sequence[int], depth: int, policy: DraftPolicy | None = None) -> Proposal:
         with self.proposer.lock:
-            if not self.sequence or len(context) < self.seen:  # first round, or a context that shrank
-                self.sequence, self.seen = self.pool.open(), 0
-            self.pool.extend(self.sequence, context[self.seen :])
-            self.seen = len(context)
+            self.add(context)
             return Proposal(self.pool.lookup(context, depth))
+
+    def add(self, context: Sequence[int]) -> None:
+        """Put the context's tokens not yet in the pool there (under the proposer's lock)."""
+        if not self.sequence or len(context) < self.seen:  # first round, or a context that shrank
+            self.sequence, self.seen = self.pool.open(), 0
+        self.pool.extend(self.sequence, context[self.seen :])
+        self.seen = len(context)
 
     def reset(self) -> None:
         self.sequence, self.seen = 0, 0
