@@ -20,7 +20,10 @@ from verispec.prompts import Prompt, load_prompts, stdlib_windows
 from verispec.proposers.names import PROPOSER_NAMES, VERIFIER_ONLY, described
 
 SCHEDULERS = ("batched", "interleaved")
-PROPOSERS = (VERIFIER_ONLY, *PROPOSER_NAMES)  # in the table's row order: the verifier-only baseline first
+# In the table's row order, the verifier-only baseline first. The suffix cache is left out unless
+# named: the table sends the same prompts to every cell, so it would draft a cell's requests from
+# the cells before it, a speed no single cell's traffic has.
+PROPOSERS = (VERIFIER_ONLY, *(name for name in PROPOSER_NAMES if name != "suffix"))
 SCENARIOS = ("prefix", "chunked")
 # The shared prompt set, where this checkout sits beside it (../shared).
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[4] / "shared" / "prompts" / "code-completion.jsonl"
