@@ -501,11 +501,16 @@ void paged_attention(const float* qkv, int64_t S, const int64_t* seg_row, const 
    positions, so this is paged_attention over one segment with the table {0}: the same sweeps
    (each key and value read once for all the rows, accumulators in registers, prefetch), the same
    bits as the paged cache gives those positions. */
-void attention(const float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* keys,
-               const float* values, int64_t P, int64_t start, float scale, float* out, int threads) {
+void attention_team(const float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* keys,
+                    const float* values, int64_t P, int64_t start, float scale, float* out) {
   static const int64_t zero[1] = {0};
   const int64_t rows[1] = {T}, position[1] = {start};
-  paged_attention(qkv, 1, zero, rows, position, zero, zero, H, Hkv, hd, keys, values, P, scale, out, threads);
+  paged_attention_team(qkv, 1, zero, rows, position, zero, zero, H, Hkv, hd, keys, values, P, scale, out);
+}
+
+void attention(const float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* keys,
+               const float* values, int64_t P, int64_t start, float scale, float* out, int threads) {
+  VS_TEAM(threads, attention_team(qkv, T, H, Hkv, hd, keys, values, P, start, scale, out));
 }
 
 /* out (T, F) = silu(gate) * up, gate_up (T, 2F) = [gate | up]. */

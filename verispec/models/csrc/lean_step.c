@@ -65,6 +65,14 @@ static int project(const vs_projection* projection, const float* x, int64_t M, f
   return 0;
 }
 
+/* Record a thread's error for the whole team (read once the team has left the region). */
+static void keep_failure(vs_shared* shared, int failed) {
+  if (failed) {
+    #pragma omp atomic write
+    shared->failed = failed;
+  }
+}
+
 /* The T rows of a row-wise operation shared out among the team (one thread for a single row). */
 #define EACH_ROW(T, t) _Pragma("omp for schedule(static)") for (int64_t t = 0; t < (T); ++t)
 
@@ -82,12 +90,10 @@ static void attend(const vs_model* m, const vs_attention* a, int64_t i, float* q
   }
   EACH_ROW(T, t)
   rope_store(qkv + t * width, 1, H, Hkv, hd, m->cos, m->sin, a->start + t, keys, values, a->capacity);
-  static const int64_t zero[1] = {0};
   for (int64_t first = 0; first < T; first += VS_ATTENTION_ROWS) { /* bounded scratch: rows are independent */
-    int64_t rows[1] = {T - first < VS_ATTENTION_ROWS ? T - first : VS_ATTENTION_ROWS}, at[1] = {a->start + first};
-    /* attention(): the contiguous cache is the paged pool of one block of capacity positions */
-    paged_attention_team(qkv + first * width, 1, zero, rows, at, zero, zero, H, Hkv, hd, keys, values, a->capacity,
-                         m->scale, attn + first * H * hd);
+    int64_t rows = T - first < VS_ATTENTION_ROWS ? T - first : VS_ATTENTION_ROWS;
+    attention_team(qkv + first * width, rows, H, Hkv, hd, keys, values, a->capacity, a->start + first, m->scale,
+                   attn + first * H * hd);
   }
 }
 
@@ -121,10 +127,7 @@ int lean_layers(const vs_model* model, float* x, int64_t T, const vs_attention* 
       EACH_ROW(T, t) silu_mul(scratch->gate_up + t * 2 * F, 1, F, scratch->act + t * F);
       if ((failed = project(&layer->down, scratch->act, T, x, 1, &shared))) break;
     }
-    if (failed) {
-      #pragma omp atomic write
-      shared.failed = failed;
-    }
+    keep_failure(&shared, failed);
   }
   return shared.failed;
 }
@@ -132,15 +135,7 @@ int lean_layers(const vs_model* model, float* x, int64_t T, const vs_attention* 
 /* The head's projection, on a team of its own. */
 static int project_alone(const vs_projection* head, const float* h, int64_t M, float* logits, int threads) {
   vs_shared shared = {0, NULL};
-  int team = threads > 0 ? threads : 1;
-  #pragma omp parallel num_threads(team)
-  {
-    int failed = project(head, h, M, logits, 0, &shared);
-    if (failed) {
-      #pragma omp atomic write
-      shared.failed = failed;
-    }
-  }
+  VS_TEAM(threads, keep_failure(&shared, project(head, h, M, logits, 0, &shared)));
   return shared.failed;
 }
 
