@@ -22,6 +22,7 @@ from verispec.models import (
     resolve_device,
     resolve_dtype,
 )
+from verispec.models.head import is_head, load_head
 from verispec.models.loading import DEMO_DRAFT, DEMO_TARGET
 from verispec.proposers import ProposerInputs, build_proposer
 from verispec.proposers.base import Proposer
@@ -37,13 +38,19 @@ def resolve_models(models: ModelSettings) -> ModelSettings:
         if draft is None and models.proposer in ("auto", "draft"):
             draft = demo_draft
     proposer = models.proposer
+    head = is_head(draft)
     if proposer == "auto":
-        proposer = "draft" if draft else "ngram"
+        proposer = "head" if head else "draft" if draft else "ngram"
+    if proposer == "draft" and head:
+        raise UserError(f"--draft {draft} is a draft head, not a draft model: use --proposer head (or auto)")
     if proposer == "draft" and not draft:
         raise UserError("--proposer draft needs a draft model: pass --draft PATH (or use --proposer ngram)")
-    if proposer != "draft" and draft and models.draft:
+    if proposer == "head" and not head:
+        raise UserError("--proposer head needs a draft head: pass --draft PATH, a folder made by verispec distill --head")
+    drafts = proposer in ("draft", "head")
+    if not drafts and draft and models.draft:
         log.warning("ignoring --draft %s: the proposer is %s", draft, proposer)
-    return models.model_copy(update={"target": target, "draft": draft if proposer == "draft" else None, "proposer": proposer})
+    return models.model_copy(update={"target": target, "draft": draft if drafts else None, "proposer": proposer})
 
 
 def check_models(settings: Settings) -> None:
@@ -54,7 +61,7 @@ def check_models(settings: Settings) -> None:
     models = resolve_models(settings.part(ModelSettings))
     tokenizer = load_tokenizer(models.target, role="target")
     for ref, role in ((models.draft, "draft"), (settings.part(RoutingSettings).canary_draft, "canary draft")):
-        if ref:
+        if ref and not is_head(ref):  # a head has the verifier's tokenizer by construction
             check_compatible(tokenizer, load_tokenizer(ref, role=role))
 
 
@@ -86,12 +93,15 @@ def build_engine(settings: Settings) -> Engine:
     device, dtype = resolve_device(models.device), resolve_dtype(models.dtype)
 
     tokenizer = load_tokenizer(models.target, role="target")
-    draft_lm = None
-    if models.draft:
+    draft_lm = head = None
+    if models.draft and not is_head(models.draft):
         check_compatible(tokenizer, load_tokenizer(models.draft, role="draft"))
         draft_lm = _load(models, models.draft, "draft", device, dtype)
     target_lm = _load(models, models.target, "target", device, dtype)
-    proposer = build_proposer(models.proposer, ProposerInputs(target=target_lm, draft=draft_lm, speculation=speculation))
+    if models.draft and is_head(models.draft):
+        head = load_head(models.draft, target_lm)
+    inputs = ProposerInputs(target=target_lm, draft=draft_lm, speculation=speculation, head=head)
+    proposer = build_proposer(models.proposer, inputs)
     runner = _runner(target_lm, settings.part(BatchSettings))
     return Engine(runner, tokenizer, stop_tokens(target_lm, tokenizer), settings.part(BatchSettings), settings.max_running, proposer, speculation)
 
@@ -138,14 +148,23 @@ def build_proposers(engine: Engine, settings: Settings) -> dict[str, Proposer | 
     for name in routing.proposers:
         if name in proposers:
             continue
-        draft = None
-        if name == "draft":
+        draft = head = None
+        if name == "head":
+            ref = settings.part(ModelSettings).draft  # as given: --proposer may have set it aside
+            if not is_head(ref):
+                raise UserError("--proposers head needs a draft head: pass --draft PATH, a folder made by verispec distill --head")
+            head = load_head(ref, engine.target)
+        elif name == "draft":
             ref = models.draft or (str(DEMO_DRAFT) if models.target == str(DEMO_TARGET) else None)
             if ref is None:
                 raise UserError("--proposers draft needs a draft model: pass --draft PATH")
             draft = draft_lm(ref, "draft")
-        proposers[name] = build_proposer(name, ProposerInputs(target=engine.target, draft=draft, speculation=speculation))
-    if routing.canary_draft:
+        inputs = ProposerInputs(target=engine.target, draft=draft, speculation=speculation, head=head)
+        proposers[name] = build_proposer(name, inputs)
+    if routing.canary_draft and is_head(routing.canary_draft):  # a new head on probation
+        inputs = ProposerInputs(target=engine.target, draft=None, speculation=speculation, head=load_head(routing.canary_draft, engine.target))
+        proposers["canary"] = build_proposer("head", inputs)
+    elif routing.canary_draft:
         inputs = ProposerInputs(target=engine.target, draft=draft_lm(routing.canary_draft, "canary draft"), speculation=speculation)
         proposers["canary"] = build_proposer("draft", inputs)
     return proposers

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_run_check)
 
     bench = _prompt_set_command(
-        commands, "bench", "time verispec (verifier-only, draft at each depth, n-gram) and transformers on the same prompts",
+        commands, "bench", "time verispec (verifier-only, draft or head at each depth, n-gram) and transformers on the same prompts",
         BenchOptions,
     )  # fmt: skip
     bench.set_defaults(run=_run_bench)
@@ -187,7 +187,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     settings = settings_from(args, BenchSettings)
     return run_bench(
         settings, settings.prompts, depths=settings.depths, repeats=settings.repeats, limit=settings.limit,
-        out=settings.out, peers=settings.peers, command=shlex.join(["verispec", *sys.argv[1:]]),
+        out=settings.out, peers=settings.peers, command=shlex.join(["verispec", *sys.argv[1:]]), head=settings.head,
     )  # fmt: skip
 
 

@@ -121,7 +121,9 @@ class RoutingSettings(BaseModel):
     route_key: Literal["none", "user", "task"] = Field(
         "none", description="keep the per-request choice's figures per value of this request field (user, or the task extension)"
     )
-    canary_draft: str | None = Field(None, description="candidate draft model to canary beside the current proposer")
+    canary_draft: str | None = Field(
+        None, description="candidate draft model (or draft head) to canary beside the current proposer"
+    )
     canary_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of requests the canary candidate serves")
     canary_min_requests: int = Field(30, ge=5, description="requests per side before the canary is judged")
     canary_alpha: float = Field(0.05, gt=0.0, lt=0.5, description="significance level of the canary's tests")

@@ -63,6 +63,13 @@ class Drafting:
             self.batches[id(proposer)] = batch
         return batch
 
+    def observe(self, request: Request, start: int, features) -> None:
+        """The verifier's features of a request's verified positions start.., for its proposer's
+        session (a draft head's), opened here if the request has none yet."""
+        if request.session is None:
+            request.session = open_session(request.proposer, request.share_key)
+        request.session.observe(start, features)
+
     def busy(self, request: Request) -> bool:
         """Whether a plug-in's previous call for this request has not returned."""
         return self.proposing.busy(request)

@@ -78,6 +78,7 @@ class Engine:
         self.speculation = speculation or SpeculationSettings()  # the default speculation settings
         self.waiting: list[Request] = []  # admission order; preempted requests go first
         self.running: list[Request] = []
+        self.check_runner(proposer)
         self.drafting = Drafting(runner, self.target.vocab_size)
         self.drafting.on_draft_pass = self._observe_draft
         self._costs: PassCosts | None = None  # set from outside: kept as set (tests pin them)
@@ -307,10 +308,15 @@ class Engine:
                 return failed
         if self.on_proposed is not None:
             self.on_proposed({r: p for r, p in proposals.items() if p.tokens and r not in announced})
-        segments = [Segment([r.tokens[-1], *proposals[r].tokens], r.table.computed, r.table) for r in plan.rounds]
+        # A draft head's requests also keep their rows' features (the verifier's final hidden states).
+        segments = [
+            Segment([r.tokens[-1], *proposals[r].tokens], r.table.computed, r.table, features=reads_features(r))
+            for r in plan.rounds
+        ]
         for r, n in plan.chunks:  # a chunk writes keys and values; logits only for rows scoring prompt logprobs
             start = r.table.computed
-            segments.append(Segment(r.tokens[start : start + n], start, r.table, logits=rows_to_score(r, start, n)))
+            scored = rows_to_score(r, start, n)
+            segments.append(Segment(r.tokens[start : start + n], start, r.table, logits=scored, features=reads_features(r)))
         t0 = time.perf_counter()
         logits = self.runner.forward(segments)
         pass_s = time.perf_counter() - t0
@@ -319,13 +325,16 @@ class Engine:
             self._live.observe(rows, pass_s)
 
         deltas = []
-        for (request, n), chunk_logits in zip(plan.chunks, logits[len(plan.rounds) :], strict=True):
+        chunk_segments = segments[len(plan.rounds) :]
+        for (request, n), chunk_logits, segment in zip(plan.chunks, logits[len(plan.rounds) :], chunk_segments, strict=True):
             if chunk_logits is not None:
                 score_rows(request, request.table.computed + n, chunk_logits)
+            if segment.hidden is not None:
+                self.drafting.observe(request, segment.start, segment.hidden)
             request.table.verified(request.table.computed + n, request.tokens)
             request.stats.prefill_s += pass_s * n / rows
         ended_ns = time.time_ns()
-        for request, target_logits in zip(plan.rounds, logits, strict=False):
+        for request, target_logits, segment in zip(plan.rounds, logits, segments, strict=False):
             proposal = proposals[request]
             if request.processing is not None:
                 target_logits = request.processing.apply(target_logits, proposal.tokens, request.generated)
@@ -334,6 +343,8 @@ class Engine:
             position = len(request.tokens)  # the output position row 0 scores
             verdict = accept(request.params, proposal, target_logits, request.draft_policy.generator, request.noise, position)
             accepted = int(verdict.accepted[0])
+            if segment.hidden is not None:  # the verified rows': the last token's and the accepted drafts'
+                self.drafting.observe(request, segment.start, segment.hidden[: 1 + accepted])
             request.table.verified(request.table.computed + 1 + accepted, request.tokens + proposal.tokens[:accepted])
             stats = request.stats
             share = pass_s * (1 + len(proposal.tokens)) / rows
@@ -403,7 +414,11 @@ class Engine:
         the drafts reach their clients before the verifier has read the whole prompt. The first
         round scores these drafts: the context they continue does not change during prefill, and
         no other random draw of the request comes between, so the output is what it would be."""
-        ahead = [r for r, _ in plan.chunks if r.draft_ahead and r.early is None and r.proposer is not None]
+        # A draft head cannot draft before the verifier has read the prompt: it reads its features.
+        ahead = [
+            r for r, _ in plan.chunks
+            if r.draft_ahead and r.early is None and r.proposer is not None and not reads_features(r)
+        ]  # fmt: skip
         if not ahead:
             return
         proposals, _ = self.drafting.propose(ahead, self.choose_depths(ahead))
@@ -515,6 +530,7 @@ class Engine:
         """Measure now, not during the first requests, what depth auto and prompt chunks need: the
         pass costs, and each proposer's draft cost (batched draft models get their caches now)."""
         for proposer in proposers:
+            self.check_runner(proposer)
             self.drafting.batch(proposer)
             if hasattr(proposer, "learn") and proposer not in self.learners:
                 self.learners.append(proposer)
@@ -522,13 +538,22 @@ class Engine:
         for proposer in proposers:
             self._draft_cost(proposer, costs)
 
+    def check_runner(self, proposer: Proposer | None) -> None:
+        """Refuse a proposer that reads the verifier's features (a draft head) where the runner
+        gives none (a backend that cannot batch, or --scheduler interleaved)."""
+        if getattr(proposer, "reads_features", False) and not getattr(self.runner, "features", False):
+            raise UserError(
+                f"the proposer {proposer.name} reads the verifier's hidden states, which only the batched "
+                "scheduler gives: use --scheduler batched (or auto) on the lean backend"
+            )
+
     # -- admission and preemption (`planner.py` decides when) ---------------------------------------
 
     def admit(self, request: Request) -> bool:
         """Start a waiting request if the cache has blocks for its prefix and prompt: it takes
         them and runs from the next pass. False, and nothing taken, if not."""
         fresh = not request.table.blocks  # a resumed session keeps the blocks it has
-        reused = request.table.reuse_prefix(cacheable(request)) if fresh else 0
+        reused = request.table.reuse_prefix(self._cacheable(request)) if fresh else 0
         pool = self.runner.pool
         need = pool.blocks_for(len(request.tokens) + 1) - len(request.table.blocks)
         # Keep a block per active request spare for its next rounds.
@@ -545,6 +570,16 @@ class Engine:
         self.waiting.remove(request)
         self.running.append(request)
         return True
+
+    @staticmethod
+    def _cacheable(request: Request) -> list[int]:
+        """The tokens whose prefix the prefix cache may supply (`prompt_logprobs.cacheable`); for a
+        draft head's request, only as far as its session holds the verifier's features: cached
+        blocks keep keys and values, not the features the head reads at every position."""
+        tokens = cacheable(request)
+        if reads_features(request):
+            tokens = tokens[: getattr(request.session, "known", 0) + 1]
+        return tokens
 
     def resume(self, request: Request) -> None:
         """A parked request's drafts came: it waits for a running slot like any request (keeping
@@ -571,6 +606,11 @@ class Engine:
 
 
 __all__ = ["Engine", "Request"]
+
+
+def reads_features(request: Request) -> bool:
+    """Whether the request's proposer reads the verifier's features (a draft head does)."""
+    return getattr(request.proposer, "reads_features", False)
 
 
 def _masked(logits: torch.Tensor, masks: torch.Tensor, stop_ids: frozenset[int]) -> torch.Tensor:

@@ -36,6 +36,8 @@ class Segment:
     start: int
     table: BlockTable
     logits: int | None = None
+    features: bool = False  # also keep every row's normed final hidden state (a draft head reads them)
+    hidden: torch.Tensor | None = None  # those, (len(tokens), D), once the pass ran
 
     @property
     def wanted(self) -> int:
@@ -71,6 +73,7 @@ def batchable(lm: object) -> str | None:
 class ModelRunner:
     batches = True  # one pass computes the rows of many sequences
     chunks_prompts = True  # a prompt may be read in chunks beside other sequences' rounds
+    features = True  # a segment may ask for its rows' final hidden states (`Segment.features`)
 
     def __init__(self, lm: LeanLM, memory_bytes: int, block_size: int = 16, prefix_cache: bool = True):
         self.lm = lm
@@ -116,7 +119,15 @@ class ModelRunner:
         if wanted and wanted[-1] - wanted[0] == len(wanted) - 1:  # consecutive (a decode, a round): no index
             rows = slice(wanted[0], wanted[-1] + 1)
         step = self._kernel_pass if self.kernel else self._torch_pass
-        logits = step(ids, positions, slots, segments, rows).float()
+        features = any(s.features for s in segments)
+        logits = step(ids, positions, slots, segments, rows, features)
+        if features:
+            logits, hidden = logits
+            first = 0
+            for s in segments:
+                s.hidden = hidden[first : first + len(s.tokens)] if s.features else None
+                first += len(s.tokens)
+        logits = logits.float()
         if len(segments) == 1:  # its wanted rows are all the logits
             return [logits if segments[0].wanted else None]
         out: list[torch.Tensor | None] = []
@@ -126,7 +137,7 @@ class ModelRunner:
             offset += s.wanted
         return out
 
-    def _kernel_pass(self, ids, positions, slots, segments, rows) -> torch.Tensor:
+    def _kernel_pass(self, ids, positions, slots, segments, rows, features=False):
         """LeanLM's kernel step over many sequences: its layers in one C call, attention on the paged cache."""
         # Every index array of the pass in one int64 array, not in tensors (each torch.tensor cost
         # more than a short decode's attention): the rows' positions and slots, then
@@ -149,7 +160,7 @@ class ModelRunner:
         attention.seg_row, attention.seg_len = at + 2 * T * size, at + (2 * T + S) * size
         attention.seg_pos, attention.table_start = at + (2 * T + 2 * S) * size, at + (2 * T + 3 * S) * size
         attention.tables = at + (2 * T + 4 * S) * size
-        return self.lm.kernel_pass(ids, attention, rows)
+        return self.lm.kernel_pass(ids, attention, rows, features=features)
 
     def greedy(self, tables: Sequence[BlockTable], tokens: list[int], positions: list[int], steps: int, vocab: int) -> list[list[int]]:
         """For each sequence, `steps` greedy tokens after `tokens[s]`, fed at `positions[s]` on, in
@@ -175,7 +186,7 @@ class ModelRunner:
         """Whether `greedy` runs here (the kernel step, and a head on the kernel)."""
         return self.kernel and self.lm.greedy_native()
 
-    def _torch_pass(self, ids, positions, slots, segments, rows) -> torch.Tensor:
+    def _torch_pass(self, ids, positions, slots, segments, rows, features=False):
         """LeanLM's torch forward (`models/reference.py`, its `_eager_step`) over many sequences, on
         torch operators (any device): each row's key and value stored in its sequence's blocks, each
         segment attending over its sequence's blocks, gathered."""
@@ -184,4 +195,4 @@ class ModelRunner:
             end = s.start + len(s.tokens)
             spans.append((s.start, len(s.tokens), s.table.blocks[: self.pool.blocks_for(end)]))
         cache = PagedCache(self.lm, self.keys, self.values, self.pool.block_size, positions, slots, spans)
-        return reference_forward(self.lm, ids, cache, rows)
+        return reference_forward(self.lm, ids, cache, rows, features)

@@ -29,6 +29,7 @@ SEQUENCES = 64  # sequences the bookkeeping pool holds at full window
 class SessionRunner:
     batches = False  # a pass runs its segments one after another
     chunks_prompts = False  # a prompt is read in one go
+    features = False  # no hidden states come out of a session's pass (a draft head cannot run here)
 
     def __init__(self, lm: CausalLM, block_size: int = 16):
         self.lm = lm

@@ -369,16 +369,33 @@ class LeanLM(LeanModel):
         return out.view(S, steps).tolist()
 
     def kernel_pass(
-        self, ids: torch.Tensor, attention: VsAttention, rows: slice | list[int], per_op: bool = False
-    ) -> torch.Tensor:
+        self, ids: torch.Tensor, attention: VsAttention, rows: slice | list[int], per_op: bool = False,
+        features: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The kernel step's layers over the rows `ids`, in one call (csrc/lean_step.c), storing
         their rotated keys and values and attending as `attention` says (one sequence's cache, or
         the paged cache of a batch); the logits of the rows `rows`. `per_op`: one call per
         operation instead, from Python, the same bits (what a model whose projections have no
-        native descriptor runs, and what scripts/profile_step.py times operation by operation)."""
+        native descriptor runs, and what scripts/profile_step.py times operation by operation).
+        `features`: also every row's final hidden state, normed (T, D), what a draft head reads
+        (`models/head.py`); the logits are the same bits either way (the norm is per row)."""
+        x = self.kernel_layers(F.embedding(ids, self.embed), attention, per_op)  # (T, D), the residual stream
+        h = self.final_norm(x if features else x[rows].contiguous())
+        picked = h[rows].contiguous() if features else h
+        logits = self.lm_head(picked) if picked.shape[0] else picked
+        return (logits, h) if features else logits
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The final RMSNorm of rows x (T, D) on the kernel."""
+        h = torch.empty_like(x)
+        if x.shape[0]:
+            kernel_library().rms_norm(x.data_ptr(), x.shape[0], x.shape[1], self.norm.data_ptr(), self.eps, h.data_ptr())
+        return h
+
+    def kernel_layers(self, x: torch.Tensor, attention: VsAttention, per_op: bool = False) -> torch.Tensor:
+        """The layers over the residual stream x (T, D), in place, on the kernels (see kernel_pass)."""
         ops = kernel_library()
-        T, D = ids.shape[0], self.embed.shape[1]
-        x = F.embedding(ids, self.embed)  # (T, D), the residual stream
+        T = x.shape[0]
         flat, offsets, widths = self._scratch(T)
         if per_op or self.native is None:
             buffers = [flat[o : o + T * w].view(T, w) for o, w in zip(offsets, widths, strict=True)]
@@ -392,12 +409,7 @@ class LeanLM(LeanModel):
             )  # fmt: skip
             if failed:
                 raise kernel_error(failed, "lean_layers")
-        x = x[rows].contiguous()
-        if x.shape[0] == 0:
-            return x
-        h = torch.empty_like(x)
-        ops.rms_norm(x.data_ptr(), x.shape[0], D, self.norm.data_ptr(), self.eps, h.data_ptr())
-        return self.lm_head(h)
+        return x
 
     def _eager_step(
         self, ids: torch.Tensor, start: int, keys: list[torch.Tensor], values: list[torch.Tensor], last_only: bool

@@ -40,10 +40,16 @@ def llama_layers(layers: Sequence, x: torch.Tensor, ops) -> torch.Tensor:
     return x
 
 
-def reference_forward(lm, ids: torch.Tensor, cache, rows: slice | list[int]) -> torch.Tensor:
+def reference_forward(
+    lm, ids: torch.Tensor, cache, rows: slice | list[int], features: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The torch forward of the LeanLM `lm`: ids (T,) stored and attended by `cache`
-    (`ContiguousCache` or `PagedCache`); the logits of the rows `rows`."""
+    (`ContiguousCache` or `PagedCache`); the logits of the rows `rows`, and with `features` every
+    row's normed final hidden state (T, D) too (what a draft head reads)."""
     x = llama_layers(lm.layers, F.embedding(ids, lm.embed), TorchOps(lm, cache))
+    if features:
+        h = F.rms_norm(x, (x.shape[-1],), lm.norm, lm.eps)
+        return lm.lm_head(h[rows]), h
     x = x[rows]
     return lm.lm_head(F.rms_norm(x, (x.shape[-1],), lm.norm, lm.eps))
 

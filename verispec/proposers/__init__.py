@@ -1,4 +1,4 @@
-"""Proposers: the protocol, a draft model, n-gram prompt lookup and a suffix cache of earlier requests.
+"""Proposers: the protocol, a draft model, a draft head, n-gram prompt lookup and a suffix cache of earlier requests.
 
 Each proposer is a row of one table, `names.py`: its name, what it proposes with, and its
 builder as a "module:function" string. Settings read the names there without importing any
@@ -23,8 +23,10 @@ from verispec.proposers.names import register
 if TYPE_CHECKING:
     from verispec.config import SpeculationSettings
     from verispec.models.backend import CausalLM
+    from verispec.models.head import DraftHead
     from verispec.proposers.base import DraftPolicy, Proposal, Proposer, ProposerSession
     from verispec.proposers.draft import DraftModelProposer
+    from verispec.proposers.head import HeadProposer
     from verispec.proposers.ngram import NgramProposer
     from verispec.proposers.suffix import SuffixProposer
 
@@ -36,6 +38,7 @@ class ProposerInputs:
     target: CausalLM
     draft: CausalLM | None
     speculation: SpeculationSettings
+    head: DraftHead | None = None  # a draft head (`--draft` naming a head's folder)
 
 
 ProposerBuilder = Callable[[ProposerInputs], "Proposer"]
@@ -55,6 +58,7 @@ def build_proposer(name: str, inputs: ProposerInputs) -> Proposer | None:
 _HOMES = {
     "DraftModelProposer": "verispec.proposers.draft",
     "DraftPolicy": "verispec.proposers.base",
+    "HeadProposer": "verispec.proposers.head",
     "NgramProposer": "verispec.proposers.ngram",
     "Proposal": "verispec.proposers.base",
     "Proposer": "verispec.proposers.base",
@@ -69,6 +73,7 @@ __getattr__, __dir__ = lazy_names(__name__, _HOMES)
 __all__ = [
     "DraftModelProposer",
     "DraftPolicy",
+    "HeadProposer",
     "NgramProposer",
     "Proposal",
     "Proposer",

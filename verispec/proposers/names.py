@@ -31,6 +31,7 @@ PROPOSERS: dict[str, Registered] = {
     "draft": Registered("a draft model", "verispec.proposers.draft:build"),
     "ngram": Registered("n-gram prompt lookup", "verispec.proposers.ngram:build"),
     "suffix": Registered("a suffix cache of earlier requests' text", "verispec.proposers.suffix:build"),
+    "head": Registered("a draft head on the verifier's features", "verispec.proposers.head:build"),
 }
 PROPOSER_NAMES = tuple(PROPOSERS)
 VERIFIER_ONLY = "none"  # no proposer: every round is one verifier token

@@ -1,8 +1,8 @@
 """`verispec bench`: verispec against itself and against transformers, on one set of prompts.
 
 Every configuration greedy-decodes the same token ids with the same models: verispec
-verifier-only (the reference), verispec with the draft model at each depth under test, verispec
-with the n-gram proposer, and transformers' own `generate()` (plain, assisted by the draft model,
+verifier-only (the reference), verispec with the draft model (or draft head) at each depth under
+test, with a second draft head (`--head`) at the same depths, verispec with the n-gram proposer, and transformers' own `generate()` (plain, assisted by the draft model,
 prompt lookup). One warm-up call each is excluded; then, prompt by prompt, all configurations run
 back to back with the starting one rotated, so machine drift and order effects hit all alike.
 Every configuration is timed the same way, by wall clock around the call.
@@ -59,8 +59,9 @@ from verispec.config import Depth, ModelSettings, SamplingParams, Settings
 from verispec.core.engine import Engine
 from verispec.errors import UserError
 from verispec.models import resolve_device, resolve_dtype
+from verispec.models.head import is_head, load_head
 from verispec.prompts import load_prompts
-from verispec.proposers import NgramProposer
+from verispec.proposers import HeadProposer, NgramProposer
 from verispec.proposers.base import Proposer
 from verispec.proposers.names import PROPOSER_NAMES
 from verispec.stats import RequestStats
@@ -124,7 +125,9 @@ def parse_depths(raw: Sequence[Depth | str]) -> list[Depth]:
     return [depth for depth in dict.fromkeys(check.parse_depths(list(raw), flag="--depths")) if depth != 0]
 
 
-def verispec_configurations(engine: Engine, settings: Settings, depths: list[Depth], has_draft: bool) -> list[Configuration]:
+def verispec_configurations(
+    engine: Engine, settings: Settings, depths: list[Depth], has_draft: bool, head: str | None = None
+) -> list[Configuration]:
     def run_with(proposer: Proposer | None, depth: Depth) -> Callable[[list[int], int], Run]:
         def run(ids: list[int], n: int) -> Run:
             completion = engine.generate(ids, SamplingParams(max_new_tokens=n), depth=depth, proposer=proposer)
@@ -134,10 +137,14 @@ def verispec_configurations(engine: Engine, settings: Settings, depths: list[Dep
 
     # The same engine for every configuration: only the proposer differs.
     ngram = NgramProposer(settings.ngram_max, settings.ngram_min)
-    engine.prepare([engine.proposer, ngram])
+    extra = HeadProposer(load_head(head, engine.target)) if head else None
+    engine.prepare([engine.proposer, ngram, extra])
     configs = [Configuration(VERIFIER_ONLY, "verispec", "none", 0, run_with(engine.proposer, 0))]
     if has_draft:
-        configs += [Configuration(f"verispec draft depth={d}", "verispec", "draft", d, run_with(engine.proposer, d)) for d in depths]
+        kind = "head" if getattr(engine.proposer, "reads_features", False) else "draft"  # --draft may name a head
+        configs += [Configuration(f"verispec {kind} depth={d}", "verispec", kind, d, run_with(engine.proposer, d)) for d in depths]
+    if extra is not None:
+        configs += [Configuration(f"verispec head depth={d}", "verispec", "head", d, run_with(extra, d)) for d in depths]
     configs += [Configuration(f"verispec ngram depth={d}", "verispec", "ngram", d, run_with(ngram, d)) for d in (4, "auto")]
     return configs
 
@@ -164,7 +171,7 @@ def peer_configurations(models: ModelSettings, tokenizer, device: torch.device, 
         return run
 
     configs = [Configuration("transformers", "transformers", "none", None, run_with())]
-    if models.draft:
+    if models.draft and not is_head(models.draft):  # transformers has no use for a draft head
         configs.append(Configuration("transformers assisted", "transformers", "draft", None, run_with(assistant_model=load(models.draft))))
     configs.append(Configuration("transformers prompt-lookup", "transformers", "ngram", 5, run_with(prompt_lookup_num_tokens=5)))
     return configs
@@ -371,6 +378,7 @@ def run_bench(
     out: Path = Path("bench-out"),
     peers: bool = True,
     command: str = "(called from Python)",
+    head: str | None = None,
 ) -> int:
     """Bench every configuration; write results.json, results.md and speedup_vs_depth.png to `out`."""
     draft_depths = parse_depths(depths)
@@ -385,7 +393,9 @@ def run_bench(
     notes = []
     if models.draft is None:
         notes.append(f"no draft model (proposer {models.proposer}): draft configurations and transformers assisted skipped")
-    configs = verispec_configurations(engine, settings, draft_depths, has_draft=models.draft is not None)
+    if head and not is_head(head):
+        raise UserError(f"--head {head} is not a draft head's folder; make one with verispec distill --head")
+    configs = verispec_configurations(engine, settings, draft_depths, has_draft=models.draft is not None, head=head)
     if peers:
         configs += peer_configurations(models, engine.tokenizer, device, dtype)
     for note in notes:
@@ -400,7 +410,7 @@ def run_bench(
         "config": {
             **settings.model_dump(mode="json"), "resolved_target": models.target, "resolved_draft": models.draft,
             "prompts": str(prompts_path), "prompt_count": len(prompts), "max_new_tokens": settings.max_new_tokens,
-            "repeats": repeats, "depths": draft_depths, "peers": peers, "command": command,
+            "repeats": repeats, "depths": draft_depths, "peers": peers, "command": command, "head": head,
         },
         "versions": versions(),
         "machine": machine(engine, device),

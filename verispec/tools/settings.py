@@ -79,6 +79,9 @@ class BenchOptions(PromptSetOptions):
     repeats: int = Field(1, ge=1, description="passes over the prompts")
     out: Path = Field(Path("bench-out"), description="output folder")
     peers: bool = Field(True, description="also time transformers' generate() (plain, assisted, prompt lookup) as peers")
+    head: str | None = Field(
+        None, description="also bench this draft head (a folder made by verispec distill --head) at the same depths"
+    )
 
 
 class CheckSettings(CheckOptions, Settings):

@@ -22,8 +22,9 @@ from verispec.proposers.names import PROPOSER_NAMES, VERIFIER_ONLY, described
 SCHEDULERS = ("batched", "interleaved")
 # In the table's row order, the verifier-only baseline first. The suffix cache is left out unless
 # named: the table sends the same prompts to every cell, so it would draft a cell's requests from
-# the cells before it, a speed no single cell's traffic has.
-PROPOSERS = (VERIFIER_ONLY, *(name for name in PROPOSER_NAMES if name != "suffix"))
+# the cells before it, a speed no single cell's traffic has. A draft head needs a head checkpoint
+# (--draft), so it too is left out unless named.
+PROPOSERS = (VERIFIER_ONLY, *(name for name in PROPOSER_NAMES if name not in ("suffix", "head")))
 SCENARIOS = ("prefix", "chunked")
 # The shared prompt set, where this checkout sits beside it (../shared).
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[4] / "shared" / "prompts" / "code-completion.jsonl"

@@ -27,7 +27,7 @@ from verispec.training.distill.evaluation import agreement, verifier_continuatio
 from verispec.training.distill.loss import train
 from verispec.training.distill.teacher import build_teacher
 from verispec.training.loop import claim_run, finish_report, mean, save_final
-from verispec.training.settings import RunSettings, add_data_flag, one_of
+from verispec.training.settings import RunSettings, add_data_flag, field_error, one_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -41,7 +41,22 @@ class DistillSettings(RunSettings):
     model_config = command_config("distill")
 
     target: str = Field(description="verifier model folder (the teacher)")
-    draft: str = Field(description="draft model folder to start from (same tokenizer)")
+    draft: str | None = Field(None, description="draft model folder to start from (same tokenizer); not with --head")
+    head: bool = Field(
+        False, description="train a draft head on the verifier's own features (EAGLE-style) instead of a draft model"
+    )
+    head_layers: int = Field(1, ge=1, description="with --head: decoder layers of the head")
+    head_vocab: int = Field(
+        4096, ge=2, description="with --head: draft vocabulary, the tokens the verifier chooses most often"
+    )
+    head_ffn: int | None = Field(None, ge=1, description="with --head: the head's MLP width (default: the verifier's)")
+    head_unroll: int = Field(
+        3, ge=1, description="with --head: draft steps unrolled in training (each feeds on the previous one's predictions)"
+    )
+    feature_weight: float = Field(1.0, ge=0, description="with --head: weight of the feature regression beside cross-entropy")
+    head_minutes: float | None = Field(
+        None, gt=0, description="with --head: stop training after this many minutes (the head is saved as it is)"
+    )
     out: Path = Field(description="output folder: cache, checkpoints, final/, eval.json")
     data: tuple[str, ...] = Field(
         (), description="text mode: JSONL files ('text'/'prompt'), folders or globs of .py files"
@@ -99,6 +114,14 @@ class DistillSettings(RunSettings):
     @model_validator(mode="after")
     def _one_source(self) -> DistillSettings:
         one_of(self, SOURCES, "one training source")
+        if self.head and self.draft:
+            raise field_error("draft", "--head trains a head from scratch on the verifier's features; leave out --draft", self.draft)
+        if not self.head and not self.draft:
+            raise field_error("draft", "give --draft PATH (the draft model to distil), or --head to train a draft head", None)
+        if self.head and self.resume:
+            raise field_error("resume", "--head runs do not resume yet; start again with another --out", True)
+        if self.head and self.off_policy:
+            raise field_error("off_policy", "--head trains on the verifier's own continuations; leave out --off-policy", True)
         return self
 
     def training_fields(self) -> dict:
@@ -116,7 +139,10 @@ def _check_inputs(settings: DistillSettings) -> tuple[PreTrainedTokenizerBase, P
         raise UserError(f"--eval-prompts {settings.eval_prompts} does not exist")
     if settings.out.exists() and not settings.out.is_dir():
         raise UserError(f"--out {settings.out} is a file; give a folder")
-    target_tok, draft_tok = load_tokenizer(settings.target, "target"), load_tokenizer(settings.draft, "draft")
+    target_tok = load_tokenizer(settings.target, "target")
+    if settings.head:
+        return target_tok, target_tok
+    draft_tok = load_tokenizer(settings.draft, "draft")
     check_compatible(target_tok, draft_tok)
     return target_tok, draft_tok
 
@@ -144,8 +170,15 @@ def distill(
     random.seed(settings.seed)
 
     verifier = load_model(settings.target, device, torch.float32, role="target")
-    draft_vocab = AutoConfig.from_pretrained(settings.draft).vocab_size
-    if draft_vocab != verifier.vocab_size:
+    if settings.head:
+        from verispec.models.lean import LeanLM
+
+        if type(verifier) is not LeanLM:
+            raise UserError(
+                f"--head reads the verifier's features, which only the lean backend's Llama-family models give; "
+                f"{settings.target} runs on {getattr(verifier, 'backend', '?')} ({type(verifier).__name__})"
+            )
+    elif (draft_vocab := AutoConfig.from_pretrained(settings.draft).vocab_size) != verifier.vocab_size:
         raise UserError(
             f"the draft's vocabulary ({draft_vocab}) and the verifier's ({verifier.vocab_size}) differ in size; "
             "distillation matches them token by token"
@@ -167,13 +200,23 @@ def distill(
         eval_started = time.process_time()
         continuations = verifier_continuations(settings, verifier, eval_ids, eos, log)
         report["eval_verifier_cpu_s"] = time.process_time() - eval_started
-        before = agreement(settings.draft, eval_ids, continuations, device)
-        log(
-            f"before: greedy agreement {before['agreement']:.3f} over {before['positions']} positions of {before['prompts']} prompts"
-        )
-        report["before"] = before
+        if not settings.head:  # a head has no "before"
+            before = agreement(settings.draft, eval_ids, continuations, device)
+            log(
+                f"before: greedy agreement {before['agreement']:.3f} over {before['positions']} positions of {before['prompts']} prompts"
+            )
+            report["before"] = before
 
     examples, report["teacher"] = build_teacher(settings, verifier, target_tok, training, log)
+    if settings.head:
+        from verispec.training.distill.head import train_head
+
+        pairs = list(zip(eval_ids, continuations, strict=True))
+        report |= train_head(settings, verifier, examples, pairs, log, on_step)
+        if "after" in report:
+            by_position = ", ".join(f"{a:.3f}" for a in report["after"]["by_draft_position"])
+            log(f"head agreement by draft position: {by_position}")
+        return finish_report(report, settings.out / "eval.json", started_wall, started_cpu, device)
     del verifier
     log(
         f"training on {report['teacher']['examples']} examples, {report['teacher']['positions']} distilled positions"
@@ -224,9 +267,12 @@ def _run(args: argparse.Namespace) -> int:
             print(
                 f"{k}: greedy agreement {v['agreement']:.4f} ({v['positions']} positions, {v['prompts']} prompts)"
             )
+            if "by_draft_position" in v:
+                print("by draft position: " + ", ".join(f"{a:.4f}" for a in v["by_draft_position"]))
     t = report["training"]
+    made = "head" if settings.head else "draft"
     print(
         f"trained {t['steps']} steps, {t['tokens']} tokens, {t['positions']} distilled positions; "
-        f"wall {report['wall_s']:.0f}s, CPU {report['cpu_s']:.0f}s; draft in {report['final']}"
+        f"wall {report['wall_s']:.0f}s, CPU {report['cpu_s']:.0f}s; {made} in {report['final']}"
     )
     return 0

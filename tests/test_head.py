@@ -1,0 +1,224 @@
+"""Draft heads: `verispec distill --head` trains one, the runtime (`models/head.py`) computes what
+training computed, and speculation with it is exact: greedy output token-identical to
+verifier-only at any depth, batch and prefix reuse; sampled output distributed as the target's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import EOS, llama, random_prompts, save, write_prompts
+from tests.test_sampling_distribution import (
+    ALPHA,
+    PARAMS,
+    PROMPT,
+    VOCAB,
+    exact_two_token_distribution,
+    goodness_of_fit,
+)
+from verispec.assemble import build_engine, build_proposers, resolve_models
+from verispec.config import ModelSettings, SamplingParams, Settings
+from verispec.core.goodput import PassCosts
+from verispec.errors import UserError
+from verispec.models import load_model
+from verispec.models.head import DraftHead, is_head, load_head
+from verispec.models.kernels import kernel_library
+from verispec.training.distill import DistillSettings, distill
+from verispec.training.distill.head import HeadNet, head_config, save_head
+
+QUIET = lambda line: None  # noqa: E731
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def exact_models(tmp_path_factory) -> dict[str, str]:
+    """A target whose weights 16 bits hold exactly (the CPU kernel step) and its draft."""
+    from tests.test_batching import exact_pair
+
+    return exact_pair(tmp_path_factory.mktemp("head-exact"), seed=11)
+
+
+@pytest.fixture(scope="module")
+def trained(exact_models, tmp_path_factory) -> dict:
+    """A head trained by the product on the exact target's greedy continuations."""
+    root = tmp_path_factory.mktemp("head")
+    prompts = write_prompts(root / "prompts.jsonl", 24)
+    settings = DistillSettings(
+        target=exact_models["target"], head=True, out=root / "out", prompts=prompts, eval_prompts=prompts,
+        eval_limit=4, steps=30, batch_size=8, seq_len=48, max_new_tokens=24, eval_new_tokens=24, lr=3e-3,
+        head_vocab=48, head_unroll=2,
+    )  # fmt: skip
+    return distill(settings, log=QUIET)
+
+
+def test_training_lowers_the_loss_and_saves_a_head_the_loader_recognises(trained, exact_models):
+    t = trained["training"]
+    assert t["steps"] == 30 and t["last_loss"] < 0.8 * t["first_loss"]
+    after = trained["after"]
+    assert after["prompts"] == 4 and len(after["by_draft_position"]) == 2
+    final = Path(trained["final"])
+    assert is_head(str(final)) and not is_head(exact_models["target"])
+    config = json.loads((final / "config.json").read_text())
+    target = load_model(exact_models["target"], CPU, torch.float32)
+    assert (
+        config["draft_vocab_size"] == trained["draft_vocab"] == 48
+        and config["vocab_size"] == target.vocab_size
+    )
+    head = load_head(str(final), target)
+    assert head.vocab_size == 48 and sorted(head.d2t.tolist()) == head.d2t.tolist()
+    if kernel_library() is not None:
+        assert head.kernel_step, head.path_report()
+    written = json.loads((final.parent / "eval.json").read_text())
+    assert written["after"]["by_draft_position"] == after["by_draft_position"]
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+def test_the_runtime_head_drafts_what_the_trained_network_computes(exact_models, tmp_path, kernel):
+    """Feeding a sequence and then its own predictions, the loaded head's features and logits are
+    the training network's unrolled steps: step j's row t is the j-th draft after position t - j + 1.
+    This is what makes training's agreement by draft position the runtime's."""
+    if kernel and kernel_library() is None:
+        pytest.skip("no compiled kernel here")
+    target = load_model(exact_models["target"], CPU, torch.float32, cpu_kernel=kernel)
+    D, unroll = target.embed.shape[1], 3
+    torch.manual_seed(0)
+    net = HeadNet(D, target.heads, target.kv_heads, target.head_dim, 96, 1, target.eps, 40)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(p.half().float())  # what the saved head holds
+    d2t = torch.randperm(target.vocab_size)[:40].sort().values
+    save_head(net, d2t, head_config(target, exact_models["target"], 1, 40, 96), tmp_path / "h", "float16")
+    head = DraftHead(str(tmp_path / "h"), target)
+    assert head.kernel_step == kernel
+
+    tokens = torch.randint(1, target.vocab_size, (20,))
+    features = torch.randn(20, D)
+    cos, sin = target.cos[:19].float()[None, None], target.sin[:19].float()[None, None]
+    with torch.no_grad():
+        steps = net(target.embed[tokens[1:]][None], features[:-1][None], cos, sin, unroll)
+    for t in (6, 12):  # verified context: positions 0..t; the chain drafts from row t
+        session = head.session()
+        feature, logits = head.run(session, tokens[1 : t + 1], features[:t])  # rows 0..t-1
+        for j in range(unroll):
+            row = t - 1 + j
+            h, expected = steps[j][0][0, row], steps[j][1][0, row]
+            torch.testing.assert_close(feature, h, rtol=2e-3, atol=2e-3)
+            torch.testing.assert_close(logits, expected, rtol=2e-3, atol=2e-3)
+            # The next input: the token the chain would have drafted, here the sequence's own (as training feeds).
+            feature, logits = head.run(session, tokens[t + 1 + j : t + 2 + j], feature[None])
+
+
+@pytest.fixture(scope="module")
+def head_settings(trained, exact_models) -> Settings:
+    return Settings(target=exact_models["target"], draft=trained["final"])
+
+
+def test_a_head_folder_as_draft_picks_the_head_proposer(head_settings):
+    assert resolve_models(head_settings.part(ModelSettings)).proposer == "head"
+    engine = build_engine(head_settings)
+    assert engine.proposer.name.startswith("head:")
+
+
+def test_greedy_output_is_the_verifiers_at_every_depth_and_in_a_batch(head_settings):
+    engine = build_engine(head_settings)
+    engine.pin_costs(PassCosts(tuple(range(1, 10)), (1.0,) * 9, draft_s=0.01))  # depth auto speculates
+    prompts = random_prompts(6, 64, seed=40, min_len=2, max_len=30)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    reference = [engine.generate(p, params, depth=0).token_ids for p in prompts]
+    proposed = 0
+    for depth in (1, 3, "auto"):
+        for prompt, expected in zip(prompts, reference, strict=True):
+            out = engine.generate(prompt, params, depth=depth)
+            assert out.token_ids == expected, (depth, prompt)
+            proposed += out.stats.proposed
+    assert proposed > 0
+    # All six at once, in one engine's passes, sharing a prefix (the prefix cache holds the first's blocks).
+    shared = prompts[0] + prompts[1]
+    batch = [*prompts, shared]
+    reference.append(engine.generate(shared, params, depth=0).token_ids)
+    requests = [
+        engine.add(f"r{i}", p, params, engine.speculation, engine.proposer, depth=3)
+        for i, p in enumerate(batch)
+    ]
+    out = {r: [] for r in requests}
+    while engine.busy:
+        for request, delta in engine.step():
+            out[request] += delta.token_ids
+    assert [out[r] for r in requests] == reference
+    assert all(r.stats.proposer_failures == 0 for r in requests)
+
+
+def test_sampled_output_is_distributed_as_the_targets(tmp_path):
+    """The statistical test of `test_sampling_distribution.py`, drafting with a head."""
+    target_path = save(llama(VOCAB, layers=2, seed=30, hidden=16), tmp_path / "target", VOCAB)
+    target = load_model(target_path, CPU, torch.float32)
+    torch.manual_seed(1)
+    net = HeadNet(16, target.heads, target.kv_heads, target.head_dim, 32, 1, target.eps, VOCAB)
+    with torch.no_grad():
+        net.lm_head.weight.mul_(8)  # peaked drafts: often accepted, often not
+    save_head(
+        net, torch.arange(VOCAB), head_config(target, target_path, 1, VOCAB, 32), tmp_path / "head", "float16"
+    )
+    engine = build_engine(Settings(target=target_path, draft=str(tmp_path / "head")))
+    engine.pin_costs(PassCosts(tuple(range(1, 10)), (1.0,) * 9, draft_s=0.01))
+    engine.eos_ids = frozenset()  # token 0 is an ordinary token here: every sample has two tokens
+    expected = exact_two_token_distribution(engine)
+    n, outputs, proposed, accepted = 2500, [], 0, 0
+    for seed in range(n):
+        out = engine.generate(PROMPT, PARAMS.model_copy(update={"seed": seed}), depth=2)
+        outputs.append(out.token_ids[0] * VOCAB + out.token_ids[1])
+        proposed += out.stats.proposed
+        accepted += out.stats.accepted
+    assert proposed >= n and 0 < accepted < proposed
+    assert goodness_of_fit(torch.tensor(outputs), expected) > ALPHA
+
+
+def test_mistakes_are_clear_errors(head_settings, trained, exact_models, tiny_models):
+    draft = trained["final"]
+    with pytest.raises(UserError, match="is a draft head, not a draft model: use --proposer head"):
+        resolve_models(ModelSettings(target=exact_models["target"], draft=draft, proposer="draft"))
+    with pytest.raises(UserError, match="--proposer head needs a draft head"):
+        resolve_models(
+            ModelSettings(target=exact_models["target"], draft=exact_models["draft"], proposer="head")
+        )
+    with pytest.raises(UserError, match="made for another verifier"):
+        build_engine(Settings(target=tiny_models["llama"], draft=draft))
+    with pytest.raises(UserError, match="only the lean backend"):
+        build_engine(Settings(target=exact_models["target"], draft=draft, backend="transformers"))
+    with pytest.raises(UserError, match="only the batched scheduler"):
+        build_engine(Settings(target=exact_models["target"], draft=draft, scheduler="interleaved"))
+    with pytest.raises(UserError, match="--proposers head needs a draft head"):
+        engine = build_engine(Settings(target=exact_models["target"], proposer="ngram"))
+        build_proposers(
+            engine, Settings(target=exact_models["target"], proposer="ngram", proposers=("ngram", "head"))
+        )
+    with pytest.raises(ValueError, match="leave out --draft"):
+        DistillSettings(
+            target=exact_models["target"], draft=exact_models["draft"], head=True, out="o", prompts="p"
+        )
+
+
+def test_the_head_is_a_per_request_choice_beside_others(head_settings, trained, exact_models):
+    settings = Settings(
+        target=exact_models["target"], draft=trained["final"], proposer="ngram", proposers=("ngram", "head")
+    )
+    engine = build_engine(settings)
+    proposers = build_proposers(engine, settings)
+    assert set(proposers) == {"ngram", "head"} and proposers["head"].name.startswith("head:")
+    engine.prepare(list(proposers.values()))
+    prompt = random_prompts(1, 64, seed=41, min_len=10, max_len=10)[0]
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    expected = engine.generate(prompt, params, depth=0).token_ids
+    out = engine.generate(prompt, params, depth=3, proposer=proposers["head"])
+    assert out.token_ids == expected and out.stats.proposed > 0
+
+
+def test_one_token_prompts_and_eos(head_settings):
+    engine = build_engine(head_settings)
+    for prompt in ([5], [EOS + 1, 7]):
+        assert engine.generate(prompt, SamplingParams(max_new_tokens=12), depth=3).token_ids == (
+            engine.generate(prompt, SamplingParams(max_new_tokens=12), depth=0).token_ids
+        )

@@ -1,0 +1,181 @@
+"""A draft head: an EAGLE-style drafter that reads the verifier's own features.
+
+A draft model sees only tokens. A head sees what the verifier computed: at position t it reads
+the verifier's final hidden state there (normed, the vector its LM head turns into the logits
+of token t+1, its *feature* f_t) and the embedding of token t+1, and predicts f_{t+1}, from which
+its own output layer gives the token after (EAGLE, Li et al. 2024). Drafting further, it feeds
+its own predicted feature back in place of the verifier's. Its body is one Llama decoder layer
+(or a few) of the verifier's width, run on the same CPU kernels as the verifier's layers.
+
+Its output layer covers a reduced vocabulary (the target tokens most frequent in the verifier's
+own output, EAGLE-3 and FR-Spec's choice) with `d2t` mapping each draft id back to the target's:
+a full-vocabulary layer would cost a large share of a draft step on a big vocabulary.
+
+A checkpoint is a folder, made by `verispec distill --head`:
+- `config.json`: `model_type` "verispec-head", the body's shape (`hidden_size`, heads, `head_dim`,
+  `intermediate_size`, `num_hidden_layers`, `rms_norm_eps`, `rope_theta`), `vocab_size` (the
+  target's), `draft_vocab_size`, and the verifier it was trained for (`target`: its name and
+  weights digest);
+- `model.safetensors`: `fc.weight` (D, 2D) over [embedding, feature], the layers under
+  `layers.{i}.` with Hugging Face Llama names, `norm.weight`, `lm_head.weight` (Vd, D) and
+  `d2t` (Vd,) int64. The token embedding is the verifier's own and is not stored.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from verispec.errors import UserError
+from verispec.models.kernels import kernel_library
+from verispec.models.lean import LeanLM, LeanSession, _Layer
+from verispec.models.reference import ContiguousCache, TorchOps, llama_layers
+
+HEAD_TYPE = "verispec-head"
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+
+
+def is_head(ref: str | None) -> bool:
+    """Whether `ref` is a draft head's folder (its config.json says model_type verispec-head)."""
+    if not ref:
+        return False
+    config = Path(ref).expanduser() / CONFIG
+    try:
+        return json.loads(config.read_text()).get("model_type") == HEAD_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class DraftHead(LeanLM):
+    """A loaded head, drafting for `target` (a LeanLM, whose embedding and rotary tables it
+    shares). It is a LeanLM without an embedding of its own: its layers, sessions and kernel
+    descriptors are LeanLM's, and its input is a vector per row, not a token."""
+
+    def __init__(self, path: str, target: LeanLM):
+        folder = Path(path).expanduser()
+        try:
+            config = json.loads((folder / CONFIG).read_text())
+            weights = load_file(folder / WEIGHTS)
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"could not read the draft head in {path}: {exc}; make one with verispec distill --head"
+            ) from None
+        self.head_config = config
+        self.name = path
+        self.folder = folder
+        self.device, self.dtype = target.device, target.dtype
+        self.kernel, self.compiled = target.kernel, False
+        self.checkpoint = None
+        self.config = target.config
+        self.eos_token_ids = target.eos_token_ids
+        self.requested_activations = "float"
+        self.dequantized = 0
+        D = target.embed.shape[1]
+        expected = {"hidden_size": D, "vocab_size": target.vocab_size, "head_dim": target.head_dim,
+                    "num_attention_heads": target.heads, "num_key_value_heads": target.kv_heads}  # fmt: skip
+        wrong = {k: (config.get(k), v) for k, v in expected.items() if config.get(k) != v}
+        if wrong:
+            said = ", ".join(f"{k} {got} (the verifier's: {want})" for k, (got, want) in wrong.items())
+            raise UserError(
+                f"the draft head in {path} was made for another verifier: {said}; train one for this verifier"
+            )
+        self.heads, self.kv_heads, self.gqa = target.heads, target.kv_heads, target.gqa
+        self.head_dim, self.eps = target.head_dim, config["rms_norm_eps"]
+        self.max_positions = target.max_positions
+        self.cos, self.sin = target.cos, target.sin
+        self.embed = target.embed  # the verifier's; the head reads its rows, never streams it
+        self.target_vocab_size = target.vocab_size
+
+        def take(name: str) -> torch.Tensor:
+            return weights.pop(name).to(device=self.device, dtype=self.dtype)
+
+        self.fc = self.linear(weights.pop("fc.weight"))
+        self.layers = []
+        for i in range(config["num_hidden_layers"]):
+            p = f"layers.{i}."
+            self.layers.append(
+                _Layer(
+                    attn_norm=take(p + "input_layernorm.weight"),
+                    qkv=self.linear([weights.pop(f"{p}self_attn.{n}_proj.weight") for n in "qkv"]),
+                    o=self.linear(weights.pop(p + "self_attn.o_proj.weight")),
+                    mlp_norm=take(p + "post_attention_layernorm.weight"),
+                    gate_up=self.linear(
+                        [weights.pop(p + "mlp.gate_proj.weight"), weights.pop(p + "mlp.up_proj.weight")]
+                    ),
+                    down=self.linear(weights.pop(p + "mlp.down_proj.weight")),
+                )
+            )
+        self.norm = take("norm.weight")
+        self.lm_head = self.linear(weights.pop("lm_head.weight"))
+        self.d2t = weights.pop("d2t").to(device=self.device, dtype=torch.long)
+        self.vocab_size = self.lm_head.out_features  # the draft vocabulary
+        if (
+            self.d2t.shape != (self.vocab_size,)
+            or int(self.d2t.min()) < 0
+            or int(self.d2t.max()) >= target.vocab_size
+        ):
+            raise UserError(
+                f"the draft head in {path} maps its vocabulary outside the verifier's; make it again"
+            )
+        self.kernel_step = (
+            self.kernel
+            and kernel_library() is not None
+            and all(linear.on_kernel for linear in self.linears())
+        )
+        self.native = self._native_model() if self.kernel_step else None
+
+    def linears(self):
+        return [
+            self.fc,
+            *(linear for b in self.layers for linear in (b.qkv, b.o, b.gate_up, b.down)),
+            self.lm_head,
+        ]
+
+    def run(
+        self, session: LeanSession, tokens: torch.Tensor, features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows t = session.length.. fed [embedding of tokens[t], features[t]]: writes their keys and
+        values, and returns the last row's predicted feature (D,) and its draft logits (Vd,)."""
+        x = self.fc(torch.cat([F.embedding(tokens, self.embed), features], dim=-1).contiguous())
+        start = session.length
+        if session.length + x.shape[0] > session.capacity:
+            raise ValueError(f"the draft head's cache of {session.capacity} positions is full")
+        if self.kernel_step:
+            attention = self._session_attention(session)
+            attention.start = start
+            x = self.kernel_layers(x, attention)
+            h = self.final_norm(x[-1:].contiguous())
+        else:
+            cache = ContiguousCache(self, session.keys, session.values, start, x.shape[0])
+            x = llama_layers(self.layers, x, TorchOps(self, cache))
+            h = F.rms_norm(x[-1:], (x.shape[-1],), self.norm, self.eps)
+        session.length += x.shape[0]
+        return h[0], self.lm_head(h)[0].float()
+
+    def target_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draft logits (Vd,) over the verifier's vocabulary: -inf where the head has no token."""
+        full = torch.full((self.target_vocab_size,), float("-inf"), device=logits.device)
+        full[self.d2t] = logits
+        return full
+
+    def path_report(self) -> dict:
+        report = super().path_report()
+        report["why"] = (
+            "every head projection runs on the compiled CPU kernel" if self.kernel_step else report["why"]
+        )
+        return report
+
+
+def load_head(path: str, target) -> DraftHead:
+    """The head in `path`, drafting for `target`; a clear error where the verifier cannot carry one."""
+    if type(target) is not LeanLM:
+        raise UserError(
+            f"a draft head reads the verifier's features, which only the lean backend's Llama-family models give; "
+            f"the target {target.name} runs on {getattr(target, 'backend', '?')} ({type(target).__name__})"
+        )
+    return DraftHead(path, target)
