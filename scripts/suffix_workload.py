@@ -1,7 +1,8 @@
-"""The suffix cache on a workload that repeats itself, against verifier-only and prompt lookup, in one run:
+"""The proposers side by side on a workload that repeats itself, in one run: verifier-only, prompt
+lookup, the suffix cache, and where given a draft model (--draft) and a draft head (--head):
 
     python scripts/suffix_workload.py [--target DIR_OR_FILE] [--prompts PROMPTS.jsonl] [--files 8]
-        [--max-new-tokens 128] [--cut-lines 4]
+        [--max-new-tokens 128] [--cut-lines 4] [--draft DIR] [--head DIR]
 
 Each of --files code windows is a file edited in turn, three requests in a row: the window as it
 is, the window with its last --cut-lines lines cut (an edit near the end: the model writes them
@@ -22,8 +23,14 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
 from verispec.assemble import build_engine
 from verispec.config import SamplingParams, SpeculationSettings, load_settings
+from verispec.models import load_model
+from verispec.models.head import load_head
+from verispec.proposers.draft import DraftModelProposer
+from verispec.proposers.head import HeadProposer
 from verispec.proposers.ngram import NgramProposer
 from verispec.proposers.suffix import SuffixProposer
 
@@ -42,9 +49,17 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--cut-lines", type=int, default=4)
+    parser.add_argument("--draft", help="also a draft model (same tokenizer), depth auto")
+    parser.add_argument("--head", help="also a draft head (verispec distill --head), depth auto")
     args = parser.parse_args()
     engine = build_engine(load_settings({"target": args.target, "proposer": "none"}))
     speculation = SpeculationSettings()
+    models = {}  # loaded once; they keep nothing from one request to the next
+    if args.draft:
+        lm = load_model(args.draft, engine.target.device, torch.float32, role="draft")
+        models["draft model, depth auto"] = DraftModelProposer(lm, target_vocab_size=engine.target.vocab_size)
+    if args.head:
+        models["draft head, depth auto"] = HeadProposer(load_head(args.head, engine.target))
     windows = [
         json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines()[: args.files]
     ]
@@ -55,6 +70,7 @@ def main() -> None:
             "auto",
             SuffixProposer(speculation.suffix_cache_tokens, speculation.ngram_min),
         ),
+        **{name: lambda proposer=proposer: ("auto", proposer) for name, proposer in models.items()},
     }
     engine.prepare([proposer for _, proposer in (make() for make in configurations.values()) if proposer])
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)

@@ -99,7 +99,7 @@ def test_proposer_names_and_builders_are_one_table():
         assert name in ModelSettings.model_fields["proposer"].description
     with pytest.raises(RuntimeError, match="before verispec.config is imported"):
         register("oracle", "an oracle", "oracle_plugin:build")
-    with pytest.raises(UserError, match="draft, ngram, suffix, none"):
+    with pytest.raises(UserError, match="draft, ngram, suffix, head, none"):
         load_settings({"proposers": "oracle"})
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
 from tests.conftest import EOS, llama, random_prompts, save, write_prompts
+from tests.serving import ServerProcess
 from tests.test_sampling_distribution import (
     ALPHA,
     PARAMS,
@@ -222,3 +224,58 @@ def test_one_token_prompts_and_eos(head_settings):
         assert engine.generate(prompt, SamplingParams(max_new_tokens=12), depth=3).token_ids == (
             engine.generate(prompt, SamplingParams(max_new_tokens=12), depth=0).token_ids
         )
+
+
+def test_bench_puts_the_head_beside_the_draft_model(trained, exact_models, tmp_path):
+    from verispec.tools.bench import run_bench
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 2)
+    settings = Settings(target=exact_models["target"], draft=exact_models["draft"], max_new_tokens=16)
+    assert (
+        run_bench(settings, prompts, depths=["3"], out=tmp_path / "out", peers=False, head=trained["final"])
+        == 0
+    )
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = {r["name"]: r for r in report["results"]}
+    assert {"verispec draft depth=3", "verispec head depth=3"} <= set(rows)
+    assert rows["verispec head depth=3"]["proposer"] == "head" and report["all_identical"]
+    with pytest.raises(UserError, match="not a draft head"):
+        run_bench(
+            settings, prompts, depths=["3"], out=tmp_path / "o2", peers=False, head=exact_models["draft"]
+        )
+
+
+@pytest.fixture(scope="module")
+def head_server(trained, exact_models, tmp_path_factory):
+    proc = ServerProcess(
+        [
+            "--target",
+            exact_models["target"],
+            "--draft",
+            trained["final"],
+            "--proposers",
+            "head,ngram",
+            "--depth",
+            "3",
+        ],
+        log_dir=tmp_path_factory.mktemp("logs"),
+    ).wait_ready()
+    yield proc
+    proc.stop_gracefully()
+
+
+def test_over_http_a_request_chooses_the_head(head_server):
+    def complete(**extra) -> dict:
+        body = {"model": "target", "prompt": "t4 t7 t10 t13 t16", "max_tokens": 16, "temperature": 0,
+                "ignore_eos": True, "speculation_stats": True, **extra}  # fmt: skip
+        response = httpx.post(head_server.url + "/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    plain, drafted, lookup = complete(depth=0), complete(proposer="head"), complete(proposer="ngram")
+    text = plain["choices"][0]["text"]
+    assert drafted["choices"][0]["text"] == text == lookup["choices"][0]["text"]
+    assert drafted["speculation_stats"]["proposer"] == "head" and drafted["speculation_stats"]["proposed"] > 0
+    assert lookup["speculation_stats"]["proposer"] == "ngram"
+    metrics = httpx.get(head_server.url + "/metrics", timeout=10).text
+    assert 'proposer="head"' in metrics

@@ -55,7 +55,7 @@ class HeadSession:
     def __init__(self, head: DraftHead):
         self.head = head
         self.cache = head.session()
-        self.features = torch.empty((0, head.embed.shape[1]))
+        self.features = torch.empty((0, head.embed.shape[1]), device=head.device)
         self.known = 0  # positions 0..known-1 have the verifier's features
         self.fed = 0
 
@@ -70,7 +70,9 @@ class HeadSession:
             raise ProposerError(f"verifier features from position {start}, but only {self.known} are known")
         end = start + rows.shape[0]
         if end > self.features.shape[0]:
-            grown = torch.empty((max(end, 2 * self.features.shape[0], 256), self.features.shape[1]))
+            grown = torch.empty(
+                (max(end, 2 * self.features.shape[0], 256), self.features.shape[1]), device=self.head.device
+            )
             grown[: self.known] = self.features[: self.known]
             self.features = grown
         self.features[start:end] = rows
@@ -80,7 +82,7 @@ class HeadSession:
     def blank(self, positions: int) -> None:
         """Zero features for positions 0..positions-1: what a draft costs does not depend on their
         values (the engine's calibration prices a proposer before any request has run)."""
-        self.observe(0, torch.zeros((positions, self.features.shape[1])))
+        self.observe(0, torch.zeros((positions, self.features.shape[1]), device=self.head.device))
 
     def propose(self, context: Sequence[int], depth: int, policy: DraftPolicy) -> Proposal:
         started = time.perf_counter()
@@ -94,19 +96,26 @@ class HeadSession:
                 f"context of {L} tokens is beyond the draft head's window of {self.cache.capacity}"
             )
         self.cache.rollback(self.fed)
-        ids = torch.tensor(context[self.fed + 1 : L], dtype=torch.long)
+        ids = torch.tensor(context[self.fed + 1 : L], dtype=torch.long, device=head.device)
         feature, logits = head.run(self.cache, ids, self.features[self.fed : L - 1])
         self.fed = L - 1
+        # Greedy drafts need no distribution over the verifier's vocabulary: the draft vocabulary's
+        # argmax, mapped back, is the same token (d2t is sorted, so ties break alike).
+        greedy = policy.sampling.greedy and not policy.want_probs
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
         for i in range(depth):
-            token, dist = draw_draft(head.target_logits(logits), policy, first=i == 0, position=L + i)
+            token, dist = draw_draft(
+                logits if greedy else head.target_logits(logits), policy, first=i == 0, position=L + i
+            )
             if token is None:
                 break  # the head is unsure; further tokens would mostly be rejected
+            if greedy:
+                token = int(head.d2t[token])
             tokens.append(token)
             if dist is not None:
                 probs.append(dist)
             if i == depth - 1 or time.perf_counter() - started > policy.time_budget_s:
                 break
-            feature, logits = head.run(self.cache, torch.tensor([token]), feature[None])
+            feature, logits = head.run(self.cache, torch.tensor([token], device=head.device), feature[None])
         return Proposal(tokens, torch.stack(probs) if probs else None)

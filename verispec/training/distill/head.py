@@ -221,7 +221,9 @@ class Sequences:
             self.features.append(features)
             self.labels.append(labels)
         self.seconds = time.perf_counter() - started
-        log(f"verifier features of {len(examples)} sequences, {sum(map(len, self.ids))} positions, in {self.seconds:.0f}s")
+        log(
+            f"verifier features of {len(examples)} sequences, {sum(map(len, self.ids))} positions, in {self.seconds:.0f}s"
+        )
 
     def vocabulary(self, size: int, vocab: int) -> torch.Tensor:
         """The `size` tokens the verifier chooses most often (ties to the lower id), sorted by id."""
@@ -255,8 +257,12 @@ class Sequences:
 
 
 def train_head(
-    settings: DistillSettings, lm: LeanLM, examples: list[Example], evaluation: list[tuple[list[int], list[int]]],
-    log: Callable[[str], None], on_step: Callable[[int], None] | None = None,
+    settings: DistillSettings,
+    lm: LeanLM,
+    examples: list[Example],
+    evaluation: list[tuple[list[int], list[int]]],
+    log: Callable[[str], None],
+    on_step: Callable[[int], None] | None = None,
 ) -> dict:
     """Train a head on `examples`, save it as out/final, and measure it on `evaluation` (prompt and
     verifier continuation pairs): the report's "training" and "after" parts."""
@@ -281,11 +287,16 @@ def train_head(
     deadline = started + 60 * settings.head_minutes if settings.head_minutes else math.inf
     bar = tqdm(range(settings.steps), desc="head", unit="step", file=sys.stderr)
     for step in bar:
-        lr = settings.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
+        # Cosine decay over whichever ends first, the steps or the time limit: a run cut by
+        # --head-minutes still ends at a low learning rate.
+        progress = max(step / settings.steps, (time.perf_counter() - started) / (deadline - started))
+        lr = settings.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         for group in optimizer.param_groups:
             group["lr"] = lr
         picks = torch.randint(0, len(data.ids), (settings.batch_size,), generator=generator).tolist()
-        embedded, features, target, labels, positions = data.batch(picks, settings.seq_len, generator, embed, t2d)
+        embedded, features, target, labels, positions = data.batch(
+            picks, settings.seq_len, generator, embed, t2d
+        )
         loss, agree = _loss(net, lm, embedded, features, target, labels, positions, settings)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -298,7 +309,9 @@ def train_head(
         if on_step is not None:
             on_step(step)
         if time.perf_counter() > deadline:
-            log(f"--head-minutes {settings.head_minutes:g} reached after {step + 1} of {settings.steps} steps")
+            log(
+                f"--head-minutes {settings.head_minutes:g} reached after {step + 1} of {settings.steps} steps"
+            )
             break
     bar.close()
     config = head_config(lm, settings.target, settings.head_layers, len(d2t), ffn)
@@ -366,7 +379,9 @@ def _loss(net, lm, embedded, features, target, labels, positions, settings) -> t
     return total / settings.head_unroll, hits / max(counted, 1)
 
 
-def head_agreement(net: HeadNet, lm: LeanLM, pairs: list[tuple[list[int], list[int]]], t2d, unroll: int) -> dict:
+def head_agreement(
+    net: HeadNet, lm: LeanLM, pairs: list[tuple[list[int], list[int]]], t2d, unroll: int
+) -> dict:
     """Teacher-forced agreement with the verifier along its own greedy continuations: per draft
     position j (1..unroll), the share of continuation positions where the head's j-th draft,
     drafting from the verified context j - 1 tokens back, is the verifier's token. Draft j is
