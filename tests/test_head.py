@@ -24,6 +24,9 @@ from tests.test_sampling_distribution import (
 from verispec.assemble import build_engine, build_proposers, resolve_models
 from verispec.config import ModelSettings, SamplingParams, Settings
 from verispec.core.goodput import PassCosts
+from verispec.core.head_batch import HeadBatch
+from verispec.core.kv_cache import BlockTable
+from verispec.core.runner import Segment
 from verispec.errors import UserError
 from verispec.models import load_model
 from verispec.models.head import DraftHead, is_head, load_head
@@ -101,16 +104,20 @@ def test_the_runtime_head_drafts_what_the_trained_network_computes(exact_models,
     cos, sin = target.cos[:19].float()[None, None], target.sin[:19].float()[None, None]
     with torch.no_grad():
         steps = net(target.embed[tokens[1:]][None], features[:-1][None], cos, sin, unroll)
+    batch = HeadBatch(head, 64 << 20, 16)  # the head on the runner, as the engine drafts with it
     for t in (6, 12):  # verified context: positions 0..t; the chain drafts from row t
-        session = head.session()
-        feature, logits = head.run(session, tokens[1 : t + 1], features[:t])  # rows 0..t-1
+        table = BlockTable(batch.runner.pool)
+        segment = Segment(tokens[1 : t + 1].tolist(), 0, table, logits=1, features=True, inputs=features[:t])
         for j in range(unroll):
+            logits = batch.runner.forward([segment])[0][-1]
             row = t - 1 + j
             h, expected = steps[j][0][0, row], steps[j][1][0, row]
-            torch.testing.assert_close(feature, h, rtol=2e-3, atol=2e-3)
+            torch.testing.assert_close(segment.hidden[-1], h, rtol=2e-3, atol=2e-3)
             torch.testing.assert_close(logits, expected, rtol=2e-3, atol=2e-3)
             # The next input: the token the chain would have drafted, here the sequence's own (as training feeds).
-            feature, logits = head.run(session, tokens[t + 1 + j : t + 2 + j], feature[None])
+            token = tokens[t + 1 + j : t + 2 + j].tolist()
+            segment = Segment(token, t + j, table, logits=1, features=True, inputs=segment.hidden[-1:])
+        table.free()
 
 
 @pytest.fixture(scope="module")

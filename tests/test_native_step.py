@@ -98,7 +98,7 @@ class ReferenceSession:
         return logits
 
 
-def reference_runner_pass(runner, ids, positions, slots, segments, rows, features=False):
+def reference_runner_pass(runner, ids, positions, slots, segments, rows, features=False, inputs=None):
     """ModelRunner._kernel_pass as it was: the per-operation step, attention on the paged cache."""
     lm, ops = runner.lm, kernel_library()
     T, H, Hkv, hd = ids.shape[0], lm.heads, lm.kv_heads, lm.head_dim

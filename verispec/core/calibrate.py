@@ -49,8 +49,6 @@ def _attempt(function, *args):
 
 def _draft_cost(proposer: Proposer, context: list[int], max_depth: int, repeats: int) -> float:
     drafting = proposer.session()
-    if getattr(proposer, "reads_features", False):  # a draft head: what it costs does not depend on the features' values
-        drafting.blank(len(context) + repeats)
     policy = DraftPolicy(sampling=SamplingParams())
     drafting.propose(context, 1, policy)  # prefill, not timed
     samples = []

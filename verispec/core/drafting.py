@@ -3,8 +3,9 @@
 The engine calls its proposers through one protocol (`proposers/base.py`) and two capabilities
 they declare, never by their classes:
 
-- a proposer with a `draft_model` the runner can batch drafts for every request of the pass in
-  one draft pass per position (`draft_batch.py`), on this thread: it is verispec's own pass (its
+- a proposer with a `draft_model` (or a draft head, `head_model`) the runner can batch drafts for
+  every request of the pass in one draft pass per position (`draft_batch.py`, `head_batch.py`), on
+  this thread: it is verispec's own pass (its
   time budget is checked between draft positions), and its kernels' OpenMP team must stay this
   thread's, for a second team on another thread makes every later pass fight it for the cores;
 - an `inline` proposer (the n-gram lookup: microseconds of our own code) is called on this thread;
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable
 
 from verispec.core.draft_batch import DraftBatch
+from verispec.core.head_batch import HeadBatch
 from verispec.core.proposing import Busy, Proposing, TimedOut
 from verispec.core.request import Request
 from verispec.core.rounds import validate
@@ -48,9 +50,11 @@ class Drafting:
         self.failed: set[Request] = set()  # this pass's rounds that fell back to verifier-only
         self.on_draft_pass: Callable[[float], None] | None = None  # seconds per draft pass, as measured
 
-    def batch(self, proposer: Proposer | None) -> DraftBatch | None:
-        """The batched drafter of a proposer that offers a draft model the runner can batch."""
-        lm = getattr(proposer, "draft_model", None)
+    def batch(self, proposer: Proposer | None) -> DraftBatch | HeadBatch | None:
+        """The batched drafter of a proposer that offers a draft model (or a draft head) the runner
+        can batch."""
+        head = getattr(proposer, "head_model", None)
+        lm = head if head is not None else getattr(proposer, "draft_model", None)
         if lm is None or batchable(lm) is not None:
             return None
         batch = self.batches.get(id(proposer))
@@ -59,15 +63,18 @@ class Drafting:
             pool = self.runner.pool
             per_position = 2 * len(lm.layers) * lm.kv_heads * lm.head_dim * 4
             memory = max(pool.num_blocks * pool.block_size * per_position, (lm.max_positions + 64) * per_position)
-            batch = DraftBatch(lm, self.vocab_size, memory, pool.block_size)
+            if head is not None:
+                batch = HeadBatch(head, memory, pool.block_size)
+            else:
+                batch = DraftBatch(lm, self.vocab_size, memory, pool.block_size)
             self.batches[id(proposer)] = batch
         return batch
 
     def observe(self, request: Request, start: int, features) -> None:
-        """The verifier's features of a request's verified positions start.., for its proposer's
-        session (a draft head's), opened here if the request has none yet."""
+        """The verifier's features of a request's verified positions start.., for its draft head's
+        state, made here if the request has none yet."""
         if request.session is None:
-            request.session = open_session(request.proposer, request.share_key)
+            request.session = self.batch(request.proposer).state()
         request.session.observe(start, features)
 
     def busy(self, request: Request) -> bool:
@@ -108,7 +115,7 @@ class Drafting:
             except Exception as exc:  # noqa: BLE001
                 results[key] = exc
         for batch, requests in members.items():
-            if isinstance(batch, DraftBatch):
+            if isinstance(batch, DraftBatch | HeadBatch):
                 results[batch] = self._draft_batch(batch, requests, depths)
         results |= self.proposing.collect(max(0.0, budget - (time.perf_counter() - started)))
         waited = time.perf_counter() - started
@@ -135,7 +142,7 @@ class Drafting:
                     self._fall_back(request, outcome)
         return proposals, propose_s
 
-    def _draft_batch(self, batch: DraftBatch, requests: list[Request], depths: dict[Request, int]) -> list[Proposal] | Exception:
+    def _draft_batch(self, batch: DraftBatch | HeadBatch, requests: list[Request], depths: dict[Request, int]) -> list[Proposal] | Exception:
         items = [(r.session, r.tokens, depths[r], r.draft_policy) for r in requests]
         t0 = time.perf_counter()
         try:

@@ -38,6 +38,7 @@ class Segment:
     logits: int | None = None
     features: bool = False  # also keep every row's normed final hidden state (a draft head reads them)
     hidden: torch.Tensor | None = None  # those, (len(tokens), D), once the pass ran
+    inputs: torch.Tensor | None = None  # per row a vector fed beside its token (a draft head's runner: features)
 
     @property
     def wanted(self) -> int:
@@ -120,7 +121,11 @@ class ModelRunner:
             rows = slice(wanted[0], wanted[-1] + 1)
         step = self._kernel_pass if self.kernel else self._torch_pass
         features = any(s.features for s in segments)
-        logits = step(ids, positions, slots, segments, rows, features)
+        inputs = None
+        if getattr(self.lm, "reads_inputs", False):  # a segment without inputs (a cost measurement) reads zeros
+            width = self.lm.embed.shape[1]
+            inputs = torch.cat([s.inputs if s.inputs is not None else torch.zeros(len(s.tokens), width) for s in segments])
+        logits = step(ids, positions, slots, segments, rows, features, inputs)
         if features:
             logits, hidden = logits
             first = 0
@@ -137,7 +142,7 @@ class ModelRunner:
             offset += s.wanted
         return out
 
-    def _kernel_pass(self, ids, positions, slots, segments, rows, features=False):
+    def _kernel_pass(self, ids, positions, slots, segments, rows, features=False, inputs=None):
         """LeanLM's kernel step over many sequences: its layers in one C call, attention on the paged cache."""
         # Every index array of the pass in one int64 array, not in tensors (each torch.tensor cost
         # more than a short decode's attention): the rows' positions and slots, then
@@ -160,7 +165,7 @@ class ModelRunner:
         attention.seg_row, attention.seg_len = at + 2 * T * size, at + (2 * T + S) * size
         attention.seg_pos, attention.table_start = at + (2 * T + 2 * S) * size, at + (2 * T + 3 * S) * size
         attention.tables = at + (2 * T + 4 * S) * size
-        return self.lm.kernel_pass(ids, attention, rows, features=features)
+        return self.lm.kernel_pass(ids, attention, rows, features=features, inputs=inputs)
 
     def greedy(self, tables: Sequence[BlockTable], tokens: list[int], positions: list[int], steps: int, vocab: int) -> list[list[int]]:
         """For each sequence, `steps` greedy tokens after `tokens[s]`, fed at `positions[s]` on, in
@@ -186,7 +191,7 @@ class ModelRunner:
         """Whether `greedy` runs here (the kernel step, and a head on the kernel)."""
         return self.kernel and self.lm.greedy_native()
 
-    def _torch_pass(self, ids, positions, slots, segments, rows, features=False):
+    def _torch_pass(self, ids, positions, slots, segments, rows, features=False, inputs=None):
         """LeanLM's torch forward (`models/reference.py`, its `_eager_step`) over many sequences, on
         torch operators (any device): each row's key and value stored in its sequence's blocks, each
         segment attending over its sequence's blocks, gathered."""
@@ -195,4 +200,4 @@ class ModelRunner:
             end = s.start + len(s.tokens)
             spans.append((s.start, len(s.tokens), s.table.blocks[: self.pool.blocks_for(end)]))
         cache = PagedCache(self.lm, self.keys, self.values, self.pool.block_size, positions, slots, spans)
-        return reference_forward(self.lm, ids, cache, rows, features)
+        return reference_forward(self.lm, ids, cache, rows, features, inputs)

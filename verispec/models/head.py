@@ -32,8 +32,7 @@ from safetensors.torch import load_file
 
 from verispec.errors import UserError
 from verispec.models.kernels import kernel_library
-from verispec.models.lean import LeanLM, LeanSession, _Layer
-from verispec.models.reference import ContiguousCache, TorchOps, llama_layers
+from verispec.models.lean import LeanLM, _Layer
 
 HEAD_TYPE = "verispec-head"
 CONFIG = "config.json"
@@ -136,26 +135,11 @@ class DraftHead(LeanLM):
             self.lm_head,
         ]
 
-    def run(
-        self, session: LeanSession, tokens: torch.Tensor, features: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows t = session.length.. fed [embedding of tokens[t], features[t]]: writes their keys and
-        values, and returns the last row's predicted feature (D,) and its draft logits (Vd,)."""
-        x = self.fc(torch.cat([F.embedding(tokens, self.embed), features], dim=-1).contiguous())
-        start = session.length
-        if session.length + x.shape[0] > session.capacity:
-            raise ValueError(f"the draft head's cache of {session.capacity} positions is full")
-        if self.kernel_step:
-            attention = self._session_attention(session)
-            attention.start = start
-            x = self.kernel_layers(x, attention)
-            h = self.final_norm(x[-1:].contiguous())
-        else:
-            cache = ContiguousCache(self, session.keys, session.values, start, x.shape[0])
-            x = llama_layers(self.layers, x, TorchOps(self, cache))
-            h = F.rms_norm(x[-1:], (x.shape[-1],), self.norm, self.eps)
-        session.length += x.shape[0]
-        return h[0], self.lm_head(h)[0].float()
+    reads_inputs = True  # a row is fed its token and a vector: the feature before it (`embed_rows`)
+
+    def embed_rows(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The residual stream a pass starts from (T, D): fc over [embedding of tokens[t], features[t]]."""
+        return self.fc(torch.cat([F.embedding(tokens, self.embed), features], dim=-1).contiguous())
 
     def target_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Draft logits (Vd,) over the verifier's vocabulary: -inf where the head has no token."""

@@ -370,7 +370,7 @@ class LeanLM(LeanModel):
 
     def kernel_pass(
         self, ids: torch.Tensor, attention: VsAttention, rows: slice | list[int], per_op: bool = False,
-        features: bool = False,
+        features: bool = False, inputs: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The kernel step's layers over the rows `ids`, in one call (csrc/lean_step.c), storing
         their rotated keys and values and attending as `attention` says (one sequence's cache, or
@@ -378,8 +378,11 @@ class LeanLM(LeanModel):
         operation instead, from Python, the same bits (what a model whose projections have no
         native descriptor runs, and what scripts/profile_step.py times operation by operation).
         `features`: also every row's final hidden state, normed (T, D), what a draft head reads
-        (`models/head.py`); the logits are the same bits either way (the norm is per row)."""
-        x = self.kernel_layers(F.embedding(ids, self.embed), attention, per_op)  # (T, D), the residual stream
+        (`models/head.py`); the logits are the same bits either way (the norm is per row).
+        `inputs` (T, D): a vector per row beside its token, for a model that reads them (a draft
+        head, `embed_rows`)."""
+        x = F.embedding(ids, self.embed) if inputs is None else self.embed_rows(ids, inputs)
+        x = self.kernel_layers(x, attention, per_op)  # (T, D), the residual stream
         h = self.final_norm(x if features else x[rows].contiguous())
         picked = h[rows].contiguous() if features else h
         logits = self.lm_head(picked) if picked.shape[0] else picked

@@ -41,12 +41,14 @@ def llama_layers(layers: Sequence, x: torch.Tensor, ops) -> torch.Tensor:
 
 
 def reference_forward(
-    lm, ids: torch.Tensor, cache, rows: slice | list[int], features: bool = False
+    lm, ids: torch.Tensor, cache, rows: slice | list[int], features: bool = False, inputs: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The torch forward of the LeanLM `lm`: ids (T,) stored and attended by `cache`
     (`ContiguousCache` or `PagedCache`); the logits of the rows `rows`, and with `features` every
-    row's normed final hidden state (T, D) too (what a draft head reads)."""
-    x = llama_layers(lm.layers, F.embedding(ids, lm.embed), TorchOps(lm, cache))
+    row's normed final hidden state (T, D) too (what a draft head reads). `inputs` (T, D): a
+    vector per row beside its token, for a model that reads them (a draft head, `embed_rows`)."""
+    x = F.embedding(ids, lm.embed) if inputs is None else lm.embed_rows(ids, inputs)
+    x = llama_layers(lm.layers, x, TorchOps(lm, cache))
     if features:
         h = F.rms_norm(x, (x.shape[-1],), lm.norm, lm.eps)
         return lm.lm_head(h[rows]), h

@@ -1,0 +1,123 @@
+"""A draft head drafting for every request of a batched pass at once: core machinery beside the
+runner it drives, as `draft_batch.py` is for a draft model. A proposer offers its head for this
+by its `head_model` (`proposers/base.py`); the draft head proposer does.
+
+A head reads the verifier's features (`models/head.py`): the engine hands each request's state
+the features of its verified positions as the verifier's passes compute them (`HeadState.observe`:
+a prompt chunk's rows, and a round's verified rows). A proposal first feeds the head every
+verified position it has not read, then drafts one token per head pass, feeding its own predicted
+feature back; positions fed with drafts are overwritten at the next proposal.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from verispec.core.kv_cache import BlockTable
+from verispec.core.runner import ModelRunner, Segment
+from verispec.core.sampling import draw_draft
+from verispec.errors import ProposerError
+from verispec.models.head import DraftHead
+from verispec.proposers.base import DraftPolicy, Proposal
+
+
+class HeadState:
+    """One request's place in a `HeadBatch`: its blocks in the head's cache and the verifier's
+    features of its verified positions.
+
+    Position t of the head's cache is fed [token t+1, feature t]. Positions below `fed` hold
+    verified inputs only (the verifier's features and verified tokens); the ones past them were fed
+    drafts."""
+
+    def __init__(self, table: BlockTable, width: int, device: torch.device):
+        self.table = table
+        self.features = torch.empty((0, width), device=device)
+        self.known = 0  # positions 0..known-1 have the verifier's features
+        self.fed = 0
+
+    def observe(self, start: int, rows: torch.Tensor) -> None:
+        """The verifier's features of positions start.. (rows (n, D)). A start before what is known
+        (a preempted request recomputed) replaces what follows."""
+        if start > self.known:  # a gap: nothing past it can be fed until it is filled
+            raise ProposerError(f"verifier features from position {start}, but only {self.known} are known")
+        end = start + rows.shape[0]
+        if end > self.features.shape[0]:
+            size = max(end, 2 * self.features.shape[0], 256)
+            grown = torch.empty((size, self.features.shape[1]), device=self.features.device)
+            grown[: self.known] = self.features[: self.known]
+            self.features = grown
+        self.features[start:end] = rows
+        self.known = end
+        self.fed = min(self.fed, start)
+
+
+class HeadBatch:
+    """The head drafting for many requests at once: one head pass per draft position, over the
+    rows of every request still drafting, on a paged cache of its own (`runner.py`). The same
+    requests get the same drafts whatever else is in the batch (the kernel step computes every row
+    alone; sampled drafts draw from the request's generator)."""
+
+    def __init__(self, head: DraftHead, memory_bytes: int, block_size: int):
+        self.head = head
+        self.runner = ModelRunner(head, memory_bytes, block_size, prefix_cache=False)
+
+    def state(self) -> HeadState:
+        return HeadState(BlockTable(self.runner.pool), self.head.embed.shape[1], self.head.device)
+
+    def release(self, state: HeadState) -> None:
+        state.table.free()
+        state.known = state.fed = 0
+
+    def propose(self, items: Sequence[tuple[HeadState, Sequence[int], int, DraftPolicy]]) -> list[Proposal]:
+        started = time.perf_counter()
+        head, window = self.head, self.head.max_positions
+        # A one-token context has no verified feature to start from: those items draft nothing.
+        drafting = [i for i, (_, context, depth, _) in enumerate(items) if len(context) >= 2 and depth >= 1]
+        for i in drafting:
+            state, context, depth, _ = items[i]
+            if state.known < len(context) - 1:
+                raise ProposerError(
+                    f"the verifier's features reach position {state.known}, the context {len(context) - 1}"
+                )
+            if window is not None and len(context) + depth > window:
+                raise ProposerError(
+                    f"context of {len(context)} tokens is beyond the draft head's window of {window}"
+                )
+        segments = []
+        for i in drafting:  # every verified position the head has not read: rows fed..L-2
+            state, context, _, _ = items[i]
+            L = len(context)
+            ids, inputs = list(context[state.fed + 1 : L]), state.features[state.fed : L - 1]
+            segments.append(Segment(ids, state.fed, state.table, logits=1, features=True, inputs=inputs))
+            state.table.computed = state.fed = L - 1
+        # Greedy drafts need no distribution over the verifier's vocabulary: the draft vocabulary's
+        # argmax, mapped back, is the same token (d2t is sorted, so ties break alike).
+        greedy = {i: items[i][3].sampling.greedy and not items[i][3].want_probs for i in drafting}
+        tokens: list[list[int]] = [[] for _ in items]
+        probs: list[list[torch.Tensor]] = [[] for _ in items]
+        while segments:
+            outputs = self.runner.forward(segments)
+            going, following = [], []
+            for i, segment, out in zip(drafting, segments, outputs, strict=True):
+                state, context, depth, policy = items[i]
+                position = len(context) + len(tokens[i])  # of the token drafted now
+                row = out[-1] if greedy[i] else head.target_logits(out[-1])
+                token, dist = draw_draft(row, policy, first=not tokens[i], position=position)
+                if token is None:
+                    continue  # the head is unsure; further tokens would mostly be rejected
+                tokens[i].append(int(head.d2t[token]) if greedy[i] else token)
+                if dist is not None:
+                    probs[i].append(dist)
+                if len(tokens[i]) < depth and time.perf_counter() - started <= policy.time_budget_s:
+                    going.append(i)  # fed at the position before its own, with the feature predicted there
+                    inputs = segment.hidden[-1:]
+                    following.append(
+                        Segment(
+                            [tokens[i][-1]], position - 1, state.table, logits=1, features=True, inputs=inputs
+                        )
+                    )
+            drafting, segments = going, following
+        return [Proposal(t, torch.stack(p) if p else None) for t, p in zip(tokens, probs, strict=True)]
