@@ -223,6 +223,9 @@ def test_the_head_is_a_per_request_choice_beside_others(head_settings, trained, 
     expected = engine.generate(prompt, params, depth=0).token_ids
     out = engine.generate(prompt, params, depth=3, proposer=proposers["head"])
     assert out.token_ids == expected and out.stats.proposed > 0
+    # A new head on probation: the canary is a head too.
+    canary = settings.model_copy(update={"canary_draft": trained["final"]})
+    assert build_proposers(engine, canary)["canary"].name == f"head:{trained['final']}"
 
 
 def test_one_token_prompts_and_eos(head_settings):
