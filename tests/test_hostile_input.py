@@ -207,7 +207,7 @@ def test_several_bad_fields_are_each_named_once(server):
         ({"depth": "x"}, "--depth: must be an integer (0 or more) or 'auto' (got 'x')"),
         ({"depth": "1.5"}, "--depth: must be an integer (0 or more) or 'auto' (got '1.5')"),
         ({"temperature": "-1"}, "--temperature: must be greater than or equal to 0 (got '-1')"),
-        ({"proposer": "oracle"}, "--proposer: must be 'auto', 'draft', 'ngram', 'suffix' or 'none' (got 'oracle')"),
+        ({"proposer": "oracle"}, "--proposer: must be 'auto', 'draft', 'ngram', 'suffix', 'head' or 'none' (got 'oracle')"),
     ],
 )
 def test_cli_messages_are_in_the_users_terms(flags, message):

@@ -17,6 +17,18 @@ from verispec.models.lean import LeanLM
 from verispec.proposers.base import DraftPolicy, Proposal
 
 
+CATCH_UP_ROWS = 16  # rows a request may feed in a pass that still counts as a draft pass
+
+
+def draft_pass_s(timed: list[tuple[int, int, float]]) -> float | None:
+    """What a draft pass cost in a proposal, for depth auto (`goodput.LiveCosts.observe_draft`):
+    the median seconds of its passes (rows, requests, seconds) that fed at most CATCH_UP_ROWS rows
+    a request (a draft position, or catching up on a few verified tokens). A pass that reads a new
+    request's prompt is not a draft pass: it would price every later draft position like a prefill."""
+    seconds = sorted(s for rows, requests, s in timed if rows <= CATCH_UP_ROWS * requests)
+    return seconds[len(seconds) // 2] if seconds else None
+
+
 class DraftState:
     """One request's place in a `DraftBatch`: its blocks in the draft's cache and the tokens they hold."""
 
@@ -38,6 +50,7 @@ class DraftBatch:
         self.lm = lm
         self.target_vocab_size = target_vocab_size
         self.runner = ModelRunner(lm, memory_bytes, block_size, prefix_cache=True)
+        self.pass_s: float | None = None  # the last proposal's median draft pass (`draft_pass_s`)
 
     def state(self) -> DraftState:
         return DraftState(BlockTable(self.runner.pool))
@@ -57,11 +70,19 @@ class DraftBatch:
             fed = self._catch_up(state, context)
             segments.append(Segment(fed, len(state.cached), state.table, logits=1))
             state.cached.extend(fed)
+        t0 = time.perf_counter()
         logits = [out[-1] for out in self.runner.forward(segments)]
+        timed = [(sum(len(s.tokens) for s in segments), len(segments), time.perf_counter() - t0)]
         for state, context, _, _ in items:
             state.table.verified(len(context), context)
         if self._greedy_native(items):
-            return self._greedy(items, logits)
+            t0 = time.perf_counter()
+            proposals = self._greedy(items, logits)
+            steps = max((items[i][2] for i in range(len(items))), default=1) - 1
+            if steps > 0:  # one native call for every position after the first
+                timed.append((len(items), len(items), (time.perf_counter() - t0) / steps))
+            self.pass_s = draft_pass_s(timed)
+            return proposals
         tokens: list[list[int]] = [[] for _ in items]
         probs: list[list[torch.Tensor]] = [[] for _ in items]
         active = [i for i, (_, _, depth, _) in enumerate(items) if depth > 0]
@@ -81,10 +102,14 @@ class DraftBatch:
             if not fed:
                 break
             segments = [Segment([tokens[i][-1]], len(items[i][0].cached), items[i][0].table, logits=1) for i in fed]
-            for i, out in zip(fed, self.runner.forward(segments), strict=True):
+            t0 = time.perf_counter()
+            outputs = self.runner.forward(segments)
+            timed.append((len(segments), len(segments), time.perf_counter() - t0))
+            for i, out in zip(fed, outputs, strict=True):
                 items[i][0].cached.append(tokens[i][-1])
                 logits[i] = out[-1]
             active = fed
+        self.pass_s = draft_pass_s(timed)
         return [Proposal(t, torch.stack(p) if p else None) for t, p in zip(tokens, probs, strict=True)]
 
     def _greedy_native(self, items) -> bool:

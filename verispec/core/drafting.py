@@ -144,14 +144,12 @@ class Drafting:
 
     def _draft_batch(self, batch: DraftBatch | HeadBatch, requests: list[Request], depths: dict[Request, int]) -> list[Proposal] | Exception:
         items = [(r.session, r.tokens, depths[r], r.draft_policy) for r in requests]
-        t0 = time.perf_counter()
         try:
             proposals = batch.propose(items)
         except Exception as exc:  # noqa: BLE001 (every request of the batch falls back)
             return exc
-        if self.on_draft_pass is not None:  # as many draft passes as the longest proposal has tokens
-            passes = max((len(p.tokens) for p in proposals), default=0)
-            self.on_draft_pass((time.perf_counter() - t0) / max(passes, 1))
+        if self.on_draft_pass is not None and batch.pass_s is not None:
+            self.on_draft_pass(batch.pass_s)
         return proposals
 
     def _remote(self, request: Request, depth: int) -> Proposal:

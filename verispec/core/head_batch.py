@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from verispec.core.draft_batch import draft_pass_s
 from verispec.core.kv_cache import BlockTable
 from verispec.core.runner import ModelRunner, Segment
 from verispec.core.sampling import draw_draft
@@ -63,6 +64,7 @@ class HeadBatch:
     def __init__(self, head: DraftHead, memory_bytes: int, block_size: int):
         self.head = head
         self.runner = ModelRunner(head, memory_bytes, block_size, prefix_cache=False)
+        self.pass_s: float | None = None  # the last proposal's median draft pass (`draft_batch.draft_pass_s`)
 
     def state(self) -> HeadState:
         return HeadState(BlockTable(self.runner.pool), self.head.embed.shape[1], self.head.device)
@@ -98,8 +100,11 @@ class HeadBatch:
         greedy = {i: items[i][3].sampling.greedy and not items[i][3].want_probs for i in drafting}
         tokens: list[list[int]] = [[] for _ in items]
         probs: list[list[torch.Tensor]] = [[] for _ in items]
+        timed = []
         while segments:
+            t0 = time.perf_counter()
             outputs = self.runner.forward(segments)
+            timed.append((sum(len(s.tokens) for s in segments), len(segments), time.perf_counter() - t0))
             going, following = [], []
             for i, segment, out in zip(drafting, segments, outputs, strict=True):
                 state, context, depth, policy = items[i]
@@ -120,4 +125,5 @@ class HeadBatch:
                         )
                     )
             drafting, segments = going, following
+        self.pass_s = draft_pass_s(timed)
         return [Proposal(t, torch.stack(p) if p else None) for t, p in zip(tokens, probs, strict=True)]
