@@ -16,7 +16,6 @@ from verispec.errors import ProposerError
 from verispec.models.lean import LeanLM
 from verispec.proposers.base import DraftPolicy, Proposal
 
-
 CATCH_UP_ROWS = 16  # rows a request may feed in a pass that still counts as a draft pass
 
 

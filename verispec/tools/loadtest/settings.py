@@ -23,7 +23,7 @@ SCHEDULERS = ("batched", "interleaved")
 # In the table's row order, the verifier-only baseline first. The suffix cache is left out unless
 # named: the table sends the same prompts to every cell, so it would draft a cell's requests from
 # the cells before it, a speed no single cell's traffic has. A draft head needs a head checkpoint
-# (--draft), so it too is left out unless named.
+# (--draft), so it too is left out unless named (any proposer may be named).
 PROPOSERS = (VERIFIER_ONLY, *(name for name in PROPOSER_NAMES if name not in ("suffix", "head")))
 SCENARIOS = ("prefix", "chunked")
 # The shared prompt set, where this checkout sits beside it (../shared).
@@ -132,7 +132,7 @@ class TableOptions(BaseModel):
     @field_validator("schedulers", "proposers", mode="before")
     @classmethod
     def _names(cls, value: Any, info) -> tuple[str, ...]:
-        names = comma_list(value, SCHEDULERS if info.field_name == "schedulers" else PROPOSERS)
+        names = comma_list(value, SCHEDULERS if info.field_name == "schedulers" else (VERIFIER_ONLY, *PROPOSER_NAMES))
         if not names:
             raise ValueError("give one value or more")
         return tuple(names)
