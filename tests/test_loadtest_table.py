@@ -79,6 +79,13 @@ def test_option_lists_are_checked():
             parse_levels(bad)
     with pytest.raises(UserError, match="unknown value 'fast'"):
         parse_list("batched,fast", "schedulers", loadtest.SCHEDULERS)
+    # The default cells leave the suffix cache and the draft head out; named, they are measured.
+    from verispec.tools.loadtest.settings import TableOptions
+
+    assert "head" not in TableOptions().proposers and "suffix" not in TableOptions().proposers
+    assert TableOptions(proposers="none,head,suffix").proposers == ("none", "head", "suffix")
+    with pytest.raises(ValueError, match="oracle"):
+        TableOptions(proposers="none,oracle")
 
 
 def test_schedulers_run_back_to_back_and_their_order_alternates_at_every_cell():
