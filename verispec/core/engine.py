@@ -541,7 +541,7 @@ class Engine:
     def check_runner(self, proposer: Proposer | None) -> None:
         """Refuse a proposer that reads the verifier's features (a draft head) where the runner
         gives none (a backend that cannot batch, or --scheduler interleaved)."""
-        if getattr(proposer, "reads_features", False) and not getattr(self.runner, "features", False):
+        if getattr(proposer, "head_model", None) is not None and not getattr(self.runner, "features", False):
             raise UserError(
                 f"the proposer {proposer.name} reads the verifier's hidden states, which only the batched "
                 "scheduler gives: use --scheduler batched (or auto) on the lean backend"
@@ -610,7 +610,7 @@ __all__ = ["Engine", "Request"]
 
 def reads_features(request: Request) -> bool:
     """Whether the request's proposer reads the verifier's features (a draft head does)."""
-    return getattr(request.proposer, "reads_features", False)
+    return getattr(request.proposer, "head_model", None) is not None
 
 
 def _masked(logits: torch.Tensor, masks: torch.Tensor, stop_ids: frozenset[int]) -> torch.Tensor:

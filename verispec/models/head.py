@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 
 from verispec.errors import UserError
 from verispec.models.kernels import kernel_library
-from verispec.models.lean import LeanLM, _Layer
+from verispec.models.lean import LeanLM
 
 HEAD_TYPE = "verispec-head"
 CONFIG = "config.json"
@@ -64,9 +64,7 @@ class DraftHead(LeanLM):
             raise UserError(
                 f"could not read the draft head in {path}: {exc}; make one with verispec distill --head"
             ) from None
-        self.head_config = config
         self.name = path
-        self.folder = folder
         self.device, self.dtype = target.device, target.dtype
         self.kernel, self.compiled = target.kernel, False
         self.checkpoint = None
@@ -90,26 +88,9 @@ class DraftHead(LeanLM):
         self.embed = target.embed  # the verifier's; the head reads its rows, never streams it
         self.target_vocab_size = target.vocab_size
 
-        def take(name: str) -> torch.Tensor:
-            return weights.pop(name).to(device=self.device, dtype=self.dtype)
-
         self.fc = self.linear(weights.pop("fc.weight"))
-        self.layers = []
-        for i in range(config["num_hidden_layers"]):
-            p = f"layers.{i}."
-            self.layers.append(
-                _Layer(
-                    attn_norm=take(p + "input_layernorm.weight"),
-                    qkv=self.linear([weights.pop(f"{p}self_attn.{n}_proj.weight") for n in "qkv"]),
-                    o=self.linear(weights.pop(p + "self_attn.o_proj.weight")),
-                    mlp_norm=take(p + "post_attention_layernorm.weight"),
-                    gate_up=self.linear(
-                        [weights.pop(p + "mlp.gate_proj.weight"), weights.pop(p + "mlp.up_proj.weight")]
-                    ),
-                    down=self.linear(weights.pop(p + "mlp.down_proj.weight")),
-                )
-            )
-        self.norm = take("norm.weight")
+        self.layers = [self.read_layer(weights, f"layers.{i}.") for i in range(config["num_hidden_layers"])]
+        self.norm = weights.pop("norm.weight").to(device=self.device, dtype=self.dtype)
         self.lm_head = self.linear(weights.pop("lm_head.weight"))
         self.d2t = weights.pop("d2t").to(device=self.device, dtype=torch.long)
         self.vocab_size = self.lm_head.out_features  # the draft vocabulary
@@ -146,13 +127,6 @@ class DraftHead(LeanLM):
         full = torch.full((self.target_vocab_size,), float("-inf"), device=logits.device)
         full[self.d2t] = logits
         return full
-
-    def path_report(self) -> dict:
-        report = super().path_report()
-        report["why"] = (
-            "every head projection runs on the compiled CPU kernel" if self.kernel_step else report["why"]
-        )
-        return report
 
 
 def load_head(path: str, target) -> DraftHead:

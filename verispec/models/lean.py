@@ -233,27 +233,10 @@ class LeanLM(LeanModel):
         def take(name: str) -> torch.Tensor:
             return weights.pop(name).to(device=device, dtype=dtype)
 
-        def projection(*names: str, bias: Sequence[torch.Tensor | None] = ()) -> Linear | QuantLinear:
-            stacked = None if not bias or bias[0] is None else torch.cat(bias).to(device=device, dtype=dtype)
-            return self.linear([weights.pop(n) for n in names], stacked)  # parts stacked by rows: (out, in)
-
         embed = weights.pop("model.embed_tokens.weight")
         # A quantized table is gathered from in float32 (its exact values); the tied head runs quantized.
         self.embed = (embed.dequantize() if isinstance(embed, QuantWeight) else embed).to(device=device, dtype=dtype)
-        self.layers = []
-        for i in range(config.num_hidden_layers):
-            p = f"model.layers.{i}."
-            bias = [weights.pop(f"{p}self_attn.{n}_proj.bias", None) for n in "qkv"]
-            self.layers.append(
-                _Layer(
-                    attn_norm=take(p + "input_layernorm.weight"),
-                    qkv=projection(*(f"{p}self_attn.{n}_proj.weight" for n in "qkv"), bias=bias),
-                    o=projection(p + "self_attn.o_proj.weight"),
-                    mlp_norm=take(p + "post_attention_layernorm.weight"),
-                    gate_up=projection(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-                    down=projection(p + "mlp.down_proj.weight"),
-                )
-            )
+        self.layers = [self.read_layer(weights, f"model.layers.{i}.") for i in range(config.num_hidden_layers)]
         self.norm = take("model.norm.weight")
         # Tied embeddings: the checkpoint may omit lm_head or repeat the embedding matrix.
         self.lm_head = self.linear(weights.pop("lm_head.weight", embed))
@@ -271,6 +254,23 @@ class LeanLM(LeanModel):
         self.native = self._native_model() if self.kernel_step else None
         if compile:
             self._compile()
+
+    def read_layer(self, weights: dict, p: str) -> _Layer:
+        """The decoder layer whose Hugging Face Llama weights are named `p`... (taken out of `weights`)."""
+
+        def projection(*names: str, bias: Sequence[torch.Tensor | None] = ()) -> Linear | QuantLinear:
+            stacked = None if not bias or bias[0] is None else torch.cat(bias).to(device=self.device, dtype=self.dtype)
+            return self.linear([weights.pop(n) for n in names], stacked)  # parts stacked by rows: (out, in)
+
+        bias = [weights.pop(f"{p}self_attn.{n}_proj.bias", None) for n in "qkv"]
+        return _Layer(
+            attn_norm=weights.pop(p + "input_layernorm.weight").to(device=self.device, dtype=self.dtype),
+            qkv=projection(*(f"{p}self_attn.{n}_proj.weight" for n in "qkv"), bias=bias),
+            o=projection(p + "self_attn.o_proj.weight"),
+            mlp_norm=weights.pop(p + "post_attention_layernorm.weight").to(device=self.device, dtype=self.dtype),
+            gate_up=projection(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+            down=projection(p + "mlp.down_proj.weight"),
+        )
 
     def linears(self) -> list[Linear]:
         """Every weight matrix a pass streams (the embedding table is only gathered from)."""

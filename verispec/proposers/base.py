@@ -68,7 +68,7 @@ class Proposer(Protocol):
     - `draft_model` (default None): a model the engine may run itself, for every request of a pass
       in one draft pass per position (`core/draft_batch.py`), instead of a session per request;
     - `head_model` (default None): a draft head, which the engine runs the same way
-      (`core/head_batch.py`), feeding it the verifier's features (`reads_features`); it has no
+      (`core/head_batch.py`), feeding it the verifier's features (`HeadState.observe`); it has no
       session of its own.
     """
 

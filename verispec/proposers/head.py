@@ -26,7 +26,6 @@ def build(inputs: ProposerInputs) -> HeadProposer:
 
 class HeadProposer:
     inline = False  # the engine runs its passes itself, for the whole batch (`head_model`)
-    reads_features = True  # the engine gives its states the verifier's features (`HeadState.observe`)
 
     def __init__(self, head: DraftHead):
         self.head = head

@@ -141,7 +141,7 @@ def verispec_configurations(
     engine.prepare([engine.proposer, ngram, extra])
     configs = [Configuration(VERIFIER_ONLY, "verispec", "none", 0, run_with(engine.proposer, 0))]
     if has_draft:
-        kind = "head" if getattr(engine.proposer, "reads_features", False) else "draft"  # --draft may name a head
+        kind = "head" if getattr(engine.proposer, "head_model", None) is not None else "draft"  # --draft may name a head
         configs += [Configuration(f"verispec {kind} depth={d}", "verispec", kind, d, run_with(engine.proposer, d)) for d in depths]
     if extra is not None:
         configs += [Configuration(f"verispec head depth={d}", "verispec", "head", d, run_with(extra, d)) for d in depths]

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from verispec.models.head import CONFIG, HEAD_TYPE, WEIGHTS
+from verispec.models.reference import rotate
 
 if TYPE_CHECKING:
     from verispec.models.lean import LeanLM
@@ -39,13 +40,6 @@ if TYPE_CHECKING:
     from verispec.training.distill.teacher import Example
 
 IGNORE = -100  # a label outside the draft vocabulary: no cross-entropy there
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, rotate-half layout: x (..., T, hd), cos and sin (T, hd)."""
-    half = x.shape[-1] // 2
-    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + turned * sin
 
 
 class HeadLayer(nn.Module):
