@@ -114,7 +114,7 @@ def reference_runner_pass(runner, ids, positions, slots, segments, rows, feature
         ops.rope_store_paged(qkv.data_ptr(), T, H, Hkv, hd, cos, sin, positions_at, slots_at, k, v, bs)
         ops.paged_attention(
             qkv.data_ptr(), len(segments), seg_row.data_ptr(), seg_len.data_ptr(), seg_pos.data_ptr(),
-            tables.data_ptr(), table_start.data_ptr(), H, Hkv, hd, k, v, bs, scale, attn.data_ptr(), threads,
+            tables.data_ptr(), table_start.data_ptr(), None, H, Hkv, hd, k, v, bs, scale, attn.data_ptr(), threads,
         )  # fmt: skip
 
     return reference_pass(lm, ids, attend, rows)

@@ -131,7 +131,7 @@ class Batch:
         out = torch.full((row, self.H * self.hd), float("nan"))
         library.paged_attention(
             qkv.data_ptr(), len(segments), seg_row.data_ptr(), seg_len.data_ptr(), seg_pos.data_ptr(),
-            tables.data_ptr(), table_start.data_ptr(), self.H, self.Hkv, self.hd, self.pool_keys.data_ptr(),
+            tables.data_ptr(), table_start.data_ptr(), None, self.H, self.Hkv, self.hd, self.pool_keys.data_ptr(),
             self.pool_values.data_ptr(), self.bs, self.hd**-0.5, out.data_ptr(), threads,
         )  # fmt: skip
         return torch.cat([out[rows_of[(s, f)] : rows_of[(s, f)] + T] for s, f, T in segments])

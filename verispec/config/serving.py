@@ -44,6 +44,10 @@ class ServerSettings(BaseModel):
         "none = in-process limits, per replica",
     )
     speculation_stats: bool = Field(False, description="add speculation statistics to every response (else opt-in per request)")
+    playground: Literal["auto", "on", "off"] = Field(
+        "auto", description="the web page at /playground that streams drafts and verdicts as they happen: on, off, or "
+        "auto (on unless API keys are configured, so that no deployment shows it by surprise)",
+    )
     policy: Path | None = Field(
         None, description="rules file (YAML) of the policy gate on verified text: blocked terms, regular expressions, "
         "checkers (module:function); see deploy/policy/rules.example.yaml",

@@ -39,6 +39,19 @@ class Segment:
     features: bool = False  # also keep every row's normed final hidden state (a draft head reads them)
     hidden: torch.Tensor | None = None  # those, (len(tokens), D), once the pass ran
     inputs: torch.Tensor | None = None  # per row a vector fed beside its token (a draft head's runner: features)
+    # A token tree (`trees` runners only): per row its parent's row in the segment, -1 for the
+    # first; row i is at position start + its depth and keeps its keys and values at the slot of
+    # position start + i until the accepted path is kept (`ModelRunner.keep_path`).
+    parents: Sequence[int] | None = None
+
+    def positions(self) -> list[int]:
+        """Each row's position: consecutive for a chain, start + depth for a tree's nodes."""
+        if self.parents is None:
+            return list(range(self.start, self.start + len(self.tokens)))
+        depth: list[int] = []
+        for parent in self.parents:
+            depth.append(0 if parent < 0 else depth[parent] + 1)
+        return [self.start + d for d in depth]
 
     @property
     def wanted(self) -> int:
@@ -96,6 +109,7 @@ class ModelRunner:
         self.keys = [torch.empty(shape, dtype=dtype, device=lm.device) for _ in lm.layers]
         self.values = [torch.empty(shape, dtype=dtype, device=lm.device) for _ in lm.layers]
         self.bytes_per_block = per_block
+        self.trees = self.kernel  # token trees are verified by the kernel's tree attention
         self._pools = None  # self.keys and self.values as the kernel step's per-layer address arrays
 
     @torch.inference_mode()
@@ -109,7 +123,7 @@ class ModelRunner:
             n = len(s.tokens)
             s.table.reserve(s.start + n)
             tokens.extend(s.tokens)
-            positions.extend(range(s.start, s.start + n))
+            positions.extend(s.positions())
             slots.extend(s.table.slots(s.start, n))
             wanted.extend(range(len(tokens) - s.wanted, len(tokens)))
         if self.kernel and tokens:  # on the CPU: from an int64 array, a fraction of torch.tensor's fixed cost
@@ -152,6 +166,14 @@ class ModelRunner:
         for part in (slots, *attention_segments(segments)):
             index.extend(part)
         T, S, size = len(positions), len(segments), index.itemsize
+        tables = len(index) - 2 * T - 4 * S
+        if any(s.parents is not None for s in segments):  # per row its parent's row in the pass
+            first = 0
+            for s in segments:
+                n = len(s.tokens)
+                parents = range(-1, n - 1) if s.parents is None else s.parents
+                index.extend(first + p if p >= 0 else -1 for p in parents)
+                first += n
         at = index.buffer_info()[0]  # `index` lives until this returns, past the C call
         attention = getattr(self, "_attention", None)
         if attention is None:  # the pools, described once; a runner runs one pass at a time
@@ -165,7 +187,22 @@ class ModelRunner:
         attention.seg_row, attention.seg_len = at + 2 * T * size, at + (2 * T + S) * size
         attention.seg_pos, attention.table_start = at + (2 * T + 2 * S) * size, at + (2 * T + 3 * S) * size
         attention.tables = at + (2 * T + 4 * S) * size
+        attention.parents = at + (2 * T + 4 * S + tables) * size if len(index) > 2 * T + 4 * S + tables else 0
         return self.lm.kernel_pass(ids, attention, rows, features=features, inputs=inputs)
+
+    def keep_path(self, table: BlockTable, start: int, path: Sequence[int]) -> None:
+        """After a tree's verdict: its accepted path (rows of the tree segment at `start`, root
+        first) moves to positions start.. in every layer, where the next pass reads it. A row's
+        slot is at or after its depth's, and a path's rows ascend, so moving them in order
+        overwrites nothing still to be read."""
+        moves = [(start + row, start + depth) for depth, row in enumerate(path) if row != depth]
+        if not moves:
+            return
+        bs = self.pool.block_size
+        source = torch.tensor([table.slots(p, 1)[0] for p, _ in moves], device=self.keys[0].device)
+        target = torch.tensor([table.slots(p, 1)[0] for _, p in moves], device=self.keys[0].device)
+        for pool in (*self.keys, *self.values):
+            pool[target // bs, :, target % bs] = pool[source // bs, :, source % bs]
 
     def greedy(self, tables: Sequence[BlockTable], tokens: list[int], positions: list[int], steps: int, vocab: int) -> list[list[int]]:
         """For each sequence, `steps` greedy tokens after `tokens[s]`, fed at `positions[s]` on, in

@@ -222,7 +222,7 @@ class VsAttention(ctypes.Structure):
         ("capacity", _i64), ("start", _i64),
         ("positions", _address), ("slots", _address), ("block_size", _i64), ("segments", _i64),
         ("seg_row", _address), ("seg_len", _address), ("seg_pos", _address), ("tables", _address),
-        ("table_start", _address),
+        ("table_start", _address), ("parents", _address),
     ]  # fmt: skip
 
 
@@ -429,8 +429,8 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         "silu_mul": [pointer, i64, i64, pointer],
         "rope_store_paged": [pointer, i64, i64, i64, i64, pointer, pointer, pointer, pointer, pointer, pointer, i64],
         "paged_attention": [
-            pointer, i64, pointer, pointer, pointer, pointer, pointer, i64, i64, i64, pointer, pointer, i64, f32,
-            pointer, i32,
+            pointer, i64, pointer, pointer, pointer, pointer, pointer, pointer, i64, i64, i64, pointer, pointer, i64,
+            f32, pointer, i32,
         ],  # fmt: skip
     }
     for name, arguments in signatures.items():

@@ -465,7 +465,7 @@ class _KernelOps:
             q = qkv.data_ptr()
             ops.rope_store_paged(q, T, H, Hkv, hd, cos, sin, a.positions, a.slots, k, v, a.block_size)
             ops.paged_attention(
-                q, a.segments, a.seg_row, a.seg_len, a.seg_pos, a.tables, a.table_start, H, Hkv, hd,
+                q, a.segments, a.seg_row, a.seg_len, a.seg_pos, a.tables, a.table_start, a.parents, H, Hkv, hd,
                 k, v, a.block_size, scale, attn.data_ptr(), threads,
             )  # fmt: skip
             return attn

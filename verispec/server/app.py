@@ -4,8 +4,8 @@
 The app starts listening at once and loads its `Service` in a background thread: `/healthz`
 answers from the first moment, `/readyz` and the API answer 503 (with Retry-After) until the
 models are loaded, the step costs measured and one warm-up request run. The routes live with
-their jobs: generation in `completions.py`, the verify API in `verify.py`; the request ID, access
-log and refusal records in `context.py`.
+their jobs: generation in `completions.py`, the verify API in `verify.py`, the web page in
+`playground.py`; the request ID, access log and refusal records in `context.py`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from verispec.server.context import RequestContext
 from verispec.server.errors import APIError
 from verispec.server.limits import BoundedBody
 from verispec.server.openapi import MODELS_RESPONSES, READY_RESPONSES
+from verispec.server.playground import playground_enabled, playground_routes
 from verispec.server.service import Cluster, EngineFactory
 from verispec.server.state import State
 from verispec.server.verify import verify_routes
@@ -108,6 +109,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine,
         authorize=authorize,
     ))
     app.include_router(verifying)
+    if playground_enabled(state.server.playground, state.intake.keys):
+        app.include_router(playground_routes(serving=serving, model_name=state.model_name, authorize=authorize))
     return app
 
 

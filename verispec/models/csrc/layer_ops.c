@@ -385,46 +385,127 @@ static inline float rounded1(float v) {
   return v;
 }
 
+/* A tree row's key j (its virtual sequence: the context positions 0..start-1, then its path
+   from the tree's root, path[d] the row of the node at depth d, positions start + path[d]);
+   a chain row's (path NULL) is position j. */
+static inline int64_t tree_position(int64_t j, int64_t start, const int64_t* path) {
+  return path == NULL || j < start ? j : start + path[j - start];
+}
+
+/* Key or value j of a row's sequence (tree_position), in the pool. */
+static inline const float* path_at(const float* pool, const int64_t* table, int64_t g, int64_t j, int64_t Hkv,
+                                   int64_t bs, int64_t hd, int64_t start, const int64_t* path) {
+  return paged_at(pool, table, g, tree_position(j, start, path), Hkv, bs, hd);
+}
+
 /* One row without scratch (a context past PAGED_SCRATCH_FLOATS, or out of memory): the scores
    are computed three times (max, total, weights), each time the same bits, so the output is
-   the same as the buffered path's. */
+   the same as the buffered path's. A tree row reads its virtual sequence (tree_position). */
 static void paged_attend_unbuffered(const float* q, const float* keys, const float* values, const int64_t* table,
                                     int64_t g, int64_t Hkv, int64_t bs, int64_t hd, int64_t n, float scale,
-                                    float* o) {
+                                    float* o, int64_t start, const int64_t* path) {
   float s[8], top = -INFINITY;
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    _mm256_storeu_ps(s, _mm256_mul_ps(dot8(q, paged_at(keys, table, g, j, Hkv, bs, hd), hd), _mm256_set1_ps(scale)));
+    _mm256_storeu_ps(s, _mm256_mul_ps(dot8(q, path_at(keys, table, g, j, Hkv, bs, hd, start, path), hd), _mm256_set1_ps(scale)));
     for (int u = 0; u < 8; ++u) top = s[u] > top ? s[u] : top;
   }
   for (; j < n; ++j) {
-    float x = dot_tail(q, paged_at(keys, table, g, j, Hkv, bs, hd), hd) * scale;
+    float x = dot_tail(q, path_at(keys, table, g, j, Hkv, bs, hd, start, path), hd) * scale;
     top = x > top ? x : top;
   }
   __m256 sum8 = _mm256_setzero_ps();
   for (j = 0; j + 8 <= n; j += 8) {
-    __m256 x = rounded8(_mm256_mul_ps(dot8(q, paged_at(keys, table, g, j, Hkv, bs, hd), hd), _mm256_set1_ps(scale)));
+    __m256 x = rounded8(_mm256_mul_ps(dot8(q, path_at(keys, table, g, j, Hkv, bs, hd, start, path), hd), _mm256_set1_ps(scale)));
     sum8 = _mm256_add_ps(sum8, exp8(_mm256_sub_ps(x, _mm256_set1_ps(top))));
   }
   float lanes[8], total = 0.0f;
   _mm256_storeu_ps(lanes, sum8);
   for (int u = 0; u < 8; ++u) total += lanes[u];
-  for (; j < n; ++j) total += exp1(rounded1(dot_tail(q, paged_at(keys, table, g, j, Hkv, bs, hd), hd) * scale) - top);
+  for (; j < n; ++j) total += exp1(rounded1(dot_tail(q, path_at(keys, table, g, j, Hkv, bs, hd, start, path), hd) * scale) - top);
   for (int64_t i = 0; i < hd; ++i) o[i] = 0.0f;
   for (j = 0; j + 8 <= n; j += 8) {
-    __m256 x = rounded8(_mm256_mul_ps(dot8(q, paged_at(keys, table, g, j, Hkv, bs, hd), hd), _mm256_set1_ps(scale)));
+    __m256 x = rounded8(_mm256_mul_ps(dot8(q, path_at(keys, table, g, j, Hkv, bs, hd, start, path), hd), _mm256_set1_ps(scale)));
     _mm256_storeu_ps(s, exp8(_mm256_sub_ps(x, _mm256_set1_ps(top))));
     for (int u = 0; u < 8; ++u) {
-      const float* vj = paged_at(values, table, g, j + u, Hkv, bs, hd);
+      const float* vj = path_at(values, table, g, j + u, Hkv, bs, hd, start, path);
       float p = s[u] / total;
       for (int64_t i = 0; i < hd; ++i) o[i] = fmaf(p, vj[i], o[i]);
     }
   }
   for (; j < n; ++j) {
-    const float* vj = paged_at(values, table, g, j, Hkv, bs, hd);
-    float p = exp1(rounded1(dot_tail(q, paged_at(keys, table, g, j, Hkv, bs, hd), hd) * scale) - top) / total;
+    const float* vj = path_at(values, table, g, j, Hkv, bs, hd, start, path);
+    float p = exp1(rounded1(dot_tail(q, path_at(keys, table, g, j, Hkv, bs, hd, start, path), hd) * scale) - top) / total;
     for (int64_t i = 0; i < hd; ++i) o[i] = fmaf(p, vj[i], o[i]);
   }
+}
+
+
+/* o[0 .. hd) += p[u] * v_u for the `count` values v + u * hd, u ascending: paged_weigh's
+   arithmetic for one row. */
+static void weigh_run(const float* p, const float* v, int64_t hd, int64_t count, float* o) {
+  int64_t vec = hd / 8 * 8;
+  for (int64_t i = 0; i < vec; i += 64) {
+    switch ((vec - i) / 8) {
+      case 1: weigh_vectors(p, v + i, hd, count, o + i, 1); break;
+      case 2: weigh_vectors(p, v + i, hd, count, o + i, 2); break;
+      case 3: weigh_vectors(p, v + i, hd, count, o + i, 3); break;
+      case 4: weigh_vectors(p, v + i, hd, count, o + i, 4); break;
+      case 5: weigh_vectors(p, v + i, hd, count, o + i, 5); break;
+      case 6: weigh_vectors(p, v + i, hd, count, o + i, 6); break;
+      case 7: weigh_vectors(p, v + i, hd, count, o + i, 7); break;
+      default: weigh_vectors(p, v + i, hd, count, o + i, 8);
+    }
+  }
+  for (int64_t i = vec; i < hd; ++i) {
+    float a = o[i];
+    for (int64_t u = 0; u < count; ++u) a = fmaf(p[u], v[u * hd + i], a);
+    o[i] = a;
+  }
+}
+
+/* A token tree's row: it attends to the context 0..start-1 and to its own path from the root
+   (path[0..depth], rows of the segment), nothing else. Its scores are laid out as the chain
+   that path is would have them (n = start + depth + 1 keys, key start + d the node at depth d)
+   and go through the same softmax and the same ascending sums, so the row gets the bits that
+   row of that chain gets: whatever the tree, a node's output is its path's. `row`: n floats. */
+static void tree_attend_row(const float* q, const float* keys, const float* values, const int64_t* table, int64_t g,
+                            int64_t Hkv, int64_t bs, int64_t hd, int64_t start, const int64_t* path, int64_t depth,
+                            float scale, float* row, float* o) {
+  int64_t n = start + depth + 1, j = 0;
+  __m256 scale8 = _mm256_set1_ps(scale);
+  for (; j + 8 <= start; j += 8)  /* whole groups of the context: 8 keys one after another in a block */
+    _mm256_storeu_ps(row + j, _mm256_mul_ps(dot8(q, paged_at(keys, table, g, j, Hkv, bs, hd), hd), scale8));
+  for (; j < n; ++j)  /* dot_tail sums a key as dot8 does */
+    row[j] = dot_tail(q, path_at(keys, table, g, j, Hkv, bs, hd, start, path), hd) * scale;
+  float total = exponentiate_from(row, n, row_max(row, n));
+  __m256 total8 = _mm256_set1_ps(total);
+  for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(row + j, _mm256_div_ps(_mm256_loadu_ps(row + j), total8));
+  for (; j < n; ++j) row[j] = row[j] / total;
+  for (int64_t i = 0; i < hd; ++i) o[i] = 0.0f;
+  for (j = 0; j < start;) {  /* the context a block's run at a time, then the path a node at a time */
+    int64_t count = bs - j % bs < start - j ? bs - j % bs : start - j;
+    weigh_run(row + j, paged_at(values, table, g, j, Hkv, bs, hd), hd, count, o);
+    j += count;
+  }
+  for (; j < n; ++j) weigh_run(row + j, path_at(values, table, g, j, Hkv, bs, hd, start, path), hd, 1, o);
+}
+
+/* Whether a segment's rows form a tree rather than a chain: some row's parent is not the row
+   before it. parents: per row of the pass, its parent's row, -1 for a segment's first. */
+static int segment_is_tree(const int64_t* parents, int64_t first, int64_t length) {
+  if (parents == NULL) return 0;
+  for (int64_t r = first + 1; r < first + length; ++r)
+    if (parents[r] != r - 1) return 1;
+  return 0;
+}
+
+/* A tree row's path from its segment's root: path[0..depth] (rows of the segment), its depth. */
+static int64_t tree_path(const int64_t* parents, int64_t first, int64_t row, int64_t* path) {
+  int64_t depth = 0;
+  for (int64_t r = row; r != first; r = parents[r]) ++depth;
+  for (int64_t r = row, d = depth; d >= 0; r = parents[r], --d) path[d] = r - first;
+  return depth;
 }
 
 /* attention for a batch over the paged cache. The T rows of qkv / out form S segments: segment
@@ -432,11 +513,15 @@ static void paged_attend_unbuffered(const float* q, const float* keys, const flo
    block table starts at tables[table_start[s]]; the row at position p sees that sequence's
    positions 0..p. Each row's output is the bits attention gives it over a contiguous cache,
    whatever the segments, their order and the thread count. Work items are (segment, head,
-   chunk of rows); a chunk reads each value once for all its rows. */
+   chunk of rows); a chunk reads each value once for all its rows. `parents` (NULL: every
+   segment a chain) gives per row of the pass its parent's row (-1 for a segment's first): a
+   segment whose rows are not a chain is a token tree, its rows at positions seg_pos + their
+   depth (`positions` of rope_store_paged), stored at slots seg_pos + their index, each row
+   attending to the context and its own path (tree_attend_row). */
 void paged_attention_team(const float* qkv, int64_t S, const int64_t* seg_row, const int64_t* seg_len,
-                          const int64_t* seg_pos, const int64_t* tables, const int64_t* table_start, int64_t H,
-                          int64_t Hkv, int64_t hd, const float* keys, const float* values, int64_t bs, float scale,
-                          float* out) {
+                          const int64_t* seg_pos, const int64_t* tables, const int64_t* table_start,
+                          const int64_t* parents, int64_t H, int64_t Hkv, int64_t hd, const float* keys,
+                          const float* values, int64_t bs, float scale, float* out) {
   int64_t width = (H + 2 * Hkv) * hd, group = H / Hkv, chunks = 0;
   for (int64_t s = 0; s < S; ++s) {
     int64_t rows = paged_chunk_rows(seg_pos[s] + seg_len[s]);
@@ -459,6 +544,24 @@ void paged_attention_team(const float* qkv, int64_t S, const int64_t* seg_row, c
       const int64_t* table = tables + table_start[s];
       const float* q0 = qkv + (seg_row[s] + first) * width + h * hd;
       float* o0 = out + (seg_row[s] + first) * H * hd + h * hd;
+      if (segment_is_tree(parents, seg_row[s], seg_len[s])) {
+        int64_t path[PAGED_MAX_ROWS + 1], n = seg_pos[s] + seg_len[s];
+        if (n > capacity) {
+          free(scores);
+          scores = scratch_floats(1, n);
+          capacity = scores ? n : 0;
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          int64_t depth = tree_path(parents, seg_row[s], seg_row[s] + first + t, path);
+          if (scores)
+            tree_attend_row(q0 + t * width, keys, values, table, g, Hkv, bs, hd, seg_pos[s], path, depth, scale,
+                            scores, o0 + t * H * hd);
+          else
+            paged_attend_unbuffered(q0 + t * width, keys, values, table, g, Hkv, bs, hd, seg_pos[s] + depth + 1,
+                                    scale, o0 + t * H * hd, seg_pos[s], path);
+        }
+        continue;
+      }
       if (T * end <= PAGED_SCRATCH_FLOATS && T * end > capacity) {
         free(scores);
         scores = scratch_floats(T, end);
@@ -467,7 +570,7 @@ void paged_attention_team(const float* qkv, int64_t S, const int64_t* seg_row, c
       if (T * end > capacity) {
         for (int64_t t = 0; t < T; ++t)
           paged_attend_unbuffered(q0 + t * width, keys, values, table, g, Hkv, bs, hd, start + t + 1, scale,
-                                  o0 + t * H * hd);
+                                  o0 + t * H * hd, 0, NULL);
         continue;
       }
       paged_scores(q0, width, keys, values, table, g, Hkv, bs, hd, start, T, scale, scores);
@@ -488,11 +591,11 @@ void paged_attention_team(const float* qkv, int64_t S, const int64_t* seg_row, c
 }
 
 void paged_attention(const float* qkv, int64_t S, const int64_t* seg_row, const int64_t* seg_len,
-                     const int64_t* seg_pos, const int64_t* tables, const int64_t* table_start, int64_t H,
-                     int64_t Hkv, int64_t hd, const float* keys, const float* values, int64_t bs, float scale,
-                     float* out, int threads) {
-  VS_TEAM(threads, paged_attention_team(qkv, S, seg_row, seg_len, seg_pos, tables, table_start, H, Hkv, hd, keys,
-                                        values, bs, scale, out));
+                     const int64_t* seg_pos, const int64_t* tables, const int64_t* table_start,
+                     const int64_t* parents, int64_t H, int64_t Hkv, int64_t hd, const float* keys,
+                     const float* values, int64_t bs, float scale, float* out, int threads) {
+  VS_TEAM(threads, paged_attention_team(qkv, S, seg_row, seg_len, seg_pos, tables, table_start, parents, H, Hkv,
+                                        hd, keys, values, bs, scale, out));
 }
 
 /* out (T, H hd): for query row t (position start+t) and head h, softmax(q . k_j * scale) over
@@ -505,7 +608,7 @@ void attention_team(const float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t
                     const float* values, int64_t P, int64_t start, float scale, float* out) {
   static const int64_t zero[1] = {0};
   const int64_t rows[1] = {T}, position[1] = {start};
-  paged_attention_team(qkv, 1, zero, rows, position, zero, zero, H, Hkv, hd, keys, values, P, scale, out);
+  paged_attention_team(qkv, 1, zero, rows, position, zero, zero, NULL, H, Hkv, hd, keys, values, P, scale, out);
 }
 
 void attention(const float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* keys,

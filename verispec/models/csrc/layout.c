@@ -66,6 +66,7 @@ static const entry entries[] = {
   FIELD(vs_attention, seg_pos),
   FIELD(vs_attention, tables),
   FIELD(vs_attention, table_start),
+  FIELD(vs_attention, parents),
 
   STRUCTURE(vs_scratch),
   FIELD(vs_scratch, h),

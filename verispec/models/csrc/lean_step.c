@@ -84,8 +84,8 @@ static void attend(const vs_model* m, const vs_attention* a, int64_t i, float* q
     EACH_ROW(T, t)
     rope_store_paged(qkv + t * width, 1, H, Hkv, hd, m->cos, m->sin, a->positions + t, a->slots + t, keys, values,
                      a->block_size);
-    paged_attention_team(qkv, a->segments, a->seg_row, a->seg_len, a->seg_pos, a->tables, a->table_start, H, Hkv,
-                         hd, keys, values, a->block_size, m->scale, attn);
+    paged_attention_team(qkv, a->segments, a->seg_row, a->seg_len, a->seg_pos, a->tables, a->table_start,
+                         a->parents, H, Hkv, hd, keys, values, a->block_size, m->scale, attn);
     return;
   }
   EACH_ROW(T, t)

@@ -53,8 +53,8 @@ int quant_q8_team(int type, const float* x, int64_t M, const uint8_t* packed, in
 void attention_team(const float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* keys,
                     const float* values, int64_t P, int64_t start, float scale, float* out);
 void paged_attention_team(const float* qkv, int64_t S, const int64_t* seg_row, const int64_t* seg_len,
-                          const int64_t* seg_pos, const int64_t* tables, const int64_t* table_start, int64_t H,
-                          int64_t Hkv, int64_t hd, const float* keys, const float* values, int64_t bs, float scale,
-                          float* out);
+                          const int64_t* seg_pos, const int64_t* tables, const int64_t* table_start,
+                          const int64_t* parents, int64_t H, int64_t Hkv, int64_t hd, const float* keys,
+                          const float* values, int64_t bs, float scale, float* out);
 
 #endif

@@ -89,6 +89,7 @@ typedef struct {
   const int64_t *positions, *slots; /* paged, per row */
   int64_t block_size, segments;
   const int64_t *seg_row, *seg_len, *seg_pos, *tables, *table_start;
+  const int64_t* parents; /* paged: NULL, or per row its parent's row (token trees, paged_attention) */
 } vs_attention;
 
 /* Per-pass buffers, T rows each: h (D), qkv ((H + 2 Hkv) hd), attn (H hd), gate_up (2 F), act (F). */
@@ -116,9 +117,9 @@ void rope_store_paged(float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd,
                       const float* sin_table, const int64_t* positions, const int64_t* slots, float* keys,
                       float* values, int64_t bs);
 void paged_attention(const float* qkv, int64_t S, const int64_t* seg_row, const int64_t* seg_len,
-                     const int64_t* seg_pos, const int64_t* tables, const int64_t* table_start, int64_t H,
-                     int64_t Hkv, int64_t hd, const float* keys, const float* values, int64_t bs, float scale,
-                     float* out, int threads);
+                     const int64_t* seg_pos, const int64_t* tables, const int64_t* table_start,
+                     const int64_t* parents, int64_t H, int64_t Hkv, int64_t hd, const float* keys,
+                     const float* values, int64_t bs, float scale, float* out, int threads);
 void silu_mul(const float* gate_up, int64_t T, int64_t F, float* out);
 
 /* quant_linear.c: GGUF block-quantized weights; 0, VS_ERROR_UNSUPPORTED for a type it lacks, or
