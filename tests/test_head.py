@@ -160,18 +160,23 @@ def test_greedy_output_is_the_verifiers_at_every_depth_and_in_a_batch(head_setti
     assert all(r.stats.proposer_failures == 0 for r in requests)
 
 
+def head_from(target_path: str, folder: Path, scale: float) -> str:
+    """An untrained head for the target, its output layer scaled by `scale` (peaked drafts: often
+    accepted, often not), saved where the loader finds it; its path."""
+    target = load_model(target_path, CPU, torch.float32)
+    torch.manual_seed(1)
+    D, vocab = target.embed.shape[1], target.vocab_size
+    net = HeadNet(D, target.heads, target.kv_heads, target.head_dim, 2 * D, 1, target.eps, vocab)
+    with torch.no_grad():
+        net.lm_head.weight.mul_(scale)
+    save_head(net, torch.arange(vocab), head_config(target, target_path, 1, vocab, 2 * D), folder, "float16")
+    return str(folder)
+
+
 def test_sampled_output_is_distributed_as_the_targets(tmp_path):
     """The statistical test of `test_sampling_distribution.py`, drafting with a head."""
     target_path = save(llama(VOCAB, layers=2, seed=30, hidden=16), tmp_path / "target", VOCAB)
-    target = load_model(target_path, CPU, torch.float32)
-    torch.manual_seed(1)
-    net = HeadNet(16, target.heads, target.kv_heads, target.head_dim, 32, 1, target.eps, VOCAB)
-    with torch.no_grad():
-        net.lm_head.weight.mul_(8)  # peaked drafts: often accepted, often not
-    save_head(
-        net, torch.arange(VOCAB), head_config(target, target_path, 1, VOCAB, 32), tmp_path / "head", "float16"
-    )
-    engine = build_engine(Settings(target=target_path, draft=str(tmp_path / "head")))
+    engine = build_engine(Settings(target=target_path, draft=head_from(target_path, tmp_path / "head", 8.0)))
     engine.pin_costs(PassCosts(tuple(range(1, 10)), (1.0,) * 9, draft_s=0.01))
     engine.eos_ids = frozenset()  # token 0 is an ordinary token here: every sample has two tokens
     expected = exact_two_token_distribution(engine)

@@ -64,6 +64,13 @@ class SpeculationSettings(BaseModel):
 
     depth: Depth = Field("auto", description="draft tokens per round: an integer (0 = verifier only) or auto")
     max_depth: int = Field(8, ge=1, le=64, description="upper bound for --depth auto")
+    tree_width: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="candidates per draft position: above 1, a draft head or draft model offers its next most likely "
+        "tokens beside its chain, verified as a token tree in the same pass (narrowed as the batch fills; 1 = chains)",
+    )
     draft_confidence: float = Field(
         0.0,
         ge=0.0,

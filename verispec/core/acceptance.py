@@ -83,3 +83,81 @@ def accept_stochastic(
     # distribution itself is then the right fallback.
     next_dist = torch.where(mass > 0, next_dist / mass.clamp_min(1e-30), target_probs[rows, accepted])
     return Verdict(accepted, sample(next_dist, generator))
+
+
+@dataclass(frozen=True)
+class TreeVerdict:
+    path: list[int]  # the accepted nodes, root excluded, in order (`Proposal` numbers them)
+    next_token: int  # recovered after the path's last node, or the bonus below a leaf
+
+
+def accept_tree_chosen(children: list[list[int]], nodes: list[int], target_tokens: list[int]) -> TreeVerdict:
+    """Walk the tree from the root while a child holds the verifier's own choice after its node
+    (its argmax, or its coupled draw): the longest path that matches, then that choice.
+    children[v]: node v's children; nodes[v]: node v's token (the root's unused); target_tokens[v]:
+    the verifier's choice after node v."""
+    path, node = [], 0
+    while True:
+        chosen = target_tokens[node]
+        child = next((c for c in children[node] if nodes[c] == chosen), None)
+        if child is None:
+            return TreeVerdict(path, chosen)
+        path.append(child)
+        node = child
+
+
+def accept_tree_stochastic(
+    children: list[list[int]],
+    nodes: list[int],
+    draft_probs: torch.Tensor | None,
+    chain: int,
+    target_probs: torch.Tensor,
+    generator: torch.Generator | None,
+) -> TreeVerdict:
+    """Multi-draft speculative sampling over a tree (SpecInfer, Miao et al. 2024; SpecTr, Sun et
+    al. 2023): at each node its children are tried in order against what is left of the target
+    distribution. The chain's child (a draw from draft_probs, nodes 1..chain) is accepted with
+    probability min(1, p(x) / q(x)) and on rejection leaves the residual norm(max(0, p - q)); a
+    branch is a point mass offered as it is, so it is accepted with probability r(y) under the
+    current residual r and on rejection leaves r with y removed. Each try samples the residual
+    exactly whatever the candidates (which depend only on the draft), so the token after the last
+    accepted node, drawn from the final residual, is distributed exactly as the target's sample:
+    the output is the verifier's distribution, as `accept_stochastic`'s is for a chain.
+
+    draft_probs (chain, V) or None (point masses); target_probs (nodes, V), row v the target's
+    distribution after node v (the root's first)."""
+    path, node = [], 0
+    while True:
+        residual = target_probs[node]
+        accepted = None
+        for child in children[node]:
+            x = nodes[child]
+            u = float(torch.rand((), generator=generator, device=residual.device))
+            q = draft_probs[child - 1] if draft_probs is not None and child <= chain else None
+            if q is None:  # a point mass: accepted with probability r(x)
+                if u < float(residual[x]):
+                    accepted = child
+                    break
+                residual = residual.clone()
+                residual[x] = 0.0
+            else:
+                if u * float(q[x]) < float(residual[x]):
+                    accepted = child
+                    break
+                residual = (residual - q).clamp_min(0.0)
+            mass = residual.sum()
+            # No mass left happens only through rounding; the target distribution is then the fallback.
+            residual = residual / mass if mass > 0 else target_probs[node]
+        if accepted is None:
+            return TreeVerdict(path, int(sample(residual[None], generator)[0]))
+        path.append(accepted)
+        node = accepted
+
+
+def tree_children(parents: list[int]) -> list[list[int]]:
+    """Per node its children, in node order (the chain's child first)."""
+    children: list[list[int]] = [[] for _ in parents]
+    for node, parent in enumerate(parents):
+        if parent >= 0:
+            children[parent].append(node)
+    return children

@@ -12,6 +12,7 @@ import torch
 from verispec.core.kv_cache import BlockTable
 from verispec.core.runner import ModelRunner, Segment
 from verispec.core.sampling import align_vocab, draw_draft
+from verispec.core.trees import Growth, top_tokens
 from verispec.errors import ProposerError
 from verispec.models.lean import LeanLM
 from verispec.proposers.base import DraftPolicy, Proposal
@@ -84,13 +85,15 @@ class DraftBatch:
             return proposals
         tokens: list[list[int]] = [[] for _ in items]
         probs: list[list[torch.Tensor]] = [[] for _ in items]
-        active = [i for i, (_, _, depth, _) in enumerate(items) if depth > 0]
+        trees = {i: Growth(context[-1], policy.width, depth) for i, (_, context, depth, policy) in enumerate(items) if depth > 0 and policy.width > 1 and self.runner.trees}
+        active = [i for i, (_, _, depth, _) in enumerate(items) if depth > 0 and i not in trees]
         while active:
             fed = []
             for i in active:
                 state, _, depth, policy = items[i]
                 position = len(items[i][1]) + len(tokens[i])
-                token, dist = draw_draft(align_vocab(logits[i], self.target_vocab_size), policy, first=not tokens[i], position=position)
+                row = align_vocab(logits[i], self.target_vocab_size)
+                token, dist = draw_draft(row, policy, first=not tokens[i], position=position)
                 if token is None:
                     continue  # the draft is unsure: stop here
                 tokens[i].append(token)
@@ -108,14 +111,42 @@ class DraftBatch:
                 items[i][0].cached.append(tokens[i][-1])
                 logits[i] = out[-1]
             active = fed
+        self._grow(items, trees, logits, started, timed)
         self.pass_s = draft_pass_s(timed)
-        return [Proposal(t, torch.stack(p) if p else None) for t, p in zip(tokens, probs, strict=True)]
+        return [
+            trees[i].proposal(items[i][3].width * items[i][2]) if i in trees else Proposal(t, torch.stack(p) if p else None)
+            for i, (t, p) in enumerate(zip(tokens, probs, strict=True))
+        ]
+
+    def _grow(self, items, trees: dict[int, Growth], logits: list[torch.Tensor], started: float, timed: list) -> None:
+        """Grow each token tree a level per draft pass (`trees.Growth`), from its root's row: the
+        fed nodes as one tree segment from the root's position (the last context token, fed
+        again: the same bits), the frontier's rows read."""
+        for i, tree in trees.items():
+            tree.expand([top_tokens(align_vocab(logits[i], self.target_vocab_size), tree.width)])
+        growing = [i for i, tree in trees.items() if tree.growing]
+        while growing:
+            segments, frontiers = [], []
+            for i in growing:
+                ids, parents, frontier = trees[i].segment()
+                state = items[i][0]
+                segments.append(Segment(ids, len(items[i][1]) - 1, state.table, logits=len(frontier), parents=parents))
+                frontiers.append(frontier)
+            t0 = time.perf_counter()
+            outputs = self.runner.forward(segments)
+            timed.append((sum(len(s.tokens) for s in segments), len(segments), time.perf_counter() - t0))
+            for i, out in zip(growing, outputs, strict=True):
+                tree = trees[i]
+                tree.expand([top_tokens(align_vocab(row, self.target_vocab_size), tree.width) for row in out])
+            budget = min(policy.time_budget_s for _, _, _, policy in items)
+            growing = [i for i in growing if trees[i].growing and time.perf_counter() - started <= budget]
 
     def _greedy_native(self, items) -> bool:
         """Whether the whole draft can run in one native call: greedy drafts with no confidence
         floor and no distributions wanted, on the kernel step."""
         return self.runner.greedy_native() and all(
-            policy.sampling.greedy and policy.min_confidence == 0 and not policy.want_probs for _, _, _, policy in items
+            policy.sampling.greedy and policy.min_confidence == 0 and not policy.want_probs and policy.width == 1
+            for _, _, _, policy in items
         )
 
     def _greedy(self, items, logits: list[torch.Tensor]) -> list[Proposal]:

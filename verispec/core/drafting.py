@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from verispec.core.draft_batch import DraftBatch
 from verispec.core.head_batch import HeadBatch
@@ -28,7 +29,7 @@ from verispec.core.proposing import Busy, Proposing, TimedOut
 from verispec.core.request import Request
 from verispec.core.rounds import validate
 from verispec.core.runner import batchable
-from verispec.proposers.base import Proposal, Proposer
+from verispec.proposers.base import DraftPolicy, Proposal, Proposer
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ def open_session(proposer: Proposer, share_key: str = ""):
     if getattr(proposer, "per_key", False):
         return proposer.session(share_key)
     return proposer.session()
+
+
+def _widened(policy: DraftPolicy, width: int) -> DraftPolicy:
+    return policy if policy.width == width else replace(policy, width=width)
 
 
 class Drafting:
@@ -81,9 +86,13 @@ class Drafting:
         """Whether a plug-in's previous call for this request has not returned."""
         return self.proposing.busy(request)
 
-    def propose(self, rounds: list[Request], depths: dict[Request, int]) -> tuple[dict[Request, Proposal], dict[Request, float]]:
+    def propose(
+        self, rounds: list[Request], depths: dict[Request, int], widths: dict[Request, int] | None = None
+    ) -> tuple[dict[Request, Proposal], dict[Request, float]]:
         """Drafts for every round with a depth; an empty proposal wherever the proposer cannot help.
-        Also the proposing time charged to each request."""
+        `widths`: candidates per draft position where a round may take a token tree (a batched
+        drafter offers alternatives beside its chain). Also the proposing time charged to each request."""
+        widths = widths or {}
         self.failed = set()
         proposals = {r: Proposal.empty() for r in rounds}
         calls, inline, members = {}, {}, {}
@@ -116,7 +125,7 @@ class Drafting:
                 results[key] = exc
         for batch, requests in members.items():
             if isinstance(batch, DraftBatch | HeadBatch):
-                results[batch] = self._draft_batch(batch, requests, depths)
+                results[batch] = self._draft_batch(batch, requests, depths, widths)
         results |= self.proposing.collect(max(0.0, budget - (time.perf_counter() - started)))
         waited = time.perf_counter() - started
         propose_s = {}
@@ -142,8 +151,10 @@ class Drafting:
                     self._fall_back(request, outcome)
         return proposals, propose_s
 
-    def _draft_batch(self, batch: DraftBatch | HeadBatch, requests: list[Request], depths: dict[Request, int]) -> list[Proposal] | Exception:
-        items = [(r.session, r.tokens, depths[r], r.draft_policy) for r in requests]
+    def _draft_batch(
+        self, batch: DraftBatch | HeadBatch, requests: list[Request], depths: dict[Request, int], widths: dict[Request, int]
+    ) -> list[Proposal] | Exception:
+        items = [(r.session, r.tokens, depths[r], _widened(r.draft_policy, widths.get(r, 1))) for r in requests]
         try:
             proposals = batch.propose(items)
         except Exception as exc:  # noqa: BLE001 (every request of the batch falls back)

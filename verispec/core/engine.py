@@ -41,6 +41,7 @@ from verispec.core.request import Request
 from verispec.core.rounds import Completion, Delta, Round, accept, emit, inspect, token_logprobs
 from verispec.core.runner import Segment
 from verispec.core.sampling import PositionNoise, request_generator
+from verispec.core.trees import chain_prefix, choose_widths
 from verispec.errors import UserError
 from verispec.proposers.base import DraftPolicy, Proposal, Proposer
 from verispec.stats import RequestStats
@@ -292,9 +293,11 @@ class Engine:
         self._draft_ahead(plan)
         announced = {r for r in plan.rounds if r.early is not None}  # shown while the prompt prefilled
         drafted = {r: 0 if r.forced else d for r, d in plan.depths.items()}
-        proposals, propose_s = self.drafting.propose(plan.rounds, drafted)
+        proposals, propose_s = self.drafting.propose(plan.rounds, drafted, self._widths(plan.rounds, drafted))
         masks, failed = {}, []
         for request in plan.rounds:
+            if proposals[request].branches and not self._takes_trees(request):
+                proposals[request] = proposals[request].chain()
             if request.grammar is None:
                 continue
             try:
@@ -310,9 +313,12 @@ class Engine:
             self.on_proposed({r: p for r, p in proposals.items() if p.tokens and r not in announced})
         # A draft head's requests also keep their rows' features (the verifier's final hidden states).
         segments = [
-            Segment([r.tokens[-1], *proposals[r].tokens], r.table.computed, r.table, features=reads_features(r))
+            Segment(
+                [r.tokens[-1], *proposals[r].nodes], r.table.computed, r.table, features=reads_features(r),
+                parents=proposals[r].parents() if proposals[r].branches else None,
+            )
             for r in plan.rounds
-        ]
+        ]  # fmt: skip
         for r, n in plan.chunks:  # a chunk writes keys and values; logits only for rows scoring prompt logprobs
             start = r.table.computed
             scored = rows_to_score(r, start, n)
@@ -342,19 +348,23 @@ class Engine:
                 target_logits = _masked(target_logits, masks[request], request.stop_ids)
             position = len(request.tokens)  # the output position row 0 scores
             verdict = accept(request.params, proposal, target_logits, request.draft_policy.generator, request.noise, position)
-            accepted = int(verdict.accepted[0])
-            if segment.hidden is not None:  # the verified rows': the last token's and the accepted drafts'
-                self.drafting.observe(request, segment.start, segment.hidden[: 1 + accepted])
-            request.table.verified(request.table.computed + 1 + accepted, request.tokens + proposal.tokens[:accepted])
+            accepted, kept = len(verdict.path), [0, *verdict.path]  # the verified rows: the last token's, the accepted path's
+            drafts = [request.tokens[-1], *proposal.nodes]
+            if proposal.branches:  # the path's keys and values to its positions; the other nodes' are left behind
+                self.runner.keep_path(request.table, request.table.computed, kept)
+                target_logits = target_logits[kept]  # row i now scores the path's token i
+            if segment.hidden is not None:
+                self.drafting.observe(request, segment.start, segment.hidden[kept])
+            request.table.verified(request.table.computed + 1 + accepted, request.tokens + [drafts[v] for v in verdict.path])
             stats = request.stats
-            share = pass_s * (1 + len(proposal.tokens)) / rows
+            share = pass_s * len(segment.tokens) / rows
             stats.verify_s += share
             stats.record_round(plan.depths[request], len(proposal.tokens), accepted)
             request.acceptance.update(len(proposal.tokens), accepted)
             if request.remote is not None:
                 request.remote.hint = self.remote_hint(request)
             round_ = Round(
-                plan.depths[request], len(proposal.tokens), accepted,
+                plan.depths[request], len(proposal.tokens), accepted, chain_accepted=chain_prefix(verdict.path),
                 propose_s=propose_s.get(request, 0.0), verify_s=share,
                 proposer_failed=request in self.drafting.failed,
                 started_ns=started_ns, ended_ns=ended_ns,
@@ -362,7 +372,7 @@ class Engine:
                 if request.inspect and proposal.tokens else None,
             )  # fmt: skip
             stats.mismatch_s += round_.mismatch_s
-            new_tokens = proposal.tokens[:accepted] + [int(verdict.next_token[0])]
+            new_tokens = [drafts[v] for v in verdict.path] + [verdict.next_token]
             top = request.params.logprobs
             logprobs = None if top is None else token_logprobs(target_logits, new_tokens, top)
             delta = emit(request, new_tokens, round_, request.stop_ids, logprobs)
@@ -488,6 +498,24 @@ class Engine:
                 depths |= self._goodput([request], limits, self.costs(live=False) if fixed else costs)
         beside = sum(1 + k for k in depths.values())
         return depths | self._goodput(shared, limits, costs, beside)
+
+    def _takes_trees(self, request: Request) -> bool:
+        """Whether a round of this request may verify a token tree: a runner with tree attention,
+        and nothing that reads the drafts as a chain (logits processing, a grammar's masks, an
+        inspection of the drafts, an edge client's drafts)."""
+        return (
+            getattr(self.runner, "trees", False) and request.processing is None and request.grammar is None
+            and not request.inspect and request.remote is None
+        )  # fmt: skip
+
+    def _widths(self, requests: list[Request], depths: dict[Request, int]) -> dict[Request, int]:
+        """Candidates per draft position for each round (`trees.choose_widths`): above 1, a tree."""
+        wanted = {r: r.speculation.tree_width for r in requests if depths.get(r, 0) > 0 and self._takes_trees(r)}
+        wanted = {r: w for r, w in wanted.items() if w != 1}
+        if not wanted:
+            return {}
+        base_rows = sum(1 + depths[r] for r in requests)
+        return choose_widths(wanted, depths, self.costs(), base_rows)
 
     def remote_hint(self, request: Request) -> int:
         """The depth that pays best for the verifier, by the session's acceptance so far and the

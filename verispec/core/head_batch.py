@@ -20,6 +20,7 @@ from verispec.core.draft_batch import draft_pass_s
 from verispec.core.kv_cache import BlockTable
 from verispec.core.runner import ModelRunner, Segment
 from verispec.core.sampling import draw_draft
+from verispec.core.trees import Growth, top_tokens
 from verispec.errors import ProposerError
 from verispec.models.head import DraftHead
 from verispec.proposers.base import DraftPolicy, Proposal
@@ -100,6 +101,7 @@ class HeadBatch:
         greedy = {i: items[i][3].sampling.greedy and not items[i][3].want_probs for i in drafting}
         tokens: list[list[int]] = [[] for _ in items]
         probs: list[list[torch.Tensor]] = [[] for _ in items]
+        trees = {i: Growth(items[i][1][-1], items[i][3].width, items[i][2]) for i in drafting if items[i][3].width > 1 and self.runner.trees}
         timed = []
         while segments:
             t0 = time.perf_counter()
@@ -108,6 +110,10 @@ class HeadBatch:
             going, following = [], []
             for i, segment, out in zip(drafting, segments, outputs, strict=True):
                 state, context, depth, policy = items[i]
+                if i in trees:  # grown a level per pass from here (`_grow`)
+                    trees[i].expand([self._top(out[-1], trees[i].width)])
+                    trees[i].hidden = {0: segment.hidden[-1]}
+                    continue
                 position = len(context) + len(tokens[i])  # of the token drafted now
                 row = out[-1] if greedy[i] else head.target_logits(out[-1])
                 token, dist = draw_draft(row, policy, first=not tokens[i], position=position)
@@ -125,5 +131,42 @@ class HeadBatch:
                         )
                     )
             drafting, segments = going, following
+        self._grow(items, trees, started, timed)
         self.pass_s = draft_pass_s(timed)
-        return [Proposal(t, torch.stack(p) if p else None) for t, p in zip(tokens, probs, strict=True)]
+        return [
+            trees[i].proposal(items[i][3].width * items[i][2]) if i in trees else Proposal(t, torch.stack(p) if p else None)
+            for i, (t, p) in enumerate(zip(tokens, probs, strict=True))
+        ]
+
+    def _top(self, row: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A head row's likeliest tokens, as the verifier's ids (the draft vocabulary's, mapped)."""
+        ids, logps = top_tokens(row, width)
+        return self.head.d2t[ids], logps
+
+    def _grow(self, items, trees: dict[int, Growth], started: float, timed: list) -> None:
+        """Grow each token tree a level per head pass (`trees.Growth`): the fed nodes as one tree
+        segment from the root's position (the last verified position, fed again with the
+        verifier's feature: the same bits), every other node fed its token with the feature the
+        head predicted at its parent; the frontier's rows read."""
+        growing = [i for i, tree in trees.items() if tree.growing]
+        while growing:
+            segments = []
+            for i in growing:
+                tree, (state, context, _, _) = trees[i], items[i]
+                ids, parents, frontier = tree.segment()
+                root = state.features[len(context) - 2 : len(context) - 1]
+                fed = tree.fed
+                inputs = torch.cat([root, *(tree.hidden[tree.parents[v]][None] for v in fed[1:])])
+                segments.append(
+                    Segment(ids, len(context) - 2, state.table, logits=len(frontier), features=True, inputs=inputs, parents=parents)
+                )
+            t0 = time.perf_counter()
+            outputs = self.runner.forward(segments)
+            timed.append((sum(len(s.tokens) for s in segments), len(segments), time.perf_counter() - t0))
+            for i, segment, out in zip(growing, segments, outputs, strict=True):
+                tree = trees[i]
+                for row, v in enumerate(tree.fed):
+                    tree.hidden[v] = segment.hidden[row]
+                tree.expand([self._top(r, tree.width) for r in out])
+            budget = min(policy.time_budget_s for _, _, _, policy in items)
+            growing = [i for i in growing if trees[i].growing and time.perf_counter() - started <= budget]

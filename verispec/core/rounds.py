@@ -10,13 +10,23 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from verispec.config import SamplingParams
-from verispec.core.acceptance import Verdict, accept_chosen, accept_greedy, accept_stochastic
+from verispec.core.acceptance import (
+    TreeVerdict,
+    accept_chosen,
+    accept_greedy,
+    accept_stochastic,
+    accept_tree_chosen,
+    accept_tree_stochastic,
+    tree_children,
+)
 from verispec.core.drift import Inspection, inspect_round
 from verispec.core.sampling import PositionNoise, warp
 from verispec.errors import ProposerError
 from verispec.models.backend import CausalLM
 from verispec.proposers.base import Proposal
 from verispec.stats import RequestStats
+
+MAX_BRANCHES = 64  # a tree's nodes off its chain
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,14 @@ class Round:
     started_ns: int = 0  # wall clock (time.time_ns), for trace spans
     ended_ns: int = 0
     inspection: Inspection | None = None  # inspected requests only, rounds with drafts only
+    # Of the chain's drafts (the ones a provisional stream showed), how many the verifier kept:
+    # `accepted` unless a token tree's path left the chain for a branch. None: `accepted`.
+    chain_accepted: int | None = None
+
+    @property
+    def kept_drafts(self) -> int:
+        """Of the drafts a provisional stream showed (the chain's), how many the verifier kept."""
+        return self.accepted if self.chain_accepted is None else self.chain_accepted
 
     @property
     def mismatch_s(self) -> float:
@@ -69,18 +87,37 @@ class Completion:
 def accept(
     params: SamplingParams, proposal: Proposal, target_logits: torch.Tensor, generator: torch.Generator | None,
     noise: PositionNoise | None = None, position: int = 0,
-) -> Verdict:
-    """The acceptance rule for one request's round: (k+1, V) processed logits of its drafts, the
-    first scoring output position `position`. Greedy: the argmax; coupled sampling (`noise`):
-    each position's own draw; else speculative sampling's rejection rule, drawing from `generator`."""
+) -> TreeVerdict:
+    """The acceptance rule for one request's round: processed logits of its nodes (root first,
+    row v scoring the token after node v), the root's row scoring output position `position`.
+    Greedy: the argmax; coupled sampling (`noise`): each position's own draw; else speculative
+    sampling's rejection rule, drawing from `generator`. A chain's verdict is its accepted
+    prefix; a tree's, the path it accepted (`acceptance.accept_tree_*`)."""
+    if proposal.branches:
+        return _accept_tree(params, proposal, target_logits, generator, noise, position)
     drafts = torch.tensor([proposal.tokens], dtype=torch.long, device=target_logits.device)  # (1, k)
     if params.greedy:
-        return accept_greedy(drafts, target_logits[None])
+        verdict = accept_greedy(drafts, target_logits[None])
+    else:
+        target_probs = warp(target_logits, params)
+        if noise is not None:
+            verdict = accept_chosen(drafts, noise.choose(target_probs, range(position, position + len(target_probs)))[None])
+        else:
+            draft_probs = None if proposal.probs is None else proposal.probs.to(target_logits.device)[None]
+            verdict = accept_stochastic(drafts, draft_probs, target_probs[None], generator)
+    return TreeVerdict(list(range(1, int(verdict.accepted[0]) + 1)), int(verdict.next_token[0]))
+
+
+def _accept_tree(params, proposal, target_logits, generator, noise, position) -> TreeVerdict:
+    children, nodes = tree_children(proposal.parents()), [-1, *proposal.nodes]
+    if params.greedy:
+        return accept_tree_chosen(children, nodes, target_logits.argmax(dim=-1).tolist())
     target_probs = warp(target_logits, params)
-    if noise is not None:
-        return accept_chosen(drafts, noise.choose(target_probs, range(position, position + len(target_probs)))[None])
-    draft_probs = None if proposal.probs is None else proposal.probs.to(target_logits.device)[None]
-    return accept_stochastic(drafts, draft_probs, target_probs[None], generator)
+    if noise is not None:  # each node's draw is its output position's (the root's is `position`)
+        chosen = noise.choose(target_probs, [position + d for d in proposal.depths()])
+        return accept_tree_chosen(children, nodes, chosen.tolist())
+    draft_probs = None if proposal.probs is None else proposal.probs.to(target_logits.device)
+    return accept_tree_stochastic(children, nodes, draft_probs, len(proposal.tokens), target_probs, generator)
 
 
 @dataclass(frozen=True)
@@ -107,12 +144,11 @@ def token_logprobs(target_logits: torch.Tensor, tokens: list[int], top: int) -> 
     return out
 
 
-def inspect(params: SamplingParams, proposal: Proposal, target_logits: torch.Tensor, verdict: Verdict, generated: int) -> Inspection:
-    """Drift and the first mismatch of a round (before its tokens are emitted)."""
+def inspect(params: SamplingParams, proposal: Proposal, target_logits: torch.Tensor, verdict: TreeVerdict, generated: int) -> Inspection:
+    """Drift and the first mismatch of a round (before its tokens are emitted; chains only)."""
     target_probs = torch.softmax(target_logits.float(), dim=-1) if params.greedy else warp(target_logits, params)
     return inspect_round(
-        proposal.tokens, proposal.probs, target_probs, int(verdict.accepted[0]), int(verdict.next_token[0]),
-        first_position=generated,
+        proposal.tokens, proposal.probs, target_probs, len(verdict.path), verdict.next_token, first_position=generated,
     )
 
 
@@ -149,10 +185,17 @@ def validate(proposal: Proposal, depth: int, vocab_size: int) -> None:
     n = len(proposal.tokens)
     if n > depth:
         raise ProposerError(f"proposed {n} tokens for depth {depth}")
-    if any(not 0 <= t < vocab_size for t in proposal.tokens):
+    if any(not 0 <= t < vocab_size for t in proposal.nodes):
         raise ProposerError("proposed a token id outside the vocabulary")
     if proposal.probs is not None and tuple(proposal.probs.shape) != (n, vocab_size):
         raise ProposerError(f"draft probabilities of shape {tuple(proposal.probs.shape)}, expected {(n, vocab_size)}")
+    if proposal.branches:
+        if any(not 0 <= parent < n + 1 + i for i, (parent, _) in enumerate(proposal.branches)):
+            raise ProposerError("a branch's parent must be a node before it")
+        if max(proposal.depths()) > depth:
+            raise ProposerError(f"proposed a tree deeper than depth {depth}")
+        if len(proposal.branches) > MAX_BRANCHES:
+            raise ProposerError(f"proposed {len(proposal.branches)} branches; at most {MAX_BRANCHES}")
 
 
 def stop_tokens(target: CausalLM, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

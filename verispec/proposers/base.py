@@ -22,18 +22,55 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Proposal:
+    """Drafts: a chain of tokens, and, for a token tree, branches off it.
+
+    The tree's nodes are numbered: 0 the last verified token (the root), 1..n the chain's tokens
+    (node i's parent is i - 1), then the branches in order, each a (parent node, token) whose
+    parent comes before it. A branch is a point mass (an alternative the proposer offers as it is,
+    not a draw), so sampled acceptance tests it as one (`acceptance.accept_tree`)."""
+
     tokens: list[int]  # (n,) draft tokens, n <= depth
     probs: torch.Tensor | None = None  # (n, V) warped draft distributions, None = point mass
+    branches: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def empty(cls) -> Proposal:
         return cls([])
 
+    @property
+    def nodes(self) -> list[int]:
+        """Every draft token, chain first, then the branches' (node i + 1 is nodes[i])."""
+        return self.tokens + [token for _, token in self.branches]
+
+    def parents(self) -> list[int]:
+        """Per node, root first, its parent node (-1 for the root)."""
+        return [-1, *range(len(self.tokens)), *(parent for parent, _ in self.branches)]
+
+    def depths(self) -> list[int]:
+        """Per node, root first, its depth (the root's is 0)."""
+        depths: list[int] = []
+        for parent in self.parents():
+            depths.append(0 if parent < 0 else depths[parent] + 1)
+        return depths
+
     def cut(self, depth: int) -> Proposal:
-        """At most `depth` of the drafts (a round may take fewer than were made)."""
-        if len(self.tokens) <= depth:
+        """At most `depth` drafts deep (a round may take fewer than were made)."""
+        if len(self.tokens) <= depth and not self.branches:
             return self
-        return Proposal(self.tokens[:depth], None if self.probs is None else self.probs[:depth])
+        kept = Proposal(self.tokens[:depth], None if self.probs is None else self.probs[:depth])
+        if not self.branches:
+            return kept
+        depths, renumber, branches = self.depths(), {i: i for i in range(len(kept.tokens) + 1)}, []
+        for i, (parent, token) in enumerate(self.branches):
+            node = len(self.tokens) + 1 + i
+            if parent in renumber and depths[node] <= depth:
+                renumber[node] = len(kept.tokens) + 1 + len(branches)
+                branches.append((renumber[parent], token))
+        return Proposal(kept.tokens, kept.probs, tuple(branches))
+
+    def chain(self) -> Proposal:
+        """The chain alone (where a round cannot take a tree)."""
+        return Proposal(self.tokens, self.probs) if self.branches else self
 
 
 @dataclass(frozen=True)
@@ -46,6 +83,7 @@ class DraftPolicy:
     min_confidence: float = 0.0  # stop drafting once the draft's top probability falls below this
     time_budget_s: float = float("inf")  # stop drafting once a proposal has taken this long
     want_probs: bool = False  # return draft distributions even when greedy (inspected requests)
+    width: int = 1  # candidates per draft position this round: above 1, a token tree (`Proposal.branches`)
 
 
 class ProposerSession(Protocol):

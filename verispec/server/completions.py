@@ -206,7 +206,7 @@ async def _sse(
             else:
                 delta = item
                 if job.provisional and delta.round is not None:
-                    verdict = {"id": shape.id, "round": rounds, "proposed": delta.round.proposed, "accepted": delta.round.accepted}
+                    verdict = {"id": shape.id, "round": rounds, "proposed": delta.round.proposed, "accepted": delta.round.kept_drafts}
                     yield _event(verdict, "verdict")
                     rounds += 1
                 if job.provisional:  # the context the next round's drafts are decoded after
