@@ -284,3 +284,30 @@ def test_draft_head_trees_are_token_identical(tmp_path):
     assert branched > 0
     alone, _ = tree_run(core, [("0", seqs[0], params, proposer, "auto", 2)])
     assert alone["0"] == expected["0"]
+
+
+@kernel
+def test_native_head_drafts_are_the_pass_loops(tmp_path, monkeypatch):
+    """A draft head's greedy chains in one native call (`lean_greedy_paged` feeding its own
+    features) are the tokens its pass-per-position loop drafts, round by round."""
+    from tests.test_head import head_from
+    from verispec.assemble import build_engine
+    from verispec.config import Settings
+    from verispec.core.head_batch import HeadBatch
+
+    paths = exact_pair(tmp_path, seed=11)
+    head = head_from(paths["target"], tmp_path / "head", scale=6.0)
+    params = SamplingParams(max_new_tokens=32)
+    seqs = prompts(41, 4, 2, 50)
+
+    def drafts(native: bool) -> list[list[int]]:
+        monkeypatch.setattr(HeadBatch, "_greedy_native", lambda self, items: native and self.runner.greedy_native())
+        core = build_engine(Settings(target=paths["target"], draft=head))
+        core.pin_costs(COSTS)
+        seen = []
+        core.on_proposed = lambda proposals: seen.extend(p.tokens for p in proposals.values())
+        tree_run(core, [(str(i), p, params, core.proposer, 5, 1) for i, p in enumerate(seqs)])
+        return seen
+
+    native = drafts(True)
+    assert native == drafts(False) and sum(map(len, native)) > 50

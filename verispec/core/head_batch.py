@@ -96,6 +96,8 @@ class HeadBatch:
             ids, inputs = list(context[state.fed + 1 : L]), state.features[state.fed : L - 1]
             segments.append(Segment(ids, state.fed, state.table, logits=1, features=True, inputs=inputs))
             state.table.computed = state.fed = L - 1
+        if segments and self._greedy_native([items[i] for i in drafting]):
+            return self._greedy(items, drafting, segments)
         # Greedy drafts need no distribution over the verifier's vocabulary: the draft vocabulary's
         # argmax, mapped back, is the same token (d2t is sorted, so ties break alike).
         greedy = {i: items[i][3].sampling.greedy and not items[i][3].want_probs for i in drafting}
@@ -137,6 +139,41 @@ class HeadBatch:
             trees[i].proposal(items[i][3].width * items[i][2]) if i in trees else Proposal(t, torch.stack(p) if p else None)
             for i, (t, p) in enumerate(zip(tokens, probs, strict=True))
         ]
+
+    def _greedy_native(self, items) -> bool:
+        """Whether the whole draft can run in one native call: greedy chains with no confidence
+        floor and no distributions wanted, on the kernel step (as `DraftBatch._greedy_native`)."""
+        return self.runner.greedy_native() and all(
+            policy.sampling.greedy and policy.min_confidence == 0 and not policy.want_probs and policy.width == 1
+            for _, _, _, policy in items
+        )
+
+    def _greedy(self, items, drafting: list[int], segments: list[Segment]) -> list[Proposal]:
+        """Greedy chains for every drafting item: the first token from the pass that reads what
+        the head has not, the rest in one native call (`ModelRunner.greedy`, each row fed the
+        feature the head predicted before it): the tokens the pass-per-position loop chooses,
+        without Python's cost per position."""
+        t0 = time.perf_counter()
+        outputs = self.runner.forward(segments)
+        timed = [(sum(len(s.tokens) for s in segments), len(segments), time.perf_counter() - t0)]
+        firsts = [int(self.head.d2t[out[-1].argmax()]) for out in outputs]
+        going = [k for k, i in enumerate(drafting) if items[i][2] > 1]
+        steps = max((items[drafting[k]][2] for k in going), default=1) - 1
+        rest: dict[int, list[int]] = {}
+        if going:
+            t0 = time.perf_counter()
+            rows = self.runner.greedy(
+                [items[drafting[k]][0].table for k in going], [firsts[k] for k in going],
+                [len(items[drafting[k]][1]) - 1 for k in going], steps, self.head.vocab_size,
+                torch.stack([segments[k].hidden[-1] for k in going]),
+            )  # fmt: skip
+            timed.append((len(going), len(going), (time.perf_counter() - t0) / steps))
+            rest = {drafting[k]: row for k, row in zip(going, rows, strict=True)}
+        self.pass_s = draft_pass_s(timed)
+        proposals = [Proposal.empty() for _ in items]
+        for k, i in enumerate(drafting):
+            proposals[i] = Proposal([firsts[k], *rest.get(i, [])][: items[i][2]])
+        return proposals
 
     def _top(self, row: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A head row's likeliest tokens, as the verifier's ids (the draft vocabulary's, mapped)."""

@@ -204,11 +204,15 @@ class ModelRunner:
         for pool in (*self.keys, *self.values):
             pool[target // bs, :, target % bs] = pool[source // bs, :, source % bs]
 
-    def greedy(self, tables: Sequence[BlockTable], tokens: list[int], positions: list[int], steps: int, vocab: int) -> list[list[int]]:
+    def greedy(
+        self, tables: Sequence[BlockTable], tokens: list[int], positions: list[int], steps: int, vocab: int,
+        features: torch.Tensor | None = None,
+    ) -> list[list[int]]:
         """For each sequence, `steps` greedy tokens after `tokens[s]`, fed at `positions[s]` on, in
         one native call (`LeanLM.greedy_paged`): the tokens a pass per step would choose, without
         Python's cost per step. Each table gets blocks for every position fed first (OutOfBlocks
-        if the pool runs out). Only where `greedy_native()`."""
+        if the pool runs out). A draft head's rows start from `features` (S, D), the features its
+        last pass predicted. Only where `greedy_native()`."""
         for table, position in zip(tables, positions, strict=True):
             table.reserve(position + steps)
         table_start, blocks = [], []
@@ -222,7 +226,7 @@ class ModelRunner:
             mode=ATTENTION_PAGED, keys=self._pools[0], values=self._pools[1], block_size=self.pool.block_size,
             tables=block_ids.data_ptr(), table_start=starts.data_ptr(),
         )  # fmt: skip
-        return self.lm.greedy_paged(attention, tokens, positions, steps, vocab)
+        return self.lm.greedy_paged(attention, tokens, positions, steps, vocab, features)
 
     def greedy_native(self) -> bool:
         """Whether `greedy` runs here (the kernel step, and a head on the kernel)."""

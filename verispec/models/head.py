@@ -116,6 +116,10 @@ class DraftHead(LeanLM):
             self.lm_head,
         ]
 
+    def greedy_native(self) -> bool:
+        """Whether greedy drafting runs in one native call (`LeanLM.greedy_paged`): fc on the kernel too."""
+        return super().greedy_native() and getattr(self.fc, "projection", None) is not None
+
     reads_inputs = True  # a row is fed its token and a vector: the feature before it (`embed_rows`)
 
     def embed_rows(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

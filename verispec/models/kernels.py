@@ -468,6 +468,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.lean_greedy_paged.argtypes = [
         ctypes.POINTER(VsModel), pointer, pointer, ctypes.POINTER(VsProjection), i64, ctypes.POINTER(VsAttention),
         ctypes.POINTER(VsScratch), pointer, pointer, pointer, i64, pointer, pointer, i64, pointer, i32,
+        ctypes.POINTER(VsProjection), pointer, pointer, pointer,
     ]  # fmt: skip
     library.lean_greedy_paged.restype = i32
     # csrc/layout.c: the header's layout as compiled (native_layout declares vs_layout).

@@ -348,9 +348,14 @@ class LeanLM(LeanModel):
             raise kernel_error(failed, "lean_greedy")
         return out.tolist()
 
-    def greedy_paged(self, attention: VsAttention, tokens: list[int], positions: list[int], steps: int, vocab: int) -> list[list[int]]:
+    def greedy_paged(
+        self, attention: VsAttention, tokens: list[int], positions: list[int], steps: int, vocab: int,
+        features: torch.Tensor | None = None,
+    ) -> list[list[int]]:
         """`greedy` for several sequences of a paged cache at once (`ModelRunner.greedy`): per row,
-        `steps` greedy tokens after `tokens[s]`, fed from `positions[s]` on, in one native call."""
+        `steps` greedy tokens after `tokens[s]`, fed from `positions[s]` on, in one native call. A
+        draft head (`reads_inputs`) feeds each row `features[s]` (S, D) beside its first token and
+        its own predicted feature after that, and answers in the verifier's ids."""
         S, D = len(tokens), self.embed.shape[1]
         flat, offsets, _ = self._scratch(S)
         scratch = VsScratch(*(flat.data_ptr() + 4 * o for o in offsets))
@@ -359,10 +364,14 @@ class LeanLM(LeanModel):
         fed = torch.tensor(tokens, dtype=torch.int64)
         at = torch.tensor(positions, dtype=torch.int64)
         out = torch.empty(S * steps, dtype=torch.int64)
+        head = (None, None, None, None)
+        if getattr(self, "reads_inputs", False):  # a draft head: fc, d2t, the features (updated in place), [embedding, feature]
+            fed_features, joined = features.float().contiguous().clone(), torch.empty(S * 2 * D)
+            head = (ctypes.byref(self.fc.projection), self.d2t.data_ptr(), fed_features.data_ptr(), joined.data_ptr())
         failed = kernel_library().lean_greedy_paged(
             ctypes.byref(self.native), self.embed.data_ptr(), self.norm.data_ptr(), ctypes.byref(self.lm_head.projection),
             vocab, ctypes.byref(attention), ctypes.byref(scratch), x.data_ptr(), h.data_ptr(), logits.data_ptr(),
-            S, fed.data_ptr(), at.data_ptr(), steps, out.data_ptr(), torch.get_num_threads(),
+            S, fed.data_ptr(), at.data_ptr(), steps, out.data_ptr(), torch.get_num_threads(), *head,
         )  # fmt: skip
         if failed:
             raise kernel_error(failed, "lean_greedy_paged")

@@ -175,12 +175,17 @@ int lean_greedy(const vs_model* model, const float* embed, const float* norm, co
    positions[s] advances by `steps`. Each step is the pass the runner makes for these rows (every
    row computed alone, lean_layers over S rows, final rms_norm, head projection), so row s's tokens
    are those a pass per step would choose, whatever the other rows. x, h: S x D floats; logits:
-   S x head->out_features floats; scratch: S rows. 0, or lean_layers' or the head's error. */
+   S x head->out_features floats; scratch: S rows. 0, or lean_layers' or the head's error.
+
+   A draft head (fc not NULL, models/head.py) reads a vector beside each token: row s's input is
+   fc over [its token's embedding, features[s]] (joined: S x 2D floats), features[s] being what the
+   head predicted at the row before; features[s] then becomes this row's normed output, and the
+   chosen draft id maps to the verifier's token through d2t, as the runner's passes do it. */
 int lean_greedy_paged(const vs_model* model, const float* embed, const float* norm, const vs_projection* head,
                       int64_t vocab, const vs_attention* kv, const vs_scratch* scratch, float* x, float* h,
                       float* logits, int64_t S, int64_t* tokens, int64_t* positions, int64_t steps, int64_t* out,
-                      int threads) {
-  if (kv->mode != VS_PAGED || !runnable(head)) return VS_ERROR_UNSUPPORTED;
+                      int threads, const vs_projection* fc, const int64_t* d2t, float* features, float* joined) {
+  if (kv->mode != VS_PAGED || !runnable(head) || (fc && !runnable(fc))) return VS_ERROR_UNSUPPORTED;
   int64_t D = model->hidden, V = head->out_features, bs = kv->block_size;
   if (vocab > V) vocab = V;
   int64_t* work = malloc(sizeof(int64_t) * 3 * (size_t)S);
@@ -193,6 +198,7 @@ int lean_greedy_paged(const vs_model* model, const float* embed, const float* no
   a.seg_row = seg_row;
   a.seg_len = seg_len;
   a.seg_pos = positions;
+  a.parents = NULL;
   for (int64_t s = 0; s < S; ++s) {
     seg_row[s] = s;
     seg_len[s] = 1;
@@ -202,8 +208,14 @@ int lean_greedy_paged(const vs_model* model, const float* embed, const float* no
     for (int64_t s = 0; s < S; ++s) {
       int64_t p = positions[s];
       slots[s] = kv->tables[kv->table_start[s] + p / bs] * bs + p % bs;
-      memcpy(x + s * D, embed + tokens[s] * D, (size_t)D * sizeof(float));
+      if (fc) {
+        memcpy(joined + s * 2 * D, embed + tokens[s] * D, (size_t)D * sizeof(float));
+        memcpy(joined + s * 2 * D + D, features + s * D, (size_t)D * sizeof(float));
+      } else {
+        memcpy(x + s * D, embed + tokens[s] * D, (size_t)D * sizeof(float));
+      }
     }
+    if (fc && (failed = project_alone(fc, joined, S, x, threads))) break;
     if ((failed = lean_layers(model, x, S, &a, scratch, threads))) break;
     rms_norm(x, S, D, norm, model->eps, h);
     if ((failed = project_alone(head, h, S, logits, threads))) break;
@@ -212,7 +224,8 @@ int lean_greedy_paged(const vs_model* model, const float* embed, const float* no
       int64_t best = 0;
       for (int64_t v = 1; v < vocab; ++v)
         if (row[v] > row[best]) best = v; /* the first maximal one, as torch.argmax */
-      out[s * steps + i] = tokens[s] = best;
+      out[s * steps + i] = tokens[s] = d2t ? d2t[best] : best;
+      if (features) memcpy(features + s * D, h + s * D, (size_t)D * sizeof(float));
       positions[s] += 1;
     }
   }

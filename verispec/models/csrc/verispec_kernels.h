@@ -150,7 +150,7 @@ int lean_greedy(const vs_model* model, const float* embed, const float* norm, co
 int lean_greedy_paged(const vs_model* model, const float* embed, const float* norm, const vs_projection* head,
                       int64_t vocab, const vs_attention* kv, const vs_scratch* scratch, float* x, float* h,
                       float* logits, int64_t S, int64_t* tokens, int64_t* positions, int64_t steps, int64_t* out,
-                      int threads);
+                      int threads, const vs_projection* fc, const int64_t* d2t, float* features, float* joined);
 
 /* layout.c: entry i of this header's layout, for the binding's test; NULL past the last. A
    structure "vs_part": *a = sizeof, *b = alignof. A field "vs_part.form": *a = offsetof, *b =
