@@ -1,8 +1,9 @@
 """The proposers side by side on a workload that repeats itself, in one run: verifier-only, prompt
-lookup, the suffix cache, and where given a draft model (--draft) and a draft head (--head):
+lookup, the suffix cache, and where given a draft model (--draft) and a draft head (--head), each
+with chains and with token trees (--tree-width):
 
     python scripts/suffix_workload.py [--target DIR_OR_FILE] [--prompts PROMPTS.jsonl] [--files 8]
-        [--max-new-tokens 128] [--cut-lines 4] [--draft DIR] [--head DIR]
+        [--max-new-tokens 128] [--cut-lines 4] [--draft DIR] [--head DIR] [--tree-width 3]
 
 Each of --files code windows is a file edited in turn, three requests in a row: the window as it
 is, the window with its last --cut-lines lines cut (an edit near the end: the model writes them
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--cut-lines", type=int, default=4)
     parser.add_argument("--draft", help="also a draft model (same tokenizer), depth auto")
     parser.add_argument("--head", help="also a draft head (verispec distill --head), depth auto")
+    parser.add_argument("--tree-width", type=int, default=3, help="the draft model's and the head's token trees' width")
     args = parser.parse_args()
     engine = build_engine(load_settings({"target": args.target, "proposer": "none"}))
     speculation = SpeculationSettings()
@@ -63,16 +65,21 @@ def main() -> None:
     windows = [
         json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines()[: args.files]
     ]
-    configurations = {
-        "verifier only": lambda: (0, None),
-        "n-gram, depth auto": lambda: ("auto", NgramProposer(speculation.ngram_max, speculation.ngram_min)),
+    configurations = {  # name: (depth, proposer, tree width)
+        "verifier only": lambda: (0, None, 1),
+        "n-gram, depth auto": lambda: ("auto", NgramProposer(speculation.ngram_max, speculation.ngram_min), 1),
         "suffix cache, depth auto": lambda: (
             "auto",
             SuffixProposer(speculation.suffix_cache_tokens, speculation.ngram_min),
+            1,
         ),
-        **{name: lambda proposer=proposer: ("auto", proposer) for name, proposer in models.items()},
+        **{name: lambda proposer=proposer: ("auto", proposer, 1) for name, proposer in models.items()},
+        **{
+            f"{name.split(',')[0]}, trees of width {args.tree_width}": lambda proposer=proposer: ("auto", proposer, args.tree_width)
+            for name, proposer in models.items()
+        },
     }
-    engine.prepare([proposer for _, proposer in (make() for make in configurations.values()) if proposer])
+    engine.prepare([proposer for _, proposer, _ in (make() for make in configurations.values()) if proposer])
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     rates = {name: {"cold": [], "warm": []} for name in configurations}
     calls = {name: [0, 0] for name in configurations}
@@ -81,7 +88,8 @@ def main() -> None:
     for index, window in enumerate(windows):
         requests = [window, edited(window, args.cut_lines), window]
         for name in names[index % len(names) :] + names[: index % len(names)]:
-            depth, proposer = configurations[name]()  # a fresh pool per file and configuration
+            depth, proposer, width = configurations[name]()  # a fresh pool per file and configuration
+            engine.speculation = speculation.model_copy(update={"tree_width": width})
             for turn, prompt in enumerate(requests):
                 ids = engine.tokenizer.encode(prompt)
                 started = time.perf_counter()
