@@ -311,3 +311,30 @@ def test_native_head_drafts_are_the_pass_loops(tmp_path, monkeypatch):
 
     native = drafts(True)
     assert native == drafts(False) and sum(map(len, native)) > 50
+
+
+@kernel
+def test_a_tree_without_room_in_the_cache_is_verified_as_its_chain(models):
+    """Where the KV cache has no slot left for a tree's nodes, the round verifies the chain
+    alone: the step goes on, and the output is verifier-only's."""
+    params = SamplingParams(max_new_tokens=24)
+    prompt = prompts(51, 1, 20, 20)[0]  # its first round fits in the blocks its prompt took
+    expected, _ = tree_run(engine(models), [("a", prompt, params, None, 0, 1)])
+    core = engine(models)
+    speculation = SpeculationSettings(depth=4, proposer_timeout_s=60.0, tree_width=1)
+    request = core.add("a", prompt, params, speculation, Oracle({tuple(prompt): expected["a"]}))
+    core.step()  # the prompt
+    pool = core.runner.pool
+    held = [pool.take() for _ in range(pool.free_blocks)]
+    many = Proposal([1, 2, 3, 4], None, tuple((0, t) for t in range(5, 69)))  # 68 nodes: 4 more blocks
+    assert not core._room_for_tree(request, many)
+    tokens, proposed = [], []
+    core.on_proposed = lambda proposals: proposed.extend(proposals.values())
+    core.drafting.propose = lambda rounds, depths, widths: ({r: many for r in rounds}, {r: 0.0 for r in rounds})
+    tokens += [t for _, delta in core.step() for t in delta.token_ids]  # one round: the tree has no room
+    assert proposed == [many.chain()]
+    pool.release(held)
+    del core.drafting.propose
+    while core.busy:
+        tokens += [t for _, delta in core.step() for t in delta.token_ids]
+    assert tokens == expected["a"]

@@ -33,7 +33,7 @@ from verispec.core.calibrate import measure_draft_cost
 from verispec.core.drafting import Drafting
 from verispec.core.goodput import LiveCosts, PassCosts, choose_depths, measure_pass_costs
 from verispec.core.grammar import compiled
-from verispec.core.kv_cache import BlockTable
+from verispec.core.kv_cache import BlockTable, OutOfBlocks
 from verispec.core.planner import Plan, plan_pass
 from verispec.core.processing import Processing, check_token_ids
 from verispec.core.prompt_logprobs import cacheable, rows_to_score, score_rows
@@ -296,7 +296,7 @@ class Engine:
         proposals, propose_s = self.drafting.propose(plan.rounds, drafted, self._widths(plan.rounds, drafted))
         masks, failed = {}, []
         for request in plan.rounds:
-            if proposals[request].branches and not self._takes_trees(request):
+            if proposals[request].branches and not self._room_for_tree(request, proposals[request]):
                 proposals[request] = proposals[request].chain()
             if request.grammar is None:
                 continue
@@ -507,6 +507,17 @@ class Engine:
             getattr(self.runner, "trees", False) and request.processing is None and request.grammar is None
             and not request.inspect and request.remote is None
         )  # fmt: skip
+
+    def _room_for_tree(self, request: Request, proposal: Proposal) -> bool:
+        """Whether this round may verify the proposal's tree: it takes trees, and its blocks
+        hold a slot for every node (the plan reserved the chain's; never preempts for more)."""
+        if not self._takes_trees(request):
+            return False
+        try:
+            request.table.reserve(request.table.computed + 1 + len(proposal.nodes))
+        except OutOfBlocks:
+            return False
+        return True
 
     def _widths(self, requests: list[Request], depths: dict[Request, int]) -> dict[Request, int]:
         """Candidates per draft position for each round (`trees.choose_widths`): above 1, a tree."""
