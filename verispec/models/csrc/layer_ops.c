@@ -332,13 +332,36 @@ static inline __attribute__((always_inline)) void weigh_vectors(const float* p, 
   for (int u = 0; u < nv; ++u) _mm256_storeu_ps(o + 8 * u, acc[u]);
 }
 
+/* o[0 .. hd) += p[u] * v_u for the `count` values v + u * hd, u ascending: one row's share of a
+   run of values (weigh_vectors over the head's vectors, then the elements past them). */
+static inline __attribute__((always_inline)) void weigh_run(const float* p, const float* v, int64_t hd, int64_t count, float* o) {
+  int64_t vec = hd / 8 * 8;
+  for (int64_t i = 0; i < vec; i += 64) {
+    switch ((vec - i) / 8) {
+      case 1: weigh_vectors(p, v + i, hd, count, o + i, 1); break;
+      case 2: weigh_vectors(p, v + i, hd, count, o + i, 2); break;
+      case 3: weigh_vectors(p, v + i, hd, count, o + i, 3); break;
+      case 4: weigh_vectors(p, v + i, hd, count, o + i, 4); break;
+      case 5: weigh_vectors(p, v + i, hd, count, o + i, 5); break;
+      case 6: weigh_vectors(p, v + i, hd, count, o + i, 6); break;
+      case 7: weigh_vectors(p, v + i, hd, count, o + i, 7); break;
+      default: weigh_vectors(p, v + i, hd, count, o + i, 8);
+    }
+  }
+  for (int64_t i = vec; i < hd; ++i) {
+    float a = o[i];
+    for (int64_t u = 0; u < count; ++u) a = fmaf(p[u], v[u * hd + i], a);
+    o[i] = a;
+  }
+}
+
 /* Row t of the T at positions start.. (output o0 + t * stride, zeroed) gets, for every key j it
    sees, ascending, weights[t * end + j] times value j: attention's sums, in its order. A run of
    values at a time for every row that sees it: each value is read from memory once. */
 __attribute__((noinline)) static void paged_weigh(const float* weights, const float* values, const int64_t* table,
                                                   int64_t g, int64_t Hkv, int64_t bs, int64_t hd, int64_t start,
                                                   int64_t T, float* o0, int64_t stride) {
-  int64_t end = start + T, vec = hd / 8 * 8, run = paged_positions(PAGED_RUN_FLOATS, hd);
+  int64_t end = start + T, run = paged_positions(PAGED_RUN_FLOATS, hd);
   int64_t prefetched = paged_positions(PAGED_AHEAD_FLOATS, hd);  /* by paged_scores */
   paged_cursor ahead = paged_cursor_at(values, NULL, table, g, Hkv, bs, hd, end, prefetched < end ? prefetched : end);
   for (int64_t b = 0, j = 0; j < end; ++b) {
@@ -350,25 +373,7 @@ __attribute__((noinline)) static void paged_weigh(const float* weights, const fl
       const float* vj = v + (j - first) * hd;
       for (int64_t t = j > start ? j - start : 0; t < T; ++t) {
         int64_t n = start + t + 1, count = (n < last ? n : last) - j;
-        const float* p = weights + t * end + j;
-        float* o = o0 + t * stride;
-        for (int64_t i = 0; i < vec; i += 64) {
-          switch ((vec - i) / 8) {
-            case 1: weigh_vectors(p, vj + i, hd, count, o + i, 1); break;
-            case 2: weigh_vectors(p, vj + i, hd, count, o + i, 2); break;
-            case 3: weigh_vectors(p, vj + i, hd, count, o + i, 3); break;
-            case 4: weigh_vectors(p, vj + i, hd, count, o + i, 4); break;
-            case 5: weigh_vectors(p, vj + i, hd, count, o + i, 5); break;
-            case 6: weigh_vectors(p, vj + i, hd, count, o + i, 6); break;
-            case 7: weigh_vectors(p, vj + i, hd, count, o + i, 7); break;
-            default: weigh_vectors(p, vj + i, hd, count, o + i, 8);
-          }
-        }
-        for (int64_t i = vec; i < hd; ++i) {  /* head sizes that are not a multiple of 8 */
-          float a = o[i];
-          for (int64_t u = 0; u < count; ++u) a = fmaf(p[u], vj[u * hd + i], a);
-          o[i] = a;
-        }
+        weigh_run(weights + t * end + j, vj, hd, count, o0 + t * stride);
       }
     }
   }
@@ -440,29 +445,6 @@ static void paged_attend_unbuffered(const float* q, const float* keys, const flo
   }
 }
 
-
-/* o[0 .. hd) += p[u] * v_u for the `count` values v + u * hd, u ascending: paged_weigh's
-   arithmetic for one row. */
-static void weigh_run(const float* p, const float* v, int64_t hd, int64_t count, float* o) {
-  int64_t vec = hd / 8 * 8;
-  for (int64_t i = 0; i < vec; i += 64) {
-    switch ((vec - i) / 8) {
-      case 1: weigh_vectors(p, v + i, hd, count, o + i, 1); break;
-      case 2: weigh_vectors(p, v + i, hd, count, o + i, 2); break;
-      case 3: weigh_vectors(p, v + i, hd, count, o + i, 3); break;
-      case 4: weigh_vectors(p, v + i, hd, count, o + i, 4); break;
-      case 5: weigh_vectors(p, v + i, hd, count, o + i, 5); break;
-      case 6: weigh_vectors(p, v + i, hd, count, o + i, 6); break;
-      case 7: weigh_vectors(p, v + i, hd, count, o + i, 7); break;
-      default: weigh_vectors(p, v + i, hd, count, o + i, 8);
-    }
-  }
-  for (int64_t i = vec; i < hd; ++i) {
-    float a = o[i];
-    for (int64_t u = 0; u < count; ++u) a = fmaf(p[u], v[u * hd + i], a);
-    o[i] = a;
-  }
-}
 
 /* A token tree's row: it attends to the context 0..start-1 and to its own path from the root
    (path[0..depth], rows of the segment), nothing else. Its scores are laid out as the chain
