@@ -293,7 +293,8 @@ def test_native_head_drafts_are_the_pass_loops(tmp_path, monkeypatch):
     from tests.test_head import head_from
     from verispec.assemble import build_engine
     from verispec.config import Settings
-    from verispec.core.head_batch import HeadBatch
+    from verispec.core import head_batch
+    from verispec.core.draft_batch import greedy_native
 
     paths = exact_pair(tmp_path, seed=11)
     head = head_from(paths["target"], tmp_path / "head", scale=6.0)
@@ -301,7 +302,7 @@ def test_native_head_drafts_are_the_pass_loops(tmp_path, monkeypatch):
     seqs = prompts(41, 4, 2, 50)
 
     def drafts(native: bool) -> list[list[int]]:
-        monkeypatch.setattr(HeadBatch, "_greedy_native", lambda self, items: native and self.runner.greedy_native())
+        monkeypatch.setattr(head_batch, "greedy_native", lambda runner, items: native and greedy_native(runner, items))
         core = build_engine(Settings(target=paths["target"], draft=head))
         core.pin_costs(COSTS)
         seen = []

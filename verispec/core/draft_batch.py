@@ -29,6 +29,15 @@ def draft_pass_s(timed: list[tuple[int, int, float]]) -> float | None:
     return seconds[len(seconds) // 2] if seconds else None
 
 
+def greedy_native(runner: ModelRunner, items) -> bool:
+    """Whether a batched drafter's whole proposal can run in one native call: greedy chains with
+    no confidence floor and no distributions wanted, on the kernel step."""
+    return runner.greedy_native() and all(
+        policy.sampling.greedy and policy.min_confidence == 0 and not policy.want_probs and policy.width == 1
+        for _, _, _, policy in items
+    )
+
+
 class DraftState:
     """One request's place in a `DraftBatch`: its blocks in the draft's cache and the tokens they hold."""
 
@@ -75,7 +84,7 @@ class DraftBatch:
         timed = [(sum(len(s.tokens) for s in segments), len(segments), time.perf_counter() - t0)]
         for state, context, _, _ in items:
             state.table.verified(len(context), context)
-        if self._greedy_native(items):
+        if greedy_native(self.runner, items):
             t0 = time.perf_counter()
             proposals = self._greedy(items, logits)
             steps = max((items[i][2] for i in range(len(items))), default=1) - 1
@@ -92,8 +101,7 @@ class DraftBatch:
             for i in active:
                 state, _, depth, policy = items[i]
                 position = len(items[i][1]) + len(tokens[i])
-                row = align_vocab(logits[i], self.target_vocab_size)
-                token, dist = draw_draft(row, policy, first=not tokens[i], position=position)
+                token, dist = draw_draft(align_vocab(logits[i], self.target_vocab_size), policy, first=not tokens[i], position=position)
                 if token is None:
                     continue  # the draft is unsure: stop here
                 tokens[i].append(token)
@@ -124,30 +132,20 @@ class DraftBatch:
         again: the same bits), the frontier's rows read."""
         for i, tree in trees.items():
             tree.expand([top_tokens(align_vocab(logits[i], self.target_vocab_size), tree.width)])
+        budget = min((policy.time_budget_s for _, _, _, policy in items), default=0.0)
         growing = [i for i, tree in trees.items() if tree.growing]
         while growing:
-            segments, frontiers = [], []
+            segments = []
             for i in growing:
                 ids, parents, frontier = trees[i].segment()
-                state = items[i][0]
-                segments.append(Segment(ids, len(items[i][1]) - 1, state.table, logits=len(frontier), parents=parents))
-                frontiers.append(frontier)
+                segments.append(Segment(ids, len(items[i][1]) - 1, items[i][0].table, logits=len(frontier), parents=parents))
             t0 = time.perf_counter()
             outputs = self.runner.forward(segments)
             timed.append((sum(len(s.tokens) for s in segments), len(segments), time.perf_counter() - t0))
             for i, out in zip(growing, outputs, strict=True):
                 tree = trees[i]
                 tree.expand([top_tokens(align_vocab(row, self.target_vocab_size), tree.width) for row in out])
-            budget = min(policy.time_budget_s for _, _, _, policy in items)
             growing = [i for i in growing if trees[i].growing and time.perf_counter() - started <= budget]
-
-    def _greedy_native(self, items) -> bool:
-        """Whether the whole draft can run in one native call: greedy drafts with no confidence
-        floor and no distributions wanted, on the kernel step."""
-        return self.runner.greedy_native() and all(
-            policy.sampling.greedy and policy.min_confidence == 0 and not policy.want_probs and policy.width == 1
-            for _, _, _, policy in items
-        )
 
     def _greedy(self, items, logits: list[torch.Tensor]) -> list[Proposal]:
         """Greedy drafts for every item in one native call after the first token (`ModelRunner.greedy`):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from verispec.core.draft_batch import draft_pass_s
+from verispec.core.draft_batch import draft_pass_s, greedy_native
 from verispec.core.kv_cache import BlockTable
 from verispec.core.runner import ModelRunner, Segment
 from verispec.core.sampling import draw_draft
@@ -96,7 +96,7 @@ class HeadBatch:
             ids, inputs = list(context[state.fed + 1 : L]), state.features[state.fed : L - 1]
             segments.append(Segment(ids, state.fed, state.table, logits=1, features=True, inputs=inputs))
             state.table.computed = state.fed = L - 1
-        if segments and self._greedy_native([items[i] for i in drafting]):
+        if segments and greedy_native(self.runner, [items[i] for i in drafting]):
             return self._greedy(items, drafting, segments)
         # Greedy drafts need no distribution over the verifier's vocabulary: the draft vocabulary's
         # argmax, mapped back, is the same token (d2t is sorted, so ties break alike).
@@ -140,14 +140,6 @@ class HeadBatch:
             for i, (t, p) in enumerate(zip(tokens, probs, strict=True))
         ]
 
-    def _greedy_native(self, items) -> bool:
-        """Whether the whole draft can run in one native call: greedy chains with no confidence
-        floor and no distributions wanted, on the kernel step (as `DraftBatch._greedy_native`)."""
-        return self.runner.greedy_native() and all(
-            policy.sampling.greedy and policy.min_confidence == 0 and not policy.want_probs and policy.width == 1
-            for _, _, _, policy in items
-        )
-
     def _greedy(self, items, drafting: list[int], segments: list[Segment]) -> list[Proposal]:
         """Greedy chains for every drafting item: the first token from the pass that reads what
         the head has not, the rest in one native call (`ModelRunner.greedy`, each row fed the
@@ -185,6 +177,7 @@ class HeadBatch:
         segment from the root's position (the last verified position, fed again with the
         verifier's feature: the same bits), every other node fed its token with the feature the
         head predicted at its parent; the frontier's rows read."""
+        budget = min((policy.time_budget_s for _, _, _, policy in items), default=0.0)
         growing = [i for i, tree in trees.items() if tree.growing]
         while growing:
             segments = []
@@ -192,8 +185,7 @@ class HeadBatch:
                 tree, (state, context, _, _) = trees[i], items[i]
                 ids, parents, frontier = tree.segment()
                 root = state.features[len(context) - 2 : len(context) - 1]
-                fed = tree.fed
-                inputs = torch.cat([root, *(tree.hidden[tree.parents[v]][None] for v in fed[1:])])
+                inputs = torch.cat([root, *(tree.hidden[tree.parents[v]][None] for v in tree.fed[1:])])
                 segments.append(
                     Segment(ids, len(context) - 2, state.table, logits=len(frontier), features=True, inputs=inputs, parents=parents)
                 )
@@ -205,5 +197,4 @@ class HeadBatch:
                 for row, v in enumerate(tree.fed):
                     tree.hidden[v] = segment.hidden[row]
                 tree.expand([self._top(r, tree.width) for r in out])
-            budget = min(policy.time_budget_s for _, _, _, policy in items)
             growing = [i for i in growing if trees[i].growing and time.perf_counter() - started <= budget]

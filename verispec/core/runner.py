@@ -24,6 +24,7 @@ from verispec.core.kv_cache import BlockPool, BlockTable
 from verispec.models.kernels import ATTENTION_PAGED, VsAttention, address_array, kernel_library
 from verispec.models.lean import LeanLM
 from verispec.models.reference import PagedCache, reference_forward
+from verispec.proposers.base import node_depths
 
 
 @dataclass
@@ -48,10 +49,7 @@ class Segment:
         """Each row's position: consecutive for a chain, start + depth for a tree's nodes."""
         if self.parents is None:
             return list(range(self.start, self.start + len(self.tokens)))
-        depth: list[int] = []
-        for parent in self.parents:
-            depth.append(0 if parent < 0 else depth[parent] + 1)
-        return [self.start + d for d in depth]
+        return [self.start + d for d in node_depths(self.parents)]
 
     @property
     def wanted(self) -> int:

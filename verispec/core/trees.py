@@ -1,14 +1,13 @@
-"""Token trees: how wide a round's tree is, and what a proposer offers beside its chain.
+"""Token trees: how wide a round's tree is, and how a batched drafter grows one.
 
-A tree here is a chain of drafts with alternatives beside it (`Proposal.branches`): at each
-draft position the proposer's next most likely tokens after the chain's, as siblings of the
-chain's node, so that where the verifier disagrees with the chain at position i, its token may
-still be among them and the round keeps one more token. The verifier scores every node in one
-pass with tree attention (`csrc/layer_ops.c`: each node sees the context and its own path, with
-the bits its path gets as a chain), and the accepted path's keys and values are moved into place
-(`ModelRunner.keep_path`).
+A tree is a chain of drafts with branches off it (`Proposal.branches`), grown by a draft model
+or a draft head as EAGLE-2 does (`Growth`): where the verifier disagrees with the chain, its token
+may still be on a branch, and the round goes on down that branch. The verifier scores every node
+in one pass with tree attention (`csrc/layer_ops.c`: each node sees the context and its own path,
+with the bits its path gets as a chain), and the accepted path's keys and values are moved into
+place (`ModelRunner.keep_path`).
 
-Width costs verifier rows: (width - 1) per draft position. They are cheap while the pass is
+Width costs verifier rows: up to (width - 1) per draft position. They are cheap while the pass is
 narrow, where a pass costs its weights' reading more than its rows, and dear once the batch
 fills it, so widths shrink until the pass with them costs at most TREE_SLOWDOWN more than
 without (by the measured pass costs).

@@ -20,6 +20,14 @@ if TYPE_CHECKING:
     from verispec.core.sampling import PositionNoise
 
 
+def node_depths(parents: Sequence[int]) -> list[int]:
+    """Per node of a tree in topological order (parents before children, -1 for the root), its depth."""
+    depths: list[int] = []
+    for parent in parents:
+        depths.append(0 if parent < 0 else depths[parent] + 1)
+    return depths
+
+
 @dataclass(frozen=True)
 class Proposal:
     """Drafts: a chain of tokens, and, for a token tree, branches off it.
@@ -48,10 +56,7 @@ class Proposal:
 
     def depths(self) -> list[int]:
         """Per node, root first, its depth (the root's is 0)."""
-        depths: list[int] = []
-        for parent in self.parents():
-            depths.append(0 if parent < 0 else depths[parent] + 1)
-        return depths
+        return node_depths(self.parents())
 
     def cut(self, depth: int) -> Proposal:
         """At most `depth` drafts deep (a round may take fewer than were made)."""
