@@ -34,15 +34,16 @@ class HeadState:
     verified inputs only (the verifier's features and verified tokens); the ones past them were fed
     drafts."""
 
-    def __init__(self, table: BlockTable, width: int, device: torch.device):
+    def __init__(self, table: BlockTable, width: int, device: torch.device, read=lambda rows: rows):
         self.table = table
+        self.read = read  # the head's features of the verifier's (`DraftHead.read_features`)
         self.features = torch.empty((0, width), device=device)
         self.known = 0  # positions 0..known-1 have the verifier's features
         self.fed = 0
 
     def observe(self, start: int, rows: torch.Tensor) -> None:
-        """The verifier's features of positions start.. (rows (n, D)). A start before what is known
-        (a preempted request recomputed) replaces what follows."""
+        """The verifier's features of positions start.. (rows (n, columns), as its pass gives them).
+        A start before what is known (a preempted request recomputed) replaces what follows."""
         if start > self.known:  # a gap: nothing past it can be fed until it is filled
             raise ProposerError(f"verifier features from position {start}, but only {self.known} are known")
         end = start + rows.shape[0]
@@ -51,7 +52,7 @@ class HeadState:
             grown = torch.empty((size, self.features.shape[1]), device=self.features.device)
             grown[: self.known] = self.features[: self.known]
             self.features = grown
-        self.features[start:end] = rows
+        self.features[start:end] = self.read(rows)
         self.known = end
         self.fed = min(self.fed, start)
 
@@ -68,7 +69,7 @@ class HeadBatch:
         self.pass_s: float | None = None  # the last proposal's median draft pass (`draft_batch.draft_pass_s`)
 
     def state(self) -> HeadState:
-        return HeadState(BlockTable(self.runner.pool), self.head.embed.shape[1], self.head.device)
+        return HeadState(BlockTable(self.runner.pool), self.head.embed.shape[1], self.head.device, self.head.read_features)
 
     def release(self, state: HeadState) -> None:
         state.table.free()

@@ -23,7 +23,7 @@ import torch
 from verispec.core.kv_cache import BlockPool, BlockTable
 from verispec.models.kernels import ATTENTION_PAGED, VsAttention, address_array, kernel_library
 from verispec.models.lean import LeanLM
-from verispec.models.reference import PagedCache, reference_forward
+from verispec.models.reference import PagedCache
 from verispec.proposers.base import node_depths
 
 
@@ -239,4 +239,4 @@ class ModelRunner:
             end = s.start + len(s.tokens)
             spans.append((s.start, len(s.tokens), s.table.blocks[: self.pool.blocks_for(end)]))
         cache = PagedCache(self.lm, self.keys, self.values, self.pool.block_size, positions, slots, spans)
-        return reference_forward(self.lm, ids, cache, rows, features, inputs)
+        return self.lm.torch_pass(ids, cache, rows, features, inputs)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from verispec.errors import UserError
+from verispec.models.eagle3 import Eagle3Head, is_eagle3
 from verispec.models.kernels import kernel_library
 from verispec.models.lean import LeanLM
 
@@ -39,15 +40,23 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 
 
-def is_head(ref: str | None) -> bool:
-    """Whether `ref` is a draft head's folder (its config.json says model_type verispec-head)."""
+def head_kind(ref: str | None) -> str | None:
+    """"verispec" where `ref` is our draft head's folder (its config.json says model_type
+    verispec-head), "eagle3" where it is an EAGLE-3 head's (`eagle3.py`), else None."""
     if not ref:
-        return False
-    config = Path(ref).expanduser() / CONFIG
+        return None
     try:
-        return json.loads(config.read_text()).get("model_type") == HEAD_TYPE
+        config = json.loads((Path(ref).expanduser() / CONFIG).read_text())
+        if config.get("model_type") == HEAD_TYPE:
+            return "verispec"
+        return "eagle3" if is_eagle3(config) else None
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
+
+
+def is_head(ref: str | None) -> bool:
+    """Whether `ref` is a draft head's folder, ours or an EAGLE-3 head."""
+    return head_kind(ref) is not None
 
 
 class DraftHead(LeanLM):
@@ -122,6 +131,11 @@ class DraftHead(LeanLM):
 
     reads_inputs = True  # a row is fed its token and a vector: the feature before it (`embed_rows`)
 
+    def read_features(self, rows: torch.Tensor) -> torch.Tensor:
+        """The head's features (n, D) of the verifier's pass features `rows`: their last D columns,
+        the normed final hidden states (before them, layers another head taps: `LeanLM.tap`)."""
+        return rows[:, -self.embed.shape[1] :]
+
     def embed_rows(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """The residual stream a pass starts from (T, D): fc over [embedding of tokens[t], features[t]]."""
         return self.fc(torch.cat([F.embedding(tokens, self.embed), features], dim=-1).contiguous())
@@ -133,11 +147,12 @@ class DraftHead(LeanLM):
         return full
 
 
-def load_head(path: str, target) -> DraftHead:
-    """The head in `path`, drafting for `target`; a clear error where the verifier cannot carry one."""
+def load_head(path: str, target) -> DraftHead | Eagle3Head:
+    """The head in `path` (ours or an EAGLE-3 head), drafting for `target`; a clear error where the
+    verifier cannot carry one."""
     if type(target) is not LeanLM:
         raise UserError(
             f"a draft head reads the verifier's features, which only the lean backend's Llama-family models give; "
             f"the target {target.name} runs on {getattr(target, 'backend', '?')} ({type(target).__name__})"
         )
-    return DraftHead(path, target)
+    return Eagle3Head(path, target) if head_kind(path) == "eagle3" else DraftHead(path, target)

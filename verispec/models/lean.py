@@ -102,6 +102,7 @@ class LeanModel:
     compiling the torch step. Subclasses set the layers and `_eager_step`."""
 
     backend = "lean"
+    taps: tuple[int, ...] = ()  # layers whose output a pass's features carry (`LeanLM.tap`)
     kernel_step = False  # a subclass with a `_kernel_step` turns it on where its weights allow
     dequantized = 0  # quantized projections that run dequantized to float32 (no quantized kernel here)
 
@@ -391,11 +392,33 @@ class LeanLM(LeanModel):
         `inputs` (T, D): a vector per row beside its token, for a model that reads them (a draft
         head, `embed_rows`)."""
         x = F.embedding(ids, self.embed) if inputs is None else self.embed_rows(ids, inputs)
-        x = self.kernel_layers(x, attention, per_op)  # (T, D), the residual stream
+        taps, first = [], 0
+        for last in sorted(self.taps):  # the residual stream after each tapped layer, kept
+            x = self.kernel_layers(x, attention, per_op, first, last + 1)
+            taps.append(x.clone())
+            first = last + 1
+        x = self.kernel_layers(x, attention, per_op, first)  # (T, D), the residual stream
         h = self.final_norm(x if features else x[rows].contiguous())
         picked = h[rows].contiguous() if features else h
         logits = self.lm_head(picked) if picked.shape[0] else picked
+        if features and taps:
+            h = torch.cat([*(taps[sorted(self.taps).index(layer)] for layer in self.taps), h], dim=-1)
         return (logits, h) if features else logits
+
+    def tap(self, layers: Sequence[int]) -> None:
+        """Make the features of a pass (`kernel_pass`, `reference_forward`) also carry the residual
+        stream after each of `layers` (EAGLE-3 heads read three: `models/eagle3.py`), in the
+        columns `tap_columns` gives, before the normed final hidden state. Layers already tapped
+        keep their columns, so a head loaded later moves no earlier head's."""
+        for layer in layers:
+            if not 0 <= layer < len(self.layers) - 1:
+                raise ValueError(f"layer {layer} is not an inner layer of the {len(self.layers)}")
+        self.taps = (*self.taps, *(layer for layer in dict.fromkeys(layers) if layer not in self.taps))
+
+    def tap_columns(self, layer: int) -> slice:
+        """Where the residual stream after `layer` (tapped) lies in a pass's features."""
+        D, i = self.embed.shape[1], self.taps.index(layer)
+        return slice(i * D, (i + 1) * D)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         """The final RMSNorm of rows x (T, D) on the kernel."""
@@ -404,24 +427,36 @@ class LeanLM(LeanModel):
             kernel_library().rms_norm(x.data_ptr(), x.shape[0], x.shape[1], self.norm.data_ptr(), self.eps, h.data_ptr())
         return h
 
-    def kernel_layers(self, x: torch.Tensor, attention: VsAttention, per_op: bool = False) -> torch.Tensor:
-        """The layers over the residual stream x (T, D), in place, on the kernels (see kernel_pass)."""
+    def kernel_layers(
+        self, x: torch.Tensor, attention: VsAttention, per_op: bool = False, first: int = 0, end: int | None = None
+    ) -> torch.Tensor:
+        """The layers first..end-1 (all by default) over the residual stream x (T, D), in place, on
+        the kernels (see kernel_pass)."""
         ops = kernel_library()
-        T = x.shape[0]
+        T, end = x.shape[0], len(self.layers) if end is None else end
         flat, offsets, widths = self._scratch(T)
         if per_op or self.native is None:
             buffers = [flat[o : o + T * w].view(T, w) for o, w in zip(offsets, widths, strict=True)]
-            llama_layers(self.layers, x, _KernelOps(self, attention, *buffers))  # x accumulates in place
+            llama_layers(self.layers[first:end], x, _KernelOps(self, attention, *buffers), first)  # x accumulates in place
         else:
             base = flat.data_ptr()
             scratch = VsScratch(*(base + 4 * o for o in offsets))
+            model, attention = self.native, attention
+            if (first, end) != (0, len(self.layers)):  # the same model and caches, from layer `first` on
+                model, attention = _layer_range(self.native, attention, first, end)
             failed = ops.lean_layers(
-                ctypes.byref(self.native), x.data_ptr(), T, ctypes.byref(attention), ctypes.byref(scratch),
+                ctypes.byref(model), x.data_ptr(), T, ctypes.byref(attention), ctypes.byref(scratch),
                 torch.get_num_threads(),
             )  # fmt: skip
             if failed:
                 raise kernel_error(failed, "lean_layers")
         return x
+
+    def torch_pass(
+        self, ids: torch.Tensor, cache, rows: slice | list[int], features: bool = False, inputs: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """`kernel_pass` on torch operators, over `cache` (the runner's `PagedCache`): `reference_forward`."""
+        return reference_forward(self, ids, cache, rows, features, inputs)
 
     def _eager_step(
         self, ids: torch.Tensor, start: int, keys: list[torch.Tensor], values: list[torch.Tensor], last_only: bool
@@ -429,6 +464,19 @@ class LeanLM(LeanModel):
         """The torch forward (`reference.py`) of ids (T,) at positions start.., over a session's caches."""
         cache = ContiguousCache(self, keys, values, start, ids.shape[0])
         return reference_forward(self, ids, cache, slice(-1, None) if last_only else slice(None))
+
+
+def _layer_range(model: VsModel, attention: VsAttention, first: int, end: int) -> tuple[VsModel, VsAttention]:
+    """`model`'s layers first..end-1 as a model of their own, and `attention` with its per-layer
+    caches shifted to match: what lean_layers runs to stop after a tapped layer."""
+    part = VsModel.from_buffer_copy(model)
+    part.layers = end - first
+    part.layer = ctypes.cast(ctypes.addressof(model.layer.contents) + first * ctypes.sizeof(VsLayer), type(model.layer))
+    shifted = VsAttention.from_buffer_copy(attention)
+    for name in ("keys", "values"):
+        caches = getattr(attention, name)
+        setattr(shifted, name, ctypes.cast(ctypes.cast(caches, ctypes.c_void_p).value + first * 8, type(caches)))
+    return part, shifted
 
 
 class _KernelOps:

@@ -30,10 +30,19 @@ import torch
 import torch.nn.functional as F
 
 
-def llama_layers(layers: Sequence, x: torch.Tensor, ops) -> torch.Tensor:
-    """Run `layers` over the residual stream x (T, D), each operation by `ops`; the stream after."""
-    for i, layer in enumerate(layers):
-        qkv = ops.project(layer.qkv, ops.norm(x, layer.attn_norm), "qkv")
+def llama_layers(
+    layers: Sequence, x: torch.Tensor, ops, first: int = 0, beside: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Run `layers` (the model's layers first.., whose caches `ops` attends with) over the residual
+    stream x (T, D), each operation by `ops`; the stream after. `beside` (T, D): EAGLE-3's layer
+    (`models/eagle3.py`), whose attention reads [RMSNorm(beside), RMSNorm(x)] (the token's
+    embedding and the stream, each normed by a weight of its own: `attn_norm`, `hidden_norm`)."""
+    for i, layer in enumerate(layers, first):
+        if beside is None:
+            h = ops.norm(x, layer.attn_norm)
+        else:
+            h = torch.cat([ops.norm(beside, layer.attn_norm).clone(), ops.norm(x, layer.hidden_norm)], dim=-1)
+        qkv = ops.project(layer.qkv, h, "qkv")
         x = ops.add_projection(x, layer.o, ops.attend(i, qkv))
         gate_up = ops.project(layer.gate_up, ops.norm(x, layer.mlp_norm), "gate_up")
         x = ops.add_projection(x, layer.down, ops.swiglu(gate_up))
@@ -45,13 +54,18 @@ def reference_forward(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The torch forward of the LeanLM `lm`: ids (T,) stored and attended by `cache`
     (`ContiguousCache` or `PagedCache`); the logits of the rows `rows`, and with `features` every
-    row's normed final hidden state (T, D) too (what a draft head reads). `inputs` (T, D): a
-    vector per row beside its token, for a model that reads them (a draft head, `embed_rows`)."""
+    row's features (what a draft head reads): its normed final hidden state (T, D), after the
+    residual stream past each layer of `lm.taps` where a head asked for them (`LeanLM.tap`).
+    `inputs` (T, D): a vector per row beside its token, for a model that reads them (a draft head, `embed_rows`)."""
     x = F.embedding(ids, lm.embed) if inputs is None else lm.embed_rows(ids, inputs)
-    x = llama_layers(lm.layers, x, TorchOps(lm, cache))
+    ops, taps, first = TorchOps(lm, cache), [], 0
+    for last in (*lm.taps, len(lm.layers) - 1):  # the residual stream after each tapped layer kept
+        x = llama_layers(lm.layers[first : last + 1], x, ops, first)
+        taps.append(x)
+        first = last + 1
     if features:
         h = F.rms_norm(x, (x.shape[-1],), lm.norm, lm.eps)
-        return lm.lm_head(h[rows]), h
+        return lm.lm_head(h[rows]), torch.cat([*taps[:-1], h], dim=-1)
     x = x[rows]
     return lm.lm_head(F.rms_norm(x, (x.shape[-1],), lm.norm, lm.eps))
 
