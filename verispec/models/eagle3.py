@@ -96,11 +96,8 @@ class Eagle3Head(LeanLM):
         self.kernel, self.compiled, self.checkpoint = target.kernel, False, None
         self.config, self.eos_token_ids = target.config, target.eos_token_ids
         self.requested_activations, self.dequantized = "float", 0
-        self.target, self.target_vocab_size, self.max_positions = (
-            target,
-            target.vocab_size,
-            target.max_positions,
-        )
+        self.target, self.target_vocab_size = target, target.vocab_size
+        self.max_positions = target.max_positions
 
         def refuse(why: str):
             return UserError(f"the EAGLE-3 head in {path} {why}")
@@ -118,9 +115,8 @@ class Eagle3Head(LeanLM):
             raise refuse(
                 f"reads features of width {config.get('target_hidden_size', D)}, the verifier's are {Dt}"
             )
-        layers = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") or default_layers(
-            N
-        )
+        named = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+        layers = named or default_layers(N)
         if len(layers) != 3 or not all(isinstance(i, int) and 0 <= i < N - 1 for i in layers):
             raise refuse(
                 f"reads the output of verifier layers {layers}, which a verifier of {N} layers does not have "
@@ -210,15 +206,13 @@ class Eagle3Head(LeanLM):
         return full
 
     def _pass(self, ids: torch.Tensor, ops, rows, features: bool, inputs: torch.Tensor):
-        x = inputs.to(
-            dtype=self.dtype, copy=True
-        ).contiguous()  # the residual stream starts as the fed feature
+        # The residual stream starts as the fed feature.
+        x = inputs.to(dtype=self.dtype, copy=True).contiguous()
         x = llama_layers(self.layers, x, ops, beside=F.embedding(ids, self.embed))
         picked = x[rows].contiguous()
         if self.norm_output and picked.shape[0]:
-            picked = ops.norm(picked, self.norm)[
-                : picked.shape[0]
-            ].clone()  # the kernel ops' buffer has T rows
+            normed = ops.norm(picked, self.norm)  # the kernel ops' buffer has a row per row of the pass
+            picked = normed[: picked.shape[0]].clone()
         logits = self.lm_head(picked) if picked.shape[0] else picked
         return (logits, x) if features else logits
 
