@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.conftest import EOS, llama, random_prompts, save, write_prompts
 from tests.serving import ServerProcess
@@ -118,6 +119,36 @@ def test_the_runtime_head_drafts_what_the_trained_network_computes(exact_models,
             token = tokens[t + 1 + j : t + 2 + j].tolist()
             segment = Segment(token, t + j, table, logits=1, features=True, inputs=segment.hidden[-1:])
         table.free()
+
+
+def test_an_interrupted_run_resumes_to_the_head_an_uninterrupted_one_makes(exact_models, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 12)
+    common = dict(
+        target=exact_models["target"], head=True, prompts=prompts, no_eval=True, steps=12, batch_size=4,
+        seq_len=32, max_new_tokens=16, lr=3e-3, head_vocab=48, head_unroll=2, checkpoint_every=4,
+    )  # fmt: skip
+    whole = distill(DistillSettings(out=tmp_path / "whole", **common), log=QUIET)
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(step: int) -> None:
+        if step + 1 == 6:  # past the checkpoint of step 4
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        distill(DistillSettings(out=tmp_path / "cut", **common), log=QUIET, on_step=interrupt)
+    with pytest.raises(UserError, match="pass --resume"):
+        distill(DistillSettings(out=tmp_path / "cut", **common), log=QUIET)
+    with pytest.raises(UserError, match="lr differ"):
+        distill(DistillSettings(out=tmp_path / "cut", resume=True, **(common | {"lr": 1e-3})), log=QUIET)
+    said = []
+    resumed = distill(DistillSettings(out=tmp_path / "cut", resume=True, **common), log=said.append)
+    assert any("resuming from" in line and "(step 4 of 12)" in line for line in said), said
+    assert resumed["training"]["steps"] == whole["training"]["steps"] == 12
+    assert resumed["training"]["last_loss"] == whole["training"]["last_loss"]
+    a, b = (load_file(Path(r["final"]) / "model.safetensors") for r in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")

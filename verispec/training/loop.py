@@ -93,24 +93,29 @@ def checkpoints(out: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    out: Path, step: int, model: PreTrainedModel, optimizer, history: dict, keep: int = 2
+    out: Path, step: int, model, optimizer, history: dict, keep: int = 2, extra: dict | None = None
 ) -> None:
+    """out/checkpoints/step-N: the model (a Hugging Face model's folder, or a plain module's
+    state_dict in trainer.pt), the optimizer, RNG states, history and `extra`; the last `keep` kept."""
     import torch
 
     folder = out / "checkpoints" / f"step-{step:06d}"
     partial = folder.with_name(f".{folder.name}.partial")  # not matched by step-*
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    torch.save(
-        {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-            "history": history,
-        },
-        partial / "trainer.pt",
-    )
+    partial.mkdir(parents=True)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "history": history,
+        **(extra or {}),
+    }
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(partial)
+    else:
+        state["model"] = model.state_dict()
+    torch.save(state, partial / "trainer.pt")
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)  # a checkpoint folder with trainer.pt is complete
     for old in checkpoints(out)[:-keep]:

@@ -118,16 +118,15 @@ class DistillSettings(RunSettings):
             raise field_error("draft", "--head trains a head from scratch on the verifier's features; leave out --draft", self.draft)
         if not self.head and not self.draft:
             raise field_error("draft", "give --draft PATH (the draft model to distil), or --head to train a draft head", None)
-        if self.head and self.resume:
-            raise field_error("resume", "--head runs do not resume yet; start again with another --out", True)
         if self.head and self.off_policy:
             raise field_error("off_policy", "--head trains on the verifier's own continuations; leave out --off-policy", True)
         return self
 
     def training_fields(self) -> dict:
         """What a resumed run must share with the run it continues."""
+        # --head-minutes is a budget of training time: a resumed run may be given more.
         ignored = {"out", "resume", "checkpoint_every", "eval_prompts", "no_eval", "eval_limit", "eval_new_tokens",
-                   "device", "threads", "save_dtype", "gen_batch_size"}  # fmt: skip
+                   "device", "threads", "save_dtype", "gen_batch_size", "head_minutes"}  # fmt: skip
         return self.model_dump(mode="json", exclude=ignored)
 
 

@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from verispec.errors import UserError
 from verispec.models.head import CONFIG, HEAD_TYPE, WEIGHTS
 from verispec.models.reference import rotate
+from verispec.training.loop import checkpoints, save_checkpoint
 
 if TYPE_CHECKING:
     from verispec.models.lean import LeanLM
@@ -276,14 +278,19 @@ def train_head(
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     warmup = settings.warmup if settings.warmup is not None else max(1, settings.steps // 20)
     generator = torch.Generator().manual_seed(settings.seed)
-    history: dict = {"loss": [], "agree": [], "tokens": 0}
+    history: dict = {"loss": [], "agree": [], "tokens": 0, "wall_s": 0.0, "cpu_s": 0.0}
+    first = 0
+    if settings.resume and (resumed := _resume(settings, net, optimizer, generator, d2t, log)) is not None:
+        first, history = resumed
     started, cpu0 = time.perf_counter(), time.process_time()
-    deadline = started + 60 * settings.head_minutes if settings.head_minutes else math.inf
-    bar = tqdm(range(settings.steps), desc="head", unit="step", file=sys.stderr)
+    spent, spent_cpu = history["wall_s"], history["cpu_s"]  # the time of the runs this one continues
+    limit = 60 * settings.head_minutes if settings.head_minutes else math.inf
+    bar = tqdm(range(first, settings.steps), initial=first, total=settings.steps, desc="head", unit="step", file=sys.stderr)
     for step in bar:
         # Cosine decay over whichever ends first, the steps or the time limit: a run cut by
         # --head-minutes still ends at a low learning rate.
-        progress = max(step / settings.steps, (time.perf_counter() - started) / (deadline - started))
+        elapsed = spent + time.perf_counter() - started
+        progress = max(step / settings.steps, elapsed / limit)
         lr = settings.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -300,9 +307,14 @@ def train_head(
         history["agree"].append(agree)
         history["tokens"] += int((labels != IGNORE).sum())
         bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", agree=f"{agree:.3f}")
+        history["wall_s"] = spent + time.perf_counter() - started
+        history["cpu_s"] = spent_cpu + time.process_time() - cpu0
+        over = history["wall_s"] > limit
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps or over:
+            save_checkpoint(settings.out, step + 1, net, optimizer, history, extra={"generator": generator.get_state(), "d2t": d2t})
         if on_step is not None:
             on_step(step)
-        if time.perf_counter() > deadline:
+        if over:
             log(
                 f"--head-minutes {settings.head_minutes:g} reached after {step + 1} of {settings.steps} steps"
             )
@@ -320,8 +332,8 @@ def train_head(
             "steps": len(history["loss"]),
             "tokens": history["tokens"],
             "positions": history["tokens"],
-            "wall_s": time.perf_counter() - started,
-            "cpu_s": time.process_time() - cpu0,
+            "wall_s": history["wall_s"],
+            "cpu_s": history["cpu_s"],
             "first_loss": sum(history["loss"][:10]) / max(len(history["loss"][:10]), 1),
             "last_loss": sum(history["loss"][-10:]) / max(len(history["loss"][-10:]), 1),
             "first_batch_agreement": sum(history["agree"][:10]) / max(len(history["agree"][:10]), 1),
@@ -331,6 +343,27 @@ def train_head(
     if evaluation:
         report["after"] = head_agreement(net, lm, evaluation, t2d, settings.head_unroll)
     return report
+
+
+def _resume(settings, net: HeadNet, optimizer, generator: torch.Generator, d2t: torch.Tensor, log):
+    """Continue from the last checkpoint in --out, if any: the step to start from and the history.
+    The batches are drawn from the saved generator, so the run trains on what an uninterrupted
+    one would."""
+    found = checkpoints(settings.out)
+    if not found:
+        return None
+    state = torch.load(found[-1] / "trainer.pt", weights_only=False)
+    if not torch.equal(state["d2t"], d2t):
+        raise UserError(
+            f"--resume: the draft vocabulary of the run in {settings.out} differs from this data's; "
+            "give the same prompts and options or choose another --out"
+        )
+    net.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    log(f"resuming from {found[-1]} (step {state['step']} of {settings.steps})")
+    return state["step"], state["history"]
 
 
 def _initialise(net: HeadNet, lm: LeanLM, d2t: torch.Tensor) -> None:
