@@ -151,6 +151,52 @@ def test_an_interrupted_run_resumes_to_the_head_an_uninterrupted_one_makes(exact
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_fused_head_reads_three_layers_beside_the_final_feature(tmp_path):
+    """--head-fuse: training taps the verifier's layers 1, N/2-1 and N-4, the saved head names
+    them, the runtime fuses the same streams training read (so its drafts are training's), and
+    speculation with it stays exact."""
+    from tests.test_batching import _llama, exact16
+
+    target_path = save(exact16(_llama(64, layers=8, seed=3, heads=2, kv_heads=1, hidden=64)), tmp_path / "t8", 64)
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 12)
+    settings = DistillSettings(
+        target=target_path, head=True, head_fuse=True, out=tmp_path / "out", prompts=prompts, no_eval=True,
+        steps=6, batch_size=4, seq_len=32, max_new_tokens=16, lr=3e-3, head_vocab=48, head_unroll=2,
+    )  # fmt: skip
+    final = distill(settings, log=QUIET)["final"]
+    assert json.loads((Path(final) / "config.json").read_text())["feature_layers"] == [1, 3, 4]
+    target = load_model(target_path, CPU, torch.float32)
+    head = load_head(final, target)
+    assert head.fuse is not None and target.taps == (1, 3, 4)
+
+    from verispec.training.distill.head import verifier_features
+
+    tokens = random_prompts(1, 64, seed=9, min_len=12, max_len=12)[0]
+    features, _ = verifier_features(target, tokens)  # (T, 4D): the three streams, then the final feature
+    assert features.shape == (12, 4 * 64)
+    stored = load_file(Path(final) / "model.safetensors")
+    expected = features[:, : 3 * 64].float() @ stored["fuse.weight"].float()[:, : 3 * 64].T
+    expected += features[:, 3 * 64 :].float() @ stored["fuse.weight"].float()[:, 3 * 64 :].T
+    torch.testing.assert_close(head.read_features(features.float()), expected, rtol=2e-3, atol=2e-3)
+
+    engine = build_engine(Settings(target=target_path, draft=final))
+    engine.pin_costs(PassCosts(tuple(range(1, 10)), (1.0,) * 9, draft_s=0.01))
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    for prompt in random_prompts(4, 64, seed=2, min_len=2, max_len=20):
+        reference = engine.generate(prompt, params, depth=0).token_ids
+        out = engine.generate(prompt, params, depth=3)
+        assert out.token_ids == reference and out.stats.proposed > 0
+    with pytest.raises(UserError, match="the verifier needs at least 7"):
+        distill(settings.model_copy(update={"target": four_layer_target(tmp_path), "out": tmp_path / "o2"}), log=QUIET)
+
+
+def four_layer_target(root: Path) -> str:
+    """A 4-layer verifier: too shallow for three distinct inner layers."""
+    from tests.test_batching import _llama, exact16
+
+    return save(exact16(_llama(64, layers=4, seed=4, heads=2, kv_heads=1, hidden=64)), root / "t4", 64)
+
+
 @pytest.fixture(scope="module")
 def head_settings(trained, exact_models) -> Settings:
     return Settings(target=exact_models["target"], draft=trained["final"])

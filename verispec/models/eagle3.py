@@ -167,9 +167,10 @@ class Eagle3Head(LeanLM):
         self.d2t = (ids if offsets is None else ids + offsets.long()).to(self.device)
         if int(self.d2t.min()) < 0 or int(self.d2t.max()) >= target.vocab_size:
             raise refuse("maps its vocabulary outside the verifier's")
-        self.fc_in = self.fc.in_features
-        if self.fc_in != 3 * Dt:
-            raise refuse(f"fuses {self.fc_in} feature values, not the three streams of {Dt} EAGLE-3 reads")
+        if self.fc.in_features != 3 * Dt:
+            raise refuse(
+                f"fuses {self.fc.in_features} feature values, not the three streams of {Dt} EAGLE-3 reads"
+            )
         self.norm_output = config.get("norm_output", True)
         self.feature_layers = tuple(layers)
         target.tap(self.feature_layers)
@@ -220,6 +221,7 @@ class Eagle3Head(LeanLM):
         self, ids: torch.Tensor, attention: VsAttention, rows, per_op: bool = True, features: bool = False,
         inputs: torch.Tensor | None = None,
     ):  # fmt: skip
+        """`LeanLM.kernel_pass` for this layer, always an operation at a time on the kernels."""
         T = ids.shape[0]
         flat, offsets, widths = self._scratch(T)
         buffers = [flat[o : o + T * w].view(T, w) for o, w in zip(offsets, widths, strict=True)]

@@ -19,6 +19,14 @@ A checkpoint is a folder, made by `verispec distill --head`:
 - `model.safetensors`: `fc.weight` (D, 2D) over [embedding, feature], the layers under
   `layers.{i}.` with Hugging Face Llama names, `norm.weight`, `lm_head.weight` (Vd, D) and
   `d2t` (Vd,) int64. The token embedding is the verifier's own and is not stored.
+
+A head trained with `--head-fuse` also reads the verifier's residual streams after three layers,
+low, middle and high (EAGLE-3's fused features): its config names them (`feature_layers`), the
+verifier is asked to keep them (`LeanLM.tap`), and `fuse.weight` (D, 4D) makes the head's feature
+of a verified position from [those streams, the final feature]. What it feeds itself while
+drafting is unchanged: its own normed output.
+
+EAGLE-3 heads published by their authors load too (`eagle3.py`); `load_head` picks the class.
 """
 
 from __future__ import annotations
@@ -98,6 +106,17 @@ class DraftHead(LeanLM):
         self.target_vocab_size = target.vocab_size
 
         self.fc = self.linear(weights.pop("fc.weight"))
+        fuse = weights.pop("fuse.weight", None)
+        self.fuse = None if fuse is None else self.linear(fuse)
+        self.feature_layers = tuple(config.get("feature_layers") or ())
+        if self.fuse is not None:
+            if not self.feature_layers or not all(0 <= i < len(target.layers) - 1 for i in self.feature_layers):
+                raise UserError(
+                    f"the draft head in {path} fuses verifier layers {list(self.feature_layers)}, "
+                    f"which a verifier of {len(target.layers)} layers does not have; train one for this verifier"
+                )
+            target.tap(self.feature_layers)
+        self.target = target
         self.layers = [self.read_layer(weights, f"layers.{i}.") for i in range(config["num_hidden_layers"])]
         self.norm = weights.pop("norm.weight").to(device=self.device, dtype=self.dtype)
         self.lm_head = self.linear(weights.pop("lm_head.weight"))
@@ -133,8 +152,13 @@ class DraftHead(LeanLM):
 
     def read_features(self, rows: torch.Tensor) -> torch.Tensor:
         """The head's features (n, D) of the verifier's pass features `rows`: their last D columns,
-        the normed final hidden states (before them, layers another head taps: `LeanLM.tap`)."""
-        return rows[:, -self.embed.shape[1] :]
+        the normed final hidden states (before them, the streams of tapped layers: `LeanLM.tap`);
+        a head trained with --head-fuse fuses its layers' streams with them."""
+        final = rows[:, -self.embed.shape[1] :]
+        if self.fuse is None:
+            return final
+        streams = [rows[:, self.target.tap_columns(layer)] for layer in self.feature_layers]
+        return self.fuse(torch.cat([*streams, final], dim=-1).contiguous())
 
     def embed_rows(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """The residual stream a pass starts from (T, D): fc over [embedding of tokens[t], features[t]]."""

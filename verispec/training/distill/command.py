@@ -50,6 +50,11 @@ class DistillSettings(RunSettings):
         4096, ge=2, description="with --head: draft vocabulary, the tokens the verifier chooses most often"
     )
     head_ffn: int | None = Field(None, ge=1, description="with --head: the head's MLP width (default: the verifier's)")
+    head_fuse: bool = Field(
+        False,
+        description="with --head: also read the verifier's residual streams after three layers (low, middle, high: "
+        "1, N/2-1 and N-4 of N), fused with its final feature by a linear layer (EAGLE-3)",
+    )
     head_unroll: int = Field(
         3, ge=1, description="with --head: draft steps unrolled in training (each feeds on the previous one's predictions)"
     )

@@ -100,23 +100,26 @@ class HeadLayer(nn.Module):
 
 class HeadNet(nn.Module):
     """The head as it trains: fc over [embedding, feature], the layers, the final norm and the
-    draft-vocabulary output layer (`models/head.py` runs the same weights on the kernels)."""
+    draft-vocabulary output layer (`models/head.py` runs the same weights on the kernels). With
+    `fuse_width`, the verifier's features are [streams after three layers, final feature] and a
+    linear layer `fuse` makes the head's feature of them (`--head-fuse`)."""
 
-    def __init__(self, D, H, Hkv, hd, ffn, layers, eps, draft_vocab):
+    def __init__(self, D, H, Hkv, hd, ffn, layers, eps, draft_vocab, fuse_width: int | None = None):
         super().__init__()
         self.eps = eps
+        self.fuse = nn.Linear(fuse_width, D, bias=False) if fuse_width else None
         self.fc = nn.Linear(2 * D, D, bias=False)
         self.layers = nn.ModuleList(HeadLayer(D, H, Hkv, hd, ffn, eps) for _ in range(layers))
         self.norm = nn.Parameter(torch.ones(D))
         self.lm_head = nn.Linear(D, draft_vocab, bias=False)
 
     def forward(self, embedded, features, cos, sin, unroll: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """embedded (B, T, D): token t+1's embedding at row t; features (B, T, D): the verifier's
-        feature t. Per unrolled step, the predicted features (B, T, D) and draft logits (B, T, Vd):
+        """embedded (B, T, D): token t+1's embedding at row t; features (B, T, D), or (B, T,
+        fuse_width) with `fuse`: the verifier's feature t. Per unrolled step, the predicted features (B, T, D) and draft logits (B, T, Vd):
         step j's row t is the j-th draft of a round whose verified context ends at token t - j + 2."""
         outputs = []
         earlier: list[list] = [[] for _ in self.layers]
-        fed = features
+        fed = features if self.fuse is None else self.fuse(features)
         for _ in range(unroll):
             x = self.fc(torch.cat([embedded, fed], dim=-1))
             for n, layer in enumerate(self.layers):
@@ -154,8 +157,11 @@ def lm_head_rows(lm: LeanLM, tokens: torch.Tensor) -> torch.Tensor:
         return lm.lm_head(eye).float().t()[tokens].clone()
 
 
-def head_config(lm: LeanLM, target: str, layers: int, draft_vocab: int, ffn: int) -> dict:
-    """config.json of a head for the verifier `lm`, loaded from `target`."""
+def head_config(
+    lm: LeanLM, target: str, layers: int, draft_vocab: int, ffn: int, feature_layers: list[int] | None = None
+) -> dict:
+    """config.json of a head for the verifier `lm`, loaded from `target`; `feature_layers`: the
+    verifier layers whose streams it fuses (`--head-fuse`)."""
     from verispec.models.loading import weights_digest
 
     config = lm.config
@@ -173,6 +179,7 @@ def head_config(lm: LeanLM, target: str, layers: int, draft_vocab: int, ffn: int
         "vocab_size": lm.vocab_size,
         "draft_vocab_size": draft_vocab,
         "target": {"name": target, "digest": weights_digest(target)},
+        **({"feature_layers": feature_layers} if feature_layers else {}),
     }
 
 
@@ -186,6 +193,8 @@ def save_head(net: HeadNet, d2t: torch.Tensor, config: dict, folder: Path, dtype
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     weights = {"fc.weight": net.fc.weight, "norm.weight": net.norm, "lm_head.weight": net.lm_head.weight}
+    if net.fuse is not None:
+        weights["fuse.weight"] = net.fuse.weight
     for i, layer in enumerate(net.layers):
         p = f"layers.{i}."
         weights[p + "input_layernorm.weight"] = layer.input_layernorm
@@ -237,7 +246,7 @@ class Sequences:
         T = max(end - start for _, start, end in windows) - 1
         B, D = len(windows), embed.shape[1]
         embedded = torch.zeros(B, T, D)
-        features = torch.zeros(B, T, D)
+        features = torch.zeros(B, T, self.features[0].shape[1])  # with --head-fuse: streams, then the final feature
         target = torch.zeros(B, T, D)
         labels = torch.full((B, T), IGNORE, dtype=torch.long)
         positions = torch.zeros(B, dtype=torch.long)
@@ -246,7 +255,7 @@ class Sequences:
             ids, feats = self.ids[i][start:end], self.features[i][start:end].float()
             embedded[b, :n] = embed[ids[1:]]
             features[b, :n] = feats[:-1]
-            target[b, :n] = feats[1:]
+            target[b, :n] = feats[1:, -D:]
             labels[b, :n] = t2d[self.labels[i][start + 1 : end].long()]
             positions[b] = start
         return embedded, features, target, labels, positions
@@ -264,15 +273,24 @@ def train_head(
     verifier continuation pairs): the report's "training" and "after" parts."""
     from tqdm import tqdm
 
-    data = Sequences(lm, examples, log)
     D, vocab = lm.embed.shape[1], lm.vocab_size
+    feature_layers = None
+    if settings.head_fuse:
+        from verispec.models.eagle3 import default_layers
+
+        feature_layers = default_layers(len(lm.layers))
+        if len(set(feature_layers)) < 3 or feature_layers[0] >= len(lm.layers) - 1:
+            raise UserError(f"--head-fuse reads layers {feature_layers} of {len(lm.layers)}: the verifier needs at least 7")
+        lm.tap(feature_layers)  # its passes now also give those streams
+    data = Sequences(lm, examples, log)
     d2t = data.vocabulary(settings.head_vocab, vocab)
     t2d = torch.full((vocab,), IGNORE, dtype=torch.long)
     t2d[d2t] = torch.arange(len(d2t))
     covered = float((t2d[torch.cat(data.labels).long()] != IGNORE).float().mean())
     log(f"draft vocabulary: {len(d2t)} of {vocab} tokens, covering {covered:.3f} of the verifier's choices")
     ffn = settings.head_ffn or lm.layers[0].down.in_features
-    net = HeadNet(D, lm.heads, lm.kv_heads, lm.head_dim, ffn, settings.head_layers, lm.eps, len(d2t))
+    fuse_width = (len(feature_layers) + 1) * D if feature_layers else None
+    net = HeadNet(D, lm.heads, lm.kv_heads, lm.head_dim, ffn, settings.head_layers, lm.eps, len(d2t), fuse_width)
     _initialise(net, lm, d2t)
     embed = lm.embed.float()
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -320,7 +338,7 @@ def train_head(
             )
             break
     bar.close()
-    config = head_config(lm, settings.target, settings.head_layers, len(d2t), ffn)
+    config = head_config(lm, settings.target, settings.head_layers, len(d2t), ffn, feature_layers)
     final = settings.out / "final"
     save_head(net, d2t, config, final, settings.save_dtype)
     report = {
@@ -375,6 +393,9 @@ def _initialise(net: HeadNet, lm: LeanLM, d2t: torch.Tensor) -> None:
         D = lm.embed.shape[1]
         net.fc.weight.mul_(0.1)
         net.fc.weight[:, D:] += torch.eye(D)
+        if net.fuse is not None:  # the final feature passed through, the other streams mixed in a little
+            net.fuse.weight.mul_(0.1)
+            net.fuse.weight[:, -D:] += torch.eye(D)
         for layer in net.layers:
             layer.o_proj.weight.mul_(0.1)
             layer.down_proj.weight.mul_(0.1)
