@@ -151,6 +151,26 @@ def test_an_interrupted_run_resumes_to_the_head_an_uninterrupted_one_makes(exact
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_off_policy_a_head_trains_on_the_texts_own_positions_without_a_teacher_pass(exact_models, tmp_path):
+    """--off-policy: the prompts' text, cut into --seq-len chunks, is the data; the head's one
+    verifier pass per chunk gives its features and labels, so no teacher is built."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 24)
+    settings = DistillSettings(
+        target=exact_models["target"], head=True, off_policy=True, out=tmp_path / "out", prompts=prompts,
+        eval_prompts=prompts, eval_limit=4, steps=24, batch_size=4, seq_len=16, eval_new_tokens=16, lr=3e-3,
+        head_vocab=48, head_unroll=2,
+    )  # fmt: skip
+    said: list[str] = []
+    report = distill(settings, log=said.append)
+    teacher = report["teacher"]
+    assert teacher["mode"] == "text" and teacher["positions"] == 0 and not (tmp_path / "out" / "teacher").exists()
+    chunks = teacher["examples"]
+    assert chunks >= 12 and teacher["tokens"] == 16 * chunks
+    assert any(f"verifier features of {chunks} sequences, {16 * chunks} positions" in line for line in said), said
+    assert report["training"]["last_loss"] < 0.9 * report["training"]["first_loss"]
+    assert len(report["after"]["by_draft_position"]) == 2
+
+
 def test_a_fused_head_reads_three_layers_beside_the_final_feature(tmp_path):
     """--head-fuse: training taps the verifier's layers 1, N/2-1 and N-4, the saved head names
     them, the runtime fuses the same streams training read (so its drafts are training's), and

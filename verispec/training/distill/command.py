@@ -83,7 +83,9 @@ class DistillSettings(RunSettings):
         None, description="with --audit-db: only requests this recent (ISO time, or an age: 7d)"
     )
     off_policy: bool = Field(
-        False, description="train on the prompts' own text, not the verifier's continuations"
+        False,
+        description="train on the prompts' own text, not the verifier's continuations (with --head: far more "
+        "positions for the same verifier time, one pass per --seq-len chunk instead of a decode step per token)",
     )
     steps: int = Field(400, ge=1, description="optimizer steps")
     batch_size: int = Field(16, ge=1, description="sequences per step")
@@ -123,8 +125,6 @@ class DistillSettings(RunSettings):
             raise field_error("draft", "--head trains a head from scratch on the verifier's features; leave out --draft", self.draft)
         if not self.head and not self.draft:
             raise field_error("draft", "give --draft PATH (the draft model to distil), or --head to train a draft head", None)
-        if self.head and self.off_policy:
-            raise field_error("off_policy", "--head trains on the verifier's own continuations; leave out --off-policy", True)
         return self
 
     def training_fields(self) -> dict:

@@ -184,6 +184,12 @@ def text_examples(lm: CausalLM, chunks: list[list[int]], top_k: int) -> list[Exa
     return examples
 
 
+def _no_distributions() -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    return torch.empty(0, 0, dtype=torch.int32), torch.empty(0, 0, dtype=torch.float16)
+
+
 def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
@@ -209,6 +215,17 @@ def build_teacher(
     else:
         sequences = text_chunks(settings, tokenizer, training)
         size = max(1, settings.gen_batch_size // 4)  # full-length passes: fewer rows to a shard
+    if settings.head and not on_policy:
+        # A head reads the verifier's features and greedy choices, which it takes from a pass of its
+        # own (`head.Sequences`): text needs no teacher pass.
+        return [Example(torch.tensor(c, dtype=torch.int32), 0, *_no_distributions()) for c in sequences], {
+            "mode": "text",
+            "examples": len(sequences),
+            "positions": 0,
+            "tokens": sum(map(len, sequences)),
+            "build_wall_s": 0.0,
+            "build_cpu_s": 0.0,
+        }
     batches = [sequences[i : i + size] for i in range(0, len(sequences), size)]
     from verispec.core.rounds import stop_tokens  # where a greedy decode ends, as in the engine
 
