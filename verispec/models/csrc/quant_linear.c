@@ -341,11 +341,11 @@ static inline float hsum16(__m512 v) {
 #define HSUM hsum16
 #define W 16
 #define ISA avx512
-/* 32 registers: fused, up to 4 rows x 4 outputs with the decoding's temporaries; dense, 6 x 4. */
+/* 32 registers: fused, up to 3 rows x 4 outputs with the decoding's temporaries; dense, 6 x 4. */
 #define TYPE(T)                                                                               \
-  DEQUANT(T) FUSED(1, T) FUSED(2, T) FUSED(3, T) FUSED(4, T)                                  \
+  DEQUANT(T) FUSED(1, T) FUSED(2, T) FUSED(3, T)                                              \
   static const fused_fn fused_##T##_avx512[] = {fused1_##T##_avx512, fused2_##T##_avx512,     \
-                                                fused3_##T##_avx512, fused4_##T##_avx512};
+                                                fused3_##T##_avx512};
 TYPE(q8_0) TYPE(q4_0) TYPE(q4_1) TYPE(q4_k) TYPE(q6_k)
 TYPE(q5_0) TYPE(q5_1) TYPE(iq4_nl) TYPE(q2_k) TYPE(q3_k) TYPE(q5_k) TYPE(iq4_xs)
 DENSE(1) DENSE(2) DENSE(3) DENSE(4) DENSE(5) DENSE(6)
@@ -364,10 +364,11 @@ static const dense_fn dense_avx512[] = {dense1_avx512, dense2_avx512, dense3_avx
 
 /* ---- dispatch ---- */
 
-/* Up to fused_rows rows of x (4 with AVX-512, 2 with AVX2: the accumulators and the decoding's
+/* Up to fused_rows rows of x (3 with AVX-512, 2 with AVX2: the accumulators and the decoding's
    temporaries fill the registers) the weights are decoded in registers (FUSED); from there on
    decoding each tile's rows once into a buffer (DENSE) measured faster than decoding them again
-   for every tile of rows. */
+   for every tile of rows. At 4 rows with AVX-512, a 4-row pass of SmolLM2-135M's Q4_1 file cost
+   1.61-1.68x its decode step fused and 1.35x dense (scripts/width_costs.py, AMD EPYC). */
 struct variant {
   dequant_fn dequantize;
   const fused_fn* fused;  /* by rows - 1, up to fused_rows */
@@ -382,7 +383,7 @@ struct qtype {
 
 #define QTYPE(T)                                                                              \
   {QK_##T, BYTES_##T, {dq_##T##_avx2, fused_##T##_avx2, dense_avx2, 2, 2},                    \
-   {dq_##T##_avx512, fused_##T##_avx512, dense_avx512, 4, 6}}
+   {dq_##T##_avx512, fused_##T##_avx512, dense_avx512, 3, 6}}
 
 static const struct qtype* qtype_of(int type) {
   static const struct qtype q4_0 = QTYPE(q4_0), q4_1 = QTYPE(q4_1), q8_0 = QTYPE(q8_0);
