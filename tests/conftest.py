@@ -169,6 +169,33 @@ def run_verispec(*args: str, stdin: str | None = None) -> subprocess.CompletedPr
     )
 
 
+def exact_at_depths(engine, prompts: list[list[int]], params, depths=(1, 3, "auto")) -> list[list[int]]:
+    """Each prompt's verifier-only tokens, once every depth has given them token for token, with
+    drafts proposed."""
+    reference = [engine.generate(p, params, depth=0).token_ids for p in prompts]
+    proposed = 0
+    for depth in depths:
+        for prompt, expected in zip(prompts, reference, strict=True):
+            out = engine.generate(prompt, params, depth=depth)
+            assert out.token_ids == expected, (depth, prompt)
+            proposed += out.stats.proposed
+    assert proposed > 0
+    return reference
+
+
+def run_together(engine, prompts: list[list[int]], params, depth) -> tuple[list[list[int]], list]:
+    """The prompts as requests of one engine, stepped together at `depth` until all end: each
+    one's tokens, in order, and the requests."""
+    requests = [
+        engine.add(f"r{i}", p, params, engine.speculation, engine.proposer, depth=depth) for i, p in enumerate(prompts)
+    ]
+    out: dict = {r: [] for r in requests}
+    while engine.busy:
+        for request, delta in engine.step():
+            out[request] += delta.token_ids
+    return [out[r] for r in requests], requests
+
+
 def write_prompts(path: Path, count: int) -> Path:
     """A JSONL prompt set in the tiny tokenizer's words."""
     lines = [{"id": f"p{i}", "prompt": " ".join(f"t{(i * 7 + j * 3) % 60 + 1}" for j in range(12))} for i in range(count)]

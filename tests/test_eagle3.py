@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-from tests.conftest import random_prompts, save
+from tests.conftest import exact_at_depths, random_prompts, run_together, save
 from tests.test_batching import _llama, exact16
 from verispec.assemble import build_engine, resolve_models
 from verispec.config import ModelSettings, SamplingParams, Settings
@@ -231,25 +231,11 @@ def test_greedy_speculation_is_the_verifiers(target_path, tmp_path):
     engine.pin_costs(PassCosts(tuple(range(1, 10)), (1.0,) * 9, draft_s=0.01))
     prompts = random_prompts(5, VOCAB, seed=41, min_len=2, max_len=30)
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
-    reference = [engine.generate(p, params, depth=0).token_ids for p in prompts]
-    proposed = 0
-    for depth in (1, 3, "auto"):
-        for prompt, expected in zip(prompts, reference, strict=True):
-            out = engine.generate(prompt, params, depth=depth)
-            assert out.token_ids == expected, (depth, prompt)
-            proposed += out.stats.proposed
-    assert proposed > 0
+    reference = exact_at_depths(engine, prompts, params)
     trees = build_engine(settings.model_copy(update={"tree_width": 3}))
     trees.pin_costs(PassCosts(tuple(range(1, 40)), (1.0,) * 39, draft_s=0.01))
-    requests = [
-        trees.add(f"r{i}", p, params, trees.speculation, trees.proposer, depth=3)
-        for i, p in enumerate(prompts)
-    ]
-    out = {r: [] for r in requests}
-    while trees.busy:
-        for request, delta in trees.step():
-            out[request] += delta.token_ids
-    assert [out[r] for r in requests] == reference
+    out, requests = run_together(trees, prompts, params, depth=3)
+    assert out == reference
     assert all(r.stats.proposer_failures == 0 for r in requests)
 
 

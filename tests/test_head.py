@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import EOS, llama, random_prompts, save, write_prompts
+from tests.conftest import EOS, exact_at_depths, llama, random_prompts, run_together, save, write_prompts
 from tests.serving import ServerProcess
 from tests.test_sampling_distribution import (
     ALPHA,
@@ -233,27 +233,13 @@ def test_greedy_output_is_the_verifiers_at_every_depth_and_in_a_batch(head_setti
     engine.pin_costs(PassCosts(tuple(range(1, 10)), (1.0,) * 9, draft_s=0.01))  # depth auto speculates
     prompts = random_prompts(6, 64, seed=40, min_len=2, max_len=30)
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
-    reference = [engine.generate(p, params, depth=0).token_ids for p in prompts]
-    proposed = 0
-    for depth in (1, 3, "auto"):
-        for prompt, expected in zip(prompts, reference, strict=True):
-            out = engine.generate(prompt, params, depth=depth)
-            assert out.token_ids == expected, (depth, prompt)
-            proposed += out.stats.proposed
-    assert proposed > 0
+    reference = exact_at_depths(engine, prompts, params)
     # All six at once, in one engine's passes, sharing a prefix (the prefix cache holds the first's blocks).
     shared = prompts[0] + prompts[1]
     batch = [*prompts, shared]
     reference.append(engine.generate(shared, params, depth=0).token_ids)
-    requests = [
-        engine.add(f"r{i}", p, params, engine.speculation, engine.proposer, depth=3)
-        for i, p in enumerate(batch)
-    ]
-    out = {r: [] for r in requests}
-    while engine.busy:
-        for request, delta in engine.step():
-            out[request] += delta.token_ids
-    assert [out[r] for r in requests] == reference
+    out, requests = run_together(engine, batch, params, depth=3)
+    assert out == reference
     assert all(r.stats.proposer_failures == 0 for r in requests)
 
 
