@@ -193,7 +193,7 @@ class Eagle3Head(LeanLM):
 
     def read_features(self, rows: torch.Tensor) -> torch.Tensor:
         """The head's features (n, D) of the verifier's pass features `rows` (its taps)."""
-        streams = [rows[:, self.target.tap_columns(layer)] for layer in self.feature_layers]
+        streams = self.target.tapped(rows, self.feature_layers)
         if self.fc_norm is not None:
             streams = [
                 F.rms_norm(s, (s.shape[-1],), w, self.eps) for s, w in zip(streams, self.fc_norm, strict=True)

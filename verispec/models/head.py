@@ -157,8 +157,7 @@ class DraftHead(LeanLM):
         final = rows[:, -self.embed.shape[1] :]
         if self.fuse is None:
             return final
-        streams = [rows[:, self.target.tap_columns(layer)] for layer in self.feature_layers]
-        return self.fuse(torch.cat([*streams, final], dim=-1).contiguous())
+        return self.fuse(torch.cat([*self.target.tapped(rows, self.feature_layers), final], dim=-1).contiguous())
 
     def embed_rows(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """The residual stream a pass starts from (T, D): fc over [embedding of tokens[t], features[t]]."""

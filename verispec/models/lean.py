@@ -420,6 +420,10 @@ class LeanLM(LeanModel):
         D, i = self.embed.shape[1], self.taps.index(layer)
         return slice(i * D, (i + 1) * D)
 
+    def tapped(self, rows: torch.Tensor, layers: Sequence[int]) -> list[torch.Tensor]:
+        """The residual streams after `layers` (tapped) in a pass's features `rows` (n, ...)."""
+        return [rows[:, self.tap_columns(layer)] for layer in layers]
+
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         """The final RMSNorm of rows x (T, D) on the kernel."""
         h = torch.empty_like(x)

@@ -184,12 +184,6 @@ def text_examples(lm: CausalLM, chunks: list[list[int]], top_k: int) -> list[Exa
     return examples
 
 
-def _no_distributions() -> tuple[torch.Tensor, torch.Tensor]:
-    import torch
-
-    return torch.empty(0, 0, dtype=torch.int32), torch.empty(0, 0, dtype=torch.float16)
-
-
 def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
@@ -218,14 +212,9 @@ def build_teacher(
     if settings.head and not on_policy:
         # A head reads the verifier's features and greedy choices, which it takes from a pass of its
         # own (`head.Sequences`): text needs no teacher pass.
-        return [Example(torch.tensor(c, dtype=torch.int32), 0, *_no_distributions()) for c in sequences], {
-            "mode": "text",
-            "examples": len(sequences),
-            "positions": 0,
-            "tokens": sum(map(len, sequences)),
-            "build_wall_s": 0.0,
-            "build_cpu_s": 0.0,
-        }
+        no_ids, no_logp = torch.empty(0, 0, dtype=torch.int32), torch.empty(0, 0, dtype=torch.float16)
+        examples = [Example(torch.tensor(c, dtype=torch.int32), 0, no_ids, no_logp) for c in sequences]
+        return examples, _summary(on_policy, examples, 0.0, 0.0)
     batches = [sequences[i : i + size] for i in range(0, len(sequences), size)]
     from verispec.core.rounds import stop_tokens  # where a greedy decode ends, as in the engine
 
@@ -270,7 +259,12 @@ def build_teacher(
             built += time.perf_counter() - wall
             cpu += time.process_time() - cpu0
         examples.extend(Example(**e) for e in torch.load(shard))
-    info = {
+    return examples, _summary(on_policy, examples, built, cpu)
+
+
+def _summary(on_policy: bool, examples: list[Example], built: float, cpu: float) -> dict:
+    """The report's "teacher" part: what the examples hold and what building them cost."""
+    return {
         "mode": "on-policy" if on_policy else "text",
         "examples": len(examples),
         "positions": sum(len(e.top_ids) for e in examples),
@@ -278,4 +272,3 @@ def build_teacher(
         "build_wall_s": built,
         "build_cpu_s": cpu,
     }
-    return examples, info
