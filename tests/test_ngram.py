@@ -10,11 +10,12 @@ from verispec.proposers.ngram import NgramProposer, lookup
     "context, depth, max_n, min_n, expected",
     [
         ([1, 2, 3, 4, 1, 2], 2, 3, 1, [3, 4]),  # suffix [1, 2] seen before: propose what followed
-        ([1, 2, 3, 4, 1, 2], 5, 3, 1, [3, 4, 1, 2]),  # runs up to the end of the context
+        ([1, 2, 3, 4, 1, 2], 5, 3, 1, [3, 4, 1, 2, 3]),  # past the context's end, the period goes on
         ([5, 1, 2, 9, 7, 1, 2, 8, 3, 1, 2], 1, 2, 1, [8]),  # the latest match wins
         ([1, 2, 3, 9, 2, 3, 7, 1, 2, 3], 2, 3, 1, [9, 2]),  # the longest n wins over a later shorter match
         ([1, 2, 3], 3, 3, 1, []),  # no repetition: nothing to propose
-        ([4, 4, 4, 4], 3, 3, 1, [4]),  # overlapping match; only real followers are proposed
+        ([4, 4, 4, 4], 3, 3, 1, [4, 4, 4]),  # a run of one token goes on
+        ([5, 1, 2, 1, 2], 5, 2, 1, [1, 2, 1, 2, 1]),  # so does a loop of two
         ([7], 3, 3, 1, []),
         ([1, 2, 1], 0, 3, 1, []),  # depth 0
         ([1, 5, 2, 1], 2, 3, 2, []),  # only single-token matches exist, min n is 2

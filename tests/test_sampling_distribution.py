@@ -97,22 +97,27 @@ def exact_two_token_distribution(engine) -> torch.Tensor:
     return joint.flatten()
 
 
-@pytest.mark.parametrize("proposer, depth", [("draft", 2), ("draft", "auto"), ("ngram", 2)])
-def test_engine_samples_the_target_distribution(small_vocab_pair, proposer, depth):
+@pytest.mark.parametrize(
+    "proposer, depth, repeat_match", [("draft", 2, 0), ("draft", "auto", 0), ("ngram", 2, 0), ("draft", 2, 1)]
+)
+def test_engine_samples_the_target_distribution(small_vocab_pair, proposer, depth, repeat_match):
+    """With repeat_match 1 every first round drafts PROMPT's own repeat (`core/repeats.py`)."""
     target, draft = small_vocab_pair
-    engine = make_engine(target, draft, proposer=proposer, ngram_min=1)
+    engine = make_engine(target, draft, proposer=proposer, ngram_min=1, repeat_match=repeat_match)
     # Price drafting as cheap so that depth auto speculates on these tiny models.
     engine.pin_costs(PassCosts(tuple(range(1, 10)), (1.0,) * 9, draft_s=0.01))
     engine.eos_ids = frozenset()  # token 0 is an ordinary token here: every sample has two tokens
     expected = exact_two_token_distribution(engine)
     n = 2500
     outputs = []
-    proposed = 0
+    proposed = repeats = 0
     for seed in range(n):
         out = engine.generate(PROMPT, PARAMS.model_copy(update={"seed": seed}), depth=depth)
         outputs.append(out.token_ids[0] * VOCAB + out.token_ids[1])
         proposed += out.stats.proposed
+        repeats += out.stats.repeat_rounds
     assert proposed >= n  # every request speculated (depth is capped at max_new_tokens - 1 = 1)
+    assert (repeats >= n) == bool(repeat_match)
     assert goodness_of_fit(torch.tensor(outputs), expected) > ALPHA
     # Power check: the same number of samples from the (warped) draft is rejected.
     if proposer == "draft":

@@ -22,6 +22,7 @@ class RequestStats:
     proposer_failures: int = 0  # proposals that raised or returned something invalid
     proposer_timeouts: int = 0  # proposals dropped for exceeding the time budget
     fallback_rounds: int = 0  # rounds run verifier-only because of a failure or timeout
+    repeat_rounds: int = 0  # rounds drafted from the text's own repeat in place of the proposer (`core/repeats.py`)
     depths: list[int] = field(default_factory=list)  # depth asked for, per round
     proposed_by_position: list[int] = field(default_factory=list)  # [i]: rounds with a draft at position i
     accepted_by_position: list[int] = field(default_factory=list)  # [i]: of those, accepted
@@ -139,5 +140,6 @@ def speculation_stats(stats: RequestStats, proposer: str | None = None) -> dict:
         "tokens_per_verifier_call": stats.tokens_per_verifier_call,
         "proposer_failures": stats.proposer_failures + stats.proposer_timeouts,
         "fallback_rounds": stats.fallback_rounds,
+        "repeat_rounds": stats.repeat_rounds,
         "mismatch_ms": round(stats.mismatch_s * 1e3, 3),  # time spent on rejected drafts
     }

@@ -83,6 +83,14 @@ class SpeculationSettings(BaseModel):
     max_proposer_failures: int = Field(
         3, ge=1, description="consecutive proposer failures after which a request continues verifier-only"
     )
+    repeat_match: int = Field(
+        6,
+        ge=0,
+        description="where the context's last N tokens occurred before, a round drafts what followed them (free drafts "
+        "where the text repeats itself) in place of its proposer's, as many as the repeat's match is long, up to "
+        "--repeat-depth (0 = off)",
+    )
+    repeat_depth: int = Field(16, ge=1, le=64, description="most drafts a round of the text's own repeats takes")
     ngram_max: int = Field(5, ge=1, description="longest context suffix the n-gram proposer matches")
     ngram_min: int = Field(
         2, ge=1, description="shortest context suffix the n-gram proposer matches (a single shared token predicts little)"

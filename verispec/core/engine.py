@@ -37,6 +37,7 @@ from verispec.core.kv_cache import BlockTable, OutOfBlocks
 from verispec.core.planner import Plan, plan_pass
 from verispec.core.processing import Processing, check_token_ids
 from verispec.core.prompt_logprobs import cacheable, rows_to_score, score_rows
+from verispec.core.repeats import repeat_drafts
 from verispec.core.request import Request
 from verispec.core.rounds import Completion, Delta, Round, accept, emit, inspect, token_logprobs
 from verispec.core.runner import Segment
@@ -360,13 +361,16 @@ class Engine:
             share = pass_s * len(segment.tokens) / rows
             stats.verify_s += share
             stats.record_round(plan.depths[request], len(proposal.tokens), accepted)
-            request.acceptance.update(len(proposal.tokens), accepted)
+            if request.repeat is not None:  # not the proposer's: its acceptance estimate leaves it out
+                stats.repeat_rounds += 1
+            else:
+                request.acceptance.update(len(proposal.tokens), accepted)
             if request.remote is not None:
                 request.remote.hint = self.remote_hint(request)
             round_ = Round(
                 plan.depths[request], len(proposal.tokens), accepted, chain_accepted=chain_prefix(verdict.path),
                 propose_s=propose_s.get(request, 0.0), verify_s=share,
-                proposer_failed=request in self.drafting.failed,
+                proposer_failed=request in self.drafting.failed, repeat=request.repeat is not None,
                 started_ns=started_ns, ended_ns=ended_ns,
                 inspection=inspect(request.params, proposal, target_logits, verdict, request.generated)
                 if request.inspect and proposal.tokens else None,
@@ -474,7 +478,25 @@ class Engine:
                 continue
             if request.forced:
                 depths[request] = len(request.forced)
+        for request in requests:
+            request.repeat = self._repeat(request, depths[request])
+            if request.repeat is not None:
+                depths[request] = len(request.repeat.tokens)
         return depths
+
+    def _repeat(self, request: Request, depth: int) -> Proposal | None:
+        """This round's drafts from the text's own repeat (`repeats.py`), where its context repeats
+        itself and it speculates at all; None where its proposer drafts as ever. A round its grammar
+        forces, an edge client's and one its proposer may not draft for (the server's breaker, a
+        plug-in's call in flight) take none."""
+        speculation = request.speculation
+        if request.forced or request.remote is not None or not speculation.repeat_match:
+            return None
+        if depth == 0 and self.depth_limit(request) == 0:  # depth auto's 0 still takes a free repeat
+            return None
+        most = min(speculation.repeat_depth, request.remaining - 1, self.batch.max_pass_tokens - 1)
+        drafts = repeat_drafts(request.tokens, speculation.repeat_match, most)
+        return Proposal(drafts) if drafts else None
 
     def _depths(self, requests: list[Request]) -> dict[Request, int]:
         """Fixed depths as configured; depth auto by the batch's goodput (`goodput.py`). A request

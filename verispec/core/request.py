@@ -56,6 +56,7 @@ class Request:
     processing: Processing | None = None  # penalties, bias, a token floor (`processing.py`), where asked for
     grammar: Matcher | None = None  # what its output must be (`grammar.py`), where it asked for a format
     forced: list[int] = field(default_factory=list)  # this round's drafts: the tokens its grammar forces
+    repeat: Proposal | None = None  # this round's drafts: the text's own repeat (`repeats.py`), in place of its proposer's
     # Where asked for: its prompt's positions 1.. scored so far (`prompt_logprobs.py`), all of them by its first Delta.
     prompt_logprobs: list[TokenLogprob] | None = None
 

@@ -39,6 +39,7 @@ class Round:
     propose_s: float
     verify_s: float
     proposer_failed: bool = False  # the proposer raised, returned junk or ran out of time: verifier-only round
+    repeat: bool = False  # drafted from the text's own repeat in place of the proposer (`repeats.py`)
     started_ns: int = 0  # wall clock (time.time_ns), for trace spans
     ended_ns: int = 0
     inspection: Inspection | None = None  # inspected requests only, rounds with drafts only

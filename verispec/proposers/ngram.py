@@ -3,6 +3,9 @@
 Find the most recent earlier occurrence of the context's last n tokens (longest n first) and
 propose the tokens that followed it. Code and documents repeat themselves, so this is often right
 and costs microseconds. It has no distribution: its proposals are point masses.
+
+Where what followed runs into the suffix itself, the text repeats with a period shorter than the
+draft (a loop, a run of one token), and the draft goes on repeating it (`follow`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,16 @@ def lookup(context: np.ndarray, depth: int, max_ngram: int, min_ngram: int) -> l
         windows = np.lib.stride_tricks.sliding_window_view(context[:-1], n)  # (L-n, n)
         matches = np.flatnonzero((windows == suffix).all(axis=1))
         if matches.size:
-            start = int(matches[-1]) + n
-            return context[start : start + depth].tolist()
+            return follow(context, int(matches[-1]) + n, depth)
     return []
+
+
+def follow(context: np.ndarray, start: int, depth: int) -> list[int]:
+    """`depth` tokens that continue the context as it went on from `start` before: context[start:],
+    and past its end the same period again (the draft is what the context's last `len(context) -
+    start` tokens, repeated, would give)."""
+    period = len(context) - start
+    tokens = context[start : start + depth].tolist()
+    while len(tokens) < depth:
+        tokens.append(tokens[len(tokens) - period])
+    return tokens

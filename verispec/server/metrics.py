@@ -119,6 +119,9 @@ class ServerMetrics:
             "proposer_failures", "Proposals that failed (raised, returned junk or ran out of time)."
         ).labels(model_name)
         self.fallbacks = counter("fallback_rounds", "Rounds run verifier-only because the proposer failed.").labels(model_name)
+        self.repeat_rounds = counter(
+            "repeat_rounds", "Rounds drafted from the text's own repeat in place of the proposer (--repeat-match)."
+        ).labels(model_name)
         self.kernel_step = Gauge(
             P + "kernel_step", "1 if the model's passes run on the compiled CPU kernel step, 0 if on the slower path; "
             "form: the storage its weight matrices run in.", m + ["role", "form"], registry=registry,
@@ -225,6 +228,8 @@ class ServerMetrics:
         if not round_.proposed:
             self.verifier_only_rounds.inc()
             return
+        if round_.repeat:
+            self.repeat_rounds.inc()
         self.drafts.inc()
         self.draft_tokens.inc(round_.proposed)
         self.proposed.inc(round_.proposed)

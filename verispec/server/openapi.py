@@ -52,6 +52,7 @@ class SpeculationStats(BaseModel):
     tokens_per_verifier_call: float | None
     proposer_failures: int
     fallback_rounds: int
+    repeat_rounds: int = Field(0, description="rounds drafted from the text's own repeat in place of the proposer")
     mismatch_ms: float = Field(description="time spent on drafts the verifier rejected: their share of proposing and verifying")
 
 

@@ -118,6 +118,7 @@ class Result:
     decode_tokens_per_s: float | None
     decode_speedup: float | None  # decode_tokens_per_s / verifier-only's
     fraction_of_bound: float | None
+    repeat_share: float | None = None  # rounds drafted from the text's own repeat (`core/repeats.py`) over all
 
 
 def parse_depths(raw: Sequence[Depth | str]) -> list[Depth]:
@@ -267,6 +268,7 @@ def summarize(configs: list[Configuration]) -> list[Result]:
                 seconds_per_token=_time_split(stats) if stats else None,
                 bound_speedup=bound, decode_tokens_per_s=decode, decode_speedup=decode_speedup,
                 fraction_of_bound=_ratio(decode_speedup, bound),
+                repeat_share=stats.repeat_rounds / stats.rounds if stats and stats.rounds else None,
             )
         )
     return results
@@ -286,14 +288,14 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 def table_rows(results: list[Result], prompt_count: int) -> tuple[list[str], list[list[str]]]:
     header = [
         "configuration", "depth", "tokens/s", "speedup", "acceptance", "tokens/verifier call", "decode tokens/s",
-        "decode speedup", "bound", "of bound", "identical",
+        "decode speedup", "bound", "of bound", "repeat rounds", "identical",
     ]
     rows = [
         [
             r.name, "-" if r.depth is None else str(r.depth), f"{r.tokens_per_s:.1f}", _fmt(r.speedup_vs_verifier_only, ".2f", "x"),
             _fmt(r.acceptance_rate, ".3f"), _fmt(r.mean_accepted_tokens, ".2f"), _fmt(r.decode_tokens_per_s, ".1f"),
             _fmt(r.decode_speedup, ".2f", "x"), _fmt(r.bound_speedup, ".2f", "x"),
-            _fmt(r.fraction_of_bound, ".0%"), f"{r.identical_count}/{prompt_count}",
+            _fmt(r.fraction_of_bound, ".0%"), _fmt(r.repeat_share, ".0%"), f"{r.identical_count}/{prompt_count}",
         ]
         for r in results
     ]
@@ -316,7 +318,8 @@ def markdown(results: list[Result], prompt_count: int, command: str) -> str:
         "", "tokens/s: median over runs (one prompt, one repeat each), prompt prefill included; speedup: tokens/s "
         "over verispec verifier-only's. Decode tokens/s: the same median without the prefill; decode speedup: "
         "decode tokens/s over verifier-only's. Bound: the decode speedup the measured acceptance and round cost "
-        "allow (see verispec/tools/bench.py); of bound: decode speedup / bound.",
+        "allow (see verispec/tools/bench.py); of bound: decode speedup / bound. Repeat rounds: the rounds "
+        "drafted from the text's own repeat in place of the proposer (--repeat-match).",
         "", verdict(results, prompt_count), "",
     ]
     return "\n".join(lines)

@@ -1,0 +1,41 @@
+"""Drafts from the text's own repeats: free drafts where the text repeats itself.
+
+Code and small models' output repeat themselves: a signature called again, a block of similar
+lines, a model caught in a loop. Where the context's last `min_match` tokens occurred before, what
+followed them then is a better draft than any model's, and costs microseconds. Such a round
+drafts that (`ngram.follow`) in place of its proposer, as deep as the repeat is long: a match of
+m tokens drafts up to m, so a long loop is verified many tokens a pass, as suffix decoding
+(SuffixDecoding, Arctic Inference) sizes its drafts by its match. A round whose context has no
+such repeat asks its proposer as ever.
+
+The drafts are point masses and are verified like any others, so outputs stay exact; they depend
+on the request's own tokens only, so a request's rounds are the same whatever else is in its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from verispec.proposers.ngram import follow
+
+
+def repeat_drafts(context: Sequence[int], min_match: int, most: int) -> list[int]:
+    """Up to `most` tokens that continue the latest earlier occurrence of the context's last
+    `min_match` tokens, as many as that occurrence's match with the context's end is long (a
+    longer shared run, a likelier repeat); [] where there is none."""
+    if min_match < 1 or most < 1 or len(context) <= min_match:
+        return []
+    tokens = np.asarray(context, dtype=np.int64)
+    suffix = tokens[-min_match:]
+    # Windows over tokens[:-1] end before the suffix itself, so every match has a follower.
+    windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], min_match)
+    matches = np.flatnonzero((windows == suffix).all(axis=1))
+    if not matches.size:
+        return []
+    start = int(matches[-1]) + min_match  # the first token that followed the occurrence
+    matched = min_match
+    while matched < most and matched < start and tokens[start - 1 - matched] == tokens[-1 - matched]:
+        matched += 1
+    return follow(tokens, start, min(matched, most))
