@@ -6,7 +6,7 @@ import pytest
 from tests.conftest import exact_at_depths, make_engine, random_prompts, run_together
 from verispec.config import SamplingParams
 from verispec.core.goodput import PassCosts
-from verispec.core.repeats import repeat_drafts
+from verispec.core.repeats import WINDOW, repeat_drafts
 
 
 @pytest.mark.parametrize(
@@ -69,3 +69,10 @@ def test_a_repeat_round_leaves_the_proposers_acceptance_estimate_alone(tiny_mode
         engine.step()
     assert request.stats.repeat_rounds == 1  # the first round: LOOP's own repeat
     assert request.acceptance.alpha == before
+
+
+def test_only_the_last_window_of_tokens_is_searched():
+    far = [1, 2, 3, 4, *range(10, 10 + WINDOW), 1, 2, 3]
+    assert repeat_drafts(far, 3, 8) == []  # the earlier [1, 2, 3] lies beyond the window
+    near = [*range(10, 10 + WINDOW), 1, 2, 3, 4, 1, 2, 3]
+    assert repeat_drafts(near, 3, 8) == [4, 1, 2]

@@ -20,22 +20,28 @@ import numpy as np
 
 from verispec.proposers.ngram import follow
 
+WINDOW = 4096  # the context's last tokens searched for a repeat
+
 
 def repeat_drafts(context: Sequence[int], min_match: int, most: int) -> list[int]:
     """Up to `most` tokens that continue the latest earlier occurrence of the context's last
     `min_match` tokens, as many as that occurrence's match with the context's end is long (a
-    longer shared run, a likelier repeat); [] where there is none."""
+    longer shared run, a likelier repeat); [] where there is none. Only the last `WINDOW` tokens
+    are searched, so a round costs microseconds however long the context."""
     if min_match < 1 or most < 1 or len(context) <= min_match:
         return []
-    tokens = np.asarray(context, dtype=np.int64)
-    suffix = tokens[-min_match:]
-    # Windows over tokens[:-1] end before the suffix itself, so every match has a follower.
-    windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], min_match)
-    matches = np.flatnonzero((windows == suffix).all(axis=1))
-    if not matches.size:
+    tokens = np.asarray(context[-WINDOW:], dtype=np.int64)
+    last = len(tokens) - 1
+    # Where an earlier occurrence ends: the context's last token before its end (so every one has a
+    # follower), narrowed token by token to those the whole suffix precedes.
+    ends = np.flatnonzero(tokens[:last] == tokens[last])
+    for k in range(1, min_match):
+        ends = ends[ends >= k]
+        ends = ends[tokens[ends - k] == tokens[last - k]]
+    if not ends.size:
         return []
-    start = int(matches[-1]) + min_match  # the first token that followed the occurrence
+    start = int(ends[-1]) + 1  # the first token that followed the latest occurrence
     matched = min_match
-    while matched < most and matched < start and tokens[start - 1 - matched] == tokens[-1 - matched]:
+    while matched < most and matched < start and tokens[start - 1 - matched] == tokens[last - matched]:
         matched += 1
     return follow(tokens, start, min(matched, most))
