@@ -41,7 +41,8 @@ def main() -> None:
     parser.add_argument("--proposers", default="draft,ngram", help="draft (--draft's model or head), ngram")
     args = parser.parse_args()
     depth = args.depth if args.depth == "auto" else int(args.depth)
-    engine = build_engine(Settings(target=args.target, draft=args.draft))
+    # No prefix cache: each prompt is run once per configuration, and every run must read it.
+    engine = build_engine(Settings(target=args.target, draft=args.draft, prefix_cache=False))
     ngram = NgramProposer(engine.speculation.ngram_max, engine.speculation.ngram_min)
     proposers = {"draft": engine.proposer, "ngram": ngram}
     names = [name for name in args.proposers.split(",") if name != "draft" or args.draft]

@@ -40,7 +40,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     trees.TREE_SLOWDOWN = float("inf")  # every width as asked
-    engine = build_engine(Settings(target=args.target, draft=args.draft))
+    # No prefix cache: each prompt is run once per shape, and every run must read it (with the
+    # cache, verifier-only, run first, read each prompt for the shapes after it).
+    engine = build_engine(Settings(target=args.target, draft=args.draft, prefix_cache=False))
     engine.costs()
     prompts = [
         json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines()[: args.limit]

@@ -84,7 +84,7 @@ class SpeculationSettings(BaseModel):
         3, ge=1, description="consecutive proposer failures after which a request continues verifier-only"
     )
     repeat_match: int = Field(
-        6,
+        4,
         ge=0,
         description="where the context's last N tokens occurred before, a round drafts what followed them (free drafts "
         "where the text repeats itself) in place of its proposer's, as many as the repeat's match is long, up to "
