@@ -3,7 +3,7 @@
 Code and small models' output repeat themselves: a signature called again, a block of similar
 lines, a model caught in a loop. Where the context's last `min_match` tokens occurred before, what
 followed them then is a better draft than any model's, and costs microseconds. Such a round
-drafts that (`ngram.follow`) in place of its proposer, as deep as the repeat is long: a match of
+drafts that (`follow`) in place of its proposer, as deep as the repeat is long: a match of
 m tokens drafts up to m, so a long loop is verified many tokens a pass, as suffix decoding
 (SuffixDecoding, Arctic Inference) sizes its drafts by its match. A round whose context has no
 such repeat asks its proposer as ever.
@@ -17,8 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-
-from verispec.proposers.ngram import follow
 
 WINDOW = 4096  # the context's last tokens searched for a repeat
 
@@ -45,3 +43,14 @@ def repeat_drafts(context: Sequence[int], min_match: int, most: int) -> list[int
     while matched < most and matched < start and tokens[start - 1 - matched] == tokens[last - matched]:
         matched += 1
     return follow(tokens, start, min(matched, most))
+
+
+def follow(context: np.ndarray, start: int, depth: int) -> list[int]:
+    """`depth` tokens that continue the context as it went on from `start` before: context[start:],
+    and past its end the same period again (the draft is what the context's last `len(context) -
+    start` tokens, repeated, would give)."""
+    period = len(context) - start
+    tokens = context[start : start + depth].tolist()
+    while len(tokens) < depth:
+        tokens.append(tokens[len(tokens) - period])
+    return tokens

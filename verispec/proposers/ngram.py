@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from verispec.core.repeats import follow
 from verispec.proposers.base import DraftPolicy, Proposal
 
 if TYPE_CHECKING:
@@ -59,14 +60,3 @@ def lookup(context: np.ndarray, depth: int, max_ngram: int, min_ngram: int) -> l
         if matches.size:
             return follow(context, int(matches[-1]) + n, depth)
     return []
-
-
-def follow(context: np.ndarray, start: int, depth: int) -> list[int]:
-    """`depth` tokens that continue the context as it went on from `start` before: context[start:],
-    and past its end the same period again (the draft is what the context's last `len(context) -
-    start` tokens, repeated, would give)."""
-    period = len(context) - start
-    tokens = context[start : start + depth].tolist()
-    while len(tokens) < depth:
-        tokens.append(tokens[len(tokens) - period])
-    return tokens
