@@ -34,13 +34,7 @@ def server(exact_models, tmp_path_factory):
 
 
 def complete(url: str, prompt: str, proposer: str, max_tokens: int = 24) -> dict:
-    body = {
-        "model": "target",
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "proposer": proposer,
-    }
+    body = {"model": "target", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "proposer": proposer}
     response = httpx.post(url + "/v1/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
     return response.json()
@@ -54,9 +48,7 @@ def test_concurrent_requests_get_what_they_get_alone(server):
         together = list(pool.map(lambda job: complete(server.url, *job)["choices"][0]["text"], jobs * 2))
     assert together == alone * 2
     # greedy: every proposer gives the verifier's own output
-    assert {
-        complete(server.url, PROMPTS[5], kind)["choices"][0]["text"] for kind in ("none", "draft", "ngram")
-    } == {alone[5]}
+    assert {complete(server.url, PROMPTS[5], kind)["choices"][0]["text"] for kind in ("none", "draft", "ngram")} == {alone[5]}
 
 
 def test_a_shared_prefix_comes_from_the_cache(server):
@@ -67,19 +59,15 @@ def test_a_shared_prefix_comes_from_the_cache(server):
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= 64
     samples = server.metrics()
     assert metric(samples, "verispec:prefix_cache_hits_total") >= 64
-    assert metric(samples, "verispec:prefix_cache_queries_total") >= metric(
-        samples, "verispec:prefix_cache_hits_total"
-    )
+    assert metric(samples, "verispec:prefix_cache_queries_total") >= metric(samples, "verispec:prefix_cache_hits_total")
     assert "verispec:kv_cache_usage_perc" in "".join(samples)
 
 
 def test_a_repeating_text_drafts_its_repeats_and_stays_exact(server):
     loop = " ".join(["t3 t14 t15 t9 t26 t5"] * 4)  # the prompt repeats itself: its rounds draft the repeat
     before = metric(server.metrics(), "verispec:repeat_rounds_total")
-    texts = {
-        complete(server.url, loop, kind, max_tokens=32)["choices"][0]["text"]
-        for kind in ("none", "draft", "ngram")
-    }
+    kinds = ("none", "draft", "ngram")
+    texts = {complete(server.url, loop, kind, max_tokens=32)["choices"][0]["text"] for kind in kinds}
     assert len(texts) == 1  # the verifier's own output, whoever drafted
     assert metric(server.metrics(), "verispec:repeat_rounds_total") > before
 
