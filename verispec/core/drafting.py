@@ -102,8 +102,8 @@ class Drafting:
                 request.early = None
             elif request.remote is not None:
                 proposals[request] = self._remote(request, depths[request])
-            elif request.repeat is not None:  # the text's own repeat drafts this round (`repeats.py`)
-                proposals[request] = request.repeat.cut(depths[request])
+            elif request.repeat is not None:  # the text's own repeat drafts this round, its depth its length (`repeats.py`)
+                proposals[request] = request.repeat
             elif depths[request] > 0 and request.proposer is not None:
                 batch = self.batch(request.proposer)
                 if batch is not None:

@@ -34,6 +34,8 @@ def repeat_drafts(context: Sequence[int], min_match: int, most: int) -> list[int
     # follower), narrowed token by token to those the whole suffix precedes.
     ends = np.flatnonzero(tokens[:last] == tokens[last])
     for k in range(1, min_match):
+        if not ends.size:
+            break
         ends = ends[ends >= k]
         ends = ends[tokens[ends - k] == tokens[last - k]]
     if not ends.size:
