@@ -243,6 +243,26 @@ def test_greedy_output_is_the_verifiers_at_every_depth_and_in_a_batch(head_setti
     assert all(r.stats.proposer_failures == 0 for r in requests)
 
 
+def test_a_cached_prefix_comes_with_the_heads_features(head_settings):
+    """The prefix cache keeps keys and values; the head's features of its blocks are kept beside
+    them, so a head's request whose prompt was seen reuses its prefix, and drafts as it would have."""
+    engine = build_engine(head_settings)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    prompt, tail = random_prompts(2, 64, seed=41, min_len=60, max_len=60)
+    first = engine.generate(prompt, params, depth=3)
+    again = engine.generate(prompt, params, depth=3)
+    assert first.stats.cached_tokens == 0 and again.stats.cached_tokens == 48  # 3 of its 16-token blocks
+    assert again.token_ids == first.token_ids == engine.generate(prompt, params, depth=0).token_ids
+    # The same features, so the same drafts and the same rounds.
+    assert (again.stats.depths, again.stats.accepted) == (first.stats.depths, first.stats.accepted)
+    longer = prompt + tail[:10]  # the same prefix, then text of its own
+    out = engine.generate(longer, params, depth=3)
+    assert out.stats.cached_tokens == 48 and out.token_ids == engine.generate(longer, params, depth=0).token_ids
+    # Without the kept features the head cannot take the cached blocks: it recomputes them.
+    engine.drafting.batch(engine.proposer).kept.clear()
+    assert engine.generate(prompt, params, depth=3).stats.cached_tokens == 0
+
+
 def head_from(target_path: str, folder: Path, scale: float) -> str:
     """An untrained head for the target, its output layer scaled by `scale` (peaked drafts: often
     accepted, often not), saved where the loader finds it; its path."""

@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+import torch
+
 from verispec.core.draft_batch import DraftBatch
 from verispec.core.head_batch import HeadBatch
 from verispec.core.proposing import Busy, Proposing, TimedOut
@@ -81,6 +83,36 @@ class Drafting:
         if request.session is None:
             request.session = self.batch(request.proposer).state()
         request.session.observe(start, features)
+
+    def remember(self, request: Request) -> None:
+        """Keep the features of a draft head's request's blocks the prefix cache now holds
+        (`HeadBatch.remember`), for the next request with that prefix."""
+        if request.session is not None and request.table.keys:
+            self.batch(request.proposer).remember(request.session, request.table.keys, self.runner.pool)
+
+    def recall(self, request: Request, tokens: list[int]) -> int:
+        """For a draft head's request about to take the prefix cache's blocks of `tokens`: how many
+        of its positions the head has features for, kept from earlier requests
+        (`HeadBatch.recall`), at least what its session already knows."""
+        pool = self.runner.pool
+        known = getattr(request.session, "known", 0)
+        if not pool.prefix_cache:
+            return known
+        kept = self.batch(request.proposer).recall(pool.keys(tokens, (len(tokens) - 1) // pool.block_size))
+        return max(known, len(kept) * pool.block_size)
+
+    def restore(self, request: Request, reused: int) -> None:
+        """Give a draft head's request that took `reused` positions from the prefix cache their
+        kept features, past what its session knows."""
+        pool = self.runner.pool
+        batch = self.batch(request.proposer)
+        if request.session is None:
+            request.session = batch.state()
+        state = request.session
+        first = state.known // pool.block_size  # from the block it knows only in part
+        keys = pool.keys(request.tokens, reused // pool.block_size)[first:]
+        if keys:
+            state.restore(first * pool.block_size, torch.cat(batch.recall(keys)))
 
     def busy(self, request: Request) -> bool:
         """Whether a plug-in's previous call for this request has not returned."""

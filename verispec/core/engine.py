@@ -339,6 +339,8 @@ class Engine:
             if segment.hidden is not None:
                 self.drafting.observe(request, segment.start, segment.hidden)
             request.table.verified(request.table.computed + n, request.tokens)
+            if segment.hidden is not None:
+                self.drafting.remember(request)
             request.stats.prefill_s += pass_s * n / rows
         ended_ns = time.time_ns()
         for request, target_logits, segment in zip(plan.rounds, logits, segments, strict=False):
@@ -357,6 +359,8 @@ class Engine:
             if segment.hidden is not None:
                 self.drafting.observe(request, segment.start, segment.hidden[kept])
             request.table.verified(request.table.computed + 1 + accepted, request.tokens + [drafts[v] for v in verdict.path])
+            if segment.hidden is not None:
+                self.drafting.remember(request)
             stats = request.stats
             share = pass_s * len(segment.tokens) / rows
             stats.verify_s += share
@@ -615,6 +619,8 @@ class Engine:
         them and runs from the next pass. False, and nothing taken, if not."""
         fresh = not request.table.blocks  # a resumed session keeps the blocks it has
         reused = request.table.reuse_prefix(self._cacheable(request)) if fresh else 0
+        if reused and reads_features(request):
+            self.drafting.restore(request, reused)
         pool = self.runner.pool
         need = pool.blocks_for(len(request.tokens) + 1) - len(request.table.blocks)
         # Keep a block per active request spare for its next rounds.
@@ -632,14 +638,14 @@ class Engine:
         self.running.append(request)
         return True
 
-    @staticmethod
-    def _cacheable(request: Request) -> list[int]:
+    def _cacheable(self, request: Request) -> list[int]:
         """The tokens whose prefix the prefix cache may supply (`prompt_logprobs.cacheable`); for a
-        draft head's request, only as far as its session holds the verifier's features: cached
-        blocks keep keys and values, not the features the head reads at every position."""
+        draft head's request, only as far as it has the verifier's features, in its session or
+        kept beside the cached blocks (`Drafting.recall`): cached blocks keep keys and values, and
+        the head reads a feature at every position."""
         tokens = cacheable(request)
         if reads_features(request):
-            tokens = tokens[: getattr(request.session, "known", 0) + 1]
+            tokens = tokens[: self.drafting.recall(request, tokens) + 1]
         return tokens
 
     def resume(self, request: Request) -> None:

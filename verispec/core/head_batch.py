@@ -40,19 +40,25 @@ class HeadState:
         self.features = torch.empty((0, width), device=device)
         self.known = 0  # positions 0..known-1 have the verifier's features
         self.fed = 0
+        self.remembered = 0  # leading blocks whose features the batch keeps (`HeadBatch.remember`)
 
     def observe(self, start: int, rows: torch.Tensor) -> None:
         """The verifier's features of positions start.. (rows (n, columns), as its pass gives them).
         A start before what is known (a preempted request recomputed) replaces what follows."""
+        self.restore(start, self.read(rows))
+
+    def restore(self, start: int, features: torch.Tensor) -> None:
+        """The head's features (n, D) of positions start.., as `read` made them (from the verifier's
+        pass, or kept with the prefix cache's blocks: `HeadBatch.recall`)."""
         if start > self.known:  # a gap: nothing past it can be fed until it is filled
             raise ProposerError(f"verifier features from position {start}, but only {self.known} are known")
-        end = start + rows.shape[0]
+        end = start + features.shape[0]
         if end > self.features.shape[0]:
             size = max(end, 2 * self.features.shape[0], 256)
             grown = torch.empty((size, self.features.shape[1]), device=self.features.device)
             grown[: self.known] = self.features[: self.known]
             self.features = grown
-        self.features[start:end] = self.read(rows)
+        self.features[start:end] = features
         self.known = end
         self.fed = min(self.fed, start)
 
@@ -67,13 +73,38 @@ class HeadBatch:
         self.head = head
         self.runner = ModelRunner(head, memory_bytes, block_size, prefix_cache=False)
         self.pass_s: float | None = None  # the last proposal's median draft pass (`draft_batch.draft_pass_s`)
+        # The features of the verifier's cached blocks, by the prefix hash that names each block
+        # (`kv_cache.py`): its prefix cache keeps keys and values, and a head reads a feature at
+        # every position, so without these a request with a cached prefix would recompute it.
+        self.kept: dict[bytes, torch.Tensor] = {}
+
+    def remember(self, state: HeadState, keys: Sequence[bytes], pool) -> None:
+        """Keep the features of a request's blocks that the verifier's prefix cache now names by
+        `keys` (its table's, in order), so that a later request with that prefix reuses them whole.
+        Entries whose block the pool has since evicted go once they outnumber its blocks."""
+        bs = pool.block_size
+        for i in range(state.remembered, min(len(keys), state.known // bs)):
+            if keys[i] not in self.kept:
+                self.kept[keys[i]] = state.features[i * bs : (i + 1) * bs].clone()
+            state.remembered = i + 1
+        if len(self.kept) > pool.num_blocks:
+            self.kept = {key: rows for key, rows in self.kept.items() if pool.holds(key)}
+
+    def recall(self, keys: Sequence[bytes]) -> list[torch.Tensor]:
+        """The kept features of the leading blocks named by `keys`, as far as they are kept."""
+        rows = []
+        for key in keys:
+            if (kept := self.kept.get(key)) is None:
+                break
+            rows.append(kept)
+        return rows
 
     def state(self) -> HeadState:
         return HeadState(BlockTable(self.runner.pool), self.head.embed.shape[1], self.head.device, self.head.read_features)
 
     def release(self, state: HeadState) -> None:
         state.table.free()
-        state.known = state.fed = 0
+        state.known = state.fed = state.remembered = 0
 
     def propose(self, items: Sequence[tuple[HeadState, Sequence[int], int, DraftPolicy]]) -> list[Proposal]:
         started = time.perf_counter()

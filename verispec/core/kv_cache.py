@@ -120,6 +120,10 @@ class BlockPool:
         self.hits += len(table) * self.block_size
         return table, keys
 
+    def holds(self, key: bytes) -> bool:
+        """Whether a block with this prefix hash is cached."""
+        return key in self._cached
+
     def register(self, block_id: int, key: bytes) -> None:
         """Offer a block of verified positions for reuse under its prefix hash."""
         if not self.prefix_cache or key in self._cached:
