@@ -263,6 +263,25 @@ def test_a_cached_prefix_comes_with_the_heads_features(head_settings):
     assert engine.generate(prompt, params, depth=3).stats.cached_tokens == 0
 
 
+def test_preempted_head_requests_come_back_with_their_features(head_settings):
+    """A cache too small for every running request: the newest are preempted; taking back their
+    cached blocks, they take back the head's features of them too, and every output is the
+    verifier's."""
+    alone_engine = build_engine(head_settings)
+    lm = alone_engine.target
+    per_block = 2 * len(lm.layers) * lm.kv_heads * 16 * lm.head_dim * 4
+    prompts = random_prompts(6, 64, seed=43, min_len=150, max_len=250)
+    params = SamplingParams(max_new_tokens=150, ignore_eos=True)
+    alone = [alone_engine.generate(p, params, depth=0).token_ids for p in prompts]
+    tight = build_engine(
+        Settings(target=head_settings.target, draft=head_settings.draft, kv_cache_memory=str(per_block * (1024 // 16 + 1)), max_running=6)
+    )
+    out, requests = run_together(tight, prompts, params, depth=3)
+    assert out == alone
+    assert tight.preemptions > 0 and tight.runner.pool.hits > 0
+    assert all(r.stats.proposer_failures == 0 for r in requests)
+
+
 def head_from(target_path: str, folder: Path, scale: float) -> str:
     """An untrained head for the target, its output layer scaled by `scale` (peaked drafts: often
     accepted, often not), saved where the loader finds it; its path."""
