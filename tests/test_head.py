@@ -263,6 +263,28 @@ def test_a_cached_prefix_comes_with_the_heads_features(head_settings):
     assert engine.generate(prompt, params, depth=3).stats.cached_tokens == 0
 
 
+def test_kept_features_go_once_their_blocks_are_evicted():
+    """The features kept beside the prefix cache stay bounded by it: once they outnumber its blocks
+    by a quarter, those whose blocks the pool no longer holds go; recall stops at the first gap."""
+    from types import SimpleNamespace
+
+    from verispec.core.kv_cache import BlockPool
+
+    pool = BlockPool(4, 2)
+    keys = [bytes([i]) * 16 for i in range(8)]
+    pool.register(0, keys[0])
+    pool.register(1, keys[1])
+    batch = HeadBatch.__new__(HeadBatch)
+    batch.kept = {}
+    state = SimpleNamespace(remembered=0, known=16, features=torch.arange(16.0)[:, None].repeat(1, 3))
+    batch.remember(state, keys[:5], pool)
+    assert len(batch.kept) == 5 and state.remembered == 5  # 5 = 4 blocks and a quarter: none go yet
+    batch.remember(state, keys, pool)
+    assert set(batch.kept) == {keys[0], keys[1]} and state.remembered == 8
+    assert torch.equal(torch.cat(batch.recall(keys)), state.features[:4])
+    assert batch.recall([keys[2], keys[1]]) == []  # it stops at the first block not kept
+
+
 def test_preempted_head_requests_come_back_with_their_features(head_settings):
     """A cache too small for every running request: the newest are preempted; taking back their
     cached blocks, they take back the head's features of them too, and every output is the

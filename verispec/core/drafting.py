@@ -110,7 +110,7 @@ class Drafting:
             request.session = batch.state()
         state = request.session
         first = state.known // pool.block_size  # from the block it knows only in part
-        keys = pool.keys(request.tokens, reused // pool.block_size)[first:]
+        keys = request.table.keys[first : reused // pool.block_size]  # the blocks it took
         if keys:
             state.restore(first * pool.block_size, torch.cat(batch.recall(keys)))
 

@@ -81,13 +81,14 @@ class HeadBatch:
     def remember(self, state: HeadState, keys: Sequence[bytes], pool) -> None:
         """Keep the features of a request's blocks that the verifier's prefix cache now names by
         `keys` (its table's, in order), so that a later request with that prefix reuses them whole.
-        Entries whose block the pool has since evicted go once they outnumber its blocks."""
+        Entries whose block the pool has since evicted go once they outnumber its blocks by a
+        quarter (so that the sweep costs a few lookups per entry kept)."""
         bs = pool.block_size
         for i in range(state.remembered, min(len(keys), state.known // bs)):
             if keys[i] not in self.kept:
                 self.kept[keys[i]] = state.features[i * bs : (i + 1) * bs].clone()
             state.remembered = i + 1
-        if len(self.kept) > pool.num_blocks:
+        if len(self.kept) > pool.num_blocks + pool.num_blocks // 4:
             self.kept = {key: rows for key, rows in self.kept.items() if pool.holds(key)}
 
     def recall(self, keys: Sequence[bytes]) -> list[torch.Tensor]:
