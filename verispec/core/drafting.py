@@ -79,16 +79,19 @@ class Drafting:
 
     def observe(self, request: Request, start: int, features) -> None:
         """The verifier's features of a request's verified positions start.., for its draft head's
-        state, made here if the request has none yet."""
-        if request.session is None:
-            request.session = self.batch(request.proposer).state()
-        request.session.observe(start, features)
+        state (made here if the request has none yet); then the features of the blocks its table
+        has registered in the prefix cache are kept for the next request with that prefix
+        (`HeadBatch.remember`)."""
+        batch = self.batch(request.proposer)
+        state = self._head_state(request, batch)
+        state.observe(start, features)
+        if request.table.keys:
+            batch.remember(state, request.table.keys, self.runner.pool)
 
-    def remember(self, request: Request) -> None:
-        """Keep the features of a draft head's request's blocks the prefix cache now holds
-        (`HeadBatch.remember`), for the next request with that prefix."""
-        if request.session is not None and request.table.keys:
-            self.batch(request.proposer).remember(request.session, request.table.keys, self.runner.pool)
+    def _head_state(self, request: Request, batch: HeadBatch):
+        if request.session is None:
+            request.session = batch.state()
+        return request.session
 
     def recall(self, request: Request, tokens: list[int]) -> int:
         """For a draft head's request about to take the prefix cache's blocks of `tokens`: how many
@@ -106,9 +109,7 @@ class Drafting:
         kept features, past what its session knows."""
         pool = self.runner.pool
         batch = self.batch(request.proposer)
-        if request.session is None:
-            request.session = batch.state()
-        state = request.session
+        state = self._head_state(request, batch)
         first = state.known // pool.block_size  # from the block it knows only in part
         keys = request.table.keys[first : reused // pool.block_size]  # the blocks it took
         if keys:

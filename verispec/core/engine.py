@@ -336,11 +336,9 @@ class Engine:
         for (request, n), chunk_logits, segment in zip(plan.chunks, logits[len(plan.rounds) :], chunk_segments, strict=True):
             if chunk_logits is not None:
                 score_rows(request, request.table.computed + n, chunk_logits)
-            if segment.hidden is not None:
-                self.drafting.observe(request, segment.start, segment.hidden)
             request.table.verified(request.table.computed + n, request.tokens)
             if segment.hidden is not None:
-                self.drafting.remember(request)
+                self.drafting.observe(request, segment.start, segment.hidden)
             request.stats.prefill_s += pass_s * n / rows
         ended_ns = time.time_ns()
         for request, target_logits, segment in zip(plan.rounds, logits, segments, strict=False):
@@ -356,11 +354,9 @@ class Engine:
             if proposal.branches:  # the path's keys and values to its positions; the other nodes' are left behind
                 self.runner.keep_path(request.table, request.table.computed, kept)
                 target_logits = target_logits[kept]  # row i now scores the path's token i
-            if segment.hidden is not None:
-                self.drafting.observe(request, segment.start, segment.hidden[kept])
             request.table.verified(request.table.computed + 1 + accepted, request.tokens + [drafts[v] for v in verdict.path])
             if segment.hidden is not None:
-                self.drafting.remember(request)
+                self.drafting.observe(request, segment.start, segment.hidden[kept])
             stats = request.stats
             share = pass_s * len(segment.tokens) / rows
             stats.verify_s += share
