@@ -191,7 +191,10 @@ def test_the_openai_client_reads_logprobs_and_controls(server):
         frequency_penalty=0.5, logit_bias={"7": 2.0}, stream=True,
     )
     streamed = [item for chunk in stream if chunk.choices and chunk.choices[0].logprobs for item in chunk.choices[0].logprobs.content]
-    assert [(i.token, i.logprob) for i in streamed] == [(i.token, i.logprob) for i in content]
+    # the default depth is adaptive (priced by measured pass times), so the two requests' passes may differ in
+    # width, and torch's float32 matmul's last bits with it (as above): tokens equal, values within 1e-5
+    assert [i.token for i in streamed] == [i.token for i in content]
+    assert [i.logprob for i in streamed] == pytest.approx([i.logprob for i in content], abs=1e-5)
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
         client.chat.completions.create(model="chat-llama", messages=messages, max_tokens=2, top_logprobs=2)
 
