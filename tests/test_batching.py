@@ -241,6 +241,41 @@ def test_batch_invariance(models):
             assert mixed[name] == alone[name], f"{name} changed beside other requests at concurrency {concurrency}"
 
 
+def test_prompts_waiting_in_numbers_get_more_rows_beside_cheap_rounds(models):
+    """Beside running rounds a prompt chunk takes what keeps the pass within `prefill_slowdown` times
+    the rounds' cost, that allowance times (prompts + 1) / streams where more than 1: three prompts
+    behind one stream's one-row rounds no longer get a few rows a pass (their first tokens waited
+    up to 1.5 s), while one prompt behind three streams keeps their inter-token latency bound."""
+    core = engine(models)
+    # COSTS: 1 row 10 ms, 16 rows 16 ms, 64 rows 40 ms, linear between.
+    assert core.chunk_budget(3, rounds=3, prompts=1) == 23  # the plain allowance, 2 x 10.7 ms: 26 rows in all
+    assert core.chunk_budget(2, rounds=2, prompts=1) == 23  # the plain allowance, 2 x 10.3 ms: 25 rows
+    assert core.chunk_budget(1, rounds=1, prompts=1) == 63  # 2 x 2 x 10 ms: 64 rows
+    assert core.chunk_budget(1, rounds=1, prompts=0) == 23  # none waiting: what a chunk of 23 rows costs
+    assert core.chunk_budget(1, rounds=1, prompts=3) == 127  # 4 x 2 x 10 ms: the whole pass
+    assert core.chunk_budget(120, rounds=8, prompts=8) == 8  # never past the pass's rows
+    assert core.chunk_budget(0, rounds=0, prompts=4) == 128  # nothing running: the whole pass
+
+    # Three 200-token prompts arriving beside a verifier-only stream: the last one's first token from
+    # the 15th pass (the 23rd with the plain allowance), each the same tokens as alone.
+    params = SamplingParams(max_new_tokens=60, temperature=0)
+    first, *late = prompts(21, 4, 200, 200)
+    alone = run(engine(models), [(str(i), p, params, None, 0) for i, p in enumerate(late)])
+    core = engine(models)
+    stream = core.add("stream", first, params, SpeculationSettings(depth=0), None)
+    while not core.step() or stream.prefilling:
+        pass
+    newcomers = [core.add(str(i), p, params, SpeculationSettings(depth=0), None) for i, p in enumerate(late)]
+    passes, started = 0, set()
+    while len(started) < 3:
+        started |= {r for r, _ in core.step() if r in newcomers}
+        passes += 1
+    assert passes == 15
+    while core.busy:
+        core.step()
+    assert {r.id: r.tokens[200:] for r in newcomers} == alone
+
+
 def test_prefix_reuse_hits_misses_and_evicts(models):
     lm = models["target"]
     per_block = 2 * len(lm.layers) * lm.kv_heads * 16 * lm.head_dim * 4

@@ -285,7 +285,8 @@ class BatchSettings(BaseModel):
     prefill_slowdown: float = Field(
         2.0, ge=1.0,
         description="chunked prefill: while requests are generating, a pass with a prompt chunk may take at most this many "
-        "times as long as their rounds alone (measured pass costs set the chunk), so a long prompt never stalls their streams",
+        "times as long as their rounds alone (measured pass costs set the chunk), so a long prompt never stalls their streams; "
+        "more where prompts wait in numbers, (prompts + 1) / streams times this",
     )
     prefix_cache: bool = Field(True, description="keep full KV blocks by a hash of their tokens and reuse them for a shared prefix")
 

@@ -13,7 +13,8 @@
 - Chunked prefill: prompts get rows, oldest first, up to `max_pass_tokens` when nothing else
   runs; beside running rounds only as many as keep the pass within `prefill_slowdown` times the
   measured cost of those rounds alone, so a long prompt shares passes with running streams and
-  never stalls them for more than one small chunk's cost.
+  never stalls them for more than one small chunk's cost; that allowance grows where prompts
+  outnumber the streams (`Engine.chunk_budget`), so cheap one-row rounds cannot starve them.
 - Preemption: when blocks run out, a parked request gives its blocks back first, else the newest
   running request gives all its blocks back and waits first in line, to be recomputed later (its verified tokens are kept: recomputing them gives the
   same bits); nobody is failed. The oldest request always makes progress.
@@ -51,8 +52,9 @@ def plan_pass(engine: Engine) -> Plan:
         if not _reserve(engine, plan, request, request.table.computed + 1 + plan.depths[request]):
             continue
     plan.rounds = [r for r in plan.rounds if r in engine.running]
-    budget = engine.chunk_budget(sum(1 + plan.depths[r] for r in plan.rounds))
-    for request in [r for r in engine.running if r.prefilling]:
+    prompts = [r for r in engine.running if r.prefilling]
+    budget = engine.chunk_budget(sum(1 + plan.depths[r] for r in plan.rounds), len(plan.rounds), len(prompts))
+    for request in prompts:
         if budget <= 0:
             break
         if request not in engine.running:
