@@ -243,14 +243,17 @@ def test_batch_invariance(models):
 
 def test_prompts_waiting_in_numbers_get_more_rows_beside_cheap_rounds(models):
     """Beside running rounds a prompt chunk takes what keeps the pass within `prefill_slowdown` times
-    the rounds' cost, that allowance times (prompts + 1) / streams where more than 1: three prompts
-    behind one stream's one-row rounds no longer get a few rows a pass (their first tokens waited
-    up to 1.5 s), while one prompt behind three streams keeps their inter-token latency bound."""
+    the rounds' cost; prompts waiting together get that allowance times (prompts + 1) / streams
+    where over 1: three prompts behind one stream's one-row rounds no longer get a few rows a pass
+    (their first tokens waited up to 1.5 s), while a lone prompt keeps the streams' inter-token
+    latency within the plain allowance."""
     core = engine(models)
     # COSTS: 1 row 10 ms, 16 rows 16 ms, 64 rows 40 ms, linear between.
     assert core.chunk_budget(3, rounds=3, prompts=1) == 23  # the plain allowance, 2 x 10.7 ms: 26 rows in all
     assert core.chunk_budget(2, rounds=2, prompts=1) == 23  # the plain allowance, 2 x 10.3 ms: 25 rows
-    assert core.chunk_budget(1, rounds=1, prompts=1) == 63  # 2 x 2 x 10 ms: 64 rows
+    assert core.chunk_budget(1, rounds=1, prompts=1) == 23  # a lone prompt: the plain allowance
+    assert core.chunk_budget(1, rounds=1, prompts=2) == 97  # 3 x 2 x 10 ms: 98 rows in all
+    assert core.chunk_budget(3, rounds=3, prompts=2) == 23  # as many streams as prompts + 1: plain
     assert core.chunk_budget(1, rounds=1, prompts=0) == 23  # none waiting: what a chunk of 23 rows costs
     assert core.chunk_budget(1, rounds=1, prompts=3) == 127  # 4 x 2 x 10 ms: the whole pass
     assert core.chunk_budget(120, rounds=8, prompts=8) == 8  # never past the pass's rows

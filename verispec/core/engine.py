@@ -270,19 +270,20 @@ class Engine:
     def chunk_budget(self, round_rows: int, rounds: int = 1, prompts: int = 1) -> int:
         """Prompt rows this pass may take beside `round_rows` rows of `rounds` requests' rounds,
         for `prompts` requests reading their prompts: what keeps the pass within `prefill_slowdown`
-        times the rounds' cost alone, that allowance growing with the prompts waiting per running
-        stream, (prompts + 1) / rounds where more than 1. One prompt behind three streams gets the
-        plain allowance (their inter-token latency stays within it); three prompts behind one
-        stream's one-row rounds, as when closed-loop clients fall into step, get four times it
-        instead of a few rows a pass (their first tokens waited up to 1.5 s: docs/performance.md,
-        "Prompts beside cheap rounds")."""
+        times the rounds' cost alone. A lone prompt gets that plain allowance, whatever runs beside
+        it (the streams' inter-token latency stays within it); prompts waiting together, as
+        closed-loop clients in step send them, get it times (prompts + 1) / rounds where that is
+        over 1: three prompts behind one stream's one-row rounds get four times it instead of a few
+        rows a pass (their first tokens waited up to 1.5 s: docs/performance.md, "Prompts waiting
+        together")."""
         if not self.runner.chunks_prompts:  # the whole prompt in one pass, as its backend reads it
             return 1 << 30
         room = max(self.batch.max_pass_tokens - round_rows, 1)
         if round_rows == 0:
             return room
         costs = self.costs()
-        limit = self.batch.prefill_slowdown * costs.verify(round_rows) * max(1.0, (prompts + 1) / max(rounds, 1))
+        together = max(1.0, (prompts + 1) / max(rounds, 1)) if prompts > 1 else 1.0
+        limit = self.batch.prefill_slowdown * costs.verify(round_rows) * together
         rows = 1
         while rows < room and costs.verify(round_rows + rows + 1) <= limit:
             rows += 1
