@@ -286,7 +286,7 @@ class BatchSettings(BaseModel):
         2.0, ge=1.0,
         description="chunked prefill: while requests are generating, a pass with a prompt chunk may take at most this many "
         "times as long as their rounds alone (measured pass costs set the chunk), so a long prompt never stalls their streams; "
-        "more where prompts wait in numbers, (prompts + 1) / streams times this",
+        "where several prompts wait together, (prompts + 1) / streams times this where that is over 1",
     )
     prefix_cache: bool = Field(True, description="keep full KV blocks by a hash of their tokens and reuse them for a shared prefix")
 

@@ -13,8 +13,9 @@
 - Chunked prefill: prompts get rows, oldest first, up to `max_pass_tokens` when nothing else
   runs; beside running rounds only as many as keep the pass within `prefill_slowdown` times the
   measured cost of those rounds alone, so a long prompt shares passes with running streams and
-  never stalls them for more than one small chunk's cost; that allowance grows where prompts
-  outnumber the streams (`Engine.chunk_budget`), so cheap one-row rounds cannot starve them.
+  never stalls them for more than one small chunk's cost; where several prompts wait together
+  that allowance grows by (prompts + 1) / streams (`Engine.chunk_budget`), so one stream's cheap
+  one-row rounds cannot starve them.
 - Preemption: when blocks run out, a parked request gives its blocks back first, else the newest
   running request gives all its blocks back and waits first in line, to be recomputed later (its verified tokens are kept: recomputing them gives the
   same bits); nobody is failed. The oldest request always makes progress.
