@@ -185,6 +185,11 @@ def test_chunked_figures_take_the_gaps_that_overlap_the_long_prompts_wait():
     assert figures["outside_itl_median_s"] == pytest.approx(0.1)
     assert figures["window_p99_over_median"] == pytest.approx(10.0)
     assert figures["itl_median_s"] == pytest.approx(0.1) and figures["stream_p99_over_median"] == pytest.approx(10.0)
+    # A window that covers the streams but for two near-zero gaps: the median of all gaps, not of those two.
+    burst = Sample(200, 2.0, sent_at=20.0, chunk_times=[0.1, 0.1001, 0.1002, 0.4, 0.7, 1.0, 1.3, 1.6, 1.9, 2.2])
+    covered = chunked_figures([burst], window=(20.11, 22.3))
+    assert covered["window_gaps"] == 7 and covered["outside_itl_median_s"] == pytest.approx(0.3)
+    assert covered["window_p99_over_median"] == pytest.approx(1.0)
     assert chunked_figures([one], None)["window_gaps"] == 0
     assert chunked_figures([], (0.0, 1.0))["window_p99_over_median"] is None
 
