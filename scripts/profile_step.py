@@ -25,6 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from verispec.models import kernels, lean, load_model, quant, reference_pair
+from verispec.models.head import is_head
 
 
 def weight_bytes(lm) -> int:
@@ -155,7 +156,12 @@ def main() -> None:
     options = dict(steps=args.steps, per_op=args.per_op)
     decode = profile_step(target, "verifier decode", 1, **options)
     profile_step(target, "verifier verify", args.width, **options)
-    if args.draft:
+    if args.draft and is_head(args.draft):
+        print(
+            f"\n{args.draft} is a draft head, which this script cannot step on its own (it reads the verifier's "
+            "features); `verispec bench --head` reports its proposal's ms per token beside the verifier's"
+        )
+    elif args.draft:
         draft = load_model(args.draft, cpu, f32, role="draft", backend=args.backend, activations=args.activations)
         step = profile_step(draft, "draft step", 1, **options)
         print(f"\ndraft step / verifier decode step: {step / decode:.3f}")
