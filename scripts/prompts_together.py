@@ -35,7 +35,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 def plain(engine: Engine):
     """The allowance before: as for a lone prompt, however many wait."""
-    return lambda round_rows, rounds=1, prompts=1: Engine.chunk_budget(engine, round_rows, rounds, min(prompts, 1))
+    return lambda round_rows, rounds, prompts: Engine.chunk_budget(engine, round_rows, rounds, min(prompts, 1))
 
 
 def waves(engine: Engine, prompts: list[str], clients: int, count: int, params: SamplingParams) -> dict:

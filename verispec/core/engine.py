@@ -267,7 +267,7 @@ class Engine:
         if self._live is not None:
             self._live.observe_draft(seconds)
 
-    def chunk_budget(self, round_rows: int, rounds: int = 1, prompts: int = 1) -> int:
+    def chunk_budget(self, round_rows: int, rounds: int, prompts: int) -> int:
         """Prompt rows this pass may take beside `round_rows` rows of `rounds` requests' rounds,
         for `prompts` requests reading their prompts: what keeps the pass within `prefill_slowdown`
         times the rounds' cost alone. A lone prompt gets that plain allowance, whatever runs beside
@@ -282,7 +282,7 @@ class Engine:
         if round_rows == 0:
             return room
         costs = self.costs()
-        together = max(1.0, (prompts + 1) / max(rounds, 1)) if prompts > 1 else 1.0
+        together = max(1.0, (prompts + 1) / rounds) if prompts > 1 else 1.0  # rounds >= 1: round_rows > 0
         limit = self.batch.prefill_slowdown * costs.verify(round_rows) * together
         rows = 1
         while rows < room and costs.verify(round_rows + rows + 1) <= limit:

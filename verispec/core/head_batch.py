@@ -84,10 +84,11 @@ class HeadBatch:
         Entries whose block the pool has since evicted go once they outnumber its blocks by a
         quarter (so that the sweep costs a few lookups per entry kept)."""
         bs = pool.block_size
-        for i in range(state.remembered, min(len(keys), state.known // bs)):
+        end = min(len(keys), state.known // bs)
+        for i in range(state.remembered, end):
             if keys[i] not in self.kept:
                 self.kept[keys[i]] = state.features[i * bs : (i + 1) * bs].clone()
-            state.remembered = i + 1
+        state.remembered = max(state.remembered, end)
         if len(self.kept) > pool.num_blocks + pool.num_blocks // 4:
             self.kept = {key: rows for key, rows in self.kept.items() if pool.holds(key)}
 
