@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import run_verispec, write_prompts
 from verispec.errors import UserError
+from verispec.prompts import Prompt
 from verispec.tools import loadtest
 from verispec.tools.loadtest import (
     Phase,
@@ -33,6 +34,7 @@ from verispec.tools.loadtest import (
     summary_lines,
     table_rows,
 )
+from verispec.tools.loadtest.clients import _Endpoint
 
 # -- inter-token latency, percentiles, summaries ----------------------------------------------------------
 
@@ -90,10 +92,38 @@ def test_option_lists_are_checked():
 
 def test_schedulers_run_back_to_back_and_their_order_alternates_at_every_cell():
     plan = cell_plan([1, 2], ["none", "draft", "ngram"], ["batched", "interleaved"])
-    assert [(c, p) for c, p, _ in plan] == [(1, "none"), (1, "draft"), (1, "ngram"), (2, "none"), (2, "draft"), (2, "ngram")]
+    assert [(c, p) for c, p, _, _ in plan] == [(1, "none"), (1, "draft"), (1, "ngram"), (2, "none"), (2, "draft"), (2, "ngram")]
     ab, ba = ("batched", "interleaved"), ("interleaved", "batched")
-    assert [order for _, _, order in plan] == [ab, ba, ab, ba, ab, ba]  # continues across levels
-    assert [order for _, _, order in cell_plan([1, 4], ["none"], ["interleaved"])] == [("interleaved",)] * 2
+    assert [order for _, _, order, _ in plan] == [ab, ba, ab, ba, ab, ba]  # continues across levels
+    assert [order for _, _, order, _ in cell_plan([1, 4], ["none"], ["interleaved"])] == [("interleaved",)] * 2
+
+
+def test_repeats_take_turns_in_an_order_reversed_at_every_run():
+    plan = cell_plan([1, 4], ["none", "head"], ["batched"], repeats=3)
+    assert [(c, p, r) for c, p, _, r in plan] == [
+        (1, "none", 0), (1, "head", 0), (1, "head", 1), (1, "none", 1), (1, "none", 2), (1, "head", 2),
+        (4, "none", 0), (4, "head", 0), (4, "head", 1), (4, "none", 1), (4, "none", 2), (4, "head", 2),
+    ]
+
+
+def test_every_proposer_of_a_run_reads_the_same_prompts_each_cell_marked_as_its_own(monkeypatch):
+    sent: list[tuple[str, str, str]] = []
+
+    async def phase(client, name, bodies, concurrency):
+        sent.extend((name, b["proposer"], b["prompt"]) for b in bodies)
+        samples = [Sample(200, 0.5, tokens=8, ttft_s=0.1, chunk_times=[0.1, 0.2]) for _ in bodies]
+        return Phase(name, 1.0, samples)
+
+    monkeypatch.setattr("verispec.tools.loadtest.table.run_phase", phase)
+    prompts = [Prompt(f"p{i}", f"text {i}") for i in range(10)]
+    endpoint = _Endpoint("batched", None, "m")
+    results = asyncio.run(loadtest.run_table([endpoint], prompts, [2], ["none", "head"], 2, 8, 0, [], 16, 16, repeats=2))
+    assert [(c["proposer"], c["repeat"]) for c in results["cells"]] == [("none", 0), ("head", 0), ("head", 1), ("none", 1)]
+    by_cell = [[t for _, p, t in sent[i : i + 2]] for i in range(0, 8, 2)]
+    assert by_cell[0] == ["# loadtest cell 0\ntext 0", "# loadtest cell 0\ntext 1"]
+    assert by_cell[1] == ["# loadtest cell 1\ntext 0", "# loadtest cell 1\ntext 1"]  # head: run 1's prompts
+    assert by_cell[2] == ["# loadtest cell 2\ntext 2", "# loadtest cell 2\ntext 3"]  # run 2 moves on
+    assert by_cell[3] == ["# loadtest cell 3\ntext 2", "# loadtest cell 3\ntext 3"]
 
 
 def test_serve_flags_default_to_the_demo_pair_and_extra_flags_come_last():
@@ -155,6 +185,23 @@ def test_the_markdown_table_has_one_row_per_cell():
     assert "x interleaved verifier-only" in render_table([cell(1, "none", "interleaved", 1.0)])
 
 
+def test_repeated_cells_give_medians_and_the_median_of_paired_ratios():
+    def run(proposer, rate, repeat):
+        return {**cell(4, proposer, "batched", rate), "repeat": repeat}
+
+    # Run 2 was slow for both (drift): its ratio is still 1.5x; the medians alone would say 1.45x.
+    cells = [run("none", 300.0, 0), run("head", 450.0, 0), run("head", 300.0, 1), run("none", 200.0, 1),
+             run("none", 310.0, 2), run("head", 480.0, 2)]
+    (none, head) = table_rows(cells)
+    assert none["tokens_per_s"] == pytest.approx(300.0) and head["tokens_per_s"] == pytest.approx(450.0)
+    assert head["runs"] == [450.0, 300.0, 480.0] and head["requests"] == 24
+    assert head["x_verifier_only"] == pytest.approx(1.5)  # median of 1.5, 1.5, 1.548
+    lines = render_table(cells).splitlines()
+    assert "| tok/s (median) | tok/s of each run |" in lines[0]
+    assert lines[-1].startswith("| 4 | head | batched | 450.0 | 450.0, 300.0, 480.0 | - | 1.50x |")
+    assert "c4: head 1.50x" in "\n".join(summary_lines({"cells": cells}))
+
+
 def test_summary_names_the_figures_the_issue_asks_for():
     report = {
         "cells": CELLS,
@@ -190,6 +237,12 @@ def test_chunked_figures_take_the_gaps_that_overlap_the_long_prompts_wait():
     covered = chunked_figures([burst], window=(20.11, 22.3))
     assert covered["window_gaps"] == 7 and covered["outside_itl_median_s"] == pytest.approx(0.3)
     assert covered["window_p99_over_median"] == pytest.approx(1.0)
+    # Once a stream has ended, the other's passes are cheaper: those gaps are no denominator.
+    long = Sample(200, 2.0, sent_at=30.0, chunk_times=[0.1 * k for k in range(1, 12)] + [1.1 + 0.02 * k for k in range(1, 41)])
+    short = Sample(200, 2.0, sent_at=30.0, chunk_times=[0.1 * k for k in range(1, 12)])
+    ended = chunked_figures([long, short], window=(30.45, 30.75))
+    assert ended["outside_gaps"] == 12 and ended["outside_itl_median_s"] == pytest.approx(0.1)
+    assert ended["itl_median_s"] == pytest.approx(0.02) and ended["window_p99_over_median"] == pytest.approx(1.0)
     assert chunked_figures([one], None)["window_gaps"] == 0
     assert chunked_figures([], (0.0, 1.0))["window_p99_over_median"] is None
 

@@ -3,6 +3,7 @@ cells, scenarios and summary as markdown."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 
 from verispec.tools.loadtest.clients import _ratio
@@ -59,27 +60,46 @@ def reference_scheduler(schedulers: list[str]) -> str:
 
 
 def table_rows(cells: list[dict]) -> list[dict]:
-    """Each cell's figures with its ratio columns: tok/s over the interleaved scheduler's (same
-    concurrency, same proposer) and over the reference scheduler's verifier-only (same concurrency)."""
+    """One row per (concurrency, proposer, scheduler): the median of its runs' figures (one run
+    without --repeats), with its ratio columns: tok/s over the interleaved scheduler's (same
+    concurrency, proposer and run) and over the reference scheduler's verifier-only (same
+    concurrency and run), each the median of the runs' ratios, so that a run's drift divides out."""
     schedulers = list(dict.fromkeys(c["scheduler"] for c in cells))
     ref = reference_scheduler(schedulers) if schedulers else "batched"
-    rate = {(c["concurrency"], c["proposer"], c["scheduler"]): c["summary"]["tokens_per_s"] for c in cells}
-    rows = []
+    rate = {(c["concurrency"], c["proposer"], c["scheduler"], c.get("repeat", 0)): c["summary"]["tokens_per_s"] for c in cells}
+    groups: dict[tuple, list[dict]] = {}
     for c in cells:
-        s = c["summary"]
-        key = (c["concurrency"], c["proposer"])
-        rows.append({
-            "concurrency": c["concurrency"], "proposer": c["proposer"], "scheduler": c["scheduler"],
-            "tokens_per_s": s["tokens_per_s"],
-            "x_interleaved": _ratio(s["tokens_per_s"], rate.get((*key, "interleaved"))),
-            "x_verifier_only": _ratio(s["tokens_per_s"], rate.get((c["concurrency"], "none", ref))),
-            "latency_p50_s": s["latency_p50_s"], "latency_p99_s": s["latency_p99_s"],
-            "ttft_p50_s": s["ttft_p50_s"], "itl_p50_s": s["itl_p50_s"], "itl_p99_s": s["itl_p99_s"],
-            "ok": s["ok"], "requests": s["requests"],
-        })
+        groups.setdefault((c["concurrency"], c["proposer"], c["scheduler"]), []).append(c)
+    rows = [_row(key, runs, rate, ref) for key, runs in groups.items()]
     rows.sort(key=lambda r: (r["concurrency"], PROPOSERS.index(r["proposer"]) if r["proposer"] in PROPOSERS else 9,
                              r["proposer"], r["scheduler"]))
     return rows
+
+
+def _row(key: tuple, runs: list[dict], rate: dict, ref: str) -> dict:
+    concurrency, proposer, scheduler = key
+
+    def median(field: str) -> float | None:
+        return _median([r["summary"][field] for r in runs])
+
+    def over(other: tuple) -> float | None:  # the median of the runs' ratios to `other`'s same run
+        return _median([_ratio(r["summary"]["tokens_per_s"], rate.get((*other, r.get("repeat", 0)))) for r in runs])
+
+    return {
+        "concurrency": concurrency, "proposer": proposer, "scheduler": scheduler,
+        "tokens_per_s": median("tokens_per_s"), "runs": [r["summary"]["tokens_per_s"] for r in runs],
+        "x_interleaved": over((concurrency, proposer, "interleaved")),
+        "x_verifier_only": over((concurrency, "none", ref)),
+        "latency_p50_s": median("latency_p50_s"), "latency_p99_s": median("latency_p99_s"),
+        "ttft_p50_s": median("ttft_p50_s"), "itl_p50_s": median("itl_p50_s"), "itl_p99_s": median("itl_p99_s"),
+        "ok": sum(r["summary"]["ok"] for r in runs), "requests": sum(r["summary"]["requests"] for r in runs),
+    }
+
+
+def _median(values: list[float | None]) -> float | None:
+    """The median of the values a run gave (None where a run gave none)."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def _num(value: float | None, digits: int = 2, scale: float = 1.0, suffix: str = "") -> str:
@@ -87,15 +107,19 @@ def _num(value: float | None, digits: int = 2, scale: float = 1.0, suffix: str =
 
 
 def render_table(cells: list[dict]) -> str:
-    """The cells as a markdown table."""
+    """The cells as a markdown table; with --repeats, a column of each row's runs."""
     schedulers = list(dict.fromkeys(c["scheduler"] for c in cells))
     ref = reference_scheduler(schedulers) if schedulers else "batched"
-    head = ["concurrency", "proposer", "scheduler", "tok/s", "x interleaved", f"x {ref} verifier-only",
+    rows = table_rows(cells)
+    repeated = any(len(r["runs"]) > 1 for r in rows)
+    head = ["concurrency", "proposer", "scheduler", "tok/s" + (" (median)" if repeated else ""),
+            *(["tok/s of each run"] if repeated else []), "x interleaved", f"x {ref} verifier-only",
             "latency p50/p99 (s)", "TTFT p50 (ms)", "ITL p50/p99 (ms)", "ok"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if i not in (1, 2) else "---" for i in range(len(head))) + "|"]
-    for r in table_rows(cells):
+    for r in rows:
         lines.append("| " + " | ".join([
             str(r["concurrency"]), r["proposer"], r["scheduler"], _num(r["tokens_per_s"], 1),
+            *([", ".join(_num(x, 1) for x in r["runs"])] if repeated else []),
             _num(r["x_interleaved"], suffix="x"), _num(r["x_verifier_only"], suffix="x"),
             f"{_num(r['latency_p50_s'])} / {_num(r['latency_p99_s'])}", _num(r["ttft_p50_s"], 0, 1000),
             f"{_num(r['itl_p50_s'], 1, 1000)} / {_num(r['itl_p99_s'], 1, 1000)}", f"{r['ok']}/{r['requests']}",
@@ -104,20 +128,19 @@ def render_table(cells: list[dict]) -> str:
 
 
 def summary_lines(report: dict) -> list[str]:
-    cells = report["cells"]
-    rate = {(c["concurrency"], c["proposer"], c["scheduler"]): c["summary"]["tokens_per_s"] for c in cells}
-    schedulers = list(dict.fromkeys(c["scheduler"] for c in cells))
-    levels = list(dict.fromkeys(c["concurrency"] for c in cells))
-    proposers = list(dict.fromkeys(c["proposer"] for c in cells))
+    rows = {(r["concurrency"], r["proposer"], r["scheduler"]): r for r in table_rows(report["cells"])}
+    schedulers = list(dict.fromkeys(s for _, _, s in rows))
+    levels = list(dict.fromkeys(c for c, _, _ in rows))
+    proposers = list(dict.fromkeys(p for _, p, _ in rows))
     lines = []
-    c4 = _ratio(rate.get((4, "none", "batched")), rate.get((4, "none", "interleaved")))
+    c4 = rows[(4, "none", "batched")]["x_interleaved"] if (4, "none", "batched") in rows else None
     lines.append("- verifier-only, concurrency 4, batched / interleaved tok/s: "
                  + (f"{c4:.2f}x" if c4 is not None else "n/a (needs level 4, proposer none and both schedulers)"))
     if schedulers:
         ref = reference_scheduler(schedulers)
         parts = []
         for c in levels:
-            ratios = [f"{p} {_num(_ratio(rate.get((c, p, ref)), rate.get((c, 'none', ref))), suffix='x')}"
+            ratios = [f"{p} {_num(rows[(c, p, ref)]['x_verifier_only'] if (c, p, ref) in rows else None, suffix='x')}"
                       for p in proposers if p != "none"]
             if ratios:
                 parts.append(f"c{c}: " + ", ".join(ratios))

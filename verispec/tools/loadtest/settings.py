@@ -111,6 +111,11 @@ class TableOptions(BaseModel):
     levels: Annotated[tuple[int, ...], NoDecode] = Field((1, 2, 4, 8), description="concurrency levels")
     schedulers: Names = Field(SCHEDULERS, description=f"one server each: {', '.join(SCHEDULERS)}")
     proposers: Names = Field(PROPOSERS, description=f"pinned per request: {described()}")
+    repeats: int = Field(
+        1, ge=1,
+        description="runs of every cell, the proposers taking turns in an order reversed at every run; a cell's figures "
+        "are the median of its runs, its ratio to verifier-only the median of the runs' ratios",
+    )
     scenarios: Names = Field(
         SCENARIOS, description="prefix (shared-prefix TTFT), chunked (a long prompt among running streams), or none"
     )

@@ -1,9 +1,12 @@
 """`verispec loadtest --table`: one command, a grid of cells and two scenarios, against servers it
 starts itself (one `verispec serve` per scheduler).
 
-A cell is (concurrency, proposer, scheduler): its requests pin the proposer, and a cell's
-schedulers run back to back on the same prompts, their order alternating from cell to cell. Then
-the scenarios (`scenarios.py`) run on each server in turn.
+A cell is (concurrency, proposer, scheduler): its requests pin the proposer. Every proposer of a
+concurrency level reads the same prompts (each cell's marked as its own, `cell_prompt`), and a
+cell's schedulers run back to back, their order alternating from cell to cell; with --repeats,
+the proposers run in turn that many times, on new prompts each time, and each cell's figures are
+the median of its runs (`report.table_rows`). Then the scenarios (`scenarios.py`) run on each
+server in turn.
 """
 
 from __future__ import annotations
@@ -39,21 +42,33 @@ def requests_per_cell(concurrency: int, requests: int | None) -> int:
     return requests if requests else max(8, 4 * concurrency)
 
 
-def cell_plan(levels: list[int], proposers: list[str], schedulers: list[str]) -> list[tuple[int, str, tuple[str, ...]]]:
-    """The cells in the order they run: per concurrency, per proposer, the schedulers back to back,
-    their order flipped at every cell (A B, B A, A B, ...) so that drift hits both alike."""
+def cell_plan(
+    levels: list[int], proposers: list[str], schedulers: list[str], repeats: int = 1
+) -> list[tuple[int, str, tuple[str, ...], int]]:
+    """The cells in the order they run, as (concurrency, proposer, scheduler order, repeat): per
+    concurrency, `repeats` runs of every proposer in turn, their order reversed at every run
+    (A B C, C B A, ...), each cell's schedulers back to back, their order flipped at every cell
+    (A B, B A, ...), so that drift hits every configuration alike."""
     plan = []
     for concurrency in levels:
-        for proposer in proposers:
-            order = tuple(schedulers) if len(plan) % 2 == 0 else tuple(reversed(schedulers))
-            plan.append((concurrency, proposer, order))
+        for repeat in range(repeats):
+            for proposer in proposers if repeat % 2 == 0 else reversed(proposers):
+                order = tuple(schedulers) if len(plan) % 2 == 0 else tuple(reversed(schedulers))
+                plan.append((concurrency, proposer, order, repeat))
     return plan
+
+
+def cell_prompt(index: int, text: str) -> str:
+    """A prompt as cell `index` sends it: a first line naming the cell, so that a server's prefix
+    cache serves no cell the prompts an earlier one read (every proposer of a run gets the same
+    prompts, for a paired comparison)."""
+    return f"# loadtest cell {index}\n{text}"
 
 
 async def run_table(
     endpoints: list[_Endpoint], prompts: list[Prompt], levels: list[int], proposers: list[str], requests: int | None,
     max_tokens: int, warmup: int, scenarios: list[str], prefix_tokens: int, long_tokens: int,
-    progress: Callable[[str], None] = lambda line: None,
+    progress: Callable[[str], None] = lambda line: None, repeats: int = 1,
 ) -> dict:
     """The cells (see `cell_plan`) and the scenarios, against servers already ready."""
     by_name = {e.scheduler: e for e in endpoints}
@@ -66,20 +81,23 @@ async def run_table(
                                         min(2, warmup))
                 if _failures(phase.samples):
                     raise UserError(f"warm-up of proposer {p} on the {e.scheduler} server failed: {_failures(phase.samples)}")
-    cells, offset = [], 0
-    for index, (concurrency, proposer, order) in enumerate(cell_plan(levels, proposers, [e.scheduler for e in endpoints])):
+    cells, blocks = [], {}
+    plan = cell_plan(levels, proposers, [e.scheduler for e in endpoints], repeats)
+    for index, (concurrency, proposer, order, repeat) in enumerate(plan):
         count = requests_per_cell(concurrency, requests)
-        batch = texts(offset, count)  # the same prompts for each scheduler of a cell; cells move on
-        offset += count
+        if (concurrency, repeat) not in blocks:  # every proposer of a run the same prompts; runs move on
+            blocks[(concurrency, repeat)] = texts(sum(len(b) for b in blocks.values()), count)
+        batch = [cell_prompt(index, t) for t in blocks[(concurrency, repeat)]]
         for position, scheduler in enumerate(order):
             e = by_name[scheduler]
             phase = await run_phase(e.client, f"c{concurrency} {proposer} {scheduler}",
                                     [_body(e.model, t, max_tokens, proposer) for t in batch], concurrency)
             summary = summarize(phase.name, [phase])
-            cells.append({"cell": index, "position": position, "concurrency": concurrency, "proposer": proposer,
-                          "scheduler": scheduler, "summary": summary, "failures": _failures(phase.samples) or None,
-                          "samples": [asdict(s) for s in phase.samples]})
-            progress(f"c={concurrency} {proposer:5} {scheduler:11} {summary['ok']}/{summary['requests']} ok  "
+            cells.append({"cell": index, "position": position, "repeat": repeat, "concurrency": concurrency,
+                          "proposer": proposer, "scheduler": scheduler, "summary": summary,
+                          "failures": _failures(phase.samples) or None, "samples": [asdict(s) for s in phase.samples]})
+            run = f" run {repeat + 1}/{repeats}" if repeats > 1 else ""
+            progress(f"c={concurrency} {proposer:5} {scheduler:11}{run} {summary['ok']}/{summary['requests']} ok  "
                      f"{_num(summary['tokens_per_s'], 1)} tok/s")
     results: dict = {"cells": cells, "scenarios": {}}
     if scenarios:
@@ -123,6 +141,7 @@ async def _table(settings: LoadtestSettings, prompts: list[Prompt], config: dict
         results = await run_table(
             endpoints, prompts, config["levels"], config["proposers"], config["requests"], config["max_tokens"],
             config["warmup"], config["scenarios"], config["prefix_tokens"], config["long_tokens"], progress=_say,
+            repeats=config["repeats"],
         )
     finally:
         for c in clients:
@@ -147,7 +166,7 @@ def run(settings: LoadtestSettings) -> int:
         raise UserError("proposer draft needs --draft with --target (or leave 'draft' out of --proposers)")
     config = {  # written into the report: what produced its figures
         "levels": list(settings.levels), "proposers": list(settings.proposers), "schedulers": list(settings.schedulers),
-        "scenarios": list(settings.scenarios), "requests": settings.requests, "max_tokens": settings.max_tokens or 128,
+        "scenarios": list(settings.scenarios), "requests": settings.requests, "repeats": settings.repeats, "max_tokens": settings.max_tokens or 128,
         "warmup": settings.warmup, "prefix_tokens": settings.prefix_tokens, "long_tokens": settings.long_tokens,
         "target": settings.target, "draft": settings.draft, "kv_cache_memory": settings.kv_cache_memory,
         "serve_args": settings.serve_args,
