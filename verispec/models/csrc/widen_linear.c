@@ -17,6 +17,7 @@
 
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "team.h"
@@ -233,7 +234,12 @@ LINEAR(bf16)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,f16c,fma")
 
+typedef uint16_t elem_f16;
+typedef uint16_t elem_bf16;
+typedef float elem_f32; /* a panel pair widened once into scratch (`widened_pair`) */
+
 static inline __m512 widen16_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+static inline __m512 widen16_f32(const float* p) { return _mm512_load_ps(p); }
 static inline __m512 widen16_bf16(const uint16_t* p) {
   __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
@@ -326,7 +332,9 @@ static inline void finish512(float* row, __m512 c0, __m512 c1, const float* bias
     finish512(y + 3 * NR512, c30, c31, b[3], valid[3], accumulate);                           \
   }
 /* MR rows (<= 6) over two panels at once: 24 accumulators, four widened panel halves and a
-   broadcast (29 registers); each broadcast feeds 4 multiply-adds instead of 2. */
+   broadcast (29 registers); each broadcast feeds 4 multiply-adds instead of 2. With STORE, the
+   tile also writes the widened halves to `s` (panel 0's at s, panel 1's at s + K * NR512) for the
+   pass's other tiles (`widened_pair`); the stores take no port of the multiply-adds. */
 #define STEP512X2(R, C00, C01, C10, C11)                                                      \
   {                                                                                           \
     __m512 a = _mm512_set1_ps(x[(R) * K + k]);                                                \
@@ -340,19 +348,27 @@ static inline void finish512(float* row, __m512 c0, __m512 c1, const float* bias
     finish512(y + (R) * ldy, C00, C01, b[0], valid[0], accumulate);                           \
     finish512(y + (R) * ldy + NR512, C10, C11, b[1], valid[1], accumulate);                   \
   }
-#define KERNEL512X2(MR, KIND)                                                                 \
-  static void k512x2_##MR##_##KIND(const float* x, int64_t K, const uint16_t* const* p, float* y, int64_t ldy, \
-                                   const int64_t* valid, const float* const* b, int accumulate) { \
+#define KERNEL512X2(MR, KIND, STORE)                                                          \
+  static void k512x2_##MR##_##KIND##_##STORE(const float* x, int64_t K, const elem_##KIND* const* p, float* y, \
+                                             int64_t ldy, const int64_t* valid, const float* const* b, \
+                                             int accumulate, float* s) {                      \
     __m512 a00 = _mm512_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, b00 = a00, b01 = a00, b10 = a00, b11 = a00; \
     __m512 c00 = a00, c01 = a00, c10 = a00, c11 = a00, d00 = a00, d01 = a00, d10 = a00, d11 = a00; \
     __m512 e00 = a00, e01 = a00, e10 = a00, e11 = a00, f00 = a00, f01 = a00, f10 = a00, f11 = a00; \
-    const uint16_t *p0 = p[0], *p1 = p[1];                                                    \
+    const elem_##KIND *p0 = p[0], *p1 = p[1];                                                 \
     for (int64_t k = 0; k < K; ++k) {                                                         \
-      const uint16_t *q0 = p0 + k * NR512, *q1 = p1 + k * NR512;                              \
+      const elem_##KIND *q0 = p0 + k * NR512, *q1 = p1 + k * NR512;                           \
       _mm_prefetch((const char*)(q0 + PREFETCH * NR512), _MM_HINT_T0);                         \
       _mm_prefetch((const char*)(q1 + PREFETCH * NR512), _MM_HINT_T0);                         \
       __m512 w00 = widen16_##KIND(q0), w01 = widen16_##KIND(q0 + 16);                         \
       __m512 w10 = widen16_##KIND(q1), w11 = widen16_##KIND(q1 + 16);                         \
+      if (STORE) {                                                                            \
+        float* d = s + k * NR512;                                                             \
+        _mm512_store_ps(d, w00);                                                              \
+        _mm512_store_ps(d + 16, w01);                                                         \
+        _mm512_store_ps(d + K * NR512, w10);                                                  \
+        _mm512_store_ps(d + K * NR512 + 16, w11);                                             \
+      }                                                                                       \
       STEP512X2(0, a00, a01, a10, a11)                                                        \
       if (MR > 1) STEP512X2(1, b00, b01, b10, b11)                                            \
       if (MR > 2) STEP512X2(2, c00, c01, c10, c11)                                            \
@@ -367,18 +383,19 @@ static inline void finish512(float* row, __m512 c0, __m512 c1, const float* bias
     if (MR > 4) FINISH512X2(4, e00, e01, e10, e11)                                            \
     if (MR > 5) FINISH512X2(5, f00, f01, f10, f11)                                            \
   }
-#define PAIR512(KIND)                                                                         \
-  KERNEL512X2(1, KIND) KERNEL512X2(2, KIND) KERNEL512X2(3, KIND) KERNEL512X2(4, KIND)         \
-  KERNEL512X2(5, KIND) KERNEL512X2(6, KIND)                                                   \
-  static inline void pair512_##KIND(int64_t rows, const float* x, int64_t K, const uint16_t* const* p, float* y, \
-                                    int64_t ldy, const int64_t* valid, const float* const* b, int accumulate) { \
+#define PAIR512(KIND, STORE)                                                                  \
+  KERNEL512X2(1, KIND, STORE) KERNEL512X2(2, KIND, STORE) KERNEL512X2(3, KIND, STORE)         \
+  KERNEL512X2(4, KIND, STORE) KERNEL512X2(5, KIND, STORE) KERNEL512X2(6, KIND, STORE)         \
+  static inline void pair512_##KIND##_##STORE(int64_t rows, const float* x, int64_t K, const elem_##KIND* const* p, \
+                                              float* y, int64_t ldy, const int64_t* valid, const float* const* b, \
+                                              int accumulate, float* s) {                     \
     switch (rows) {                                                                           \
-      case 6: k512x2_6_##KIND(x, K, p, y, ldy, valid, b, accumulate); break;                  \
-      case 5: k512x2_5_##KIND(x, K, p, y, ldy, valid, b, accumulate); break;                  \
-      case 4: k512x2_4_##KIND(x, K, p, y, ldy, valid, b, accumulate); break;                  \
-      case 3: k512x2_3_##KIND(x, K, p, y, ldy, valid, b, accumulate); break;                  \
-      case 2: k512x2_2_##KIND(x, K, p, y, ldy, valid, b, accumulate); break;                  \
-      default: k512x2_1_##KIND(x, K, p, y, ldy, valid, b, accumulate); break;                 \
+      case 6: k512x2_6_##KIND##_##STORE(x, K, p, y, ldy, valid, b, accumulate, s); break;     \
+      case 5: k512x2_5_##KIND##_##STORE(x, K, p, y, ldy, valid, b, accumulate, s); break;     \
+      case 4: k512x2_4_##KIND##_##STORE(x, K, p, y, ldy, valid, b, accumulate, s); break;     \
+      case 3: k512x2_3_##KIND##_##STORE(x, K, p, y, ldy, valid, b, accumulate, s); break;     \
+      case 2: k512x2_2_##KIND##_##STORE(x, K, p, y, ldy, valid, b, accumulate, s); break;     \
+      default: k512x2_1_##KIND##_##STORE(x, K, p, y, ldy, valid, b, accumulate, s); break;    \
     }                                                                                         \
   }
 
@@ -401,6 +418,28 @@ static inline void finish512(float* row, __m512 c0, __m512 c1, const float* bias
       default: k512_1_##KIND(x, K, panel, y, ldy, valid, bias, accumulate); break;            \
     }                                                                                         \
   }
+PAIR512(f32, 0)
+
+/* A pass of WIDENED_ROWS rows or more widens each panel pair once: its first tile writes the
+   widened halves to this thread's scratch as it goes, and the other tiles read the float32 pair
+   from there (L2) instead of widening it again. The conversions share the ports of the
+   multiply-adds (4 to a tile of 6 rows' 24), so a prompt chunk of 128 rows spent about a fifth of
+   its projection time converting the same weights 22 times. The values are the widened ones
+   either way: every output's chain is the same, and so are its bits. */
+#define WIDENED_ROWS 16 /* three tiles of a pair or more: at 13 rows no gain (scripts/widen_ab.py) */
+static __thread float* widened_scratch = NULL;
+static __thread int64_t widened_floats = 0;
+
+static float* widened_pair(int64_t K) {
+  int64_t need = 2 * K * NR512;
+  if (need > widened_floats) {
+    free(widened_scratch);
+    widened_scratch = aligned_alloc(64, (size_t)need * sizeof(float));
+    widened_floats = widened_scratch ? need : 0;
+  }
+  return widened_scratch;
+}
+
 /* A pass of M rows takes the panels two at a time, in tiles of up to 6 rows as even as they come
    (13 rows: 5 + 4 + 4, not 6 + 6 + 1), so no sweep is spent on a small remainder; a group's odd
    last panel takes tiles of up to 12 rows. Two panels a tile beat 12 rows a tile by 7-17% at every
@@ -410,7 +449,7 @@ static inline void finish512(float* row, __m512 c0, __m512 c1, const float* bias
 #define LINEAR512(KIND)                                                                       \
   KERNEL512(1, KIND) KERNEL512(2, KIND) KERNEL512(3, KIND) KERNEL512(4, KIND) KERNEL512(5, KIND) \
   KERNEL512(6, KIND) KERNEL512(7, KIND) KERNEL512(8, KIND) KERNEL512(9, KIND) KERNEL512(10, KIND) \
-  KERNEL512(11, KIND) KERNEL512(12, KIND) WIDE512(KIND) TILE512(KIND) PAIR512(KIND)          \
+  KERNEL512(11, KIND) KERNEL512(12, KIND) WIDE512(KIND) TILE512(KIND) PAIR512(KIND, 0) PAIR512(KIND, 1) \
   static void linear_avx512_##KIND(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, \
                                    const float* bias, float* y, int64_t ldy, int accumulate) { \
     int64_t panels = (N + NR512 - 1) / NR512, groups = (panels + GROUP - 1) / GROUP;          \
@@ -429,12 +468,21 @@ static inline void finish512(float* row, __m512 c0, __m512 c1, const float* bias
         continue;                                                                             \
       }                                                                                       \
       int64_t i = 0;                                                                          \
+      float* s = M >= WIDENED_ROWS ? widened_pair(K) : NULL;                                 \
       for (; i + 2 <= count; i += 2) /* pairs of panels, in tiles of up to 6 rows */          \
-          for (int64_t t = 0, m = 0; t < pair_tiles; ++t) {                                   \
-            int64_t r = pair_rows + (t < pair_longer);                                        \
-            pair512_##KIND(r, x + m * K, K, panel + i, out + m * ldy + i * NR512, ldy, valid + i, b + i, accumulate); \
-            m += r;                                                                           \
+        for (int64_t t = 0, m = 0; t < pair_tiles; ++t) {                                     \
+          int64_t r = pair_rows + (t < pair_longer);                                          \
+          float* yt = out + m * ldy + i * NR512;                                              \
+          if (!s)                                                                             \
+            pair512_##KIND##_0(r, x + m * K, K, panel + i, yt, ldy, valid + i, b + i, accumulate, NULL); \
+          else if (t == 0) /* widens the pair, and keeps it for the others */                 \
+            pair512_##KIND##_1(r, x + m * K, K, panel + i, yt, ldy, valid + i, b + i, accumulate, s); \
+          else {                                                                              \
+            const float* wide[2] = {s, s + K * NR512};                                        \
+            pair512_f32_0(r, x + m * K, K, wide, yt, ldy, valid + i, b + i, accumulate, NULL); \
           }                                                                                   \
+          m += r;                                                                             \
+        }                                                                                     \
       for (; i < count; ++i)                                                                  \
         for (int64_t t = 0, m = 0; t < tiles; ++t) {                                          \
           int64_t r = rows + (t < longer);                                                    \
