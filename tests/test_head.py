@@ -263,6 +263,32 @@ def test_a_cached_prefix_comes_with_the_heads_features(head_settings):
     assert engine.generate(prompt, params, depth=3).stats.cached_tokens == 0
 
 
+def test_a_head_takes_a_prefix_that_other_proposers_read(head_settings):
+    """With a head loaded, every request's features are kept beside its cached blocks, whatever
+    its proposer: a head's request takes the blocks of a prefix a verifier-only request read, and
+    drafts exactly as it would from its own reading. Without a head loaded nothing is kept."""
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    prompt, tail = random_prompts(2, 64, seed=44, min_len=60, max_len=60)
+    longer = prompt + tail[:10]
+    alone = build_engine(head_settings)
+    fresh = alone.generate(longer, params, depth=3)  # nothing cached
+    engine = build_engine(head_settings)
+    engine.prepare([engine.proposer])  # as a server does: the head's batch is made at start
+    plain = engine.generate(prompt, params, proposer=None)  # no proposer: verifier only
+    assert plain.token_ids == alone.generate(prompt, params, depth=0).token_ids
+    out = engine.generate(longer, params, depth=3)
+    assert out.stats.cached_tokens == 48 and out.token_ids == fresh.token_ids
+    assert (out.stats.depths, out.stats.accepted) == (fresh.stats.depths, fresh.stats.accepted)
+    # A verifier-only request whose prompt was cached takes the kept features on, for the next.
+    again = prompt + tail[10:40]
+    engine.generate(again, params, proposer=None)
+    assert engine.generate(again + [7], params, depth=3).stats.cached_tokens == 80
+    assert all(not r.feature_logs for r in engine.running + engine.waiting)
+    unloaded = build_engine(head_settings)  # no head request yet, nothing prepared: no head batch
+    unloaded.generate(prompt, params, proposer=None)
+    assert not unloaded.drafting.heads()
+
+
 def test_kept_features_go_once_their_blocks_are_evicted():
     """The features kept beside the prefix cache stay bounded by it: once they outnumber its blocks
     by a quarter, those whose blocks the pool no longer holds go; recall stops at the first gap."""

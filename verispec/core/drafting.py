@@ -88,6 +88,37 @@ class Drafting:
         if request.table.keys:
             batch.remember(state, request.table.keys, self.runner.pool)
 
+    def heads(self) -> list[HeadBatch]:
+        """The draft heads loaded (their batches are made when the engine prepares its proposers)."""
+        return [b for b in self.batches.values() if isinstance(b, HeadBatch)]
+
+    def keeps_features(self, request: Request) -> bool:
+        """Whether a pass should give this request's features, its proposer not being a head:
+        a head is loaded and the prefix cache is on, so the features of its cached blocks are kept
+        for a head's request with the same prefix (without them that request recomputes it)."""
+        return bool(self.heads()) and self.runner.pool.prefix_cache
+
+    def keep(self, request: Request, start: int, features) -> None:
+        """The verifier's features of positions start.. (a prompt chunk's) of a request whose proposer is no head:
+        each head's read of them, kept beside the blocks its table registers in the prefix cache
+        (`HeadBatch.remember`). A request that took cached blocks whose features no head kept
+        (or lost some) keeps none: a head's features must run from position 0."""
+        pool = self.runner.pool
+        for batch in self.heads():
+            state = request.feature_logs.get(id(batch))
+            if state is None:
+                state = request.feature_logs[id(batch)] = batch.state()
+            if state.known < start:  # cached blocks: their kept features, where the head has them
+                first, last = state.known // pool.block_size, start // pool.block_size
+                rows = batch.recall(request.table.keys[first:last])
+                if len(rows) < last - first or last * pool.block_size < start:
+                    del request.feature_logs[id(batch)]
+                    continue
+                state.restore(first * pool.block_size, torch.cat(rows))
+            state.observe(start, features)
+            if request.table.keys:
+                batch.remember(state, request.table.keys, pool)
+
     def _head_state(self, request: Request, batch: HeadBatch):
         if request.session is None:
             request.session = batch.state()
@@ -236,6 +267,7 @@ class Drafting:
 
     def release(self, request: Request) -> bool:
         """Give back the request's blocks in the draft model's cache; False if it has none there."""
+        request.feature_logs.clear()
         batch = self.batch(request.proposer) if request.proposer is not None else None
         if batch is None or request.session is None:
             return False

@@ -46,6 +46,9 @@ class Request:
     early: Proposal | None = None  # those drafts, until the first round scores them
     acceptance: Acceptance = field(default_factory=Acceptance)
     session: object = None  # the proposer's per-request state (a session, or a DraftState)
+    # Where a draft head is loaded but this request's proposer is not it: per head batch (by id),
+    # the verifier's features of its positions, kept beside its cached blocks (`Drafting.keep`).
+    feature_logs: dict = field(default_factory=dict)
     consecutive_failures: int = 0
     preemptions: int = 0
     arrived: float = field(default_factory=time.perf_counter)
