@@ -92,16 +92,16 @@ class Drafting:
         """The draft heads loaded (their batches are made when the engine prepares its proposers)."""
         return [b for b in self.batches.values() if isinstance(b, HeadBatch)]
 
-    def keeps_features(self, request: Request) -> bool:
-        """Whether a pass should give this request's features, its proposer not being a head:
-        a head is loaded and the prefix cache is on, so the features of its cached blocks are kept
+    def keeps_features(self) -> bool:
+        """Whether prompt chunks of requests whose proposer is no head should give their features:
+        a head is loaded and the prefix cache is on, so the features of their cached blocks are kept
         for a head's request with the same prefix (without them that request recomputes it)."""
         return bool(self.heads()) and self.runner.pool.prefix_cache
 
     def keep(self, request: Request, start: int, features) -> None:
-        """The verifier's features of positions start.. (a prompt chunk's) of a request whose proposer is no head:
-        each head's read of them, kept beside the blocks its table registers in the prefix cache
-        (`HeadBatch.remember`). A request that took cached blocks whose features no head kept
+        """The verifier's features of positions start.. (a prompt chunk's) of a request whose
+        proposer is no head: each head's read of them, kept beside the blocks its table registers
+        in the prefix cache (`HeadBatch.remember`). A request that took cached blocks whose features no head kept
         (or lost some) keeps none: a head's features must run from position 0."""
         pool = self.runner.pool
         for batch in self.heads():

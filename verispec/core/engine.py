@@ -409,7 +409,7 @@ class Engine:
         them, or a head loaded beside its proposer keeps them with its cached blocks for a later
         head's request with that prefix (`Drafting.keep`). Only its prompt's: kept from every round
         too, they cost a server with a head loaded 3-5% of its verifier-only speed at 4 streams."""
-        return reads_features(request) or self.drafting.keeps_features(request)
+        return reads_features(request) or self.drafting.keeps_features()
 
     def _observe(self, request: Request, start: int, features: torch.Tensor) -> None:
         if reads_features(request):
