@@ -13,7 +13,6 @@ from verispec.config import SamplingParams
 from verispec.core.acceptance import (
     TreeVerdict,
     accept_chosen,
-    accept_greedy,
     accept_stochastic,
     accept_tree_chosen,
     accept_tree_stochastic,
@@ -94,25 +93,23 @@ def accept(
     Greedy: the argmax; coupled sampling (`noise`): each position's own draw; else speculative
     sampling's rejection rule, drawing from `generator`. A chain's verdict is its accepted
     prefix; a tree's, the path it accepted (`acceptance.accept_tree_*`)."""
+    if params.greedy:  # a chain or a tree alike: one argmax, then a walk over lists (torch ops cost more a round)
+        chosen = target_logits.argmax(dim=-1).tolist()
+        return accept_tree_chosen(tree_children(proposal.parents()), [-1, *proposal.nodes], chosen)
     if proposal.branches:
         return _accept_tree(params, proposal, target_logits, generator, noise, position)
     drafts = torch.tensor([proposal.tokens], dtype=torch.long, device=target_logits.device)  # (1, k)
-    if params.greedy:
-        verdict = accept_greedy(drafts, target_logits[None])
+    target_probs = warp(target_logits, params)
+    if noise is not None:
+        verdict = accept_chosen(drafts, noise.choose(target_probs, range(position, position + len(target_probs)))[None])
     else:
-        target_probs = warp(target_logits, params)
-        if noise is not None:
-            verdict = accept_chosen(drafts, noise.choose(target_probs, range(position, position + len(target_probs)))[None])
-        else:
-            draft_probs = None if proposal.probs is None else proposal.probs.to(target_logits.device)[None]
-            verdict = accept_stochastic(drafts, draft_probs, target_probs[None], generator)
+        draft_probs = None if proposal.probs is None else proposal.probs.to(target_logits.device)[None]
+        verdict = accept_stochastic(drafts, draft_probs, target_probs[None], generator)
     return TreeVerdict(list(range(1, int(verdict.accepted[0]) + 1)), int(verdict.next_token[0]))
 
 
 def _accept_tree(params, proposal, target_logits, generator, noise, position) -> TreeVerdict:
     children, nodes = tree_children(proposal.parents()), [-1, *proposal.nodes]
-    if params.greedy:
-        return accept_tree_chosen(children, nodes, target_logits.argmax(dim=-1).tolist())
     target_probs = warp(target_logits, params)
     if noise is not None:  # each node's draw is its output position's (the root's is `position`)
         chosen = noise.choose(target_probs, [position + d for d in proposal.depths()])
