@@ -103,21 +103,17 @@ class Drafting:
         proposer is no head: each head's read of them, kept beside the blocks its table registers
         in the prefix cache (`HeadBatch.remember`). A request that took cached blocks whose features no head kept
         (or lost some) keeps none: a head's features must run from position 0."""
-        pool = self.runner.pool
         for batch in self.heads():
             state = request.feature_logs.get(id(batch))
             if state is None:
                 state = request.feature_logs[id(batch)] = batch.state()
-            if state.known < start:  # cached blocks: their kept features, where the head has them
-                first, last = state.known // pool.block_size, start // pool.block_size
-                rows = batch.recall(request.table.keys[first:last])
-                if len(rows) < last - first or last * pool.block_size < start:
-                    del request.feature_logs[id(batch)]
-                    continue
-                state.restore(first * pool.block_size, torch.cat(rows))
+            # cached blocks: their kept features, where the head has them all
+            if state.known < start and not self._take_kept(batch, state, request, start):
+                del request.feature_logs[id(batch)]
+                continue
             state.observe(start, features)
             if request.table.keys:
-                batch.remember(state, request.table.keys, pool)
+                batch.remember(state, request.table.keys, self.runner.pool)
 
     def _head_state(self, request: Request, batch: HeadBatch):
         if request.session is None:
@@ -138,13 +134,18 @@ class Drafting:
     def restore(self, request: Request, reused: int) -> None:
         """Give a draft head's request that took `reused` positions from the prefix cache their
         kept features, past what its session knows."""
-        pool = self.runner.pool
         batch = self.batch(request.proposer)
-        state = self._head_state(request, batch)
-        first = state.known // pool.block_size  # from the block it knows only in part
-        keys = request.table.keys[first : reused // pool.block_size]  # the blocks it took
-        if keys:
-            state.restore(first * pool.block_size, torch.cat(batch.recall(keys)))
+        self._take_kept(batch, self._head_state(request, batch), request, reused)
+
+    def _take_kept(self, batch: HeadBatch, state, request: Request, upto: int) -> bool:
+        """Give `state` the features `batch` kept of the request's cached blocks, from the block it
+        knows only in part up to position `upto`; whether they were all kept."""
+        bs = self.runner.pool.block_size
+        first, last = state.known // bs, upto // bs
+        rows = batch.recall(request.table.keys[first:last])
+        if rows:
+            state.restore(first * bs, torch.cat(rows))
+        return len(rows) == last - first and last * bs >= upto
 
     def busy(self, request: Request) -> bool:
         """Whether a plug-in's previous call for this request has not returned."""

@@ -3,10 +3,9 @@ cells, scenarios and summary as markdown."""
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 
-from verispec.tools.loadtest.clients import _ratio
+from verispec.tools.loadtest.clients import _percentile, _ratio
 from verispec.tools.loadtest.scenarios import CHUNKED_STREAMS
 from verispec.tools.loadtest.settings import PROPOSERS
 
@@ -97,9 +96,8 @@ def _row(key: tuple, runs: list[dict], rate: dict, ref: str) -> dict:
 
 
 def _median(values: list[float | None]) -> float | None:
-    """The median of the values a run gave (None where a run gave none)."""
-    known = [v for v in values if v is not None]
-    return statistics.median(known) if known else None
+    """The median of the values the runs gave (None where a run gave none)."""
+    return _percentile([v for v in values if v is not None], 50)
 
 
 def _num(value: float | None, digits: int = 2, scale: float = 1.0, suffix: str = "") -> str:

@@ -81,12 +81,13 @@ async def run_table(
                                         min(2, warmup))
                 if _failures(phase.samples):
                     raise UserError(f"warm-up of proposer {p} on the {e.scheduler} server failed: {_failures(phase.samples)}")
-    cells, blocks = [], {}
+    cells, blocks, offset = [], {}, 0
     plan = cell_plan(levels, proposers, [e.scheduler for e in endpoints], repeats)
     for index, (concurrency, proposer, order, repeat) in enumerate(plan):
         count = requests_per_cell(concurrency, requests)
         if (concurrency, repeat) not in blocks:  # every proposer of a run the same prompts; runs move on
-            blocks[(concurrency, repeat)] = texts(sum(len(b) for b in blocks.values()), count)
+            blocks[(concurrency, repeat)] = texts(offset, count)
+            offset += count
         batch = [cell_prompt(index, t) for t in blocks[(concurrency, repeat)]]
         for position, scheduler in enumerate(order):
             e = by_name[scheduler]
