@@ -139,6 +139,26 @@ def test_lean_kernel_step_gives_a_position_the_same_logits_at_any_pass_width(tmp
 
 @pytest.mark.skipif(kernel_library() is None, reason="no compiled kernel here")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_projections_bits_do_not_depend_on_its_thread_count(dtype):
+    """Wide passes widen each panel pair once into a scratch of each thread's own (16 rows and
+    more): whichever threads take which panels, every output is the same bits."""
+    library = kernel_library()
+    kernel = library.widen_linear_f16 if dtype == torch.float16 else library.widen_linear_bf16
+    torch.manual_seed(5)
+    weight, bias = torch.randn(333, 200).to(dtype), torch.randn(333)
+    packed = kernels._panels(weight)
+    for rows in (1, 5, 15, 16, 17, 40, 128):
+        x = torch.randn(rows, 200)
+        outputs = []
+        for threads in (1, 2, 3):
+            y = torch.empty(rows, 333)
+            kernel(x.data_ptr(), rows, packed.data_ptr(), 333, 200, bias.data_ptr(), y.data_ptr(), 333, 0, threads)
+            outputs.append(y)
+        assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2]), rows
+
+
+@pytest.mark.skipif(kernel_library() is None, reason="no compiled kernel here")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_avx512_path_gives_the_avx2_paths_bits(dtype):
     """Each output is one FMA chain in a lane of its own on both paths (32-wide panels with
     AVX-512, 24-wide with AVX2): the same bits, at every width, bias and residual included."""
