@@ -19,6 +19,7 @@ from tests.conftest import EOS, make_engine, random_prompts, save
 from tests.test_batching import VOCAB, _llama, exact16
 from verispec.config import BatchSettings, SamplingParams, SpeculationSettings
 from verispec.core import goodput
+from verispec.core.draft_batch import draft_pass_s
 from verispec.core.engine import Engine
 from verispec.core.goodput import SAMPLE_ROWS, LiveCosts, PassCosts, choose_depths
 from verispec.core.runner import ModelRunner
@@ -59,6 +60,32 @@ def test_a_prior_measured_100x_too_high_heals_within_a_few_passes():
     after = live.current()
     assert 0.7 < after.verify(2) / REAL.verify(2) < 1.4
     assert 0.7 < after.draft_s / REAL.draft_s < 1.4
+
+
+def test_a_proposal_prices_its_first_draft_pass_apart_from_the_positions_after_it():
+    """A head's or draft model's greedy chain: a first pass that also reads the verified rows, then
+    one native call for the rest at a fraction of a pass a position. Priced as measured, deep
+    chains pay; priced as if every position cost a first pass (as a single draft cost did), the
+    depth stays shallow. Live passes move each price on its own."""
+    verify = PassCosts(ROWS, tuple(0.002 + 0.0001 * r for r in ROWS))
+    as_measured = PassCosts(verify.rows, verify.seconds, draft_s=0.0003, draft_first_s=0.0006)
+    every_position_a_first = PassCosts(verify.rows, verify.seconds, draft_s=0.0006)
+    assert as_measured.draft(0) == 0.0 and as_measured.draft(5) == pytest.approx(0.0006 + 4 * 0.0003)
+    deep, shallow = choose_depths([0.95], [8], as_measured)[0], choose_depths([0.95], [8], every_position_a_first)[0]
+    assert deep == 8 and shallow < deep
+
+    live = LiveCosts(every_position_a_first)
+    for _ in range(3):
+        live.observe_draft(0.0003, 0.0006)
+    assert live.current().draft_s == pytest.approx(0.0003) and live.current().draft.first_s == pytest.approx(0.0006)
+    assert choose_depths([0.95], [8], live.current()) == [8]
+
+    # A proposal's passes as `draft_pass_s` reads them: (rows, requests, seconds). A first pass
+    # that read a new prompt is no draft pass; the median of the later ones prices a position.
+    assert draft_pass_s([(5, 1, 0.0006), (1, 1, 0.0003), (1, 1, 0.0005), (1, 1, 0.0004)]) == (0.0004, 0.0006)
+    assert draft_pass_s([(400, 1, 0.02), (1, 1, 0.0003)]) == (0.0003, None)
+    assert draft_pass_s([(5, 1, 0.0006)]) == (None, 0.0006)
+    assert draft_pass_s([]) == (None, None)
 
 
 def test_live_costs_keep_the_prior_until_passes_come_and_follow_a_lasting_change():

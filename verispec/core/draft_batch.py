@@ -20,13 +20,15 @@ from verispec.proposers.base import DraftPolicy, Proposal
 CATCH_UP_ROWS = 16  # rows a request may feed in a pass that still counts as a draft pass
 
 
-def draft_pass_s(timed: list[tuple[int, int, float]]) -> float | None:
-    """What a draft pass cost in a proposal, for depth auto (`goodput.LiveCosts.observe_draft`):
-    the median seconds of its passes (rows, requests, seconds) that fed at most CATCH_UP_ROWS rows
-    a request (a draft position, or catching up on a few verified tokens). A pass that reads a new
-    request's prompt is not a draft pass: it would price every later draft position like a prefill."""
-    seconds = sorted(s for rows, requests, s in timed if rows <= CATCH_UP_ROWS * requests)
-    return seconds[len(seconds) // 2] if seconds else None
+def draft_pass_s(timed: list[tuple[int, int, float]]) -> tuple[float | None, float | None]:
+    """What a proposal's draft passes cost, for depth auto (`goodput.LiveCosts.observe_draft`):
+    the median seconds of its passes after the first, and its first (each pass as rows, requests,
+    seconds; None where it had none). Only a pass that fed at most CATCH_UP_ROWS rows a request
+    counts (a draft position, or catching up on a few verified tokens): one that reads a new
+    request's prompt would price every later draft like a prefill."""
+    drafts = [s if rows <= CATCH_UP_ROWS * requests else None for rows, requests, s in timed]
+    later = sorted(s for s in drafts[1:] if s is not None)
+    return (later[len(later) // 2] if later else None), (drafts[0] if drafts else None)
 
 
 def greedy_native(runner: ModelRunner, items) -> bool:
@@ -59,7 +61,7 @@ class DraftBatch:
         self.lm = lm
         self.target_vocab_size = target_vocab_size
         self.runner = ModelRunner(lm, memory_bytes, block_size, prefix_cache=True)
-        self.pass_s: float | None = None  # the last proposal's median draft pass (`draft_pass_s`)
+        self.pass_s: tuple[float | None, float | None] = (None, None)  # the last proposal's (`draft_pass_s`)
 
     def state(self) -> DraftState:
         return DraftState(BlockTable(self.runner.pool))

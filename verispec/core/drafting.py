@@ -55,7 +55,8 @@ class Drafting:
         self.proposing = Proposing()
         self.batches: dict[int, DraftBatch] = {}  # per draft proposer (by id)
         self.failed: set[Request] = set()  # this pass's rounds that fell back to verifier-only
-        self.on_draft_pass: Callable[[float], None] | None = None  # seconds per draft pass, as measured
+        # Each proposal's draft passes as measured: its median pass after the first, and its first.
+        self.on_draft_pass: Callable[[float | None, float | None], None] | None = None
 
     def batch(self, proposer: Proposer | None) -> DraftBatch | HeadBatch | None:
         """The batched drafter of a proposer that offers a draft model (or a draft head) the runner
@@ -226,8 +227,8 @@ class Drafting:
             proposals = batch.propose(items)
         except Exception as exc:  # noqa: BLE001 (every request of the batch falls back)
             return exc
-        if self.on_draft_pass is not None and batch.pass_s is not None:
-            self.on_draft_pass(batch.pass_s)
+        if self.on_draft_pass is not None:
+            self.on_draft_pass(*batch.pass_s)
         return proposals
 
     def _remote(self, request: Request, depth: int) -> Proposal:

@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from verispec.config import BatchSettings, Depth, SamplingParams, SpeculationSettings
 from verispec.core.calibrate import measure_draft_cost
 from verispec.core.drafting import Drafting
-from verispec.core.goodput import LiveCosts, PassCosts, choose_depths, measure_pass_costs
+from verispec.core.goodput import DraftCost, LiveCosts, PassCosts, choose_depths, measure_pass_costs
 from verispec.core.grammar import compiled
 from verispec.core.kv_cache import BlockTable, OutOfBlocks
 from verispec.core.planner import Plan, plan_pass
@@ -263,9 +263,9 @@ class Engine:
         """Use these pass costs from now on, never measured ones (tests and benchmarks pin them)."""
         self._costs, self._live = costs, None
 
-    def _observe_draft(self, seconds: float) -> None:
+    def _observe_draft(self, step_s: float | None, first_s: float | None) -> None:
         if self._live is not None:
-            self._live.observe_draft(seconds)
+            self._live.observe_draft(step_s, first_s)
 
     def chunk_budget(self, round_rows: int, rounds: int, prompts: int) -> int:
         """Prompt rows this pass may take beside `round_rows` rows of `rounds` requests' rounds,
@@ -582,7 +582,7 @@ class Engine:
         costs the server nothing). An edge client may follow it to spend the least verifier time per
         token; its own round trips may argue for deeper drafts."""
         cap = min(self.batch.max_pass_tokens - 1, max(0, request.remaining - 1), 16)
-        chosen = choose_depths([request.acceptance.alpha], [cap], self.costs(), [0.0])
+        chosen = choose_depths([request.acceptance.alpha], [cap], self.costs(), [DraftCost()])
         return chosen[0]
 
     def _goodput(self, requests, limits, costs: PassCosts, base_rows: int = 0) -> dict[Request, int]:
@@ -599,19 +599,20 @@ class Engine:
             for i, (r, k) in enumerate(zip(requests, chosen, strict=True))
         }
 
-    def _draft_cost(self, proposer: Proposer | None, costs: PassCosts) -> float:
-        """What one draft token of this proposer costs: a batched draft model's pass as the live
-        passes have it; any other proposer's as measured on its first use (`calibrate.py`)."""
+    def _draft_cost(self, proposer: Proposer | None, costs: PassCosts) -> DraftCost:
+        """What this proposer's drafts cost: a batched drafter's passes (a draft model's or a
+        head's) as the live passes have them; any other proposer's per token, as measured on its
+        first use (`calibrate.py`)."""
         if proposer is None:
-            return 0.0
+            return DraftCost()
         if self.drafting.batch(proposer) is not None:
-            return costs.draft_s
+            return costs.draft
         if id(proposer) not in self._draft_s:
             speculation = self.speculation
             self._draft_s[id(proposer)] = measure_draft_cost(
                 proposer, self.target.vocab_size, speculation.max_depth, budget_s=20 * speculation.proposer_timeout_s
             )
-        return self._draft_s[id(proposer)]
+        return DraftCost(self._draft_s[id(proposer)], self._draft_s[id(proposer)])
 
     def prepare(self, proposers: Sequence[Proposer | None] = ()) -> None:
         """Measure now, not during the first requests, what depth auto and prompt chunks need: the

@@ -5,7 +5,10 @@ One verifier pass scores every running request's round; its cost grows with its 
 about linearly). A request at depth k with per-draft acceptance alpha gains
 (1 - alpha^(k+1)) / (1 - alpha) tokens from a pass, so the batch's goodput is
 
-    sum_i E_i(k_i) / (pass(sum_i (1 + k_i)) + draft(max_i k_i))
+    sum_i E_i(k_i) / (pass(sum_i (1 + k_i)) + max_i draft_i(k_i))
+
+where draft_i(k) is a first draft pass (which also reads what the last round verified) and k - 1
+passes after it (`DraftCost`).
 
 Starting from depth 0 everywhere, the choice repeatedly raises one request's depth by the step
 that raises goodput most, until none does. With one request that is the single-stream argmax; as
@@ -56,13 +59,33 @@ class Acceptance:
 
 
 @dataclass(frozen=True)
+class DraftCost:
+    """Seconds a proposal of depth k costs: its first pass, which also reads what was verified
+    since the last proposal, and each position after it. Where the later positions run in one
+    native call (greedy chains of a draft model or a draft head) a position costs a fraction of a
+    first pass, so pricing every position like the first would keep depths too shallow."""
+
+    first_s: float = 0.0
+    step_s: float = 0.0
+
+    def __call__(self, depth: int) -> float:
+        return 0.0 if depth <= 0 else self.first_s + (depth - 1) * self.step_s
+
+
+@dataclass(frozen=True)
 class PassCosts:
     """Measured seconds of a verifier pass by its total rows (interpolated between samples), and of
-    one draft pass (all requests' draft tokens at one position)."""
+    a batched drafter's passes (all requests' draft tokens at one position): a position after the
+    first (`draft_s`) and a proposal's first (`draft_first_s`; as `draft_s` where not measured)."""
 
     rows: tuple[int, ...]
     seconds: tuple[float, ...]
     draft_s: float = 0.0
+    draft_first_s: float | None = None
+
+    @property
+    def draft(self) -> DraftCost:
+        return DraftCost(self.draft_s if self.draft_first_s is None else self.draft_first_s, self.draft_s)
 
     def verify(self, rows: int) -> float:
         i = bisect.bisect_left(self.rows, rows)
@@ -99,8 +122,10 @@ class LiveCosts:
         self.prior = prior
         self._ratios = [deque([0.0], maxlen=window) for _ in prior.rows]  # log(pass / prior) per sample row
         self._medians: list[float | None] = [None] * len(prior.rows)  # None: fewer than two passes near it
-        self._draft = deque([0.0], maxlen=window)
+        self._draft = deque([0.0], maxlen=window)  # log(pass / prior): a draft position after the first
         self._draft_median: float | None = None
+        self._first = deque([0.0], maxlen=window)  # the same for a proposal's first pass
+        self._first_median: float | None = None
         self._current: PassCosts | None = prior
         self._logged = prior
         self._lock = threading.Lock()  # passes are reported by the engine thread, costs read by any
@@ -117,13 +142,17 @@ class LiveCosts:
             self._medians[i] = _add(self._ratios[i], math.log(seconds / self.prior.seconds[i]))
             self._current = None
 
-    def observe_draft(self, seconds: float) -> None:
-        """One draft pass (a draft position for every request drafting)."""
-        if seconds <= 0 or self.prior.draft_s <= 0:
-            return
+    def observe_draft(self, step_s: float | None, first_s: float | None = None) -> None:
+        """A proposal's draft passes (a draft position for every request drafting): its median
+        pass after the first, and its first."""
+        prior = self.prior.draft
         with self._lock:
-            self._draft_median = _add(self._draft, math.log(seconds / self.prior.draft_s))
-            self._current = None
+            if step_s is not None and step_s > 0 and prior.step_s > 0:
+                self._draft_median = _add(self._draft, math.log(step_s / prior.step_s))
+                self._current = None
+            if first_s is not None and first_s > 0 and prior.first_s > 0:
+                self._first_median = _add(self._first, math.log(first_s / prior.first_s))
+                self._current = None
 
     def current(self) -> PassCosts:
         changed = False
@@ -136,9 +165,11 @@ class LiveCosts:
                 self._logged = current
         if changed:
             log.info(
-                "pass costs follow the live passes: %s ms by rows %s, draft pass %.2f ms (were %s ms, %.2f ms)",
-                [round(s * 1e3, 2) for s in current.seconds], list(current.rows), current.draft_s * 1e3,
-                [round(s * 1e3, 2) for s in logged.seconds], logged.draft_s * 1e3,
+                "pass costs follow the live passes: %s ms by rows %s, draft passes %.2f ms first, %.2f ms after"
+                " (were %s ms, %.2f ms, %.2f ms)",
+                [round(s * 1e3, 2) for s in current.seconds], list(current.rows), current.draft.first_s * 1e3,
+                current.draft_s * 1e3, [round(s * 1e3, 2) for s in logged.seconds], logged.draft.first_s * 1e3,
+                logged.draft_s * 1e3,
             )
         return current
 
@@ -161,8 +192,15 @@ class LiveCosts:
             if above is not None:
                 estimate = min(estimate, seconds[above])
             seconds[i] = estimate
-        draft_s = self.prior.draft_s * math.exp(self._draft_median or 0.0)
-        return PassCosts(rows, tuple(seconds), draft_s)
+        # A kind of draft pass none came of yet moves as the other did (a prior off everywhere): at
+        # depth 1 a proposal has no later pass, and a position priced too high would never run.
+        step, first = self._draft_median, self._first_median
+        step = first if step is None else step
+        first = step if first is None else first
+        prior_draft = self.prior.draft
+        return PassCosts(
+            rows, tuple(seconds), prior_draft.step_s * math.exp(step or 0.0), prior_draft.first_s * math.exp(first or 0.0)
+        )
 
 
 def _add(window: deque, ratio: float) -> float | None:
@@ -173,18 +211,19 @@ def _add(window: deque, ratio: float) -> float | None:
 
 def _swing(a: PassCosts, b: PassCosts) -> float:
     """The largest log ratio between two curves over the same rows, the draft pass included."""
-    pairs = [*zip(a.seconds, b.seconds, strict=True), (a.draft_s, b.draft_s)]
+    pairs = [*zip(a.seconds, b.seconds, strict=True), (a.draft_s, b.draft_s), (a.draft.first_s, b.draft.first_s)]
     return max((abs(math.log(x / y)) for x, y in pairs if x > 0 and y > 0), default=0.0)
 
 
 def choose_depths(
-    alphas: list[float], limits: list[int], costs: PassCosts, draft_costs: list[float] | None = None, base_rows: int = 0
+    alphas: list[float], limits: list[int], costs: PassCosts, draft_costs: list[DraftCost] | None = None,
+    base_rows: int = 0,
 ) -> list[int]:
     """Depth per request: `alphas[i]` its acceptance estimate, `limits[i]` the most it may take
-    (0 = verifier-only), `draft_costs[i]` the seconds of a draft pass for its proposer (0 for
-    model-free proposers); `base_rows` rows of other requests share the pass."""
+    (0 = verifier-only), `draft_costs[i]` what its proposer's drafts cost (nothing for model-free
+    proposers); `base_rows` rows of other requests share the pass."""
     n = len(alphas)
-    draft_costs = draft_costs or [costs.draft_s] * n
+    draft_costs = draft_costs or [costs.draft] * n
     gains = [[expected_tokens(a, k) for k in range(limit + 1)] for a, limit in zip(alphas, limits, strict=True)]
     verify = [costs.verify(rows) for rows in range(base_rows + n + sum(limits) + 1)]
     depths = [0] * n
@@ -195,7 +234,7 @@ def choose_depths(
         for i in range(n):
             k0 = depths[i]
             for k in range(k0 + 1, limits[i] + 1):
-                value = (tokens - gains[i][k0] + gains[i][k]) / (verify[rows + k - k0] + max(drafting, k * draft_costs[i]))
+                value = (tokens - gains[i][k0] + gains[i][k]) / (verify[rows + k - k0] + max(drafting, draft_costs[i](k)))
                 if value > best * (1 + 1e-9):
                     best, choice = value, (i, k)
         if choice is None:
@@ -203,7 +242,7 @@ def choose_depths(
         i, k = choice
         tokens += gains[i][k] - gains[i][depths[i]]
         rows += k - depths[i]
-        drafting = max(drafting, k * draft_costs[i])
+        drafting = max(drafting, draft_costs[i](k))
         depths[i] = k
 
 

@@ -72,7 +72,7 @@ class HeadBatch:
     def __init__(self, head: DraftHead, memory_bytes: int, block_size: int):
         self.head = head
         self.runner = ModelRunner(head, memory_bytes, block_size, prefix_cache=False)
-        self.pass_s: float | None = None  # the last proposal's median draft pass (`draft_batch.draft_pass_s`)
+        self.pass_s: tuple[float | None, float | None] = (None, None)  # the last proposal's (`draft_batch.draft_pass_s`)
         # The features of the verifier's cached blocks, by the prefix hash that names each block
         # (`kv_cache.py`): its prefix cache keeps keys and values, and a head reads a feature at
         # every position, so without these a request with a cached prefix would recompute it.
