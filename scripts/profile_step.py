@@ -11,7 +11,9 @@ run outside torch, where its profiler cannot see): all the layers are one call (
 csrc/lean_step.c) and the rest is the final norm, the LM head and Python; --per-op runs the layers
 one kernel call per operation from Python instead (the same bits, the step as it was before the
 one-call step) and sums the calls by operation. Otherwise torch.profiler's operator table. Ends
-with the draft step's cost relative to the verifier's decode step.
+with the draft step's cost relative to the verifier's decode step; for a draft head (made by
+`verispec distill --head`), its reading of a prompt and its greedy proposals, as the engine makes
+them, split into the first pass and the later positions.
 """
 
 from __future__ import annotations
@@ -157,10 +159,7 @@ def main() -> None:
     decode = profile_step(target, "verifier decode", 1, **options)
     profile_step(target, "verifier verify", args.width, **options)
     if args.draft and is_head(args.draft):
-        print(
-            f"\n{args.draft} is a draft head, which this script cannot step on its own (it reads the verifier's "
-            "features); `verispec bench --head` reports its proposal's ms per token beside the verifier's"
-        )
+        head_proposal(target, args.draft, args.draft_depth, args.steps, decode)
     elif args.draft:
         draft = load_model(args.draft, cpu, f32, role="draft", backend=args.backend, activations=args.activations)
         step = profile_step(draft, "draft step", 1, **options)
@@ -173,6 +172,51 @@ def main() -> None:
                 f"draft token in a greedy proposal of {args.draft_depth} ({how}): {token * 1e3:.3f} ms "
                 f"= {token / decode:.3f} of a verifier decode step"
             )
+
+
+def head_proposal(target, path: str, depth: int, steps: int, decode: float, context: int = 400) -> None:
+    """Time a draft head's greedy proposals as the engine makes them (`HeadBatch.propose`): its
+    reading of a prompt of `context` rows, then `steps` rounds that each verified the whole last
+    chain (depth + 1 new rows for its first pass, then one native call for the rest). The head's
+    inputs are random features: a pass's cost does not depend on their values."""
+    from verispec.config import SamplingParams
+    from verispec.core.head_batch import HeadBatch
+    from verispec.models.head import load_head
+    from verispec.proposers.base import DraftPolicy
+
+    head = load_head(path, target)
+    if not target.kernel_step:
+        print(f"\n{path}: the head drafts on the kernel step only; this target runs without it")
+        return
+    batch, width = HeadBatch(head, 256 << 20, 16), target.embed.shape[1]
+    state, policy = batch.state(), DraftPolicy(SamplingParams())
+    tokens = [1 + i % (target.vocab_size - 1) for i in range(context + (steps + 6) * (depth + 1))]
+    state.restore(0, torch.randn(context - 1, width))
+    start = time.perf_counter()
+    batch.propose([(state, tokens[:context], depth, policy)])
+    prompt_s = time.perf_counter() - start
+    proposals, firsts, laters, length = [], [], [], context
+    for i in range(steps + 5):
+        state.restore(length - 1, torch.randn(depth + 1, width))  # the round verified the chain and its bonus
+        length += depth + 1
+        start = time.perf_counter()
+        batch.propose([(state, tokens[:length], depth, policy)])
+        if i >= 5:  # warm-up
+            proposals.append(time.perf_counter() - start)
+            later, first = batch.pass_s
+            firsts.append(first)
+            laters.append(later)
+    batch.release(state)
+    proposal, laters = statistics.median(proposals), [s for s in laters if s is not None]
+    print(
+        f"\n== draft head {path}: reading a prompt of {context} rows {prompt_s * 1e3:.2f} ms "
+        f"({prompt_s / context * 1e6:.1f} us a row)\n"
+        f"greedy proposal of {depth} after a round that kept {depth + 1} rows: {proposal * 1e3:.3f} ms "
+        f"= {proposal / decode:.3f} of a verifier decode step ({proposal / depth * 1e3:.3f} ms a draft token)\n"
+        f"  its first pass ({depth + 1} rows, logits of the last): {statistics.median(firsts) * 1e3:.3f} ms"
+    )
+    if laters:
+        print(f"  each later position (one native call for {depth - 1}): {statistics.median(laters) * 1e3:.3f} ms")
 
 
 def draft_token_seconds(draft, vocab: int, depth: int, native: bool, steps: int, context: int = 400) -> float:
