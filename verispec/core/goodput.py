@@ -225,6 +225,7 @@ def choose_depths(
     n = len(alphas)
     draft_costs = draft_costs or [costs.draft] * n
     gains = [[expected_tokens(a, k) for k in range(limit + 1)] for a, limit in zip(alphas, limits, strict=True)]
+    drafts = [[cost(k) for k in range(limit + 1)] for cost, limit in zip(draft_costs, limits, strict=True)]
     verify = [costs.verify(rows) for rows in range(base_rows + n + sum(limits) + 1)]
     depths = [0] * n
     tokens, rows, drafting = float(n), base_rows + n, 0.0
@@ -234,7 +235,7 @@ def choose_depths(
         for i in range(n):
             k0 = depths[i]
             for k in range(k0 + 1, limits[i] + 1):
-                value = (tokens - gains[i][k0] + gains[i][k]) / (verify[rows + k - k0] + max(drafting, draft_costs[i](k)))
+                value = (tokens - gains[i][k0] + gains[i][k]) / (verify[rows + k - k0] + max(drafting, drafts[i][k]))
                 if value > best * (1 + 1e-9):
                     best, choice = value, (i, k)
         if choice is None:
@@ -242,7 +243,7 @@ def choose_depths(
         i, k = choice
         tokens += gains[i][k] - gains[i][depths[i]]
         rows += k - depths[i]
-        drafting = max(drafting, draft_costs[i](k))
+        drafting = max(drafting, drafts[i][k])
         depths[i] = k
 
 
