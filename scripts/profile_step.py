@@ -184,11 +184,7 @@ def head_proposal(target, path: str, depth: int, steps: int, decode: float, cont
     from verispec.models.head import load_head
     from verispec.proposers.base import DraftPolicy
 
-    head = load_head(path, target)
-    if not target.kernel_step:
-        print(f"\n{path}: the head drafts on the kernel step only; this target runs without it")
-        return
-    batch, width = HeadBatch(head, 256 << 20, 16), target.embed.shape[1]
+    batch, width = HeadBatch(load_head(path, target), 256 << 20, 16), target.embed.shape[1]
     state, policy = batch.state(), DraftPolicy(SamplingParams())
     tokens = [1 + i % (target.vocab_size - 1) for i in range(context + (steps + 6) * (depth + 1))]
     state.restore(0, torch.randn(context - 1, width))
@@ -216,7 +212,7 @@ def head_proposal(target, path: str, depth: int, steps: int, decode: float, cont
         f"  its first pass ({depth + 1} rows, logits of the last): {statistics.median(firsts) * 1e3:.3f} ms"
     )
     if laters:
-        print(f"  each later position (one native call for {depth - 1}): {statistics.median(laters) * 1e3:.3f} ms")
+        print(f"  each later position ({depth - 1} after the first; one native call where greedy runs natively): {statistics.median(laters) * 1e3:.3f} ms")
 
 
 def draft_token_seconds(draft, vocab: int, depth: int, native: bool, steps: int, context: int = 400) -> float:
