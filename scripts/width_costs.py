@@ -1,7 +1,7 @@
 """The cost of a pass by width for one model file, beside llama.cpp's on the same file, in one run:
 
     python scripts/width_costs.py MODEL [--context 400] [--widths 1,2,4,5,8,16,32] [--batch 1,2,4,8]
-        [--prefill 128] [--repeats 100] [--warm-up 5] [--threads 2] [--activations float,q8] [--weights-dtype q8_0]
+        [--prefill 128] [--repeats 100] [--warm-up 5] [--threads 2] [--activations float,q8|float,bf16] [--weights-dtype q8_0]
         [--llama-bench PATH] [--json OUT]
 
 MODEL (a Hugging Face folder or a GGUF file) is loaded as `verispec serve` loads it. Every pass
@@ -13,9 +13,9 @@ cases are interleaved: each repeat runs every case once, the first one rotating,
 drift hits all alike; --warm-up repeats first are not counted. Printed per case: the median, its
 multiple of the decode step (the ratio of the two printed medians), ms per row, and GFMA/s =
 weight-matrix elements x rows / seconds (attention not counted, the head only for rows with logits).
---activations float,q8 loads the model once per numeric model (`--activations` of verispec; q8 is
-for block-quantized weights) and interleaves both sets of cases in the same rounds; each set's
-multiples are of its own decode step.
+--activations float,q8 (or float,bf16) loads the model once per numeric model (`--activations` of
+verispec; q8 is for block-quantized weights, bf16 for float ones) and interleaves the sets of cases
+in the same rounds; each set's multiples are of its own decode step.
 
 Where MODEL is a GGUF file and llama-bench is found (--llama-bench, else $LLAMACPP_DIR/bin, default
 ~/.cache/verispec/llama.cpp/bin as scripts/build_llamacpp.sh builds it, else PATH), one run of
@@ -200,7 +200,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warm-up", type=int, default=5, help="rounds run first and not counted")
     parser.add_argument("--threads", type=int, default=2, help="torch threads here, -t for llama-bench")
     parser.add_argument("--activations", type=lambda text: [a for a in text.split(",") if a], default=["float"],
-                        help="float, q8, or float,q8 to compare the two side by side")
+                        help="float, q8 or bf16, or several (float,bf16) to compare them side by side")
     parser.add_argument("--weights-dtype", default="auto", choices=("auto", "float16", "bfloat16", "q8_0"),
                         help="as verispec's --weights-dtype (q8_0 lets a float checkpoint take --activations q8)")
     parser.add_argument("--llama-bench", type=Path, default=None, help=f"llama-bench binary (default: {LLAMA_BENCH}, else PATH)")
@@ -209,8 +209,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.widths = sorted({1, *args.widths})
     if min(args.widths + args.batch + [args.prefill, args.context - 1, args.repeats - 1, args.warm_up]) < 0:
         parser.error("sizes, --context and --repeats must be positive")
-    if not args.activations or set(args.activations) - {"float", "q8"}:
-        parser.error("--activations takes float, q8 or float,q8")
+    if not args.activations or set(args.activations) - {"float", "q8", "bf16"}:
+        parser.error("--activations takes float, q8 or bf16, or several, comma-separated (float,bf16)")
     if args.llama_bench is not None and not args.llama_bench.is_file():
         parser.error(f"no llama-bench at {args.llama_bench}")
     return args

@@ -243,6 +243,18 @@ def test_greedy_output_is_the_verifiers_at_every_depth_and_in_a_batch(head_setti
     assert all(r.stats.proposer_failures == 0 for r in requests)
 
 
+def test_a_bf16_verifier_takes_its_head_along_and_output_stays_exact(trained, exact_models):
+    engine = build_engine(Settings(target=exact_models["target"], draft=trained["final"], activations="bf16"))
+    assert engine.target.activations == "bf16" and engine.proposer.head.activations == "bf16"
+    assert engine.proposer.head.kernel_step
+    engine.pin_costs(PassCosts(tuple(range(1, 10)), (1.0,) * 9, draft_s=0.01))  # depth auto speculates
+    prompts = random_prompts(4, 64, seed=41, min_len=2, max_len=30)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    reference = exact_at_depths(engine, prompts, params)
+    out, _ = run_together(engine, prompts, params, depth=3)
+    assert out == reference
+
+
 def test_a_cached_prefix_comes_with_the_heads_features(head_settings):
     """The prefix cache keeps keys and values; the head's features of its blocks are kept beside
     them, so a head's request whose prompt was seen reuses its prefix, and drafts as it would have."""

@@ -48,12 +48,14 @@ class ModelSettings(BaseModel):
         "q8_0 round or quantize them so a float32 checkpoint runs on the CPU kernel step (a change of model: "
         "outputs are exact for the converted model, not the original)",
     )
-    activations: Literal["float", "q8"] = Field(
+    activations: Literal["float", "q8", "bf16"] = Field(
         "float",
-        description="arithmetic of block-quantized weights (GGUF files, --weights-dtype q8_0) on the CPU kernel: "
-        "float = float32 activations times the exact dequantized weights; q8 = activations quantized to 8 bits per "
-        "block of 32 and integer dot products, as llama.cpp runs them (faster; a change of model, shown in /readyz "
-        "and audit records; outputs stay exact for it at any depth and batch)",
+        description="arithmetic of weight matrices on the CPU kernel: float = float32 activations times the exact "
+        "weights; q8 (block-quantized weights: GGUF files, --weights-dtype q8_0) = activations quantized to 8 bits "
+        "per block of 32 and integer dot products, as llama.cpp runs them; bf16 (float weights) = weights and "
+        "activations rounded to bfloat16, products summed in float32, on AMX tiles where the CPU has them (prompts "
+        "and wide passes several times faster). q8 and bf16 are each a change of model, shown in /readyz and audit "
+        "records; outputs stay exact for it at any depth and batch",
     )
 
 

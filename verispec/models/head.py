@@ -42,6 +42,7 @@ from verispec.errors import UserError
 from verispec.models.eagle3 import Eagle3Head, is_eagle3
 from verispec.models.kernels import kernel_library
 from verispec.models.lean import LeanLM
+from verispec.models.quant import store_as
 
 HEAD_TYPE = "verispec-head"
 CONFIG = "config.json"
@@ -87,7 +88,11 @@ class DraftHead(LeanLM):
         self.checkpoint = None
         self.config = target.config
         self.eos_token_ids = target.eos_token_ids
-        self.requested_activations = "float"
+        # A verifier on bfloat16 dot products takes its head along (weights rounded to bfloat16):
+        # the head reads every prompt too, and a draft's numbers never touch exactness.
+        self.requested_activations = "bf16" if target.activations == "bf16" else "float"
+        if self.requested_activations == "bf16":
+            weights = store_as(weights, "bfloat16")
         self.dequantized = 0
         D = target.embed.shape[1]
         expected = {"hidden_size": D, "vocab_size": target.vocab_size, "head_dim": target.head_dim,

@@ -15,6 +15,10 @@ module's compiled library, `csrc/layer_ops.c`, and all the layers of a pass in o
   k+1 positions or in a batched pass of any width, and a prompt's keys and values the same
   however it is chunked. A float32 GEMM would be faster at a few hundred rows (prefill), but its
   sums run in an order that depends on the shape, which would break that.
+- `bf16-dot` (CPU, `--activations bf16`, a change of model): the weight rounded to bfloat16 and
+  each row of activations too, the products summed in float32 on AMX tiles where the CPU has them
+  (`csrc/bf16_dot.c`), else on the widened kernel; the same bits at any number of rows, like the
+  widened forms. A wide pass (a prompt, a batch of verify rows) runs several times faster on AMX.
 - `onednn` (CPU, float32 weights that 16 bits cannot hold exactly, from PREPACK_MIN_ELEMENTS
   up): the weight prepacked once for oneDNN, whose small-M GEMM costs about the same for 1 to 8
   rows (plain MKL `x @ w` costs more at 4 rows than at 1).
@@ -56,7 +60,9 @@ log = logging.getLogger(__name__)
 # same library at install time. The header declares the library's boundary once: every source
 # includes it, this module's ctypes binding mirrors it (tests/test_kernel_abi.py checks the two
 # against the library's vs_layout), and a change to it rebuilds the library (sources_digest).
-KERNEL_SOURCE_NAMES = ("widen_linear.c", "layer_ops.c", "quant_linear.c", "quant_int8.c", "lean_step.c", "layout.c")
+KERNEL_SOURCE_NAMES = (
+    "widen_linear.c", "layer_ops.c", "quant_linear.c", "quant_int8.c", "bf16_dot.c", "lean_step.c", "layout.c",
+)  # fmt: skip
 KERNEL_HEADER_NAMES = ("verispec_kernels.h", "quant_blocks.h", "team.h")
 KERNEL_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 KERNEL_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in KERNEL_SOURCE_NAMES)
@@ -74,13 +80,25 @@ class Linear:
     """y = x @ weight.T (+ bias) for a checkpoint weight (out, in), in the fastest form here."""
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None = None, kernel: bool = True, prepack: bool = True
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        kernel: bool = True,
+        prepack: bool = True,
+        activations: str = "float",
     ):
         self.out_features, self.in_features = weight.shape
         self.bias = bias
-        narrow = _exact_16bit(weight) if kernel and weight.device.type == "cpu" else None
+        self.activations = activations
+        narrow = _exact_16bit(weight, activations) if kernel and weight.device.type == "cpu" else None
         library = kernel_library() if narrow is not None else None
-        if library is not None:
+        if activations == "bf16" and library is not None and narrow.dtype == torch.bfloat16:
+            self.form = "bf16-dot"
+            self.weight = _bf16_packed(narrow, library)
+            self._kernel = library.bf16_linear
+        elif activations == "bf16":
+            raise ValueError("bf16 activations need a bfloat16 weight and the compiled CPU kernel")
+        elif library is not None:
             self.form = "widen-f16" if narrow.dtype == torch.float16 else "widen-bf16"
             self.weight = _panels(narrow)
             self._kernel = library.widen_linear_f16 if narrow.dtype == torch.float16 else library.widen_linear_bf16
@@ -106,7 +124,7 @@ class Linear:
     @property
     def on_kernel(self) -> bool:
         """Whether this projection runs on the compiled kernel (the kernel step needs every one to)."""
-        return self.form.startswith("widen")
+        return self.form.startswith("widen") or self.form == "bf16-dot"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "onednn":
@@ -120,14 +138,16 @@ class Linear:
         return y
 
     def into(self, x: torch.Tensor, y: torch.Tensor, accumulate: bool = False) -> None:
-        """Widened forms only: y = x @ W.T + bias, or y += it; x and y contiguous float32. Every
+        """Kernel forms only: y = x @ W.T + bias, or y += it; x and y contiguous float32. Every
         row is computed alone, at any number of rows: a prompt's keys and values are the same bits
         however it is chunked, and a position's logits the same whatever shares its pass."""
-        self._kernel(
+        failed = self._kernel(
             x.data_ptr(), x.shape[0], self.weight.data_ptr(), self.out_features, self.in_features,
             None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), self.out_features, accumulate,
             torch.get_num_threads(),
         )  # fmt: skip
+        if failed:
+            raise kernel_error(failed, "bf16_linear")
 
     def native_parts(self) -> list[Part]:
         """This projection's stored matrices as the one-call step (`csrc/lean_step.c`) runs them:
@@ -145,8 +165,8 @@ class Linear:
 
 
 # Storage forms that csrc/lean_step.c runs, by vs_part.form code (csrc/verispec_kernels.h:
-# VS_WIDEN_F16, VS_WIDEN_BF16); a GGUF-quantized part is VS_QUANTIZED + its GGML type id.
-NATIVE_FORMS = {"widen-f16": 1, "widen-bf16": 2}
+# VS_WIDEN_F16, VS_WIDEN_BF16, VS_BF16_DOT); a GGUF-quantized part is VS_QUANTIZED + its GGML type id.
+NATIVE_FORMS = {"widen-f16": 1, "widen-bf16": 2, "bf16-dot": 3}
 QUANTIZED_FORM = 100
 QUANTIZED_Q8_FORM = 200  # the same weights times activations quantized to 8 bits (csrc/quant_int8.c)
 
@@ -258,11 +278,23 @@ def _panels(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, width, in_features).transpose(1, 2).contiguous()
 
 
-def _exact_16bit(weight: torch.Tensor) -> torch.Tensor | None:
-    """The weight in float16 or bfloat16 if that holds every value exactly, else None."""
+def _bf16_packed(weight: torch.Tensor, library: ctypes.CDLL) -> torch.Tensor:
+    """A bfloat16 weight (out, in) as csrc/bf16_dot.c streams it on this CPU: in AMX tiles' blocks
+    where it runs on them (bf16_pack), else in the widened kernel's panels."""
+    if not library.bf16_dot_amx(0):
+        return _panels(weight)
+    out_features, in_features = weight.shape
+    packed = torch.empty(library.bf16_packed_bytes(out_features, in_features) // 2, dtype=torch.int16)
+    library.bf16_pack(weight.contiguous().view(torch.int16).data_ptr(), out_features, in_features, packed.data_ptr())
+    return packed
+
+
+def _exact_16bit(weight: torch.Tensor, activations: str = "float") -> torch.Tensor | None:
+    """The weight in float16 or bfloat16 (only bfloat16 for bfloat16 activations) if that holds
+    every value exactly, else None."""
     if weight.dtype != torch.float32:
         return None
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in (torch.bfloat16,) if activations == "bf16" else (torch.float16, torch.bfloat16):
         narrow = weight.to(dtype)
         if torch.equal(narrow.float(), weight):
             return narrow
@@ -368,6 +400,7 @@ KERNEL_ERRORS = {
 # Each code of csrc/verispec_kernels.h and the value this package uses for it.
 C_CODES = {
     "VS_WIDEN_F16": NATIVE_FORMS["widen-f16"], "VS_WIDEN_BF16": NATIVE_FORMS["widen-bf16"],
+    "VS_BF16_DOT": NATIVE_FORMS["bf16-dot"],
     "VS_QUANTIZED": QUANTIZED_FORM, "VS_QUANTIZED_Q8": QUANTIZED_Q8_FORM, "VS_CONTIGUOUS": ATTENTION_CONTIGUOUS, "VS_PAGED": ATTENTION_PAGED,
     "VS_ERROR_UNSUPPORTED": ERROR_UNSUPPORTED, "VS_ERROR_NO_MEMORY": ERROR_NO_MEMORY,
     "VS_PANEL": PANEL, "VS_PANEL_AVX512": PANEL_AVX512, "VS_ATTENTION_ROWS": ATTENTION_ROWS,
@@ -447,12 +480,17 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         "quant_linear_q8": [i32, pointer, i64, pointer, i64, i64, pointer, pointer, i64, i32, i32],
         "quant_q8_isa": [i32],
         "quant_q8_pack": [i32, pointer, i64, i64, pointer],
+        "bf16_linear": [pointer, i64, pointer, i64, i64, pointer, pointer, i64, i32, i32],
+        "bf16_dot_amx": [i32],
     }
     for name, arguments in quant_signatures.items():
         function = getattr(library, name)
         function.argtypes = arguments
         function.restype = i32
     library.quant_q8_packed_bytes.argtypes, library.quant_q8_packed_bytes.restype = [i32, i64, i64], i64
+    # csrc/bf16_dot.c: bfloat16 dot products (--activations bf16).
+    library.bf16_packed_bytes.argtypes, library.bf16_packed_bytes.restype = [i64, i64], i64
+    library.bf16_pack.argtypes, library.bf16_pack.restype = [pointer, i64, i64, pointer], None
     # csrc/lean_step.c: every layer of a pass in one call; 0, or quant_linear's codes (`kernel_error`).
     library.lean_layers.argtypes = [
         ctypes.POINTER(VsModel), pointer, i64, ctypes.POINTER(VsAttention), ctypes.POINTER(VsScratch), i32,

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoConfig, GenerationConfig
 
+from verispec.errors import UserError
 from verispec.models.backend import generation_eos
 from verispec.models.gguf_file import gguf_path, open_checkpoint
 from verispec.models.kernels import (
@@ -142,14 +143,18 @@ class LeanModel:
         stacked = torch.cat([p.dequantize() if isinstance(p, QuantWeight) else p for p in parts])
         stacked = stacked.to(device=self.device, dtype=self.dtype)
         bias = None if bias is None else bias.to(device=self.device, dtype=self.dtype)
-        return Linear(stacked, bias, kernel=kernel, prepack=not self.compiled)
+        # bfloat16 dot products where asked and the kernel runs here (else float32: load_model says so)
+        bf16 = self.requested_activations == "bf16" and kernel and kernel_library() is not None
+        return Linear(stacked, bias, kernel=kernel, prepack=not self.compiled, activations="bf16" if bf16 else "float")
 
-    requested_activations = "float"  # LeanLM's --activations: the arithmetic of its block-quantized weights
+    requested_activations = "float"  # LeanLM's --activations: float, q8 (block-quantized weights) or bf16
 
     @property
     def activations(self) -> str:
-        """"q8" where block-quantized matrices run with 8-bit activations, else "float"."""
-        return "q8" if any(getattr(linear, "activations", "float") == "q8" for linear in self.linears()) else "float"
+        """"q8" where block-quantized matrices run with 8-bit activations, "bf16" where float ones
+        run with bfloat16 activations, else "float"."""
+        kinds = {getattr(linear, "activations", "float") for linear in self.linears()}
+        return next((kind for kind in ("q8", "bf16") if kind in kinds), "float")
 
     def path_report(self) -> dict:
         """Which form every weight matrix runs in, whether passes run on the CPU kernel step,
@@ -229,6 +234,18 @@ class LeanLM(LeanModel):
         self.max_positions = min(config.max_position_embeddings, window or config.max_position_embeddings)
 
         weights = self.checkpoint.weights() if self.checkpoint is not None else _load_weights(folder)
+        if activations == "bf16":  # bfloat16 activations multiply bfloat16 weights: one change of model
+            if weights_dtype not in ("auto", "bfloat16"):
+                raise UserError(
+                    f"--activations bf16 multiplies bfloat16 weights, not {weights_dtype}: "
+                    "leave --weights-dtype at auto (or bfloat16)"
+                )
+            if any(isinstance(weight, QuantWeight) for weight in weights.values()):
+                raise UserError(
+                    f"--activations bf16 runs float weight matrices, and {path} is block-quantized: "
+                    "use --activations q8 (or float) for it"
+                )
+            weights_dtype = "bfloat16"
         weights = store_as(weights, weights_dtype)
 
         def take(name: str) -> torch.Tensor:

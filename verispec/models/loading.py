@@ -97,7 +97,8 @@ def load_model(
     else with transformers. `cpu_kernel`: let the lean backend use its compiled CPU kernel
     (models/kernels.py); `compile`: compile its step with torch.compile; `weights_dtype`: the
     storage of float weight matrices (quant.store_as), a documented change of model; `activations`:
-    "q8" runs block-quantized weights with 8-bit activations (csrc/quant_int8.c), another one."""
+    "q8" runs block-quantized weights with 8-bit activations (csrc/quant_int8.c), "bf16" float ones in
+    bfloat16 with bfloat16 activations (csrc/bf16_dot.c): each another one."""
     ref = _check_reference(ref, role)
     gguf = gguf_path(ref)
     if gguf is not None and backend == "transformers":
@@ -105,7 +106,7 @@ def load_model(
     if weights_dtype != "auto" and backend == "transformers":
         raise UserError("--weights-dtype needs the lean backend; use --backend auto or lean")
     if activations != "float" and backend == "transformers":
-        raise UserError("--activations q8 needs the lean backend; use --backend auto or lean")
+        raise UserError(f"--activations {activations} needs the lean backend; use --backend auto or lean")
     if backend in ("auto", "lean"):
         unsupported = lean_support(ref)
         if unsupported is None:
@@ -121,7 +122,12 @@ def load_model(
                     activations=activations,
                 )  # fmt: skip
             if activations != lm.activations and role != "target":
-                log.info("%s model %s has no block-quantized weights: its activations stay float32", role, ref)
+                log.info("%s model %s cannot run --activations %s: its activations stay float32", role, ref, activations)
+            elif activations == "bf16" and lm.activations != "bf16":  # bfloat16 weights, but no kernel here
+                raise UserError(
+                    f"--activations bf16 needs the compiled CPU kernel, and it is unavailable here "
+                    f"({lm.path_report()['why']}); leave --activations at float"
+                )
             elif activations != lm.activations and lm.dequantized:  # quantized, but no kernel to run them on
                 raise UserError(
                     f"--activations {activations} needs the compiled CPU kernel, and it is unavailable here "
@@ -163,6 +169,8 @@ def _log_path(lm: CausalLM, role: str) -> None:
     level = logging.WARNING if path["avoidable"] else logging.INFO
     if path.get("activations") == "q8":
         forms += "; activations quantized to 8 bits (--activations q8)"
+    elif path.get("activations") == "bf16":
+        forms += "; bfloat16 weights and activations (--activations bf16)"
     log.log(level, "%s model %s: kernel step %s (%s); weight matrices: %s", role, lm.name, state, path["why"], forms)
     if path["dequantized"]:
         log.warning(

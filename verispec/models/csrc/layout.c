@@ -77,6 +77,7 @@ static const entry entries[] = {
 
   CODE(VS_WIDEN_F16),
   CODE(VS_WIDEN_BF16),
+  CODE(VS_BF16_DOT),
   CODE(VS_QUANTIZED),
   CODE(VS_QUANTIZED_Q8),
   CODE(VS_CONTIGUOUS),

@@ -30,7 +30,7 @@
 static int runnable(const vs_projection* projection) {
   for (int64_t i = 0; i < projection->parts; ++i) {
     int64_t form = projection->part[i].form;
-    if (form != VS_WIDEN_F16 && form != VS_WIDEN_BF16 && form < VS_QUANTIZED) return 0;
+    if (form != VS_WIDEN_F16 && form != VS_WIDEN_BF16 && form != VS_BF16_DOT && form < VS_QUANTIZED) return 0;
   }
   return 1;
 }
@@ -51,6 +51,9 @@ static int project(const vs_projection* projection, const float* x, int64_t M, f
         break;
       case VS_WIDEN_BF16:
         widen_team_bf16(x, M, p->weight, p->out_features, p->in_features, p->bias, out, ldy, accumulate);
+        break;
+      case VS_BF16_DOT:
+        failed = bf16_team(x, M, p->weight, p->out_features, p->in_features, p->bias, out, ldy, accumulate, shared);
         break;
       default: { /* VS_QUANTIZED or VS_QUANTIZED_Q8 + GGML type id */
         int q8 = p->form >= VS_QUANTIZED_Q8;

@@ -33,7 +33,7 @@
 
 /* What the team of a step shares: the first error a kernel met inside a loop (written by the
    thread that met it, read by all after the loop's closing barrier), and the quantized
-   activations of the q8 path (made by one thread, read by all). Zeroed before the region. */
+   activations of the q8 and bf16 paths (made by one thread, read by all). Zeroed before the region. */
 typedef struct {
   int failed;
   void* acts;
@@ -50,6 +50,8 @@ int quant_team(int type, const float* x, int64_t M, const uint8_t* w, int64_t N,
                float* y, int64_t ldy, int accumulate, vs_shared* shared);
 int quant_q8_team(int type, const float* x, int64_t M, const uint8_t* packed, int64_t N, int64_t K,
                   const float* bias, float* y, int64_t ldy, int accumulate, vs_shared* shared);
+int bf16_team(const float* x, int64_t M, const uint16_t* packed, int64_t N, int64_t K, const float* bias, float* y,
+              int64_t ldy, int accumulate, vs_shared* shared);
 void attention_team(const float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float* keys,
                     const float* values, int64_t P, int64_t start, float scale, float* out);
 void paged_attention_team(const float* qkv, int64_t S, const int64_t* seg_row, const int64_t* seg_len,

@@ -21,6 +21,7 @@
 enum {
   VS_WIDEN_F16 = 1,
   VS_WIDEN_BF16 = 2,
+  VS_BF16_DOT = 3,       /* bfloat16 weights times activations rounded to bfloat16 (bf16_dot.c) */
   VS_QUANTIZED = 100,    /* + GGML type id: float activations (quant_linear.c) */
   VS_QUANTIZED_Q8 = 200, /* + GGML type id: activations quantized to 8 bits (quant_int8.c) */
 };
@@ -47,7 +48,7 @@ enum { VS_ERROR_UNSUPPORTED = -1, VS_ERROR_NO_MEMORY = -2 };
    A fused projection (q, k and v stacked) is one part where all of it is stored in one form, or
    several written side by side where its pieces are stored in different forms. */
 typedef struct {
-  int64_t form; /* VS_WIDEN_F16, VS_WIDEN_BF16, or VS_QUANTIZED(_Q8) + GGML type id */
+  int64_t form; /* VS_WIDEN_F16, VS_WIDEN_BF16, VS_BF16_DOT, or VS_QUANTIZED(_Q8) + GGML type id */
   const void* weight;
   int64_t out_features, in_features;
   const float* bias; /* this part's out_features values, or NULL */
@@ -139,6 +140,17 @@ int quant_q8_pack(int type, const uint8_t* w, int64_t N, int64_t K, uint8_t* out
 int quant_linear_q8(int type, const float* x, int64_t M, const uint8_t* packed, int64_t N, int64_t K, const float* bias,
                     float* y, int64_t ldy, int accumulate, int threads);
 int quant_q8_isa(int isa);
+
+/* bf16_dot.c: y = bf16(x) @ w^T (+ bias), or += it (--activations bf16), w packed at load: by
+   bf16_pack (into bf16_packed_bytes) where bf16_dot_amx(0) is 1 (AMX tiles), else in widen_linear.c's
+   panels; 0 or VS_ERROR_NO_MEMORY. bf16_dot_amx: 0 asks which path is in use (the best this CPU
+   has, unless forced), -1 forces the widened path (tests), 1 goes back to the best; it returns 1
+   where AMX is in use. Weights packed for one path must not be passed after a switch. */
+int bf16_dot_amx(int choice);
+int64_t bf16_packed_bytes(int64_t N, int64_t K);
+void bf16_pack(const uint16_t* w, int64_t N, int64_t K, uint16_t* out);
+int bf16_linear(const float* x, int64_t M, const uint16_t* packed, int64_t N, int64_t K, const float* bias, float* y,
+                int64_t ldy, int accumulate, int threads);
 
 /* lean_step.c: every layer of a pass in one call, and the draft model's greedy loop; 0, or a
    VS_ERROR_ code. */
