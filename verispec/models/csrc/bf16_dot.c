@@ -40,8 +40,9 @@
 #define BLOCK (COLUMNS * CHUNK)   /* bfloat16 values of one packed (columns, chunk) block */
 
 static int64_t chunks_of(int64_t K) { return (K + CHUNK - 1) / CHUNK; }
-/* Output blocks, an even number of them: the kernel takes two at a time (a zero block at the end). */
-static int64_t column_blocks_of(int64_t N) { return 2 * ((N + 2 * COLUMNS - 1) / (2 * COLUMNS)); }
+/* Output blocks, a multiple of 4: a pass of up to 16 rows takes four at a time, a wider one two
+   (zero blocks at the end). */
+static int64_t column_blocks_of(int64_t N) { return 4 * ((N + 4 * COLUMNS - 1) / (4 * COLUMNS)); }
 
 int64_t bf16_packed_bytes(int64_t N, int64_t K) { return column_blocks_of(N) * chunks_of(K) * BLOCK * 2; }
 
@@ -113,42 +114,52 @@ static void sums_32_rows(const uint16_t* a, int64_t lda, const uint16_t* w0, con
   _tile_stored(3, out + 16 * 2 * COLUMNS + COLUMNS, 2 * COLUMNS * 4);
 }
 
-/* The same for 16 rows (a pass of up to 16 rows, or the last 16 of one): out's first 16 rows. */
-static void sums_16_rows(const uint16_t* a, int64_t lda, const uint16_t* w0, const uint16_t* w1, int64_t chunks,
-                         float* out) {
+/* Sums of 16 rows (a pass of up to 16 rows: decode, verify, a draft) by four column blocks (w, the
+   next three chunks * BLOCK apart) into out (16 x 64): four chains of sums in flight, where two
+   would wait on each other's latency. Each output's sum is the same as sums_32_rows makes. */
+static void sums_16_rows(const uint16_t* a, int64_t lda, const uint16_t* w, int64_t chunks, float* out) {
   _tile_zero(0);
   _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
   for (int64_t c = 0; c < chunks; ++c) {
     _tile_loadd(4, a + c * CHUNK, lda * 2);
-    _tile_loadd(6, w0 + c * BLOCK, 64);
-    _tile_loadd(7, w1 + c * BLOCK, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, w + c * BLOCK, 64);
+    _tile_loadd(6, w + (chunks + c) * BLOCK, 64);
+    _tile_loadd(7, w + (2 * chunks + c) * BLOCK, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_loadd(5, w + (3 * chunks + c) * BLOCK, 64);
+    _tile_dpbf16ps(3, 4, 5);
   }
-  _tile_stored(0, out, 2 * COLUMNS * 4);
-  _tile_stored(1, out + COLUMNS, 2 * COLUMNS * 4);
+  _tile_stored(0, out, 4 * COLUMNS * 4);
+  _tile_stored(1, out + COLUMNS, 4 * COLUMNS * 4);
+  _tile_stored(2, out + 2 * COLUMNS, 4 * COLUMNS * 4);
+  _tile_stored(3, out + 3 * COLUMNS, 4 * COLUMNS * 4);
 }
 
-/* rows x valid columns of sums (32 apart) into y: + bias, then written or added. */
-static void store_sums(const float* sums, int64_t rows, int64_t valid, const float* bias, float* y, int64_t ldy,
-                       int accumulate) {
-  for (int64_t half = 0; half < 2; ++half) {
-    int64_t n = valid - half * COLUMNS;
+/* rows x valid columns of sums (blocks x 16 columns, as many apart) into y: + bias, then written
+   or added. */
+static void store_sums(const float* sums, int64_t blocks, int64_t rows, int64_t valid, const float* bias, float* y,
+                       int64_t ldy, int accumulate) {
+  for (int64_t block = 0; block < blocks; ++block) {
+    int64_t n = valid - block * COLUMNS;
     if (n <= 0) break;
     __mmask16 mask = n >= COLUMNS ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
-    __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + half * COLUMNS) : _mm512_setzero_ps();
+    __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + block * COLUMNS) : _mm512_setzero_ps();
     for (int64_t r = 0; r < rows; ++r) {
-      __m512 s = _mm512_loadu_ps(sums + r * 2 * COLUMNS + half * COLUMNS);
+      __m512 s = _mm512_loadu_ps(sums + r * blocks * COLUMNS + block * COLUMNS);
       if (bias) s = _mm512_add_ps(s, b);
-      float* out = y + r * ldy + half * COLUMNS;
+      float* out = y + r * ldy + block * COLUMNS;
       if (accumulate) s = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), s);
       _mm512_mask_storeu_ps(out, mask, s);
     }
   }
 }
 
-/* x's M rows rounded into a (rows padded with zeros to a multiple of 16 or, past 16, of 32; each
-   row padded with zeros to whole chunks). */
+/* x's M rows rounded into a, each padded with zeros to whole chunks (a's rows past M are left as
+   they are: a tile's rows never mix, so theirs are sums no one stores). */
 static void round_rows(const float* x, int64_t M, int64_t K, uint16_t* a, int64_t lda) {
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * K;
@@ -162,43 +173,59 @@ static void round_rows(const float* x, int64_t M, int64_t K, uint16_t* a, int64_
       _mm256_storeu_si256((__m256i*)(to + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
     }
     for (; k < K; ++k) to[k] = to_bf16(row[k]);
+    for (; k < lda; ++k) to[k] = 0;
   }
 }
 
-/* The team body on AMX: one thread rounds the rows into shared->acts; then the pairs of column
-   blocks are shared out, each thread running the row blocks of its pairs on its own tiles. */
+/* A thread's rounded rows, kept from pass to pass and grown as needed; NULL out of memory. */
+static __thread uint16_t* own_rows;
+static __thread int64_t own_capacity;
+
+static uint16_t* rows_buffer(int64_t elements) {
+  if (elements > own_capacity) {
+    free(own_rows);
+    own_rows = aligned_alloc(64, (elements * 2 + 63) / 64 * 64);
+    own_capacity = own_rows ? elements : 0;
+  }
+  return own_rows;
+}
+
+/* The team body on AMX: every thread rounds the rows into its own buffer (no wait for one thread
+   to do it: a decode step's row is a few hundred values), then the column blocks are shared out
+   four at a time (up to 16 rows) or two at a time (in blocks of 32 rows), each thread running its
+   own tiles. Out of memory sets shared->failed, and that thread's blocks are not written. */
 static void amx_team(const float* x, int64_t M, const uint16_t* packed, int64_t N, int64_t K, const float* bias,
                      float* y, int64_t ldy, int accumulate, vs_shared* shared) {
   int64_t chunks = chunks_of(K), lda = chunks * CHUNK;
   int64_t padded = M <= 16 ? 16 : (M + 31) / 32 * 32;
-  #pragma omp single
-  {
-    uint16_t* a = calloc(padded * lda, 2);
-    if (a) round_rows(x, M, K, a, lda);
-    else shared->failed = VS_ERROR_NO_MEMORY;
-    shared->acts = a;
-  } /* its barrier: every thread sees the rounded rows (or the failure) */
-  const uint16_t* a = shared->acts;
-  if (!a) return;
+  uint16_t* a = rows_buffer(padded * lda);
+  if (a) {
+    round_rows(x, M, K, a, lda);
+  } else {
+    #pragma omp atomic write
+    shared->failed = VS_ERROR_NO_MEMORY;
+  }
   configure_tiles();
-  float sums[32 * 2 * COLUMNS] __attribute__((aligned(64)));
-  int64_t pairs = column_blocks_of(N) / 2;
+  float sums[32 * 2 * COLUMNS] __attribute__((aligned(64))); /* 32 x 32, or 16 x 64 */
+  int64_t blocks = M <= 16 ? 4 : 2, units = column_blocks_of(N) / blocks;
   #pragma omp for schedule(guided)
-  for (int64_t p = 0; p < pairs; ++p) {
-    const uint16_t* w0 = packed + 2 * p * chunks * BLOCK;
-    const uint16_t* w1 = w0 + chunks * BLOCK;
-    int64_t column = 2 * p * COLUMNS, valid = N - column < 2 * COLUMNS ? N - column : 2 * COLUMNS;
+  for (int64_t u = 0; u < units; ++u) {
+    if (!a) continue;
+    const uint16_t* w = packed + blocks * u * chunks * BLOCK;
+    int64_t column = blocks * u * COLUMNS, valid = N - column < blocks * COLUMNS ? N - column : blocks * COLUMNS;
     const float* b = bias ? bias + column : NULL;
+    if (M <= 16) {
+      sums_16_rows(a, lda, w, chunks, sums);
+      store_sums(sums, 4, M, valid, b, y + column, ldy, accumulate);
+      continue;
+    }
     for (int64_t m = 0; m < M; m += 32) {
       int64_t rows = M - m < 32 ? M - m : 32;
-      if (rows > 16) sums_32_rows(a + m * lda, lda, w0, w1, chunks, sums);
-      else sums_16_rows(a + m * lda, lda, w0, w1, chunks, sums);
-      store_sums(sums, rows, valid, b, y + m * ldy + column, ldy, accumulate);
+      sums_32_rows(a + m * lda, lda, w, w + chunks * BLOCK, chunks, sums);
+      store_sums(sums, 2, rows, valid, b, y + m * ldy + column, ldy, accumulate);
     }
-  } /* its barrier: every pair is done with the rounded rows */
+  } /* its barrier: every block is written */
   _tile_release();
-  #pragma omp single nowait
-  free((void*)a);
 }
 
 #pragma GCC pop_options
@@ -256,10 +283,8 @@ int bf16_dot_amx(int choice) {
 int bf16_team(const float* x, int64_t M, const uint16_t* packed, int64_t N, int64_t K, const float* bias, float* y,
               int64_t ldy, int accumulate, vs_shared* shared) {
   if (M <= 0 || N <= 0) return 0;
-  #pragma omp single
-  if (amx_in_use < 0) bf16_dot_amx(0);
 #if VS_AMX_BUILT
-  if (amx_in_use) {
+  if (amx_in_use > 0) { /* set when the weight was packed for it (kernels.py asks bf16_dot_amx first) */
     amx_team(x, M, packed, N, K, bias, y, ldy, accumulate, shared);
     return 0;
   }
