@@ -155,6 +155,20 @@ def written_cache(runner, tables, lengths: list[int]) -> list[torch.Tensor]:
     return out
 
 
+def with_rounded_inputs(lm, linear_class, rounding, ids: list[int], monkeypatch) -> torch.Tensor:
+    """`lm`'s logits for `ids` on its per-operation path, every `linear_class` projection seeing its
+    input passed through `rounding` first: the model a numeric mode (--activations) claims to be."""
+    plain_into = linear_class.into
+
+    def rounded_input(linear, x, y, accumulate=False):
+        plain_into(linear, rounding(x), y, accumulate)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(linear_class, "into", rounded_input)
+        patch.setattr(lm, "native", None)
+        return lm.session().extend(ids)
+
+
 def random_prompts(count: int, vocab: int, seed: int, min_len: int = 1, max_len: int = 24) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (count,), generator=g)

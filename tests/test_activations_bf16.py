@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import engine_for, random_prompts, run_together
+from tests.conftest import engine_for, random_prompts, run_together, with_rounded_inputs
 from tests.test_gguf import CASES, CPU, write_gguf
 from verispec.config import ModelSettings, SamplingParams, SpeculationSettings
 from verispec.errors import UserError
@@ -91,15 +91,7 @@ def test_bf16_is_a_model_of_its_own_exact_at_any_width(bf16_path, tiny_models, m
     # sums differs, and a rounding of the next input can move with it), but close, and not the
     # float model.
     converted = load_model(tiny_models["llama"], CPU, torch.float32, weights_dtype="bfloat16")
-    plain_into = Linear.into
-
-    def rounded_input(linear, x, y, accumulate=False):
-        plain_into(linear, rounded(x), y, accumulate)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Linear, "into", rounded_input)
-        patch.setattr(converted, "native", None)
-        expected = converted.session().extend(prompt + more)[len(prompt) :]
+    expected = with_rounded_inputs(converted, Linear, rounded, prompt + more, monkeypatch)[len(prompt) :]
     float_logits = exact.session().extend(prompt + more)[len(prompt) :]
     scale = float_logits.abs().max()
     assert (wide - expected).abs().max() <= 0.02 * scale

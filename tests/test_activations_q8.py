@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tests.conftest import engine_for, save_tokenizer
+from tests.conftest import engine_for, save_tokenizer, with_rounded_inputs
 from tests.test_gguf import CASES, CPU, QUANTIZED_CASES, VOCAB, write_gguf
 from tests.test_quant_int8 import quantized_activations
 from verispec.config import ModelSettings, SamplingParams, SpeculationSettings
@@ -55,16 +55,10 @@ def test_q8_is_a_model_of_its_own_exact_at_any_width_and_depth(q8_case, tokenize
     # rounds them); not bit for bit, as a summation-order difference upstream can move a value
     # across a rounding boundary of the next quantization (one step of 1/127 of its block), but
     # within a few such steps (a wrong layout or sign is off wholesale). And not the float model.
-    plain_into = QuantLinear.into
+    def quantized(x):
+        return torch.from_numpy(quantized_activations(x.numpy()).astype(np.float32))
 
-    def rounded_input(linear, x, y, accumulate=False):
-        rounded = torch.from_numpy(quantized_activations(x.numpy()).astype(np.float32))
-        plain_into(linear, rounded, y, accumulate)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(QuantLinear, "into", rounded_input)
-        patch.setattr(exact, "native", None)
-        expected = exact.session().extend(prompt + more)[len(prompt) :]
+    expected = with_rounded_inputs(exact, QuantLinear, quantized, prompt + more, monkeypatch)[len(prompt) :]
     float_logits = exact.session().extend(prompt + more)[len(prompt) :]
     scale = float_logits.abs().max()
     assert (wide - expected).abs().max() <= 0.03 * scale, case
