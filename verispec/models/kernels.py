@@ -147,7 +147,7 @@ class Linear:
             torch.get_num_threads(),
         )  # fmt: skip
         if failed:
-            raise kernel_error(failed, "bf16_linear")
+            raise kernel_error(failed, f"the {self.form} projection")
 
     def native_parts(self) -> list[Part]:
         """This projection's stored matrices as the one-call step (`csrc/lean_step.c`) runs them:

@@ -81,8 +81,9 @@ typedef struct {
   uint8_t rows[16];
 } tile_config;
 
-/* Tiles 0-3: sums (two row blocks x two column blocks); 4, 5: activations; 6, 7: weights. Every
-   tile 16 rows of 64 bytes. */
+/* Every tile 16 rows of 64 bytes. Tiles 0-3 hold sums: two row blocks x two column blocks
+   (sums_32_rows, activations in 4 and 5, weights in 6 and 7), or one row block x four column
+   blocks (sums_16_rows, activations in 4, weights in 5, 6 and 7). */
 static void configure_tiles(void) {
   tile_config config;
   memset(&config, 0, sizeof config);
