@@ -2,7 +2,7 @@
 step (width k+1) of the verifier, and a draft step, on the chosen backend.
 
     python scripts/profile_step.py [--target T] [--draft D] [--backend lean|transformers] [--width 4]
-                                   [--steps 50] [--per-op] [--activations float|q8]
+                                   [--steps 50] [--per-op] [--activations float|q8|bf16]
 
 Prints each step's time (the median of --steps passes, untimed inside) and the weight bytes it has
 to stream, which on a CPU bounds a step from below (bytes / memory bandwidth), then where the
@@ -151,7 +151,7 @@ def main() -> None:
         action="store_true",
         help="kernel step: the layers one kernel call per operation, timed by operation",
     )
-    parser.add_argument("--activations", default="float", choices=("float", "q8"), help="as verispec's --activations")
+    parser.add_argument("--activations", default="float", choices=("float", "q8", "bf16"), help="as verispec's --activations")
     args = parser.parse_args()
     cpu, f32 = torch.device("cpu"), torch.float32
     target = load_model(args.target, cpu, f32, backend=args.backend, activations=args.activations)
