@@ -167,3 +167,52 @@ def test_the_queue_bound_counts_jobs_not_yet_handed_to_the_engine():
     assert refused.value.retry_after_s >= 1
     assert scheduler.busy == 4
     loop.close()
+
+
+def test_a_fault_in_watching_a_round_ends_its_request_not_the_engine_thread(tiny_models):
+    """A bug in what observes a round (metrics, the breaker) once left the engine's thread dead and
+    every request hanging: now the request it hit ends with an error and the others go on."""
+    import asyncio
+
+    from tests.conftest import make_engine
+    from verispec.config import SamplingParams
+    from verispec.server.job import Job
+    from verispec.server.metrics import ServerMetrics
+    from verispec.server.scheduler import Scheduler
+
+    server = ServerSettings(max_running=2, max_waiting=2)
+    metrics = ServerMetrics("fault", server, max_depth=2)
+    engine = make_engine(tiny_models["llama"], proposer="ngram", depth=2)
+    scheduler = Scheduler(engine, server, breaker(Clock(), []), metrics)
+    plain = metrics.observe_round
+    faults = []
+
+    def observe_round(round_):
+        if not faults:
+            faults.append(round_)
+            raise ValueError("a bug in a metric")
+        plain(round_)
+
+    metrics.observe_round = observe_round
+    scheduler.start()
+
+    async def run() -> list:
+        loop = asyncio.get_running_loop()
+        jobs = [Job(f"r{i}", [3, 5, 7, 3, 5], SamplingParams(max_new_tokens=8), None, None, loop) for i in range(2)]
+        for job in jobs:
+            scheduler.submit(job)
+        deadline = loop.time() + 60
+        for job in jobs:  # each ends (its outcome is set after its last event is sent)
+            while job.outcome is None:
+                assert loop.time() < deadline, "a request never ended: the engine's thread stopped"
+                try:
+                    await asyncio.wait_for(job.events.get(), timeout=0.05)
+                except TimeoutError:
+                    pass
+        return [job.outcome for job in jobs]
+
+    try:
+        outcomes = asyncio.run(run())
+    finally:
+        scheduler.drain(0)
+    assert faults and sorted(outcomes) == ["error", "ok"]

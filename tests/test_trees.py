@@ -176,6 +176,39 @@ def test_greedy_trees_are_token_identical(models):
     assert branched >= 12  # each such round kept 3 branch nodes and the bonus
 
 
+class ShortChain(Oracle):
+    """Trees whose chain is one wrong token, with the verifier's continuation on a branch under the
+    root that runs deeper than the chain: a round accepts more drafts than the chain holds."""
+
+    def propose(self, context, depth, policy):
+        full = super().propose(context, depth, policy)
+        truth = [token for _, token in full.branches[:2]] + full.tokens[2:3]
+        if len(full.tokens) < 3:
+            return full
+        return Proposal([full.tokens[0]], None, ((0, truth[0]), (2, truth[1]), (3, truth[2])))
+
+
+@kernel
+def test_a_round_that_accepts_past_the_chain_counts_the_trees_depth_as_proposed(models):
+    """A path through branches deeper than the chain: the round's proposed drafts are the tree's
+    depth, never fewer than it accepted (a server's rejected-drafts counter cannot go negative)."""
+    params = SamplingParams(max_new_tokens=30)
+    seqs = prompts(23, 3, 3, 40)
+    expected, _ = tree_run(engine(models), [(str(i), p, params, None, 0, 1) for i, p in enumerate(seqs)])
+    core = engine(models)
+    oracle = ShortChain({tuple(p): expected[str(i)] for i, p in enumerate(seqs)})
+    speculation = SpeculationSettings(depth=4, proposer_timeout_s=60.0)
+    requests = {core.add(str(i), p, params, speculation, oracle): str(i) for i, p in enumerate(seqs)}
+    got, rounds = {name: [] for name in requests.values()}, []
+    while core.busy:
+        for request, delta in core.step():
+            got[requests[request]] += delta.token_ids
+            rounds += [delta.round] if delta.round is not None else []
+    assert got == expected
+    assert all(r.proposed >= r.accepted for r in rounds)
+    assert sum(r.accepted == 3 and r.kept_drafts == 0 for r in rounds) >= 3  # past the one-token chain
+
+
 def test_widths_narrow_as_the_pass_fills():
     """Alternatives are cheap in a narrow pass and narrowed, widest first, once their rows would
     make the pass dearer than TREE_SLOWDOWN."""

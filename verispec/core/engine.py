@@ -369,15 +369,16 @@ class Engine:
             stats = request.stats
             share = pass_s * len(segment.tokens) / rows
             stats.verify_s += share
-            stats.record_round(plan.depths[request], len(proposal.tokens), accepted)
+            proposed = proposal.depth  # a tree's deepest path: what the round could have accepted
+            stats.record_round(plan.depths[request], proposed, accepted)
             if request.repeat is not None:  # not the proposer's: its acceptance estimate leaves it out
                 stats.repeat_rounds += 1
             else:
-                request.acceptance.update(len(proposal.tokens), accepted)
+                request.acceptance.update(proposed, accepted)
             if request.remote is not None:
                 request.remote.hint = self.remote_hint(request)
             round_ = Round(
-                plan.depths[request], len(proposal.tokens), accepted, chain_accepted=chain_prefix(verdict.path),
+                plan.depths[request], proposed, accepted, chain_accepted=chain_prefix(verdict.path),
                 propose_s=propose_s.get(request, 0.0), verify_s=share,
                 proposer_failed=request in self.drafting.failed, repeat=request.repeat is not None,
                 started_ns=started_ns, ended_ns=ended_ns,

@@ -58,6 +58,13 @@ class Proposal:
         """Per node, root first, its depth (the root's is 0)."""
         return node_depths(self.parents())
 
+    @property
+    def depth(self) -> int:
+        """Drafts along its deepest path: the most a round can accept. The chain's length, unless
+        a branch runs deeper than the chain (a chain cut short, by a stop token or the draft's
+        confidence, under a branch that went on)."""
+        return max(self.depths()) if self.branches else len(self.tokens)
+
     def cut(self, depth: int) -> Proposal:
         """At most `depth` drafts deep (a round may take fewer than were made)."""
         if len(self.tokens) <= depth and not self.branches:

@@ -234,7 +234,11 @@ class Scheduler:
                 continue
             if delta.round is not None:
                 job.engine_s += delta.round.verify_s + delta.round.propose_s
-            self._deliver(job, delta, now)
+            try:
+                self._deliver(job, delta, now)
+            except Exception as exc:  # a fault in what watches a round ends its request, not this thread
+                log.exception("delivering a round failed; its request is ended")
+                self._finish(job, "error", exc)
 
     def _count(self) -> None:
         """Publish the engine's counts for `submit`'s bound and the load gauges."""
