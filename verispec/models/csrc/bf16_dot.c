@@ -92,13 +92,18 @@ static void configure_tiles(void) {
   _tile_loadconfig(&config);
 }
 
-/* Sums of 32 rows (a, lda bfloat16 apart) by two column blocks (w0, w1) into out (32 x 32). */
-static void sums_32_rows(const uint16_t* a, int64_t lda, const uint16_t* w0, const uint16_t* w1, int64_t chunks,
-                         float* out) {
+/* Tiles 0-3, the sums, to zero: every output's sum starts there. */
+static inline void zero_sums(void) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
+}
+
+/* Sums of 32 rows (a, lda bfloat16 apart) by two column blocks (w0, w1) into out (32 x 32). */
+static void sums_32_rows(const uint16_t* a, int64_t lda, const uint16_t* w0, const uint16_t* w1, int64_t chunks,
+                         float* out) {
+  zero_sums();
   for (int64_t c = 0; c < chunks; ++c) {
     _tile_loadd(4, a + c * CHUNK, lda * 2);
     _tile_loadd(5, a + 16 * lda + c * CHUNK, lda * 2);
@@ -119,10 +124,7 @@ static void sums_32_rows(const uint16_t* a, int64_t lda, const uint16_t* w0, con
    next three chunks * BLOCK apart) into out (16 x 64): four chains of sums in flight, where two
    would wait on each other's latency. Each output's sum is the same as sums_32_rows makes. */
 static void sums_16_rows(const uint16_t* a, int64_t lda, const uint16_t* w, int64_t chunks, float* out) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  zero_sums();
   for (int64_t c = 0; c < chunks; ++c) {
     _tile_loadd(4, a + c * CHUNK, lda * 2);
     _tile_loadd(5, w + c * BLOCK, 64);
