@@ -92,12 +92,12 @@ class Linear:
         self.activations = activations
         narrow = _exact_16bit(weight, activations) if kernel and weight.device.type == "cpu" else None
         library = kernel_library() if narrow is not None else None
-        if activations == "bf16" and library is not None and narrow.dtype == torch.bfloat16:
+        if activations == "bf16":
+            if library is None:  # _exact_16bit gives only bfloat16 here
+                raise ValueError("bf16 activations need a bfloat16 weight and the compiled CPU kernel")
             self.form = "bf16-dot"
             self.weight = _bf16_packed(narrow, library)
             self._kernel = library.bf16_linear
-        elif activations == "bf16":
-            raise ValueError("bf16 activations need a bfloat16 weight and the compiled CPU kernel")
         elif library is not None:
             self.form = "widen-f16" if narrow.dtype == torch.float16 else "widen-bf16"
             self.weight = _panels(narrow)

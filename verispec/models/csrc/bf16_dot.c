@@ -69,6 +69,19 @@ static inline uint16_t to_bf16(float f) {
   return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 }
 
+/* A thread's rounded rows, kept from pass to pass and grown as needed; NULL out of memory. */
+static __thread uint16_t* own_rows;
+static __thread int64_t own_capacity;
+
+static uint16_t* rows_buffer(int64_t elements) {
+  if (elements > own_capacity) {
+    free(own_rows);
+    own_rows = aligned_alloc(64, (elements * 2 + 63) / 64 * 64);
+    own_capacity = own_rows ? elements : 0;
+  }
+  return own_rows;
+}
+
 /* ---- AMX ---- */
 
 #if VS_AMX_BUILT
@@ -180,19 +193,6 @@ static void round_rows(const float* x, int64_t M, int64_t K, uint16_t* a, int64_
   }
 }
 
-/* A thread's rounded rows, kept from pass to pass and grown as needed; NULL out of memory. */
-static __thread uint16_t* own_rows;
-static __thread int64_t own_capacity;
-
-static uint16_t* rows_buffer(int64_t elements) {
-  if (elements > own_capacity) {
-    free(own_rows);
-    own_rows = aligned_alloc(64, (elements * 2 + 63) / 64 * 64);
-    own_capacity = own_rows ? elements : 0;
-  }
-  return own_rows;
-}
-
 /* The team body on AMX: every thread rounds the rows into its own buffer (no wait for one thread
    to do it: a decode step's row is a few hundred values), then the column blocks are shared out
    four at a time (up to 16 rows) or two at a time (in blocks of 32 rows), each thread running its
@@ -238,22 +238,19 @@ static void amx_team(const float* x, int64_t M, const uint16_t* packed, int64_t 
 
 static void widen_rounded_team(const float* x, int64_t M, const uint16_t* panels, int64_t N, int64_t K,
                                const float* bias, float* y, int64_t ldy, int accumulate, vs_shared* shared) {
-  #pragma omp single
-  {
-    float* rounded = malloc(M * K * sizeof(float));
-    if (rounded)
-      for (int64_t i = 0; i < M * K; ++i) {
-        uint32_t u = (uint32_t)to_bf16(x[i]) << 16;
-        memcpy(rounded + i, &u, 4);
-      }
-    else shared->failed = VS_ERROR_NO_MEMORY;
-    shared->acts = rounded;
+  float* rounded = (float*)rows_buffer(2 * M * K); /* each thread its own, as on AMX */
+  if (rounded) {
+    for (int64_t i = 0; i < M * K; ++i) {
+      uint32_t u = (uint32_t)to_bf16(x[i]) << 16;
+      memcpy(rounded + i, &u, 4);
+    }
+  } else {
+    #pragma omp atomic write
+    shared->failed = VS_ERROR_NO_MEMORY;
   }
-  const float* rounded = shared->acts;
-  if (!rounded) return;
-  widen_team_bf16(rounded, M, panels, N, K, bias, y, ldy, accumulate); /* ends on its loop's barrier */
-  #pragma omp single nowait
-  free((void*)rounded);
+  /* Every thread takes part in the kernel's loop; out of memory, what it writes is unrounded and the
+     call fails. */
+  widen_team_bf16(rounded ? rounded : x, M, panels, N, K, bias, y, ldy, accumulate);
 }
 
 /* ---- dispatch ---- */

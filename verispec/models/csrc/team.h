@@ -33,7 +33,7 @@
 
 /* What the team of a step shares: the first error a kernel met inside a loop (written by the
    thread that met it, read by all after the loop's closing barrier), and the quantized
-   activations of the q8 path and of bf16's widened path (made by one thread, read by all). Zeroed before the region. */
+   activations of the q8 path (made by one thread, read by all). Zeroed before the region. */
 typedef struct {
   int failed;
   void* acts;
