@@ -38,7 +38,7 @@ def rounded(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("out_features, in_features", [(96, 32), (37, 70), (130, 256), (512, 1344)])
-def test_a_row_is_the_bfloat16_product_and_the_same_bits_at_any_width(bf16_path, out_features, in_features):
+def test_a_row_is_the_bfloat16_product_and_the_same_bits_at_any_width_and_thread_count(bf16_path, out_features, in_features):
     torch.manual_seed(out_features)
     weight = rounded(torch.randn(out_features, in_features) * 0.05)
     bias = torch.randn(out_features)
@@ -55,6 +55,14 @@ def test_a_row_is_the_bfloat16_product_and_the_same_bits_at_any_width(bf16_path,
     alone = torch.cat([linear(x[i : i + 1]) for i in range(len(x))])
     chunks = torch.cat([linear(x[:5]), linear(x[5:22]), linear(x[22:38]), linear(x[38:])])
     assert torch.equal(alone, y) and torch.equal(chunks, y)
+
+    threads = torch.get_num_threads()
+    try:  # and whatever number of threads share the columns out
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            assert torch.equal(linear(x), y), n
+    finally:
+        torch.set_num_threads(threads)
 
     residual = torch.randn(len(x), out_features)
     added = residual.clone()
